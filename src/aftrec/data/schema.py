@@ -1,0 +1,195 @@
+"""The canonical raw multi-domain log and its validation.
+
+Every source (MovieLens, Netflix, generic CSV/Parquet, synthetic) produces a :class:`RawLog`;
+:func:`validate` is the single gate all of them pass through, so every source gets the same
+checks and the same messages.
+
+Columns
+-------
+interactions: ``user``, ``item``, ``timestamp`` (numeric, e.g. Unix seconds), optional
+``domain`` (must agree with the catalogue), optional ``rating`` or ``label``.
+items: ``item``, ``domain``; each item belongs to exactly one domain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from aftrec.errors import DataError
+
+INTERACTION_COLUMNS = ("user", "item", "timestamp")
+ITEM_COLUMNS = ("item", "domain")
+
+
+@dataclass
+class Origin:
+    """Where a table came from, so messages can name the file and the line.
+
+    ``line_base`` is added to a 0-based row index to get the line a person sees in the file
+    (2 for a CSV with a header line); ``None`` means rows are reported by index (Parquet,
+    generated data).
+    """
+
+    name: str
+    line_base: int | None = None
+
+    def row(self, index: int) -> str:
+        if self.line_base is None:
+            return f"{self.name}, row {index}"
+        return f"{self.name}, line {index + self.line_base}"
+
+
+@dataclass
+class RawLog:
+    """A multi-domain interaction log plus its item catalogue, before encoding."""
+
+    interactions: pd.DataFrame
+    items: pd.DataFrame
+    interactions_origin: Origin = field(default_factory=lambda: Origin("interactions"))
+    items_origin: Origin = field(default_factory=lambda: Origin("items"))
+    domains: Sequence[str] | None = None  # preferred domain order; default: sorted names
+
+
+def require_columns(df: pd.DataFrame, required: Sequence[str], origin: Origin) -> None:
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{origin.name}: missing column(s) {', '.join(repr(c) for c in missing)}; "
+            f"found columns {list(map(str, df.columns))}"
+        )
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _harmonise_ids(a: pd.Series, b: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Make item ids comparable across the two tables (ints stay ints when both are ints)."""
+    if a.dtype == b.dtype and a.dtype != object:
+        return a, b
+    if pd.api.types.is_integer_dtype(a) and pd.api.types.is_integer_dtype(b):
+        return a.astype(np.int64), b.astype(np.int64)
+    return a.astype(str), b.astype(str)
+
+
+def _numeric(series: pd.Series, column: str, origin: Origin) -> np.ndarray:
+    if pd.api.types.is_datetime64_any_dtype(series):
+        values = series.to_numpy()
+        nat = pd.isna(values)
+        if nat.any():
+            i = _first_bad(nat)
+            raise DataError(f"{origin.row(i)}: missing {column}")
+        as_ns = series.astype("datetime64[ns]").to_numpy().astype(np.int64)
+        return (as_ns // 1_000_000_000).astype(np.float64)
+    converted = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(converted)
+    if bad.any():
+        i = _first_bad(bad)
+        value = series.iloc[i]
+        what = "missing" if pd.isna(value) else f"non-numeric {value!r} in"
+        raise DataError(
+            f"{origin.row(i)}: {what} column {column!r} ({int(bad.sum())} bad row(s) in all)"
+        )
+    return converted
+
+
+def validate(log: RawLog) -> RawLog:
+    """Check a raw log and return a cleaned copy; raise :class:`DataError` on the first problem.
+
+    Checks, in order: required columns; missing ids; an item listed twice (in two domains, or
+    twice in one); missing or non-numeric timestamps; NaN ratings or labels; interactions on
+    items absent from the catalogue; an interaction ``domain`` that disagrees with the
+    catalogue; duplicate interaction rows (same user, item and timestamp).
+    """
+    inter, items = log.interactions, log.items
+    io, mo = log.interactions_origin, log.items_origin
+    require_columns(items, ITEM_COLUMNS, mo)
+    require_columns(inter, INTERACTION_COLUMNS, io)
+
+    items = items.loc[:, list(ITEM_COLUMNS)].reset_index(drop=True)
+    for col in ITEM_COLUMNS:
+        null = items[col].isna().to_numpy()
+        if null.any():
+            raise DataError(f"{mo.row(_first_bad(null))}: missing {col!r}")
+    items["domain"] = items["domain"].astype(str)
+    if len(items) == 0:
+        raise DataError(f"{mo.name}: the item catalogue is empty")
+
+    dup_item = items.duplicated("item", keep=False).to_numpy()
+    if dup_item.any():
+        rows = np.flatnonzero(dup_item)
+        item = items["item"].iloc[rows[0]]
+        same = rows[(items["item"].iloc[rows] == item).to_numpy()]
+        doms = items["domain"].iloc[same].tolist()
+        where = "; ".join(f"{d!r} at {mo.row(int(r))}" for d, r in zip(doms, same, strict=True))
+        if len(set(doms)) > 1:
+            raise DataError(f"{mo.name}: item {item!r} is listed in two domains ({where})")
+        raise DataError(f"{mo.name}: item {item!r} is listed twice ({where})")
+
+    keep = [c for c in (*INTERACTION_COLUMNS, "domain", "rating", "label") if c in inter.columns]
+    inter = inter.loc[:, keep].reset_index(drop=True)
+    for col in ("user", "item"):
+        null = inter[col].isna().to_numpy()
+        if null.any():
+            raise DataError(f"{io.row(_first_bad(null))}: missing {col!r}")
+    inter["timestamp"] = _numeric(inter["timestamp"], "timestamp", io)
+    for col in ("rating", "label"):
+        if col in inter.columns:
+            inter[col] = _numeric(inter[col], col, io)
+
+    inter_item, cat_item = _harmonise_ids(inter["item"], items["item"])
+    inter["item"], items["item"] = inter_item, cat_item
+    catalogue_domain = pd.Series(items["domain"].to_numpy(), index=pd.Index(items["item"]))
+    known = inter["item"].isin(catalogue_domain.index).to_numpy()
+    if not known.all():
+        i = _first_bad(~known)
+        raise DataError(
+            f"{io.row(i)}: item {inter['item'].iloc[i]!r} is not in the item catalogue "
+            f"{mo.name} ({int((~known).sum())} such row(s) in all)"
+        )
+    if "domain" in inter.columns:
+        expected = catalogue_domain.reindex(inter["item"]).to_numpy()
+        given = inter["domain"].astype(str).to_numpy()
+        wrong = given != expected
+        if wrong.any():
+            i = _first_bad(wrong)
+            raise DataError(
+                f"{io.row(i)}: item {inter['item'].iloc[i]!r} has domain {given[i]!r} here "
+                f"but {expected[i]!r} in the item catalogue {mo.name}"
+            )
+        inter = inter.drop(columns="domain")
+
+    dup = inter.duplicated(["user", "item", "timestamp"], keep=False).to_numpy()
+    if dup.any():
+        rows = np.flatnonzero(dup)
+        first = inter.iloc[rows[0]]
+        twin = rows[1:][
+            (inter["user"].iloc[rows[1:]] == first["user"]).to_numpy()
+            & (inter["item"].iloc[rows[1:]] == first["item"]).to_numpy()
+            & (inter["timestamp"].iloc[rows[1:]] == first["timestamp"]).to_numpy()
+        ]
+        second = io.row(int(twin[0])) if len(twin) else "another row"
+        raise DataError(
+            f"{io.row(int(rows[0]))}: duplicate row (same user, item and timestamp as "
+            f"{second}); {len(rows)} duplicated row(s) in all"
+        )
+
+    domains = list(log.domains) if log.domains is not None else sorted(items["domain"].unique())
+    unknown = sorted(set(items["domain"].unique()) - set(domains))
+    if unknown:
+        raise DataError(f"{mo.name}: domain(s) {unknown} are not among the domains {domains}")
+    return RawLog(inter, items, io, mo, domains)
+
+
+def positives(inter: pd.DataFrame, rating_threshold: float = 3.0) -> pd.DataFrame:
+    """Keep the positive interactions: ``label > 0`` if a label column exists, otherwise
+    ``rating >= rating_threshold`` if a rating column exists, otherwise every row."""
+    if "label" in inter.columns:
+        return inter.loc[inter["label"].to_numpy() > 0]
+    if "rating" in inter.columns:
+        return inter.loc[inter["rating"].to_numpy() >= rating_threshold]
+    return inter

@@ -1,0 +1,1 @@
+"""Readers that turn raw files (or a generator) into a :class:`aftrec.data.schema.RawLog`."""

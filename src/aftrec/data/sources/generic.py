@@ -1,0 +1,56 @@
+"""Generic logs in CSV or Parquet.
+
+Interactions: columns ``user``, ``item``, ``timestamp``, optional ``domain`` (checked against
+the catalogue) and optional ``rating`` or ``label``. Items: columns ``item``, ``domain``.
+A file ending in ``.parquet`` / ``.pq`` (or a folder of Parquet parts) is read with pyarrow;
+anything else is read as CSV with a header line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from aftrec.data.schema import Origin, RawLog
+from aftrec.errors import DataError
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def read_table(path: Path) -> tuple[pd.DataFrame, Origin]:
+    """Read one CSV or Parquet table; the :class:`Origin` lets messages name its lines."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    try:
+        if path.is_dir() or path.suffix.lower() in PARQUET_SUFFIXES:
+            return pd.read_parquet(path), Origin(str(path), None)
+        return pd.read_csv(path, low_memory=False), Origin(str(path), 2)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise DataError(f"{path}: cannot be read as {_kind(path)}: {exc}") from exc
+
+
+def _kind(path: Path) -> str:
+    return "Parquet" if path.is_dir() or path.suffix.lower() in PARQUET_SUFFIXES else "CSV"
+
+
+def load_generic(interactions: Path, items: Path) -> RawLog:
+    """A single interaction log plus its item catalogue (split later by aftrec)."""
+    inter, io = read_table(interactions)
+    cat, mo = read_table(items)
+    return RawLog(inter, cat, io, mo)
+
+
+def load_presplit(
+    train: Path, test: Path, items: Path, valid: Path | None = None
+) -> tuple[RawLog, dict[str, RawLog]]:
+    """Pre-split data used as given: returns the catalogue-only log and one log per part."""
+    cat, mo = read_table(items)
+    parts: dict[str, RawLog] = {}
+    for name, path in (("train", train), ("valid", valid), ("test", test)):
+        if path is None:
+            continue
+        inter, io = read_table(path)
+        parts[name] = RawLog(inter, cat, io, mo)
+    return RawLog(cat.iloc[:0].assign(user=[], timestamp=[]), cat, mo, mo), parts

@@ -1,0 +1,85 @@
+"""Per-user chronological splits.
+
+Each user's positives are ordered by (timestamp, item); the last ``test_ratio`` of them
+(at least one) go to test, and a validation part is carved the same way from the end of what
+is left. Users with fewer than ``min_positives`` positives are dropped first.
+
+For a user with ``n`` positives: ``n_test = max(1, floor(test_ratio * n))``; with
+``m = n - n_test``, ``n_valid = max(1, floor(valid_ratio * m))`` (0 when ``valid_ratio`` is 0).
+Every positive lands in exactly one of train, valid and test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from aftrec.errors import ConfigError
+
+TRAIN, VALID, TEST = 0, 1, 2
+PART_NAMES = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    test_ratio: float = 0.2
+    valid_ratio: float = 0.2
+    min_positives: int = 5
+    rating_threshold: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.test_ratio < 1.0:
+            raise ConfigError(f"split.test_ratio must be in (0, 1), got {self.test_ratio}")
+        if not 0.0 <= self.valid_ratio < 1.0:
+            raise ConfigError(f"split.valid_ratio must be in [0, 1), got {self.valid_ratio}")
+        if self.min_positives < 1:
+            raise ConfigError(f"split.min_positives must be >= 1, got {self.min_positives}")
+
+
+def chronological_order(user: np.ndarray, timestamp: np.ndarray, item: np.ndarray) -> np.ndarray:
+    """Permutation sorting rows by (user, timestamp, item): the order every split uses."""
+    return np.lexsort((item, timestamp, user))
+
+
+def _position_in_user(user_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows grouped by user: (0-based position of each row in its user, that user's count)."""
+    n = len(user_sorted)
+    starts = (
+        np.flatnonzero(np.r_[True, user_sorted[1:] != user_sorted[:-1]])
+        if n
+        else np.array([], np.int64)
+    )
+    counts = np.diff(np.r_[starts, n])
+    pos = np.arange(n) - np.repeat(starts, counts)
+    return pos, np.repeat(counts, counts)
+
+
+def keep_active_users(user: np.ndarray, min_positives: int) -> np.ndarray:
+    """Boolean mask of rows whose user has at least ``min_positives`` rows."""
+    _, inverse, counts = np.unique(user, return_inverse=True, return_counts=True)
+    return counts[inverse] >= min_positives
+
+
+def assign_parts(user_sorted: np.ndarray, cfg: SplitConfig) -> np.ndarray:
+    """Part (TRAIN / VALID / TEST) of each row, for rows already in chronological order."""
+    pos, n = _position_in_user(user_sorted)
+    n_test = np.maximum(1, np.floor(cfg.test_ratio * n)).astype(np.int64)
+    m = n - n_test
+    if cfg.valid_ratio > 0:
+        n_valid = np.where(m > 1, np.maximum(1, np.floor(cfg.valid_ratio * m)), 0).astype(np.int64)
+    else:
+        n_valid = np.zeros_like(m)
+    part = np.full(len(user_sorted), TRAIN, dtype=np.int8)
+    part[pos >= m] = TEST
+    part[(pos >= m - n_valid) & (pos < m)] = VALID
+    return part
+
+
+def carve_validation(user_sorted: np.ndarray, valid_ratio: float) -> np.ndarray:
+    """For given train rows in chronological order: part TRAIN or VALID (pre-split data)."""
+    if valid_ratio <= 0:
+        return np.full(len(user_sorted), TRAIN, dtype=np.int8)
+    pos, n = _position_in_user(user_sorted)
+    n_valid = np.where(n > 1, np.maximum(1, np.floor(valid_ratio * n)), 0).astype(np.int64)
+    return np.where(pos >= n - n_valid, VALID, TRAIN).astype(np.int8)

@@ -1,0 +1,21 @@
+"""Errors that end a command with one clear message and a non-zero exit code."""
+
+from __future__ import annotations
+
+
+class AftrecError(Exception):
+    """Base class: the CLI prints ``error: <message>`` and exits with :attr:`exit_code`."""
+
+    exit_code = 2
+
+
+class DataError(AftrecError):
+    """Input data is missing, malformed or inconsistent (names the file, row or column)."""
+
+
+class ConfigError(AftrecError):
+    """Unknown or invalid configuration key or value, or unknown model name."""
+
+
+class CheckpointError(AftrecError):
+    """A checkpoint or run directory cannot be read."""

@@ -1,0 +1,63 @@
+"""Full ranking inside one domain, shared by evaluation and ``aftrec recommend``.
+
+For a batch of users the model scores every item of the target domain, the items the user
+already clicked in the behaviours it may see are masked out, and the top ``k`` are taken with
+one ``torch.topk``. Batches are sized so that a (users x items) score matrix stays within a
+fixed number of elements, whatever the catalogue size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from aftrec.data.dataset import DataInfo
+from aftrec.data.histories import HistoryIndex
+from aftrec.data.loader import make_batch
+from aftrec.models.base import RetrievalModel
+
+MAX_SCORE_ELEMENTS = 1 << 24  # ~16M scores per batch (64 MB in float32)
+
+
+@dataclass
+class RankedBatch:
+    users: np.ndarray  # (B,) user indices
+    scores: torch.Tensor  # (B, n_d) raw scores of every item of the domain
+    seen: torch.Tensor  # (B, n_d) bool, clicked in the visible history (masked out)
+    top_items: torch.Tensor  # (B, k) positions inside the domain, best first
+    top_scores: torch.Tensor  # (B, k)
+
+
+def dense_mask(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask[torch.from_numpy(rows), torch.from_numpy(np.asarray(cols, dtype=np.int64))] = True
+    return mask
+
+
+def rank_domain(
+    model: RetrievalModel,
+    info: DataInfo,
+    history: HistoryIndex,
+    users: np.ndarray,
+    domain: int,
+    k: int,
+    batch_size: int = 1024,
+    history_len: int = 50,
+) -> Iterator[RankedBatch]:
+    """Yield the top-``k`` unseen items of ``domain`` for ``users``, batch by batch."""
+    n_d = info.domain_size(domain)
+    k = min(k, n_d)
+    step = max(1, min(batch_size, MAX_SCORE_ELEMENTS // max(n_d, 1)))
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(users), step):
+            u = np.asarray(users[start : start + step], dtype=np.int64)
+            domains = np.full(len(u), domain, dtype=np.int64)
+            batch = make_batch(info, history, u, domains, history_len)
+            scores = model.score(batch, domain).float()  # (B, n_d)
+            seen = dense_mask(*history.seen_mask(u, domain), (len(u), n_d))
+            top_scores, top_items = torch.topk(scores.masked_fill(seen, float("-inf")), k, dim=1)
+            yield RankedBatch(u, scores, seen, top_items, top_scores)

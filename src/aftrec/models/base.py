@@ -1,0 +1,60 @@
+"""The contract every model fulfils.
+
+Two kinds of model plug in:
+
+* dot-product models give a user vector per target domain (:meth:`RetrievalModel.user_vectors`)
+  and the item vectors of each domain (:meth:`RetrievalModel.item_vectors`); the score is their
+  inner product, which is what a nearest-neighbour index serves;
+* scorer models need the candidate item in their input and override :meth:`score` directly.
+
+The evaluator and ``aftrec recommend`` only call :meth:`score`, so both kinds are served.
+Training goes through :meth:`loss` (one batch of positives with sampled negatives) or, for
+closed-form models, :meth:`fit` on the training interactions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from aftrec.data.dataset import DataInfo, Interactions
+from aftrec.data.loader import Batch
+
+
+class RetrievalModel(nn.Module):
+    name: ClassVar[str] = ""
+    #: False for models fitted in closed form (popularity, EASE): no epochs, no optimiser.
+    trainable: ClassVar[bool] = True
+    #: True when :meth:`score` is an inner product of user and item vectors.
+    dot_product: ClassVar[bool] = True
+
+    def __init__(self, cfg: Any, info: DataInfo, history_len: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.info = info
+        self.history_len = history_len
+
+    # --- dot-product contract -------------------------------------------------------------
+    def user_vectors(self, batch: Batch, domain: int) -> torch.Tensor:
+        """(B, dim) user vectors for target domain ``domain``."""
+        raise NotImplementedError(f"{type(self).__name__} is not a dot-product model")
+
+    def item_vectors(self, domain: int) -> torch.Tensor:
+        """(n_items_in_domain, dim) item vectors of ``domain``, in item-index order."""
+        raise NotImplementedError(f"{type(self).__name__} is not a dot-product model")
+
+    # --- what the evaluator calls ---------------------------------------------------------
+    def score(self, batch: Batch, domain: int) -> torch.Tensor:
+        """(B, n_items_in_domain) scores of every item of ``domain`` for each user."""
+        return self.user_vectors(batch, domain) @ self.item_vectors(domain).T
+
+    # --- training -------------------------------------------------------------------------
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Losses on a training batch; the optimiser minimises ``out["loss"]``."""
+        raise NotImplementedError
+
+    def fit(self, train: Interactions) -> None:
+        """Closed-form fitting for models with ``trainable = False``."""
+        raise NotImplementedError

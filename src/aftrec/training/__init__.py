@@ -1,0 +1,1 @@
+"""Training: the epoch loop, optimisation steps and atomic checkpoints."""

@@ -1,0 +1,260 @@
+"""The epoch loop: train, validate, keep the best, stop early, checkpoint atomically.
+
+A run directory holds::
+
+    config.yaml   the resolved config (defaults + YAML + overrides)
+    run.json      dataset path, model name, versions
+    last.pt       the latest state (model, optimisers, RNG, epoch, early-stopping counters)
+    best.pt       the model weights of the best validation epoch
+    log.jsonl     one line per epoch: losses, validation metric, throughput
+
+``--resume`` continues from ``last.pt`` with the saved config, RNG state and counters, so a
+run killed between two epochs ends where an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from aftrec import __version__
+from aftrec.config import RunConfig, dump, resolve
+from aftrec.data.dataset import Dataset
+from aftrec.data.loader import TrainLoader
+from aftrec.errors import CheckpointError, ConfigError
+from aftrec.evaluation.evaluate import Evaluator
+from aftrec.models.base import RetrievalModel
+from aftrec.registry import create_model
+from aftrec.training import checkpoint
+from aftrec.training.steps import make_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    best_epoch: int
+    best_metric: float
+    epochs_run: int
+    seconds: float
+    examples_per_second: float
+    stopped_early: bool
+
+
+def _metric_name(cfg: RunConfig) -> tuple[str, int]:
+    name, _, n = cfg.train.valid_metric.partition("@")
+    if name not in ("recall", "ndcg") or not n.isdigit():
+        raise ConfigError(
+            "train.valid_metric must look like recall@50 or ndcg@20, "
+            f"got {cfg.train.valid_metric!r}"
+        )
+    return cfg.train.valid_metric, int(n)
+
+
+def load_run_config(run: Path) -> RunConfig:
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{run} is not a run directory (no config.yaml)")
+    return resolve(None, path)
+
+
+def load_run(run: Path, which: str = "best") -> tuple[RunConfig, Dataset, RetrievalModel]:
+    """The config, dataset and model weights of a finished (or interrupted) run."""
+    run = Path(run)
+    cfg = load_run_config(run)
+    meta = json.loads((run / "run.json").read_text())
+    data = Dataset(Path(meta["data"]))
+    model = create_model(cfg.model_name, cfg.model, data.info, cfg.data.history_len)
+    state = checkpoint.load(run / f"{which}.pt")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{run / f'{which}.pt'}: does not fit model {cfg.model_name!r}: {exc}"
+        ) from exc
+    model.eval()
+    return cfg, data, model
+
+
+def train(
+    data_dir: Path,
+    cfg: RunConfig | None,
+    out: Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    out = Path(out)
+    if resume:
+        if cfg is not None:
+            raise ConfigError("--resume continues with the run's saved config; drop --config/--set")
+        cfg = load_run_config(out)
+        state: dict[str, Any] | None = checkpoint.load(out / "last.pt")
+    else:
+        assert cfg is not None
+        if (out / "last.pt").exists() or (out / "best.pt").exists():
+            raise ConfigError(f"{out} already holds a run; pass --resume or choose another --out")
+        state = None
+    metric, metric_n = _metric_name(cfg)
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+
+    data = Dataset(Path(data_dir))
+    model = create_model(cfg.model_name, cfg.model, data.info, cfg.data.history_len)
+    evaluator = Evaluator(data, cfg.data.history_len, tc.eval_batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        checkpoint.atomic_write_text(out / "config.yaml", dump(cfg))
+        run_meta = {
+            "data": str(Path(data_dir).resolve()),
+            "model": cfg.model_name,
+            "aftrec": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        checkpoint.atomic_write_text(out / "run.json", json.dumps(run_meta, indent=2) + "\n")
+    started = time.perf_counter()
+
+    if not model.trainable:
+        model.fit(data.train)
+        res = evaluator.evaluate(model, "valid", ns=(metric_n,), progress=False)
+        value = res.average[metric]
+        payload = {"model": model.state_dict(), "epoch": 0, "metric": value}
+        checkpoint.save(payload, out / "best.pt")
+        checkpoint.save({**payload, "done": True}, out / "last.pt")
+        _log(out, {"epoch": 0, metric: value})
+        return TrainResult(out, 0, value, 0, time.perf_counter() - started, 0.0, False)
+
+    loader = TrainLoader(
+        data.train, data.info, cfg.data.history_len, tc.batch_size, cfg.data.n_negatives
+    )
+    step = make_step(model, tc)
+    epoch, best, best_epoch, bad_epochs = 0, float("-inf"), -1, 0
+    if state is not None:
+        if state.get("done"):
+            log.info("run %s already finished", out)
+            return TrainResult(
+                out,
+                state["best_epoch"],
+                state["best_metric"],
+                state["epoch"],
+                0.0,
+                0.0,
+                state.get("stopped_early", False),
+            )
+        try:
+            model.load_state_dict(state["model"])
+            step.load_state_dict(state["step"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{out / 'last.pt'}: does not fit this run: {exc}") from exc
+        epoch, best, best_epoch, bad_epochs = (
+            state["epoch"],
+            state["best_metric"],
+            state["best_epoch"],
+            state["bad_epochs"],
+        )
+        rng.bit_generator.state = json.loads(state["numpy_rng"])
+        torch.set_rng_state(state["torch_rng"])
+
+    has_valid = len(data.valid) > 0
+    examples, train_seconds, stopped_early = 0, 0.0, False
+    while epoch < tc.epochs:
+        t0 = time.perf_counter()
+        totals: dict[str, float] = {}
+        n_batches = epoch_examples = 0
+        batches = loader.epoch(rng, tc.max_batches_per_epoch)
+        total = (
+            len(loader)
+            if tc.max_batches_per_epoch is None
+            else min(len(loader), tc.max_batches_per_epoch)
+        )
+        bar = tqdm(
+            batches,
+            total=total,
+            desc=f"epoch {epoch + 1}/{tc.epochs}",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+        )
+        for batch in bar:
+            losses = step(batch)
+            if not all(np.isfinite(v) for v in losses.values()):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}: {losses}")
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + v
+            n_batches += 1
+            examples += len(batch)
+            epoch_examples += len(batch)
+            if n_batches % 20 == 0:
+                bar.set_postfix({k: f"{v / n_batches:.4f}" for k, v in totals.items()})
+        epoch_seconds = time.perf_counter() - t0
+        train_seconds += epoch_seconds
+        epoch += 1
+        entry: dict[str, Any] = {
+            "epoch": epoch,
+            **{k: v / max(n_batches, 1) for k, v in totals.items()},
+        }
+        if has_valid:
+            value = evaluator.evaluate(model, "valid", ns=(metric_n,), progress=False).average[
+                metric
+            ]
+        else:
+            value = -float(epoch)  # no validation part: the last epoch is the best
+        entry[f"valid_{metric}"] = value
+        entry["examples_per_second"] = epoch_examples / max(epoch_seconds, 1e-9)
+        if value > best:
+            best, best_epoch, bad_epochs = value, epoch, 0
+            checkpoint.save(
+                {"model": model.state_dict(), "epoch": epoch, "metric": value}, out / "best.pt"
+            )
+        else:
+            bad_epochs += 1
+        stopped_early = bad_epochs >= tc.patience
+        done = stopped_early or epoch >= tc.epochs
+        checkpoint.save(
+            {
+                "model": model.state_dict(),
+                "step": step.state_dict(),
+                "epoch": epoch,
+                "best_metric": best,
+                "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs,
+                "numpy_rng": json.dumps(rng.bit_generator.state),
+                "torch_rng": torch.get_rng_state(),
+                "done": done,
+                "stopped_early": stopped_early,
+            },
+            out / "last.pt",
+        )
+        _log(out, entry)
+        msg = ", ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()
+        )
+        tqdm.write(msg) if progress else log.info(msg)
+        if stopped_early:
+            break
+    seconds = time.perf_counter() - started
+    return TrainResult(
+        out, best_epoch, best, epoch, seconds, examples / max(train_seconds, 1e-9), stopped_early
+    )
+
+
+def _log(out: Path, entry: dict[str, Any]) -> None:
+    with open(out / "log.jsonl", "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+
+
+__all__ = ["TrainResult", "load_run", "load_run_config", "train"]
