@@ -46,34 +46,51 @@ class Batch:
 
 
 class NegativeSampler:
-    """Uniform negatives from a target domain, rejecting the user's known positives."""
+    """Exact uniform negatives: items of the target domain the user did not click in ``known``.
 
-    def __init__(self, known: Interactions, info: DataInfo, max_tries: int = 5) -> None:
+    No rejection loop: for a user who clicked positions ``c_0 < c_1 < ...`` of a domain of
+    ``n`` items, draw ``r`` uniformly in ``[0, n - m)`` and map it to the ``r``-th unclicked
+    position, ``r + #{j : c_j - j <= r}``; the count is one ``searchsorted`` on the sorted
+    ``c_j - j`` of the user's segment. A user who clicked every item of the domain gets any item.
+    """
+
+    def __init__(self, known: Interactions, info: DataInfo) -> None:
         self.info = info
-        self.max_tries = max_tries
+        offsets = np.asarray(info.offsets, dtype=np.int64)
+        n_dom = info.n_domains
+        seg = known.user.astype(np.int64) * n_dom + known.domain.astype(np.int64)
+        pos = known.item.astype(np.int64) - offsets[known.domain.astype(np.int64)]
+        pairs = np.unique(seg * np.int64(info.n_items + 1) + pos)  # sorted, no repeats
+        seg, pos = pairs // (info.n_items + 1), pairs % (info.n_items + 1)
+        self.seg_start = np.searchsorted(seg, np.arange(info.n_users * n_dom + 1))
+        rank_in_seg = np.arange(len(pos)) - self.seg_start[seg]
         self._stride = np.int64(info.n_items + 1)
-        self._known = np.unique(known.user.astype(np.int64) * self._stride + known.item)
+        self._key = seg * self._stride + (pos - rank_in_seg)  # c_j - j, nondecreasing per seg
+        self._known = seg * self._stride + pos
 
     def is_known(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        keys = users.astype(np.int64) * self._stride + items
-        pos = np.searchsorted(self._known, keys)
-        return self._known[np.minimum(pos, len(self._known) - 1)] == keys
+        """Whether each (user, item) pair is a known positive."""
+        domains = np.asarray(self.info.offsets[1:]).searchsorted(items, side="right")
+        seg = users.astype(np.int64) * self.info.n_domains + domains
+        keys = seg * self._stride + items - np.asarray(self.info.offsets)[domains]
+        at = np.minimum(np.searchsorted(self._known, keys), max(len(self._known) - 1, 0))
+        return self._known[at] == keys if len(self._known) else np.zeros(keys.shape, bool)
 
     def sample(
         self, users: np.ndarray, domains: np.ndarray, k: int, rng: np.random.Generator
     ) -> np.ndarray:
-        """(B, k) item indices; after ``max_tries`` rounds a rare leftover collision is kept."""
+        """(B, k) global item indices, drawn with replacement among the unclicked items."""
         offsets = np.asarray(self.info.offsets, dtype=np.int64)
-        lo, size = offsets[domains], np.diff(offsets)[domains]
-        u = np.repeat(users[:, None], k, axis=1)
-        neg = lo[:, None] + (rng.random((len(users), k)) * size[:, None]).astype(np.int64)
-        for _ in range(self.max_tries):
-            bad = self.is_known(u, neg)
-            if not bad.any():
-                break
-            rows = np.nonzero(bad)[0]
-            neg[bad] = lo[rows] + (rng.random(len(rows)) * size[rows]).astype(np.int64)
-        return neg
+        seg = users.astype(np.int64) * self.info.n_domains + domains.astype(np.int64)
+        lo, hi = self.seg_start[seg], self.seg_start[seg + 1]
+        size = np.diff(offsets)[domains]
+        free = size - (hi - lo)
+        free = np.where(free > 0, free, size)  # clicked everything: fall back to any item
+        r = (rng.random((len(users), k)) * free[:, None]).astype(np.int64)  # (B, k)
+        q = seg[:, None] * self._stride + r
+        below = np.searchsorted(self._key, q, side="right") - lo[:, None]
+        below = np.where((free == size)[:, None], 0, below)
+        return offsets[domains][:, None] + r + below
 
 
 def make_batch(

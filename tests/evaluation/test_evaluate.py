@@ -1,0 +1,116 @@
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from aftrec.data.dataset import Dataset
+from aftrec.data.loader import Batch
+from aftrec.evaluation.evaluate import Evaluator
+from aftrec.models.base import RetrievalModel
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    pass
+
+
+class TableScorer(RetrievalModel):
+    """A scorer model reading a fixed (users x items) table: the evaluator's oracle input."""
+
+    dot_product = False
+
+    def __init__(self, table: np.ndarray, data: Dataset) -> None:
+        super().__init__(_Cfg(), data.info, 5)
+        self.table = torch.from_numpy(table)
+
+    def score(self, batch: Batch, domain: int) -> torch.Tensor:
+        lo, hi = self.info.domain_range(domain)
+        return self.table[batch.users, lo:hi]
+
+
+def brute_force(data: Dataset, table: np.ndarray, split: str, ns: tuple[int, ...]):
+    fit, targets = data.fit_and_targets(split)
+    out = {}
+    for d, name in enumerate(data.info.domains):
+        lo, hi = data.info.domain_range(d)
+        vals: dict[str, list[float]] = {}
+        for u in np.unique(targets.user[targets.domain == d]):
+            seen = set(fit.item[(fit.user == u) & (fit.domain == d)].tolist())
+            pos = set(targets.item[(targets.user == u) & (targets.domain == d)].tolist()) - seen
+            cand = [i for i in range(lo, hi) if i not in seen]
+            ranked = sorted(cand, key=lambda i: -table[u, i])
+            for n in ns:
+                top = ranked[:n]
+                hits = [1.0 if i in pos else 0.0 for i in top]
+                vals.setdefault(f"recall@{n}", []).append(sum(hits) / len(pos))
+                dcg = sum(h / math.log2(r + 2) for r, h in enumerate(hits))
+                idcg = sum(1 / math.log2(r + 2) for r in range(min(len(pos), n)))
+                vals.setdefault(f"ndcg@{n}", []).append(dcg / idcg)
+            labels = [1 if i in pos else 0 for i in cand]
+            vals.setdefault("auc", []).append(roc_auc_score(labels, table[u, cand]))
+        out[name] = {k: float(np.mean(v)) for k, v in vals.items()}
+    return out
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_full_ranking_matches_brute_force(tiny: Dataset, split: str) -> None:
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(tiny.info.n_users, tiny.info.n_items)).astype(np.float32)
+    ns = (5, 20)
+    res = Evaluator(tiny, 5, batch_size=37).evaluate(
+        TableScorer(table, tiny), split, ns, progress=False
+    )
+    want = brute_force(tiny, table, split, ns)
+    for name, metrics in want.items():
+        for key, value in metrics.items():
+            assert res.domains[name][key] == pytest.approx(value, abs=1e-6), (name, key)
+    for key in res.average:
+        assert res.average[key] == pytest.approx(
+            np.mean([res.domains[n][key] for n in res.domains])
+        )
+    assert set(res.per_user.columns) >= {"user_idx", "domain", "recall@5", "auc"}
+
+
+def test_training_positives_never_ranked(tiny: Dataset) -> None:
+    """Pushing the training positives to the top changes nothing: they are excluded."""
+    fit, _ = tiny.fit_and_targets("test")
+    rng = np.random.default_rng(1)
+    noise = rng.normal(size=(tiny.info.n_users, tiny.info.n_items)).astype(np.float32)
+    boosted = noise.copy()
+    boosted[fit.user, fit.item] = 100.0
+    ev = Evaluator(tiny, 5)
+    a = ev.evaluate(TableScorer(noise, tiny), "test", (5, 20), progress=False)
+    b = ev.evaluate(TableScorer(boosted, tiny), "test", (5, 20), progress=False)
+    for key in ("recall@5", "recall@20", "ndcg@20", "auc"):
+        assert a.average[key] == pytest.approx(b.average[key], abs=1e-12)
+
+
+def test_perfect_scorer_gets_recall_one_and_auc_one(tiny: Dataset) -> None:
+    _, targets = tiny.fit_and_targets("test")
+    table = np.zeros((tiny.info.n_users, tiny.info.n_items), dtype=np.float32)
+    table[targets.user, targets.item] = 1.0
+    res = Evaluator(tiny, 5).evaluate(TableScorer(table, tiny), "test", (200,), progress=False)
+    assert res.average["auc"] == pytest.approx(1.0)
+    assert res.average["ndcg@200"] == pytest.approx(1.0)
+    assert res.average["recall@200"] == pytest.approx(1.0)
+
+
+def test_sampled_metrics_are_labelled(tiny: Dataset) -> None:
+    table = np.random.default_rng(0).normal(size=(tiny.info.n_users, tiny.info.n_items))
+    res = Evaluator(tiny, 5).evaluate(
+        TableScorer(table.astype(np.float32), tiny),
+        "test",
+        (10,),
+        sampled_negatives=20,
+        progress=False,
+    )
+    assert "SAMPLED" in res.protocol and "SAMPLED" in res.table()
+    assert "sampled_recall@10" in res.average and "recall@10" not in res.average
+    # ranking among 20 negatives is much easier than among the whole domain
+    full = Evaluator(tiny, 5).evaluate(
+        TableScorer(table.astype(np.float32), tiny), "test", (10,), progress=False
+    )
+    assert res.average["sampled_recall@10"] > full.average["recall@10"]
