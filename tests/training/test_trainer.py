@@ -1,0 +1,89 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from aftrec.config import resolve
+from aftrec.errors import CheckpointError, ConfigError
+from aftrec.training import checkpoint
+from aftrec.training.trainer import load_run, train
+from tests.conftest import FAST
+
+
+def _weights(run: Path, which: str = "last") -> dict[str, torch.Tensor]:
+    return checkpoint.load(run / f"{which}.pt")["model"]
+
+
+def test_same_seed_same_result(tiny_dir: Path, tmp_path: Path) -> None:
+    cfg = resolve("two-tower", overrides=FAST)
+    train(tiny_dir, cfg, tmp_path / "a", progress=False)
+    train(tiny_dir, cfg, tmp_path / "b", progress=False)
+    for k, v in _weights(tmp_path / "a").items():
+        torch.testing.assert_close(v, _weights(tmp_path / "b")[k], rtol=0, atol=0)
+    other = resolve("two-tower", overrides=[*FAST, "train.seed=1"])
+    train(tiny_dir, other, tmp_path / "c", progress=False)
+    w_a, w_c = _weights(tmp_path / "a"), _weights(tmp_path / "c")
+    assert any(not torch.equal(w_a[k], w_c[k]) for k in w_a)
+
+
+def test_resume_continues_exactly(tiny_dir: Path, tmp_path: Path) -> None:
+    over = [*FAST, "train.epochs=3", "train.patience=10"]
+    train(tiny_dir, resolve("two-tower", overrides=over), tmp_path / "full", progress=False)
+    # a run "killed" after its first epoch: same config, but stopped at epoch 1
+    short = resolve("two-tower", overrides=[*FAST, "train.epochs=1", "train.patience=10"])
+    train(tiny_dir, short, tmp_path / "cut", progress=False)
+    state = checkpoint.load(tmp_path / "cut" / "last.pt")
+    assert state["epoch"] == 1
+    # the saved config says 3 epochs, as the interrupted run had been asked for
+    (tmp_path / "cut" / "config.yaml").write_text((tmp_path / "full" / "config.yaml").read_text())
+    checkpoint.save({**state, "done": False}, tmp_path / "cut" / "last.pt")
+    train(tiny_dir, None, tmp_path / "cut", resume=True, progress=False)
+    assert checkpoint.load(tmp_path / "cut" / "last.pt")["epoch"] == 3
+    for k, v in _weights(tmp_path / "full").items():
+        torch.testing.assert_close(v, _weights(tmp_path / "cut")[k], rtol=0, atol=0)
+    lines = (tmp_path / "cut" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+
+
+def test_early_stopping_and_best_checkpoint(tiny_dir: Path, tmp_path: Path) -> None:
+    # a learning rate of 0 never improves after the first epoch: stop after `patience` more
+    cfg = resolve(
+        "two-tower", overrides=[*FAST, "train.epochs=10", "train.patience=2", "train.lr=0.0"]
+    )
+    res = train(tiny_dir, cfg, tmp_path / "r", progress=False)
+    assert res.stopped_early and res.epochs_run == 3 and res.best_epoch == 1
+    assert checkpoint.load(tmp_path / "r" / "best.pt")["epoch"] == 1
+
+
+def test_run_refuses_to_overwrite_and_resume_needs_no_config(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    cfg = resolve("pop")
+    train(tiny_dir, cfg, tmp_path / "r", progress=False)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(tiny_dir, cfg, tmp_path / "r", progress=False)
+    with pytest.raises(ConfigError, match="saved config"):
+        train(tiny_dir, cfg, tmp_path / "r", resume=True, progress=False)
+
+
+def test_atomic_checkpoint_leaves_old_file_on_failure(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    checkpoint.save({"model": {"w": torch.ones(2)}}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        checkpoint.save({"model": {"w": torch.zeros(2)}, "x": Boom()}, path)
+    torch.testing.assert_close(checkpoint.load(path)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tiny_dir: Path, tmp_path: Path) -> None:
+    train(tiny_dir, resolve("two-tower", overrides=FAST), tmp_path / "r", progress=False)
+    best = tmp_path / "r" / "best.pt"
+    best.write_bytes(best.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"best\.pt"):
+        load_run(tmp_path / "r")
