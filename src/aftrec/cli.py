@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from aftrec.errors import AftrecError, DataError
+from aftrec.errors import AftrecError, CheckpointError, DataError
 
 log = logging.getLogger("aftrec")
 
@@ -115,7 +115,13 @@ def _train(args: argparse.Namespace) -> None:
     if args.resume and data is None:
         import json
 
-        data = Path(json.loads((Path(args.out) / "run.json").read_text())["data"])
+        run_json = Path(args.out) / "run.json"
+        if not run_json.is_file():
+            raise CheckpointError(f"{args.out} is not a run directory (no run.json)")
+        try:
+            data = Path(json.loads(run_json.read_text())["data"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{run_json}: unreadable run record ({exc!r})") from exc
     res = train(Path(data), cfg, Path(args.out), resume=args.resume, progress=not args.quiet)
     print(
         f"trained {res.run}: best epoch {res.best_epoch}, valid {res.best_metric:.4f}, "
@@ -129,6 +135,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     from aftrec.training.checkpoint import atomic_write_bytes
     from aftrec.training.trainer import load_run
 
+    if min(args.n) < 1:
+        raise DataError(f"--n must be at least 1, got {min(args.n)}")
+    if args.sampled_negatives is not None and args.sampled_negatives < 1:
+        raise DataError(f"--sampled-negatives must be at least 1, got {args.sampled_negatives}")
     cfg, data, model = load_run(args.run, args.which)
     res = Evaluator(data, cfg.data.history_len, cfg.train.eval_batch_size).evaluate(
         model,
@@ -264,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except AftrecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # one line, even when the message quotes a multi-line error from torch or pandas
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -96,15 +96,22 @@ def _timestamps(ts: np.ndarray) -> np.ndarray:
 
 
 def _check_domains(
-    domains: list[str], item_domain: np.ndarray, rows: np.ndarray, what: str
+    domains: list[str], item_domain: np.ndarray, rows: np.ndarray, raw: RawLog, note: str
 ) -> None:
+    """Every domain needs catalogue items and training positives; messages name the files."""
     n_items = np.bincount(item_domain, minlength=len(domains))
     n_rows = np.bincount(rows, minlength=len(domains))
     for d, name in enumerate(domains):
         if n_items[d] == 0:
-            raise DataError(f"domain {name!r} is empty: no item of the catalogue belongs to it")
+            raise DataError(
+                f"{raw.items_origin.name}: domain {name!r} is empty: "
+                "no item of the catalogue belongs to it"
+            )
         if n_rows[d] == 0:
-            raise DataError(f"domain {name!r} is empty: it has no positive interactions {what}")
+            raise DataError(
+                f"{raw.interactions_origin.name}: domain {name!r} is empty: it has no positive "
+                f"interactions in the training part{note}"
+            )
 
 
 def prepare(
@@ -147,7 +154,6 @@ def prepare(
         order = chronological_order(rows["user_idx"], rows["timestamp"], rows["item_idx"])
         rows = {k: v[order] for k, v in rows.items()}
         part = assign_parts(rows["user_idx"], split)
-        log.info("dropped %d users with fewer than %d positives", n_dropped, split.min_positives)
     else:
         parts_raw = {name: validate(lg) for name, lg in presplit.items()}
         frames = {n: _positive_frame(lg, split.rating_threshold) for n, lg in parts_raw.items()}
@@ -166,9 +172,24 @@ def prepare(
         n_dropped = 0
 
     rows["timestamp"] = _timestamps(rows["timestamp"])
-    _check_domains(domains, item_domain, rows["domain_idx"][part == TRAIN], "in the training part")
+    dropped = (
+        f" ({n_dropped} user(s) with fewer than {split.min_positives} positives were dropped)"
+        if n_dropped
+        else ""
+    )
+    _check_domains(domains, item_domain, rows["domain_idx"][part == TRAIN], raw, dropped)
     if not (part == PART_NAMES.index("test")).any():
-        raise DataError("the test part is empty: no user has enough positives to split")
+        if presplit is not None:
+            raise DataError(
+                f"{presplit['test'].interactions_origin.name}: the test part is empty: "
+                "no positive interactions"
+            )
+        raise DataError(
+            f"{raw.interactions_origin.name}: the test part is empty: no user has at least "
+            f"{split.min_positives} positives{dropped}"
+        )
+    if presplit is None:  # logged once the data is known to be good: an error is one line
+        log.info("dropped %d users with fewer than %d positives", n_dropped, split.min_positives)
 
     offsets = np.r_[0, np.cumsum(np.bincount(item_domain, minlength=len(domains)))]
     counts = {

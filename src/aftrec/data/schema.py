@@ -82,7 +82,10 @@ def _numeric(series: pd.Series, column: str, origin: Origin) -> np.ndarray:
         nat = pd.isna(values)
         if nat.any():
             i = _first_bad(nat)
-            raise DataError(f"{origin.row(i)}: missing {column}")
+            raise DataError(
+                f"{origin.row(i)}: missing value in column {column!r} "
+                f"({int(nat.sum())} bad row(s) in all)"
+            )
         as_ns = series.astype("datetime64[ns]").to_numpy().astype(np.int64)
         return (as_ns // 1_000_000_000).astype(np.float64)
     converted = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
@@ -90,7 +93,12 @@ def _numeric(series: pd.Series, column: str, origin: Origin) -> np.ndarray:
     if bad.any():
         i = _first_bad(bad)
         value = series.iloc[i]
-        what = "missing" if pd.isna(value) else f"non-numeric {value!r} in"
+        if pd.isna(value):
+            what = "missing value in"
+        elif np.isnan(converted[i]):
+            what = f"non-numeric value {value!r} in"
+        else:
+            what = f"non-finite value {value!r} in"
         raise DataError(
             f"{origin.row(i)}: {what} column {column!r} ({int(bad.sum())} bad row(s) in all)"
         )

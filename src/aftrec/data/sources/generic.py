@@ -8,6 +8,8 @@ anything else is read as CSV with a header line.
 
 from __future__ import annotations
 
+import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +20,39 @@ from aftrec.errors import DataError
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
+@dataclass
+class CsvOrigin(Origin):
+    """A CSV file's lines as a person sees them, header = line 1.
+
+    pandas skips blank lines and a quoted field may span lines, so a row's index plus 2 is not
+    always its line; the file is re-read up to that row only when a message names it.
+    """
+
+    path: Path | None = None
+
+    def row(self, index: int) -> str:
+        line = _csv_line(self.path, index) if self.path is not None else None
+        return f"{self.name}, line {index + 2 if line is None else line}"
+
+
+def _csv_line(path: Path, index: int) -> int | None:
+    """First line of data row ``index`` (0-based, blank lines skipped as pandas does)."""
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+            reader = csv.reader(fh)
+            row = -2  # the header is row -1
+            start = 1
+            for record in reader:
+                if record:
+                    row += 1
+                    if row == index:
+                        return start
+                start = reader.line_num + 1
+    except (OSError, csv.Error):
+        return None
+    return None
+
+
 def read_table(path: Path) -> tuple[pd.DataFrame, Origin]:
     """Read one CSV or Parquet table; the :class:`Origin` lets messages name its lines."""
     path = Path(path)
@@ -26,7 +61,7 @@ def read_table(path: Path) -> tuple[pd.DataFrame, Origin]:
     try:
         if path.is_dir() or path.suffix.lower() in PARQUET_SUFFIXES:
             return pd.read_parquet(path), Origin(str(path), None)
-        return pd.read_csv(path, low_memory=False), Origin(str(path), 2)
+        return pd.read_csv(path, low_memory=False), CsvOrigin(str(path), 2, path)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise DataError(f"{path}: cannot be read as {_kind(path)}: {exc}") from exc
 
