@@ -593,12 +593,6 @@ def test_bad_yaml_config(
     fails_cleanly(capsys, argv, needle.format(yaml=yaml), roots=(tmp_path, prepared))
 
 
-@pytest.mark.xfail(
-    reason="config.TrainConfig does not check values: batch_size=0 ends in ZeroDivisionError "
-    "inside the loader and leaves RUN/config.yaml and RUN/run.json behind",
-    raises=ZeroDivisionError,
-    strict=True,
-)
 def test_zero_batch_size(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, prepared: Path
 ) -> None:
@@ -698,11 +692,6 @@ def test_evaluate_on_a_directory_that_is_not_a_run(
     )
 
 
-@pytest.mark.xfail(
-    reason="trainer.load_run reads RUN/run.json unguarded: FileNotFoundError traceback",
-    raises=FileNotFoundError,
-    strict=True,
-)
 def test_evaluate_on_a_run_without_run_json(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, run_copy: Path
 ) -> None:

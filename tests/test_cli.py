@@ -298,12 +298,6 @@ def test_resume_of_a_finished_run_does_not_train_again(
     assert "trained" in capsys.readouterr().out
 
 
-@pytest.mark.xfail(
-    reason="trainer.train: a non-trainable model (pop) ignores last.pt's 'done' on --resume, "
-    "fits and saves again and appends a second line to log.jsonl",
-    raises=AssertionError,
-    strict=True,
-)
 def test_resume_of_a_finished_pop_run_does_not_train_again(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:

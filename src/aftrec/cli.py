@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from aftrec.errors import AftrecError, CheckpointError, DataError
+from aftrec.errors import AftrecError, DataError
 
 log = logging.getLogger("aftrec")
 
@@ -33,17 +33,13 @@ def _prepare(args: argparse.Namespace) -> None:
     if args.train or args.test:
         if not (args.train and args.test and args.items):
             raise DataError("pre-split data needs --train, --test and --items together")
-        from aftrec.data.schema import RawLog
-        from aftrec.data.sources.generic import read_table
+        from aftrec.data.sources.generic import load_presplit
 
-        items, mo = read_table(args.items)
-        presplit = {}
-        for name, path in (("train", args.train), ("valid", args.valid), ("test", args.test)):
-            if path is not None:
-                frame, io = read_table(path)
-                presplit[name] = RawLog(frame, items, io, mo)
+        presplit = load_presplit(args.train, args.test, args.items, args.valid)
         raw = presplit["train"]
         source = {"kind": "presplit", "train": str(args.train), "test": str(args.test)}
+    elif args.valid:
+        raise DataError("--valid is for pre-split data: use it with --train, --test and --items")
     elif args.interactions:
         if not args.items:
             raise DataError("--interactions needs --items (columns item, domain)")
@@ -98,7 +94,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from aftrec.config import resolve
-    from aftrec.training.trainer import train
+    from aftrec.training.trainer import run_data_dir, train
 
     cfg = None
     if not args.resume:
@@ -113,15 +109,7 @@ def _train(args: argparse.Namespace) -> None:
         )
     data = args.data
     if args.resume and data is None:
-        import json
-
-        run_json = Path(args.out) / "run.json"
-        if not run_json.is_file():
-            raise CheckpointError(f"{args.out} is not a run directory (no run.json)")
-        try:
-            data = Path(json.loads(run_json.read_text())["data"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{run_json}: unreadable run record ({exc!r})") from exc
+        data = run_data_dir(Path(args.out))
     res = train(Path(data), cfg, Path(args.out), resume=args.resume, progress=not args.quiet)
     print(
         f"trained {res.run}: best epoch {res.best_epoch}, valid {res.best_metric:.4f}, "

@@ -31,6 +31,9 @@ class DataConfig:
     history_len: int = 50  # last behaviours per domain (section 5.3)
     n_negatives: int = 8  # sampled unclicked items of the target domain per positive
 
+    def __post_init__(self) -> None:
+        _at_least(self, "data", history_len=1, n_negatives=0)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -45,6 +48,22 @@ class TrainConfig:
     max_batches_per_epoch: int | None = None  # cap for quick runs
     threads: int | None = None  # torch intra-op threads; None = torch's default
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _at_least(self, "train", epochs=1, batch_size=1, patience=1, eval_batch_size=1)
+        _at_least(self, "train", lr=0.0, weight_decay=0.0)
+        if self.max_batches_per_epoch is not None:
+            _at_least(self, "train", max_batches_per_epoch=1)
+        if self.threads is not None:
+            _at_least(self, "train", threads=1)
+
+
+def _at_least(cfg: Any, section: str, **bounds: float) -> None:
+    """Raise :class:`ConfigError` naming the first key of ``cfg`` below its lower bound."""
+    for key, low in bounds.items():
+        value = getattr(cfg, key)
+        if value < low:
+            raise ConfigError(f"config key {section}.{key} must be >= {low}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,12 @@ def require_columns(df: pd.DataFrame, required: Sequence[str], origin: Origin) -
         )
 
 
+def _show(value: object) -> str:
+    """repr of an id as the user wrote it (numpy scalars printed as plain Python values)."""
+    item = getattr(value, "item", None)
+    return repr(item() if callable(item) else value)
+
+
 def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
@@ -135,8 +141,8 @@ def validate(log: RawLog) -> RawLog:
         doms = items["domain"].iloc[same].tolist()
         where = "; ".join(f"{d!r} at {mo.row(int(r))}" for d, r in zip(doms, same, strict=True))
         if len(set(doms)) > 1:
-            raise DataError(f"{mo.name}: item {item!r} is listed in two domains ({where})")
-        raise DataError(f"{mo.name}: item {item!r} is listed twice ({where})")
+            raise DataError(f"{mo.name}: item {_show(item)} is listed in two domains ({where})")
+        raise DataError(f"{mo.name}: item {_show(item)} is listed twice ({where})")
 
     keep = [c for c in (*INTERACTION_COLUMNS, "domain", "rating", "label") if c in inter.columns]
     inter = inter.loc[:, keep].reset_index(drop=True)
@@ -156,7 +162,7 @@ def validate(log: RawLog) -> RawLog:
     if not known.all():
         i = _first_bad(~known)
         raise DataError(
-            f"{io.row(i)}: item {inter['item'].iloc[i]!r} is not in the item catalogue "
+            f"{io.row(i)}: item {_show(inter['item'].iloc[i])} is not in the item catalogue "
             f"{mo.name} ({int((~known).sum())} such row(s) in all)"
         )
     if "domain" in inter.columns:
@@ -166,7 +172,7 @@ def validate(log: RawLog) -> RawLog:
         if wrong.any():
             i = _first_bad(wrong)
             raise DataError(
-                f"{io.row(i)}: item {inter['item'].iloc[i]!r} has domain {given[i]!r} here "
+                f"{io.row(i)}: item {_show(inter['item'].iloc[i])} has domain {given[i]!r} here "
                 f"but {expected[i]!r} in the item catalogue {mo.name}"
             )
         inter = inter.drop(columns="domain")

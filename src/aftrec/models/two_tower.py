@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aftrec.config import _at_least
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
 from aftrec.errors import ConfigError
@@ -33,6 +34,9 @@ class TwoTowerConfig:
     loss: str = "softmax"  # "softmax" over [positive, negatives] or "bce"
 
     def __post_init__(self) -> None:
+        _at_least(self, "model", dim=1, hidden=1, dropout=0.0)
+        if self.dropout >= 1:
+            raise ConfigError(f"config key model.dropout must be < 1, got {self.dropout}")
         if self.loss not in ("softmax", "bce"):
             raise ConfigError(f"model.loss must be 'softmax' or 'bce', got {self.loss!r}")
 

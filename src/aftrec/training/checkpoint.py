@@ -59,7 +59,10 @@ def load(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{path}: checkpoint is corrupt or unreadable ({exc})") from exc
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(
+            f"{path}: checkpoint is corrupt or unreadable ({type(exc).__name__}: {reason})"
+        ) from exc
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"{path}: not an aftrec checkpoint")
     return obj

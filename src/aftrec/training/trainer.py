@@ -68,12 +68,22 @@ def load_run_config(run: Path) -> RunConfig:
     return resolve(None, path)
 
 
+def run_data_dir(run: Path) -> Path:
+    """The prepared dataset a run was trained on, from ``RUN/run.json``."""
+    path = Path(run) / "run.json"
+    try:
+        return Path(json.loads(path.read_text())["data"])
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{run} is not a run directory (no run.json)") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable run description ({exc})") from exc
+
+
 def load_run(run: Path, which: str = "best") -> tuple[RunConfig, Dataset, RetrievalModel]:
     """The config, dataset and model weights of a finished (or interrupted) run."""
     run = Path(run)
     cfg = load_run_config(run)
-    meta = json.loads((run / "run.json").read_text())
-    data = Dataset(Path(meta["data"]))
+    data = Dataset(run_data_dir(run))
     model = create_model(cfg.model_name, cfg.model, data.info, cfg.data.history_len)
     state = checkpoint.load(run / f"{which}.pt")
     try:
@@ -129,13 +139,16 @@ def train(
     started = time.perf_counter()
 
     if not model.trainable:
+        if state is not None and state.get("done"):
+            log.info("run %s already finished", out)
+            return TrainResult(out, 0, float(state["metric"]), 0, 0.0, 0.0, False)
         model.fit(data.train)
         res = evaluator.evaluate(model, "valid", ns=(metric_n,), progress=False)
         value = res.average[metric]
         payload = {"model": model.state_dict(), "epoch": 0, "metric": value}
         checkpoint.save(payload, out / "best.pt")
         checkpoint.save({**payload, "done": True}, out / "last.pt")
-        _log(out, {"epoch": 0, metric: value})
+        _log(out, {"epoch": 0, f"valid_{metric}": value})
         return TrainResult(out, 0, value, 0, time.perf_counter() - started, 0.0, False)
 
     loader = TrainLoader(

@@ -79,13 +79,13 @@ def load_generic(interactions: Path, items: Path) -> RawLog:
 
 def load_presplit(
     train: Path, test: Path, items: Path, valid: Path | None = None
-) -> tuple[RawLog, dict[str, RawLog]]:
-    """Pre-split data used as given: returns the catalogue-only log and one log per part."""
+) -> dict[str, RawLog]:
+    """Pre-split data used as given: one log per part ("train", "test", optional "valid"),
+    all sharing the one item catalogue."""
     cat, mo = read_table(items)
     parts: dict[str, RawLog] = {}
     for name, path in (("train", train), ("valid", valid), ("test", test)):
-        if path is None:
-            continue
-        inter, io = read_table(path)
-        parts[name] = RawLog(inter, cat, io, mo)
-    return RawLog(cat.iloc[:0].assign(user=[], timestamp=[]), cat, mo, mo), parts
+        if path is not None:
+            inter, io = read_table(path)
+            parts[name] = RawLog(inter, cat, io, mo)
+    return parts

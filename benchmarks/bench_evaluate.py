@@ -1,0 +1,55 @@
+"""Full-ranking evaluation time on ML-1M: every test user, every domain, N up to 200.
+
+Run: ``python benchmarks/bench_evaluate.py --data data/ml-1m --run runs/demo/two-tower``
+(writes benchmarks/results/evaluate.json). The run must exist (``make demo`` makes one);
+evaluation is timed three times after one warm-up, with torch's default thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import peak_rss_mib, write
+from aftrec.evaluation.evaluate import Evaluator
+from aftrec.training.trainer import load_run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run", type=Path, default=Path("runs/demo/two-tower"))
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    cfg, data, model = load_run(args.run)
+    evaluator = Evaluator(data, cfg.data.history_len, cfg.train.eval_batch_size)
+    t0 = time.perf_counter()
+    evaluator.indices("test")
+    index_seconds = time.perf_counter() - t0
+    evaluator.evaluate(model, "test", (20, 50, 200), progress=False)  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        res = evaluator.evaluate(model, "test", (20, 50, 200), progress=False)
+        times.append(time.perf_counter() - t0)
+    payload = {
+        "command": f"python benchmarks/bench_evaluate.py --run {args.run}",
+        "model": cfg.model_name,
+        "users_ranked": sum(res.users.values()),
+        "items": data.info.n_items,
+        "index_build_seconds": round(index_seconds, 3),
+        "evaluate_seconds_median": round(statistics.median(times), 3),
+        "evaluate_seconds_all": [round(t, 3) for t in times],
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "average": res.average,
+    }
+    print(res.table())
+    print(payload)
+    print("wrote", write("evaluate", payload))
+
+
+if __name__ == "__main__":
+    main()
