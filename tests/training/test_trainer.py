@@ -87,3 +87,36 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_dir: Path, tmp_path: Path) -> 
     best.write_bytes(best.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"best\.pt"):
         load_run(tmp_path / "r")
+
+
+def test_killed_run_leaves_a_good_checkpoint_and_resumes(tiny_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL a real training process mid-run: last.pt stays loadable and --resume finishes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "r"
+    cmd = [sys.executable, "-m", "aftrec.cli", "train", "--data", str(tiny_dir),
+           "--model", "two-tower", "--out", str(run), "--quiet", "--set", *FAST,
+           "train.epochs=400", "train.patience=400"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if (run / "last.pt").exists() and checkpoint.load(run / "last.pt")["epoch"] >= 2:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    state = checkpoint.load(run / "last.pt")  # complete, whatever moment the kill hit
+    assert 2 <= state["epoch"] < 400 and not state["done"]
+    # finish quickly: shorten the saved run to two more epochs and resume it
+    cfg = (run / "config.yaml").read_text().replace("epochs: 400", f"epochs: {state['epoch'] + 2}")
+    (run / "config.yaml").write_text(cfg)
+    res = train(tiny_dir, None, run, resume=True, progress=False)
+    assert res.epochs_run == state["epoch"] + 2
+    # a temporary file the kill may have left mid-write is swept on resume
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]

@@ -58,3 +58,8 @@ class RetrievalModel(nn.Module):
     def fit(self, train: Interactions) -> None:
         """Closed-form fitting for models with ``trainable = False``."""
         raise NotImplementedError
+
+    def search_space(self) -> list[dict[str, Any]]:
+        """Model-config overrides a closed-form model is fitted with, the best on validation
+        being kept (e.g. EASE's L2 weight); the default is the config as given."""
+        return [{}]

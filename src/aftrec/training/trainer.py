@@ -14,6 +14,7 @@ run killed between two epochs ends where an uninterrupted one would have.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -109,6 +110,8 @@ def train(
             raise ConfigError("--resume continues with the run's saved config; drop --config/--set")
         cfg = load_run_config(out)
         state: dict[str, Any] | None = checkpoint.load(out / "last.pt")
+        for stale in out.glob(".*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
     else:
         assert cfg is not None
         if (out / "last.pt").exists() or (out / "best.pt").exists():
@@ -142,14 +145,7 @@ def train(
         if state is not None and state.get("done"):
             log.info("run %s already finished", out)
             return TrainResult(out, 0, float(state["metric"]), 0, 0.0, 0.0, False)
-        model.fit(data.train)
-        res = evaluator.evaluate(model, "valid", ns=(metric_n,), progress=False)
-        value = res.average[metric]
-        payload = {"model": model.state_dict(), "epoch": 0, "metric": value}
-        checkpoint.save(payload, out / "best.pt")
-        checkpoint.save({**payload, "done": True}, out / "last.pt")
-        _log(out, {"epoch": 0, f"valid_{metric}": value})
-        return TrainResult(out, 0, value, 0, time.perf_counter() - started, 0.0, False)
+        return _fit_closed_form(cfg, data, evaluator, out, metric, metric_n, started)
 
     loader = TrainLoader(
         data.train, data.info, cfg.data.history_len, tc.batch_size, cfg.data.n_negatives
@@ -263,6 +259,37 @@ def train(
     return TrainResult(
         out, best_epoch, best, epoch, seconds, examples / max(train_seconds, 1e-9), stopped_early
     )
+
+
+def _fit_closed_form(
+    cfg: RunConfig,
+    data: Dataset,
+    evaluator: Evaluator,
+    out: Path,
+    metric: str,
+    metric_n: int,
+    started: float,
+) -> TrainResult:
+    """Fit every point of the model's search space, keep the best on validation."""
+    best: tuple[float, RetrievalModel, Any] | None = None
+    model = create_model(cfg.model_name, cfg.model, data.info, cfg.data.history_len)
+    for params in model.search_space():
+        model_cfg = dataclasses.replace(cfg.model, **params)
+        model = create_model(cfg.model_name, model_cfg, data.info, cfg.data.history_len)
+        model.fit(data.train)
+        value = evaluator.evaluate(model, "valid", ns=(metric_n,), progress=False).average[metric]
+        _log(out, {"epoch": 0, **params, f"valid_{metric}": value})
+        if best is None or value > best[0]:
+            best = (value, model, model_cfg)
+    assert best is not None
+    value, model, model_cfg = best
+    checkpoint.atomic_write_text(
+        out / "config.yaml", dump(dataclasses.replace(cfg, model=model_cfg))
+    )
+    payload = {"model": model.state_dict(), "epoch": 0, "metric": value}
+    checkpoint.save(payload, out / "best.pt")
+    checkpoint.save({**payload, "done": True}, out / "last.pt")
+    return TrainResult(out, 0, value, 0, time.perf_counter() - started, 0.0, False)
 
 
 def _log(out: Path, entry: dict[str, Any]) -> None:
