@@ -5,6 +5,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_RUNS := runs/demo
+DEMO_EPOCHS ?= 6
 
 .PHONY: install demo test test-slow lint bench clean
 
@@ -23,7 +24,7 @@ data/ml-1m/meta.json: | $(BIN)/.installed
 demo: $(BIN)/.installed data/ml-1m/meta.json
 	rm -rf $(DEMO_RUNS)
 	$(BIN)/aftrec train --data data/ml-1m --model pop --out $(DEMO_RUNS)/pop --quiet
-	$(BIN)/aftrec train --data data/ml-1m --model two-tower --out $(DEMO_RUNS)/two-tower
+	$(BIN)/aftrec train --data data/ml-1m --model two-tower --out $(DEMO_RUNS)/two-tower --set train.epochs=$(DEMO_EPOCHS)
 	$(BIN)/aftrec evaluate --run $(DEMO_RUNS)/pop --quiet
 	$(BIN)/aftrec evaluate --run $(DEMO_RUNS)/two-tower --quiet
 

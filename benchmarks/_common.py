@@ -30,6 +30,8 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "torch": torch.__version__,
+        # other processes compete for the 2 cores: the 1-minute load when the result was written
+        "load_average_1min": round(os.getloadavg()[0], 2),
     }
 
 

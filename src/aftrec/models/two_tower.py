@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from aftrec.config import _at_least
@@ -23,6 +22,7 @@ from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
 from aftrec.errors import ConfigError
 from aftrec.models.base import RetrievalModel
+from aftrec.models.losses import LOSSES, sampled_loss
 from aftrec.registry import register_model
 
 
@@ -37,7 +37,7 @@ class TwoTowerConfig:
         _at_least(self, "model", dim=1, hidden=1, dropout=0.0)
         if self.dropout >= 1:
             raise ConfigError(f"config key model.dropout must be < 1, got {self.dropout}")
-        if self.loss not in ("softmax", "bce"):
+        if self.loss not in LOSSES:
             raise ConfigError(f"model.loss must be 'softmax' or 'bce', got {self.loss!r}")
 
 
@@ -82,13 +82,6 @@ class TwoTower(RetrievalModel):
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         assert batch.pos is not None and batch.neg is not None, "training batches carry items"
         u = self._user(batch, batch.domain)  # (B, d)
-        cand = torch.cat([batch.pos.unsqueeze(1), batch.neg], dim=1)  # (B, 1 + K)
-        logits = torch.einsum("bd,bkd->bk", u, self.item_emb(cand))
-        if self.cfg.loss == "softmax":
-            target = torch.zeros(len(batch), dtype=torch.long, device=logits.device)
-            loss = F.cross_entropy(logits, target)
-        else:
-            labels = torch.zeros_like(logits)
-            labels[:, 0] = 1.0
-            loss = F.binary_cross_entropy_with_logits(logits, labels)
-        return {"loss": loss}
+        pos = (u * self.item_emb(batch.pos)).sum(-1)  # (B,)
+        neg = torch.einsum("bd,bkd->bk", u, self.item_emb(batch.neg))  # (B, K)
+        return {"loss": sampled_loss(pos, neg, self.cfg.loss)}
