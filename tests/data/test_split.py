@@ -74,3 +74,14 @@ def test_prepare_drops_users_with_few_positives_and_splits_all(tmp_path) -> None
     # no (user, item) pair in two parts
     pairs = pd.concat(parts)[["user_idx", "item_idx"]]
     assert not pairs.duplicated().any()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(-3, 3), st.integers(0, 4)), max_size=60))
+def test_packed_sort_equals_lexsort(rows: list[tuple[int, int, int]]) -> None:
+    user = np.array([r[0] for r in rows], dtype=np.int32)
+    ts = np.array([r[1] for r in rows], dtype=np.float64) * 1e9  # large, negative, repeated
+    item = np.array([r[2] for r in rows], dtype=np.int32)
+    got = chronological_order(user, ts, item)
+    want = np.lexsort((item, ts, user))
+    assert np.array_equal(np.c_[user, ts, item][got], np.c_[user, ts, item][want])

@@ -151,8 +151,8 @@ def prepare(
         kept_users, new_idx = np.unique(rows["user_idx"], return_inverse=True)
         rows["user_idx"] = new_idx.astype(np.int32)
         user_index = pd.Index(user_index.to_numpy()[kept_users])
-        order = chronological_order(rows["user_idx"], rows["timestamp"], rows["item_idx"])
-        rows = {k: v[order] for k, v in rows.items()}
+        # still in chronological order: filtering and the order-preserving re-numbering above
+        # keep _first_click_only's sort
         part = assign_parts(rows["user_idx"], split)
     else:
         parts_raw = {name: validate(lg) for name, lg in presplit.items()}

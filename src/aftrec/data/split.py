@@ -38,7 +38,18 @@ class SplitConfig:
 
 
 def chronological_order(user: np.ndarray, timestamp: np.ndarray, item: np.ndarray) -> np.ndarray:
-    """Permutation sorting rows by (user, timestamp, item): the order every split uses."""
+    """Permutation sorting rows by (user, timestamp, item): the order every split uses.
+
+    The three keys are packed into one int64 (timestamps replaced by their dense rank) when
+    they fit, which sorts several times faster than a three-key ``lexsort``.
+    """
+    if len(user) == 0:
+        return np.zeros(0, dtype=np.int64)
+    times, rank = np.unique(timestamp, return_inverse=True)
+    n_u, n_t, n_i = int(user.max()) + 1, len(times), int(item.max()) + 1
+    if min(int(user.min()), int(item.min())) >= 0 and n_u * n_t * n_i < 2**62:
+        key = (user.astype(np.int64) * n_t + rank) * n_i + item
+        return np.argsort(key, kind="stable")
     return np.lexsort((item, timestamp, user))
 
 
