@@ -1,4 +1,4 @@
-"""The ``aftrec`` command line: prepare, train, evaluate, recommend.
+"""The ``aftrec`` command line: prepare, train, evaluate, recommend, export, serve.
 
 This is the only module that reads ``sys.argv``. Every error the library raises on purpose
 (:class:`aftrec.errors.AftrecError`) ends the command with one ``error: ...`` line on stderr
@@ -242,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--users", nargs="+", help="original user ids (default: every test user)")
     pr.add_argument("--domains", nargs="+", help="domain names (default: each user's test domains)")
     pr.set_defaults(func=_recommend)
+
+    from aftrec.serving.cli import add_parsers as add_serving_parsers
+
+    add_serving_parsers(sub)
 
     pm = sub.add_parser("models", help="list the registered models")
     pm.set_defaults(

@@ -59,6 +59,11 @@ class RetrievalModel(nn.Module):
         """Closed-form fitting for models with ``trainable = False``."""
         raise NotImplementedError
 
+    def prepare_training(self, train: Interactions) -> None:
+        """Called by the trainer once before the first epoch (and on resume) with the training
+        interactions; models that need them during training (e.g. to keep a user's clicks out
+        of generated negatives) index them here. No-op by default."""
+
     def search_space(self) -> list[dict[str, Any]]:
         """Model-config overrides a closed-form model is fitted with, the best on validation
         being kept (e.g. EASE's L2 weight); the default is the config as given."""

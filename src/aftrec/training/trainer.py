@@ -147,6 +147,7 @@ def train(
             return TrainResult(out, 0, float(state["metric"]), 0, 0.0, 0.0, False)
         return _fit_closed_form(cfg, data, evaluator, out, metric, metric_n, started)
 
+    model.prepare_training(data.train)  # fresh and resumed runs alike
     loader = TrainLoader(
         data.train, data.info, cfg.data.history_len, tc.batch_size, cfg.data.n_negatives
     )

@@ -1,0 +1,132 @@
+"""The multi-domain generator G of AFT (section 3.2, Eqs. 1-5).
+
+"Adversarial Feature Translation for Multi-domain Recommendation" (Hao, Liu, Xie, Ge, Tang,
+Zhang and Lin, KDD 2021), Fig. 2 (a):
+
+* Eq. 1, domain-specific masked encoder: during training a random ``mask_ratio`` of the
+  behaviour positions of the *target* domain only are replaced by [MASK]; other domains and
+  inference are untouched;
+* Eq. 2, per-domain average pooling ``f_i`` of the item embeddings;
+* Eq. 3, a Transformer over the n domain features ``f~_i``;
+* Eq. 4, domain-specific attention ``alpha_i = softmax(f~_i . (f_t + d_t))`` and a two-layer MLP
+  giving the user's aggregated preference ``h_t``;
+* Eq. 5, ``p_g(e | u) = sigmoid(h_t . e)``; the fake clicked items are G's top-k items of the
+  target domain, the user's own clicks excluded (section 3.4).
+
+Choices where the paper is silent are listed in docs/aft.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def bag_mean(emb: nn.Embedding, items: torch.Tensor, pad: int) -> torch.Tensor:
+    """(B, D, L) item ids -> (B, D, dim) average embedding per domain, ``pad`` left out (zero
+    for a domain without behaviours); one ``embedding_bag``, no (B, D, L, dim) tensor."""
+    b, n, length = items.shape
+    out = F.embedding_bag(items.reshape(b * n, length), emb.weight, mode="mean", padding_idx=pad)
+    return out.view(b, n, -1)
+
+
+def domain_transformer(
+    dim: int, heads: int, layers: int, ff_dim: int, dropout: float
+) -> nn.TransformerEncoder:
+    """A Transformer encoder (Vaswani et al. 2017, post-norm) over the n domain tokens."""
+    layer = nn.TransformerEncoderLayer(
+        d_model=dim, nhead=heads, dim_feedforward=ff_dim, dropout=dropout, batch_first=True
+    )
+    return nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+
+
+def target_rows(x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+    """(B, n_domains, ...) -> (B, ...): the row of each example's target domain."""
+    return x[torch.arange(x.shape[0], device=x.device), domain]
+
+
+class Generator(nn.Module):
+    def __init__(
+        self,
+        n_items: int,
+        n_domains: int,
+        dim: int,
+        heads: int,
+        layers: int,
+        ff_dim: int,
+        hidden: int,
+        dropout: float,
+        mask_ratio: float,
+    ) -> None:
+        super().__init__()
+        self.pad = n_items
+        self.mask_ratio = mask_ratio
+        # e of Eq. 5 and the behaviours X of Eq. 1; row `pad` is the zero [MASK] / padding
+        self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=n_items)
+        self.domain_emb = nn.Embedding(n_domains, dim)  # d_t of Eq. 4
+        self.domain_pos = nn.Parameter(torch.zeros(n_domains, dim))  # which token is which domain
+        self.transformer = domain_transformer(dim, heads, layers, ff_dim, dropout)  # Eq. 3
+        self.mlp = nn.Sequential(  # the two-layer MLP of Eq. 4
+            nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, dim)
+        )
+        nn.init.normal_(self.item_emb.weight, std=0.05)
+        nn.init.normal_(self.domain_emb.weight, std=0.05)
+        nn.init.normal_(self.domain_pos, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[n_items].zero_()
+
+    # --- Eq. 1 ------------------------------------------------------------------------------
+    def mask_positions(self, history: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        """(B, D, L) bool: the behaviours replaced by [MASK], drawn independently with
+        probability ``mask_ratio`` among the real (non-pad) behaviours of the target domain;
+        all False at inference."""
+        if not self.training or self.mask_ratio == 0.0:
+            return torch.zeros_like(history, dtype=torch.bool)
+        b, n, length = history.shape
+        target = F.one_hot(domain, n).bool().unsqueeze(-1)  # (B, D, 1)
+        draw = torch.rand(b, 1, length, device=history.device) < self.mask_ratio  # (B, 1, L)
+        return target & draw & (history != self.pad)  # (B, D, L)
+
+    # --- Eqs. 1-2 ---------------------------------------------------------------------------
+    def pool(self, history: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        """(B, D, L) behaviours -> (B, D, dim) per-domain averages f_i of X'_i (Eq. 2).
+
+        A [MASK] behaviour is the zero embedding and, like padding, is left out of the
+        average, so the pooled feature keeps its scale between training and inference."""
+        masked = history.masked_fill(self.mask_positions(history, domain), self.pad)  # X'
+        return bag_mean(self.item_emb, masked, self.pad)  # (B, D, dim)
+
+    # --- Eqs. 3-4 ---------------------------------------------------------------------------
+    def aggregate(self, f: torch.Tensor, domain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D, dim) domain features -> h_t (B, dim) and the attention alpha (B, D)."""
+        f_tilde = self.transformer(f + self.domain_pos)  # (B, D, dim)  Eq. 3
+        query = target_rows(f, domain) + self.domain_emb(domain)  # (B, dim)  f_t + d_t
+        att = torch.einsum("bnd,bd->bn", f_tilde, query) / math.sqrt(f.shape[-1])
+        alpha = att.softmax(dim=1)  # (B, D)  Eq. 4
+        h = self.mlp(torch.einsum("bn,bnd->bd", alpha, f_tilde))  # (B, dim)  Eq. 4
+        return h, alpha
+
+    def forward(self, history: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        """(B, D, L) behaviours, (B,) target domain -> h_t (B, dim)."""
+        h, _ = self.aggregate(self.pool(history, domain), domain)
+        return h
+
+    # --- Eq. 5 ------------------------------------------------------------------------------
+    def logits(self, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """h_t . e for (B, dim) users and (B, m) global item ids -> (B, m); p_g = sigmoid."""
+        return torch.einsum("bd,bmd->bm", h, self.item_emb(items))
+
+    @torch.no_grad()
+    def top_k(
+        self, h: torch.Tensor, excluded: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """G's fake clicked items: the top ``k`` items by p_g among those not ``excluded``
+        ((B, n_items) bool: other domains' items and the user's clicks). One matrix product
+        and one ``topk`` for the whole batch. Returns (B, k) global ids and (B, k) validity
+        (False where fewer than ``k`` items were left)."""
+        scores = h @ self.item_emb.weight[: self.pad].T  # (B, n_items)
+        top, items = scores.masked_fill(excluded, float("-inf")).topk(k, dim=1)  # (B, k)
+        return items, torch.isfinite(top)

@@ -1,0 +1,425 @@
+"""AFT: Adversarial Feature Translation for multi-domain recommendation.
+
+"Adversarial Feature Translation for Multi-domain Recommendation" (Hao, Liu, Xie, Ge, Tang,
+Zhang and Lin, KDD 2021). The generator G (:mod:`.generator`, Eqs. 1-5) proposes its top-k
+items of the target domain as fake clicks; the discriminator D (:mod:`.discriminator`,
+Eqs. 6-12) learns to tell real clicks from unclicked and fake ones, and its user vector u_t is
+what the model serves. The losses of section 3.4 live here:
+
+* Eq. 13, ``L_D``: binary cross-entropy over the positives (label 1), the sampled unclicked
+  items of the target domain and G's fakes (label 0);
+* Eq. 14, ``L_G``: REINFORCE on G's fakes with the reward ``Q = p_d`` (no gradient into D);
+* Eq. 15, ``L_MMD``: minus the Gaussian-kernel MMD between the fake and the real clicked items
+  of each (user, target domain), so minimising it pushes the fakes away from the clicks;
+* Eq. 16, ``L = lambda_D L_D + lambda_G L_G + lambda_M L_MMD``.
+
+The alternating optimisation (two Adam optimisers, warm-up, D:G ratio) is
+:class:`aftrec.training.adversarial.AdversarialStep`, returned by :meth:`AFT.make_step`.
+
+Registered variants (section 5.2): ``aft`` (D+G), ``aft-d`` (D with random unclicked negatives
+only) and ``aft-hnm`` (D with hard negatives mined from its own ranking, after "Embedding-based
+Retrieval in Facebook Search", Huang et al., KDD 2020). Table 6 ablations are config switches:
+``negatives=random`` (no generator), ``mask_ratio=0`` (no domain-specific mask),
+``translation=attention`` (no feature translation), ``lambda_m=0`` (no dissimilarity loss).
+Every choice the paper leaves open is in docs/aft.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aftrec.config import TrainConfig, _at_least
+from aftrec.data.dataset import DataInfo, Interactions
+from aftrec.data.loader import Batch
+from aftrec.errors import ConfigError
+from aftrec.models.aft.discriminator import Discriminator
+from aftrec.models.aft.generator import Generator, target_rows
+from aftrec.models.base import RetrievalModel
+from aftrec.registry import register_model
+
+if TYPE_CHECKING:
+    from aftrec.training.adversarial import AdversarialStep
+
+
+@dataclass(frozen=True)
+class AFTConfig:
+    # --- architecture (section 5.3) ---
+    dim: int = 64  # item and domain embeddings
+    g_layers: int = 4  # generator Transformer (Eq. 3): 4 layers, 8 heads
+    g_heads: int = 8
+    d_layers: int = 1  # discriminator Transformers (Eq. 7): 1 layer, 16 heads
+    d_heads: int = 16
+    ff_mult: int = 4  # Transformer feed-forward width = ff_mult * dim
+    g_hidden: int = 256  # hidden width of G's two-layer MLP (Eq. 4)
+    dropout: float = 0.1
+    translation: str = "conve"  # "conve" (Eqs. 10-11) or "attention" (Table 6 ablation)
+    conve_channels: int = 16  # 2-D filters per ConvE
+    conve_kernel: int = 3
+    conve_rows: int = 8  # Eq. 11: u_g and the relation as conve_rows x (dim / conve_rows)
+    # --- negatives: "generator" = AFT (D+G), "random" = AFT (D), "hard" = AFT (D+HNM) ---
+    negatives: str = "generator"
+    mask_ratio: float = 0.15  # Eq. 1, Fig. 3 (a)
+    n_fakes: int = 5  # top-k fake clicks per positive (Fig. 3 (b)); hard negatives for "hard"
+    # --- losses (Eq. 16) ---
+    lambda_d: float = 1.0
+    lambda_g: float = 1.0
+    lambda_m: float = 1.0  # 0 = Table 6 "- dissimilarity loss"
+    reinforce: str = "log"  # "log": -log p_g (Q - baseline); "paper": -p_g Q as printed
+    mmd_sigma: float = 1.0  # Gaussian kernel bandwidth of Eq. 15
+    # --- schedule (AdversarialStep) ---
+    d_every: int = 1  # D is updated on every d_every-th batch
+    g_every: int = 1  # G is updated on every g_every-th batch
+    warmup_steps: int = 0  # first batches: D on random negatives, G supervised, no GAN terms
+    d_lr: float | None = None  # None: train.lr
+    g_lr: float | None = None
+    # --- hard negative mining (negatives="hard") as fractions of the domain's size ---
+    hnm_skip: float = 0.01  # skip the top ceil(hnm_skip * n_d) ranks (likely positives)
+    hnm_band: float = 0.05  # then sample uniformly from the next ceil(hnm_band * n_d)
+
+    def __post_init__(self) -> None:
+        _at_least(
+            self,
+            "model",
+            dim=1,
+            g_layers=1,
+            g_heads=1,
+            d_layers=1,
+            d_heads=1,
+            ff_mult=1,
+            g_hidden=1,
+            dropout=0.0,
+            conve_channels=1,
+            conve_kernel=1,
+            conve_rows=1,
+            mask_ratio=0.0,
+            n_fakes=1,
+            lambda_d=0.0,
+            lambda_g=0.0,
+            lambda_m=0.0,
+            d_every=1,
+            g_every=1,
+            warmup_steps=0,
+        )
+        for key in ("g_heads", "d_heads", "conve_rows"):
+            if self.dim % getattr(self, key):
+                raise ConfigError(
+                    f"config key model.{key}={getattr(self, key)} must divide model.dim={self.dim}"
+                )
+        if self.conve_kernel % 2 == 0:
+            raise ConfigError(f"model.conve_kernel must be odd, got {self.conve_kernel}")
+        for key in ("dropout", "mask_ratio"):
+            if getattr(self, key) >= 1:
+                raise ConfigError(f"config key model.{key} must be < 1, got {getattr(self, key)}")
+        for key in ("mmd_sigma", "hnm_band", "d_lr", "g_lr"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"config key model.{key} must be > 0, got {value}")
+        if not 0 <= self.hnm_skip < 1 or self.hnm_band > 1:
+            raise ConfigError("model.hnm_skip must be in [0, 1) and model.hnm_band in (0, 1]")
+        choices = {
+            "translation": ("conve", "attention"),
+            "negatives": ("generator", "random", "hard"),
+            "reinforce": ("log", "paper"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(
+                    f"model.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}"
+                )
+
+
+@dataclass(frozen=True)
+class AFTDConfig(AFTConfig):
+    negatives: str = "random"
+
+
+@dataclass(frozen=True)
+class AFTHNMConfig(AFTConfig):
+    negatives: str = "hard"
+
+
+class ClickIndex:
+    """Every user's training clicks as a CSR (indptr over users, global item ids)."""
+
+    def __init__(self, train: Interactions, n_users: int) -> None:
+        users = train.user.astype(np.int64)
+        order = np.argsort(users, kind="stable")
+        self.indptr = torch.from_numpy(np.r_[0, np.cumsum(np.bincount(users, minlength=n_users))])
+        self.items = torch.from_numpy(train.item[order].astype(np.int64))
+
+    def pairs(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row in batch, global item id) of every training click of ``users`` (B,)."""
+        users = users.cpu()
+        lo, hi = self.indptr[users], self.indptr[users + 1]
+        n = hi - lo  # (B,)
+        rows = torch.repeat_interleave(torch.arange(len(users)), n)
+        start = torch.repeat_interleave(lo - (torch.cumsum(n, 0) - n), n)
+        return rows, self.items[start + torch.arange(int(n.sum()))]
+
+
+def bce_sum(logits: torch.Tensor, label: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed binary cross-entropy of ``logits`` against a constant ``label``."""
+    target = torch.full_like(logits, label)
+    return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum")
+
+
+def reinforce_loss(
+    g_logits: torch.Tensor, reward: torch.Tensor, valid: torch.Tensor, form: str
+) -> torch.Tensor:
+    """Eq. 14 over the fakes: (B, k) G logits, detached rewards Q = p_d and validity.
+
+    ``"paper"``: ``-1/N_g sum p_g Q`` as printed. ``"log"`` (default): the REINFORCE
+    estimator ``-1/N_g sum log p_g (Q - b)`` with ``b`` the mean reward of the user's fakes
+    (of the batch's fakes when k = 1): the usual variance-reduced policy gradient (Williams
+    1992; IRGAN, Wang et al. SIGIR 2017). See docs/aft.md."""
+    v = valid.to(g_logits.dtype)
+    n = v.sum().clamp(min=1.0)
+    if form == "paper":
+        terms = torch.sigmoid(g_logits) * reward
+    else:
+        if reward.shape[1] > 1:
+            base = (reward * v).sum(1, keepdim=True) / v.sum(1, keepdim=True).clamp(min=1.0)
+        else:
+            base = (reward * v).sum() / n
+        terms = F.logsigmoid(g_logits) * (reward - base)
+    return -(terms * v).sum() / n
+
+
+def gaussian_mmd2(
+    x: torch.Tensor, wx: torch.Tensor, y: torch.Tensor, wy: torch.Tensor, sigma: float
+) -> torch.Tensor:
+    """Squared MMD (biased V-statistic) with a Gaussian kernel, per row of the batch.
+
+    ``x`` (B, m, d) with weights ``wx`` (B, m) and ``y`` (B, n, d) with ``wy`` (B, n), each
+    weight row summing to 1 (zero weights for absent points). Returns (B,)::
+
+        MMD^2 = sum_ij wx_i wx_j k(x_i, x_j) + sum_ij wy_i wy_j k(y_i, y_j)
+                - 2 sum_ij wx_i wy_j k(x_i, y_j),   k(a, b) = exp(-|a - b|^2 / (2 sigma^2))
+    """
+
+    def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        sq = (a * a).sum(-1, keepdim=True) + (b * b).sum(-1).unsqueeze(1) - 2 * a @ b.mT
+        return torch.exp(-sq.clamp(min=0.0) / (2 * sigma**2))  # (B, |a|, |b|)
+
+    def quad(w1: torch.Tensor, k: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bi,bij,bj->b", w1, k, w2)
+
+    return quad(wx, kernel(x, x), wx) + quad(wy, kernel(y, y), wy) - 2 * quad(wx, kernel(x, y), wy)
+
+
+@register_model("aft", AFTConfig)
+class AFT(RetrievalModel):
+    """AFT (D+G); serves D's u_t (Eq. 11) against D's item embeddings (Eq. 12)."""
+
+    offsets: torch.Tensor
+
+    def __init__(self, cfg: AFTConfig, info: DataInfo, history_len: int) -> None:
+        super().__init__(cfg, info, history_len)
+        self.cfg: AFTConfig = cfg
+        ff = cfg.ff_mult * cfg.dim
+        n, items = info.n_domains, info.n_items
+        self.discriminator = Discriminator(
+            items,
+            n,
+            cfg.dim,
+            cfg.d_heads,
+            cfg.d_layers,
+            ff,
+            cfg.dropout,
+            cfg.translation,
+            cfg.conve_channels,
+            cfg.conve_kernel,
+            cfg.conve_rows,
+        )
+        self.generator: Generator | None = None
+        if cfg.negatives == "generator":
+            self.generator = Generator(
+                items, n, cfg.dim, cfg.g_heads, cfg.g_layers, ff, cfg.g_hidden, cfg.dropout,
+                cfg.mask_ratio,
+            )  # fmt: skip
+        self.register_buffer("offsets", torch.tensor(info.offsets), persistent=False)
+        self.clicks: ClickIndex | None = None
+
+    # --- serving ----------------------------------------------------------------------------
+    def user_vectors(self, batch: Batch, domain: int) -> torch.Tensor:
+        target = torch.full((len(batch),), domain, dtype=torch.long, device=batch.history.device)
+        u: torch.Tensor = self.discriminator(batch.history, batch.counts, target)
+        return u  # (B, dim)
+
+    def item_vectors(self, domain: int) -> torch.Tensor:
+        lo, hi = self.info.domain_range(domain)
+        return self.discriminator.item_emb.weight[lo:hi]
+
+    # --- recommendation-trial channel (section 5.5.3) -----------------------------------------
+    @property
+    def has_generator(self) -> bool:
+        return self.generator is not None
+
+    def trial_vectors(self, batch: Batch, domain: int) -> torch.Tensor:
+        """G's h_t (Eq. 4): the generator's user vector, for the trial channel."""
+        assert self.generator is not None, "this AFT variant has no generator"
+        target = torch.full((len(batch),), domain, dtype=torch.long, device=batch.history.device)
+        h: torch.Tensor = self.generator(batch.history, target)
+        return h  # (B, dim)
+
+    def trial_item_vectors(self, domain: int) -> torch.Tensor:
+        """G's item embeddings of ``domain`` (Eq. 5)."""
+        assert self.generator is not None, "this AFT variant has no generator"
+        lo, hi = self.info.domain_range(domain)
+        return self.generator.item_emb.weight[lo:hi]  # (n_d, dim)
+
+    # --- training ---------------------------------------------------------------------------
+    def prepare_training(self, train: Interactions) -> None:
+        """Index the training clicks so that no fake / hard negative is a user's click."""
+        self.clicks = ClickIndex(train, self.info.n_users)
+
+    def excluded(self, batch: Batch) -> torch.Tensor:
+        """(B, n_items) bool: items that may not be fakes or hard negatives: those outside the
+        target domain, and the user's clicks (all training clicks once
+        :meth:`prepare_training` ran; always the batch's history and positive)."""
+        n_items = self.info.n_items
+        dev = batch.history.device
+        ids = torch.arange(n_items, device=dev)
+        lo, hi = self.offsets[batch.domain], self.offsets[batch.domain + 1]  # (B,)
+        out = torch.zeros(len(batch), n_items + 1, dtype=torch.bool, device=dev)  # + pad column
+        out.scatter_(1, batch.history.flatten(1), True)
+        if batch.pos is not None:
+            out.scatter_(1, batch.pos.unsqueeze(1), True)
+        if self.clicks is not None:
+            rows, items = self.clicks.pairs(batch.users)
+            out[rows.to(dev), items.to(dev)] = True
+        return out[:, :n_items] | (ids < lo[:, None]) | (ids >= hi[:, None])
+
+    @torch.no_grad()
+    def hard_negatives(
+        self, u: torch.Tensor, excluded: torch.Tensor, domain: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Huang et al. (KDD 2020) hard negatives from D's own ranking: skip the top
+        ``ceil(hnm_skip n_d)`` allowed items, sample ``n_fakes`` uniformly (with replacement)
+        from the next ``ceil(hnm_band n_d)``. (B, k) global ids and validity."""
+        cfg, b = self.cfg, u.shape[0]
+        scores = u @ self.discriminator.item_emb.weight[: self.info.n_items].T  # (B, n_items)
+        scores = scores.masked_fill(excluded, float("-inf"))
+        size = (self.offsets[domain + 1] - self.offsets[domain]).to(torch.float32)  # (B,)
+        allowed = (~excluded).sum(1)  # (B,)
+        skip = torch.ceil(cfg.hnm_skip * size).long()
+        band = torch.ceil(cfg.hnm_band * size).long().clamp(min=1)
+        hi = torch.minimum(skip + band, allowed)  # exclusive rank bound
+        lo = torch.minimum(skip, (hi - 1).clamp(min=0))
+        order = scores.topk(int(hi.max().clamp(min=1)), dim=1).indices  # (B, depth)
+        rank = (
+            lo[:, None] + (torch.rand(b, cfg.n_fakes, device=u.device) * (hi - lo)[:, None]).long()
+        )
+        rank = torch.minimum(rank, (hi - 1).clamp(min=0)[:, None])
+        return order.gather(1, rank), (rank < allowed[:, None])
+
+    def losses(
+        self,
+        batch: Batch,
+        train_d: bool = True,
+        train_g: bool = True,
+        warmup: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Eq. 16 and its parts on a training batch: ``loss`` and ``loss_d`` (Eq. 13), plus
+        ``loss_g`` (Eq. 14) and ``loss_mmd`` (Eq. 15) when there is a generator.
+
+        ``train_d`` / ``train_g`` say whether D's / G's gradients are needed; the other network
+        then runs without autograd. During ``warmup`` D sees only the random negatives and
+        ``loss_g`` is G fitted as a plain recommender (BCE of p_g on the positive and the
+        random negatives)."""
+        assert batch.pos is not None, "training batches carry items"
+        cfg, dis, gen = self.cfg, self.discriminator, self.generator
+        neg = batch.neg if batch.neg is not None else batch.pos.new_zeros(len(batch), 0)
+        real_items = torch.cat([batch.pos.unsqueeze(1), neg], dim=1)  # (B, 1 + K)
+        out: dict[str, torch.Tensor] = {}
+
+        with torch.set_grad_enabled(train_g):
+            h = None if gen is None else gen(batch.history, batch.domain)  # (B, dim)  Eq. 4
+        with torch.set_grad_enabled(train_d):
+            u = dis(batch.history, batch.counts, batch.domain)  # (B, dim)  Eq. 11
+            real_d = dis.logits(u, real_items)  # (B, 1 + K)  Eq. 12
+            d_sum = bce_sum(real_d[:, 0], 1.0) + bce_sum(real_d[:, 1:], 0.0)
+            n_all = torch.tensor(float(real_d.numel()), device=u.device)
+
+        # negatives beyond the random ones: G's top-k fakes or D's own hard negatives
+        fakes = valid = fake_d = None
+        if not warmup and gen is not None and h is not None:
+            k = min(cfg.n_fakes, self.info.n_items)
+            fakes, valid = gen.top_k(h.detach(), self.excluded(batch), k)
+        elif not warmup and cfg.negatives == "hard":
+            fakes, valid = self.hard_negatives(u.detach(), self.excluded(batch), batch.domain)
+        if fakes is not None and valid is not None:
+            with torch.set_grad_enabled(train_d):
+                fake_d = dis.logits(u, fakes)  # (B, k)
+                d_sum = d_sum + bce_sum(fake_d, 0.0, weight=valid.to(fake_d.dtype))
+                n_all = n_all + valid.sum()
+        out["loss_d"] = d_sum / n_all  # Eq. 13
+        total = cfg.lambda_d * out["loss_d"]
+
+        if gen is not None and h is not None:
+            with torch.set_grad_enabled(train_g):
+                if warmup:
+                    g_real = gen.logits(h, real_items)  # (B, 1 + K)
+                    out["loss_g"] = (
+                        bce_sum(g_real[:, 0], 1.0) + bce_sum(g_real[:, 1:], 0.0)
+                    ) / g_real.numel()
+                else:
+                    assert fakes is not None and valid is not None and fake_d is not None
+                    g_fake = gen.logits(h, fakes)  # (B, k)
+                    reward = torch.sigmoid(fake_d.detach())  # Q = p_d, no gradient into D
+                    out["loss_g"] = reinforce_loss(g_fake, reward, valid, cfg.reinforce)
+                    if cfg.lambda_m > 0:
+                        out["loss_mmd"] = self.mmd_loss(batch, fakes, g_fake, valid)
+            total = total + (1.0 if warmup else cfg.lambda_g) * out["loss_g"]  # Eq. 16
+            if "loss_mmd" in out:
+                total = total + cfg.lambda_m * out["loss_mmd"]
+        out["loss"] = total
+        return out
+
+    def mmd_loss(
+        self, batch: Batch, fakes: torch.Tensor, g_fake: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Eq. 15: minus the mean over the batch's (user, target domain) pairs of the squared
+        MMD between G's fakes and the real clicks (target-domain history plus the positive).
+
+        The fakes are a discrete top-k, so the gradient reaches G through (i) the fakes'
+        representation, G's own item embeddings, and (ii) their weights, G's probabilities
+        renormalised over the user's top-k (softmax of the logits h_t . e). The real clicks
+        are the fixed target (detached). Embeddings are L2-normalised before the kernel, so
+        the MMD measures where the fakes point rather than how long their vectors are and
+        cannot be maximised by inflating the fakes' norms."""
+        assert self.generator is not None and batch.pos is not None
+        emb = self.generator.item_emb
+        real = torch.cat([target_rows(batch.history, batch.domain), batch.pos[:, None]], dim=1)
+        wy = (real != self.info.pad).to(g_fake.dtype)  # (B, L + 1)
+        wy = wy / wy.sum(1, keepdim=True)
+        low = torch.finfo(g_fake.dtype).min  # finite, so a row without fakes stays NaN-free
+        wx = g_fake.masked_fill(~valid, low).softmax(dim=1)  # (B, k)
+        has = valid.any(dim=1)  # rows without any fake contribute nothing
+        x = F.normalize(emb(fakes), dim=-1)  # (B, k, dim)
+        y = F.normalize(emb(real), dim=-1).detach()  # (B, L + 1, dim); pad rows -> 0, weight 0
+        mmd2 = gaussian_mmd2(x, wx, y, wy, self.cfg.mmd_sigma)  # (B,)
+        return -(mmd2 * has).sum() / has.sum().clamp(min=1)
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.losses(batch)
+
+    def make_step(self, train_cfg: TrainConfig) -> AdversarialStep:
+        from aftrec.training.adversarial import AdversarialStep
+
+        return AdversarialStep(self, train_cfg)
+
+
+@register_model("aft-d", AFTDConfig)
+class AFTD(AFT):
+    """AFT (D): the discriminator alone, trained on random unclicked negatives."""
+
+
+@register_model("aft-hnm", AFTHNMConfig)
+class AFTHNM(AFT):
+    """AFT (D+HNM): the discriminator with hard negatives mined from its own ranking."""
