@@ -1,0 +1,688 @@
+"""A retrieval bundle: everything the matching stage of section 4.1 needs, in one folder.
+
+``aftrec export --run RUN --out BUNDLE`` writes::
+
+    manifest.json            format, versions, model, domains, index choices and recall,
+                             and the sha256 and size of every other file
+    encoder/user_<d>.pt      TorchScript user encoder of target domain d:
+                             (history (1, D, L) int64, counts (1, D) int64) -> (1, dim)
+    encoder/trial_<d>.pt     the same for the model's generator, if it has one (section 5.5.3)
+    encoder/item_input.npy   (n_items,) the encoder's input index of each catalogue item
+    items/vectors_<d>.npy    (n_d, dim) float32 item vectors of domain d
+    items/trial_vectors_<d>.npy
+    index/user_<d>.faiss     FAISS index over items/vectors_<d>.npy (ids = position in d)
+    index/trial_<d>.faiss
+    ids/items.parquet        item (original id), domain; row = global item index
+    ids/users.parquet        user (original id); row = user index
+    history/items.npy        every known user's behaviours (train + valid, the input the
+    history/seg_start.npy    evaluator uses at test time) as one segment per (user, domain),
+                             time-ordered: items[seg_start[u*D+d] : seg_start[u*D+d+1]]
+    popularity/counts.npy    (n_items,) train + valid clicks per item, for users with no history
+
+The encoder is TorchScript (``torch.jit.trace``), not ONNX: it runs in the same PyTorch the
+project already depends on, with no extra runtime, and a traced module answers a B = 1 query
+2-5x faster than the eager model or a loaded ``torch.export`` program (docs/serving.md). The
+models build their batch size into the graph (``len(batch)`` is a Python int), so the encoders
+are traced for one user at a time, which is what a serving request is. Tracing records one
+path through the model: the example is a full history (L behaviours in every domain), so a
+model that trims padding to the longest history records its no-trim branch, right for any
+input; and :func:`contents_from_model` checks the traced encoder against
+the eager ``user_vectors`` on real users and on empty and one-domain histories and refuses to
+export when they differ, and refuses a model whose vectors depend on the user index (a new
+user has none).
+
+The bundle is written to a temporary folder next to ``--out`` and renamed into place, so a
+reader sees the old bundle or the new one, never half of one. Loading reads every file once,
+checks it against the manifest's sha256 and builds the objects from the bytes it checked, so
+what is served is what was exported; a missing, truncated or modified file is refused with
+:class:`BundleError` naming it. The checksums detect damage and accidental edits; they are not
+a signature (whoever can write the folder can rewrite the manifest too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from aftrec import __version__
+from aftrec.data.dataset import DataInfo, Dataset
+from aftrec.data.histories import HistoryIndex
+from aftrec.data.loader import Batch, make_batch
+from aftrec.errors import CheckpointError
+from aftrec.models.base import RetrievalModel
+from aftrec.serving.index import BuiltIndex, FaissIndex, IndexSpec, build_index, faiss_module
+
+FORMAT = "aftrec-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+#: users whose vectors tune each approximate index and check the traced encoder
+SAMPLE_USERS = 512
+CHECK_USERS = 32
+
+
+class BundleError(CheckpointError):
+    """A bundle cannot be written, or is missing, damaged or not a bundle."""
+
+
+# --- what goes into a bundle ---------------------------------------------------------------
+@dataclass
+class BundleContents:
+    """The parts of a bundle before indexes are built; :func:`write_bundle` writes them.
+
+    A test or benchmark may replace the catalogue (``items``, ``item_vectors``,
+    ``item_input``, ``popularity``, ``offsets``) of contents made from a trained model, as
+    ``benchmarks/bench_serving.py`` does for its 1.5M-item bundle.
+    """
+
+    model_name: str
+    model_info: dict[str, Any]  # run, which, epoch, metric, weights sha256 ...
+    domains: tuple[str, ...]
+    offsets: tuple[int, ...]  # catalogue: domain d owns items [offsets[d], offsets[d + 1])
+    history_len: int
+    encoder_pad: int  # the encoder's padding index (its n_items)
+    encoders: list[torch.jit.ScriptModule]  # one per domain
+    trial_encoders: list[torch.jit.ScriptModule] | None
+    item_vectors: list[np.ndarray]  # per domain (n_d, dim) float32
+    trial_item_vectors: list[np.ndarray] | None
+    item_input: np.ndarray  # (n_items,) int64 encoder input index per item (pad = unknown)
+    items: pd.DataFrame  # columns item, domain; row = global item index
+    users: pd.Series  # original user ids; position = user index
+    history_items: np.ndarray  # (N,) int64 global item indices
+    history_seg_start: np.ndarray  # (n_users * D + 1,) int64
+    popularity: np.ndarray  # (n_items,) float32
+    queries: list[np.ndarray] = field(default_factory=list)  # per domain (m, dim) tuning queries
+    trial_queries: list[np.ndarray] = field(default_factory=list)
+
+
+class _DomainEncoder(nn.Module):
+    """(history (B, D, L), counts (B, D)) -> (B, dim): the model's user (or trial) vectors for
+    one target domain, as a module that ``torch.jit.trace`` can record."""
+
+    def __init__(self, model: RetrievalModel, domain: int, trial: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.domain = domain
+        self.trial = trial
+
+    def forward(self, history: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        users = torch.zeros_like(counts[:, 0])  # encoders read behaviours only
+        batch = Batch(users=users, history=history, counts=counts, domain=users + self.domain)
+        out: torch.Tensor = vectors_fn(self.model, self.trial)(batch, self.domain)
+        return out.float()
+
+
+def vectors_fn(model: RetrievalModel, trial: bool) -> Callable[[Batch, int], torch.Tensor]:
+    """``model.user_vectors``, or ``model.trial_vectors`` (see :func:`has_trial`)."""
+    fn: Callable[[Batch, int], torch.Tensor] = getattr(
+        model, "trial_vectors" if trial else "user_vectors"
+    )
+    return fn
+
+
+def has_trial(model: nn.Module) -> bool:
+    """Whether ``model`` exposes a second, exploratory encoder (AFT's generator, section
+    5.5.3): ``trial_vectors(batch, domain)`` (B, dim_g), scored against
+    ``trial_item_vectors(domain)`` (n_d, dim_g) if defined, else against ``item_vectors``.
+    A model class whose instances may lack the generator (AFT's ``aft-d``) says so with a
+    false ``has_generator``."""
+    return callable(getattr(model, "trial_vectors", None)) and bool(
+        getattr(model, "has_generator", True)
+    )
+
+
+def _trial_items(model: RetrievalModel, domain: int) -> torch.Tensor:
+    fn = getattr(model, "trial_item_vectors", None)
+    out: torch.Tensor = fn(domain) if callable(fn) else model.item_vectors(domain)
+    return out
+
+
+@contextmanager
+def _quiet_jit() -> Iterator[None]:
+    """torch.jit.trace / load warn about their own deprecation and about Python ints in the
+    trace (the batch size, fixed at 1 on purpose)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """B = 1 forwards gain nothing from intra-op threads and, on a busy machine, lose a lot
+    to them (tens of ms per call on 2 shared cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _trace(model: RetrievalModel, domain: int, trial: bool, example: Batch) -> Any:
+    with _quiet_jit(), torch.no_grad():
+        traced = torch.jit.trace(
+            _DomainEncoder(model, domain, trial),
+            (example.history[:1], example.counts[:1]),
+            check_trace=False,
+        )
+    buf = io.BytesIO()  # a saved-and-reloaded module, exactly what a bundle serves
+    with _quiet_jit():
+        torch.jit.save(traced, buf)
+        buf.seek(0)
+        return torch.jit.load(buf, map_location="cpu")
+
+
+def _full_batch(info: DataInfo, history_len: int) -> Batch:
+    """One user with ``history_len`` behaviours in every domain: the trace example. Tracing
+    records the branch this input takes; a model that trims padding to the batch's longest
+    history (SASRec-style ``int(lengths.max())``) thereby records its no-trim branch, which is
+    right for every shorter input too."""
+    d = info.n_domains
+    hist = np.full((1, d, history_len), info.pad, dtype=np.int64)
+    for e in range(d):
+        lo, hi = info.domain_range(e)
+        if hi > lo:
+            hist[0, e] = lo + np.arange(history_len) % (hi - lo)
+    counts = np.full((1, d), history_len, dtype=np.int64)
+    users = torch.zeros(1, dtype=torch.long)
+    return Batch(users, torch.from_numpy(hist), torch.from_numpy(counts), users.clone())
+
+
+def _edge_batch(info: DataInfo, history_len: int, items: np.ndarray) -> Batch:
+    """Hand-made histories the traced encoders are checked on: nothing at all, then one
+    behaviour in a single domain for each domain (cold-start shapes)."""
+    d = info.n_domains
+    hist = np.full((d + 1, d, history_len), info.pad, dtype=np.int64)
+    counts = np.zeros((d + 1, d), dtype=np.int64)
+    for e in range(d):
+        lo, hi = info.domain_range(e)
+        if hi > lo:
+            hist[e + 1, e, -1] = items[lo]
+            counts[e + 1, e] = 1
+    users = torch.zeros(d + 1, dtype=torch.long)
+    return Batch(users, torch.from_numpy(hist), torch.from_numpy(counts), users.clone())
+
+
+def _check_encoder(
+    model: RetrievalModel, encoder: Any, domain: int, trial: bool, batches: list[Batch]
+) -> None:
+    fn = vectors_fn(model, trial)
+    # a few dozen calls: skip TorchScript's profiling and optimisation of the graph (seconds
+    # per module) and run the graph as recorded, which is what is being checked
+    with torch.inference_mode(), torch.jit.optimized_execution(False):
+        for batch in batches:
+            eager = fn(batch, domain).float()
+            traced = torch.cat(
+                [
+                    encoder(batch.history[i : i + 1], batch.counts[i : i + 1])
+                    for i in range(len(batch))
+                ]
+            )
+            try:
+                torch.testing.assert_close(traced, eager, rtol=1e-4, atol=1e-5)
+            except AssertionError as exc:
+                what = "trial" if trial else "user"
+                raise BundleError(
+                    f"the traced {what} encoder of domain {domain} does not reproduce "
+                    f"{type(model).__name__}.{what}_vectors (data-dependent control flow?): "
+                    + str(exc).splitlines()[0]
+                ) from exc
+
+
+def contents_from_model(
+    model: RetrievalModel,
+    data: Dataset,
+    history_len: int,
+    model_info: dict[str, Any] | None = None,
+    seed: int = 0,
+    sample_users: int = SAMPLE_USERS,
+) -> BundleContents:
+    """Trace ``model``'s encoders and gather the catalogue, histories and popularity of
+    ``data`` (train + valid: the behaviours the evaluator gives the model at test time).
+    ``sample_users`` users' vectors tune the approximate indexes (the first ``CHECK_USERS``
+    of them also check the traced encoders)."""
+    if not getattr(model, "dot_product", False):
+        raise BundleError(
+            f"model {model.name or type(model).__name__!r} is not a dot-product model "
+            "(its score is not user_vector . item_vector); only those can be served from a "
+            "nearest-neighbour index"
+        )
+    info = data.info
+    model.eval()
+    history = HistoryIndex(data.train_valid, info)
+    rng = np.random.default_rng(seed)
+    users = np.sort(rng.permutation(info.n_users)[: min(sample_users, info.n_users)])
+    check_users = users[:CHECK_USERS]
+    trial = has_trial(model)
+
+    def batch_for(u: np.ndarray, d: int, real_users: bool = True) -> Batch:
+        b = make_batch(info, history, u, np.full(len(u), d, dtype=np.int64), history_len)
+        return b if real_users else Batch(torch.zeros_like(b.users), b.history, b.counts, b.domain)
+
+    encoders, trial_encoders, queries, trial_queries = [], [], [], []
+    with torch.inference_mode():
+        for d in range(info.n_domains):
+            real = batch_for(check_users, d)
+            if len(check_users):  # encoders must not read the user index: new users have none
+                a, b = (
+                    model.user_vectors(real, d),
+                    model.user_vectors(batch_for(check_users, d, False), d),
+                )
+                if not torch.equal(a, b):
+                    raise BundleError(
+                        f"model {model.name!r} reads the user index (batch.users) in "
+                        "user_vectors; a bundle serves new users from their behaviours only"
+                    )
+            queries.append(model.user_vectors(batch_for(users, d), d).float().numpy())
+            if trial:
+                tv = vectors_fn(model, True)(batch_for(users, d), d)
+                trial_queries.append(tv.float().numpy())
+    example = _full_batch(info, history_len)
+    edge = _edge_batch(info, history_len, np.arange(info.n_items))
+    with _one_thread():
+        for d in range(info.n_domains):
+            checks = [edge] + ([batch_for(check_users, d)] if len(check_users) else [])
+            enc = _trace(model, d, False, example)
+            _check_encoder(model, enc, d, False, checks)
+            encoders.append(enc)
+            if trial:
+                tenc = _trace(model, d, True, example)
+                _check_encoder(model, tenc, d, True, checks)
+                trial_encoders.append(tenc)
+    with torch.inference_mode():
+        item_vectors = [model.item_vectors(d).float().numpy().copy() for d in range(info.n_domains)]
+        trial_vectors = (
+            [_trial_items(model, d).float().numpy().copy() for d in range(info.n_domains)]
+            if trial
+            else None
+        )
+    seen = data.train_valid
+    return BundleContents(
+        model_name=model.name or type(model).__name__,
+        model_info=model_info or {},
+        domains=info.domains,
+        offsets=info.offsets,
+        history_len=history_len,
+        encoder_pad=info.pad,
+        encoders=encoders,
+        trial_encoders=trial_encoders if trial else None,
+        item_vectors=item_vectors,
+        trial_item_vectors=trial_vectors,
+        item_input=np.arange(info.n_items, dtype=np.int64),
+        items=pd.DataFrame(
+            {
+                "item": data.items["item"].astype(str).to_numpy(),
+                "domain": data.items["domain"].astype(str).to_numpy(),
+            }
+        ),
+        users=pd.Series(data.users["user"].astype(str).to_numpy(), name="user"),
+        history_items=history.items.astype(np.int64),
+        history_seg_start=history.seg_start.astype(np.int64),
+        popularity=np.bincount(seen.item, minlength=info.n_items).astype(np.float32),
+        queries=queries,
+        trial_queries=trial_queries,
+    )
+
+
+# --- writing -------------------------------------------------------------------------------
+def _sha256_bytes(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _parquet_bytes(frame: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def _script_bytes(module: Any) -> bytes:
+    buf = io.BytesIO()
+    with _quiet_jit():
+        torch.jit.save(module, buf)
+    return buf.getvalue()
+
+
+def _index_bytes(index: FaissIndex) -> bytes:
+    return bytes(faiss_module().serialize_index(index.index))
+
+
+def _validate_contents(c: BundleContents) -> None:
+    d = len(c.domains)
+    n_items = c.offsets[-1]
+    problems = []
+    if len(c.offsets) != d + 1 or list(c.offsets) != sorted(c.offsets) or c.offsets[0] != 0:
+        problems.append(f"offsets {c.offsets} do not split the catalogue into {d} domains")
+    if len(c.encoders) != d:
+        problems.append(f"{len(c.encoders)} encoders for {d} domains")
+    for e, vec in enumerate(c.item_vectors):
+        if vec.shape[0] != c.offsets[e + 1] - c.offsets[e]:
+            problems.append(f"domain {e}: {vec.shape[0]} item vectors, offsets say otherwise")
+    for name, length in (
+        ("items", len(c.items)),
+        ("item_input", len(c.item_input)),
+        ("popularity", len(c.popularity)),
+    ):
+        if length != n_items:
+            problems.append(f"{name} has {length} rows for {n_items} items")
+    if len(c.history_seg_start) != len(c.users) * d + 1:
+        problems.append("history_seg_start does not match users x domains")
+    if problems:
+        raise BundleError("inconsistent bundle contents: " + "; ".join(problems))
+
+
+def write_bundle(
+    contents: BundleContents,
+    out: Path,
+    spec: IndexSpec | None = None,
+    force: bool = False,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Build the indexes and write the bundle atomically to ``out``; returns the manifest."""
+    spec = spec or IndexSpec()
+    out = Path(out)
+    _validate_contents(contents)
+    if out.exists() and not force:
+        raise BundleError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    checksums: dict[str, dict[str, Any]] = {}
+
+    def put(rel: str, data: bytes) -> None:
+        """Write one file into the temporary folder (fsynced) and note its checksum."""
+        path = tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        checksums[rel] = {"sha256": _sha256_bytes(data), "bytes": len(data)}
+
+    try:
+        indexes: list[dict[str, Any]] = []
+        trial_indexes: list[dict[str, Any]] = []
+        trial = contents.trial_encoders is not None and contents.trial_item_vectors is not None
+        for d, name in enumerate(contents.domains):
+            q = contents.queries[d] if d < len(contents.queries) else None
+            built: BuiltIndex = build_index(contents.item_vectors[d], spec, q, threads)
+            put(f"encoder/user_{d}.pt", _script_bytes(contents.encoders[d]))
+            put(f"items/vectors_{d}.npy", _npy_bytes(contents.item_vectors[d].astype(np.float32)))
+            put(f"index/user_{d}.faiss", _index_bytes(built.index))
+            indexes.append({"domain": name, **built.params})
+            del built
+            if trial:
+                assert contents.trial_encoders is not None
+                assert contents.trial_item_vectors is not None
+                tq = contents.trial_queries[d] if d < len(contents.trial_queries) else None
+                tvec = contents.trial_item_vectors[d].astype(np.float32)
+                tbuilt = build_index(tvec, spec, tq, threads)
+                put(f"encoder/trial_{d}.pt", _script_bytes(contents.trial_encoders[d]))
+                put(f"items/trial_vectors_{d}.npy", _npy_bytes(tvec))
+                put(f"index/trial_{d}.faiss", _index_bytes(tbuilt.index))
+                trial_indexes.append({"domain": name, **tbuilt.params})
+                del tbuilt
+        put("encoder/item_input.npy", _npy_bytes(contents.item_input.astype(np.int64)))
+        put("ids/items.parquet", _parquet_bytes(contents.items[["item", "domain"]]))
+        put("ids/users.parquet", _parquet_bytes(contents.users.rename("user").to_frame()))
+        put("history/items.npy", _npy_bytes(contents.history_items.astype(np.int64)))
+        put("history/seg_start.npy", _npy_bytes(contents.history_seg_start.astype(np.int64)))
+        put("popularity/counts.npy", _npy_bytes(contents.popularity.astype(np.float32)))
+        files = dict(sorted(checksums.items()))
+        version = _sha256_bytes("\n".join(f"{p} {m['sha256']}" for p, m in files.items()).encode())
+        dim = int(contents.item_vectors[0].shape[1]) if contents.item_vectors else 0
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "version": version[:16],
+            "model_version": f"{contents.model_name}-{version[:12]}",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": {
+                "aftrec": __version__,
+                "torch": torch.__version__,
+                "faiss": getattr(faiss_module(), "__version__", "unknown"),
+                "numpy": np.__version__,
+                "python": platform.python_version(),
+            },
+            "model": {"name": contents.model_name, **contents.model_info},
+            "encoder": {
+                "format": "torchscript",
+                "batch_size": 1,
+                "inputs": {
+                    "history": "(1, D, L) int64, right-aligned, pad = encoder.pad",
+                    "counts": "(1, D) int64 behaviours per domain",
+                },
+                "history_len": contents.history_len,
+                "pad": int(contents.encoder_pad),
+                "dim": dim,
+                "trial": trial,
+            },
+            "domains": list(contents.domains),
+            "offsets": [int(x) for x in contents.offsets],
+            "n_items": int(contents.offsets[-1]),
+            "n_users": len(contents.users),
+            "index_spec": spec.to_dict(),
+            "indexes": indexes,
+            "trial_indexes": trial_indexes,
+            "files": files,
+        }
+        with open(tmp / MANIFEST, "wb") as fh:  # last: a folder with a manifest is complete
+            fh.write(_json_bytes(manifest))
+            fh.flush()
+            os.fsync(fh.fileno())
+        _replace_dir(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` (with ``force``) is moved aside first
+    and deleted after, so ``out`` is the old bundle or the new one, complete either way."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if not force:  # pragma: no cover - checked before building
+        raise BundleError(f"{out} already exists; pass --force to replace it")
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.rmdir(old)
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_run(
+    run: Path,
+    out: Path,
+    spec: IndexSpec | None = None,
+    which: str = "best",
+    force: bool = False,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """``aftrec export``: the model, data and histories of a training run as a bundle."""
+    from aftrec.training.trainer import load_run
+
+    cfg, data, model = load_run(Path(run), which)
+    weights = Path(run) / f"{which}.pt"
+    info = {
+        "run": str(Path(run).resolve()),
+        "which": which,
+        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "data": str(data.path.resolve()),
+    }
+    contents = contents_from_model(model, data, cfg.data.history_len, info, seed=cfg.train.seed)
+    return write_bundle(contents, Path(out), spec, force=force, threads=threads)
+
+
+# --- reading -------------------------------------------------------------------------------
+@dataclass
+class LoadedBundle:
+    path: Path
+    manifest: dict[str, Any]
+    encoders: list[Any]  # TorchScript modules, one per domain
+    trial_encoders: list[Any] | None
+    indexes: list[FaissIndex]
+    trial_indexes: list[FaissIndex] | None
+    item_input: np.ndarray
+    items: pd.DataFrame
+    users: pd.Series
+    history_items: np.ndarray
+    history_seg_start: np.ndarray
+    popularity: np.ndarray
+
+    def item_vectors(self, domain: int, trial: bool = False) -> np.ndarray:
+        """(n_d, dim) item vectors of ``domain`` (read and checked on demand; serving uses
+        the indexes, the vectors are kept for exact search and re-indexing)."""
+        rel = f"items/{'trial_' if trial else ''}vectors_{domain}.npy"
+        return _npy(read_checked(self.path, self.manifest, rel))
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: no bundle here (not a folder)")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{path}: not a bundle (no {MANIFEST}); write one with `aftrec export`")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{mpath}: unreadable manifest ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{mpath}: not an aftrec bundle manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{mpath}: bundle format {manifest.get('format_version')!r}; this aftrec reads "
+            f"format {FORMAT_VERSION}; export the run again"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise BundleError(f"{mpath}: manifest has no file checksums")
+    for rel in files:
+        if not isinstance(rel, str) or rel.startswith("/") or ".." in Path(rel).parts:
+            raise BundleError(f"{mpath}: file entry {rel!r} points outside the bundle")
+    return manifest
+
+
+def read_checked(path: Path, manifest: dict[str, Any], rel: str, verify: bool = True) -> bytes:
+    """The bytes of bundle file ``rel``, refused unless the manifest lists it with this
+    size and sha256."""
+    meta = manifest["files"].get(rel)
+    if not isinstance(meta, dict):
+        raise BundleError(f"{path}: the manifest does not list {rel}; the bundle is incomplete")
+    try:
+        data = (Path(path) / rel).read_bytes()
+    except FileNotFoundError:
+        raise BundleError(f"{path}: {rel} is missing; the bundle is incomplete") from None
+    except OSError as exc:
+        raise BundleError(f"{path}: {rel} is unreadable ({exc})") from exc
+    if verify:
+        if len(data) != meta.get("bytes"):
+            raise BundleError(
+                f"{path}: {rel} has {len(data)} bytes, the manifest says {meta.get('bytes')}; "
+                "the bundle is damaged or was modified after export; export it again"
+            )
+        digest = _sha256_bytes(data)
+        if digest != meta.get("sha256"):
+            raise BundleError(
+                f"{path}: {rel} fails its checksum (sha256 {digest[:12]}..., manifest "
+                f"{str(meta.get('sha256'))[:12]}...); the bundle is damaged or was modified "
+                "after export; export it again"
+            )
+    return data
+
+
+def _npy(data: bytes) -> np.ndarray:
+    out: np.ndarray = np.load(io.BytesIO(data), allow_pickle=False)
+    return out
+
+
+def load_bundle(path: Path, verify: bool = True) -> LoadedBundle:
+    """Read and check a bundle; every object is built from the bytes that were checked."""
+    path = Path(path)
+    m = read_manifest(path)
+    n_dom = len(m["domains"])
+    faiss = faiss_module()
+
+    def get(rel: str) -> bytes:
+        return read_checked(path, m, rel, verify)
+
+    def script(rel: str) -> Any:
+        try:
+            with _quiet_jit():
+                module = torch.jit.load(io.BytesIO(get(rel)), map_location="cpu").eval()
+            for p in module.parameters():  # serving never needs autograd
+                p.requires_grad_(False)
+            return module
+        except BundleError:
+            raise
+        except Exception as exc:
+            raise BundleError(f"{path}: {rel} is not a loadable TorchScript module") from exc
+
+    def index(rel: str, params: dict[str, Any]) -> FaissIndex:
+        raw = faiss.deserialize_index(np.frombuffer(get(rel), dtype=np.uint8))
+        out = FaissIndex(raw, params["kind"])
+        if params.get("search_param") is not None:
+            out.set_search_param(params["search_param"])
+        return out
+
+    for rel in m["files"]:  # the vectors are not loaded to serve; check them all the same
+        if rel.startswith("items/") and verify:
+            get(rel)
+    trial = bool(m["encoder"]["trial"])
+    try:
+        bundle = LoadedBundle(
+            path=path,
+            manifest=m,
+            encoders=[script(f"encoder/user_{d}.pt") for d in range(n_dom)],
+            trial_encoders=[script(f"encoder/trial_{d}.pt") for d in range(n_dom)]
+            if trial
+            else None,
+            indexes=[index(f"index/user_{d}.faiss", m["indexes"][d]) for d in range(n_dom)],
+            trial_indexes=[
+                index(f"index/trial_{d}.faiss", m["trial_indexes"][d]) for d in range(n_dom)
+            ]
+            if trial
+            else None,
+            item_input=_npy(get("encoder/item_input.npy")),
+            items=pd.read_parquet(io.BytesIO(get("ids/items.parquet"))),
+            users=pd.read_parquet(io.BytesIO(get("ids/users.parquet")))["user"],
+            history_items=_npy(get("history/items.npy")),
+            history_seg_start=_npy(get("history/seg_start.npy")),
+            popularity=_npy(get("popularity/counts.npy")),
+        )
+    except BundleError:
+        raise
+    except (KeyError, IndexError, ValueError, RuntimeError) as exc:
+        raise BundleError(f"{path}: bundle is inconsistent or unreadable ({exc})") from exc
+    if (
+        len(bundle.items) != m["n_items"]
+        or len(bundle.history_seg_start) != m["n_users"] * n_dom + 1
+    ):
+        raise BundleError(f"{path}: id maps or histories do not match the manifest")
+    return bundle

@@ -1,0 +1,137 @@
+"""``aftrec export`` and ``aftrec serve``; :func:`add_parsers` registers both.
+
+Heavy imports (FAISS, FastAPI, uvicorn) happen when a command runs, not when the parser is
+built, so ``aftrec --help`` and the other commands work without the serving extras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from aftrec.serving.index import KINDS
+
+log = logging.getLogger("aftrec")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from aftrec.serving.bundle import export_run
+    from aftrec.serving.index import IndexSpec
+
+    spec = IndexSpec(
+        kind=args.index,
+        exact_max=args.exact_max,
+        nlist=args.nlist,
+        search_param=args.search_param,
+        target_recall=args.target_recall,
+    )
+    manifest = export_run(
+        Path(args.run),
+        Path(args.out),
+        spec,
+        which=args.which,
+        force=args.force,
+        threads=args.threads,
+    )
+    print(f"wrote {args.out}: {manifest['model_version']}, {manifest['n_items']} items")
+    for channel, key in (("user", "indexes"), ("trial", "trial_indexes")):
+        for ix in manifest[key]:
+            if ix["kind"] == "flat":
+                how = "exact"
+            elif ix.get("recall") is None:
+                how = f"search param {ix['search_param']}, recall not measured"
+            else:
+                how = f"search param {ix['search_param']}, recall@200 {ix['recall']:.3f} vs exact"
+            print(f"  {channel} {ix['domain']}: {ix['kind']} over {ix['n']} items, {how}")
+
+
+def serve_bundle(
+    bundle: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    threads: int = 4,
+    torch_threads: int = 1,
+    admin_token: str | None = None,
+    log_level: str = "warning",
+    access_log: bool = False,
+) -> None:
+    """Load ``bundle`` and serve it with uvicorn until interrupted (SIGHUP reloads it)."""
+    import torch
+    import uvicorn
+
+    from aftrec.serving.api import create_app
+    from aftrec.serving.index import faiss_module
+    from aftrec.serving.recommender import Recommender
+
+    # one query at a time per thread: intra-op parallelism only adds contention
+    torch.set_num_threads(torch_threads)
+    faiss_module().omp_set_num_threads(1)
+    rec = Recommender.load(bundle)
+    app = create_app(rec, admin_token=admin_token, threads=threads, reload_on_sighup=True)
+    print(f"serving {rec.model_version} from {bundle} on http://{host}:{port}", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    serve_bundle(
+        Path(args.bundle),
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        torch_threads=args.torch_threads,
+        admin_token=args.admin_token or os.environ.get("AFTREC_ADMIN_TOKEN") or None,
+        log_level=args.log_level,
+        access_log=args.access_log,
+    )
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``export`` and ``serve`` on the ``add_subparsers()`` object of aftrec's CLI."""
+    px = sub.add_parser(
+        "export", help="write a retrieval bundle (encoder, indexes, ids) from a run"
+    )
+    px.add_argument("--run", type=Path, required=True, help="run directory")
+    px.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    px.add_argument("--which", choices=["best", "last"], default="best")
+    px.add_argument(
+        "--index",
+        choices=KINDS,
+        default="auto",
+        help="index per domain: auto = flat (exact) up to --exact-max items, ivf above",
+    )
+    px.add_argument("--exact-max", type=int, default=50_000, metavar="N")
+    px.add_argument("--nlist", type=int, default=None, help="IVF cells (default ~4 sqrt(n))")
+    px.add_argument(
+        "--search-param",
+        type=int,
+        default=None,
+        metavar="K",
+        help="fix IVF nprobe / HNSW efSearch instead of tuning it to --target-recall",
+    )
+    px.add_argument("--target-recall", type=float, default=0.97, help="recall@200 vs exact")
+    px.add_argument("--threads", type=int, default=0, help="FAISS build threads (0: all)")
+    px.add_argument("--force", action="store_true", help="replace --out if it exists")
+    px.set_defaults(func=_export)
+
+    ps = sub.add_parser("serve", help="answer recommendations from a bundle over HTTP")
+    ps.add_argument("--bundle", type=Path, required=True)
+    ps.add_argument("--host", default="127.0.0.1")
+    ps.add_argument("--port", type=int, default=8000)
+    ps.add_argument(
+        "--threads",
+        type=int,
+        default=4,
+        help="requests computed at once, in worker threads (0: on the event loop)",
+    )
+    ps.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per request")
+    ps.add_argument(
+        "--admin-token",
+        default=None,
+        help="bearer token for /admin/reload (default $AFTREC_ADMIN_TOKEN; none: loopback only)",
+    )
+    ps.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    ps.add_argument("--access-log", action="store_true", help="log every request")
+    ps.set_defaults(func=_serve)

@@ -1,0 +1,264 @@
+"""HTTP: a real uvicorn server on a free loopback port and a real client (httpx)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("faiss")
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+import httpx
+
+from aftrec.data.dataset import Dataset
+from aftrec.serving.api import create_app
+from aftrec.serving.recommender import MAX_BEHAVIOURS, Recommender
+from tests.serving import exported, free_port, running, trial_bundle
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.getbasetemp() / "serving"
+
+
+@pytest.fixture(scope="module")
+def bundle(root: Path, tiny_dir: Path) -> Path:
+    return exported(root, tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def url(bundle: Path) -> Iterator[str]:
+    with running(create_app(Recommender.load(bundle))) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=url, timeout=10) as c:
+        yield c
+
+
+def test_health_and_schema(client: httpx.Client, bundle: Path) -> None:
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["domains"] == ["d0", "d1", "d2"]
+    assert h["model"] == "two-tower" and h["trial"] is False and h["bundle"] == str(bundle)
+    schema = client.get("/openapi.json").json()
+    assert "/recommend" in schema["paths"] and "/admin/reload" in schema["paths"]
+    props = schema["components"]["schemas"]["RecommendRequest"]["properties"]
+    assert {"user", "behaviours", "domain", "n", "exclude_seen", "trial"} <= set(props)
+
+
+def test_recommend_equals_in_process(client: httpx.Client, bundle: Path) -> None:
+    rec = Recommender.load(bundle)
+    r = client.post("/recommend", json={"user": "12", "domain": "d1", "n": 50})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    want = rec.recommend(user="12", domain="d1", n=50)
+    assert body["model_version"] == want.model_version == r.headers["x-model-version"]
+    assert body["user"] == "12" and len(body["results"]) == 1
+    res = body["results"][0]
+    assert res["items"] == want.results[0].items and res["path"] == want.results[0].path
+    assert res["scores"] == pytest.approx(want.results[0].scores)
+    timing = r.headers["server-timing"]
+    assert all(f"{stage};dur=" in timing for stage in ("encode", "search", "serialize"))
+    assert "timing_ms" not in body
+
+
+def test_all_domains_default_n_and_debug(client: httpx.Client) -> None:
+    body = client.post("/recommend", json={"user": 3, "debug": True}).json()
+    assert [r["domain"] for r in body["results"]] == ["d0", "d1", "d2"]
+    assert all(len(r["items"]) <= 80 for r in body["results"])  # n=200 > 80 items per domain
+    assert {"encode", "search", "total"} <= set(body["timing_ms"])
+
+
+def test_cold_start_paths(client: httpx.Client) -> None:
+    body = client.post("/recommend", json={"behaviours": {"d2": ["170", "171"]}}).json()
+    assert [r["path"] for r in body["results"]] == ["cross-domain", "cross-domain", "history"]
+    assert not {"170", "171"} & set(body["results"][2]["items"])
+    body = client.post("/recommend", json={"behaviours": {}, "domain": "d0", "n": 3}).json()
+    assert body["results"][0]["path"] == "popular" and len(body["results"][0]["items"]) == 3
+
+
+BAD: list[tuple[str, Any, int, str]] = [
+    ("malformed JSON", b'{"user": "1",', 400, "malformed JSON"),
+    ("not an object", b'["1"]', 422, "Input should be a valid dictionary"),
+    ("unknown domain", {"user": "1", "domain": "books"}, 422, "unknown domain 'books'"),
+    ("n too small", {"user": "1", "n": 0}, 422, "n: Input should be greater than or equal to 1"),
+    ("n too large", {"user": "1", "n": 5000}, 422, "n: Input should be less than or equal to 1000"),
+    ("n not a number", {"user": "1", "n": "ten"}, 422, "n: Input should be a valid integer"),
+    ("unknown user", {"user": "ghost"}, 404, "unknown user 'ghost'"),
+    ("nobody", {"domain": "d0"}, 422, "give a known `user`"),
+    ("unknown items", {"behaviours": {"d0": ["1", "zz"]}}, 422, r"unknown item id\(s\).*'zz'"),
+    ("wrong domain", {"behaviours": {"d0": ["200"]}}, 422, "belongs to domain 'd2'"),
+    ("bad id type", {"behaviours": {"d0": [1.5]}}, 422, "behaviours.d0.0"),
+    ("unknown field", {"user": "1", "top": 5}, 422, "top: Extra inputs are not permitted"),
+    ("too many", {"behaviours": {"d0": ["1"] * (MAX_BEHAVIOURS + 1)}}, 422, "too many behaviours"),
+    ("no generator", {"user": "1", "trial": True}, 422, "has no generator"),
+    ("huge body", {"behaviours": {"d0": ["1" * 100] * 20_000}}, 413, "request body over"),
+]
+
+
+@pytest.mark.parametrize(("case", "payload", "status", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_a_clear_4xx(
+    client: httpx.Client, case: str, payload: Any, status: int, message: str
+) -> None:
+    if isinstance(payload, bytes):
+        r = client.post("/recommend", content=payload, headers={"content-type": "application/json"})
+    else:
+        r = client.post("/recommend", json=payload)
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str)
+    assert re.search(message, detail), detail
+
+
+def test_body_without_length_is_refused(url: str) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(
+            b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+        )
+        head = s.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 411")
+
+
+def test_server_survives_and_counts(client: httpx.Client) -> None:
+    for _ in range(3):
+        client.post("/recommend", content=b"\xff\xfe", headers={"content-type": "application/json"})
+    assert client.get("/health").status_code == 200
+    text = client.get("/metrics").text
+    assert 'aftrec_http_requests_total{method="POST",route="/recommend",status="200"}' in text
+    assert 'aftrec_http_errors_total{route="/recommend",status="422"}' in text
+    assert 'aftrec_http_request_duration_seconds_bucket{le="0.005",route="/recommend"}' in text
+    assert 'aftrec_stage_seconds_count{stage="search"}' in text
+    assert 'aftrec_recommend_results_total{channel="main",path="history"}' in text
+    assert "aftrec_bundle_info{" in text
+
+
+def test_trial_over_http(root: Path, tiny: Dataset) -> None:
+    rec = Recommender.load(trial_bundle(root, tiny))
+    with running(create_app(rec)) as base, httpx.Client(base_url=base) as c:
+        main = c.post("/recommend", json={"user": "4", "domain": "d1", "n": 20}).json()
+        trial = c.post("/recommend", json={"user": "4", "domain": "d1", "n": 20, "trial": True})
+        assert trial.status_code == 200
+        got = trial.json()["results"][0]
+        seen = {str(i) for i in tiny.train_valid.item[tiny.train_valid.user == 4]}
+        assert got["channel"] == "trial" and len(got["items"]) == 20
+        assert not set(got["items"]) & (seen | set(main["results"][0]["items"]))
+
+
+def test_hot_swap_drops_no_request(root: Path, tiny_dir: Path, bundle: Path) -> None:
+    other = exported(root, tiny_dir, exact_max=10)  # same model, IVF indexes: another version
+    old_version = Recommender.load(bundle).model_version
+    new_version = Recommender.load(other).model_version
+    assert old_version != new_version
+    with running(create_app(Recommender.load(bundle))) as base:
+        stop = threading.Event()
+        seen: list[tuple[int, str]] = []
+
+        def hammer() -> None:
+            with httpx.Client(base_url=base, timeout=10) as c:
+                while not stop.is_set():
+                    r = c.post("/recommend", json={"user": "8", "n": 20})
+                    seen.append((r.status_code, r.json().get("model_version", r.text)))
+
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        with httpx.Client(base_url=base, timeout=30) as c:
+            time.sleep(0.3)
+            r = c.post("/admin/reload", json={"path": str(other)})
+            assert r.status_code == 200, r.text
+            assert r.json() == {
+                "model_version": new_version,
+                "previous": old_version,
+                "bundle": str(other),
+            }
+            time.sleep(0.3)
+            bad = c.post("/admin/reload", json={"path": str(root / "missing")})
+            assert bad.status_code == 422 and f"still serving {new_version}" in bad.json()["detail"]
+            stop.set()
+            for t in threads:
+                t.join()
+            assert c.get("/health").json()["model_version"] == new_version
+            assert 'aftrec_bundle_reloads_total{result="failed"} 1.0' in c.get("/metrics").text
+    statuses = {s for s, _ in seen}
+    versions = [v for _, v in seen]
+    assert statuses == {200}, seen[:5]
+    assert versions[0] == old_version and versions[-1] == new_version
+    assert set(versions) == {old_version, new_version}
+
+
+def test_admin_token(bundle: Path) -> None:
+    app = create_app(Recommender.load(bundle), admin_token="s3cret")
+    with running(app) as base, httpx.Client(base_url=base) as c:
+        assert c.post("/admin/reload", json={}).status_code == 403
+        ok = c.post("/admin/reload", json={}, headers={"authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["bundle"] == str(bundle)
+
+
+DRIVER = """
+import argparse, sys
+from aftrec.serving.cli import add_parsers
+p = argparse.ArgumentParser(prog="aftrec")
+add_parsers(p.add_subparsers(dest="command", required=True))
+args = p.parse_args(sys.argv[1:])
+args.func(args)
+"""
+
+
+def test_serve_command_reloads_on_sighup(root: Path, tiny_dir: Path, tmp_path: Path) -> None:
+    """``aftrec serve`` in its own process: point --bundle at a symlink, flip it, SIGHUP."""
+    a, b = exported(root, tiny_dir), exported(root, tiny_dir, exact_max=10)
+    link = tmp_path / "current"
+    link.symlink_to(a)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    cmd = [sys.executable, "-c", DRIVER, "serve", "--bundle", str(link), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def version() -> str | None:
+            try:
+                return str(httpx.get(f"{base}/health", timeout=2).json()["model_version"])
+            except httpx.HTTPError:
+                return None
+
+        def wait_for(want: str | None) -> str | None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                v = version()
+                if v is not None and (want is None or v == want):
+                    return v
+                time.sleep(0.1)
+            return version()
+
+        first = wait_for(None)
+        assert first == Recommender.load(a, verify=False).model_version, proc.stdout
+        tmp = tmp_path / "next"
+        tmp.symlink_to(b)
+        tmp.replace(link)  # atomic flip
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(Recommender.load(b, verify=False).model_version) != first
+        r = httpx.post(f"{base}/recommend", json={"user": "2", "n": 5})
+        assert r.status_code == 200 and json.loads(r.text)["results"]
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0].decode()
+    assert proc.returncode in (0, -signal.SIGTERM), out  # uvicorn re-raises SIGTERM
+    assert f"on http://127.0.0.1:{port}" in out

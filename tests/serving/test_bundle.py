@@ -1,0 +1,261 @@
+"""Bundles: export a trained run, load it back, and get the training model's vectors and the
+evaluator's rankings; refuse damaged bundles and models that cannot be served."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("faiss")
+
+from aftrec.config import resolve
+from aftrec.data.dataset import Dataset
+from aftrec.data.histories import HistoryIndex
+from aftrec.data.loader import Batch, make_batch
+from aftrec.evaluation.ranking import rank_domain
+from aftrec.models.two_tower import TwoTower, TwoTowerConfig
+from aftrec.registry import available_models, create_model, model_config_class
+from aftrec.serving import bundle as bundle_mod
+from aftrec.serving.bundle import (
+    BundleError,
+    contents_from_model,
+    load_bundle,
+    read_manifest,
+    write_bundle,
+)
+from aftrec.serving.cli import add_parsers
+from aftrec.serving.recommender import Recommender
+from aftrec.training.trainer import load_run
+from tests.serving import exported, trained_run
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.getbasetemp() / "serving"
+
+
+@pytest.fixture(scope="module")
+def bundle(root: Path, tiny_dir: Path) -> Path:
+    return exported(root, tiny_dir)
+
+
+def test_encoder_vectors_equal_the_training_model(root: Path, tiny_dir: Path, bundle: Path) -> None:
+    cfg, data, model = load_run(trained_run(root, tiny_dir))
+    rec = Recommender.load(bundle)
+    history = HistoryIndex(data.train_valid, data.info)
+    users = np.arange(0, data.info.n_users, 15)
+    for d in range(data.info.n_domains):
+        batch = make_batch(data.info, history, users, np.full(len(users), d), cfg.data.history_len)
+        with torch.inference_mode():
+            want = model.user_vectors(batch, d)
+        got = []
+        for i, u in enumerate(users):
+            hist, counts = rec.encoder_input(rec._behaviours(str(data.users["user"][u]), None))
+            torch.testing.assert_close(hist[0], batch.history[i])  # same input as the evaluator
+            torch.testing.assert_close(counts[0], batch.counts[i])
+            with torch.inference_mode():
+                got.append(rec.bundle.encoders[d](hist, counts))
+        torch.testing.assert_close(torch.cat(got), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(
+            load_bundle(bundle).item_vectors(d), model.item_vectors(d).detach().numpy()
+        )
+
+
+@pytest.mark.parametrize("exclude_seen", [True, False])
+def test_top_n_equals_the_evaluators_ranking(
+    root: Path, tiny_dir: Path, bundle: Path, exclude_seen: bool
+) -> None:
+    cfg, data, model = load_run(trained_run(root, tiny_dir))
+    rec = Recommender.load(bundle)
+    history = HistoryIndex(data.train_valid, data.info)
+    users = np.arange(0, data.info.n_users, 12)
+    item_ids = data.items["item"].astype(str).to_numpy()
+    for d in range(data.info.n_domains):
+        lo, _ = data.info.domain_range(d)
+        for rb in rank_domain(model, data.info, history, users, d, 30, 64, cfg.data.history_len):
+            top, top_scores = rb.top_items, rb.top_scores
+            if not exclude_seen:
+                top_scores, top = torch.topk(rb.scores, 30, dim=1)
+            for i, u in enumerate(rb.users):
+                got = rec.recommend(
+                    user=str(data.users["user"][u]),
+                    domain=data.info.domains[d],
+                    n=30,
+                    exclude_seen=exclude_seen,
+                ).results[0]
+                want = item_ids[top[i].numpy() + lo].tolist()
+                assert got.items == want, (u, d)
+                torch.testing.assert_close(
+                    torch.tensor(got.scores, dtype=torch.float32), top_scores[i]
+                )
+                if exclude_seen:
+                    seen = set(item_ids[rb.seen[i].nonzero().ravel().numpy() + lo])
+                    assert not seen & set(got.items)
+
+
+def test_manifest_lists_every_file_with_its_checksum(bundle: Path) -> None:
+    m = read_manifest(bundle)
+    on_disk = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()}
+    assert on_disk == {*m["files"], "manifest.json"}
+    for rel, meta in m["files"].items():
+        data = (bundle / rel).read_bytes()
+        assert meta["bytes"] == len(data)
+        assert meta["sha256"] == bundle_mod._sha256_bytes(data)
+    assert m["encoder"]["format"] == "torchscript" and not m["encoder"]["trial"]
+    assert {"aftrec", "torch", "faiss", "numpy", "python"} <= set(m["versions"])
+    assert m["model"]["name"] == "two-tower" and len(m["model"]["weights_sha256"]) == 64
+    assert [ix["kind"] for ix in m["indexes"]] == ["flat"] * 3
+    assert m["model_version"].startswith("two-tower-")
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(bundle, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("flip", "fails its checksum"),
+        ("truncate", "bytes, the manifest says"),
+        ("delete", "is missing"),
+        ("manifest-garbage", "unreadable manifest"),
+        ("manifest-escape", "points outside the bundle"),
+        ("manifest-version", "bundle format"),
+        ("no-manifest", "not a bundle"),
+    ],
+)
+def test_damaged_bundles_are_refused(
+    bundle: Path, tmp_path: Path, damage: str, message: str
+) -> None:
+    b = _copy(bundle, tmp_path)
+    target = b / "items" / "vectors_1.npy"
+    manifest = b / "manifest.json"
+    if damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[-1] ^= 1
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:-4])
+    elif damage == "delete":
+        (b / "encoder" / "user_2.pt").unlink()
+    elif damage == "manifest-garbage":
+        manifest.write_text("{not json")
+    elif damage in ("manifest-escape", "manifest-version"):
+        m = json.loads(manifest.read_text())
+        if damage == "manifest-escape":
+            m["files"]["../../etc/passwd"] = {"sha256": "0", "bytes": 0}
+        else:
+            m["format_version"] = 99
+        manifest.write_text(json.dumps(m))
+    else:
+        manifest.unlink()
+    with pytest.raises(BundleError, match=message):
+        Recommender.load(b)
+
+
+def test_not_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="no bundle here"):
+        Recommender.load(tmp_path / "nothing")
+
+
+class NotDotProduct(TwoTower):
+    dot_product = False
+
+
+class ReadsUserIds(TwoTower):
+    def user_vectors(self, batch: Batch, domain: int) -> torch.Tensor:
+        return super().user_vectors(batch, domain) + batch.users[:, None].float()
+
+
+@pytest.mark.parametrize(
+    ("cls", "message"),
+    [(NotDotProduct, "not a dot-product model"), (ReadsUserIds, "reads the user index")],
+)
+def test_models_that_cannot_be_served_are_refused(
+    tiny: Dataset, cls: type[TwoTower], message: str
+) -> None:
+    model = cls(TwoTowerConfig(dim=8), tiny.info, 4)
+    with pytest.raises(BundleError, match=message):
+        contents_from_model(model, tiny, 4)
+
+
+def test_writes_are_atomic(tiny: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    contents = contents_from_model(TwoTower(TwoTowerConfig(dim=8), tiny.info, 4), tiny, 4)
+    out = tmp_path / "b"
+    write_bundle(contents, out)
+    first = read_manifest(out)["version"]
+    with pytest.raises(BundleError, match="already exists"):
+        write_bundle(contents, out)
+
+    def boom(*args: object) -> bytes:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(bundle_mod, "_index_bytes", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_bundle(contents, out, force=True)
+    assert read_manifest(out)["version"] == first  # the old bundle is untouched
+    monkeypatch.undo()
+    contents.popularity = contents.popularity + 1  # a different bundle
+    write_bundle(contents, out, force=True)
+    assert read_manifest(out)["version"] != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary folders left
+    Recommender.load(out)
+
+
+def test_export_command(
+    root: Path, tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser(prog="aftrec")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    run = trained_run(root, tiny_dir)
+    args = parser.parse_args(
+        ["export", "--run", str(run), "--out", str(tmp_path / "b"), "--exact-max", "10"]
+    )
+    args.func(args)
+    out = capsys.readouterr().out
+    assert "wrote" in out and "ivf" in out and "recall@200" in out
+    m = read_manifest(tmp_path / "b")
+    assert {ix["kind"] for ix in m["indexes"]} == {"ivf"}
+    assert all(ix["recall"] >= 0.97 for ix in m["indexes"])
+    serve = parser.parse_args(["serve", "--bundle", "b", "--port", "8123"])
+    assert serve.port == 8123 and serve.host == "127.0.0.1"
+
+
+#: exported in the default run: the paper's model, the reference, and a model that trims
+#: padding to the longest history (traced on a full one); the rest of the registry is slow
+QUICK = ("aft", "two-tower", "sasrec")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in available_models()],
+)
+def test_every_registered_model_exports(tiny: Dataset, tmp_path: Path, name: str) -> None:
+    """Tracing records one path through a model; export checks the traced encoders against
+    the eager ones on real and cold-start histories, for every model in the registry."""
+    fields = {f.name for f in dataclasses.fields(model_config_class(name))}
+    overrides = [f"model.{k}=16" for k in ("dim", "hidden", "g_hidden") if k in fields]
+    cfg = resolve(name, None, overrides)
+    torch.manual_seed(0)
+    model = create_model(name, cfg.model, tiny.info, 4)
+    if not model.trainable:
+        model.fit(tiny.train)
+    if not model.dot_product:
+        with pytest.raises(BundleError, match="not a dot-product model"):
+            contents_from_model(model, tiny, 4, sample_users=16)
+        return
+    contents = contents_from_model(model, tiny, 4, sample_users=16)
+    assert (contents.trial_encoders is not None) == callable(getattr(model, "trial_vectors", None))
+    write_bundle(contents, tmp_path / "b")
+    rec = Recommender.load(tmp_path / "b")
+    res = rec.recommend(user="0", n=10)
+    assert [len(r.items) for r in res.results] == [10, 10, 10]
