@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from aftrec.data.dataset import Dataset
 from aftrec.data.prepare import prepare
@@ -33,3 +34,10 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny(tiny_dir: Path) -> Dataset:
     return Dataset(tiny_dir)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """Tiny test tensors gain nothing from intra-op threads, and on a shared 2-core machine
+    two threads per process oversubscribe the cores."""
+    torch.set_num_threads(1)

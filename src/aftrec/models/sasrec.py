@@ -1,0 +1,290 @@
+"""SASRec on the merged multi-domain behaviour sequence.
+
+"Self-Attentive Sequential Recommendation" (Wang-Cheng Kang and Julian McAuley, ICDM 2018),
+section III: item embeddings plus learned positions (III-A), stacked causal self-attention
+blocks with point-wise feed-forward layers, residual connections, layer normalisation and
+dropout (III-B to III-D), and a prediction layer that shares the item embeddings (III-E).
+
+Here the sequence is the user's behaviours of *all* domains merged into one, each behaviour
+carrying a domain embedding; the output at the last (most recent) position plus an embedding of
+the target domain is the user vector, scored against the shared item embeddings by inner
+product. SASRec trains every position on its next item; the shared loader gives one target per
+example, so the loss is the shared sampled loss on the last position only (every training
+interaction is a target of its own example, so each position is supervised over an epoch).
+
+The merge in time. A :class:`~aftrec.data.loader.Batch` holds per-domain right-aligned
+histories without timestamps, so the true interleaving of domains is unknown. ``order``
+chooses the approximation:
+
+* ``"rate"`` (default): assume each domain's behaviours are spread evenly over the user's
+  history, so the behaviour ``r`` places from the end of a domain with ``n`` behaviours before
+  the query (``Batch.counts``, not clipped to L) sits at the expected uniform order statistic
+  ``(n - r) / (n + 1)`` of the user's time line; sort on that. A user with 100 comedies and
+  10 romances gets the last 50 comedies interleaved with the last 5 romances, not the last 10;
+* ``"blocks"``: domain blocks one after the other, in domain order (the crude merge);
+* ``"time"``: the true order, from a ``history_time`` (B, D, L) tensor of behaviour times in
+  the batch (not a ``Batch`` field yet; ``TimedBatch`` in
+  tests/models/test_sequence_multitask.py shows the expected field).
+
+The merged sequence keeps its most recent ``max_len`` behaviours (SASRec's n; 200 for ML-1M in
+the paper). Attention runs on chunks of rows of similar length (:func:`by_length`): merged
+sequences are long (up to D x L) and their lengths uneven, and the cost of the padding would
+dominate. :func:`merge_histories`, :func:`attention_mask`, :func:`by_length` and
+:func:`transformer_encoder` are shared with :mod:`aftrec.models.atrank` and
+:mod:`aftrec.models.bert4rec`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aftrec.config import _at_least
+from aftrec.data.dataset import DataInfo
+from aftrec.data.loader import Batch
+from aftrec.errors import ConfigError
+from aftrec.models.base import RetrievalModel
+from aftrec.models.losses import LOSSES, sampled_loss
+from aftrec.registry import register_model
+
+ORDERS = ("rate", "blocks", "time")
+#: rows per attention chunk in :func:`by_length`
+ROWS_PER_CHUNK = 32
+
+
+def check_transformer(cfg: Any) -> None:
+    """Checks shared by the attention models' configs (keys dim, heads, layers, ff_dim,
+    dropout, attn_dropout, loss); raises :class:`ConfigError` naming the key."""
+    _at_least(cfg, "model", dim=1, heads=1, layers=1, ff_dim=1, dropout=0.0, attn_dropout=0.0)
+    if cfg.dim % cfg.heads:
+        raise ConfigError(
+            f"config key model.dim ({cfg.dim}) must be divisible by model.heads ({cfg.heads})"
+        )
+    for key in ("dropout", "attn_dropout"):
+        if getattr(cfg, key) >= 1:
+            raise ConfigError(f"config key model.{key} must be < 1, got {getattr(cfg, key)}")
+    if cfg.loss not in LOSSES:
+        raise ConfigError(f"model.loss must be 'softmax' or 'bce', got {cfg.loss!r}")
+
+
+@dataclass(frozen=True)
+class SASRecConfig:
+    dim: int = 64  # section 5.3 of the AFT paper
+    heads: int = 1  # SASRec uses single-head attention
+    layers: int = 2  # b = 2 blocks (SASRec section IV-B)
+    ff_dim: int = 64  # SASRec's point-wise feed-forward keeps d -> d
+    dropout: float = 0.2  # SASRec's rate for ML-1M
+    attn_dropout: float = 0.2  # on the attention weights, as SASRec's code does
+    max_len: int = 200  # SASRec's n for ML-1M; the merged sequence is cut to its last max_len
+    order: str = "rate"  # merge of the domains in time, see the module docstring
+    loss: str = "softmax"  # "softmax" over [positive, negatives] or "bce"
+
+    def __post_init__(self) -> None:
+        check_transformer(self)
+        _at_least(self, "model", max_len=1)
+        if self.order not in ORDERS:
+            raise ConfigError(f"model.order must be one of {ORDERS}, got {self.order!r}")
+
+
+@dataclass(frozen=True)
+class Merged:
+    """Behaviours of all domains as one right-aligned sequence (padding first)."""
+
+    index: torch.Tensor  # (B, S) long, flat position d * L + j in the (D, L) history
+    valid: torch.Tensor  # (B, S) bool, a behaviour (not padding)
+    length: int  # L of the per-domain history
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D, L, ...) per-domain values -> (B, S, ...) in merged order."""
+        flat = x.flatten(1, 2)  # (B, D L, ...)
+        idx = self.index.view(*self.index.shape, *([1] * (flat.dim() - 2)))
+        return flat.gather(1, idx.expand(-1, -1, *flat.shape[2:]))
+
+    @property
+    def domains(self) -> torch.Tensor:
+        """(B, S) domain of each position."""
+        return torch.div(self.index, self.length, rounding_mode="floor")
+
+    @property
+    def recency(self) -> torch.Tensor:
+        """(B, S) rank from the end inside its own domain (0 = the domain's latest behaviour)."""
+        return self.length - 1 - self.index % self.length
+
+
+def merge_histories(
+    history: torch.Tensor,
+    counts: torch.Tensor,
+    pad: int,
+    order: str = "rate",
+    max_len: int | None = None,
+    times: torch.Tensor | None = None,
+) -> Merged:
+    """Merge (B, D, L) right-aligned per-domain histories into (B, S) sequences, oldest first.
+
+    Padding goes to the front and is cut so that S is the longest row of the batch (at least 1,
+    at most ``max_len``): a model whose padding tokens neither attend to nor are attended by
+    behaviours gives the same outputs on the cut sequence.
+    """
+    b, n_dom, length = history.shape
+    valid = history != pad  # (B, D, L)
+    if order == "rate":
+        n = torch.maximum(counts, valid.sum(-1)).to(torch.float32).unsqueeze(-1)  # (B, D, 1)
+        rank = torch.arange(length - 1, -1, -1, device=history.device, dtype=torch.float32)
+        key = (n - rank) / (n + 1)  # (B, D, L), expected uniform order statistic
+    elif order == "blocks":
+        key = torch.arange(n_dom * length, device=history.device, dtype=torch.float32)
+        key = key.view(1, n_dom, length).expand(b, -1, -1)
+    elif order == "time":
+        if times is None:
+            raise ValueError("order 'time' needs the batch's history_time (B, D, L)")
+        key = times.to(torch.float64)
+    else:
+        raise ValueError(f"unknown order {order!r}; expected one of {ORDERS}")
+    key = torch.where(valid, key, torch.full_like(key, -math.inf)).flatten(1)  # (B, D L)
+    index = torch.argsort(key, dim=1, stable=True)  # (B, D L), padding first
+    keep = int(valid.flatten(1).sum(1).max().clamp(min=1))
+    if max_len is not None:
+        keep = min(keep, max_len)
+    index = index[:, -keep:]  # (B, S)
+    return Merged(index=index, valid=valid.flatten(1).gather(1, index), length=length)
+
+
+def attention_mask(valid: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+    """(B, S) valid positions -> (B * heads, S, S) boolean mask, True where attention is barred.
+
+    A query sees the behaviours (at or before itself when ``causal``) and always itself, so a
+    padding position attends only to itself and no row is fully masked (no NaN); behaviours
+    never see padding.
+    """
+    s = valid.shape[1]
+    eye = torch.eye(s, dtype=torch.bool, device=valid.device)
+    allowed = valid.unsqueeze(1) | eye  # (B, S, S): query i may read key j
+    if causal:
+        allowed = allowed & torch.ones(s, s, dtype=torch.bool, device=valid.device).tril()
+    return (~allowed).repeat_interleave(heads, dim=0)
+
+
+def by_length(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    valid: torch.Tensor,
+    rows: int = ROWS_PER_CHUNK,
+) -> torch.Tensor:
+    """``fn(x, valid)`` on (B, S, d) right-aligned sequences, run on chunks of ``rows`` rows of
+    similar length, each cut to its own longest row (at least 1 position), so that attention
+    costs about the sum of the squared lengths instead of B times the longest squared. The
+    outputs (``fn`` may return only the last positions), left-padded with zeros to S, are
+    returned in the batch's order. Exact for an ``fn``
+    whose padding neither attends nor is attended (and which ignores absolute positions or
+    counts them from the end)."""
+    s = x.shape[1]
+    lengths = valid.sum(1)
+    order = torch.argsort(lengths)
+    pieces = []
+    for idx in order.split(rows):
+        keep = max(1, int(lengths[idx].max()))
+        out = fn(x[idx, s - keep :], valid[idx, s - keep :])  # (n, keep or fewer, d)
+        pieces.append(F.pad(out, (0, 0, s - out.shape[1], 0)))  # (n, S, d), right-aligned
+    return torch.cat(pieces)[torch.argsort(order)]
+
+
+def transformer_encoder(cfg: Any, activation: str = "relu") -> nn.TransformerEncoder:
+    """``cfg.layers`` pre-norm Transformer blocks (multi-head self-attention and point-wise
+    feed-forward, each with residual, layer norm and dropout ``cfg.dropout``; dropout
+    ``cfg.attn_dropout`` on the attention weights); the caller adds a final layer norm."""
+    layer = nn.TransformerEncoderLayer(
+        d_model=cfg.dim,
+        nhead=cfg.heads,
+        dim_feedforward=cfg.ff_dim,
+        dropout=cfg.dropout,
+        activation=activation,
+        batch_first=True,
+        norm_first=True,
+    )
+    layer.self_attn.dropout = cfg.attn_dropout
+    return nn.TransformerEncoder(layer, num_layers=cfg.layers, enable_nested_tensor=False)
+
+
+@register_model("sasrec", SASRecConfig)
+class SASRec(RetrievalModel):
+    def __init__(self, cfg: SASRecConfig, info: DataInfo, history_len: int) -> None:
+        super().__init__(cfg, info, history_len)
+        d = cfg.dim
+        self.max_len = min(cfg.max_len, info.n_domains * history_len)
+        self.item_emb = nn.Embedding(info.n_items + 1, d, padding_idx=info.pad)  # M of III-A
+        self.pos_emb = nn.Embedding(self.max_len, d)  # P of III-A, counted from the end
+        self.domain_emb = nn.Embedding(info.n_domains, d)  # domain of each behaviour
+        self.target_emb = nn.Embedding(info.n_domains, d)  # added to the last output
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder = transformer_encoder(cfg)
+        self.norm = nn.LayerNorm(d)
+        nn.init.normal_(self.item_emb.weight, std=0.05)
+        nn.init.normal_(self.pos_emb.weight, std=0.05)
+        nn.init.normal_(self.domain_emb.weight, std=0.05)
+        nn.init.normal_(self.target_emb.weight, std=0.05)
+        with torch.no_grad():
+            self.item_emb.weight[info.pad].zero_()
+
+    def encode(self, batch: Batch, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, d) outputs of the causal blocks over the merged sequence (unspecified at
+        padding positions), and (B, S) valid. With ``last_only`` only the last position's
+        output is computed, the others being zero: the last block then runs one query."""
+        cfg: SASRecConfig = self.cfg
+        merged = merge_histories(
+            batch.history,
+            batch.counts,
+            self.info.pad,
+            cfg.order,
+            self.max_len,
+            getattr(batch, "history_time", None),
+        )
+        items = merged.take(batch.history)  # (B, S)
+        s = items.shape[1]
+        positions = torch.arange(self.max_len - s, self.max_len, device=items.device)  # (S,)
+        x = self.item_emb(items) * math.sqrt(cfg.dim) + self.pos_emb(positions)
+        x = x + self.domain_emb(merged.domains)  # (B, S, d)
+        x = self.drop(x) * merged.valid.unsqueeze(-1)  # padding tokens are zero
+        blocks = self._last_output if last_only else self._blocks
+        return by_length(blocks, x, merged.valid), merged.valid
+
+    def _blocks(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask(valid, self.cfg.heads, causal=True)  # (B heads, S, S)
+        return self.norm(self.encoder(x, mask=mask))  # (B, S, d)
+
+    def _last_output(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, 1, d): what :meth:`_blocks` gives at the last position, the last block computing
+        that query only (causal, so no other position needs it)."""
+        mask = attention_mask(valid, self.cfg.heads, causal=True)  # (B heads, S, S)
+        *first, last = self.encoder.layers
+        for layer in first:
+            x = layer(x, src_mask=mask)
+        h = last.norm1(x)  # the pre-norm block of nn.TransformerEncoderLayer, one query
+        att, _ = last.self_attn(h[:, -1:], h, h, attn_mask=mask[:, -1:], need_weights=False)
+        y = x[:, -1:] + last.dropout1(att)
+        ff = last.linear2(last.dropout(last.activation(last.linear1(last.norm2(y)))))
+        return self.norm(y + last.dropout2(ff))  # (B, 1, d)
+
+    def _user(self, batch: Batch, domain: torch.Tensor) -> torch.Tensor:
+        out, _ = self.encode(batch, last_only=True)
+        return out[:, -1] + self.target_emb(domain)  # (B, d)
+
+    def user_vectors(self, batch: Batch, domain: int) -> torch.Tensor:
+        target = torch.full((len(batch),), domain, dtype=torch.long, device=batch.history.device)
+        return self._user(batch, target)
+
+    def item_vectors(self, domain: int) -> torch.Tensor:
+        lo, hi = self.info.domain_range(domain)
+        return self.item_emb.weight[lo:hi]
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        assert batch.pos is not None and batch.neg is not None, "training batches carry items"
+        u = self._user(batch, batch.domain)  # (B, d)
+        pos = (u * self.item_emb(batch.pos)).sum(-1)  # (B,)
+        neg = torch.einsum("bd,bkd->bk", u, self.item_emb(batch.neg))  # (B, K)
+        return {"loss": sampled_loss(pos, neg, self.cfg.loss)}
