@@ -35,8 +35,9 @@ def test_training_input_sees_only_the_strict_past(tiny: Dataset) -> None:
     for row in range(len(train)):
         u, t = int(train.user[row]), train.timestamp[row]
         for d in range(info.n_domains):
-            for item in unpad(h.items[row, d], info.pad):
-                assert ts_of[(u, item)] < t
+            for item, when in zip(h.items[row, d], h.times[row, d], strict=True):
+                if item != info.pad:
+                    assert ts_of[(u, int(item))] == when < t
     # and it is exactly the last L such behaviours of each domain (checked on a sample)
     rng = np.random.default_rng(0)
     for row in rng.choice(len(train), 300, replace=False):

@@ -4,7 +4,7 @@ mmoe and snr (shapes, what each reads, masks, gates, routing, degenerate input, 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -131,7 +131,7 @@ def test_bert4rec_cloze_masks_only_behaviours(tiny: Dataset) -> None:
 
 
 def test_sasrec_is_causal(tiny: Dataset, index: HistoryIndex) -> None:
-    model = build("sasrec", tiny)
+    model = build("sasrec", tiny, "model.order=rate")
     assert isinstance(model, SASRec)
     batch = eval_batch(tiny, index, 0, n=1)
     out, valid = model.encode(batch)  # (1, S, d)
@@ -221,24 +221,16 @@ def test_attention_mask_never_blocks_a_whole_row() -> None:
     assert attention_mask(valid, 1, causal=True)[0, 2, 3]  # nor the future
 
 
-@dataclass(frozen=True)
-class TimedBatch(Batch):
-    """The ``history_time`` field sasrec's ``order: time`` expects (not in Batch yet)."""
-
-    history_time: torch.Tensor | None = None  # (B, D, L) float behaviour times
-
-
 def test_sasrec_time_order_reads_history_time(tiny: Dataset, index: HistoryIndex) -> None:
     model = build("sasrec", tiny, "model.order=time")
     batch = eval_batch(tiny, index, 1)
+    assert batch.history_time is not None  # the loader carries behaviour times
     with pytest.raises(ValueError, match="history_time"):
-        model.user_vectors(batch, 1)
+        model.user_vectors(replace(batch, history_time=None), 1)
     times = torch.rand(batch.history.shape, dtype=torch.float64)
-    timed = TimedBatch(**{**batch.__dict__, "history_time": times})
-    u = model.user_vectors(timed, 1)
-    reordered = TimedBatch(**{**batch.__dict__, "history_time": -times})
+    u = model.user_vectors(replace(batch, history_time=times), 1)
     assert torch.isfinite(u).all()
-    assert not torch.allclose(u, model.user_vectors(reordered, 1))
+    assert not torch.allclose(u, model.user_vectors(replace(batch, history_time=-times), 1))
 
 
 def test_mmoe_gates_sum_to_one_per_domain(tiny: Dataset, index: HistoryIndex) -> None:

@@ -22,6 +22,7 @@ from aftrec.data.dataset import DataInfo, Interactions
 class Histories:
     items: np.ndarray  # (B, D, L) int64 global item indices, right-aligned, pad = n_items
     counts: np.ndarray  # (B, D) int64 number of behaviours before the query (not clipped to L)
+    times: np.ndarray  # (B, D, L) float64 time of each behaviour in ``items`` (0 at padding)
 
 
 class HistoryIndex:
@@ -37,6 +38,7 @@ class HistoryIndex:
         self._stride = len(self._times) + 1
         self._key = seg[order] * self._stride + rank[order]
         self.items = inter.item[order].astype(np.int64)
+        self.times = inter.timestamp.astype(np.float64)[order]
         n_seg = info.n_users * n_dom
         self.seg_start = np.searchsorted(seg[order], np.arange(n_seg + 1))  # (U*D + 1,)
 
@@ -58,12 +60,13 @@ class HistoryIndex:
             hi = np.searchsorted(self._key, seg * self._stride + q[:, None], side="left")
         idx = hi[..., None] - length + np.arange(length)  # (B, D, L)
         valid = idx >= lo[..., None]
-        items = np.where(
-            valid, self.items[np.clip(idx, 0, max(len(self.items) - 1, 0))], self.info.pad
-        )
         if len(self.items) == 0:
             items = np.full(idx.shape, self.info.pad, dtype=np.int64)
-        return Histories(items=items, counts=hi - lo)
+            return Histories(items=items, counts=hi - lo, times=np.zeros(idx.shape))
+        safe = np.clip(idx, 0, len(self.items) - 1)
+        items = np.where(valid, self.items[safe], self.info.pad)
+        times = np.where(valid, self.times[safe], 0.0)
+        return Histories(items=items, counts=hi - lo, times=times)
 
     def seen_mask(self, users: np.ndarray, domain: int) -> tuple[np.ndarray, np.ndarray]:
         """Sparse (row, column) pairs of the behaviours of ``users`` in ``domain``, the column

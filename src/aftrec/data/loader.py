@@ -26,6 +26,7 @@ class Batch:
     domain: torch.Tensor  # (B,) long, target domain
     pos: torch.Tensor | None = None  # (B,) long, clicked target item (training)
     neg: torch.Tensor | None = None  # (B, K) long, sampled unclicked items of the target domain
+    history_time: torch.Tensor | None = None  # (B, D, L) float64 behaviour times, 0 at padding
 
     def __len__(self) -> int:
         return int(self.users.shape[0])
@@ -42,6 +43,7 @@ class Batch:
             domain=self.domain.to(device),
             pos=move(self.pos),
             neg=move(self.neg),
+            history_time=move(self.history_time),
         )
 
 
@@ -111,6 +113,7 @@ def make_batch(
         domain=torch.from_numpy(domains.astype(np.int64)),
         pos=None if pos is None else torch.from_numpy(pos.astype(np.int64)),
         neg=None if neg is None else torch.from_numpy(neg),
+        history_time=torch.from_numpy(h.times),
     )
 
 

@@ -13,18 +13,17 @@ example, so the loss is the shared sampled loss on the last position only (every
 interaction is a target of its own example, so each position is supervised over an epoch).
 
 The merge in time. A :class:`~aftrec.data.loader.Batch` holds per-domain right-aligned
-histories without timestamps, so the true interleaving of domains is unknown. ``order``
-chooses the approximation:
+histories with their behaviour times (``history_time``); ``order`` chooses how to interleave:
 
-* ``"rate"`` (default): assume each domain's behaviours are spread evenly over the user's
+* ``"time"``: the true order, from ``Batch.history_time`` (B, D, L). Not the default yet:
+  exported serving encoders take (history, counts) only, without times;
+* ``"rate"`` (default): assume each domain's behaviours are spread evenly
+  over the user's
   history, so the behaviour ``r`` places from the end of a domain with ``n`` behaviours before
   the query (``Batch.counts``, not clipped to L) sits at the expected uniform order statistic
   ``(n - r) / (n + 1)`` of the user's time line; sort on that. A user with 100 comedies and
   10 romances gets the last 50 comedies interleaved with the last 5 romances, not the last 10;
-* ``"blocks"``: domain blocks one after the other, in domain order (the crude merge);
-* ``"time"``: the true order, from a ``history_time`` (B, D, L) tensor of behaviour times in
-  the batch (not a ``Batch`` field yet; ``TimedBatch`` in
-  tests/models/test_sequence_multitask.py shows the expected field).
+* ``"blocks"``: domain blocks one after the other, in domain order (the crude merge).
 
 The merged sequence keeps its most recent ``max_len`` behaviours (SASRec's n; 200 for ML-1M in
 the paper). Attention runs on chunks of rows of similar length (:func:`by_length`): merged
