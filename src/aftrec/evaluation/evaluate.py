@@ -131,7 +131,7 @@ class Evaluator:
                 for n in ns:
                     values[f"{prefix}recall@{n}"] = recall_at_n(hits, n_pos.clamp(min=1), n)
                     values[f"{prefix}ndcg@{n}"] = ndcg_at_n(hits, n_pos.clamp(min=1), n)
-                values["auc"] = auc(rb.scores, target, rb.scores, never)
+                values["auc"] = auc(*_positive_scores(rb.scores, target), rb.scores, never)
                 valid = n_pos > 0
                 for key, v in values.items():
                     sums.setdefault(key, []).append(v[valid])
@@ -161,6 +161,15 @@ class Evaluator:
         )
         frame = pd.concat(per_user, ignore_index=True) if per_user else pd.DataFrame()
         return EvalResult(split, ns, domains, average, users_per_domain, protocol, frame)
+
+
+def _positive_scores(
+    scores: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) scores of each user's held-out positives, P = the most any user has, and mask."""
+    p = max(int(target.sum(dim=1).max()), 1) if target.numel() else 1
+    top = torch.topk(target.to(torch.int8), p, dim=1)  # positives first
+    return scores.gather(1, top.indices), top.values.bool()
 
 
 def _nanmean(v: torch.Tensor) -> float:

@@ -22,6 +22,7 @@ from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
 from aftrec.errors import ConfigError
 from aftrec.models.base import RetrievalModel
+from aftrec.models.layers import bag_mean
 from aftrec.models.losses import LOSSES, sampled_loss
 from aftrec.registry import register_model
 
@@ -67,7 +68,7 @@ class TwoTower(RetrievalModel):
             self.history_emb.weight[info.pad].zero_()
 
     def _user(self, batch: Batch, domain: torch.Tensor) -> torch.Tensor:
-        pooled = masked_mean(self.history_emb(batch.history), batch.history != self.info.pad)
+        pooled = bag_mean(self.history_emb, batch.history, self.info.pad)  # (B, D, d)
         x = torch.cat([pooled.flatten(1), self.domain_emb(domain)], dim=1)  # (B, (D+1) d)
         return self.mlp(x)  # (B, d)
 

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from aftrec.models.aft.conve import ConvE
-from aftrec.models.aft.generator import bag_mean, domain_transformer, target_rows
+from aftrec.models.aft.generator import domain_transformer, target_rows
+from aftrec.models.layers import bag_mean
 
 
 def click_share(counts: torch.Tensor) -> torch.Tensor:
