@@ -1,4 +1,4 @@
-"""The ``aftrec`` command line: prepare, train, evaluate, recommend, export, serve.
+"""The ``aftrec`` command line: prepare, train, evaluate, recommend, export, serve, reproduce.
 
 This is the only module that reads ``sys.argv``. Every error the library raises on purpose
 (:class:`aftrec.errors.AftrecError`) ends the command with one ``error: ...`` line on stderr
@@ -246,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     from aftrec.serving.cli import add_parsers as add_serving_parsers
 
     add_serving_parsers(sub)
+
+    from aftrec.evaluation.reproduce import add_parser as add_reproduce_parser
+
+    add_reproduce_parser(sub)
 
     pm = sub.add_parser("models", help="list the registered models")
     pm.set_defaults(

@@ -42,6 +42,10 @@ def _entry(name: str) -> tuple[type[RetrievalModel], type[Any]]:
     return _MODELS[name]
 
 
+def model_class(name: str) -> type[RetrievalModel]:
+    return _entry(name)[0]
+
+
 def model_config_class(name: str) -> type[Any]:
     return _entry(name)[1]
 

@@ -1,0 +1,620 @@
+"""The ``aftrec reproduce`` report: markdown tables, Fig. 3 plots, ``report.md``.
+
+Tables follow the paper's layouts ("Adversarial Feature Translation for Multi-domain
+Recommendation", Hao et al., KDD 2021, section 5): rows are models, columns are
+(domain, metric) pairs plus the average over domains. A cell is ``mean ± std`` over seeds
+(sample standard deviation, ddof = 1; the mean alone for one seed). In every column the best
+mean, compared as printed, is bold (``**x**``) and the second best underlined
+(``<u>x</u>``); equal printed means share the mark. Plots use matplotlib's ``Figure``
+directly (the Agg canvas), never ``pyplot``, so no global backend state is touched.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aftrec.evaluation.reproduce import EntryResult, Results, Significance
+
+DECIMALS = 4
+USERS_MARK = "†"  # aft significantly better than the column's best competitor, over users
+SEEDS_MARK = "‡"  # ... over seeds
+METRIC_NAMES = {"auc": "AUC"}
+
+#: the paper's row names (Tables 2 and 3) of the registered models that have one
+PAPER_NAMES = {
+    "fm-single": "FM (single)",
+    "afm-single": "AFM (single)",
+    "autoint-single": "AutoInt (single)",
+    "bert4rec-single": "BERT4Rec (single)",
+    "fm-multi": "FM (multi)",
+    "afm-multi": "AFM (multi)",
+    "autoint-multi": "AutoInt (multi)",
+    "atrank": "ATRank (multi)",
+    "shared-bottom": "Shared bottom",
+    "mmoe": "MMoE",
+    "snr": "SNR",
+    "aft-d": "AFT (D)",
+    "aft-hnm": "AFT (D+HNM)",
+    "aft": "AFT (D+G)",
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    domain: str  # a domain name or "average"
+    metric: str  # a key of EvalResult: "recall@50", "auc", ...
+
+    @property
+    def label(self) -> str:
+        name = METRIC_NAMES.get(self.metric, self.metric.replace("recall@", "r@"))
+        return f"{self.domain} {name}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    mean: float
+    std: float  # nan for one seed
+    n: int  # seeds
+
+
+@dataclass
+class Row:
+    label: str
+    cells: Mapping[Column, Cell | None]
+    info: str = ""  # second column (seeds, status)
+
+
+def rank_marks(means: Mapping[str, float | None], decimals: int = DECIMALS) -> dict[str, str]:
+    """``{row: "best" | "second"}``: the highest printed mean, and the next distinct one."""
+    printed = {
+        k: round(v, decimals) for k, v in means.items() if v is not None and math.isfinite(v)
+    }
+    levels = sorted(set(printed.values()), reverse=True)
+    out: dict[str, str] = {}
+    for key, v in printed.items():
+        if v == levels[0]:
+            out[key] = "best"
+        elif len(levels) > 1 and v == levels[1]:
+            out[key] = "second"
+    return out
+
+
+def format_cell(
+    cell: Cell | None, style: str | None = None, suffix: str = "", decimals: int = DECIMALS
+) -> str:
+    """``0.1234 ± 0.0056`` bold for ``style="best"``, underlined for ``"second"``; marks
+    (``suffix``) after the formatting."""
+    if cell is None or not math.isfinite(cell.mean):
+        return "–"
+    text = f"{cell.mean:.{decimals}f}"
+    if cell.n > 1 and math.isfinite(cell.std):
+        text += f" ± {cell.std:.{decimals}f}"
+    if style == "best":
+        text = f"**{text}**"
+    elif style == "second":
+        text = f"<u>{text}</u>"
+    return text + suffix
+
+
+def metric_table(
+    rows: Sequence[Row],
+    columns: Sequence[Column],
+    marks: Mapping[tuple[str, Column], str] | None = None,
+    first: str = "model",
+    info: str | None = "seeds",
+    highlight: bool = True,
+    decimals: int = DECIMALS,
+) -> str:
+    """A markdown table; ``marks[(row label, column)]`` is appended to that cell."""
+    marks = marks or {}
+    styles: dict[tuple[str, Column], str] = {}
+    if highlight:
+        for col in columns:
+            means = {r.label: (c.mean if (c := r.cells.get(col)) else None) for r in rows}
+            for label, style in rank_marks(means, decimals).items():
+                styles[(label, col)] = style
+    head = [first, *([info] if info else []), *(c.label for c in columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            format_cell(
+                r.cells.get(col),
+                styles.get((r.label, col)),
+                marks.get((r.label, col), ""),
+                decimals,
+            )
+            for col in columns
+        ]
+        lines.append("| " + " | ".join([r.label, *([r.info] if info else []), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def _p(p: float) -> str:
+    if not math.isfinite(p):
+        return "n/a"
+    return f"{p:.2e}" if p < 1e-3 else f"{p:.3f}"
+
+
+def significance_marks(
+    sig: Mapping[Column, Significance], row: str, alpha: float
+) -> dict[tuple[str, Column], str]:
+    out: dict[tuple[str, Column], str] = {}
+    for col, s in sig.items():
+        mark = (USERS_MARK if s.users.significant(alpha) else "") + (
+            SEEDS_MARK if s.seeds.significant(alpha) else ""
+        )
+        if mark:
+            out[(row, col)] = mark
+    return out
+
+
+def significance_table(sig: Mapping[Column, Significance], primary: str, alpha: float) -> str:
+    head = [
+        "column",
+        "best competitor",
+        primary,
+        "competitor",
+        "Δ mean",
+        "users: pairs",
+        "users: Wilcoxon p",
+        "seeds: pairs",
+        "seeds: t-test p",
+        "mark",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for col, s in sig.items():
+        mark = (USERS_MARK if s.users.significant(alpha) else "") + (
+            SEEDS_MARK if s.seeds.significant(alpha) else ""
+        )
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    col.label,
+                    s.competitor,
+                    format_cell(s.primary),
+                    format_cell(s.other),
+                    f"{s.primary.mean - s.other.mean:+.{DECIMALS}f}",
+                    str(s.users.n),
+                    _p(s.users.p),
+                    str(s.seeds.n),
+                    _p(s.seeds.p),
+                    mark or "–",
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def sweep_plot(
+    xs: Sequence[float],
+    series: Mapping[str, Sequence[Cell | None]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    path: Path,
+) -> None:
+    """One line per series (error bars: std over seeds), written atomically as PNG."""
+    from matplotlib.figure import Figure
+
+    from aftrec.training.checkpoint import atomic_write_bytes
+
+    fig = Figure(figsize=(5.5, 3.8), dpi=120)
+    ax = fig.subplots()
+    span = (max(xs) - min(xs)) or 1.0
+    for i, (name, cells) in enumerate(series.items()):
+        pts = [(x, c) for x, c in zip(xs, cells, strict=True) if c is not None]
+        if not pts:
+            continue
+        shift = (i - (len(series) - 1) / 2) * 0.006 * span  # keep error bars apart
+        ax.errorbar(
+            [x + shift for x, _ in pts],
+            [c.mean for _, c in pts],
+            yerr=[c.std if math.isfinite(c.std) else 0.0 for _, c in pts],
+            marker="o",
+            capsize=3,
+            elinewidth=1.0,
+            linewidth=2.5 if name == "average" else 1.2,
+            label=name,
+        )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([f"{x:g}" for x in xs])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _seeds_info(res: EntryResult) -> str:
+    ok, asked = len(res.ok()), len(res.outcomes)
+    if res.deterministic:
+        return "1 run (deterministic)" if ok else "failed"
+    if ok == 0:
+        return "failed"
+    return str(ok) if ok == asked else f"{ok}/{asked}"
+
+
+def _rows(results: Results, keys: Sequence[str], columns: Sequence[Column]) -> list[Row]:
+    return [
+        Row(
+            _label(results.entries[k].entry.label, k),
+            {c: results.entries[k].cell(c) for c in columns},
+            _seeds_info(results.entries[k]),
+        )
+        for k in keys
+    ]
+
+
+def _label(label: str, key: str) -> str:
+    return f"`{key}`" if label == key else label
+
+
+def _timings(results: Results) -> list[dict[str, Any]]:
+    """Wall time per entry over the runs it owns (a shared run counts for its first entry)."""
+    owned: dict[str, list[Any]] = {}
+    for job in results.plan.jobs.values():
+        owner = job.entries[0][0]
+        entry = results.entries[owner]
+        outcome = next(o for o in entry.outcomes.values() if o.run == job.run)
+        owned.setdefault(owner, []).append(outcome)
+    rows = []
+    for key, outs in owned.items():
+        ok = [o for o in outs if o.ok and o.train_seconds is not None]
+        train = sum(o.train_seconds or 0.0 for o in ok)
+        ev = sum(o.eval_seconds or 0.0 for o in ok)
+        rows.append(
+            {
+                "entry": key,
+                "runs": len(outs),
+                "ok": len(ok),
+                "resumed": sum(o.resumed for o in ok),
+                "train_seconds": train,
+                "eval_seconds": ev,
+                "total_seconds": train + ev,
+                "mean_seconds": (train + ev) / len(ok) if ok else float("nan"),
+            }
+        )
+    return sorted(rows, key=lambda r: -r["total_seconds"])
+
+
+def _s(x: float) -> str:
+    return "–" if not math.isfinite(x) else f"{x:,.1f}"
+
+
+def _sweep_section(
+    results: Results,
+    points: Sequence[tuple[float, str]],
+    name: str,
+    xlabel: str,
+    caption: str,
+) -> list[str]:
+    from aftrec.evaluation.reproduce import PRIMARY
+
+    domains = list(results.data.info.domains)
+    metric = "recall@50"
+    xs = [x for x, _ in points]
+    series = {
+        d: [results.entries[k].cell(Column(d, metric)) for _, k in points]
+        for d in [*domains, "average"]
+    }
+    path = Path(results.plan.spec.out) / f"{name}.png"
+    sweep_plot(xs, series, xlabel, "Recall@50", f"Fig. 3: {PRIMARY}, {caption}", path)
+    rows = [
+        Row(f"{x:g}", {Column(d, metric): results.entries[k].cell(Column(d, metric)) for d in
+                       [*domains, "average"]}, _seeds_info(results.entries[k]))
+        for x, k in points
+    ]  # fmt: skip
+    cols = [Column(d, metric) for d in [*domains, "average"]]
+    return [
+        f"![{caption}]({name}.png)",
+        "",
+        metric_table(rows, cols, first=xlabel),
+        "",
+    ]
+
+
+def render(results: Results) -> str:
+    """The markdown of ``report.md`` (writes the Fig. 3 PNGs beside it)."""
+    from aftrec.evaluation.reproduce import NS, PRIMARY, auc_columns, recall_columns
+
+    plan, spec, env = results.plan, results.plan.spec, results.environment
+    info = results.data.info
+    domains = list(info.domains)
+    alpha = spec.alpha
+    main = list(plan.models)
+    sig = results.significance
+    marks = significance_marks(sig, _label(PRIMARY, PRIMARY), alpha) if PRIMARY in main else {}
+    out: list[str] = []
+    w = out.append
+
+    w(f"# aftrec reproduce: {Path(spec.data).name}")
+    w("")
+    w(
+        f"Models: {len(main)}; seeds: {spec.n_seeds}"
+        + (
+            " (**quick**: tiny models and few batches; the numbers are a smoke test)"
+            if spec.quick
+            else ""
+        )
+        + f". Runs: {results.trained} trained or evaluated now, {results.reused} reused"
+        + f" from `{spec.out}`, {results.failed} failed. "
+        + f"Wall time of this invocation: {_s(results.wall_seconds)} s (started {results.started})."
+    )
+    w("")
+    for note in plan.notes:
+        w(f"> {note}")
+        w("")
+
+    asked = sorted({j.cfg.train.threads or 0 for j in plan.jobs.values()})
+    threads = ", ".join(str(t) if t else f"torch's default ({env['torch_threads']})" for t in asked)
+    w("## Setup")
+    w("")
+    w(f"- Command: `{spec.command()}`")
+    w(
+        f"- Data: `{spec.data}`: {info.n_users:,} users, {info.n_items:,} items, domains "
+        + ", ".join(f"{d} ({info.domain_size(i):,} items)" for i, d in enumerate(domains))
+    )
+    w(
+        "- Protocol: test split, full ranking over every item of the target domain (training "
+        f"and validation positives excluded), N = {', '.join(map(str, NS))}; a model's average "
+        "is the unweighted mean over domains. Best validation epoch (Recall@50) of each run."
+    )
+    w(
+        f"- Hardware: {env['cpu']}, {env['cores']} cores ({env['usable_cores']} usable), "
+        f"{env['memory_gib']} GiB memory, torch threads per run: {threads}, "
+        f"CUDA {'available (unused: train.device)' if env['cuda'] else 'none'}; "
+        f"1-min load average at start {env['load_average_1min']}; {env['os']}"
+    )
+    w("- Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
+    w("- Config overrides per model (`--quick` and `--set`; defaults otherwise):")
+    for m in main:
+        pairs = plan.overrides.get(m, [])
+        w(f"  - `{m}`: " + (" ".join(f"`{p}`" for p in pairs) if pairs else "defaults"))
+    paper = [f"`{k}` = {v}" for k, v in PAPER_NAMES.items() if k in main]
+    if paper:
+        w("- The paper's names: " + ", ".join(paper))
+    w("")
+
+    rcols = recall_columns(domains)
+    w("## Recall@N (Tables 2 and 3 layout)")
+    w("")
+    w(metric_table(_rows(results, main, rcols), rcols, marks))
+    w("")
+    w(_legend(alpha))
+    w("")
+
+    acols = auc_columns(domains)
+    w("## AUC (Table 4 layout)")
+    w("")
+    w(metric_table(_rows(results, main, acols), acols, marks))
+    w("")
+    w(_legend(alpha))
+    w("")
+
+    w("## Significance")
+    w("")
+    if sig:
+        w(
+            f"`{PRIMARY}` against the best other model of each column (by mean over seeds), "
+            f"alpha = {alpha:g}, two-sided, no correction for the number of columns. "
+            f"{USERS_MARK}: over users, Wilcoxon signed-rank test on the per-user values averaged "
+            "over seeds (pairs: the (user, domain) test cases of the column's domain, every one "
+            f"for the average column; zero differences dropped). {SEEDS_MARK}: over seeds, "
+            "paired t-test on the per-seed values (paired by seed; deterministic models repeat "
+            "their one run). A mark needs p < alpha and a mean difference in "
+            f"`{PRIMARY}`'s favour."
+        )
+        w("")
+        w(significance_table(sig, PRIMARY, alpha))
+    else:
+        w(f"Not computed: `{PRIMARY}` or every competitor is missing or failed.")
+    w("")
+
+    if plan.ablations:
+        w("## Ablations of AFT (Table 6 layout)")
+        w("")
+        w(
+            "Each row is `aft` with one switch changed: - generator: `model.negatives=random`; "
+            "- domain-specific mask: `model.mask_ratio=0`; - feature translation: "
+            "`model.translation=attention`; - dissimilarity loss: `model.lambda_m=0`."
+        )
+        w("")
+        w(metric_table(_rows(results, plan.ablations, rcols), rcols, first="variant"))
+        w("")
+
+    if plan.mask_points or plan.fake_points:
+        w("## Model analyses (Fig. 3)")
+        w("")
+        w(
+            "Recall@50 of `aft` per domain and on average; error bars: std over "
+            f"{spec.n_sweep_seeds} seed(s). Every other setting as in the `aft` row above."
+        )
+        w("")
+        if plan.mask_points:
+            w("### (a) Mask ratio of the domain-specific masked encoder")
+            w("")
+            out += _sweep_section(
+                results, plan.mask_points, "fig3a_mask_ratio", "mask ratio", "mask ratio"
+            )
+        if plan.fake_points:
+            w("### (b) Number of fake clicked items per positive")
+            w("")
+            out += _sweep_section(
+                results, plan.fake_points, "fig3b_n_fakes", "fake items", "number of fake items"
+            )
+
+    w("## Wall time")
+    w("")
+    timings = _timings(results)
+    w(
+        "Per row, summed over its runs (train, including validation each epoch, + test "
+        "evaluation); a run shared by two rows counts for the first. Runs reused from an "
+        "earlier invocation keep the times recorded then; a resumed run counts only the "
+        "invocations that finished a phase."
+    )
+    w("")
+    head = ["row", "runs", "resumed", "train s", "evaluate s", "total s", "per run s"]
+    w("| " + " | ".join(head) + " |")
+    w("|" + "---|" * len(head))
+    for t in timings:
+        w(
+            f"| `{t['entry']}` | {t['ok']}/{t['runs']} | {t['resumed']} | "
+            f"{_s(t['train_seconds'])} | {_s(t['eval_seconds'])} | {_s(t['total_seconds'])} | "
+            f"{_s(t['mean_seconds'])} |"
+        )
+    total = sum(t["total_seconds"] for t in timings)
+    models = [t for t in timings if t["ok"] and t["entry"] in main]
+    variants = sum(t["total_seconds"] for t in timings if t["entry"] not in main)
+    if models and total > 0:
+        w("")
+        w(
+            f"Sum over runs: {_s(total)} s"
+            + (
+                f", of which {_s(variants)} s for the ablations and sweeps of `{PRIMARY}`"
+                if variants
+                else ""
+            )
+            + ". Longest models: "
+            + ", ".join(
+                f"`{t['entry']}` ({_s(t['total_seconds'])} s, {_s(t['mean_seconds'])} s per run)"
+                for t in models[:3]
+            )
+            + "."
+        )
+    w("")
+
+    failures = [
+        (key, seed, res.outcomes[seed].run, msg)
+        for key, res in results.entries.items()
+        for seed, msg in res.errors().items()
+    ]
+    if failures:
+        w("## Failures")
+        w("")
+        seen: set[Path] = set()
+        for key, seed, run, msg in failures:
+            if run in seen:
+                continue
+            seen.add(run)
+            w(f"- `{key}` seed {seed} (`{run}`): failed: {msg}")
+        w("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _legend(alpha: float) -> str:
+    return (
+        "Mean ± std over seeds; per column **best**, <u>second</u>. "
+        f"{USERS_MARK} / {SEEDS_MARK}: `aft` significantly better than the column's best "
+        f"competitor over users / over seeds (alpha = {alpha:g}; see Significance)."
+    )
+
+
+def results_json(results: Results) -> dict[str, Any]:
+    """Every number of the report, machine-readable."""
+    entries = {}
+    for key, res in results.entries.items():
+        entries[key] = {
+            "model": res.entry.model,
+            "label": res.entry.label,
+            "overrides": list(res.entry.overrides),
+            "deterministic": res.deterministic,
+            "seeds": {
+                str(s): {
+                    "run": str(o.run),
+                    "ok": o.ok,
+                    "error": o.error,
+                    "train_seconds": o.train_seconds,
+                    "eval_seconds": o.eval_seconds,
+                    "metrics": o.metrics,
+                }
+                for s, o in res.outcomes.items()
+            },
+        }
+    sig = {
+        col.label: {
+            "competitor": s.competitor,
+            "users": {
+                "test": "wilcoxon",
+                "p": s.users.p,
+                "n": s.users.n,
+                "diff": s.users.mean_diff,
+            },
+            "seeds": {
+                "test": "ttest_rel",
+                "p": s.seeds.p,
+                "n": s.seeds.n,
+                "diff": s.seeds.mean_diff,
+            },
+        }
+        for col, s in results.significance.items()
+    }
+    spec = results.plan.spec
+    return {
+        "command": spec.command(),
+        "data": str(spec.data),
+        "seeds": spec.n_seeds,
+        "alpha": spec.alpha,
+        "quick": spec.quick,
+        "environment": results.environment,
+        "started": results.started,
+        "wall_seconds": results.wall_seconds,
+        "entries": entries,
+        "significance": sig,
+    }
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return str(obj)
+
+
+def write_report(results: Results) -> Path:
+    """Write ``report.md`` (and the PNGs, and ``results.json``) atomically; return its path."""
+    from aftrec.training.checkpoint import atomic_write_text
+
+    out = Path(results.plan.spec.out)
+    text = render(results)
+    payload = json.dumps(_nan_to_none(results_json(results)), indent=2, default=_json_default)
+    atomic_write_text(out / "results.json", payload + "\n")
+    atomic_write_text(out / "report.md", text)
+    return out / "report.md"
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+__all__ = [
+    "Cell",
+    "Column",
+    "Row",
+    "format_cell",
+    "metric_table",
+    "rank_marks",
+    "render",
+    "sweep_plot",
+    "write_report",
+]

@@ -1,0 +1,423 @@
+"""``aftrec reproduce``: statistics on constructed data, table rendering, planning, resume and
+a ``--quick`` run end to end on the tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from aftrec.errors import ConfigError
+from aftrec.evaluation import reproduce as rp
+from aftrec.evaluation.report import Cell, Column, Row, format_cell, metric_table, rank_marks
+from aftrec.evaluation.reproduce import (
+    Entry,
+    EntryResult,
+    PairedTest,
+    ReproduceSpec,
+    RunOutcome,
+    make_plan,
+    model_overrides,
+    reproduce,
+    seed_test,
+    significance,
+    user_test,
+)
+from aftrec.registry import available_models
+from aftrec.training import checkpoint
+
+THREADS = ["train.threads=1"]
+SECTIONS = (
+    "## Setup",
+    "## Recall@N (Tables 2 and 3 layout)",
+    "## AUC (Table 4 layout)",
+    "## Significance",
+    "## Ablations of AFT (Table 6 layout)",
+    "## Model analyses (Fig. 3)",
+    "## Wall time",
+)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _per_user(values: np.ndarray, metric: str, domains: tuple[str, ...]) -> pd.DataFrame:
+    """One row per (user, domain): users 0..n-1 in every domain, ``values`` (n_domains, n)."""
+    n = values.shape[1]
+    return pd.DataFrame(
+        {
+            "user_idx": np.tile(np.arange(n), len(domains)),
+            "domain": np.repeat(domains, n),
+            metric: values.ravel(),
+        }
+    )
+
+
+def test_user_test_finds_a_known_shift_and_nothing_in_noise() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.6, size=(2, 200))
+    col = Column("a", "recall@50")
+    better = user_test(
+        _per_user(base + 0.05 + rng.normal(0, 0.02, base.shape), "recall@50", ("a", "b")),
+        _per_user(base, "recall@50", ("a", "b")),
+        col,
+    )
+    assert better.n == 200 and better.p < 1e-10 and better.significant(0.01)
+    noise = user_test(
+        _per_user(base + rng.normal(0, 0.02, base.shape), "recall@50", ("a", "b")),
+        _per_user(base, "recall@50", ("a", "b")),
+        col,
+    )
+    assert noise.p > 0.01 and not noise.significant(0.01)
+    worse = user_test(
+        _per_user(base - 0.05, "recall@50", ("a", "b")),
+        _per_user(base, "recall@50", ("a", "b")),
+        col,
+    )
+    assert worse.p < 1e-10 and worse.mean_diff < 0 and not worse.significant(0.01)
+    # the average column pairs every (user, domain) case
+    avg = user_test(
+        _per_user(base + 0.05, "recall@50", ("a", "b")),
+        _per_user(base, "recall@50", ("a", "b")),
+        Column("average", "recall@50"),
+    )
+    assert avg.n == 400
+    same = user_test(
+        _per_user(base, "recall@50", ("a", "b")), _per_user(base, "recall@50", ("a", "b")), col
+    )
+    assert same.p == 1.0 and not same.significant(0.01)
+
+
+def test_seed_test_is_a_paired_t_test() -> None:
+    from scipy.stats import ttest_rel
+
+    b = {0: 0.30, 1: 0.35, 2: 0.28, 3: 0.33, 4: 0.31}
+    a = {s: v + d for (s, v), d in zip(b.items(), [0.10, 0.11, 0.09, 0.10, 0.12], strict=True)}
+    res = seed_test(a, b)
+    assert res.n == 5 and res.significant(0.01)
+    assert res.p == pytest.approx(ttest_rel(list(a.values()), list(b.values())).pvalue)
+    # across seeds the competitor moves with aft: an unpaired test would see nothing
+    assert not seed_test({0: 0.5}, {0: 0.1}).significant(0.01)  # one seed: no test
+    assert math.isnan(seed_test({0: 0.5, 1: 0.6}, {0: 0.4, 1: 0.5}).p)  # no variance
+    assert seed_test({0: 0.5, 2: 0.6}, {0: 0.4, 1: 0.5}).n == 1  # paired by seed only
+
+
+def _entry(key: str, per_seed: list[dict[str, float]], deterministic: bool = False) -> EntryResult:
+    outcomes = {
+        s: RunOutcome(
+            Path(f"runs/{key}/seed{s}"),
+            True,
+            metrics={"domains": {"a": vals}, "average": vals},
+        )
+        for s, vals in enumerate(per_seed)
+    }
+    return EntryResult(Entry(key, key, key), deterministic, outcomes)
+
+
+def test_significance_against_the_best_competitor_per_column() -> None:
+    rng = np.random.default_rng(1)
+    cols = [Column("a", "recall@20"), Column("a", "recall@50")]
+    # aft leads recall@20 by far on every seed; on recall@50 "b" is best and ahead of aft
+    results = {
+        "aft": _entry("aft", [{"recall@20": 0.5 + 0.01 * s, "recall@50": 0.6} for s in range(3)]),
+        "b": _entry("b", [{"recall@20": 0.3 + 0.012 * s, "recall@50": 0.7} for s in range(3)]),
+        "c": _entry("c", [{"recall@20": 0.2, "recall@50": 0.5}], deterministic=True),
+    }
+    base = rng.uniform(0.1, 0.4, size=(1, 300))
+    frames = {
+        "aft": _per_user(base + 0.2, "recall@20", ("a",)).assign(**{"recall@50": 0.6}),
+        "b": _per_user(base, "recall@20", ("a",)).assign(**{"recall@50": 0.7}),
+    }
+    sig = significance(results, ["aft", "b", "c"], cols, frames.get)
+    s20, s50 = sig[cols[0]], sig[cols[1]]
+    assert s20.competitor == "b" and s50.competitor == "b"
+    assert s20.users.significant(0.01) and s20.seeds.significant(0.01)
+    assert not s50.users.significant(0.01) and not s50.seeds.significant(0.01)
+    assert s20.primary.mean == pytest.approx(0.51) and s20.other.n == 3
+
+    from aftrec.evaluation.report import significance_marks
+
+    marks = significance_marks(sig, "`aft`", 0.01)
+    assert marks == {("`aft`", cols[0]): "†‡"}
+
+
+def test_significance_without_primary_or_competitors_is_empty() -> None:
+    one = {"aft": _entry("aft", [{"recall@20": 0.5}])}
+    assert significance(one, ["aft"], [Column("a", "recall@20")], lambda k: None) == {}
+    assert significance({}, [], [Column("a", "recall@20")], lambda k: None) == {}
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def test_rank_marks_bold_best_underline_second_ties_share() -> None:
+    assert rank_marks({"x": 0.3, "y": 0.5, "z": 0.4}) == {"y": "best", "z": "second"}
+    # equal as printed (4 decimals): both best, the next distinct value second
+    marks = rank_marks({"x": 0.50001, "y": 0.50002, "z": 0.4, "w": None, "v": float("nan")})
+    assert marks == {"x": "best", "y": "best", "z": "second"}
+    assert rank_marks({"x": 0.1}) == {"x": "best"}
+    assert rank_marks({}) == {}
+
+
+def test_format_cell() -> None:
+    assert format_cell(Cell(0.12345, 0.01, 3)) == "0.1235 ± 0.0100"
+    assert format_cell(Cell(0.12345, float("nan"), 1)) == "0.1235"
+    assert format_cell(Cell(0.5, 0.1, 2), "best", "†") == "**0.5000 ± 0.1000**†"
+    assert format_cell(Cell(0.5, 0.1, 2), "second") == "<u>0.5000 ± 0.1000</u>"
+    assert format_cell(None) == "–"
+
+
+def test_metric_table_layout_and_marks() -> None:
+    cols = [Column("movie", "recall@20"), Column("average", "auc")]
+    rows = [
+        Row("`aft`", {cols[0]: Cell(0.4, 0.01, 2), cols[1]: Cell(0.7, 0.02, 2)}, "2"),
+        Row("`pop`", {cols[0]: Cell(0.3, 0.0, 2), cols[1]: Cell(0.8, 0.0, 2)}, "1 run"),
+        Row("`two-tower`", {cols[0]: Cell(0.2, 0.03, 2), cols[1]: None}, "failed"),
+    ]
+    text = metric_table(rows, cols, {("`aft`", cols[0]): "†"})
+    lines = text.splitlines()
+    assert lines[0] == "| model | seeds | movie r@20 | average AUC |"
+    assert lines[1] == "|---|---|---|---|"
+    assert lines[2] == "| `aft` | 2 | **0.4000 ± 0.0100**† | <u>0.7000 ± 0.0200</u> |"
+    assert lines[3] == "| `pop` | 1 run | <u>0.3000 ± 0.0000</u> | **0.8000 ± 0.0000** |"
+    assert lines[4] == "| `two-tower` | failed | 0.2000 ± 0.0300 | – |"
+    plain = metric_table(rows, cols, highlight=False, info=None, first="variant")
+    assert "**" not in plain and "<u>" not in plain and plain.startswith("| variant | movie")
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def test_quick_config_resolves_for_every_registered_model(tmp_path: Path) -> None:
+    spec = ReproduceSpec(Path("unused"), tmp_path / "r", quick=True, overrides=tuple(THREADS))
+    plan = make_plan(spec)
+    assert plan.models[0] == "aft" and sorted(plan.models) == available_models()
+    assert {j.cfg.train.seed for j in plan.jobs.values()} == {0}
+    for job in plan.jobs.values():
+        assert job.cfg.train.epochs == 1 and job.cfg.train.threads == 1
+        assert getattr(job.cfg.model, "dim", 16) == 16
+    # sweep points equal to aft's defaults (0.15, 5) and mask 0 share the runs they equal
+    assert plan.runs[("aft/mask-0.15", 0)] == plan.runs[("aft", 0)]
+    assert plan.runs[("aft/fakes-5", 0)] == plan.runs[("aft", 0)]
+    assert plan.runs[("aft/mask-0", 0)] == plan.runs[("aft/no-mask", 0)]
+    assert len(plan.jobs) == len(plan.models) + 4 + 3
+
+
+def test_full_plan_seeds_deterministic_models_and_sweep_points(tmp_path: Path) -> None:
+    spec = ReproduceSpec(Path("unused"), tmp_path / "r", models=("aft", "pop"), sweep_seeds=2)
+    plan = make_plan(spec)
+    assert plan.seeds["aft"] == [0, 1, 2, 3, 4] and plan.seeds["aft/mask-0.3"] == [0, 1]
+    assert [x for x, _ in plan.mask_points] == [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5]
+    assert [x for x, _ in plan.fake_points] == [1, 3, 5, 10, 15, 20]
+    # pop is deterministic: one run stands for every seed
+    assert {plan.runs[("pop", s)] for s in range(5)} == {tmp_path / "r/runs/pop/seed0"}
+    assert plan.deterministic == {"pop"}
+    cfg = next(j.cfg for j in plan.jobs.values() if j.run.name == "seed3" and j.model == "aft")
+    assert cfg.train.seed == 3 and cfg.model.mask_ratio == 0.15
+    no_translation = plan.jobs[tmp_path / "r/runs/aft/no-translation/seed0"].cfg
+    assert no_translation.model.translation == "attention"
+    # 5 aft + 5 pop-seeds-in-1 + 4 ablations x 5 + (6 + 5 new sweep points - shared) x 2
+    assert len(plan.jobs) == 5 + 1 + 20 + (5 + 5) * 2
+
+
+def test_overrides_apply_where_the_model_has_the_key() -> None:
+    user = rp._parse_overrides(["model.dim=8", "aft:model.n_fakes=3", "train.lr=0.01"])
+    assert model_overrides("pop", False, user) == ["train.lr=0.01"]
+    assert model_overrides("two-tower", False, user) == ["model.dim=8", "train.lr=0.01"]
+    assert model_overrides("aft", False, user) == [
+        "model.dim=8",
+        "model.n_fakes=3",
+        "train.lr=0.01",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("models", "sets", "match"),
+    [
+        (("aft", "nope"), (), "unknown model.*nope"),
+        (("pop", "pop"), (), "more than once"),
+        (("pop",), ("model.dim=8",), "no model run has a config key model.dim"),
+        (("pop",), ("aft:model.dim=8",), "'aft' is not among the models"),
+        (("pop",), ("train.seed=3",), "use --seeds"),
+        (("two-tower",), ("two-tower:model.nope=1",), "two-tower: unknown config key"),
+    ],
+)
+def test_bad_requests_fail_up_front(
+    models: tuple[str, ...], sets: tuple[str, ...], match: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        make_plan(ReproduceSpec(Path("unused"), tmp_path / "r", models=models, overrides=sets))
+    assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _main(argv: list[str]) -> None:
+    """``aftrec reproduce ...`` through the subcommand's own parser."""
+    parser = argparse.ArgumentParser(prog="aftrec")
+    rp.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+def _checkpoints(root: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in sorted(root.rglob("*.pt"))}
+
+
+def _quick(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "reproduce",
+        "--data",
+        str(tiny_dir),
+        "--out",
+        str(out),
+        "--quick",
+        "--quiet",
+        *extra,
+    ]
+
+
+def test_quick_end_to_end_then_resume_trains_nothing(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    _main(_quick(tiny_dir, out, "--models", "aft", "pop", "two-tower", "--set", *THREADS))
+    text = (out / "report.md").read_text()
+    for section in SECTIONS:
+        assert section in text, section
+    for png in ("fig3a_mask_ratio.png", "fig3b_n_fakes.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in text  # embedded by a relative path
+    assert "## Failures" not in text
+    for row in ("`aft`", "`pop`", "`two-tower`", "- generator", "- dissimilarity loss"):
+        assert f"| {row} |" in text
+    assert "1 run (deterministic)" in text
+    assert "aftrec reproduce --data" in text and "--quick" in text
+    assert re.search(r"Longest models: `\S+` \(", text)
+    # every (row, domain) has a value: no "–" in the recall table
+    recall = text.split("## Recall@N")[1].split("## AUC")[0]
+    assert "–" not in recall and "**" in recall and "<u>" in recall
+    for key in ("aft", "pop", "two-tower"):
+        metrics = json.loads((out / "runs" / key / "seed0" / "metrics.json").read_text())
+        assert set(metrics["average"]) >= {"recall@20", "recall@50", "recall@200", "auc"}
+        assert pd.read_parquet(out / "runs" / key / "seed0" / "per_user.parquet").shape[0] > 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["entries"]["aft/no-mask"]["seeds"]["0"]["ok"]
+    assert not list(out.rglob(".*.tmp"))
+
+    # a second invocation reads every run and trains none (threads may differ: not a result)
+    before = _checkpoints(out)
+    summary = reproduce(
+        ReproduceSpec(
+            tiny_dir,
+            out,
+            quick=True,
+            models=("aft", "pop", "two-tower"),
+            overrides=("train.threads=2",),
+            progress=False,
+        )
+    )
+    assert summary.trained == 0 and summary.failed == 0 and summary.reused == 10
+    assert _checkpoints(out) == before
+    # ... but a config that changes results is refused up front
+    with pytest.raises(ConfigError, match="another config"):
+        reproduce(
+            ReproduceSpec(tiny_dir, out, quick=True, models=("pop", "two-tower"),
+                          overrides=("train.lr=0.5",), progress=False)
+        )  # fmt: skip
+
+
+def test_failures_are_reported_and_half_trained_runs_resume(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aftrec.training import trainer
+
+    out = tmp_path / "report"
+    real_train = trainer.train
+    calls: list[tuple[str, bool]] = []
+
+    def flaky(data: Path, cfg: Any, run: Path, resume: bool = False, **kw: Any) -> Any:
+        calls.append((run.parent.name, resume))
+        if run.parent.name == "sasrec":
+            raise RuntimeError("boom\nsecond line")
+        return real_train(data, cfg, run, resume=resume, **kw)
+
+    monkeypatch.setattr(trainer, "train", flaky)
+    spec = ReproduceSpec(
+        tiny_dir,
+        out,
+        seeds=2,
+        quick=True,
+        models=("two-tower", "sasrec", "pop"),
+        overrides=(*THREADS, "train.epochs=2", "train.patience=5"),
+        ablations=False,
+        sweeps=False,
+        progress=False,
+    )
+    first = reproduce(spec)
+    assert first.failed == 2 and first.trained == 5  # pop: one run for both seeds
+    text = (out / "report.md").read_text()
+    assert "## Failures" in text and "RuntimeError: boom second line" in text
+    assert "| `sasrec` | failed | – |" in text
+    assert "## Significance" in text and "Not computed" in text  # no aft among the models
+
+    # two-tower seed 1 was "killed" in its second epoch; pop in its first
+    run = out / "runs" / "two-tower" / "seed1"
+    (run / "metrics.json").unlink()
+    state = checkpoint.load(run / "last.pt")
+    checkpoint.save({**state, "done": False, "epoch": 1}, run / "last.pt")
+    log_lines = (run / "log.jsonl").read_text().splitlines()
+    (run / "log.jsonl").write_text(log_lines[0] + "\n")
+    for name in ("metrics.json", "last.pt", "best.pt"):
+        (out / "runs" / "pop" / "seed0" / name).unlink()
+    untouched = (out / "runs" / "two-tower" / "seed0" / "last.pt").stat().st_mtime_ns
+
+    calls.clear()
+    monkeypatch.setattr(trainer, "train", real_train)
+    second = reproduce(spec)
+    assert second.failed == 0 and second.trained == 4 and second.reused == 1
+    assert (out / "runs" / "two-tower" / "seed0" / "last.pt").stat().st_mtime_ns == untouched
+    epochs = [json.loads(x)["epoch"] for x in (run / "log.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+    assert json.loads((run / "reproduce.json").read_text())["resumed"] is True
+    text = (out / "report.md").read_text()
+    assert "## Failures" not in text
+    assert re.search(r"\| `two-tower` \| 2/2 \| 1 \|", text)  # one resumed run
+
+
+def test_quick_every_registered_model(tiny_dir: Path, tmp_path: Path) -> None:
+    """The CI configuration: ``--quick`` over every registered model (about 11 s here)."""
+    out = tmp_path / "all"
+    summary = reproduce(
+        ReproduceSpec(tiny_dir, out, quick=True, overrides=tuple(THREADS), progress=False)
+    )
+    assert summary.failed == 0, (out / "report.md").read_text().split("## Failures")[-1]
+    text = (out / "report.md").read_text()
+    for name in available_models():
+        assert f"| `{name}` |" in text
+
+
+def test_cli_rejects_a_directory_that_is_not_a_prepared_dataset(tmp_path: Path) -> None:
+    from aftrec.errors import DataError
+
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        _main(["reproduce", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--quick"])
+
+
+def test_report_written_atomically_leaves_no_temp_files(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    reproduce(
+        ReproduceSpec(tiny_dir, out, quick=True, models=("pop",), overrides=tuple(THREADS),
+                      progress=False)
+    )  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["report.md", "results.json", "runs"]
+    assert os.path.getsize(out / "report.md") > 0
+    assert "`aft` is not among the models" in (out / "report.md").read_text()
+    assert PairedTest(float("nan"), 0, float("nan")).significant(0.01) is False
