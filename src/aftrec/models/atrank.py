@@ -34,8 +34,7 @@ from torch import nn
 from aftrec.config import _at_least
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
-from aftrec.models.base import RetrievalModel
-from aftrec.models.losses import sampled_loss
+from aftrec.models.base import UserTowerModel
 from aftrec.models.sasrec import (
     attention_mask,
     by_length,
@@ -63,7 +62,7 @@ class ATRankConfig:
 
 
 @register_model("atrank", ATRankConfig)
-class ATRank(RetrievalModel):
+class ATRank(UserTowerModel):
     def __init__(self, cfg: ATRankConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)
         d, n_dom = cfg.dim, info.n_domains
@@ -115,23 +114,8 @@ class ATRank(RetrievalModel):
         mask = attention_mask(valid, self.cfg.heads, causal=False)  # (B heads, S, S)
         return self.norm(self.encoder(x, mask=mask))  # (B, S, d)
 
-    def _user(self, batch: Batch, domain: torch.Tensor) -> torch.Tensor:
+    def user_tower(self, batch: Batch, domain: torch.Tensor) -> torch.Tensor:
         h, valid = self.encode(batch)  # (B, S, d), (B, S)
         q = self.query_emb(domain)  # (B, d)
         att, _ = self.vanilla(q.unsqueeze(1), h, h, key_padding_mask=~valid, need_weights=False)
         return self.mlp(torch.cat([att.squeeze(1), q], dim=1))  # (B, d)
-
-    def user_vectors(self, batch: Batch, domain: int) -> torch.Tensor:
-        target = torch.full((len(batch),), domain, dtype=torch.long, device=batch.history.device)
-        return self._user(batch, target)
-
-    def item_vectors(self, domain: int) -> torch.Tensor:
-        lo, hi = self.info.domain_range(domain)
-        return self.item_emb.weight[lo:hi]
-
-    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        assert batch.pos is not None and batch.neg is not None, "training batches carry items"
-        u = self._user(batch, batch.domain)  # (B, d)
-        pos = (u * self.item_emb(batch.pos)).sum(-1)  # (B,)
-        neg = torch.einsum("bd,bkd->bk", u, self.item_emb(batch.neg))  # (B, K)
-        return {"loss": sampled_loss(pos, neg, self.cfg.loss)}

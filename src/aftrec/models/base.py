@@ -68,3 +68,32 @@ class RetrievalModel(nn.Module):
         """Model-config overrides a closed-form model is fitted with, the best on validation
         being kept (e.g. EASE's L2 weight); the default is the config as given."""
         return [{}]
+
+
+class UserTowerModel(RetrievalModel):
+    """A dot-product model whose user vector for each example's own target domain comes from
+    :meth:`user_tower` and whose items are rows of ``self.item_emb``; trained with the shared
+    sampled loss (``cfg.loss``) on the loader's positive and negatives."""
+
+    item_emb: nn.Embedding
+
+    def user_tower(self, batch: Batch, domain: torch.Tensor) -> torch.Tensor:
+        """(B, dim) user vectors, ``domain`` (B,) being each row's target domain."""
+        raise NotImplementedError
+
+    def user_vectors(self, batch: Batch, domain: int) -> torch.Tensor:
+        target = torch.full((len(batch),), domain, dtype=torch.long, device=batch.history.device)
+        return self.user_tower(batch, target)
+
+    def item_vectors(self, domain: int) -> torch.Tensor:
+        lo, hi = self.info.domain_range(domain)
+        return self.item_emb.weight[lo:hi]
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        from aftrec.models.losses import sampled_loss
+
+        assert batch.pos is not None and batch.neg is not None, "training batches carry items"
+        u = self.user_tower(batch, batch.domain)  # (B, d)
+        pos = (u * self.item_emb(batch.pos)).sum(-1)  # (B,)
+        neg = torch.einsum("bd,bkd->bk", u, self.item_emb(batch.neg))  # (B, K)
+        return {"loss": sampled_loss(pos, neg, self.cfg.loss)}

@@ -48,8 +48,8 @@ from aftrec.config import _at_least
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
 from aftrec.errors import ConfigError
-from aftrec.models.base import RetrievalModel
-from aftrec.models.losses import LOSSES, sampled_loss
+from aftrec.models.base import UserTowerModel
+from aftrec.models.losses import LOSSES
 from aftrec.registry import register_model
 
 ORDERS = ("rate", "blocks", "time")
@@ -211,7 +211,7 @@ def transformer_encoder(cfg: Any, activation: str = "relu") -> nn.TransformerEnc
 
 
 @register_model("sasrec", SASRecConfig)
-class SASRec(RetrievalModel):
+class SASRec(UserTowerModel):
     def __init__(self, cfg: SASRecConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)
         d = cfg.dim
@@ -269,21 +269,6 @@ class SASRec(RetrievalModel):
         ff = last.linear2(last.dropout(last.activation(last.linear1(last.norm2(y)))))
         return self.norm(y + last.dropout2(ff))  # (B, 1, d)
 
-    def _user(self, batch: Batch, domain: torch.Tensor) -> torch.Tensor:
+    def user_tower(self, batch: Batch, domain: torch.Tensor) -> torch.Tensor:
         out, _ = self.encode(batch, last_only=True)
         return out[:, -1] + self.target_emb(domain)  # (B, d)
-
-    def user_vectors(self, batch: Batch, domain: int) -> torch.Tensor:
-        target = torch.full((len(batch),), domain, dtype=torch.long, device=batch.history.device)
-        return self._user(batch, target)
-
-    def item_vectors(self, domain: int) -> torch.Tensor:
-        lo, hi = self.info.domain_range(domain)
-        return self.item_emb.weight[lo:hi]
-
-    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        assert batch.pos is not None and batch.neg is not None, "training batches carry items"
-        u = self._user(batch, batch.domain)  # (B, d)
-        pos = (u * self.item_emb(batch.pos)).sum(-1)  # (B,)
-        neg = torch.einsum("bd,bkd->bk", u, self.item_emb(batch.neg))  # (B, K)
-        return {"loss": sampled_loss(pos, neg, self.cfg.loss)}

@@ -21,9 +21,9 @@ from aftrec.config import _at_least
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
 from aftrec.errors import ConfigError
-from aftrec.models.base import RetrievalModel
+from aftrec.models.base import UserTowerModel
 from aftrec.models.layers import bag_mean
-from aftrec.models.losses import LOSSES, sampled_loss
+from aftrec.models.losses import LOSSES
 from aftrec.registry import register_model
 
 
@@ -49,7 +49,7 @@ def masked_mean(emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @register_model("two-tower", TwoTowerConfig)
-class TwoTower(RetrievalModel):
+class TwoTower(UserTowerModel):
     def __init__(self, cfg: TwoTowerConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)
         d = cfg.dim
@@ -67,22 +67,7 @@ class TwoTower(RetrievalModel):
         with torch.no_grad():
             self.history_emb.weight[info.pad].zero_()
 
-    def _user(self, batch: Batch, domain: torch.Tensor) -> torch.Tensor:
+    def user_tower(self, batch: Batch, domain: torch.Tensor) -> torch.Tensor:
         pooled = bag_mean(self.history_emb, batch.history, self.info.pad)  # (B, D, d)
         x = torch.cat([pooled.flatten(1), self.domain_emb(domain)], dim=1)  # (B, (D+1) d)
         return self.mlp(x)  # (B, d)
-
-    def user_vectors(self, batch: Batch, domain: int) -> torch.Tensor:
-        target = torch.full((len(batch),), domain, dtype=torch.long, device=batch.history.device)
-        return self._user(batch, target)
-
-    def item_vectors(self, domain: int) -> torch.Tensor:
-        lo, hi = self.info.domain_range(domain)
-        return self.item_emb.weight[lo:hi]
-
-    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        assert batch.pos is not None and batch.neg is not None, "training batches carry items"
-        u = self._user(batch, batch.domain)  # (B, d)
-        pos = (u * self.item_emb(batch.pos)).sum(-1)  # (B,)
-        neg = torch.einsum("bd,bkd->bk", u, self.item_emb(batch.neg))  # (B, K)
-        return {"loss": sampled_loss(pos, neg, self.cfg.loss)}
