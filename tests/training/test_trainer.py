@@ -120,3 +120,27 @@ def test_killed_run_leaves_a_good_checkpoint_and_resumes(tiny_dir: Path, tmp_pat
     assert res.epochs_run == state["epoch"] + 2
     # a temporary file the kill may have left mid-write is swept on resume
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_yaml_config_and_overrides_resolve_in_order(tiny_dir: Path, tmp_path: Path) -> None:
+    """Defaults <- YAML <- --set; the run's config.yaml holds the resolved result."""
+    import yaml
+
+    from aftrec.cli import main
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(
+        "model: {name: two-tower, dim: 12, hidden: 20}\n"
+        "train: {epochs: 1, max_batches_per_epoch: 2, batch_size: 32, lr: 0.01}\n"
+        "data: {history_len: 4}\n"
+    )
+    run = tmp_path / "r"
+    code = main(["train", "--data", str(tiny_dir), "--out", str(run), "--config", str(cfg_file),
+                 "--set", "train.lr=0.005", "model.hidden=24", "--quiet"])  # fmt: skip
+    assert code == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["name"] == "two-tower" and saved["model"]["dim"] == 12
+    assert saved["model"]["hidden"] == 24 and saved["train"]["lr"] == 0.005
+    assert saved["data"]["history_len"] == 4 and saved["train"]["patience"] == 3  # a default
+    w = checkpoint.load(run / "best.pt")["model"]
+    assert w["item_emb.weight"].shape[1] == 12
