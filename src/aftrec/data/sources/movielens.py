@@ -270,6 +270,14 @@ def _read_grouplens(folder: Path, name: str) -> _Raw:
     return _Raw(ratings, movies, ratings_origin, movies_origin)
 
 
+def _ratings(df: pd.DataFrame, origin: Origin, expected: str) -> pd.DataFrame:
+    """The user, item, timestamp, rating columns of a ratings file, checked and typed."""
+    df = df[["user", "item", "timestamp", "rating"]].copy()
+    _integers(df, ("user", "item", "timestamp"), origin, expected)
+    _floats(df, "rating", origin, expected)
+    return df
+
+
 def _read_ratings_dat(file: Path) -> tuple[pd.DataFrame, Origin]:
     origin = Origin(str(file), line_base=1)
     expected = "UserID::MovieID::Rating::Timestamp"
@@ -285,10 +293,7 @@ def _read_ratings_dat(file: Path) -> tuple[pd.DataFrame, Origin]:
     if filled.any():
         i = int(np.flatnonzero(filled)[0])
         raise DataError(f"{origin.row(i)}: fields not separated by '::'; expected {expected}")
-    df = df[["user", "item", "timestamp", "rating"]].copy()
-    _integers(df, ("user", "item", "timestamp"), origin, expected)
-    _floats(df, "rating", origin, expected)
-    return df, origin
+    return _ratings(df, origin, expected), origin
 
 
 def _read_movies_dat(file: Path) -> tuple[pd.DataFrame, Origin]:
@@ -320,10 +325,7 @@ def _read_u_data(file: Path) -> tuple[pd.DataFrame, Origin]:
         )
     except pd.errors.ParserError as err:
         raise _bad_fields(err, origin, expected) from err
-    df = df[["user", "item", "timestamp", "rating"]].copy()
-    _integers(df, ("user", "item", "timestamp"), origin, expected)
-    _floats(df, "rating", origin, expected)
-    return df, origin
+    return _ratings(df, origin, expected), origin
 
 
 def _read_u_item(file: Path) -> tuple[pd.DataFrame, Origin]:
