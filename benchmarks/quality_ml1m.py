@@ -75,6 +75,11 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--root", type=Path, default=Path("runs/quality"))
     parser.add_argument("--set", nargs="*", default=[], dest="overrides")
+    parser.add_argument(
+        "--name",
+        default="quality_ml1m",
+        help="stem of the summary files written to benchmarks/results/",
+    )
     args = parser.parse_args()
     if not (args.data / "meta.json").exists():
         aftrec("prepare", "--dataset", "ml-1m", "--out", str(args.data))
@@ -91,10 +96,10 @@ def main() -> None:
         for m, rs in per_seed.items()
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quality_ml1m.json").write_text(json.dumps(
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(
         {"machine": machine(), "command": " ".join(sys.argv), "summary": summary,
          "runs": extras}, indent=2) + "\n")  # fmt: skip
-    (RESULTS / "quality_ml1m.md").write_text(table + "\n")
+    (RESULTS / f"{args.name}.md").write_text(table + "\n")
     print(table)
 
 

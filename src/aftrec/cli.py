@@ -94,27 +94,41 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from aftrec.config import resolve
-    from aftrec.training.trainer import run_data_dir, train
+    from aftrec.training import distributed
+    from aftrec.training.trainer import load_run_config, run_data_dir, train
 
     cfg = None
     if not args.resume:
         if not args.data:
             raise DataError("--data DIR is required (a directory written by `aftrec prepare`)")
         cfg = resolve(args.model, args.config, args.set)
-    elif args.config or args.set or args.model:
+    elif args.config or args.model or any(not o.startswith("train.epochs=") for o in args.set):
         from aftrec.errors import ConfigError
 
         raise ConfigError(
-            "--resume continues with the run's saved config; drop --model/--config/--set"
+            "--resume continues with the run's saved config; drop --model/--config/--set "
+            "(only --set train.epochs=N, to train longer, is allowed)"
         )
     data = args.data
     if args.resume and data is None:
         data = run_data_dir(Path(args.out))
-    res = train(Path(data), cfg, Path(args.out), resume=args.resume, progress=not args.quiet)
+    run_cfg = cfg if cfg is not None else load_run_config(Path(args.out))
+    ctx = distributed.init(run_cfg.train.device)  # torchrun: join the process group
+    try:
+        res = train(
+            Path(data), cfg, Path(args.out), resume=args.resume, progress=not args.quiet,
+            ctx=ctx, resume_set=args.set if args.resume else None,
+        )  # fmt: skip
+    finally:
+        distributed.shutdown(ctx)
+    if not ctx.main:
+        return
+    memory = f", peak memory per rank {res.peak_rss_mib} MiB" if ctx.distributed else ""
     print(
         f"trained {res.run}: best epoch {res.best_epoch}, valid {res.best_metric:.4f}, "
         f"{res.epochs_run} epoch(s), {res.seconds:.1f}s, {res.examples_per_second:.0f} examples/s"
         + (" (stopped early)" if res.stopped_early else "")
+        + memory
     )
 
 

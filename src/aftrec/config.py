@@ -48,9 +48,15 @@ class TrainConfig:
     max_batches_per_epoch: int | None = None  # cap for quick runs
     threads: int | None = None  # torch intra-op threads; None = torch's default
     device: str = "cpu"
+    # data-parallel training (torchrun): user shards per global batch; None = one per rank
+    data_shards: int | None = None
+    valid_users: int | None = None  # validate on a fixed sample of this many users per domain
 
     def __post_init__(self) -> None:
         _at_least(self, "train", epochs=1, batch_size=1, patience=1, eval_batch_size=1)
+        for key in ("data_shards", "valid_users"):
+            if getattr(self, key) is not None:
+                _at_least(self, "train", **{key: 1})
         _at_least(self, "train", lr=0.0, weight_decay=0.0)
         if self.max_batches_per_epoch is not None:
             _at_least(self, "train", max_batches_per_epoch=1)

@@ -23,6 +23,7 @@ from aftrec.models.aft import AFT, AFTConfig
 from aftrec.models.aft.conve import ConvE, interleave_rows
 from aftrec.models.aft.discriminator import click_share
 from aftrec.models.aft.model import gaussian_mmd2, reinforce_loss
+from aftrec.models.aft.topk import Exclusions
 from aftrec.registry import create_model
 from aftrec.training import checkpoint
 from aftrec.training.adversarial import AdversarialStep
@@ -124,7 +125,7 @@ def test_shapes_of_every_block(tiny: Dataset) -> None:
     assert h.shape == (b, dim) and alpha.shape == (b, n)
     torch.testing.assert_close(alpha.sum(1), torch.ones(b))
     assert g.logits(h, batch.neg).shape == (b, 4)
-    fakes, valid = g.top_k(h, model.excluded(batch), 3)
+    fakes, valid = g.top_k(h, batch.domain, model.exclusions(batch), 3, model.offsets, 64)
     assert fakes.shape == valid.shape == (b, 3) and valid.all()
     f_d, f_hat, d_hat = d.encode(batch.history, batch.counts)
     assert f_d.shape == f_hat.shape == d_hat.shape == (b, n, dim)
@@ -141,7 +142,7 @@ def test_shapes_of_every_block(tiny: Dataset) -> None:
         size = tiny.info.domain_size(dom)
         assert model.item_vectors(dom).shape == (size, dim)
         assert model.score(batch, dom).shape == (b, size)
-    assert model.excluded(batch).shape == (b, tiny.info.n_items)
+    assert model.exclusions(batch).dense(b, tiny.info.n_items).shape == (b, tiny.info.n_items)
 
 
 def test_interleave_alternates_rows() -> None:
@@ -235,7 +236,7 @@ def test_fakes_never_include_training_positives(tiny: Dataset) -> None:
     for batch in train_batches(tiny, 3, size=128):
         h = torch.zeros(len(batch), 16)
         h[:, 0] = 1.0
-        fakes, valid = g.top_k(h, model.excluded(batch), 5)
+        fakes, valid = g.top_k(h, batch.domain, model.exclusions(batch), 5, model.offsets, 64)
         assert valid.all()
         users = np.repeat(batch.users.numpy()[:, None], 5, 1)
         assert not known.is_known(users, fakes.numpy()).any()
@@ -243,15 +244,14 @@ def test_fakes_never_include_training_positives(tiny: Dataset) -> None:
         hi = torch.tensor(tiny.info.offsets)[batch.domain + 1][:, None]
         assert ((fakes >= lo) & (fakes < hi)).all()  # the target domain only
         # without the user's clicks masked, the same top-k would contain clicked items
-        ids = torch.arange(tiny.info.n_items)
-        raw, _ = g.top_k(h, (ids < lo) | (ids >= hi), 5)
+        raw, _ = g.top_k(h, batch.domain, Exclusions.empty(), 5, model.offsets, 64)
         assert known.is_known(users, raw.numpy()).any()
 
 
 def test_fakes_without_prepare_training_still_skip_the_batch_clicks(tiny: Dataset) -> None:
     _, model = build(tiny)
     (batch,) = train_batches(tiny, 1)
-    ex = model.excluded(batch)
+    ex = model.exclusions(batch).dense(len(batch), tiny.info.n_items)
     assert batch.pos is not None
     assert ex[torch.arange(len(batch)), batch.pos].all()
     hist = batch.history[batch.history != tiny.info.pad]
@@ -267,9 +267,12 @@ def test_hard_negatives_come_from_the_band_below_the_top(tiny: Dataset) -> None:
     model.eval()
     (batch,) = train_batches(tiny, 1, size=32)
     u = model.discriminator(batch.history, batch.counts, batch.domain)
-    ex = model.excluded(batch)
+    ids = torch.arange(tiny.info.n_items)
+    lo = torch.tensor(tiny.info.offsets)[batch.domain][:, None]
+    hi = torch.tensor(tiny.info.offsets)[batch.domain + 1][:, None]
+    ex = model.exclusions(batch).dense(len(batch), tiny.info.n_items) | (ids < lo) | (ids >= hi)
     torch.manual_seed(0)
-    items, valid = model.hard_negatives(u, ex, batch.domain)
+    items, valid = model.hard_negatives(u, model.exclusions(batch), batch.domain)
     assert items.shape == (32, 3) and valid.all()
     assert not ex.gather(1, items).any()
     scores = (u @ model.discriminator.item_emb.weight[:-1].T).masked_fill(ex, float("-inf"))
@@ -381,7 +384,9 @@ def test_adversarial_steps_are_finite_and_d_learns_to_reject_fakes(tiny: Dataset
         g = model.generator
         assert g is not None
         with torch.no_grad():
-            fakes, _ = g.eval().top_k(g(b0.history, b0.domain), model.excluded(b0), 3)
+            fakes, _ = g.eval().top_k(
+                g(b0.history, b0.domain), b0.domain, model.exclusions(b0), 3, model.offsets, 64
+            )
         before = p_d(model, fakes)
         step = make_step(model, cfg.train)
         for _ in range(5):

@@ -4,6 +4,9 @@ Training examples are the training positives: (user, target item, target domain,
 example's input is the user's behaviours strictly before its time (last ``history_len`` per
 domain, see :mod:`aftrec.data.histories`), and it comes with ``n_negatives`` items sampled
 uniformly from the target domain among those the user did not click in training.
+
+:class:`ShardedLoader` builds each global batch from several user shards, which is how
+data-parallel training splits the work (see :mod:`aftrec.training.distributed`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 
 from aftrec.data.dataset import DataInfo, Interactions
 from aftrec.data.histories import HistoryIndex
+from aftrec.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,26 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.users.shape[0])
+
+    @staticmethod
+    def cat(parts: list[Batch]) -> Batch:
+        """The batches one after the other (rows of ``parts[0]`` first)."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def join(name: str) -> torch.Tensor | None:
+            ts = [getattr(p, name) for p in parts]
+            return None if any(t is None for t in ts) else torch.cat(ts)
+
+        return Batch(
+            users=torch.cat([p.users for p in parts]),
+            history=torch.cat([p.history for p in parts]),
+            counts=torch.cat([p.counts for p in parts]),
+            domain=torch.cat([p.domain for p in parts]),
+            pos=join("pos"),
+            neg=join("neg"),
+            history_time=join("history_time"),
+        )
 
     def to(self, device: torch.device | str) -> Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -142,8 +166,22 @@ class TrainLoader:
     def epoch(self, rng: np.random.Generator, max_batches: int | None = None) -> Iterator[Batch]:
         order = rng.permutation(len(self.train))
         n_batches = len(self) if max_batches is None else min(len(self), max_batches)
+        return self._batches(order, n_batches, self.batch_size, rng)
+
+    def cycle(self, rng: np.random.Generator, batch_size: int, n_batches: int) -> Iterator[Batch]:
+        """``n_batches`` full batches of ``batch_size``, walking fresh permutations of the
+        examples one after the other (a shard smaller than its share repeats examples, a
+        larger one leaves the tail of its last permutation for the next epoch's draw)."""
+        need = batch_size * n_batches
+        laps = -(-need // len(self.train))
+        order = np.concatenate([rng.permutation(len(self.train)) for _ in range(laps)])[:need]
+        return self._batches(order, n_batches, batch_size, rng)
+
+    def _batches(
+        self, order: np.ndarray, n_batches: int, batch_size: int, rng: np.random.Generator
+    ) -> Iterator[Batch]:
         for b in range(n_batches):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            idx = order[b * batch_size : (b + 1) * batch_size]
             users = self.train.user[idx].astype(np.int64)
             domains = self.train.domain[idx].astype(np.int64)
             neg = (
@@ -161,3 +199,62 @@ class TrainLoader:
                 pos=self.train.item[idx],
                 neg=neg,
             )
+
+
+class ShardedLoader:
+    """Global batches drawn from ``n_shards`` user shards, of which this process holds some.
+
+    Every global batch of ``batch_size`` takes ``batch_size / n_shards`` examples from each
+    shard, so which examples form a batch depends on the shards, never on how many processes
+    share them: one process holding shards {0, 1} yields exactly the concatenation of what two
+    processes holding {0} and {1} yield. An epoch is ``ceil(n_examples / batch_size)`` batches
+    (``n_examples`` counted over all shards, so every rank takes the same number of steps). Each
+    shard's order and negatives come from its own generator, seeded by (seed, epoch, shard):
+    an epoch is reproducible on its own, which is what lets a run resume on another number of
+    ranks. With a single shard this is :meth:`TrainLoader.epoch` (last batch partial).
+    """
+
+    def __init__(
+        self,
+        shards: dict[int, Interactions],
+        info: DataInfo,
+        history_len: int,
+        batch_size: int,
+        n_negatives: int,
+        n_shards: int,
+        n_examples: int,
+        seed: int,
+    ) -> None:
+        if batch_size % n_shards:
+            raise ConfigError(
+                f"train.batch_size={batch_size} must be a multiple of the number of data "
+                f"shards ({n_shards})"
+            )
+        empty = [s for s, part in shards.items() if len(part) == 0]
+        if empty:
+            raise DataError(
+                f"data shard(s) {empty} of {n_shards} hold no training examples: use fewer "
+                "shards (train.data_shards) or ranks"
+            )
+        self.loaders = {
+            s: TrainLoader(part, info, history_len, batch_size // n_shards, n_negatives)
+            for s, part in sorted(shards.items())
+        }
+        self.batch_size, self.n_shards, self.seed = batch_size, n_shards, seed
+        self.n_examples = n_examples
+
+    def __len__(self) -> int:
+        return -(-self.n_examples // self.batch_size)
+
+    def local_batch_size(self) -> int:
+        return self.batch_size // self.n_shards * len(self.loaders)
+
+    def epoch(self, epoch: int, max_batches: int | None = None) -> Iterator[Batch]:
+        n_batches = len(self) if max_batches is None else min(len(self), max_batches)
+        rngs = {s: np.random.default_rng([self.seed, epoch, s]) for s in self.loaders}
+        if self.n_shards == 1:
+            (loader,) = self.loaders.values()
+            return loader.epoch(rngs[0], n_batches)
+        per = self.batch_size // self.n_shards
+        its = [ld.cycle(rngs[s], per, n_batches) for s, ld in self.loaders.items()]
+        return (Batch.cat(list(parts)) for parts in zip(*its, strict=True))

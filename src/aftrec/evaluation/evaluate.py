@@ -92,7 +92,11 @@ class Evaluator:
         sampled_negatives: int | None = None,
         seed: int = 0,
         progress: bool = True,
+        max_users: int | None = None,
     ) -> EvalResult:
+        """Full-ranking metrics on ``split``; ``max_users`` evaluates a fixed random sample
+        (seeded by ``seed``) of at most that many users per domain, for quick validation on
+        large data."""
         info = self.data.info
         fit, targets = self.indices(split)
         ns = tuple(sorted(set(int(n) for n in ns)))
@@ -102,17 +106,16 @@ class Evaluator:
         users_per_domain: dict[str, int] = {}
         per_user: list[pd.DataFrame] = []
         prefix = "" if sampled_negatives is None else "sampled_"
-        total = int(
-            sum(
-                len(np.unique(target_parts.user[target_parts.domain == d]))
-                for d in range(info.n_domains)
-            )
-        )
+        chosen = [
+            _sample(np.unique(target_parts.user[target_parts.domain == d]), max_users, seed + d)
+            for d in range(info.n_domains)
+        ]
+        total = sum(len(u) for u in chosen)
         bar = tqdm(
             total=total, desc=f"evaluate {split}", unit="user", disable=not progress, leave=False
         )
         for d, name in enumerate(info.domains):
-            users = np.unique(target_parts.user[target_parts.domain == d])
+            users = chosen[d]
             n_d = info.domain_size(d)
             sums: dict[str, list[torch.Tensor]] = {}
             k = max(ns) if sampled_negatives is None else n_d
@@ -161,6 +164,12 @@ class Evaluator:
         )
         frame = pd.concat(per_user, ignore_index=True) if per_user else pd.DataFrame()
         return EvalResult(split, ns, domains, average, users_per_domain, protocol, frame)
+
+
+def _sample(users: np.ndarray, max_users: int | None, seed: int) -> np.ndarray:
+    if max_users is None or len(users) <= max_users:
+        return users
+    return np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
 
 
 def _positive_scores(

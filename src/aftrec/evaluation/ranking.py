@@ -8,6 +8,7 @@ fixed number of elements, whatever the catalogue size.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -37,6 +38,13 @@ def dense_mask(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> to
     return mask
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's tensors live (CPU for a model without any)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def rank_domain(
     model: RetrievalModel,
     info: DataInfo,
@@ -52,12 +60,13 @@ def rank_domain(
     k = min(k, n_d)
     step = max(1, min(batch_size, MAX_SCORE_ELEMENTS // max(n_d, 1)))
     model.eval()
+    device = model_device(model)
     with torch.inference_mode():
         for start in range(0, len(users), step):
             u = np.asarray(users[start : start + step], dtype=np.int64)
             domains = np.full(len(u), domain, dtype=np.int64)
-            batch = make_batch(info, history, u, domains, history_len)
-            scores = model.score(batch, domain).float()  # (B, n_d)
+            batch = make_batch(info, history, u, domains, history_len).to(device)
+            scores = model.score(batch, domain).float().cpu()  # (B, n_d)
             seen = dense_mask(*history.seen_mask(u, domain), (len(u), n_d))
             top_scores, top_items = torch.topk(scores.masked_fill(seen, float("-inf")), k, dim=1)
             yield RankedBatch(u, scores, seen, top_items, top_scores)

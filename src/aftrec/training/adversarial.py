@@ -27,15 +27,17 @@ import torch
 
 from aftrec.config import TrainConfig
 from aftrec.data.loader import Batch
+from aftrec.training.distributed import SINGLE, Context, loss_forward
 
 if TYPE_CHECKING:
     from aftrec.models.aft.model import AFT
 
 
 class AdversarialStep:
-    def __init__(self, model: AFT, cfg: TrainConfig) -> None:
+    def __init__(self, model: AFT, cfg: TrainConfig, ctx: Context = SINGLE) -> None:
         mc = model.cfg
         self.model = model
+        self.forward = loss_forward(model, "losses", ctx)  # DDP across ranks
         self.d_every, self.g_every, self.warmup = mc.d_every, mc.g_every, mc.warmup_steps
         self.d_opt = torch.optim.Adam(
             model.discriminator.parameters(),
@@ -56,7 +58,7 @@ class AdversarialStep:
         train_d = warmup or self.batches % self.d_every == 0
         train_g = self.g_opt is not None and (warmup or self.batches % self.g_every == 0)
         self.model.train()
-        losses = self.model.losses(batch, train_d=train_d, train_g=train_g, warmup=warmup)
+        losses = self.forward(batch, train_d=train_d, train_g=train_g, warmup=warmup)
         self.d_opt.zero_grad(set_to_none=True)
         if self.g_opt is not None:
             self.g_opt.zero_grad(set_to_none=True)

@@ -8,8 +8,13 @@ A run directory holds::
     best.pt       the model weights of the best validation epoch
     log.jsonl     one line per epoch: losses, validation metric, throughput
 
-``--resume`` continues from ``last.pt`` with the saved config, RNG state and counters, so a
-run killed between two epochs ends where an uninterrupted one would have.
+``--resume`` continues from ``last.pt`` with the saved config and counters; every epoch's
+randomness (order, negatives, dropout) is seeded from (seed, epoch, rank), so a run killed
+between two epochs ends where an uninterrupted one would have.
+
+Under torchrun the same loop runs data-parallel (:mod:`aftrec.training.distributed`): each
+rank trains on its own user shards, DDP averages the gradients, and rank 0 alone validates,
+writes the log and the checkpoints; the run directory must be on storage every rank sees.
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ from tqdm.auto import tqdm
 from aftrec import __version__
 from aftrec.config import RunConfig, dump, resolve
 from aftrec.data.dataset import Dataset
-from aftrec.data.loader import TrainLoader
+from aftrec.data.loader import ShardedLoader
+from aftrec.data.shards import load_shards
 from aftrec.errors import CheckpointError, ConfigError
 from aftrec.evaluation.evaluate import Evaluator
 from aftrec.models.base import RetrievalModel
 from aftrec.registry import create_model
 from aftrec.training import checkpoint
+from aftrec.training.distributed import SINGLE, Context, peak_rss_mib, shards_of
 from aftrec.training.steps import make_step
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,7 @@ class TrainResult:
     seconds: float
     examples_per_second: float
     stopped_early: bool
+    peak_rss_mib: list[float] = dataclasses.field(default_factory=list)  # per rank
 
 
 def _metric_name(cfg: RunConfig) -> tuple[str, int]:
@@ -62,11 +70,11 @@ def _metric_name(cfg: RunConfig) -> tuple[str, int]:
     return cfg.train.valid_metric, int(n)
 
 
-def load_run_config(run: Path) -> RunConfig:
+def load_run_config(run: Path, overrides: list[str] | None = None) -> RunConfig:
     path = Path(run) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{run} is not a run directory (no config.yaml)")
-    return resolve(None, path)
+    return resolve(None, path, overrides or [])
 
 
 def run_data_dir(run: Path) -> Path:
@@ -97,20 +105,34 @@ def load_run(run: Path, which: str = "best") -> tuple[RunConfig, Dataset, Retrie
     return cfg, data, model
 
 
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The torch seed of one rank's epoch: dropout and masks are reproducible per epoch."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
 def train(
     data_dir: Path,
     cfg: RunConfig | None,
     out: Path,
     resume: bool = False,
     progress: bool = True,
+    ctx: Context = SINGLE,
+    resume_set: list[str] | None = None,
 ) -> TrainResult:
+    """Train (or resume) a run; under torchrun pass the :func:`distributed.init` context.
+
+    ``resume_set`` overrides the saved config of a resumed run (the CLI allows only
+    ``train.epochs``, to train a finished run for longer)."""
     out = Path(out)
+    progress = progress and ctx.main
     if resume:
         if cfg is not None:
             raise ConfigError("--resume continues with the run's saved config; drop --config/--set")
-        cfg = load_run_config(out)
+        cfg = load_run_config(out, resume_set)
         state: dict[str, Any] | None = checkpoint.load(out / "last.pt")
-        for stale in out.glob(".*.tmp"):  # left by a process killed mid-write
+        if resume_set and ctx.main:
+            checkpoint.atomic_write_text(out / "config.yaml", dump(cfg))
+        for stale in out.glob(".*.tmp") if ctx.main else ():  # left by a process killed
             stale.unlink(missing_ok=True)
     else:
         assert cfg is not None
@@ -122,13 +144,16 @@ def train(
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
-    rng = np.random.default_rng(tc.seed)
 
-    data = Dataset(Path(data_dir))
-    model = create_model(cfg.model_name, cfg.model, data.info, cfg.data.history_len)
-    evaluator = Evaluator(data, cfg.data.history_len, tc.eval_batch_size)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    n_shards = tc.data_shards or ctx.world
+    local = load_shards(Path(data_dir), n_shards, shards_of(ctx, n_shards))
+    model = create_model(cfg.model_name, cfg.model, local.info, cfg.data.history_len)
+    model.to(tc.device)
+    full = local.dataset if local.complete or not ctx.main else Dataset(Path(data_dir))
+    evaluator = Evaluator(full, cfg.data.history_len, tc.eval_batch_size)
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+    if not resume and ctx.main:
         checkpoint.atomic_write_text(out / "config.yaml", dump(cfg))
         run_meta = {
             "data": str(Path(data_dir).resolve()),
@@ -145,16 +170,20 @@ def train(
         if state is not None and state.get("done"):
             log.info("run %s already finished", out)
             return TrainResult(out, 0, float(state["metric"]), 0, 0.0, 0.0, False)
-        return _fit_closed_form(cfg, data, evaluator, out, metric, metric_n, started)
+        result = None
+        if ctx.main:  # closed form: one process fits, the others wait
+            result = _fit_closed_form(cfg, full, evaluator, out, metric, metric_n, started)
+        return ctx.broadcast(result)
 
-    model.prepare_training(data.train)  # fresh and resumed runs alike
-    loader = TrainLoader(
-        data.train, data.info, cfg.data.history_len, tc.batch_size, cfg.data.n_negatives
-    )
-    step = make_step(model, tc)
+    model.prepare_training(local.train)  # fresh and resumed runs alike
+    loader = ShardedLoader(
+        local.shards, local.info, cfg.data.history_len, tc.batch_size, cfg.data.n_negatives,
+        n_shards, local.n_examples, tc.seed,
+    )  # fmt: skip
+    step = make_step(model, tc, ctx)
     epoch, best, best_epoch, bad_epochs = 0, float("-inf"), -1, 0
     if state is not None:
-        if state.get("done"):
+        if state.get("done") and (state.get("stopped_early") or state["epoch"] >= tc.epochs):
             log.info("run %s already finished", out)
             return TrainResult(
                 out,
@@ -176,16 +205,15 @@ def train(
             state["best_epoch"],
             state["bad_epochs"],
         )
-        rng.bit_generator.state = json.loads(state["numpy_rng"])
-        torch.set_rng_state(state["torch_rng"])
 
-    has_valid = len(data.valid) > 0
+    has_valid = int(sum(local.dataset.meta["counts"]["valid"].values())) > 0
     examples, train_seconds, stopped_early = 0, 0.0, False
     while epoch < tc.epochs:
         t0 = time.perf_counter()
         totals: dict[str, float] = {}
         n_batches = epoch_examples = 0
-        batches = loader.epoch(rng, tc.max_batches_per_epoch)
+        torch.manual_seed(epoch_seed(tc.seed, epoch, ctx.rank))
+        batches = loader.epoch(epoch, tc.max_batches_per_epoch)
         total = (
             len(loader)
             if tc.max_batches_per_epoch is None
@@ -200,7 +228,7 @@ def train(
             leave=False,
         )
         for batch in bar:
-            losses = step(batch)
+            losses = step(batch if tc.device == "cpu" else batch.to(tc.device))
             if not all(np.isfinite(v) for v in losses.values()):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}: {losses}")
             for k, v in losses.items():
@@ -213,14 +241,29 @@ def train(
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
         epoch += 1
+        # the ranks' mean losses and example counts (one small gather per epoch)
+        per_rank = ctx.gather((totals, n_batches, epoch_examples, peak_rss_mib()))
+        examples += sum(r[2] for r in per_rank) - epoch_examples
+        epoch_examples = sum(r[2] for r in per_rank)
         entry: dict[str, Any] = {
             "epoch": epoch,
-            **{k: v / max(n_batches, 1) for k, v in totals.items()},
+            **{
+                k: sum(r[0][k] for r in per_rank) / max(sum(r[1] for r in per_rank), 1)
+                for k in totals
+            },
         }
+        if ctx.distributed:
+            entry["ranks"] = ctx.world
+            entry["peak_rss_mib"] = [round(r[3], 1) for r in per_rank]
+        if not ctx.main:  # rank 0 validates and checkpoints; the others wait for its verdict
+            stopped_early = ctx.broadcast(None)
+            if stopped_early:
+                break
+            continue
         if has_valid:
-            value = evaluator.evaluate(model, "valid", ns=(metric_n,), progress=False).average[
-                metric
-            ]
+            value = evaluator.evaluate(
+                model, "valid", ns=(metric_n,), progress=False, max_users=tc.valid_users
+            ).average[metric]
         else:
             value = -float(epoch)  # no validation part: the last epoch is the best
         entry[f"valid_{metric}"] = value
@@ -242,8 +285,6 @@ def train(
                 "best_metric": best,
                 "best_epoch": best_epoch,
                 "bad_epochs": bad_epochs,
-                "numpy_rng": json.dumps(rng.bit_generator.state),
-                "torch_rng": torch.get_rng_state(),
                 "done": done,
                 "stopped_early": stopped_early,
             },
@@ -254,12 +295,16 @@ def train(
             f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()
         )
         tqdm.write(msg) if progress else log.info(msg)
+        ctx.broadcast(stopped_early)
         if stopped_early:
             break
     seconds = time.perf_counter() - started
+    best_epoch, best = ctx.broadcast((best_epoch, best))
+    peaks = [round(p, 1) for p in ctx.gather(peak_rss_mib())]
     return TrainResult(
-        out, best_epoch, best, epoch, seconds, examples / max(train_seconds, 1e-9), stopped_early
-    )
+        out, best_epoch, best, epoch, seconds, examples / max(train_seconds, 1e-9),
+        stopped_early, peaks,
+    )  # fmt: skip
 
 
 def _fit_closed_form(

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aftrec.models.aft.topk import Exclusions, domain_top_k
 from aftrec.models.layers import bag_mean
 
 
@@ -115,12 +116,18 @@ class Generator(nn.Module):
 
     @torch.no_grad()
     def top_k(
-        self, h: torch.Tensor, excluded: torch.Tensor, k: int
+        self,
+        h: torch.Tensor,
+        domain: torch.Tensor,
+        exclude: Exclusions,
+        k: int,
+        offsets: torch.Tensor,
+        chunk: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """G's fake clicked items: the top ``k`` items by p_g among those not ``excluded``
-        ((B, n_items) bool: other domains' items and the user's clicks). One matrix product
-        and one ``topk`` for the whole batch. Returns (B, k) global ids and (B, k) validity
-        (False where fewer than ``k`` items were left)."""
-        scores = h @ self.item_emb.weight[: self.pad].T  # (B, n_items)
-        top, items = scores.masked_fill(excluded, float("-inf")).topk(k, dim=1)  # (B, k)
+        """G's fake clicked items: the top ``k`` items of each row's target ``domain`` by p_g,
+        the ``exclude`` pairs (the user's clicks) left out. Scored in chunks of ``chunk`` items
+        with a running top-k (:func:`domain_top_k`), so memory stays bounded over any
+        catalogue. Returns (B, k) global ids and (B, k) validity (False where fewer than ``k``
+        items were left)."""
+        items, top, _ = domain_top_k(h, self.item_emb.weight, domain, offsets, exclude, k, chunk)
         return items, torch.isfinite(top)

@@ -39,11 +39,13 @@ from aftrec.data.loader import Batch
 from aftrec.errors import ConfigError
 from aftrec.models.aft.discriminator import Discriminator
 from aftrec.models.aft.generator import Generator, target_rows
+from aftrec.models.aft.topk import Exclusions, domain_top_k
 from aftrec.models.base import RetrievalModel
 from aftrec.registry import register_model
 
 if TYPE_CHECKING:
     from aftrec.training.adversarial import AdversarialStep
+    from aftrec.training.distributed import Context
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class AFTConfig:
     # --- hard negative mining (negatives="hard") as fractions of the domain's size ---
     hnm_skip: float = 0.01  # skip the top ceil(hnm_skip * n_d) ranks (likely positives)
     hnm_band: float = 0.05  # then sample uniformly from the next ceil(hnm_band * n_d)
+    # --- G's top-k and D's ranking are scored this many items at a time (bounded memory) ---
+    topk_chunk: int = 65_536
 
     def __post_init__(self) -> None:
         _at_least(
@@ -104,6 +108,7 @@ class AFTConfig:
             d_every=1,
             g_every=1,
             warmup_steps=0,
+            topk_chunk=1,
         )
         for key in ("g_heads", "d_heads", "conve_rows"):
             if self.dim % getattr(self, key):
@@ -278,40 +283,41 @@ class AFT(RetrievalModel):
         """Index the training clicks so that no fake / hard negative is a user's click."""
         self.clicks = ClickIndex(train, self.info.n_users)
 
-    def excluded(self, batch: Batch) -> torch.Tensor:
-        """(B, n_items) bool: items that may not be fakes or hard negatives: those outside the
-        target domain, and the user's clicks (all training clicks once
-        :meth:`prepare_training` ran; always the batch's history and positive)."""
-        n_items = self.info.n_items
-        dev = batch.history.device
-        ids = torch.arange(n_items, device=dev)
-        lo, hi = self.offsets[batch.domain], self.offsets[batch.domain + 1]  # (B,)
-        out = torch.zeros(len(batch), n_items + 1, dtype=torch.bool, device=dev)  # + pad column
-        out.scatter_(1, batch.history.flatten(1), True)
+    def exclusions(self, batch: Batch) -> Exclusions:
+        """(row, item) pairs that may not be fakes or hard negatives: the user's clicks (all
+        training clicks once :meth:`prepare_training` ran; always the batch's history and
+        positive). Items outside the target domain are never scored at all."""
+        b, dev = len(batch), batch.history.device
+        hist = batch.history.flatten(1)  # (B, D * L), padding = n_items: outside every domain
+        rows = [torch.arange(b, device=dev).repeat_interleave(hist.shape[1])]
+        items = [hist.flatten()]
         if batch.pos is not None:
-            out.scatter_(1, batch.pos.unsqueeze(1), True)
+            rows.append(torch.arange(b, device=dev))
+            items.append(batch.pos)
         if self.clicks is not None:
-            rows, items = self.clicks.pairs(batch.users)
-            out[rows.to(dev), items.to(dev)] = True
-        return out[:, :n_items] | (ids < lo[:, None]) | (ids >= hi[:, None])
+            r, i = self.clicks.pairs(batch.users)
+            rows.append(r.to(dev))
+            items.append(i.to(dev))
+        return Exclusions.of(torch.cat(rows), torch.cat(items))
 
     @torch.no_grad()
     def hard_negatives(
-        self, u: torch.Tensor, excluded: torch.Tensor, domain: torch.Tensor
+        self, u: torch.Tensor, exclude: Exclusions, domain: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Huang et al. (KDD 2020) hard negatives from D's own ranking: skip the top
         ``ceil(hnm_skip n_d)`` allowed items, sample ``n_fakes`` uniformly (with replacement)
         from the next ``ceil(hnm_band n_d)``. (B, k) global ids and validity."""
         cfg, b = self.cfg, u.shape[0]
-        scores = u @ self.discriminator.item_emb.weight[: self.info.n_items].T  # (B, n_items)
-        scores = scores.masked_fill(excluded, float("-inf"))
         size = (self.offsets[domain + 1] - self.offsets[domain]).to(torch.float32)  # (B,)
-        allowed = (~excluded).sum(1)  # (B,)
         skip = torch.ceil(cfg.hnm_skip * size).long()
         band = torch.ceil(cfg.hnm_band * size).long().clamp(min=1)
+        depth = int((skip + band).max())
+        order, _, allowed = domain_top_k(
+            u, self.discriminator.item_emb.weight, domain, self.offsets, exclude, depth,
+            cfg.topk_chunk,
+        )  # (B, depth) D's ranking of the allowed items  # fmt: skip
         hi = torch.minimum(skip + band, allowed)  # exclusive rank bound
         lo = torch.minimum(skip, (hi - 1).clamp(min=0))
-        order = scores.topk(int(hi.max().clamp(min=1)), dim=1).indices  # (B, depth)
         rank = (
             lo[:, None] + (torch.rand(b, cfg.n_fakes, device=u.device) * (hi - lo)[:, None]).long()
         )
@@ -350,9 +356,11 @@ class AFT(RetrievalModel):
         fakes = valid = fake_d = None
         if not warmup and gen is not None and h is not None:
             k = min(cfg.n_fakes, self.info.n_items)
-            fakes, valid = gen.top_k(h.detach(), self.excluded(batch), k)
+            fakes, valid = gen.top_k(
+                h.detach(), batch.domain, self.exclusions(batch), k, self.offsets, cfg.topk_chunk
+            )
         elif not warmup and cfg.negatives == "hard":
-            fakes, valid = self.hard_negatives(u.detach(), self.excluded(batch), batch.domain)
+            fakes, valid = self.hard_negatives(u.detach(), self.exclusions(batch), batch.domain)
         if fakes is not None and valid is not None:
             with torch.set_grad_enabled(train_d):
                 fake_d = dis.logits(u, fakes)  # (B, k)
@@ -409,10 +417,11 @@ class AFT(RetrievalModel):
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         return self.losses(batch)
 
-    def make_step(self, train_cfg: TrainConfig) -> AdversarialStep:
+    def make_step(self, train_cfg: TrainConfig, ctx: Context | None = None) -> AdversarialStep:
         from aftrec.training.adversarial import AdversarialStep
+        from aftrec.training.distributed import SINGLE
 
-        return AdversarialStep(self, train_cfg)
+        return AdversarialStep(self, train_cfg, SINGLE if ctx is None else ctx)
 
 
 @register_model("aft-d", AFTDConfig)

@@ -1,0 +1,156 @@
+"""Data-parallel training on PyTorch DistributedDataParallel, launched by torchrun.
+
+``torchrun --nproc-per-node P -m aftrec.cli train ...`` (or the ``aftrec`` script) starts P
+processes with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address in their
+environment; :func:`init` reads them and joins the process group (gloo on CPU, NCCL on CUDA).
+Without those variables training is the plain single process it always was.
+
+How the work is split (see docs/scale.md):
+
+* the training examples are cut into ``S`` user shards (``train.data_shards``, default the
+  number of ranks); rank ``r`` owns shards ``r, r + P, ...`` and reads only those (whole
+  partitions of a partitioned dataset, else the users ``u`` with ``u % S`` in its shards),
+  so every user's history lives on one rank;
+* each global batch of ``train.batch_size`` takes ``batch_size / S`` examples from every
+  shard; a rank's local batch is its shards' parts, and DDP averages the gradients, so P
+  ranks take the same steps as one process given the same shards (a test checks it);
+* rank 0 alone evaluates, decides early stopping and writes checkpoints (atomically); the
+  others wait at a barrier. A checkpoint holds no per-rank state, so ``--resume`` works
+  with any number of ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from aftrec.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands: rank ``rank`` of ``world`` processes."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """``obj`` as rank 0 has it, on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def sum(self, value: int) -> int:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.long)
+        dist.all_reduce(t)
+        return int(t.item())
+
+
+SINGLE = Context()
+
+
+def init(device: str = "cpu", timeout_minutes: float = 60.0) -> Context:
+    """Join the process group torchrun described in the environment, or run alone.
+
+    The timeout bounds how long ranks wait for rank 0 (validation included) before failing.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if key not in os.environ:
+            raise ConfigError(
+                f"WORLD_SIZE={world} but {key} is not set: start distributed training with "
+                "torchrun (e.g. torchrun --nproc-per-node 2 -m aftrec.cli train ...)"
+            )
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if cuda:
+        torch.cuda.set_device(local)
+    return Context(rank=rank, world=world, local_rank=local)
+
+
+def shutdown(ctx: Context) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shards_of(ctx: Context, n_shards: int) -> list[int]:
+    """The data shards rank ``ctx.rank`` owns: ``rank, rank + world, ...``."""
+    if n_shards % ctx.world:
+        raise ConfigError(
+            f"train.data_shards={n_shards} must be a multiple of the number of ranks ({ctx.world})"
+        )
+    return list(range(ctx.rank, n_shards, ctx.world))
+
+
+class LossForward(torch.nn.Module):
+    """Routes a model's loss method through ``forward``, the call DDP instruments.
+
+    DDP all-reduces gradients from hooks it arms in ``forward``; the models compute their
+    losses in ``loss`` / ``losses``, so the step calls this wrapper (itself wrapped by DDP
+    when distributed) instead of the method.
+    """
+
+    def __init__(self, model: torch.nn.Module, method: str) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.model, self.method)(*args, **kwargs)
+
+
+def loss_forward(model: torch.nn.Module, method: str, ctx: Context) -> torch.nn.Module:
+    """The module a step calls to get ``model.<method>(...)``: plain in one process, under
+    DistributedDataParallel across ranks (parameters a step leaves unused, as AFT's warm-up
+    and D:G schedule do, are allowed)."""
+    module = LossForward(model, method)
+    if not ctx.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [ctx.local_rank] if next(model.parameters()).is_cuda else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB (Linux ``ru_maxrss`` is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

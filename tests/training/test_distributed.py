@@ -1,0 +1,128 @@
+"""Data-parallel training: two gloo ranks started by torchrun match one process.
+
+Two ranks holding one user shard each, with DDP averaging their gradients, must take the same
+steps as a single process that builds each global batch from the same two shards
+(``train.data_shards=2``). The runs are real ``aftrec train`` processes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aftrec.data.dataset import Dataset
+from aftrec.data.loader import ShardedLoader
+from aftrec.data.shards import load_shards
+from aftrec.errors import ConfigError
+from aftrec.training import checkpoint
+from aftrec.training.distributed import Context, shards_of
+
+COMMON = [
+    "train.epochs=2",
+    "train.max_batches_per_epoch=5",
+    "train.batch_size=64",
+    "train.data_shards=2",
+    "train.threads=1",
+    "data.history_len=8",
+    "model.dim=16",
+]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path("src").resolve())}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def train(data: Path, out: Path, model: str, sets: list[str], ranks: int) -> str:
+    args = ["train", "--data", str(data), "--model", model, "--out", str(out), "--quiet",
+            "--set", *sets]  # fmt: skip
+    if ranks == 1:
+        return run([sys.executable, "-m", "aftrec.cli", *args]).stdout
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={ranks}", "-m", "aftrec.cli"]  # fmt: skip
+    return run([*torchrun, *args]).stdout
+
+
+def weights(run_dir: Path, which: str = "last") -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = checkpoint.load(run_dir / f"{which}.pt")["model"]
+    return state
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_two_ranks_match_one_process_with_the_same_global_batches(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    sets = [*COMMON, "model.dropout=0"]  # dropout draws differ per rank by design
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(tiny_dir, one, "two-tower", sets, ranks=1)
+    stdout = train(tiny_dir, two, "two-tower", sets, ranks=2)
+    assert "peak memory per rank" in stdout
+    assert_same_weights(one, two)
+    # they also took different steps from a plain run: the comparison has teeth
+    plain = tmp_path / "plain"
+    train(tiny_dir, plain, "two-tower", [*sets, "train.data_shards=1"], ranks=1)
+    wa, wp = weights(one), weights(plain)
+    assert any(not torch.allclose(wa[k], wp[k], atol=1e-4) for k in wa)
+    log = [line for line in (two / "log.jsonl").read_text().splitlines() if line]
+    assert len(log) == 2 and '"ranks": 2' in log[0]
+
+
+def test_resume_on_another_number_of_ranks(tiny_dir: Path, tmp_path: Path) -> None:
+    """Two ranks train one epoch; one process resumes for a second: same as two straight."""
+    sets = [*COMMON, "model.dropout=0"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(tiny_dir, straight, "two-tower", sets, ranks=1)
+    train(tiny_dir, split, "two-tower", [*sets, "train.epochs=1"], ranks=2)
+    run([sys.executable, "-m", "aftrec.cli", "train", "--out", str(split), "--resume", "--quiet",
+         "--set", "train.epochs=2"])  # fmt: skip
+    assert_same_weights(straight, split)
+
+
+def test_aft_trains_on_two_ranks(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "aft"
+    train(tiny_dir, out, "aft", [*COMMON, "train.epochs=1", "model.g_layers=1"], ranks=2)
+    state = checkpoint.load(out / "best.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_shards_split_users_and_batches_concatenate(tiny: Dataset, tiny_dir: Path) -> None:
+    both = load_shards(tiny_dir, 2, [0, 1])
+    users = [set(both.shards[s].user.tolist()) for s in (0, 1)]
+    assert not users[0] & users[1]
+    assert len(both.shards[0]) + len(both.shards[1]) == len(tiny.train)
+    halves = [load_shards(tiny_dir, 2, [s]) for s in (0, 1)]
+
+    def loader(local_: object, shards: dict) -> ShardedLoader:  # type: ignore[type-arg]
+        return ShardedLoader(shards, tiny.info, 8, 64, 4, 2, both.n_examples, seed=3)
+
+    whole = list(loader(both, both.shards).epoch(0, 4))
+    parts = [list(loader(h, h.shards).epoch(0, 4)) for h in halves]
+    for b, p0, p1 in zip(whole, *parts, strict=True):
+        torch.testing.assert_close(b.users, torch.cat([p0.users, p1.users]))
+        torch.testing.assert_close(b.neg, torch.cat([p0.neg, p1.neg]))
+        assert len(b) == 64
+    # every rank takes ceil(n_examples / batch) steps whatever its shard's size
+    assert len(loader(both, both.shards)) == -(-both.n_examples // 64)
+
+
+def test_bad_shard_settings_are_config_errors(tiny: Dataset, tiny_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="multiple of the number of ranks"):
+        shards_of(Context(rank=0, world=2), 3)
+    local = load_shards(tiny_dir, 3, [0, 1, 2])
+    with pytest.raises(ConfigError, match="batch_size=64 must be a multiple"):
+        ShardedLoader(local.shards, tiny.info, 8, 64, 4, 3, local.n_examples, seed=0)
+    assert np.all(np.diff(local.train.user) >= 0)
