@@ -13,8 +13,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aftrec.errors import AftrecError, DataError
+
+if TYPE_CHECKING:
+    from aftrec.data.split import SplitConfig
 
 log = logging.getLogger("aftrec")
 
@@ -29,6 +33,11 @@ def _prepare(args: argparse.Namespace) -> None:
         min_positives=args.min_positives,
         rating_threshold=args.rating_threshold,
     )
+    if args.streaming:
+        _prepare_streaming(args, split)
+        return
+    if args.partition_rows is not None:
+        raise DataError("--partition-rows goes with --streaming")
     presplit = None
     if args.train or args.test:
         if not (args.train and args.test and args.items):
@@ -80,15 +89,41 @@ def _prepare(args: argparse.Namespace) -> None:
         )
     t0 = time.perf_counter()
     out = prepare(raw, args.out, split, source=source, force=args.force, presplit=presplit)
-    from aftrec.data.dataset import Dataset
+    _print_prepared(out, time.perf_counter() - t0)
 
-    ds = Dataset(out)
-    counts = ds.meta["counts"]
-    print(
-        f"prepared {out} in {time.perf_counter() - t0:.1f}s: {ds.info.n_users} users, "
-        f"{ds.info.n_items} items, domains {list(ds.info.domains)}"
+
+def _prepare_streaming(args: argparse.Namespace, split: SplitConfig) -> None:
+    from aftrec.data.stream import DEFAULT_PARTITION_ROWS, prepare_streaming
+
+    if args.dataset or args.train or args.test or args.valid:
+        raise DataError("--streaming reads --interactions and --items only")
+    if not (args.interactions and args.items):
+        raise DataError("--streaming needs --interactions and --items (columns item, domain)")
+    rows = DEFAULT_PARTITION_ROWS if args.partition_rows is None else args.partition_rows
+    t0 = time.perf_counter()
+    out = prepare_streaming(
+        args.interactions,
+        args.items,
+        args.out,
+        split,
+        source={"kind": "generic", "interactions": str(args.interactions)},
+        force=args.force,
+        partition_rows=rows,
+        progress=sys.stderr.isatty(),
     )
-    for part, per in counts.items():
+    _print_prepared(out, time.perf_counter() - t0)
+
+
+def _print_prepared(out: Path, seconds: float) -> None:
+    """The summary of a prepared dataset, from its meta.json (its tables are not loaded)."""
+    from aftrec.data.dataset import read_meta
+
+    meta = read_meta(out)
+    print(
+        f"prepared {out} in {seconds:.1f}s: {meta['n_users']} users, "
+        f"{meta['n_items']} items, domains {list(meta['domains'])}"
+    )
+    for part, per in meta["counts"].items():
         print(f"  {part:5s} " + "  ".join(f"{d}={n}" for d, n in per.items()))
 
 
@@ -210,6 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--test-ratio", type=float, default=0.2)
     pp.add_argument("--valid-ratio", type=float, default=0.2)
     pp.add_argument("--min-positives", type=int, default=5)
+    st = pp.add_argument_group("streaming (logs larger than memory; see docs/scale.md)")
+    st.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read --interactions (a file or a folder of parts) in batches and write a "
+        "partitioned dataset; memory is bounded by one partition",
+    )
+    st.add_argument(
+        "--partition-rows",
+        type=int,
+        metavar="R",
+        help="rows of the log per partition with --streaming (default 4000000)",
+    )
     g = pp.add_argument_group("synthetic")
     g.add_argument("--users", type=int, default=2000)
     g.add_argument("--n-domains", type=int, default=3)

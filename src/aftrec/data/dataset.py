@@ -1,8 +1,14 @@
-"""A prepared dataset directory, loaded into memory as numpy arrays."""
+"""A prepared dataset directory, loaded into memory as numpy arrays.
+
+Two layouts: format 1 (one file per table, :mod:`aftrec.data.prepare`) and format 2,
+"partitioned" (users and parts split into partition files, :mod:`aftrec.data.stream`).
+:class:`Dataset` reads both; on the partitioned layout it can load only some partitions.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -66,20 +72,44 @@ class DataInfo:
         return self.offsets[d + 1] - self.offsets[d]
 
 
-class Dataset:
-    """A prepared dataset: id maps, item domains and the train / valid / test parts."""
+def read_meta(path: Path) -> dict[str, Any]:
+    """A prepared dataset's meta.json (domains, counts, partitions, ...), without its tables."""
+    meta_path = Path(path) / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{path} is not a prepared dataset (no meta.json); run `aftrec prepare`")
+    try:
+        meta: dict[str, Any] = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: prepared dataset is unreadable: {exc}") from exc
+    return meta
 
-    def __init__(self, path: Path) -> None:
+
+PARTITIONED = "partitioned"  # meta["layout"] of format 2 (aftrec.data.stream)
+
+
+def partition_file(path: Path, kind: str, p: int) -> Path:
+    """Partition ``p``'s file of ``kind`` ("users", "train", "valid" or "test") in format 2."""
+    return Path(path) / kind / f"part-{p:05d}.parquet"
+
+
+class Dataset:
+    """A prepared dataset: id maps, item domains and the train / valid / test parts.
+
+    ``partitions`` (partitioned layout) loads the rows of those partitions only, in partition
+    order; ids, ``info`` and ``meta`` stay those of the whole dataset. A format 1 dataset is
+    one partition, 0.
+    """
+
+    def __init__(self, path: Path, partitions: Sequence[int] | None = None) -> None:
         self.path = Path(path)
-        meta_path = self.path / "meta.json"
-        if not meta_path.is_file():
-            raise DataError(
-                f"{self.path} is not a prepared dataset (no meta.json); run `aftrec prepare`"
-            )
+        self.meta: dict[str, Any] = read_meta(self.path)
+        layout = self.meta.get("layout")
+        if layout not in (None, PARTITIONED):
+            raise DataError(f"{self.path}: unknown dataset layout {layout!r}")
+        self.partitions = self._choose(partitions)
         try:
-            self.meta: dict[str, Any] = json.loads(meta_path.read_text())
             self.items = pd.read_parquet(self.path / "items.parquet")
-            self.users = pd.read_parquet(self.path / "users.parquet")
+            self.users = self._read_users()
             self.parts = {name: self._read_part(name) for name in PART_NAMES}
         except (OSError, ValueError, KeyError) as exc:
             raise DataError(f"{self.path}: prepared dataset is unreadable: {exc}") from exc
@@ -93,8 +123,46 @@ class Dataset:
             np.arange(self.info.n_domains, dtype=np.int16), np.diff(self.info.offsets)
         )
 
+    @property
+    def partitioned(self) -> bool:
+        return self.meta.get("layout") == PARTITIONED
+
+    @property
+    def n_partitions(self) -> int:
+        """Partitions of the dataset (1 for format 1), loaded or not."""
+        return len(self.meta["partitions"]) if self.partitioned else 1
+
+    def _choose(self, partitions: Sequence[int] | None) -> tuple[int, ...]:
+        n = self.n_partitions
+        if partitions is None:
+            return tuple(range(n))
+        chosen = sorted(int(p) for p in partitions)
+        if not chosen:
+            raise DataError(f"{self.path}: choose at least one partition (of {n})")
+        bad = [p for p in chosen if not 0 <= p < n]
+        if bad:
+            raise DataError(
+                f"{self.path}: no partition(s) {bad}; this dataset has {n} (numbered 0 to {n - 1})"
+            )
+        if len(set(chosen)) != len(chosen):
+            raise DataError(f"{self.path}: partitions {list(partitions)} name one twice")
+        return tuple(chosen)
+
+    def _files(self, name: str) -> list[Path]:
+        if not self.partitioned:
+            return [self.path / f"{name}.parquet"]
+        return [partition_file(self.path, name, p) for p in self.partitions]
+
+    def _read_users(self) -> pd.DataFrame:
+        if not self.partitioned:
+            return pd.read_parquet(self.path / "users.parquet")
+        # every partition's users: ids map to original ids whatever rows are loaded
+        files = [partition_file(self.path, "users", p) for p in range(self.n_partitions)]
+        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
     def _read_part(self, name: str) -> Interactions:
-        frame = pd.read_parquet(self.path / f"{name}.parquet")
+        frames = [pd.read_parquet(f) for f in self._files(name)]
+        frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
         return Interactions(
             frame["user_idx"].to_numpy(np.int32),
             frame["item_idx"].to_numpy(np.int32),

@@ -12,6 +12,9 @@ Layout (all Parquet through pyarrow, plus one JSON file)::
 Items are numbered so that each domain is one contiguous range ``[offset[d], offset[d+1])``;
 full ranking inside a domain is then a slice of the item table. The directory is written under
 a temporary name and renamed into place, so an interrupted run leaves nothing half-written.
+
+Logs larger than memory go through :mod:`aftrec.data.stream` instead, which shares this
+module's helpers and writes the same rows partition by partition (format 2).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,7 @@ import pandas as pd
 from aftrec.data.schema import RawLog, positives, validate
 from aftrec.data.split import (
     PART_NAMES,
+    TEST,
     TRAIN,
     VALID,
     SplitConfig,
@@ -89,29 +95,103 @@ def _first_click_only(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v[keep] for k, v in rows.items()}
 
 
+def _split_positives(
+    rows: dict[str, np.ndarray], split: SplitConfig
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, int]:
+    """First clicks only, users with fewer than ``min_positives`` dropped, chronological split.
+
+    ``rows["user_idx"]`` numbers users in original-id order. Returns the kept rows (users
+    re-numbered 0.. in the same order, rows in chronological order), their parts, the old
+    index of each kept user and the number of users dropped.
+    """
+    rows = _first_click_only(rows)
+    active = keep_active_users(rows["user_idx"], split.min_positives)
+    n_dropped = len(np.unique(rows["user_idx"][~active]))
+    rows = {k: v[active] for k, v in rows.items()}
+    # re-number the users that remain, keeping their original-id order
+    kept_users, new_idx = np.unique(rows["user_idx"], return_inverse=True)
+    rows["user_idx"] = new_idx.astype(np.int32)
+    # still in chronological order: filtering and the order-preserving re-numbering above
+    # keep _first_click_only's sort
+    return rows, assign_parts(rows["user_idx"], split), kept_users, n_dropped
+
+
+def _is_integral(ts: np.ndarray) -> bool:
+    return bool(np.all(np.mod(ts, 1) == 0))
+
+
 def _timestamps(ts: np.ndarray) -> np.ndarray:
-    if len(ts) and np.all(np.mod(ts, 1) == 0):
+    if len(ts) and _is_integral(ts):
         return ts.astype(np.int64)
     return ts.astype(np.float64)
 
 
 def _check_domains(
-    domains: list[str], item_domain: np.ndarray, rows: np.ndarray, raw: RawLog, note: str
+    domains: list[str], n_items: np.ndarray, n_train: np.ndarray, items: str, log_: str, note: str
 ) -> None:
-    """Every domain needs catalogue items and training positives; messages name the files."""
-    n_items = np.bincount(item_domain, minlength=len(domains))
-    n_rows = np.bincount(rows, minlength=len(domains))
+    """Every domain needs catalogue items and training positives; messages name the files.
+
+    ``n_items`` and ``n_train`` count the catalogue items and training positives per domain;
+    ``items`` and ``log_`` name the catalogue and the interaction log.
+    """
     for d, name in enumerate(domains):
         if n_items[d] == 0:
             raise DataError(
-                f"{raw.items_origin.name}: domain {name!r} is empty: "
-                "no item of the catalogue belongs to it"
+                f"{items}: domain {name!r} is empty: no item of the catalogue belongs to it"
             )
-        if n_rows[d] == 0:
+        if n_train[d] == 0:
             raise DataError(
-                f"{raw.interactions_origin.name}: domain {name!r} is empty: it has no positive "
+                f"{log_}: domain {name!r} is empty: it has no positive "
                 f"interactions in the training part{note}"
             )
+
+
+def _dropped_note(n_dropped: int, min_positives: int) -> str:
+    if not n_dropped:
+        return ""
+    return f" ({n_dropped} user(s) with fewer than {min_positives} positives were dropped)"
+
+
+def _no_test_error(log_: str, min_positives: int, note: str) -> DataError:
+    return DataError(
+        f"{log_}: the test part is empty: no user has at least {min_positives} positives{note}"
+    )
+
+
+def _count_parts(part: np.ndarray, domain_idx: np.ndarray, n_domains: int) -> np.ndarray:
+    """(3, n_domains) positives per part (train, valid, test) and domain."""
+    cells = part.astype(np.int64) * n_domains + domain_idx
+    return np.bincount(cells, minlength=len(PART_NAMES) * n_domains).reshape(-1, n_domains)
+
+
+def _meta(
+    domains: list[str],
+    item_domain: np.ndarray,
+    n_users: int,
+    counts: np.ndarray,
+    n_dropped: int,
+    split: SplitConfig,
+    presplit: bool,
+    source: dict[str, Any] | None,
+    started: float,
+) -> dict[str, Any]:
+    """meta.json's keys common to every layout; ``counts`` is :func:`_count_parts`'s table."""
+    offsets = np.r_[0, np.cumsum(np.bincount(item_domain, minlength=len(domains)))]
+    return {
+        "format": FORMAT_VERSION,
+        "domains": domains,
+        "domain_offsets": [int(x) for x in offsets],
+        "n_users": int(n_users),
+        "n_items": len(item_domain),
+        "counts": {
+            name: {dom: int(counts[p, d]) for d, dom in enumerate(domains)}
+            for p, name in enumerate(PART_NAMES)
+        },
+        "users_dropped": int(n_dropped),
+        "split": {**asdict(split), "presplit": presplit},
+        "source": source or {},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 def prepare(
@@ -143,17 +223,9 @@ def prepare(
         frame = _positive_frame(raw, split.rating_threshold)
         _, user_ids = pd.factorize(frame["user"], sort=True)
         user_index = pd.Index(user_ids)
-        rows = _first_click_only(_index_rows(frame, item_index, user_index, item_domain))
-        active = keep_active_users(rows["user_idx"], split.min_positives)
-        n_dropped = len(np.unique(rows["user_idx"][~active]))
-        rows = {k: v[active] for k, v in rows.items()}
-        # re-number the users that remain, keeping their original-id order
-        kept_users, new_idx = np.unique(rows["user_idx"], return_inverse=True)
-        rows["user_idx"] = new_idx.astype(np.int32)
+        rows = _index_rows(frame, item_index, user_index, item_domain)
+        rows, part, kept_users, n_dropped = _split_positives(rows, split)
         user_index = pd.Index(user_index.to_numpy()[kept_users])
-        # still in chronological order: filtering and the order-preserving re-numbering above
-        # keep _first_click_only's sort
-        part = assign_parts(rows["user_idx"], split)
     else:
         parts_raw = {name: validate(lg) for name, lg in presplit.items()}
         frames = {n: _positive_frame(lg, split.rating_threshold) for n, lg in parts_raw.items()}
@@ -172,70 +244,44 @@ def prepare(
         n_dropped = 0
 
     rows["timestamp"] = _timestamps(rows["timestamp"])
-    dropped = (
-        f" ({n_dropped} user(s) with fewer than {split.min_positives} positives were dropped)"
-        if n_dropped
-        else ""
-    )
-    _check_domains(domains, item_domain, rows["domain_idx"][part == TRAIN], raw, dropped)
-    if not (part == PART_NAMES.index("test")).any():
+    dropped = _dropped_note(n_dropped, split.min_positives)
+    counts = _count_parts(part, rows["domain_idx"], len(domains))
+    n_items = np.bincount(item_domain, minlength=len(domains))
+    inter_name = raw.interactions_origin.name
+    _check_domains(domains, n_items, counts[TRAIN], raw.items_origin.name, inter_name, dropped)
+    if not counts[TEST].any():
         if presplit is not None:
             raise DataError(
                 f"{presplit['test'].interactions_origin.name}: the test part is empty: "
                 "no positive interactions"
             )
-        raise DataError(
-            f"{raw.interactions_origin.name}: the test part is empty: no user has at least "
-            f"{split.min_positives} positives{dropped}"
-        )
+        raise _no_test_error(inter_name, split.min_positives, dropped)
     if presplit is None:  # logged once the data is known to be good: an error is one line
         log.info("dropped %d users with fewer than %d positives", n_dropped, split.min_positives)
 
-    offsets = np.r_[0, np.cumsum(np.bincount(item_domain, minlength=len(domains)))]
-    counts = {
-        name: {
-            dom: int(((part == p) & (rows["domain_idx"] == d)).sum())
-            for d, dom in enumerate(domains)
-        }
-        for p, name in enumerate(PART_NAMES)
-    }
-    meta = {
-        "format": FORMAT_VERSION,
-        "domains": domains,
-        "domain_offsets": [int(x) for x in offsets],
-        "n_users": len(user_index),
-        "n_items": len(items),
-        "counts": counts,
-        "users_dropped": int(n_dropped),
-        "split": {**asdict(split), "presplit": presplit is not None},
-        "source": source or {},
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    _write_atomically(out, force, items, user_index, rows, part, meta)
+    meta = _meta(
+        domains,
+        item_domain,
+        len(user_index),
+        counts,
+        n_dropped,
+        split,
+        presplit is not None,
+        source,
+        started,
+    )
+    _write_atomically(out, items, user_index, rows, part, meta)
     return out
 
 
-def _write_atomically(
-    out: Path,
-    force: bool,
-    items: pd.DataFrame,
-    user_index: pd.Index,
-    rows: dict[str, np.ndarray],
-    part: np.ndarray,
-    meta: dict[str, Any],
-) -> None:
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``out``; on success it replaces ``out`` (an
+    existing ``out`` is removed only after), on any error or interrupt it is removed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        items.loc[:, ["item_idx", "item", "domain"]].to_parquet(tmp / "items.parquet", index=False)
-        users = pd.DataFrame(
-            {"user_idx": np.arange(len(user_index), dtype=np.int32), "user": user_index.to_numpy()}
-        )
-        users.to_parquet(tmp / "users.parquet", index=False)
-        frame = pd.DataFrame(rows)
-        for p, name in enumerate(PART_NAMES):
-            frame.loc[part == p].to_parquet(tmp / f"{name}.parquet", index=False)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        yield tmp
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / out.name)
@@ -246,6 +292,43 @@ def _write_atomically(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_items(path: Path, items: pd.DataFrame) -> None:
+    items.loc[:, ["item_idx", "item", "domain"]].to_parquet(path, index=False)
+
+
+def _write_users(path: Path, user_ids: np.ndarray, start: int = 0) -> None:
+    """Users ``start, start + 1, ...`` with their original ids."""
+    idx = np.arange(start, start + len(user_ids), dtype=np.int32)
+    pd.DataFrame({"user_idx": idx, "user": user_ids}).to_parquet(path, index=False)
+
+
+def _write_parts(paths: dict[str, Path], rows: dict[str, np.ndarray], part: np.ndarray) -> None:
+    """One file per part (train, valid, test), columns user_idx, item_idx, domain_idx,
+    timestamp, rows in the given order."""
+    frame = pd.DataFrame(rows)
+    for p, name in enumerate(PART_NAMES):
+        frame.loc[part == p].to_parquet(paths[name], index=False)
+
+
+def _write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def _write_atomically(
+    out: Path,
+    items: pd.DataFrame,
+    user_index: pd.Index,
+    rows: dict[str, np.ndarray],
+    part: np.ndarray,
+    meta: dict[str, Any],
+) -> None:
+    with atomic_directory(out) as tmp:
+        _write_items(tmp / "items.parquet", items)
+        _write_users(tmp / "users.parquet", user_index.to_numpy())
+        _write_parts({name: tmp / f"{name}.parquet" for name in PART_NAMES}, rows, part)
+        _write_meta(tmp, meta)
 
 
 __all__ = ["VALID", "SplitConfig", "prepare"]

@@ -23,6 +23,7 @@ from aftrec.errors import DataError
 
 INTERACTION_COLUMNS = ("user", "item", "timestamp")
 ITEM_COLUMNS = ("item", "domain")
+IN_ALL = "in all"  # what the "bad row(s)" counts of messages cover, by default
 
 
 @dataclass
@@ -73,7 +74,7 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def _harmonise_ids(a: pd.Series, b: pd.Series) -> tuple[pd.Series, pd.Series]:
+def harmonise_ids(a: pd.Series, b: pd.Series) -> tuple[pd.Series, pd.Series]:
     """Make item ids comparable across the two tables (ints stay ints when both are ints)."""
     if a.dtype == b.dtype and a.dtype != object:
         return a, b
@@ -82,7 +83,7 @@ def _harmonise_ids(a: pd.Series, b: pd.Series) -> tuple[pd.Series, pd.Series]:
     return a.astype(str), b.astype(str)
 
 
-def _numeric(series: pd.Series, column: str, origin: Origin) -> np.ndarray:
+def _numeric(series: pd.Series, column: str, origin: Origin, scope: str = IN_ALL) -> np.ndarray:
     if pd.api.types.is_datetime64_any_dtype(series):
         values = series.to_numpy()
         nat = pd.isna(values)
@@ -90,7 +91,7 @@ def _numeric(series: pd.Series, column: str, origin: Origin) -> np.ndarray:
             i = _first_bad(nat)
             raise DataError(
                 f"{origin.row(i)}: missing value in column {column!r} "
-                f"({int(nat.sum())} bad row(s) in all)"
+                f"({int(nat.sum())} bad row(s) {scope})"
             )
         as_ns = series.astype("datetime64[ns]").to_numpy().astype(np.int64)
         return (as_ns // 1_000_000_000).astype(np.float64)
@@ -106,24 +107,16 @@ def _numeric(series: pd.Series, column: str, origin: Origin) -> np.ndarray:
         else:
             what = f"non-finite value {value!r} in"
         raise DataError(
-            f"{origin.row(i)}: {what} column {column!r} ({int(bad.sum())} bad row(s) in all)"
+            f"{origin.row(i)}: {what} column {column!r} ({int(bad.sum())} bad row(s) {scope})"
         )
     return converted
 
 
-def validate(log: RawLog) -> RawLog:
-    """Check a raw log and return a cleaned copy; raise :class:`DataError` on the first problem.
+def check_catalogue(items: pd.DataFrame, mo: Origin) -> pd.DataFrame:
+    """The catalogue's columns, cleaned: no missing value, domains as strings, each item once.
 
-    Checks, in order: required columns; missing ids; an item listed twice (in two domains, or
-    twice in one); missing or non-numeric timestamps; NaN ratings or labels; interactions on
-    items absent from the catalogue; an interaction ``domain`` that disagrees with the
-    catalogue; duplicate interaction rows (same user, item and timestamp).
+    Call :func:`require_columns` first.
     """
-    inter, items = log.interactions, log.items
-    io, mo = log.interactions_origin, log.items_origin
-    require_columns(items, ITEM_COLUMNS, mo)
-    require_columns(inter, INTERACTION_COLUMNS, io)
-
     items = items.loc[:, list(ITEM_COLUMNS)].reset_index(drop=True)
     for col in ITEM_COLUMNS:
         null = items[col].isna().to_numpy()
@@ -143,30 +136,52 @@ def validate(log: RawLog) -> RawLog:
         if len(set(doms)) > 1:
             raise DataError(f"{mo.name}: item {_show(item)} is listed in two domains ({where})")
         raise DataError(f"{mo.name}: item {_show(item)} is listed twice ({where})")
+    return items
 
+
+def check_values(inter: pd.DataFrame, io: Origin, scope: str = IN_ALL) -> pd.DataFrame:
+    """The interaction columns aftrec reads, with ids present and timestamps, ratings and
+    labels as finite floats. ``scope`` says which rows the "bad row(s)" counts cover.
+
+    Call :func:`require_columns` first.
+    """
     keep = [c for c in (*INTERACTION_COLUMNS, "domain", "rating", "label") if c in inter.columns]
     inter = inter.loc[:, keep].reset_index(drop=True)
     for col in ("user", "item"):
         null = inter[col].isna().to_numpy()
         if null.any():
             raise DataError(f"{io.row(_first_bad(null))}: missing {col!r}")
-    inter["timestamp"] = _numeric(inter["timestamp"], "timestamp", io)
+    inter["timestamp"] = _numeric(inter["timestamp"], "timestamp", io, scope)
     for col in ("rating", "label"):
         if col in inter.columns:
-            inter[col] = _numeric(inter[col], col, io)
+            inter[col] = _numeric(inter[col], col, io, scope)
+    return inter
 
-    inter_item, cat_item = _harmonise_ids(inter["item"], items["item"])
-    inter["item"], items["item"] = inter_item, cat_item
-    catalogue_domain = pd.Series(items["domain"].to_numpy(), index=pd.Index(items["item"]))
-    known = inter["item"].isin(catalogue_domain.index).to_numpy()
-    if not known.all():
-        i = _first_bad(~known)
+
+def locate_items(
+    inter: pd.DataFrame,
+    catalogue: pd.Index,
+    catalogue_domain: np.ndarray,
+    io: Origin,
+    mo: Origin,
+    scope: str = IN_ALL,
+) -> np.ndarray:
+    """Position in ``catalogue`` of each interaction's item; every item must be there, and an
+    interaction ``domain`` column, if any, must agree with ``catalogue_domain``.
+
+    ``inter["item"]`` and ``catalogue`` must hold ids of the same type (see
+    :func:`harmonise_ids`); ``catalogue`` must be unique.
+    """
+    position = catalogue.get_indexer(pd.Index(inter["item"]))
+    unknown = position < 0
+    if unknown.any():
+        i = _first_bad(unknown)
         raise DataError(
             f"{io.row(i)}: item {_show(inter['item'].iloc[i])} is not in the item catalogue "
-            f"{mo.name} ({int((~known).sum())} such row(s) in all)"
+            f"{mo.name} ({int(unknown.sum())} such row(s) {scope})"
         )
     if "domain" in inter.columns:
-        expected = catalogue_domain.reindex(inter["item"]).to_numpy()
+        expected = catalogue_domain[position]
         given = inter["domain"].astype(str).to_numpy()
         wrong = given != expected
         if wrong.any():
@@ -175,6 +190,35 @@ def validate(log: RawLog) -> RawLog:
                 f"{io.row(i)}: item {_show(inter['item'].iloc[i])} has domain {given[i]!r} here "
                 f"but {expected[i]!r} in the item catalogue {mo.name}"
             )
+    return position
+
+
+def duplicate_row_error(first: str, second: str, count: int) -> DataError:
+    """The message for rows with the same user, item and timestamp; ``first`` and ``second``
+    name two such rows (as :meth:`Origin.row` does)."""
+    return DataError(
+        f"{first}: duplicate row (same user, item and timestamp as {second}); "
+        f"{count} duplicated row(s) in all"
+    )
+
+
+def validate(log: RawLog) -> RawLog:
+    """Check a raw log and return a cleaned copy; raise :class:`DataError` on the first problem.
+
+    Checks, in order: required columns; missing ids; an item listed twice (in two domains, or
+    twice in one); missing or non-numeric timestamps; NaN ratings or labels; interactions on
+    items absent from the catalogue; an interaction ``domain`` that disagrees with the
+    catalogue; duplicate interaction rows (same user, item and timestamp).
+    """
+    io, mo = log.interactions_origin, log.items_origin
+    require_columns(log.items, ITEM_COLUMNS, mo)
+    require_columns(log.interactions, INTERACTION_COLUMNS, io)
+    items = check_catalogue(log.items, mo)
+    inter = check_values(log.interactions, io)
+
+    inter["item"], items["item"] = harmonise_ids(inter["item"], items["item"])
+    locate_items(inter, pd.Index(items["item"]), items["domain"].to_numpy(), io, mo)
+    if "domain" in inter.columns:
         inter = inter.drop(columns="domain")
 
     dup = inter.duplicated(["user", "item", "timestamp"], keep=False).to_numpy()
@@ -187,10 +231,7 @@ def validate(log: RawLog) -> RawLog:
             & (inter["timestamp"].iloc[rows[1:]] == first["timestamp"]).to_numpy()
         ]
         second = io.row(int(twin[0])) if len(twin) else "another row"
-        raise DataError(
-            f"{io.row(int(rows[0]))}: duplicate row (same user, item and timestamp as "
-            f"{second}); {len(rows)} duplicated row(s) in all"
-        )
+        raise duplicate_row_error(io.row(int(rows[0])), second, len(rows))
 
     domains = list(log.domains) if log.domains is not None else sorted(items["domain"].unique())
     unknown = sorted(set(items["domain"].unique()) - set(domains))
@@ -199,11 +240,17 @@ def validate(log: RawLog) -> RawLog:
     return RawLog(inter, items, io, mo, domains)
 
 
+def positive_mask(inter: pd.DataFrame, rating_threshold: float = 3.0) -> np.ndarray | None:
+    """Which rows are positives (see :func:`positives`); ``None`` when every row is."""
+    if "label" in inter.columns:
+        return inter["label"].to_numpy() > 0
+    if "rating" in inter.columns:
+        return inter["rating"].to_numpy() >= rating_threshold
+    return None
+
+
 def positives(inter: pd.DataFrame, rating_threshold: float = 3.0) -> pd.DataFrame:
     """Keep the positive interactions: ``label > 0`` if a label column exists, otherwise
     ``rating >= rating_threshold`` if a rating column exists, otherwise every row."""
-    if "label" in inter.columns:
-        return inter.loc[inter["label"].to_numpy() > 0]
-    if "rating" in inter.columns:
-        return inter.loc[inter["rating"].to_numpy() >= rating_threshold]
-    return inter
+    mask = positive_mask(inter, rating_threshold)
+    return inter if mask is None else inter.loc[mask]

@@ -252,9 +252,8 @@ def train(
                 for k in totals
             },
         }
-        if ctx.distributed:
-            entry["ranks"] = ctx.world
-            entry["peak_rss_mib"] = [round(r[3], 1) for r in per_rank]
+        entry["ranks"] = ctx.world
+        entry["peak_rss_mib"] = [round(r[3], 1) for r in per_rank]  # one per rank
         if not ctx.main:  # rank 0 validates and checkpoints; the others wait for its verdict
             stopped_early = ctx.broadcast(None)
             if stopped_early:

@@ -1,0 +1,569 @@
+"""Streaming, partitioned preparation for interaction logs larger than memory.
+
+``aftrec prepare --streaming`` gives the same rows, parts and counts as the in-memory
+:func:`aftrec.data.prepare.prepare`, written partition by partition (format 2)::
+
+    DIR/meta.json                  format 1's keys, plus "layout": "partitioned", "partitions"
+    DIR/items.parquet              as format 1 (each domain one contiguous item range)
+    DIR/users/part-00000.parquet   user_idx, user  (the users [start_0, end_0) of partition 0)
+    DIR/train/part-00000.parquet   user_idx, item_idx, domain_idx, timestamp (their positives)
+    DIR/valid/part-00000.parquet   same columns
+    DIR/test/part-00000.parquet    same columns
+    ...                            part-00001, ... for the next partitions
+
+Users are numbered partition by partition and, inside a partition, by original id; rows are
+sorted by (user_idx, timestamp, item_idx), so the partitions concatenated in order are sorted
+by user then time, as format 1 is.
+
+Algorithm, with memory bounded by one partition plus the item catalogue:
+
+Pass 1
+    Read the log (one CSV or Parquet file, or a folder of parts) in record batches with
+    ``pyarrow.dataset``; check each batch as :func:`aftrec.data.schema.validate` checks a whole
+    log (messages name the part file and its row or line); map items to their ``item_idx``;
+    scatter every row (positive or not, so that duplicate rows are found as in memory) to one of
+    ``P = ceil(rows / partition_rows)`` temporary bucket files by a stable hash of the original
+    user id, so that all of a user's rows land in the same bucket.
+Pass 2
+    Load one bucket at a time and apply the in-memory rules to it: duplicate rows (same user,
+    item and timestamp) are an error, first click only per (user, item), users with fewer than
+    ``min_positives`` positives dropped, chronological split per user. Bucket ``p`` becomes
+    partition ``p``.
+End
+    The checks that need the whole log (every domain has training positives, the test part is
+    not empty, the first duplicate row in file order) run on counts accumulated over the
+    buckets, before the temporary folder beside ``--out`` is renamed into place.
+
+Unlike the in-memory path, a log with several problems reports the first in reading order
+(batch by batch), and the "bad row(s)" counts of value errors cover the batch that was read
+(the whole file, and then the messages are the in-memory ones, when it holds up to
+:data:`BATCH_ROWS` rows).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
+from tqdm import tqdm
+
+from aftrec.data.dataset import PARTITIONED, partition_file
+from aftrec.data.prepare import (
+    FORMAT_VERSION,
+    _check_domains,
+    _count_parts,
+    _dropped_note,
+    _encode_items,
+    _is_integral,
+    _meta,
+    _no_test_error,
+    _split_positives,
+    _write_items,
+    _write_meta,
+    _write_parts,
+    _write_users,
+    atomic_directory,
+)
+from aftrec.data.schema import (
+    IN_ALL,
+    INTERACTION_COLUMNS,
+    ITEM_COLUMNS,
+    Origin,
+    check_catalogue,
+    check_values,
+    duplicate_row_error,
+    harmonise_ids,
+    locate_items,
+    positive_mask,
+    require_columns,
+)
+from aftrec.data.sources.generic import PARQUET_SUFFIXES, CsvOrigin, read_table
+from aftrec.data.split import PART_NAMES, TEST, TRAIN, SplitConfig, chronological_order
+from aftrec.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FORMAT_PARTITIONED = FORMAT_VERSION + 1
+DEFAULT_PARTITION_ROWS = 4_000_000  # rows of the log per partition: bounds pass 2's memory
+MAX_PARTITIONS = 1000  # one open bucket file each in pass 1
+BATCH_ROWS = 1 << 20  # rows checked and scattered at a time in pass 1
+CSV_BLOCK_BYTES = 1 << 24
+_ROW_BITS = 40  # a row's sequence number: file number << 40 | row in that file
+OPTIONAL_COLUMNS = ("domain", "rating", "label")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the log
+
+
+class _ShiftedOrigin(Origin):
+    """Names rows of a batch that starts at row ``offset`` of its file."""
+
+    def __init__(self, base: Origin, offset: int) -> None:
+        super().__init__(base.name, base.line_base)
+        self.base, self.offset = base, offset
+
+    def row(self, index: int) -> str:
+        return self.base.row(index + self.offset)
+
+
+@dataclass
+class _Log:
+    """The interaction log's files, read as one ``pyarrow`` dataset."""
+
+    path: Path
+    kind: str  # "Parquet" or "CSV"
+    files: list[Path]
+    dataset: pads.Dataset
+    columns: list[str]  # the columns read: required ones plus the optional ones present
+    origins: list[Origin] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def locate(self, seq: int) -> str:
+        """A row named by its sequence number (see :data:`_ROW_BITS`)."""
+        return self.origins[seq >> _ROW_BITS].row(seq & ((1 << _ROW_BITS) - 1))
+
+    def empty_frame(self) -> pd.DataFrame:
+        """No rows, the columns' pandas types: what the batches will look like."""
+        return self.dataset.schema.empty_table().to_pandas()
+
+    def estimate_rows(self) -> int:
+        """Rows in the log: exact for Parquet (file footers), from file sizes for CSV."""
+        if self.kind == "Parquet":
+            return int(self.dataset.count_rows())
+        with open(self.files[0], "rb") as fh:
+            head = fh.read(1 << 20)
+        per_row = len(head) / max(head.count(b"\n"), 1)
+        return math.ceil(sum(f.stat().st_size for f in self.files) / per_row)
+
+    def tables(self) -> Iterator[tuple[int, int, pa.Table, str]]:
+        """(file number, first row in the file, rows, which rows the "bad row(s)" counts of
+        messages cover) in file order, about BATCH_ROWS rows at a time (one table of lookahead
+        tells whether a table is a whole file)."""
+        whole = IN_ALL if len(self.files) == 1 else "in this file"
+        for number, fragment in enumerate(self.dataset.get_fragments()):
+            offset = 0
+            previous: pa.Table | None = None
+            for table in map(self._as_read_in_memory, self._fragment_tables(number, fragment)):
+                if previous is not None:
+                    yield number, offset, previous, f"in this batch of {previous.num_rows} rows"
+                    offset += previous.num_rows
+                previous = table
+            if previous is not None:
+                last = f"in this batch of {previous.num_rows} rows" if offset else whole
+                yield number, offset, previous, last
+
+    def _fragment_tables(self, number: int, fragment: pads.Fragment) -> Iterator[pa.Table]:
+        pending: list[pa.RecordBatch] = []
+        n = 0
+        try:
+            for batch in fragment.to_batches(
+                schema=self.dataset.schema,
+                columns=self.columns,
+                batch_size=BATCH_ROWS,
+                batch_readahead=1,
+            ):
+                pending.append(batch)
+                n += batch.num_rows
+                if n >= BATCH_ROWS:
+                    yield pa.Table.from_batches(pending)
+                    pending, n = [], 0
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{self.files[number]}: cannot be read as {self.kind}: {exc}") from exc
+        if pending:
+            yield pa.Table.from_batches(pending)
+
+    def _as_read_in_memory(self, table: pa.Table) -> pa.Table:
+        """pyarrow parses ISO dates in a CSV, pandas does not: such timestamps go back to text,
+        so that they are refused as in memory (timestamps are numbers)."""
+        column = table.column("timestamp")
+        if self.kind != "CSV" or not pa.types.is_temporal(column.type):
+            return table
+        index = table.schema.get_field_index("timestamp")
+        return table.set_column(index, "timestamp", column.cast(pa.string()))
+
+
+def _list_files(path: Path) -> tuple[list[Path], str]:
+    """The files of a log (one file, or a folder's Parquet or CSV parts) and their kind."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_file():
+        return [path], "Parquet" if path.suffix.lower() in PARQUET_SUFFIXES else "CSV"
+    found = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(s.startswith((".", "_")) for s in p.relative_to(path).parts)
+    )
+    parquet = [p for p in found if p.suffix.lower() in PARQUET_SUFFIXES]
+    csv = [p for p in found if p.suffix.lower() == ".csv"]
+    if parquet and csv:
+        raise DataError(f"{path}: the folder mixes Parquet and CSV parts; keep one kind")
+    if not parquet and not csv:
+        raise DataError(f"{path}: no Parquet (.parquet, .pq) or CSV (.csv) parts in this folder")
+    return (parquet, "Parquet") if parquet else (csv, "CSV")
+
+
+def _open_log(path: Path, files: list[Path], kind: str) -> _Log:
+    """Open the log's files as one dataset and check that each has the required columns."""
+    if kind == "Parquet":
+        fmt: pads.FileFormat = pads.ParquetFileFormat()
+        origins = [Origin(str(f), None) for f in files]
+    else:
+        fmt = pads.CsvFileFormat(
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),  # quoted line breaks
+            convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
+            read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+        )
+        origins = [CsvOrigin(str(f), 2, f) for f in files]
+    try:
+        dataset = pads.dataset([str(f) for f in files], format=fmt)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{files[0]}: cannot be read as {kind}: {exc}") from exc
+    for file, origin, fragment in zip(files, origins, dataset.get_fragments(), strict=True):
+        try:
+            schema = fragment.physical_schema
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{file}: cannot be read as {kind}: {exc}") from exc
+        require_columns(schema.empty_table().to_pandas(), INTERACTION_COLUMNS, origin)
+    names = dataset.schema.names
+    columns = [*INTERACTION_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in names)]
+    return _Log(Path(path), kind, files, dataset, columns, origins)
+
+
+# ---------------------------------------------------------------------------------------------
+# The catalogue and the user ids
+
+
+class _Catalogue:
+    """The item catalogue, numbered as format 1 numbers it, with lookups for batches."""
+
+    def __init__(self, items: pd.DataFrame, log_items: pd.Series, origin: Origin) -> None:
+        # item ids get the type they would have in memory, where the whole log is one column
+        _, cat_item = harmonise_ids(log_items, items["item"])
+        self.domains = [str(d) for d in sorted(items["domain"].unique())]
+        self.items = _encode_items(items.assign(item=cat_item), self.domains)
+        self.index = pd.Index(self.items["item"])
+        self.domain_names = self.items["domain"].to_numpy()
+        self.item_domain = self.items["domain_idx"].to_numpy()
+        self.origin = origin
+
+    def ids(self, item: pd.Series, origin: Origin) -> pd.Series:
+        """A batch's item ids in the catalogue's type."""
+        like = pd.Series([], dtype=self.index.dtype)
+        batch_item, cat_item = harmonise_ids(item, like)
+        if cat_item.dtype != like.dtype:
+            raise DataError(
+                f"{origin.name}: column 'item' holds {item.dtype} ids here, "
+                f"not the {like.dtype} ids of the rest of the log"
+            )
+        return batch_item
+
+
+def _user_kind(users: pd.Series) -> str:
+    """How user ids are kept: "int" (int64), "float" (float64) or "str"."""
+    if pd.api.types.is_integer_dtype(users):
+        return "int"
+    if pd.api.types.is_float_dtype(users):
+        return "float"
+    return "str"
+
+
+def _user_array(users: pd.Series, kind: str, origin: Origin) -> np.ndarray:
+    """A batch's user ids as ``kind`` ("int", "float" or "str": object array of str)."""
+    if kind == "str":
+        return users.astype(str).to_numpy(dtype=object)
+    if _user_kind(users) != kind:
+        raise DataError(
+            f"{origin.name}: column 'user' holds {users.dtype} ids here, "
+            f"not the {kind} ids of the rest of the log"
+        )
+    return users.to_numpy(np.int64 if kind == "int" else np.float64)
+
+
+def _bucket_of(users: np.ndarray, n_buckets: int) -> np.ndarray:
+    """A stable bucket per user id: the same id gives the same bucket in every run."""
+    return (pd.util.hash_array(users) % np.uint64(n_buckets)).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1: check, map items, scatter rows to buckets
+
+
+def _bucket_schema(kind: str) -> pa.Schema:
+    user = {"int": pa.int64(), "float": pa.float64(), "str": pa.large_string()}[kind]
+    return pa.schema(
+        [
+            ("user", user),
+            ("item_idx", pa.int32()),
+            ("timestamp", pa.float64()),
+            ("positive", pa.bool_()),
+            ("seq", pa.int64()),
+        ]
+    )
+
+
+def _scatter(
+    log_: _Log,
+    catalogue: _Catalogue,
+    buckets: list[Path],
+    split: SplitConfig,
+    estimate: int,
+    progress: bool,
+) -> bool:
+    """Pass 1 into the ``buckets`` files; whether every positive's timestamp is whole."""
+    kind = _user_kind(log_.empty_frame()["user"])
+    schema = _bucket_schema(kind)
+    n_buckets = len(buckets)
+    integral = True
+    with ExitStack() as stack:
+        writers = [stack.enter_context(pa.ipc.new_stream(str(b), schema)) for b in buckets]
+        bar = stack.enter_context(
+            tqdm(total=estimate, unit="row", unit_scale=True, desc="read", disable=not progress)
+        )
+        for number, offset, table, scope in log_.tables():
+            n = table.num_rows
+            origin = _ShiftedOrigin(log_.origins[number], offset)
+            frame = check_values(table.to_pandas(), origin, scope)
+            frame["item"] = catalogue.ids(frame["item"], origin)
+            item_idx = locate_items(
+                frame, catalogue.index, catalogue.domain_names, origin, catalogue.origin, scope
+            ).astype(np.int32)
+            positive = positive_mask(frame, split.rating_threshold)
+            if positive is None:
+                positive = np.ones(n, dtype=bool)
+            timestamp = frame["timestamp"].to_numpy(np.float64)
+            integral = integral and _is_integral(timestamp[positive])
+            users = _user_array(frame["user"], kind, origin)
+            bucket = _bucket_of(users, n_buckets)
+            order = np.argsort(bucket, kind="stable")
+            bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
+            seq = (number << _ROW_BITS) + offset + np.arange(n, dtype=np.int64)
+            scattered = pa.table(
+                [users[order], item_idx[order], timestamp[order], positive[order], seq[order]],
+                schema=schema,
+            )
+            for b in np.flatnonzero(np.diff(bounds)):
+                lo, hi = int(bounds[b]), int(bounds[b + 1])
+                writers[b].write_table(scattered.slice(lo, hi - lo))
+            bar.update(n)
+    return integral
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2: one bucket at a time, as in memory
+
+
+@dataclass
+class _Duplicates:
+    """The first duplicated row in file order (by sequence number), its twin, and a count."""
+
+    first: int
+    second: int
+    count: int
+
+    def earliest(self, other: _Duplicates | None) -> _Duplicates:
+        if other is None:
+            return self
+        first = self if self.first < other.first else other
+        return _Duplicates(first.first, first.second, self.count + other.count)
+
+
+def _find_duplicates(
+    user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, seq: np.ndarray
+) -> _Duplicates | None:
+    """Rows with the same user (codes), item and timestamp, as the in-memory check finds them;
+    the rows must be in file order (ascending ``seq``), as buckets are."""
+    order = chronological_order(user, timestamp, item)  # stable: file order among equals
+    u, i, t = user[order], item[order], timestamp[order]
+    same = (u[1:] == u[:-1]) & (i[1:] == i[:-1]) & (t[1:] == t[:-1])  # row k+1 repeats row k
+    if not same.any():
+        return None
+    dup = np.r_[same, False] | np.r_[False, same]
+    s = seq[order]
+    # the earliest duplicated row comes first in its group; its twin is the next row
+    k = int(np.argmin(np.where(dup, s, np.iinfo(np.int64).max)))
+    return _Duplicates(int(s[k]), int(s[k + 1]), int(dup.sum()))
+
+
+@dataclass
+class _Totals:
+    """What the checks at the end need, summed over the partitions."""
+
+    counts: np.ndarray  # (3, D) positives per part and domain
+    n_users: int = 0
+    n_dropped: int = 0
+    integral: bool = True  # every kept timestamp is a whole number
+    duplicates: _Duplicates | None = None
+    partitions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _read_bucket(path: Path) -> dict[str, np.ndarray]:
+    with pa.ipc.open_stream(str(path)) as reader:
+        table = reader.read_all()
+    path.unlink()  # free the disk as we go
+    return {name: table[name].to_numpy() for name in table.column_names}
+
+
+def _split_bucket(
+    p: int,
+    bucket: dict[str, np.ndarray],
+    catalogue: _Catalogue,
+    split: SplitConfig,
+    out: Path,
+    integral: bool,
+    totals: _Totals,
+) -> None:
+    """Turn bucket ``p`` into partition ``p`` (users from ``totals.n_users`` on)."""
+    codes, user_ids = pd.factorize(bucket["user"], sort=True)  # users in original-id order
+    item, timestamp = bucket["item_idx"], bucket["timestamp"]
+    found = _find_duplicates(codes, item, timestamp, bucket["seq"])
+    if found is not None:
+        totals.duplicates = found.earliest(totals.duplicates)
+    if totals.duplicates is not None:  # the data is bad: only look for more duplicates
+        return
+    pos = bucket["positive"]
+    rows = {
+        "user_idx": codes[pos].astype(np.int32),
+        "item_idx": item[pos],
+        "domain_idx": catalogue.item_domain[item[pos]],
+        "timestamp": timestamp[pos],
+    }
+    rows, part, kept_users, n_dropped = _split_positives(rows, split)
+    start = totals.n_users
+    rows["user_idx"] += np.int32(start)
+    totals.integral = totals.integral and _is_integral(rows["timestamp"])
+    if integral:
+        rows["timestamp"] = rows["timestamp"].astype(np.int64)
+    _write_users(partition_file(out, "users", p), np.asarray(user_ids)[kept_users], start)
+    _write_parts({name: partition_file(out, name, p) for name in PART_NAMES}, rows, part)
+    counts = _count_parts(part, rows["domain_idx"], len(catalogue.domains))
+    totals.counts += counts
+    totals.n_users += len(kept_users)
+    totals.n_dropped += n_dropped
+    totals.partitions.append(
+        {
+            "users": [start, totals.n_users],
+            "rows": {name: int(counts[k].sum()) for k, name in enumerate(PART_NAMES)},
+        }
+    )
+
+
+def _timestamps_to_int(out: Path, n_partitions: int) -> None:
+    """Rewrite the parts with int64 timestamps (the in-memory rule looks at the kept rows only,
+    which pass 1 cannot know: rare, e.g. only dropped users had fractional times)."""
+    for p in range(n_partitions):
+        for name in PART_NAMES:
+            path = partition_file(out, name, p)
+            frame = pd.read_parquet(path)
+            frame["timestamp"] = frame["timestamp"].astype(np.int64)
+            frame.to_parquet(path, index=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def prepare_streaming(
+    interactions: Path,
+    items: Path,
+    out: Path,
+    split: SplitConfig | None = None,
+    source: dict[str, Any] | None = None,
+    force: bool = False,
+    partition_rows: int = DEFAULT_PARTITION_ROWS,
+    progress: bool = False,
+) -> Path:
+    """Prepare a log that may not fit in memory into a partitioned dataset at ``out``.
+
+    ``interactions`` is a CSV or Parquet file or a folder of parts (columns ``user``, ``item``,
+    ``timestamp``, optional ``domain``, ``rating``, ``label``); ``items`` is the catalogue
+    (``item``, ``domain``), read into memory. About ``partition_rows`` rows of the log go to each
+    partition, which bounds memory. Same rows, parts and counts as the in-memory path.
+    """
+    out = Path(out)
+    split = split or SplitConfig()
+    if partition_rows < 1:
+        raise DataError(f"--partition-rows must be at least 1, got {partition_rows}")
+    if out.exists() and not force:
+        raise DataError(f"{out} already exists; pass --force to replace it")
+    started = time.perf_counter()
+    files, kind = _list_files(Path(interactions))  # read in the in-memory path's order
+    cat, mo = read_table(items)
+    require_columns(cat, ITEM_COLUMNS, mo)
+    log_ = _open_log(Path(interactions), files, kind)
+    catalogue = _Catalogue(check_catalogue(cat, mo), log_.empty_frame()["item"], mo)
+    domains = catalogue.domains
+    estimate = log_.estimate_rows()
+    n_partitions = max(1, math.ceil(estimate / partition_rows))
+    if n_partitions > MAX_PARTITIONS:
+        raise DataError(
+            f"{log_.name}: about {estimate} rows in partitions of {partition_rows} rows make "
+            f"{n_partitions} partitions, more than {MAX_PARTITIONS}; raise --partition-rows"
+        )
+
+    with atomic_directory(out) as tmp:
+        scratch = tmp / "_buckets"
+        for folder in ("users", *PART_NAMES, "_buckets"):
+            (tmp / folder).mkdir()
+        buckets = [scratch / f"bucket-{p:05d}.arrow" for p in range(n_partitions)]
+        integral = _scatter(log_, catalogue, buckets, split, estimate, progress)
+        totals = _Totals(np.zeros((len(PART_NAMES), len(domains)), dtype=np.int64))
+        for p in tqdm(range(n_partitions), desc="split", unit="part", disable=not progress):
+            _split_bucket(p, _read_bucket(buckets[p]), catalogue, split, tmp, integral, totals)
+        shutil.rmtree(scratch)
+
+        if totals.duplicates is not None:
+            d = totals.duplicates
+            raise duplicate_row_error(log_.locate(d.first), log_.locate(d.second), d.count)
+        dropped = _dropped_note(totals.n_dropped, split.min_positives)
+        n_items = np.bincount(catalogue.item_domain, minlength=len(domains))
+        _check_domains(domains, n_items, totals.counts[TRAIN], mo.name, log_.name, dropped)
+        if not totals.counts[TEST].any():
+            raise _no_test_error(log_.name, split.min_positives, dropped)
+        if totals.integral and not integral:
+            _timestamps_to_int(tmp, n_partitions)
+
+        meta = _meta(
+            domains,
+            catalogue.item_domain,
+            totals.n_users,
+            totals.counts,
+            totals.n_dropped,
+            split,
+            False,
+            source,
+            started,
+        )
+        meta.update(
+            format=FORMAT_PARTITIONED,
+            layout=PARTITIONED,
+            partition_rows=partition_rows,
+            partitions=totals.partitions,
+        )
+        _write_items(tmp / "items.parquet", catalogue.items)
+        _write_meta(tmp, meta)
+    log.info(
+        "dropped %d users with fewer than %d positives; %d partition(s)",
+        totals.n_dropped,
+        split.min_positives,
+        n_partitions,
+    )
+    return out
+
+
+__all__ = ["DEFAULT_PARTITION_ROWS", "FORMAT_PARTITIONED", "prepare_streaming"]
