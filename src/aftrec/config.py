@@ -51,6 +51,7 @@ class TrainConfig:
     # data-parallel training (torchrun): user shards per global batch; None = one per rank
     data_shards: int | None = None
     valid_users: int | None = None  # validate on a fixed sample of this many users per domain
+    sparse_embeddings: bool = False  # sparse gradients + lazy Adam for embedding tables
 
     def __post_init__(self) -> None:
         _at_least(self, "train", epochs=1, batch_size=1, patience=1, eval_batch_size=1)

@@ -63,10 +63,12 @@ def assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
 def test_two_ranks_match_one_process_with_the_same_global_batches(
-    tiny_dir: Path, tmp_path: Path
+    tiny_dir: Path, tmp_path: Path, sparse: bool
 ) -> None:
-    sets = [*COMMON, "model.dropout=0"]  # dropout draws differ per rank by design
+    # dropout draws differ per rank by design; sparse: lazy Adam on sparse table gradients
+    sets = [*COMMON, "model.dropout=0", f"train.sparse_embeddings={str(sparse).lower()}"]
     one, two = tmp_path / "one", tmp_path / "two"
     train(tiny_dir, one, "two-tower", sets, ranks=1)
     stdout = train(tiny_dir, two, "two-tower", sets, ranks=2)
@@ -94,7 +96,8 @@ def test_resume_on_another_number_of_ranks(tiny_dir: Path, tmp_path: Path) -> No
 
 def test_aft_trains_on_two_ranks(tiny_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "aft"
-    train(tiny_dir, out, "aft", [*COMMON, "train.epochs=1", "model.g_layers=1"], ranks=2)
+    sets = [*COMMON, "train.epochs=1", "model.g_layers=1", "train.sparse_embeddings=true"]
+    train(tiny_dir, out, "aft", sets, ranks=2)
     state = checkpoint.load(out / "best.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 

@@ -28,6 +28,7 @@ import torch
 from aftrec.config import TrainConfig
 from aftrec.data.loader import Batch
 from aftrec.training.distributed import SINGLE, Context, loss_forward
+from aftrec.training.optim import MixedAdam, adam
 
 if TYPE_CHECKING:
     from aftrec.models.aft.model import AFT
@@ -39,18 +40,12 @@ class AdversarialStep:
         self.model = model
         self.forward = loss_forward(model, "losses", ctx)  # DDP across ranks
         self.d_every, self.g_every, self.warmup = mc.d_every, mc.g_every, mc.warmup_steps
-        self.d_opt = torch.optim.Adam(
-            model.discriminator.parameters(),
-            lr=cfg.lr if mc.d_lr is None else mc.d_lr,
-            weight_decay=cfg.weight_decay,
-        )
-        self.g_opt: torch.optim.Adam | None = None
+        d_lr = cfg.lr if mc.d_lr is None else mc.d_lr
+        self.d_opt = adam(model.discriminator, d_lr, cfg.weight_decay)
+        self.g_opt: torch.optim.Adam | MixedAdam | None = None
         if model.generator is not None:
-            self.g_opt = torch.optim.Adam(
-                model.generator.parameters(),
-                lr=cfg.lr if mc.g_lr is None else mc.g_lr,
-                weight_decay=cfg.weight_decay,
-            )
+            g_lr = cfg.lr if mc.g_lr is None else mc.g_lr
+            self.g_opt = adam(model.generator, g_lr, cfg.weight_decay)
         self.batches = 0  # batches seen, for the warm-up and the update ratio
 
     def __call__(self, batch: Batch) -> dict[str, float]:

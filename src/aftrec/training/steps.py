@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-import torch
-
 from aftrec.config import TrainConfig
 from aftrec.data.loader import Batch
 from aftrec.models.base import RetrievalModel
 from aftrec.training.distributed import SINGLE, Context, loss_forward
+from aftrec.training.optim import adam
 
 
 class Step(Protocol):
@@ -31,9 +30,7 @@ class SupervisedStep:
     def __init__(self, model: RetrievalModel, cfg: TrainConfig, ctx: Context = SINGLE) -> None:
         self.model = model
         self.forward = loss_forward(model, "loss", ctx)
-        self.optimizer = torch.optim.Adam(
-            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
-        )
+        self.optimizer = adam(model, cfg.lr, cfg.weight_decay)
 
     def __call__(self, batch: Batch) -> dict[str, float]:
         self.model.train()

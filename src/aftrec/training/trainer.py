@@ -43,6 +43,7 @@ from aftrec.models.base import RetrievalModel
 from aftrec.registry import create_model
 from aftrec.training import checkpoint
 from aftrec.training.distributed import SINGLE, Context, peak_rss_mib, shards_of
+from aftrec.training.optim import use_sparse_embeddings
 from aftrec.training.steps import make_step
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,8 @@ def train(
             result = _fit_closed_form(cfg, full, evaluator, out, metric, metric_n, started)
         return ctx.broadcast(result)
 
+    if tc.sparse_embeddings:
+        use_sparse_embeddings(model, min_rows=local.info.n_items)
     model.prepare_training(local.train)  # fresh and resumed runs alike
     loader = ShardedLoader(
         local.shards, local.info, cfg.data.history_len, tc.batch_size, cfg.data.n_negatives,
