@@ -127,3 +127,18 @@ def test_negatives_are_uniform_over_the_unclicked_items() -> None:
     # a user with no clicks draws from the whole domain
     fresh = sampler.sample(np.ones(3000, np.int64), np.ones(3000, np.int64), 1, rng).ravel()
     assert set(np.unique(fresh)) == {6, 7, 8, 9}
+
+
+def test_rows_in_any_order_give_the_same_index(tiny: Dataset) -> None:
+    """Sorted input takes the one-key fast path, shuffled input the lexsort: same index."""
+    train = tiny.train
+    perm = np.random.default_rng(0).permutation(len(train))
+    shuffled = Interactions(
+        train.user[perm], train.item[perm], train.domain[perm], train.timestamp[perm]
+    )
+    a, b = HistoryIndex(train, tiny.info), HistoryIndex(shuffled, tiny.info)
+    np.testing.assert_array_equal(a.items, b.items)
+    np.testing.assert_array_equal(a.seg_start, b.seg_start)
+    users = np.arange(tiny.info.n_users)
+    ha, hb = a.before(users, None, 8), b.before(users, None, 8)
+    np.testing.assert_array_equal(ha.items, hb.items)

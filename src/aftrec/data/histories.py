@@ -25,6 +25,29 @@ class Histories:
     times: np.ndarray  # (B, D, L) float64 time of each behaviour in ``items`` (0 at padding)
 
 
+def _dense_rank(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, each value's index among them), by one argsort (a
+    ``searchsorted`` of millions of values into millions is cache-bound and ~10x slower)."""
+    order = np.argsort(values, kind="stable")
+    s = values[order]
+    new = np.ones(len(s), dtype=bool)
+    np.not_equal(s[1:], s[:-1], out=new[1:])
+    rank = np.empty(len(s), dtype=np.int64)
+    rank[order] = np.cumsum(new) - 1
+    return s[new], rank
+
+
+def _segment_order(seg: np.ndarray, rank: np.ndarray, item: np.ndarray) -> np.ndarray:
+    """Permutation sorting rows by (seg, rank, item). Interactions come sorted by (user, time,
+    item), so a stable sort on ``seg`` alone usually gives it (checked in one pass); other
+    inputs take the three-key ``lexsort``."""
+    order = np.argsort(seg, kind="stable")
+    s, r, i = seg[order], rank[order], item[order]
+    same = s[1:] == s[:-1]
+    ok = ~same | (r[1:] > r[:-1]) | ((r[1:] == r[:-1]) & (i[1:] >= i[:-1]))
+    return order if ok.all() else np.lexsort((item, rank, seg))
+
+
 class HistoryIndex:
     """Behaviours sorted by (user, domain, time) with one segment per (user, domain)."""
 
@@ -32,9 +55,8 @@ class HistoryIndex:
         self.info = info
         n_dom = info.n_domains
         seg = inter.user.astype(np.int64) * n_dom + inter.domain.astype(np.int64)
-        self._times = np.unique(inter.timestamp.astype(np.float64))
-        rank = np.searchsorted(self._times, inter.timestamp.astype(np.float64))
-        order = np.lexsort((inter.item, rank, seg))
+        self._times, rank = _dense_rank(inter.timestamp.astype(np.float64))
+        order = _segment_order(seg, rank, inter.item)
         self._stride = len(self._times) + 1
         self._key = seg[order] * self._stride + rank[order]
         self.items = inter.item[order].astype(np.int64)

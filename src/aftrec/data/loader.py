@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from aftrec.arrays import unique
 from aftrec.data.dataset import DataInfo, Interactions
 from aftrec.data.histories import HistoryIndex
 from aftrec.errors import ConfigError, DataError
@@ -86,7 +87,7 @@ class NegativeSampler:
         n_dom = info.n_domains
         seg = known.user.astype(np.int64) * n_dom + known.domain.astype(np.int64)
         pos = known.item.astype(np.int64) - offsets[known.domain.astype(np.int64)]
-        pairs = np.unique(seg * np.int64(info.n_items + 1) + pos)  # sorted, no repeats
+        pairs = unique(seg * np.int64(info.n_items + 1) + pos)  # sorted, no repeats
         seg, pos = pairs // (info.n_items + 1), pairs % (info.n_items + 1)
         self.seg_start = np.searchsorted(seg, np.arange(info.n_users * n_dom + 1))
         rank_in_seg = np.arange(len(pos)) - self.seg_start[seg]

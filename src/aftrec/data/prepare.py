@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from aftrec.arrays import unique
 from aftrec.data.schema import RawLog, positives, validate
 from aftrec.data.split import (
     PART_NAMES,
@@ -106,7 +107,7 @@ def _split_positives(
     """
     rows = _first_click_only(rows)
     active = keep_active_users(rows["user_idx"], split.min_positives)
-    n_dropped = len(np.unique(rows["user_idx"][~active]))
+    n_dropped = len(unique(rows["user_idx"][~active]))
     rows = {k: v[active] for k, v in rows.items()}
     # re-number the users that remain, keeping their original-id order
     kept_users, new_idx = np.unique(rows["user_idx"], return_inverse=True)

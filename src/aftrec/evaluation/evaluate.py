@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from aftrec.arrays import unique
 from aftrec.data.dataset import Dataset
 from aftrec.data.histories import HistoryIndex
 from aftrec.evaluation.metrics import auc, ndcg_at_n, recall_at_n
@@ -107,7 +108,7 @@ class Evaluator:
         per_user: list[pd.DataFrame] = []
         prefix = "" if sampled_negatives is None else "sampled_"
         chosen = [
-            _sample(np.unique(target_parts.user[target_parts.domain == d]), max_users, seed + d)
+            _sample(unique(target_parts.user[target_parts.domain == d]), max_users, seed + d)
             for d in range(info.n_domains)
         ]
         total = sum(len(u) for u in chosen)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from aftrec.arrays import unique
 from aftrec.data.dataset import Dataset
 from aftrec.data.histories import HistoryIndex
 from aftrec.errors import DataError
@@ -42,11 +43,11 @@ def recommend(
     frames = []
     for d in chosen_domains:
         if chosen_users is not None:
-            u = np.unique(chosen_users)
+            u = unique(chosen_users)
         elif domains is None:
-            u = np.unique(data.test.user[data.test.domain == d])
+            u = unique(data.test.user[data.test.domain == d])
         else:
-            u = np.unique(data.test.user)
+            u = unique(data.test.user)
         if len(u) == 0:
             continue
         lo, _ = info.domain_range(d)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aftrec.arrays import unique
 from aftrec.errors import AftrecError
 from aftrec.serving.bundle import LoadedBundle, load_bundle
 
@@ -256,7 +257,7 @@ class Recommender:
         any_history = any(len(p) for p in per_domain)
         results = []
         for d in targets:
-            seen = np.unique(per_domain[d]) - self.offsets[d]  # positions inside d
+            seen = unique(per_domain[d]) - self.offsets[d]  # positions inside d
             path = "history" if len(seen) else ("cross-domain" if any_history else "popular")
             if path == "popular":
                 pos = self._popular[d][:n]

@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 from pyarrow import ArrowInvalid
 
+from aftrec.arrays import unique
 from aftrec.data.schema import Origin, RawLog, require_columns
 from aftrec.errors import DataError
 
@@ -83,7 +84,7 @@ def load_netflix(path: Path, domain_map: Path) -> RawLog:
         n_read += len(ratings)
         keep = np.isin(ratings["item"].to_numpy(), mapped)
         if not keep.all():
-            dropped_movies.update(np.unique(ratings["item"].to_numpy()[~keep]).tolist())
+            dropped_movies.update(unique(ratings["item"].to_numpy()[~keep]).tolist())
             ratings = ratings.loc[keep]
         tables.append(ratings)
     inter = pd.concat(tables, ignore_index=True)

@@ -72,6 +72,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from aftrec.arrays import unique
 from aftrec.data.schema import Origin, RawLog
 from aftrec.errors import ConfigError
 
@@ -167,7 +168,7 @@ def _build_catalogue(cfg: SyntheticConfig) -> _Catalogue:
     topic_of_pos = np.repeat(np.arange(k), sizes)  # (M,)
     rank_of_pos = np.arange(m) - np.repeat(np.cumsum(sizes) - sizes, sizes) + 1  # (M,)
     zipf_cdf = {}
-    for size in np.unique(sizes).tolist():
+    for size in unique(sizes).tolist():
         w = np.arange(1, size + 1, dtype=np.float64) ** -cfg.popularity_skew
         zipf_cdf[size] = np.cumsum(w) / w.sum()
     topic = np.empty(cfg.n_items, dtype=np.int64)
