@@ -150,7 +150,10 @@ def train(
     local = load_shards(Path(data_dir), n_shards, shards_of(ctx, n_shards))
     model = create_model(cfg.model_name, cfg.model, local.info, cfg.data.history_len)
     model.to(tc.device)
-    full = local.dataset if local.complete or not ctx.main else Dataset(Path(data_dir))
+    # rank 0 validates. With train.valid_users it samples the users of its own partitions
+    # (whose histories it holds), so no rank reads the whole log; else it reads everything.
+    own = local.complete or not ctx.main or tc.valid_users is not None
+    full = local.dataset if own else Dataset(Path(data_dir))
     evaluator = Evaluator(full, cfg.data.history_len, tc.eval_batch_size)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -270,6 +273,7 @@ def train(
             value = -float(epoch)  # no validation part: the last epoch is the best
         entry[f"valid_{metric}"] = value
         entry["examples_per_second"] = epoch_examples / max(epoch_seconds, 1e-9)
+        entry["peak_rss_mib"][0] = round(peak_rss_mib(), 1)  # rank 0's, validation included
         if value > best:
             best, best_epoch, bad_epochs = value, epoch, 0
             checkpoint.save(
