@@ -19,9 +19,26 @@ import torch
 from aftrec.data.dataset import Dataset
 from aftrec.data.loader import ShardedLoader
 from aftrec.data.shards import load_shards
+from aftrec.data.sources.synthetic import generate
+from aftrec.data.stream import prepare_streaming
 from aftrec.errors import ConfigError
 from aftrec.training import checkpoint
 from aftrec.training.distributed import Context, shards_of
+
+
+@pytest.fixture(scope="module")
+def partitioned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny log prepared by the streaming path into 4 partitions."""
+    from tests.conftest import TINY
+
+    root = tmp_path_factory.mktemp("partitioned")
+    raw = generate(TINY)
+    raw.interactions.to_parquet(root / "log.parquet")
+    raw.items.to_parquet(root / "items.parquet")
+    return prepare_streaming(
+        root / "log.parquet", root / "items.parquet", root / "data", partition_rows=2_500
+    )
+
 
 COMMON = [
     "train.epochs=2",
@@ -81,6 +98,27 @@ def test_two_ranks_match_one_process_with_the_same_global_batches(
     assert any(not torch.allclose(wa[k], wp[k], atol=1e-4) for k in wa)
     log = [line for line in (two / "log.jsonl").read_text().splitlines() if line]
     assert len(log) == 2 and '"ranks": 2' in log[0]
+
+
+def test_ranks_read_their_own_partitions(partitioned: Path, tmp_path: Path) -> None:
+    """On a partitioned dataset each rank loads only its partitions, the shards are whole
+    partitions, and two ranks still take the steps of one process given the same shards."""
+    whole = load_shards(partitioned, 2, [0, 1])
+    assert whole.complete and len(whole.dataset.meta["partitions"]) == 4
+    halves = [load_shards(partitioned, 2, [s]) for s in (0, 1)]
+    for s, half in enumerate(halves):
+        assert not half.complete
+        ranges = [p["users"] for i, p in enumerate(half.dataset.meta["partitions"]) if i % 2 == s]
+        inside = np.zeros(whole.info.n_users, dtype=bool)
+        for lo, hi in ranges:
+            inside[lo:hi] = True
+        assert inside[half.dataset.train.user].all()  # read nothing of the other rank's
+        np.testing.assert_array_equal(half.shards[s].user, whole.shards[s].user)
+    sets = [*COMMON, "model.dropout=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(partitioned, one, "two-tower", sets, ranks=1)
+    train(partitioned, two, "two-tower", sets, ranks=2)
+    assert_same_weights(one, two)
 
 
 def test_resume_on_another_number_of_ranks(tiny_dir: Path, tmp_path: Path) -> None:
