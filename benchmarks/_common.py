@@ -5,21 +5,15 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from aftrec.training.distributed import peak_rss_mib  # noqa: F401  (re-exported)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def machine() -> dict[str, Any]:

@@ -33,6 +33,12 @@ class Interactions:
     def __len__(self) -> int:
         return len(self.user)
 
+    def take(self, mask: np.ndarray) -> Interactions:
+        """The rows where ``mask`` is true (or at the given indices), order kept."""
+        return Interactions(
+            self.user[mask], self.item[mask], self.domain[mask], self.timestamp[mask]
+        )
+
     @staticmethod
     def concat(parts: list[Interactions]) -> Interactions:
         user = np.concatenate([p.user for p in parts])

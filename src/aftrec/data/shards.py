@@ -32,12 +32,6 @@ class LocalShards:
     complete: bool  # whether ``dataset`` is the whole dataset
 
 
-def _select(inter: Interactions, mask: np.ndarray) -> Interactions:
-    return Interactions(
-        inter.user[mask], inter.item[mask], inter.domain[mask], inter.timestamp[mask]
-    )
-
-
 def _meta(path: Path) -> dict[str, Any]:
     try:
         meta: dict[str, Any] = json.loads((Path(path) / "meta.json").read_text())
@@ -63,7 +57,7 @@ def load_shards(path: Path, n_shards: int, mine: list[int]) -> LocalShards:
         data = Dataset(path)
         complete = True
         shard = data.train.user.astype(np.int64) % n_shards
-    shards = {s: _select(data.train, shard == s) for s in mine}
-    local = data.train if len(mine) == n_shards else _select(data.train, np.isin(shard, mine))
+    shards = {s: data.train.take(shard == s) for s in mine}
+    local = data.train if len(mine) == n_shards else data.train.take(np.isin(shard, mine))
     n_examples = int(sum(data.meta["counts"]["train"].values()))
     return LocalShards(data.info, shards, local, n_examples, data, complete)

@@ -150,7 +150,10 @@ def loss_forward(model: torch.nn.Module, method: str, ctx: Context) -> torch.nn.
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory in MiB (Linux ``ru_maxrss`` is in KiB)."""
+    """This process's peak resident memory in MiB (``ru_maxrss``: KiB on Linux, bytes on
+    macOS)."""
     import resource
+    import sys
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10

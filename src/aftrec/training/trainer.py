@@ -240,7 +240,6 @@ def train(
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + v
             n_batches += 1
-            examples += len(batch)
             epoch_examples += len(batch)
             if n_batches % 20 == 0:
                 bar.set_postfix({k: f"{v / n_batches:.4f}" for k, v in totals.items()})
@@ -249,8 +248,8 @@ def train(
         epoch += 1
         # the ranks' mean losses and example counts (one small gather per epoch)
         per_rank = ctx.gather((totals, n_batches, epoch_examples, peak_rss_mib()))
-        examples += sum(r[2] for r in per_rank) - epoch_examples
-        epoch_examples = sum(r[2] for r in per_rank)
+        epoch_examples = sum(r[2] for r in per_rank)  # over all ranks
+        examples += epoch_examples
         entry: dict[str, Any] = {
             "epoch": epoch,
             **{
