@@ -392,6 +392,65 @@ def test_failures_are_reported_and_half_trained_runs_resume(
     assert re.search(r"\| `two-tower` \| 2/2 \| 1 \|", text)  # one resumed run
 
 
+def test_report_only_trains_nothing_and_lists_the_runs_not_run(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    spec = dict(seeds=2, quick=True, models=("two-tower", "pop"), ablations=False, sweeps=False,
+                overrides=tuple(THREADS), progress=False)  # fmt: skip
+    empty = reproduce(ReproduceSpec(tiny_dir, out, report_only=True, **spec))  # type: ignore[arg-type]
+    assert (empty.trained, empty.reused, empty.failed, empty.pending) == (0, 0, 0, 3)
+    assert not _checkpoints(out)
+    text = (out / "report.md").read_text()
+    assert "**Partial report**: 3 of 3 runs have not run yet" in text
+    assert "| `two-tower` | not run yet |" in text and "## Failures" not in text
+
+    # seed 0 of every model finished, seed 1 not: the report shows what is there, as such
+    first = reproduce(ReproduceSpec(tiny_dir, out, **{**spec, "seeds": 1}))  # type: ignore[arg-type]
+    assert first.trained == 2
+    partial = reproduce(ReproduceSpec(tiny_dir, out, report_only=True, **spec))  # type: ignore[arg-type]
+    assert (partial.trained, partial.reused, partial.pending) == (0, 2, 1)
+    text = (out / "report.md").read_text()
+    assert "**Partial report**: 1 of 3 runs" in text
+    assert re.search(r"\| `two-tower` \| 1/2 \| (<u>|\*\*)?0\.\d{4}", text)
+    assert "| `pop` | 1 run (deterministic) |" in text
+
+
+def test_runs_go_seed_by_seed() -> None:
+    jobs = [
+        rp.Job(Path(f"{k}/seed{s}"), None, k, [(k, s)])  # type: ignore[arg-type]
+        for k in ("aft", "pop", "two-tower")
+        for s in (0, 1)
+    ]
+    jobs[2].entries.append(("pop", 1))  # one run standing for two seeds sorts by its first
+    order = [j.run.as_posix() for j in rp._seed_order(jobs)]
+    assert order == ["aft/seed0", "pop/seed0", "two-tower/seed0", "aft/seed1", "pop/seed1",
+                     "two-tower/seed1"]  # fmt: skip
+
+
+def test_parallel_jobs_give_the_serial_results(tiny_dir: Path, tmp_path: Path) -> None:
+    """--jobs 2: every run in its own spawned process, same numbers as one after another."""
+    spec = dict(seeds=2, quick=True, models=("two-tower", "sasrec"), ablations=False,
+                sweeps=False, overrides=tuple(THREADS), progress=False)  # fmt: skip
+    serial = reproduce(ReproduceSpec(tiny_dir, tmp_path / "serial", **spec))  # type: ignore[arg-type]
+    parallel = reproduce(ReproduceSpec(tiny_dir, tmp_path / "parallel", jobs=2, **spec))  # type: ignore[arg-type]
+    assert serial.failed == parallel.failed == 0 and parallel.trained == 4
+    for run in ("two-tower/seed0", "two-tower/seed1", "sasrec/seed0", "sasrec/seed1"):
+        a = json.loads((tmp_path / "serial" / "runs" / run / "metrics.json").read_text())
+        b = json.loads((tmp_path / "parallel" / "runs" / run / "metrics.json").read_text())
+        assert a == b, run
+    s0 = json.loads((tmp_path / "parallel/runs/two-tower/seed0/metrics.json").read_text())
+    s1 = json.loads((tmp_path / "parallel/runs/two-tower/seed1/metrics.json").read_text())
+    assert s0 != s1  # the seeds differ, so the comparison above could fail
+    text = (tmp_path / "parallel" / "report.md").read_text()
+    assert "--jobs 2" in text
+
+
+def test_jobs_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--jobs must be at least 1"):
+        make_plan(ReproduceSpec(Path("unused"), tmp_path / "r", models=("pop",), jobs=0))
+
+
 def test_quick_every_registered_model(tiny_dir: Path, tmp_path: Path) -> None:
     """The CI configuration: ``--quick`` over every registered model (about 11 s here)."""
     out = tmp_path / "all"

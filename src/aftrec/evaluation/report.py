@@ -243,8 +243,12 @@ def sweep_plot(
 
 def _seeds_info(res: EntryResult) -> str:
     ok, asked = len(res.ok()), len(res.outcomes)
+    if ok == 0 and len(res.pending()) == asked:
+        return "not run yet"
     if res.deterministic:
         return "1 run (deterministic)" if ok else "failed"
+    if ok == 0 and not res.errors():
+        return f"0/{asked}"
     if ok == 0:
         return "failed"
     return str(ok) if ok == asked else f"{ok}/{asked}"
@@ -353,11 +357,21 @@ def render(results: Results) -> str:
             else ""
         )
         + f". Runs: {results.trained} trained or evaluated now, {results.reused} reused"
-        + f" from `{spec.out}`, {results.failed} failed. "
+        + f" from `{spec.out}`, {results.failed} failed"
+        + (f", {results.pending} not run yet" if results.pending else "")
+        + ". "
         + f"Wall time of this invocation: {_s(results.wall_seconds)} s (started {results.started})."
     )
     w("")
-    for note in plan.notes:
+    notes = list(plan.notes)
+    if results.pending:
+        notes.insert(
+            0,
+            f"**Partial report**: {results.pending} of {len(plan.jobs)} runs have not run yet "
+            "(seeds are run in order, so the first seeds of every model come first). Rerun the "
+            "command without `--report-only` to finish them; finished runs are reused.",
+        )
+    for note in notes:
         w(f"> {note}")
         w("")
 

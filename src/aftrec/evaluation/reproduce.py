@@ -21,6 +21,13 @@ default mask ratio of the sweep and ``aft`` itself, mask ratio 0 and the "no mas
 share one directory. Deterministic models (``trainable = False``: pop, EASE) run once and that
 run stands for every seed.
 
+Order and parallelism: unfinished runs go seed by seed (every model's seed 0 first), so a
+report cut short still covers every model. ``--jobs J`` trains J runs at once, each in its own
+process with ``cores // J`` torch threads unless ``train.threads`` is set. ``--report-only``
+trains nothing and writes the report from the finished runs; the others are listed as not run
+yet. Together with resuming this lets a long reproduction be spread over several sittings
+(the report directory holds everything needed except the checkpoints of unfinished runs).
+
 ``--quick`` (the CI configuration): one seed, one epoch of 4 batches of 64, history 8,
 patience 1, and tiny models (:data:`QUICK_MODEL`: dim 16, one layer, two heads, ... applied
 to the models whose config has the key; EASE fits one L2 value), every registered model
@@ -139,6 +146,8 @@ class ReproduceSpec:
     sweep_seeds: int | None = None  # None: the same as seeds
     alpha: float = ALPHA
     progress: bool = True
+    jobs: int = 1  # runs trained at once, one process each
+    report_only: bool = False  # train nothing; report the finished runs
 
     @property
     def n_seeds(self) -> int:
@@ -164,6 +173,8 @@ class ReproduceSpec:
             argv += ["--sweep-seeds", str(self.sweep_seeds)]
         if self.alpha != ALPHA:
             argv += ["--alpha", str(self.alpha)]
+        if self.jobs != 1:
+            argv += ["--jobs", str(self.jobs)]
         if self.overrides:
             argv += ["--set", *self.overrides]
         return shlex.join(argv)
@@ -300,6 +311,8 @@ def make_plan(spec: ReproduceSpec) -> Plan:
         raise ConfigError(f"--sweep-seeds must be at least 1, got {spec.sweep_seeds}")
     if not 0 < spec.alpha < 1:
         raise ConfigError(f"--alpha must be in (0, 1), got {spec.alpha}")
+    if spec.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {spec.jobs}")
     models = check_models(spec.models) if spec.models else default_models()
     user = _parse_overrides(spec.overrides)
     _check_user_overrides(user, models)
@@ -430,6 +443,7 @@ class RunOutcome:
     eval_seconds: float | None = None
     trained_now: bool = False  # trained or evaluated by this invocation
     resumed: bool = False  # some invocation continued a half-trained run
+    pending: bool = False  # not run yet (--report-only): neither a result nor a failure
 
 
 REQUIRED = (*(f"recall@{n}" for n in NS), "auc")
@@ -541,8 +555,37 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def _seed_order(pending: list[Job]) -> list[Job]:
+    """Seed by seed, plan order within a seed: a report cut short still has every model."""
+    return sorted(pending, key=lambda job: min(seed for _, seed in job.entries))
+
+
+def _with_threads(job: Job, jobs: int) -> Job:
+    """Share the cores between concurrent runs unless the config pins the threads."""
+    if jobs == 1 or job.cfg.train.threads is not None:
+        return job
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    train = dataclasses.replace(job.cfg.train, threads=max(1, cores // jobs))
+    return dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, train=train))
+
+
+def _run_job_caught(job: Job, data_dir: Path) -> RunOutcome:
+    """:func:`run_job` with its failure turned into an outcome (in a worker process)."""
+    try:
+        return run_job(job, data_dir)
+    except Exception as exc:
+        return RunOutcome(job.run, False, error=_one_line(exc), trained_now=True)
+
+
 def execute(plan: Plan) -> dict[Path, RunOutcome]:
-    """Run every unfinished job in plan order; failures are recorded, not raised."""
+    """Run every unfinished job, seed by seed; failures are recorded, not raised.
+
+    ``plan.spec.jobs > 1``: that many runs at once, each in a fresh (spawned) process.
+    ``plan.spec.report_only``: run nothing; unfinished runs come back ``pending``.
+    """
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -555,7 +598,12 @@ def execute(plan: Plan) -> dict[Path, RunOutcome]:
             eta.add(job.model, outcomes[job.run])
         else:
             pending.append(job)
+    if plan.spec.report_only:
+        outcomes.update({job.run: RunOutcome(job.run, False, pending=True) for job in pending})
+        return outcomes
+    pending = [_with_threads(job, plan.spec.jobs) for job in _seed_order(pending)]
     data_dir = Path(plan.spec.data)
+    root = Path(plan.spec.out) / "runs"
     bar = tqdm(
         total=len(pending),
         unit="run",
@@ -563,27 +611,80 @@ def execute(plan: Plan) -> dict[Path, RunOutcome]:
         bar_format="{desc}{n_fmt}/{total_fmt} runs |{bar}| {elapsed}{postfix}",
     )
     failed = 0
+    running: dict[Path, Job] = {}
+
+    def show(left_jobs: Iterable[Job]) -> None:
+        names = [
+            j.run.relative_to(root).as_posix().replace("/seed", " seed ") for j in running.values()
+        ]
+        bar.set_description(", ".join(names) + " " if names else "")
+        left = eta.left(j.model for j in left_jobs)
+        post = [] if left is None else [f"about {_fmt_duration(left / plan.spec.jobs)} left"]
+        bar.set_postfix_str(", ".join([*post, *([f"{failed} failed"] if failed else [])]))
+
+    def finish(job: Job, outcome: RunOutcome) -> None:
+        nonlocal failed
+        if not outcome.ok:
+            log.warning("%s failed: %s", job.run.relative_to(root).as_posix(), outcome.error)
+            failed += 1
+        outcomes[job.run] = outcome
+        eta.add(job.model, outcome)
+        running.pop(job.run, None)
+        bar.update(1)
+
     with logging_redirect_tqdm():
-        for i, job in enumerate(pending):
-            name = job.run.relative_to(Path(plan.spec.out) / "runs").as_posix()
-            bar.set_description(name.replace("/seed", " seed "))
-            left = eta.left(j.model for j in pending[i:])
-            post = [] if left is None else [f"about {_fmt_duration(left)} left"]
-            bar.set_postfix_str(", ".join([*post, *([f"{failed} failed"] if failed else [])]))
-            try:
-                outcome = run_job(job, data_dir)
-            except Exception as exc:  # a failing model is reported, the others still run
-                log.warning("%s failed: %s", name, _one_line(exc))
-                log.debug("traceback", exc_info=True)
-                outcome = RunOutcome(job.run, False, error=_one_line(exc), trained_now=True)
-                failed += 1
-            outcomes[job.run] = outcome
-            eta.add(job.model, outcome)
-            bar.update(1)
+        if plan.spec.jobs == 1:
+            for i, job in enumerate(pending):
+                running[job.run] = job
+                show(pending[i:])
+                try:
+                    outcome = run_job(job, data_dir)
+                except Exception as exc:  # a failing model is reported, the others still run
+                    log.debug("traceback", exc_info=True)
+                    outcome = RunOutcome(job.run, False, error=_one_line(exc), trained_now=True)
+                finish(job, outcome)
+        else:
+            _execute_parallel(pending, data_dir, plan.spec.jobs, running, show, finish)
         bar.set_description("done")
         bar.set_postfix_str(f"{failed} failed" if failed else "")
     bar.close()
     return outcomes
+
+
+def _execute_parallel(
+    pending: list[Job],
+    data_dir: Path,
+    jobs: int,
+    running: dict[Path, Job],
+    show: Any,
+    finish: Any,
+) -> None:
+    """Keep ``jobs`` worker processes busy, submitting in order as runs finish."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
+    queue = list(pending)
+    futures: dict[Future[RunOutcome], Job] = {}
+    # spawn: a forked torch (with its thread pools) is not safe to use in the child
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            while queue or futures:
+                while queue and len(futures) < jobs:
+                    job = queue.pop(0)
+                    futures[pool.submit(_run_job_caught, job, data_dir)] = job
+                    running[job.run] = job
+                show([*running.values(), *queue])
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job = futures.pop(fut)
+                    try:
+                        outcome = fut.result()
+                    except Exception as exc:  # the worker died (killed, out of memory)
+                        outcome = RunOutcome(job.run, False, error=_one_line(exc), trained_now=True)
+                    finish(job, outcome)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 # --------------------------------------------------------------------------- statistics
@@ -601,7 +702,10 @@ class EntryResult:
         return {s: o.metrics for s, o in self.outcomes.items() if o.ok and o.metrics}
 
     def errors(self) -> dict[int, str]:
-        return {s: o.error or "" for s, o in self.outcomes.items() if not o.ok}
+        return {s: o.error or "" for s, o in self.outcomes.items() if not o.ok and not o.pending}
+
+    def pending(self) -> list[int]:
+        return [s for s, o in self.outcomes.items() if o.pending]
 
     def values(self, col: Column) -> dict[int, float]:
         return {s: value(m, col) for s, m in self.ok().items()}
@@ -810,6 +914,7 @@ class Results:
     trained: int  # runs trained or evaluated by this invocation
     reused: int  # finished runs read from REPORT_DIR
     failed: int
+    pending: int = 0  # not run yet (--report-only)
 
 
 @dataclass(frozen=True)
@@ -819,6 +924,7 @@ class Summary:
     reused: int
     failed: int
     seconds: float
+    pending: int = 0
 
 
 def recall_columns(domains: Sequence[str], ns: Sequence[int] = (20, 50)) -> list[Column]:
@@ -866,6 +972,7 @@ def reproduce(spec: ReproduceSpec) -> Summary:
     columns = [*recall_columns(data.info.domains), *auc_columns(data.info.domains)]
     sig = significance(entries, main_rows, columns, per_user)
     fresh = [o for o in outcomes.values() if o.trained_now]
+    waiting = sum(o.pending for o in outcomes.values())
     results = Results(
         plan=plan,
         data=data,
@@ -875,13 +982,21 @@ def reproduce(spec: ReproduceSpec) -> Summary:
         started=started_wall,
         wall_seconds=time.perf_counter() - t0,
         trained=len(fresh),
-        reused=len(outcomes) - len(fresh),
-        failed=sum(not o.ok for o in outcomes.values()),
+        reused=len(outcomes) - len(fresh) - waiting,
+        failed=sum(not o.ok and not o.pending for o in outcomes.values()),
+        pending=waiting,
     )
     from aftrec.evaluation.report import write_report
 
     report = write_report(results)
-    return Summary(report, results.trained, results.reused, results.failed, results.wall_seconds)
+    return Summary(
+        report,
+        results.trained,
+        results.reused,
+        results.failed,
+        results.wall_seconds,
+        results.pending,
+    )
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -897,11 +1012,15 @@ def _run(args: argparse.Namespace) -> None:
         sweep_seeds=args.sweep_seeds,
         alpha=args.alpha,
         progress=not args.quiet,
+        jobs=args.jobs,
+        report_only=args.report_only,
     )
     res = reproduce(spec)
     print(
         f"wrote {res.report}: {res.trained} run(s) trained, {res.reused} reused, "
-        f"{res.failed} failed, {_fmt_duration(res.seconds)}"
+        f"{res.failed} failed"
+        + (f", {res.pending} not run yet" if res.pending else "")
+        + f", {_fmt_duration(res.seconds)}"
     )
 
 
@@ -952,6 +1071,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="seeds per Fig. 3 point (default: --seeds)",
     )
     p.add_argument("--alpha", type=float, default=ALPHA, help="significance level (0.01)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="J",
+        help="runs trained at once, one process each, cores // J torch threads unless "
+        "train.threads is set (default 1)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the report from the finished runs, list the others",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
     return p
