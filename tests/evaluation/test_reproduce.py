@@ -307,7 +307,15 @@ def test_quick_end_to_end_then_resume_trains_nothing(tiny_dir: Path, tmp_path: P
     for key in ("aft", "pop", "two-tower"):
         metrics = json.loads((out / "runs" / key / "seed0" / "metrics.json").read_text())
         assert set(metrics["average"]) >= {"recall@20", "recall@50", "recall@200", "auc"}
-        assert pd.read_parquet(out / "runs" / key / "seed0" / "per_user.parquet").shape[0] > 0
+        frame = pd.read_parquet(out / "runs" / key / "seed0" / "per_user.parquet")
+        assert frame.shape[0] > 0
+        assert list(frame.columns) == ["user_idx", "domain", "recall@20", "recall@50",
+                                       "recall@200", "auc"]  # fmt: skip
+        assert frame["recall@50"].dtype == np.float32 and frame["user_idx"].dtype == np.int32
+        # the per-domain means are the reported values, to float32 precision
+        means = frame.groupby("domain")["recall@50"].mean()
+        for domain, part in metrics["domains"].items():
+            assert means[domain] == pytest.approx(part["recall@50"], abs=1e-6)
     results = json.loads((out / "results.json").read_text())
     assert results["entries"]["aft/no-mask"]["seeds"]["0"]["ok"]
     assert not list(out.rglob(".*.tmp"))
