@@ -300,6 +300,7 @@ def test_quick_end_to_end_then_resume_trains_nothing(tiny_dir: Path, tmp_path: P
         assert f"| {row} |" in text
     assert "1 run (deterministic)" in text
     assert "aftrec reproduce --data" in text and "--quick" in text
+    assert "**a fixed budget** of at most 1 x 4 = 4 batches of 64 per run" in text
     assert re.search(r"Longest models: `\S+` \(", text)
     # every (row, domain) has a value: no "–" in the recall table
     recall = text.split("## Recall@N")[1].split("## AUC")[0]

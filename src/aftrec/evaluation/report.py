@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from aftrec.evaluation.reproduce import EntryResult, Results, Significance
+    from aftrec.evaluation.reproduce import EntryResult, Plan, Results, Significance
 
 DECIMALS = 4
 USERS_MARK = "†"  # aft significantly better than the column's best competitor, over users
@@ -241,6 +241,33 @@ def sweep_plot(
 # --------------------------------------------------------------------------- the report
 
 
+def _budget(plan: Plan) -> str:
+    """How long the trainable runs were allowed to train, in words."""
+    trains = {
+        (t.epochs, t.max_batches_per_epoch, t.batch_size, t.patience, t.valid_users)
+        for j in plan.jobs.values()
+        if j.model not in plan.deterministic
+        for t in [j.cfg.train]
+    }
+    if len(trains) != 1:
+        return "the budgets differ between models, see the config overrides below."
+    epochs, cap, batch, patience, valid_users = trains.pop()
+    if cap is None:
+        text = (
+            f"full epochs of batch {batch}, at most {epochs}, early stopping after {patience} "
+            "epochs without improvement on validation"
+        )
+    else:
+        text = (
+            f"**a fixed budget** of at most {epochs} x {cap} = {epochs * cap:,} batches of "
+            f"{batch} per run, validated every {cap} batches (early stopping after {patience} "
+            "without improvement); models are compared at equal training, not at convergence"
+        )
+    if valid_users is not None:
+        text += f"; validation on a fixed sample of {valid_users:,} users per domain"
+    return text + "."
+
+
 def _seeds_info(res: EntryResult) -> str:
     ok, asked = len(res.ok()), len(res.outcomes)
     if ok == 0 and len(res.pending()) == asked:
@@ -389,6 +416,7 @@ def render(results: Results) -> str:
         f"and validation positives excluded), N = {', '.join(map(str, NS))}; a model's average "
         "is the unweighted mean over domains. Best validation epoch (Recall@50) of each run."
     )
+    w(f"- Training: {_budget(plan)}")
     w(
         f"- Hardware: {env['cpu']}, {env['cores']} cores ({env['usable_cores']} usable), "
         f"{env['memory_gib']} GiB memory, torch threads per run: {threads}, "
