@@ -302,6 +302,9 @@ def test_quick_end_to_end_then_resume_trains_nothing(tiny_dir: Path, tmp_path: P
     assert "aftrec reproduce --data" in text and "--quick" in text
     assert "**a fixed budget** of at most 1 x 4 = 4 batches of 64 per run" in text
     assert re.search(r"Longest models: `\S+` \(", text)
+    # one epoch, so the best is the first, and its time is logged
+    assert re.search(r"\| `two-tower` \| 1/1 \| 0 \| [0-9.,]+ \| [0-9.,]+ \| [0-9.,]+ \| "
+                     r"[0-9.,]+ \| 1\.0 \| [0-9.,]+ \|", text)  # fmt: skip
     # every (row, domain) has a value: no "–" in the recall table
     recall = text.split("## Recall@N")[1].split("## AUC")[0]
     assert "–" not in recall and "**" in recall and "<u>" in recall
@@ -423,6 +426,21 @@ def test_report_only_trains_nothing_and_lists_the_runs_not_run(
     assert "**Partial report**: 1 of 3 runs" in text
     assert re.search(r"\| `two-tower` \| 1/2 \| (<u>|\*\*)?0\.\d{4}", text)
     assert "| `pop` | 1 run (deterministic) |" in text
+
+
+def test_best_epoch_time_sums_epochs_up_to_the_best(tmp_path: Path) -> None:
+    log = [
+        {"epoch": 1, "valid_recall@50": 0.2, "train_seconds": 10.0, "valid_seconds": 1.0},
+        {"epoch": 2, "valid_recall@50": 0.4, "train_seconds": 12.0, "valid_seconds": 2.0},
+        {"epoch": 3, "valid_recall@50": 0.4, "train_seconds": 11.0, "valid_seconds": 1.5},
+        {"epoch": 4, "valid_recall@50": 0.3, "train_seconds": 9.0, "valid_seconds": 1.0},
+    ]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    assert rp.best_epoch_time(tmp_path) == (2, 25.0)  # a tie keeps the first, as the trainer
+    old = [{k: v for k, v in e.items() if not k.endswith("_seconds")} for e in log]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in old))
+    assert rp.best_epoch_time(tmp_path) == (2, None)
+    assert rp.best_epoch_time(tmp_path / "missing") == (0, None)
 
 
 def test_runs_go_seed_by_seed() -> None:

@@ -44,6 +44,8 @@ def test_resume_continues_exactly(tiny_dir: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(v, _weights(tmp_path / "cut")[k], rtol=0, atol=0)
     lines = (tmp_path / "cut" / "log.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+    for entry in map(json.loads, lines):  # each epoch's wall time, training and validation
+        assert entry["train_seconds"] > 0 and entry["valid_seconds"] > 0
 
 
 def test_early_stopping_and_best_checkpoint(tiny_dir: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,11 +305,15 @@ def _timings(results: Results) -> list[dict[str, Any]]:
         entry = results.entries[owner]
         outcome = next(o for o in entry.outcomes.values() if o.run == job.run)
         owned.setdefault(owner, []).append(outcome)
+    from aftrec.evaluation.reproduce import best_epoch_time
+
     rows = []
     for key, outs in owned.items():
         ok = [o for o in outs if o.ok and o.train_seconds is not None]
         train = sum(o.train_seconds or 0.0 for o in ok)
         ev = sum(o.eval_seconds or 0.0 for o in ok)
+        best = [best_epoch_time(o.run) for o in ok]
+        to_best = [t for _, t in best if t is not None]
         rows.append(
             {
                 "entry": key,
@@ -319,6 +324,11 @@ def _timings(results: Results) -> list[dict[str, Any]]:
                 "eval_seconds": ev,
                 "total_seconds": train + ev,
                 "mean_seconds": (train + ev) / len(ok) if ok else float("nan"),
+                "best_epoch": statistics.fmean(e for e, _ in best) if best else float("nan"),
+                # only when every run logged its epochs' times
+                "to_best_seconds": statistics.fmean(to_best)
+                if to_best and len(to_best) == len(ok)
+                else float("nan"),
             }
         )
     return sorted(rows, key=lambda r: -r["total_seconds"])
@@ -508,17 +518,29 @@ def render(results: Results) -> str:
         "Per row, summed over its runs (train, including validation each epoch, + test "
         "evaluation); a run shared by two rows counts for the first. Runs reused from an "
         "earlier invocation keep the times recorded then; a resumed run counts only the "
-        "invocations that finished a phase."
+        "invocations that finished a phase. Best epoch: the mean over runs of the validation "
+        "epoch kept; to best epoch: the mean wall time of training and validation up to it "
+        "(from each run's `log.jsonl`; – where a log predates these timings)."
     )
     w("")
-    head = ["row", "runs", "resumed", "train s", "evaluate s", "total s", "per run s"]
+    head = [
+        "row",
+        "runs",
+        "resumed",
+        "train s",
+        "evaluate s",
+        "total s",
+        "per run s",
+        "best epoch",
+        "to best epoch s",
+    ]
     w("| " + " | ".join(head) + " |")
     w("|" + "---|" * len(head))
     for t in timings:
         w(
             f"| `{t['entry']}` | {t['ok']}/{t['runs']} | {t['resumed']} | "
             f"{_s(t['train_seconds'])} | {_s(t['eval_seconds'])} | {_s(t['total_seconds'])} | "
-            f"{_s(t['mean_seconds'])} |"
+            f"{_s(t['mean_seconds'])} | {_s(t['best_epoch'])} | {_s(t['to_best_seconds'])} |"
         )
     total = sum(t["total_seconds"] for t in timings)
     models = [t for t in timings if t["ok"] and t["entry"] in main]

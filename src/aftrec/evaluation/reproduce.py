@@ -457,6 +457,26 @@ def is_finished(run: Path) -> bool:
     return all(k in average for k in REQUIRED)
 
 
+def best_epoch_time(run: Path, metric: str = "valid_recall@50") -> tuple[int, float | None]:
+    """The best validation epoch of a run (the first with the highest ``metric``, as the
+    trainer keeps it) and the wall seconds of training and validation up to and including
+    it, from ``log.jsonl``; ``(0, None)`` without a log, seconds ``None`` for logs written
+    before the trainer recorded them."""
+    try:
+        lines = (run / "log.jsonl").read_text().splitlines()
+    except OSError:
+        return 0, None
+    entries = [json.loads(x) for x in lines if x.strip()]
+    scored = [e for e in entries if metric in e]
+    if not scored:
+        return 0, None
+    best = max(scored, key=lambda e: e[metric])  # max keeps the first of equal values
+    upto = [e for e in entries if e["epoch"] <= best["epoch"]]
+    if not all("train_seconds" in e and "valid_seconds" in e for e in upto):
+        return int(best["epoch"]), None
+    return int(best["epoch"]), sum(e["train_seconds"] + e["valid_seconds"] for e in upto)
+
+
 def _load_outcome(run: Path) -> RunOutcome:
     meta = _read_json(run / "reproduce.json") or {}
     return RunOutcome(

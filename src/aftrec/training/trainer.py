@@ -6,7 +6,7 @@ A run directory holds::
     run.json      dataset path, model name, versions
     last.pt       the latest state (model, optimisers, RNG, epoch, early-stopping counters)
     best.pt       the model weights of the best validation epoch
-    log.jsonl     one line per epoch: losses, validation metric, throughput
+    log.jsonl     one line per epoch: losses, validation metric, throughput, wall seconds
 
 ``--resume`` continues from ``last.pt`` with the saved config and counters; every epoch's
 randomness (order, negatives, dropout) is seeded from (seed, epoch, rank), so a run killed
@@ -264,6 +264,7 @@ def train(
             if stopped_early:
                 break
             continue
+        t_valid = time.perf_counter()
         if has_valid:
             value = evaluator.evaluate(
                 model, "valid", ns=(metric_n,), progress=False, max_users=tc.valid_users
@@ -272,6 +273,10 @@ def train(
             value = -float(epoch)  # no validation part: the last epoch is the best
         entry[f"valid_{metric}"] = value
         entry["examples_per_second"] = epoch_examples / max(epoch_seconds, 1e-9)
+        # wall time of this epoch's training and validation (summed up to the best epoch:
+        # the time to the best validation epoch, resumed runs included)
+        entry["train_seconds"] = round(epoch_seconds, 3)
+        entry["valid_seconds"] = round(time.perf_counter() - t_valid, 3)
         entry["peak_rss_mib"][0] = round(peak_rss_mib(), 1)  # rank 0's, validation included
         if value > best:
             best, best_epoch, bad_epochs = value, epoch, 0
