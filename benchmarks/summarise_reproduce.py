@@ -31,13 +31,15 @@ def cell(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def summarise(results: dict) -> list[str]:
+def summarise(results: dict, main_only: bool = False) -> list[str]:
     lines = [
         "| row | seeds | avg r@20 | avg r@50 | avg AUC | train s / run | test eval s / run |",
         "|---|---|---|---|---|---|---|",
     ]
     rows = []
     for key, entry in results["entries"].items():
+        if main_only and "/" in key:  # an ablation or sweep point of aft
+            continue
         done = [s for s in entry["seeds"].values() if s["ok"] and s["metrics"]]
         if entry["deterministic"]:
             done = done[:1]  # one run stands for every seed
@@ -59,10 +61,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("report_dir", type=Path)
     ap.add_argument("--out", type=Path, default=RESULTS / "reproduce_ml1m.md")
+    ap.add_argument(
+        "--main-only", action="store_true", help="the models only, no ablations or sweep points"
+    )
     args = ap.parse_args()
     results = json.loads((args.report_dir / "results.json").read_text())
     text = "\n".join(
-        [f"`{results['command']}` (rows by average Recall@50)", "", *summarise(results)]
+        [
+            f"`{results['command']}` (rows by average Recall@50)",
+            "",
+            *summarise(results, args.main_only),
+        ]
     )
     args.out.write_text(text + "\n")
     print(text)
