@@ -149,13 +149,15 @@ def _train(args: argparse.Namespace) -> None:
         data = run_data_dir(Path(args.out))
     run_cfg = cfg if cfg is not None else load_run_config(Path(args.out))
     ctx = distributed.init(run_cfg.train.device)  # torchrun: join the process group
+    clean = False
     try:
         res = train(
             Path(data), cfg, Path(args.out), resume=args.resume, progress=not args.quiet,
             ctx=ctx, resume_set=args.set if args.resume else None,
         )  # fmt: skip
+        clean = True
     finally:
-        distributed.shutdown(ctx)
+        distributed.shutdown(ctx, clean)
     if not ctx.main:
         return
     memory = f", peak memory per rank {res.peak_rss_mib} MiB" if ctx.distributed else ""

@@ -105,8 +105,14 @@ def init(device: str = "cpu", timeout_minutes: float = 60.0) -> Context:
     return Context(rank=rank, world=world, local_rank=local)
 
 
-def shutdown(ctx: Context) -> None:
+def shutdown(ctx: Context, clean: bool = True) -> None:
+    """Leave the process group. After a clean run the ranks first meet at a barrier: a rank
+    that tore gloo down while a peer was still finishing its last collective made that peer
+    abort at exit ("terminate called without an active exception"). After an error there is
+    no barrier, since the other ranks may never reach it."""
     if ctx.distributed and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
