@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -158,15 +159,23 @@ def _train(args: argparse.Namespace) -> None:
         clean = True
     finally:
         distributed.shutdown(ctx, clean)
-    if not ctx.main:
-        return
-    memory = f", peak memory per rank {res.peak_rss_mib} MiB" if ctx.distributed else ""
-    print(
-        f"trained {res.run}: best epoch {res.best_epoch}, valid {res.best_metric:.4f}, "
-        f"{res.epochs_run} epoch(s), {res.seconds:.1f}s, {res.examples_per_second:.0f} examples/s"
-        + (" (stopped early)" if res.stopped_early else "")
-        + memory
-    )
+    if ctx.main:
+        memory = f", peak memory per rank {res.peak_rss_mib} MiB" if ctx.distributed else ""
+        print(
+            f"trained {res.run}: best epoch {res.best_epoch}, valid {res.best_metric:.4f}, "
+            f"{res.epochs_run} epoch(s), {res.seconds:.1f}s, "
+            f"{res.examples_per_second:.0f} examples/s"
+            + (" (stopped early)" if res.stopped_early else "")
+            + memory
+        )
+    if ctx.distributed:
+        # Every file is written (atomically) and the process group is gone. Leave now:
+        # torch's C++ teardown at interpreter exit sometimes aborted a rank of a finished
+        # run ("terminate called without an active exception"), failing the whole torchrun.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
