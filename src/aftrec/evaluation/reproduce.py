@@ -593,15 +593,19 @@ def _seed_order(pending: list[Job]) -> list[Job]:
     return sorted(pending, key=lambda job: min(seed for _, seed in job.entries))
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _with_threads(job: Job, jobs: int) -> Job:
     """Share the cores between concurrent runs unless the config pins the threads."""
     if jobs == 1 or job.cfg.train.threads is not None:
         return job
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    train = dataclasses.replace(job.cfg.train, threads=max(1, cores // jobs))
+    train = dataclasses.replace(job.cfg.train, threads=max(1, usable_cores() // jobs))
     return dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, train=train))
 
 
@@ -899,10 +903,7 @@ def environment() -> dict[str, Any]:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         memory = float("nan")
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
+    usable = usable_cores()
     versions = {
         "aftrec": __version__,
         "python": platform.python_version(),

@@ -106,10 +106,10 @@ def init(device: str = "cpu", timeout_minutes: float = 60.0) -> Context:
 
 
 def shutdown(ctx: Context, clean: bool = True) -> None:
-    """Leave the process group. After a clean run the ranks first meet at a barrier: a rank
-    that tore gloo down while a peer was still finishing its last collective made that peer
-    abort at exit ("terminate called without an active exception"). After an error there is
-    no barrier, since the other ranks may never reach it."""
+    """Leave the process group. After a clean run the ranks first meet at a barrier, so that
+    none tears gloo down while a peer is still in its last collective; after an error there
+    is no barrier, since the other ranks may never reach it. (The CLI then ends a finished
+    rank with ``os._exit``: torch's C++ teardown at interpreter exit could still abort it.)"""
     if ctx.distributed and dist.is_initialized():
         if clean:
             dist.barrier()
