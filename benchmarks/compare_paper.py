@@ -26,6 +26,7 @@ from scipy.stats import kendalltau, spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS
+from summarise_reproduce import finished, is_main_row
 
 # Table 3 (Netflix): (Romance r@50, History r@50); Table 2 (MDR-5B): average r@50.
 NETFLIX_R50 = {
@@ -83,8 +84,8 @@ def ours_r50(results: dict) -> dict[str, list[float]]:
     """Average test Recall@50 of each finished seed, per main row of the report."""
     out = {}
     for key, entry in results["entries"].items():
-        done = [s for s in entry["seeds"].values() if s["ok"] and s["metrics"]]
-        if done and "/" not in key:
+        done = finished(entry)
+        if done and is_main_row(key):
             out[key] = [s["metrics"]["average"]["recall@50"] for s in done]
     return out
 

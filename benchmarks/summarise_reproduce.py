@@ -31,6 +31,16 @@ def cell(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def finished(entry: dict) -> list[dict]:
+    """The finished seeds of a report row; one run stands for every seed of a deterministic one."""
+    done = [s for s in entry["seeds"].values() if s["ok"] and s["metrics"]]
+    return done[:1] if entry["deterministic"] else done
+
+
+def is_main_row(key: str) -> bool:
+    return "/" not in key  # "aft/no-mask", "aft/fakes-3": an ablation or sweep point of aft
+
+
 def summarise(results: dict, main_only: bool = False) -> list[str]:
     lines = [
         "| row | seeds | avg r@20 | avg r@50 | avg AUC | train s / run | test eval s / run |",
@@ -38,11 +48,9 @@ def summarise(results: dict, main_only: bool = False) -> list[str]:
     ]
     rows = []
     for key, entry in results["entries"].items():
-        if main_only and "/" in key:  # an ablation or sweep point of aft
+        if main_only and not is_main_row(key):
             continue
-        done = [s for s in entry["seeds"].values() if s["ok"] and s["metrics"]]
-        if entry["deterministic"]:
-            done = done[:1]  # one run stands for every seed
+        done = finished(entry)
         values = {k: [s["metrics"]["average"][k] for s in done] for k in KEYS}
         train = [s["train_seconds"] for s in done if s["train_seconds"] is not None]
         evals = [s["eval_seconds"] for s in done if s["eval_seconds"] is not None]
