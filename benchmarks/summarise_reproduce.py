@@ -5,6 +5,11 @@ and prints one row per table row of the report: the seeds finished, average Reca
 Recall@50 and AUC (mean ± std over the finished seeds), and the wall time per run (train with
 its validations, then the test evaluation).
 
+With ``--convergence`` (for runs trained to early stopping) it adds each row's best
+validation epoch per seed, the epochs run, the wall seconds of training and validation up to
+the best epoch (mean over seeds, from each run's log.jsonl) and that time as a multiple of the
+``two-tower`` row's.
+
 Run: ``python benchmarks/summarise_reproduce.py results/ml-1m``; writes
 benchmarks/results/reproduce_ml1m.md unless ``--out`` says otherwise.
 """
@@ -19,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS
+from aftrec.evaluation.reproduce import best_epoch_time
 
 KEYS = ("recall@20", "recall@50", "auc")
 
@@ -41,11 +47,38 @@ def is_main_row(key: str) -> bool:
     return "/" not in key  # "aft/no-mask", "aft/fakes-3": an ablation or sweep point of aft
 
 
-def summarise(results: dict, main_only: bool = False) -> list[str]:
-    lines = [
-        "| row | seeds | avg r@20 | avg r@50 | avg AUC | train s / run | test eval s / run |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def epochs_run(run: Path) -> int:
+    try:
+        return sum(1 for line in (run / "log.jsonl").read_text().splitlines() if line.strip())
+    except OSError:
+        return 0
+
+
+def convergence(results: dict) -> dict[str, list[str]]:
+    """Per row: best epoch / epochs run of each seed, mean seconds to the best epoch and
+    its ratio to the two-tower's; "–" for rows without epoch logs (EASE, popularity)."""
+    best: dict[str, tuple[str, float | None]] = {}
+    for key, entry in results["entries"].items():
+        runs = [Path(s["run"]) for s in finished(entry)]
+        timed = [best_epoch_time(run) for run in runs]
+        seconds = [t for _, t in timed if t is not None]
+        pairs = zip(timed, runs, strict=True)
+        epochs = ", ".join(f"{e}/{epochs_run(run)}" for (e, _), run in pairs if e)
+        best[key] = (epochs or "–", statistics.fmean(seconds) if seconds else None)
+    base = best.get("two-tower", ("", None))[1]
+    out = {}
+    for key, (epochs, seconds) in best.items():
+        ratio = f"{seconds / base:.1f}x" if seconds is not None and base else "–"
+        out[key] = [epochs, f"{seconds:,.0f}" if seconds is not None else "–", ratio]
+    return out
+
+
+def summarise(results: dict, main_only: bool = False, converged: bool = False) -> list[str]:
+    head = "| row | seeds | avg r@20 | avg r@50 | avg AUC | train s / run | test eval s / run |"
+    extra = convergence(results) if converged else {}
+    if converged:
+        head += " best epoch / epochs run | s to best epoch | vs two-tower |"
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     rows = []
     for key, entry in results["entries"].items():
         if main_only and not is_main_row(key):
@@ -59,7 +92,8 @@ def summarise(results: dict, main_only: bool = False) -> list[str]:
         )
         mean50 = statistics.fmean(values["recall@50"]) if done else float("-inf")
         per_run = [f"{statistics.fmean(t):,.0f}" if t else "–" for t in (train, evals)]
-        row = " | ".join([f"`{key}`", seeds, *(cell(values[k]) for k in KEYS), *per_run])
+        cells = [f"`{key}`", seeds, *(cell(values[k]) for k in KEYS), *per_run]
+        row = " | ".join(cells + extra.get(key, []))
         rows.append((mean50, f"| {row} |"))
     lines += [row for _, row in sorted(rows, key=lambda r: -r[0])]
     return lines
@@ -72,13 +106,18 @@ def main() -> None:
     ap.add_argument(
         "--main-only", action="store_true", help="the models only, no ablations or sweep points"
     )
+    ap.add_argument(
+        "--convergence",
+        action="store_true",
+        help="add best epochs, wall time to the best epoch and its ratio to the two-tower's",
+    )
     args = ap.parse_args()
     results = json.loads((args.report_dir / "results.json").read_text())
     text = "\n".join(
         [
             f"`{results['command']}` (rows by average Recall@50)",
             "",
-            *summarise(results, args.main_only),
+            *summarise(results, args.main_only, args.convergence),
         ]
     )
     args.out.write_text(text + "\n")
