@@ -8,7 +8,9 @@ its validations, then the test evaluation).
 With ``--convergence`` (for runs trained to early stopping) it adds each row's best
 validation epoch per seed, the epochs run, the wall seconds of training and validation up to
 the best epoch (mean over seeds, from each run's log.jsonl) and that time as a multiple of the
-``two-tower`` row's.
+``two-tower`` row's, and the seconds of all epochs run. A run resumed by a later invocation
+counts only that invocation in "train s / run" (its reproduce.json); the log columns count
+every epoch.
 
 Run: ``python benchmarks/summarise_reproduce.py results/ml-1m``; writes
 benchmarks/results/reproduce_ml1m.md unless ``--out`` says otherwise.
@@ -47,29 +49,45 @@ def is_main_row(key: str) -> bool:
     return "/" not in key  # "aft/no-mask", "aft/fakes-3": an ablation or sweep point of aft
 
 
-def epochs_run(run: Path) -> int:
+def epoch_log(run: Path) -> list[dict]:
     try:
-        return sum(1 for line in (run / "log.jsonl").read_text().splitlines() if line.strip())
+        lines = (run / "log.jsonl").read_text().splitlines()
     except OSError:
-        return 0
+        return []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def seconds_text(values: list[float]) -> str:
+    return f"{statistics.fmean(values):,.0f}" if values else "–"
 
 
 def convergence(results: dict) -> dict[str, list[str]]:
-    """Per row: best epoch / epochs run of each seed, mean seconds to the best epoch and
-    its ratio to the two-tower's; "–" for rows without epoch logs (EASE, popularity)."""
-    best: dict[str, tuple[str, float | None]] = {}
+    """Per row: best epoch / epochs run of each seed, mean seconds to the best epoch, its
+    ratio to the two-tower's, and mean seconds over all epochs run (training and validation,
+    summed over the log, so also across resumed invocations); "–" for rows without epoch logs
+    (EASE, popularity)."""
+    best: dict[str, tuple[str, list[float], list[float]]] = {}
     for key, entry in results["entries"].items():
         runs = [Path(s["run"]) for s in finished(entry)]
-        timed = [best_epoch_time(run) for run in runs]
-        seconds = [t for _, t in timed if t is not None]
-        pairs = zip(timed, runs, strict=True)
-        epochs = ", ".join(f"{e}/{epochs_run(run)}" for (e, _), run in pairs if e)
-        best[key] = (epochs or "–", statistics.fmean(seconds) if seconds else None)
-    base = best.get("two-tower", ("", None))[1]
+        epochs, to_best, total = [], [], []
+        for run in runs:
+            epoch, seconds = best_epoch_time(run)
+            log = epoch_log(run)
+            if epoch:
+                epochs.append(f"{epoch}/{len(log)}")
+            if seconds is not None:
+                to_best.append(seconds)
+                total.append(sum(e["train_seconds"] + e["valid_seconds"] for e in log))
+        best[key] = (", ".join(epochs) or "–", to_best, total)
+    base = best.get("two-tower", ("", [], []))[1]
     out = {}
-    for key, (epochs, seconds) in best.items():
-        ratio = f"{seconds / base:.1f}x" if seconds is not None and base else "–"
-        out[key] = [epochs, f"{seconds:,.0f}" if seconds is not None else "–", ratio]
+    for key, (epochs, to_best, total) in best.items():
+        ratio = (
+            f"{statistics.fmean(to_best) / statistics.fmean(base):.1f}x"
+            if to_best and base
+            else "–"
+        )
+        out[key] = [epochs, seconds_text(to_best), ratio, seconds_text(total)]
     return out
 
 
@@ -77,7 +95,7 @@ def summarise(results: dict, main_only: bool = False, converged: bool = False) -
     head = "| row | seeds | avg r@20 | avg r@50 | avg AUC | train s / run | test eval s / run |"
     extra = convergence(results) if converged else {}
     if converged:
-        head += " best epoch / epochs run | s to best epoch | vs two-tower |"
+        head += " best epoch / epochs run | s to best epoch | vs two-tower | s all epochs |"
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     rows = []
     for key, entry in results["entries"].items():
@@ -91,7 +109,7 @@ def summarise(results: dict, main_only: bool = False, converged: bool = False) -
             "1 (deterministic)" if entry["deterministic"] else f"{len(done)}/{len(entry['seeds'])}"
         )
         mean50 = statistics.fmean(values["recall@50"]) if done else float("-inf")
-        per_run = [f"{statistics.fmean(t):,.0f}" if t else "–" for t in (train, evals)]
+        per_run = [seconds_text(t) for t in (train, evals)]
         cells = [f"`{key}`", seeds, *(cell(values[k]) for k in KEYS), *per_run]
         row = " | ".join(cells + extra.get(key, []))
         rows.append((mean50, f"| {row} |"))
