@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS
-from aftrec.evaluation.reproduce import best_epoch_time
+from aftrec.evaluation.reproduce import best_epoch_time, epoch_log
 
 KEYS = ("recall@20", "recall@50", "auc")
 
@@ -47,14 +47,6 @@ def finished(entry: dict) -> list[dict]:
 
 def is_main_row(key: str) -> bool:
     return "/" not in key  # "aft/no-mask", "aft/fakes-3": an ablation or sweep point of aft
-
-
-def epoch_log(run: Path) -> list[dict]:
-    try:
-        lines = (run / "log.jsonl").read_text().splitlines()
-    except OSError:
-        return []
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def seconds_text(values: list[float]) -> str:

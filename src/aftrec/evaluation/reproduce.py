@@ -457,16 +457,21 @@ def is_finished(run: Path) -> bool:
     return all(k in average for k in REQUIRED)
 
 
+def epoch_log(run: Path) -> list[dict[str, Any]]:
+    """The entries of a run's ``log.jsonl``, one per epoch; empty without a log."""
+    try:
+        lines = (run / "log.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    return [json.loads(x) for x in lines if x.strip()]
+
+
 def best_epoch_time(run: Path, metric: str = "valid_recall@50") -> tuple[int, float | None]:
     """The best validation epoch of a run (the first with the highest ``metric``, as the
     trainer keeps it) and the wall seconds of training and validation up to and including
     it, from ``log.jsonl``; ``(0, None)`` without a log, seconds ``None`` for logs written
     before the trainer recorded them."""
-    try:
-        lines = (run / "log.jsonl").read_text().splitlines()
-    except OSError:
-        return 0, None
-    entries = [json.loads(x) for x in lines if x.strip()]
+    entries = epoch_log(run)
     scored = [e for e in entries if metric in e]
     if not scored:
         return 0, None
