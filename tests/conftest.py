@@ -41,3 +41,20 @@ def _one_torch_thread() -> None:
     """Tiny test tensors gain nothing from intra-op threads, and on a shared 2-core machine
     two threads per process oversubscribe the cores."""
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A module's own dataset prepared through the CLI from a small valid log
+    (:func:`tests.test_bad_input.prepare_valid_log`)."""
+    from tests.test_bad_input import prepare_valid_log
+
+    return prepare_valid_log(tmp_path_factory.mktemp("cli"))
+
+
+@pytest.fixture(scope="module")
+def trained(prepared: Path) -> Path:
+    """A tiny two-tower run on :func:`prepared`, free to be read, not damaged."""
+    from tests.test_bad_input import train_tiny
+
+    return train_tiny(prepared)

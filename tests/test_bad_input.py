@@ -130,20 +130,19 @@ def line(i: int) -> str:
     return f"line {i + 2}"
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def prepare_valid_log(root: Path) -> Path:
+    """``root/data`` prepared from the valid log (``root/inter.csv``, ``root/items.csv``)."""
     inter, items = make_log()
-    root = tmp_path_factory.mktemp("bad-input")
     out = root / "data"
     ip, mp = write(inter, root / "inter.csv"), write(items, root / "items.csv")
     assert main(prepare_argv(ip, mp, out)) == 0
     return out
 
 
-@pytest.fixture(scope="module")
-def trained(prepared: Path) -> Path:
-    run = prepared.parent / "run"
-    argv = ["train", "--data", str(prepared), "--model", "two-tower", "--out", str(run)]
+def train_tiny(data: Path) -> Path:
+    """A tiny two-tower run on ``data``, beside it."""
+    run = data.parent / "run"
+    argv = ["train", "--data", str(data), "--model", "two-tower", "--out", str(run)]
     assert main([*argv, *TINY_TRAIN]) == 0
     return run
 

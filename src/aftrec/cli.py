@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aftrec.errors import AftrecError, DataError
+from aftrec.errors import AftrecError, ConfigError, DataError
+from aftrec.outputs import check_writable
 
 if TYPE_CHECKING:
     from aftrec.data.split import SplitConfig
@@ -139,12 +140,12 @@ def _train(args: argparse.Namespace) -> None:
             raise DataError("--data DIR is required (a directory written by `aftrec prepare`)")
         cfg = resolve(args.model, args.config, args.set)
     elif args.config or args.model or any(not o.startswith("train.epochs=") for o in args.set):
-        from aftrec.errors import ConfigError
-
         raise ConfigError(
             "--resume continues with the run's saved config; drop --model/--config/--set "
             "(only --set train.epochs=N, to train longer, is allowed)"
         )
+    if not args.resume:
+        _check_new_run_dir(Path(args.out))
     data = args.data
     if args.resume and data is None:
         data = run_data_dir(Path(args.out))
@@ -176,6 +177,17 @@ def _train(args: argparse.Namespace) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _check_new_run_dir(out: Path) -> None:
+    """``train --out`` without ``--resume``: a new or empty folder, or a run killed before its
+    first checkpoint (config.yaml, run.json, temporaries); a finished or interrupted run is
+    refused by :func:`~aftrec.training.trainer.train` itself."""
+    check_writable(out, folder=True)
+    if not out.is_dir() or (out / "last.pt").exists() or (out / "best.pt").exists():
+        return
+    if any(p.name not in ("config.yaml", "run.json") and p.suffix != ".tmp" for p in out.iterdir()):
+        raise ConfigError(f"{out} is not empty and not a run; choose a new or empty --out")
 
 
 def _evaluate(args: argparse.Namespace) -> None:

@@ -19,3 +19,8 @@ class ConfigError(AftrecError):
 
 class CheckpointError(AftrecError):
     """A checkpoint or run directory cannot be read."""
+
+
+class OutputError(AftrecError):
+    """An output cannot be written: its parent is a file, a folder is not writable, the disk
+    is full (names the output)."""

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ import torch
 
 pytest.importorskip("faiss")
 
+from aftrec.cli import main
 from aftrec.config import resolve
 from aftrec.data.dataset import Dataset
 from aftrec.data.histories import HistoryIndex
@@ -33,17 +37,7 @@ from aftrec.serving.bundle import (
 from aftrec.serving.cli import add_parsers
 from aftrec.serving.recommender import Recommender
 from aftrec.training.trainer import load_run
-from tests.serving import exported, trained_run
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.getbasetemp() / "serving"
-
-
-@pytest.fixture(scope="module")
-def bundle(root: Path, tiny_dir: Path) -> Path:
-    return exported(root, tiny_dir)
+from tests.serving import trained_run
 
 
 def test_encoder_vectors_equal_the_training_model(root: Path, tiny_dir: Path, bundle: Path) -> None:
@@ -103,7 +97,7 @@ def test_top_n_equals_the_evaluators_ranking(
 def test_manifest_lists_every_file_with_its_checksum(bundle: Path) -> None:
     m = read_manifest(bundle)
     on_disk = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()}
-    assert on_disk == {*m["files"], "manifest.json"}
+    assert on_disk == {*m["files"], "manifest.json", "manifest.sha256"}
     for rel, meta in m["files"].items():
         data = (bundle / rel).read_bytes()
         assert meta["bytes"] == len(data)
@@ -121,6 +115,13 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
     return out
 
 
+def _rewrite_manifest(b: Path, m: dict[str, Any]) -> None:
+    """Edit the manifest as someone who also updates its digest would."""
+    raw = json.dumps(m).encode()
+    (b / "manifest.json").write_bytes(raw)
+    (b / "manifest.sha256").write_text(f"{hashlib.sha256(raw).hexdigest()}  manifest.json\n")
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -128,9 +129,10 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
         ("truncate", "bytes, the manifest says"),
         ("delete", "is missing"),
         ("manifest-garbage", "unreadable manifest"),
-        ("manifest-escape", "points outside the bundle"),
+        ("manifest-escape", "files: entry '../../etc/passwd' points outside the bundle"),
         ("manifest-version", "bundle format"),
         ("no-manifest", "not a bundle"),
+        ("no-digest", "manifest.sha256 is missing"),
     ],
 )
 def test_damaged_bundles_are_refused(
@@ -149,17 +151,86 @@ def test_damaged_bundles_are_refused(
         (b / "encoder" / "user_2.pt").unlink()
     elif damage == "manifest-garbage":
         manifest.write_text("{not json")
-    elif damage in ("manifest-escape", "manifest-version"):
+    elif damage == "manifest-escape":
         m = json.loads(manifest.read_text())
-        if damage == "manifest-escape":
-            m["files"]["../../etc/passwd"] = {"sha256": "0", "bytes": 0}
-        else:
-            m["format_version"] = 99
+        m["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "bytes": 0}
+        _rewrite_manifest(b, m)
+    elif damage == "manifest-version":
+        m = json.loads(manifest.read_text())
+        m["format_version"] = 99
         manifest.write_text(json.dumps(m))
+    elif damage == "no-digest":
+        (b / "manifest.sha256").unlink()
     else:
         manifest.unlink()
     with pytest.raises(BundleError, match=message):
         Recommender.load(b)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("offsets", [0, 400, 1000, 1500]), ("history_len", 20), ("n_users", 1)],
+)
+def test_an_edited_manifest_is_refused(bundle: Path, tmp_path: Path, key: str, value: Any) -> None:
+    """The manifest is covered like every other file: editing offsets made the first domain
+    answer 500 and the second serve another domain's items; history_len changed rankings."""
+    b = _copy(bundle, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    if key == "history_len":
+        m["encoder"][key] = value
+    else:
+        m[key] = value
+    (b / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+    with pytest.raises(BundleError, match=r"manifest.json: fails its checksum in manifest.sha256"):
+        Recommender.load(b)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.pop("encoder"), r"invalid manifest: encoder: Field required"),
+        (
+            lambda m: m["encoder"].update(history_len="50"),
+            r"invalid manifest: encoder.history_len: Input should be a valid integer",
+        ),
+        (
+            lambda m: m.update(domains="d0"),
+            r"invalid manifest: domains: Input should be a valid list",
+        ),
+        (
+            lambda m: m.update(offsets=[0, 400, 1000, 1500]),
+            r"invalid manifest: offsets: end at 1500, n_items is 240",
+        ),
+        (lambda m: m["indexes"].pop(), r"invalid manifest: indexes: 2 entries do not match"),
+        (
+            lambda m: m["files"]["ids/items.parquet"].pop("sha256"),
+            r"invalid manifest: files.ids/items.parquet.sha256: Field required",
+        ),
+    ],
+)
+def test_the_manifest_schema_names_what_is_wrong(
+    bundle: Path, tmp_path: Path, edit: Callable[[dict[str, Any]], object], message: str
+) -> None:
+    """A missing key or a wrong type is one BundleError naming the key (not a KeyError: a
+    missing ``encoder`` key used to give a 500 on reload and a traceback from serve)."""
+    b = _copy(bundle, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    edit(m)
+    _rewrite_manifest(b, m)
+    with pytest.raises(BundleError, match=message):
+        Recommender.load(b)
+
+
+def test_serve_refuses_a_bad_manifest_in_one_line(
+    bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    b = _copy(bundle, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    del m["encoder"]
+    _rewrite_manifest(b, m)
+    assert main(["serve", "--bundle", str(b), "--port", "1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "encoder: Field required" in err[0]
 
 
 def test_not_a_folder(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import pandas as pd
 
 from aftrec.data.split import PART_NAMES
 from aftrec.errors import DataError
+from aftrec.outputs import unfinished
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,10 @@ class DataInfo:
 def read_meta(path: Path) -> dict[str, Any]:
     """A prepared dataset's meta.json (domains, counts, partitions, ...), without its tables."""
     meta_path = Path(path) / "meta.json"
+    if unfinished(path):
+        raise DataError(
+            f"{path} is an unfinished dataset (`aftrec prepare` was interrupted); prepare it again"
+        )
     if not meta_path.is_file():
         raise DataError(f"{path} is not a prepared dataset (no meta.json); run `aftrec prepare`")
     try:

@@ -11,7 +11,9 @@ Layout (all Parquet through pyarrow, plus one JSON file)::
 
 Items are numbered so that each domain is one contiguous range ``[offset[d], offset[d+1])``;
 full ranking inside a domain is then a slice of the item table. The directory is written under
-a temporary name and renamed into place, so an interrupted run leaves nothing half-written.
+a temporary name and renamed into place (:func:`aftrec.outputs.atomic_directory`), so an
+interrupted run leaves nothing that reads as data, and the next run deletes what a killed one
+left.
 
 Logs larger than memory go through :mod:`aftrec.data.stream` instead, which shares this
 module's helpers and writes the same rows partition by partition (format 2).
@@ -21,12 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -48,6 +45,7 @@ from aftrec.data.split import (
     keep_active_users,
 )
 from aftrec.errors import DataError
+from aftrec.outputs import atomic_directory, atomic_write_bytes, check_writable
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -213,6 +211,7 @@ def prepare(
     split = split or SplitConfig()
     if out.exists() and not force:
         raise DataError(f"{out} already exists; pass --force to replace it")
+    check_writable(out, folder=True)
     started = time.perf_counter()
     raw = validate(raw)
     domains = [str(d) for d in (raw.domains or [])]
@@ -275,26 +274,6 @@ def prepare(
     return out
 
 
-@contextmanager
-def atomic_directory(out: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``out``; on success it replaces ``out`` (an
-    existing ``out`` is removed only after), on any error or interrupt it is removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _write_items(path: Path, items: pd.DataFrame) -> None:
     items.loc[:, ["item_idx", "item", "domain"]].to_parquet(path, index=False)
 
@@ -314,7 +293,11 @@ def _write_parts(paths: dict[str, Path], rows: dict[str, np.ndarray], part: np.n
 
 
 def _write_meta(folder: Path, meta: dict[str, Any]) -> None:
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    """meta.json, last: a folder without it (or with the unfinished-output marker of
+    :mod:`aftrec.outputs`) is not a dataset."""
+    atomic_write_bytes(
+        folder / "meta.json", (json.dumps(meta, indent=2, default=str) + "\n").encode()
+    )
 
 
 def _write_atomically(

@@ -64,6 +64,16 @@ def require_columns(df: pd.DataFrame, required: Sequence[str], origin: Origin) -
         )
 
 
+def require_unique_columns(names: Sequence[str], origin_name: str) -> None:
+    """Refuse a header that names a column twice (pandas would rename the second to
+    ``name.1`` and aftrec would silently read only the first)."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DataError(f"{origin_name}: column {name!r} appears twice in the header; keep one")
+        seen.add(name)
+
+
 def _show(value: object) -> str:
     """repr of an id as the user wrote it (numpy scalars printed as plain Python values)."""
     item = getattr(value, "item", None)

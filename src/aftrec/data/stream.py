@@ -74,7 +74,6 @@ from aftrec.data.prepare import (
     _write_meta,
     _write_parts,
     _write_users,
-    atomic_directory,
 )
 from aftrec.data.schema import (
     IN_ALL,
@@ -88,10 +87,12 @@ from aftrec.data.schema import (
     locate_items,
     positive_mask,
     require_columns,
+    require_unique_columns,
 )
-from aftrec.data.sources.generic import PARQUET_SUFFIXES, CsvOrigin, read_table
+from aftrec.data.sources.generic import PARQUET_SUFFIXES, CsvOrigin, header, read_table
 from aftrec.data.split import PART_NAMES, TEST, TRAIN, SplitConfig, chronological_order
 from aftrec.errors import DataError
+from aftrec.outputs import atomic_directory, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,8 @@ def _open_log(path: Path, files: list[Path], kind: str) -> _Log:
             read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
         )
         origins = [CsvOrigin(str(f), 2, f) for f in files]
+    for file in files:
+        require_unique_columns(header(file), str(file))
     try:
         dataset = pads.dataset([str(f) for f in files], format=fmt)
     except (pa.ArrowException, OSError) as exc:
@@ -501,6 +504,7 @@ def prepare_streaming(
         raise DataError(f"--partition-rows must be at least 1, got {partition_rows}")
     if out.exists() and not force:
         raise DataError(f"{out} already exists; pass --force to replace it")
+    check_writable(out, folder=True)
     started = time.perf_counter()
     files, kind = _list_files(Path(interactions))  # read in the in-memory path's order
     cat, mo = read_table(items)

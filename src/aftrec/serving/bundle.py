@@ -4,6 +4,7 @@
 
     manifest.json            format, versions, model, domains, index choices and recall,
                              and the sha256 and size of every other file
+    manifest.sha256          the sha256 of manifest.json (``sha256sum -c`` format)
     encoder/user_<d>.pt      TorchScript user encoder of target domain d:
                              (history (1, D, L) int64, counts (1, D) int64) -> (1, dim)
     encoder/trial_<d>.pt     the same for the model's generator, if it has one (section 5.5.3)
@@ -31,12 +32,15 @@ the eager ``user_vectors`` on real users and on empty and one-domain histories a
 export when they differ, and refuses a model whose vectors depend on the user index (a new
 user has none).
 
-The bundle is written to a temporary folder next to ``--out`` and renamed into place, so a
-reader sees the old bundle or the new one, never half of one. Loading reads every file once,
-checks it against the manifest's sha256 and builds the objects from the bytes it checked, so
-what is served is what was exported; a missing, truncated or modified file is refused with
+The bundle is written to a temporary folder next to ``--out`` and renamed into place
+(:func:`aftrec.outputs.atomic_directory`), so a reader sees the old bundle or the new one,
+never half of one. Loading checks the manifest against ``manifest.sha256`` and against its
+schema (:class:`Manifest`: every key the loader reads, with its JSON type and the offsets,
+indexes and domains agreeing), then reads every file once, checks it against the manifest's
+sha256 and builds the objects from the bytes it checked, so what is served is what was
+exported; a missing, truncated or modified file, manifest included, is refused with
 :class:`BundleError` naming it. The checksums detect damage and accidental edits; they are not
-a signature (whoever can write the folder can rewrite the manifest too).
+a signature (whoever can write the folder can rewrite the digests too).
 """
 
 from __future__ import annotations
@@ -46,19 +50,18 @@ import io
 import json
 import os
 import platform
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from aftrec import __version__
@@ -67,11 +70,13 @@ from aftrec.data.histories import HistoryIndex
 from aftrec.data.loader import Batch, make_batch
 from aftrec.errors import CheckpointError
 from aftrec.models.base import RetrievalModel
+from aftrec.outputs import atomic_directory, check_writable, unfinished
 from aftrec.serving.index import BuiltIndex, FaissIndex, IndexSpec, build_index, faiss_module
 
 FORMAT = "aftrec-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest.sha256 covers the manifest
 MANIFEST = "manifest.json"
+DIGEST = "manifest.sha256"  # `sha256sum -c manifest.sha256` checks the manifest by hand
 #: users whose vectors tune each approximate index and check the traced encoder
 SAMPLE_USERS = 512
 CHECK_USERS = 32
@@ -79,6 +84,90 @@ CHECK_USERS = 32
 
 class BundleError(CheckpointError):
     """A bundle cannot be written, or is missing, damaged or not a bundle."""
+
+
+# --- the manifest's schema -----------------------------------------------------------------
+class _Schema(BaseModel):
+    """JSON types as written: no coercion ("50" is not an int), extra keys kept."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+NonNegative = Annotated[int, Field(ge=0)]
+
+
+class FileEntry(_Schema):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: NonNegative
+
+
+class IndexEntry(_Schema):
+    domain: str
+    kind: Literal["flat", "ivf", "hnsw"]
+    search_param: int | None = Field(None, ge=1)
+
+
+class EncoderEntry(_Schema):
+    format: Literal["torchscript"]
+    history_len: int = Field(ge=1)
+    pad: NonNegative
+    dim: NonNegative
+    trial: bool
+
+
+class ModelEntry(_Schema):
+    name: str
+
+
+class Manifest(_Schema):
+    """``manifest.json``: what :func:`read_manifest` accepts (keys the loader reads)."""
+
+    format: Literal["aftrec-bundle"]
+    format_version: int
+    version: str
+    model_version: str
+    model: ModelEntry
+    encoder: EncoderEntry
+    domains: list[str] = Field(min_length=1)
+    offsets: list[NonNegative]
+    n_items: NonNegative
+    n_users: NonNegative
+    indexes: list[IndexEntry]
+    trial_indexes: list[IndexEntry]
+    files: dict[str, FileEntry]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        d = len(self.domains)
+        if len(set(self.domains)) != d:
+            raise ValueError("domains: a domain is listed twice")
+        if (
+            len(self.offsets) != d + 1
+            or self.offsets[0] != 0
+            or self.offsets != sorted(self.offsets)
+        ):
+            raise ValueError(f"offsets: {self.offsets} do not split the catalogue into {d} domains")
+        if self.offsets[-1] != self.n_items:
+            raise ValueError(f"offsets: end at {self.offsets[-1]}, n_items is {self.n_items}")
+        for key, entries, want in (
+            ("indexes", self.indexes, d),
+            ("trial_indexes", self.trial_indexes, d if self.encoder.trial else 0),
+        ):
+            if [e.domain for e in entries] != list(self.domains)[:want]:
+                raise ValueError(f"{key}: {len(entries)} entries do not match the domains")
+        for rel in self.files:
+            if rel.startswith("/") or ".." in Path(rel).parts:
+                raise ValueError(f"files: entry {rel!r} points outside the bundle")
+        return self
+
+
+def _schema_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        where = ".".join(str(x) for x in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)
 
 
 # --- what goes into a bundle ---------------------------------------------------------------
@@ -405,115 +494,104 @@ def write_bundle(
     _validate_contents(contents)
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    with atomic_directory(out) as tmp:
+        return _write_files(contents, tmp, spec, threads)
+
+
+def _write_files(
+    contents: BundleContents, tmp: Path, spec: IndexSpec, threads: int
+) -> dict[str, Any]:
+    """Build the indexes and write every file of the bundle into ``tmp``, the manifest and
+    its digest last; returns the manifest."""
     checksums: dict[str, dict[str, Any]] = {}
 
     def put(rel: str, data: bytes) -> None:
         """Write one file into the temporary folder (fsynced) and note its checksum."""
-        path = tmp / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_synced(tmp / rel, data)
         checksums[rel] = {"sha256": _sha256_bytes(data), "bytes": len(data)}
 
-    try:
-        indexes: list[dict[str, Any]] = []
-        trial_indexes: list[dict[str, Any]] = []
-        trial = contents.trial_encoders is not None and contents.trial_item_vectors is not None
-        for d, name in enumerate(contents.domains):
-            q = contents.queries[d] if d < len(contents.queries) else None
-            built: BuiltIndex = build_index(contents.item_vectors[d], spec, q, threads)
-            put(f"encoder/user_{d}.pt", _script_bytes(contents.encoders[d]))
-            put(f"items/vectors_{d}.npy", _npy_bytes(contents.item_vectors[d].astype(np.float32)))
-            put(f"index/user_{d}.faiss", _index_bytes(built.index))
-            indexes.append({"domain": name, **built.params})
-            del built
-            if trial:
-                assert contents.trial_encoders is not None
-                assert contents.trial_item_vectors is not None
-                tq = contents.trial_queries[d] if d < len(contents.trial_queries) else None
-                tvec = contents.trial_item_vectors[d].astype(np.float32)
-                tbuilt = build_index(tvec, spec, tq, threads)
-                put(f"encoder/trial_{d}.pt", _script_bytes(contents.trial_encoders[d]))
-                put(f"items/trial_vectors_{d}.npy", _npy_bytes(tvec))
-                put(f"index/trial_{d}.faiss", _index_bytes(tbuilt.index))
-                trial_indexes.append({"domain": name, **tbuilt.params})
-                del tbuilt
-        put("encoder/item_input.npy", _npy_bytes(contents.item_input.astype(np.int64)))
-        put("ids/items.parquet", _parquet_bytes(contents.items[["item", "domain"]]))
-        put("ids/users.parquet", _parquet_bytes(contents.users.rename("user").to_frame()))
-        put("history/items.npy", _npy_bytes(contents.history_items.astype(np.int64)))
-        put("history/seg_start.npy", _npy_bytes(contents.history_seg_start.astype(np.int64)))
-        put("popularity/counts.npy", _npy_bytes(contents.popularity.astype(np.float32)))
-        files = dict(sorted(checksums.items()))
-        version = _sha256_bytes("\n".join(f"{p} {m['sha256']}" for p, m in files.items()).encode())
-        dim = int(contents.item_vectors[0].shape[1]) if contents.item_vectors else 0
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "version": version[:16],
-            "model_version": f"{contents.model_name}-{version[:12]}",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": {
-                "aftrec": __version__,
-                "torch": torch.__version__,
-                "faiss": getattr(faiss_module(), "__version__", "unknown"),
-                "numpy": np.__version__,
-                "python": platform.python_version(),
+    indexes: list[dict[str, Any]] = []
+    trial_indexes: list[dict[str, Any]] = []
+    trial = contents.trial_encoders is not None and contents.trial_item_vectors is not None
+    for d, name in enumerate(contents.domains):
+        q = contents.queries[d] if d < len(contents.queries) else None
+        built: BuiltIndex = build_index(contents.item_vectors[d], spec, q, threads)
+        put(f"encoder/user_{d}.pt", _script_bytes(contents.encoders[d]))
+        put(f"items/vectors_{d}.npy", _npy_bytes(contents.item_vectors[d].astype(np.float32)))
+        put(f"index/user_{d}.faiss", _index_bytes(built.index))
+        indexes.append({"domain": name, **built.params})
+        del built
+        if trial:
+            assert contents.trial_encoders is not None
+            assert contents.trial_item_vectors is not None
+            tq = contents.trial_queries[d] if d < len(contents.trial_queries) else None
+            tvec = contents.trial_item_vectors[d].astype(np.float32)
+            tbuilt = build_index(tvec, spec, tq, threads)
+            put(f"encoder/trial_{d}.pt", _script_bytes(contents.trial_encoders[d]))
+            put(f"items/trial_vectors_{d}.npy", _npy_bytes(tvec))
+            put(f"index/trial_{d}.faiss", _index_bytes(tbuilt.index))
+            trial_indexes.append({"domain": name, **tbuilt.params})
+            del tbuilt
+    put("encoder/item_input.npy", _npy_bytes(contents.item_input.astype(np.int64)))
+    put("ids/items.parquet", _parquet_bytes(contents.items[["item", "domain"]]))
+    put("ids/users.parquet", _parquet_bytes(contents.users.rename("user").to_frame()))
+    put("history/items.npy", _npy_bytes(contents.history_items.astype(np.int64)))
+    put("history/seg_start.npy", _npy_bytes(contents.history_seg_start.astype(np.int64)))
+    put("popularity/counts.npy", _npy_bytes(contents.popularity.astype(np.float32)))
+    files = dict(sorted(checksums.items()))
+    version = _sha256_bytes("\n".join(f"{p} {m['sha256']}" for p, m in files.items()).encode())
+    dim = int(contents.item_vectors[0].shape[1]) if contents.item_vectors else 0
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "version": version[:16],
+        "model_version": f"{contents.model_name}-{version[:12]}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {
+            "aftrec": __version__,
+            "torch": torch.__version__,
+            "faiss": getattr(faiss_module(), "__version__", "unknown"),
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "model": {"name": contents.model_name, **contents.model_info},
+        "encoder": {
+            "format": "torchscript",
+            "batch_size": 1,
+            "inputs": {
+                "history": "(1, D, L) int64, right-aligned, pad = encoder.pad",
+                "counts": "(1, D) int64 behaviours per domain",
             },
-            "model": {"name": contents.model_name, **contents.model_info},
-            "encoder": {
-                "format": "torchscript",
-                "batch_size": 1,
-                "inputs": {
-                    "history": "(1, D, L) int64, right-aligned, pad = encoder.pad",
-                    "counts": "(1, D) int64 behaviours per domain",
-                },
-                "history_len": contents.history_len,
-                "pad": int(contents.encoder_pad),
-                "dim": dim,
-                "trial": trial,
-            },
-            "domains": list(contents.domains),
-            "offsets": [int(x) for x in contents.offsets],
-            "n_items": int(contents.offsets[-1]),
-            "n_users": len(contents.users),
-            "index_spec": spec.to_dict(),
-            "indexes": indexes,
-            "trial_indexes": trial_indexes,
-            "files": files,
-        }
-        with open(tmp / MANIFEST, "wb") as fh:  # last: a folder with a manifest is complete
-            fh.write(_json_bytes(manifest))
-            fh.flush()
-            os.fsync(fh.fileno())
-        _replace_dir(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            "history_len": contents.history_len,
+            "pad": int(contents.encoder_pad),
+            "dim": dim,
+            "trial": trial,
+        },
+        "domains": list(contents.domains),
+        "offsets": [int(x) for x in contents.offsets],
+        "n_items": int(contents.offsets[-1]),
+        "n_users": len(contents.users),
+        "index_spec": spec.to_dict(),
+        "indexes": indexes,
+        "trial_indexes": trial_indexes,
+        "files": files,
+    }
+    raw = _json_bytes(manifest)
+    _write_synced(tmp / MANIFEST, raw)
+    _write_synced(tmp / DIGEST, f"{_sha256_bytes(raw)}  {MANIFEST}\n".encode())
     return manifest
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:  # mode 0666 less the umask
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode()
-
-
-def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` (with ``force``) is moved aside first
-    and deleted after, so ``out`` is the old bundle or the new one, complete either way."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    if not force:  # pragma: no cover - checked before building
-        raise BundleError(f"{out} already exists; pass --force to replace it")
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.rmdir(old)
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_run(
@@ -527,6 +605,9 @@ def export_run(
     """``aftrec export``: the model, data and histories of a training run as a bundle."""
     from aftrec.training.trainer import load_run
 
+    if Path(out).exists() and not force:
+        raise BundleError(f"{out} already exists; pass --force to replace it")
+    check_writable(Path(out), folder=True)
     cfg, data, model = load_run(Path(run), which)
     weights = Path(run) / f"{which}.pt"
     info = {
@@ -563,14 +644,19 @@ class LoadedBundle:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the bundle at ``path``, checked against ``manifest.sha256`` and
+    :class:`Manifest`; anything else raises :class:`BundleError` naming what is wrong."""
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"{path}: no bundle here (not a folder)")
+    if unfinished(path):
+        raise BundleError(f"{path}: an unfinished bundle (`aftrec export` was interrupted)")
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise BundleError(f"{path}: not a bundle (no {MANIFEST}); write one with `aftrec export`")
     try:
-        manifest = json.loads(mpath.read_text())
+        raw = mpath.read_bytes()
+        manifest = json.loads(raw)
     except (OSError, ValueError) as exc:
         raise BundleError(f"{mpath}: unreadable manifest ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -580,12 +666,19 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{mpath}: bundle format {manifest.get('format_version')!r}; this aftrec reads "
             f"format {FORMAT_VERSION}; export the run again"
         )
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise BundleError(f"{mpath}: manifest has no file checksums")
-    for rel in files:
-        if not isinstance(rel, str) or rel.startswith("/") or ".." in Path(rel).parts:
-            raise BundleError(f"{mpath}: file entry {rel!r} points outside the bundle")
+    try:
+        want = (path / DIGEST).read_text().split()[0]
+    except (OSError, ValueError, IndexError):
+        raise BundleError(f"{path}: {DIGEST} is missing or unreadable; export it again") from None
+    if _sha256_bytes(raw) != want:
+        raise BundleError(
+            f"{mpath}: fails its checksum in {DIGEST}; the bundle is damaged or was modified "
+            "after export; export it again"
+        )
+    try:
+        Manifest.model_validate(manifest)
+    except ValidationError as exc:
+        raise BundleError(f"{mpath}: invalid manifest: {_schema_message(exc)}") from None
     return manifest
 
 

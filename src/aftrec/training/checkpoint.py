@@ -1,34 +1,24 @@
-"""Atomic checkpoints: write to a temporary file in the same folder, fsync, rename.
+"""Atomic checkpoints: write to a temporary file in the same folder, fsync, rename
+(:mod:`aftrec.outputs`).
 
 A run killed at any moment leaves either the previous checkpoint or the new one, never a
-half-written file.
+half-written file; files get the user's umask, and an output that cannot be written raises
+:class:`~aftrec.errors.OutputError`.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from aftrec import outputs
 from aftrec.errors import CheckpointError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    outputs.atomic_write_bytes(path, data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -37,18 +27,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save(obj: dict[str, Any], path: Path) -> None:
     """torch.save ``obj`` to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with outputs.atomic_file(path) as fh:
+        torch.save(obj, fh)
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from aftrec.data.schema import Origin, RawLog
+from aftrec.data.schema import Origin, RawLog, require_unique_columns
 from aftrec.errors import DataError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -59,11 +61,26 @@ def read_table(path: Path) -> tuple[pd.DataFrame, Origin]:
     if not path.exists():
         raise DataError(f"{path}: no such file")
     try:
+        require_unique_columns(header(path), str(path))
         if path.is_dir() or path.suffix.lower() in PARQUET_SUFFIXES:
             return pd.read_parquet(path), Origin(str(path), None)
         return pd.read_csv(path, low_memory=False), CsvOrigin(str(path), 2, path)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
+    except (OSError, ValueError, pd.errors.ParserError, pa.ArrowException) as exc:
         raise DataError(f"{path}: cannot be read as {_kind(path)}: {exc}") from exc
+
+
+def header(path: Path) -> list[str]:
+    """The column names of a table as written, duplicates kept (pandas renames them): a CSV
+    file's first non-blank line, or a Parquet file's (or folder's first file's) schema."""
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() in PARQUET_SUFFIXES:
+        files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+        return list(pq.read_schema(files[0]).names) if files else []
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        for record in csv.reader(fh):
+            if record:
+                return record
+    return []
 
 
 def _kind(path: Path) -> str:

@@ -1,0 +1,246 @@
+"""How every output is written: atomically, with the user's umask, and with one clear error
+when it cannot be written.
+
+A folder output (a prepared dataset, a bundle) is built in a temporary sibling
+``.<name>.tmp-<host>-<pid>-<random>`` and renamed into place; a file output (a checkpoint, a
+run's config, a recommendation table) is written to ``.<name>.<host>-<pid>-<random>.tmp`` and
+renamed. Readers see the old output or the new one, never half of one.
+
+* A temporary folder holds the marker file :data:`INCOMPLETE` from its creation until every
+  file in it is written and fsynced, just before the rename; readers refuse a folder that
+  carries it (:func:`unfinished`), so a process killed at any moment leaves nothing
+  that can be read as data, even when that folder is named on the command line.
+* The host and pid in a temporary's name say who owns it; the next write of the same output
+  deletes the temporaries whose owner (on this host) is gone (:func:`remove_stale`), such as
+  those of a ``kill -9``. A temporary of a live process, or of another host sharing the
+  storage, is left alone.
+* Folders are created with mode 0777 and files with 0666, less the umask, as ``mkdir`` and
+  ``open`` create them (``tempfile`` would make them owner-only).
+* A parent that is a file, missing permissions or another ``OSError`` while setting the output
+  up raise :class:`~aftrec.errors.OutputError` (one ``error:`` line from the CLI).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from aftrec.errors import OutputError
+
+INCOMPLETE = ".incomplete"
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+_OWNED = re.compile(
+    r"(?:(?P<kind>tmp|old)-(?P<host>\w+)-(?P<pid>\d+)-[0-9a-f]{8}"
+    r"|(?P<fhost>\w+)-(?P<fpid>\d+)-[0-9a-f]{8}\.tmp)"
+)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def output_error(out: Path, exc: OSError) -> OutputError:
+    """The one-line error for ``out`` that could not be written."""
+    blocker = next((p for p in Path(out).parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return OutputError(f"cannot write {out}: {blocker} is a file, not a folder")
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out) else ""
+    return OutputError(f"cannot write {out}: {_reason(exc)}{where}")
+
+
+def check_writable(out: Path, folder: bool = False) -> None:
+    """Refuse early (before a long computation) an ``out`` that cannot be created: its
+    nearest existing ancestor must be a folder this process can write into (and, with
+    ``folder``, an existing ``out`` must be a folder)."""
+    out = Path(out)
+    if folder and out.exists() and not out.is_dir():
+        raise OutputError(f"cannot write {out}: it is a file, not a folder")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {out}: {parent} is not writable")
+
+
+def make_dirs(path: Path, out: Path | None = None) -> None:
+    """``mkdir -p path`` (the folder of ``out``); an ``OSError`` becomes
+    :class:`OutputError` naming ``out``."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(Path(out or path), exc) from exc
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Delete the temporaries of ``out`` left by processes of this host that are gone;
+    returns what was deleted."""
+    out = Path(out)
+    prefix = f".{out.name}."
+    try:
+        entries = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return []
+    removed = []
+    for p in entries:
+        m = _OWNED.fullmatch(p.name[len(prefix) :])
+        if m is None:
+            continue
+        host, pid = (m["host"], m["pid"]) if m["kind"] else (m["fhost"], m["fpid"])
+        if host != _HOST or _alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _owned_name(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.{kind}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _new_dir(out: Path, kind: str) -> Path:
+    while True:
+        path = _owned_name(out, kind)
+        try:
+            path.mkdir(mode=0o777)  # less the umask
+            return path
+        except FileExistsError:
+            continue
+
+
+def unfinished(path: Path) -> bool:
+    """Whether ``path`` is a temporary folder whose writer has not finished (or was killed):
+    readers refuse it."""
+    return (Path(path) / INCOMPLETE).exists()
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, dirs, files in os.walk(root):
+        for name in files:
+            _fsync(Path(folder) / name)
+        for name in dirs:
+            _fsync(Path(folder) / name, directory=True)
+    _fsync(root, directory=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``out`` (holding only the :data:`INCOMPLETE`
+    marker); when the block ends, its files are fsynced, the marker removed and the folder
+    renamed to ``out`` (an existing ``out`` is moved aside and deleted after). On any error
+    or interrupt the temporary folder is deleted. The caller decides whether an existing
+    ``out`` may be replaced."""
+    out = Path(out)
+    make_dirs(out.parent, out)
+    remove_stale(out)
+    try:
+        tmp = _new_dir(out, "tmp")
+        (tmp / INCOMPLETE).touch()
+    except OSError as exc:
+        raise output_error(out, exc) from exc
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        _fsync_tree(tmp)
+        (tmp / INCOMPLETE).unlink()
+        _fsync(tmp, directory=True)
+        if out.exists() or out.is_symlink():
+            trash = _owned_name(out, "old")
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            _remove(trash)
+        else:
+            os.replace(tmp, out)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise output_error(out, exc) from exc
+        raise
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file handle on a temporary sibling of ``path``; when the block ends the file
+    is fsynced and renamed to ``path``, on any error it is deleted."""
+    path = Path(path)
+    make_dirs(path.parent, path)
+    remove_stale(path)
+    while True:
+        tmp = path.parent / f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # less the umask
+            break
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise output_error(path, exc) from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise output_error(path, exc) from exc
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path) as fh:
+        fh.write(data)
+
+
+__all__ = [
+    "INCOMPLETE",
+    "atomic_directory",
+    "atomic_file",
+    "atomic_write_bytes",
+    "check_writable",
+    "make_dirs",
+    "output_error",
+    "remove_stale",
+    "unfinished",
+]

@@ -1,0 +1,240 @@
+"""Outputs through the real CLI (issue 14): an --out that cannot be written, duplicated
+header columns, --out into a folder that is not a run, what a killed prepare or export leaves
+behind, and the modes of what is written (the user's umask)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from aftrec.cli import main
+from aftrec.data.dataset import Dataset, read_meta
+from aftrec.errors import AftrecError
+from aftrec.outputs import _HOST, INCOMPLETE, remove_stale
+from tests.test_bad_input import fails_cleanly, make_log, prepare_argv, write
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def inputs(prepared: Path) -> tuple[Path, Path]:
+    """The log ``prepared`` was prepared from."""
+    return prepared.parent / "inter.csv", prepared.parent / "items.csv"
+
+
+def a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a-file"
+    path.write_text("not a folder\n")
+    return path
+
+
+# --- 6. an --out that cannot be written ----------------------------------------------------
+@pytest.mark.parametrize(
+    ("command", "where"),
+    [
+        (command, where)
+        for command in ("prepare", "train", "export", "recommend")
+        for where in ("parent-is-a-file", "out-is-a-file")
+        if where == "parent-is-a-file" or command == "train"  # else "already exists"
+    ],
+)
+def test_an_out_that_cannot_be_written_is_one_error_line(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    inputs: tuple[Path, Path],
+    prepared: Path,
+    trained: Path,
+    command: str,
+    where: str,
+) -> None:
+    """It used to end in a traceback and exit code 1."""
+    if command == "export":
+        pytest.importorskip("faiss")
+    blocker = a_file(tmp_path)
+    out = blocker / "out.csv" if where == "parent-is-a-file" else blocker
+    argv = {
+        "prepare": prepare_argv(*inputs, out),
+        "train": ["train", "--data", str(prepared), "--model", "pop", "--out", str(out)],
+        "export": ["export", "--run", str(trained), "--out", str(out)],
+        "recommend": ["recommend", "--run", str(trained), "--out", str(out)],
+    }[command]
+    fails_cleanly(capsys, argv, f"cannot write {out}", roots=(tmp_path,))
+
+
+# --- 7. duplicated header columns ----------------------------------------------------------
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("table", ["interactions", "items"])
+def test_duplicated_header_columns_are_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, table: str, streaming: bool
+) -> None:
+    inter, items = make_log()
+    ip, mp = write(inter, tmp_path / "inter.csv"), write(items, tmp_path / "items.csv")
+    if table == "interactions":  # user,item,domain,timestamp,rating,timestamp
+        text = ip.read_text().splitlines()
+        rows = [f"{line},{line.split(',')[3]}" for line in text[1:]]
+        ip.write_text("\n".join([text[0] + ",timestamp", *rows]) + "\n")
+        name, path = "timestamp", ip
+    else:  # item,domain,domain: the second domain column used to be ignored
+        text = mp.read_text().splitlines()
+        rows = [f"{line},other" for line in text[1:]]
+        mp.write_text("\n".join([text[0] + ",domain", *rows]) + "\n")
+        name, path = "domain", mp
+    out = tmp_path / "out"
+    argv = prepare_argv(ip, mp, out) + (["--streaming"] if streaming else [])
+    fails_cleanly(capsys, argv, str(path), f"column {name!r} appears twice", roots=(tmp_path,))
+
+
+def test_duplicated_parquet_columns_are_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    inter, items = make_log()
+    cols = [pa.array(inter[c]) for c in inter.columns]
+    table = pa.Table.from_arrays([*cols, cols[1]], names=[*inter.columns, "item"])
+    pq.write_table(table, tmp_path / "inter.parquet")
+    mp = write(items, tmp_path / "items.parquet")
+    argv = prepare_argv(tmp_path / "inter.parquet", mp, tmp_path / "out")
+    fails_cleanly(capsys, argv, "column 'item' appears twice", roots=(tmp_path,))
+
+
+# --- 8. train --out into a folder that is not a run ----------------------------------------
+def test_train_refuses_a_folder_that_is_not_a_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, prepared: Path
+) -> None:
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"mine": 1}\n')  # it used to be appended to
+    (out / "todo.txt").write_text("keep me\n")
+    argv = ["train", "--data", str(prepared), "--model", "pop", "--out", str(out)]
+    fails_cleanly(capsys, argv, f"{out} is not empty and not a run", roots=(tmp_path,))
+
+
+def test_train_into_an_empty_folder_is_fine(tmp_path: Path, prepared: Path) -> None:
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert main(["train", "--data", str(prepared), "--model", "pop", "--out", str(out)]) == 0
+    assert (out / "best.pt").is_file()
+
+
+# --- 9. what a killed prepare or export leaves ---------------------------------------------
+KILLED = """
+import os, signal, sys
+import aftrec.outputs as outputs
+def killed(root):  # every file written, the folder not yet marked complete nor renamed
+    os.kill(os.getpid(), signal.SIGKILL)
+outputs._fsync_tree = killed
+from aftrec.cli import main
+main(sys.argv[1:])
+"""
+
+
+def run_killed(argv: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-c", KILLED, *argv], env=env, capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+
+
+def temporaries(out: Path) -> list[Path]:
+    return sorted(p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def test_a_killed_prepare_leaves_nothing_readable_and_is_cleaned_up(
+    tmp_path: Path, inputs: tuple[Path, Path]
+) -> None:
+    out = tmp_path / "data"
+    run_killed(prepare_argv(*inputs, out))
+    [left] = temporaries(out)
+    assert (left / "meta.json").is_file() and (left / INCOMPLETE).exists()  # looks complete
+    with pytest.raises(AftrecError, match="unfinished dataset"):
+        read_meta(left)
+    with pytest.raises(AftrecError, match="unfinished dataset"):
+        Dataset(left)
+    mine = tmp_path / f".data.tmp-{_HOST}-{os.getpid()}-0123abcd"
+    mine.mkdir()  # a live writer's: kept
+    legacy = tmp_path / ".data.tmp-k3j4h5"  # no owner in the name: not ours to judge
+    legacy.mkdir()
+    assert main(prepare_argv(*inputs, out)) == 0
+    assert temporaries(out) == sorted([mine, legacy])
+    assert read_meta(out)["n_users"] > 0 and not (out / INCOMPLETE).exists()
+
+
+def test_a_killed_export_leaves_nothing_readable_and_is_cleaned_up(
+    tmp_path: Path, trained: Path
+) -> None:
+    pytest.importorskip("faiss")
+    from aftrec.serving.bundle import BundleError, read_manifest
+
+    out = tmp_path / "bundle"
+    run_killed(["export", "--run", str(trained), "--out", str(out)])
+    [left] = temporaries(out)
+    assert (left / "manifest.json").is_file()
+    with pytest.raises(BundleError, match="unfinished bundle"):
+        read_manifest(left)
+    assert main(["export", "--run", str(trained), "--out", str(out)]) == 0
+    assert temporaries(out) == []
+    read_manifest(out)
+
+
+def test_remove_stale_spares_other_hosts(tmp_path: Path) -> None:
+    out = tmp_path / "x"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    pid = int(dead.stdout)
+    ours = tmp_path / f".x.tmp-{_HOST}-{pid}-0123abcd"
+    theirs = tmp_path / f".x.tmp-otherhost-{pid}-0123abcd"
+    file_tmp = tmp_path / f".x.{_HOST}-{pid}-0123abcd.tmp"
+    for p in (ours, theirs):
+        p.mkdir()
+    file_tmp.write_text("half")
+    assert sorted(remove_stale(out)) == sorted([ours, file_tmp])
+    assert theirs.exists() and not ours.exists()
+
+
+# --- 10. modes follow the umask ------------------------------------------------------------
+@contextmanager
+def umask(mask: int) -> Iterator[None]:
+    before = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_outputs_honour_the_umask(tmp_path: Path, inputs: tuple[Path, Path], mask: int) -> None:
+    folder, file = 0o777 & ~mask, 0o666 & ~mask
+    with umask(mask):
+        data, run, recs = tmp_path / "data", tmp_path / "run", tmp_path / "recs.csv"
+        assert main(prepare_argv(*inputs, data)) == 0
+        assert main(["train", "--data", str(data), "--model", "pop", "--out", str(run)]) == 0
+        assert main(["recommend", "--run", str(run), "--out", str(recs), "--n", "5"]) == 0
+    assert (mode(data), mode(data / "meta.json"), mode(data / "train.parquet")) == (
+        folder,
+        file,
+        file,
+    )
+    assert (mode(run / "best.pt"), mode(run / "config.yaml"), mode(recs)) == (file, file, file)
+    assert pd.read_csv(recs).shape[0] > 0
+
+
+def test_a_bundle_honours_the_umask(tmp_path: Path, trained: Path) -> None:
+    pytest.importorskip("faiss")
+    out = tmp_path / "bundle"
+    with umask(0o022):
+        assert main(["export", "--run", str(trained), "--out", str(out)]) == 0
+    assert mode(out) == 0o755 and mode(out / "encoder") == 0o755
+    assert {mode(p) for p in out.rglob("*") if p.is_file()} == {0o644}
