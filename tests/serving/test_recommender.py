@@ -24,11 +24,6 @@ from tests.serving import exported, trial_bundle
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.getbasetemp() / "serving"
-
-
-@pytest.fixture(scope="module")
 def rec(root: Path, tiny_dir: Path) -> Recommender:
     return Recommender.load(exported(root, tiny_dir))
 

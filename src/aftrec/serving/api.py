@@ -10,24 +10,37 @@ Endpoints (the OpenAPI schema is at ``/openapi.json``, interactive docs at ``/do
   it in. The new bundle is loaded and checked completely first, then one reference is
   replaced; a request holds the recommender it started with, so requests in flight finish on
   the old bundle and none is dropped. ``SIGHUP`` does the same for the current path (point
-  ``--bundle`` at a symlink, flip it, send SIGHUP). Admin calls need ``Authorization: Bearer
-  TOKEN`` when the server has an admin token, else they are accepted from loopback only.
+  ``--bundle`` at a symlink, flip it, send SIGHUP). Reload needs ``Authorization: Bearer
+  TOKEN``; a server without an admin token refuses every reload over HTTP (SIGHUP still
+  works). A path must lie, symlinks resolved, inside the bundle root (by default the folder
+  holding the served bundle); relative paths are taken from the root. Every failed reload
+  gets the same answer, whatever the reason, so a caller learns nothing about the file
+  system; the reason is in the server log under the request id.
 
 Every failure the client caused is a 4xx with ``{"detail": "<what is wrong>"}``: malformed
-JSON 400, a body without length 411 or over ``max_body`` 413, unknown user 404, everything
-else (unknown domain or item ids, ``n`` out of range, too many behaviours, wrong types,
-``trial`` without a generator) 422. Each response carries ``Server-Timing`` with the
-milliseconds spent encoding, searching and serialising.
+JSON, a ``Content-Length`` that is not one number, or both ``Content-Length`` and
+``Transfer-Encoding`` (RFC 9112, section 6.3) 400, a body without length 411 or over
+``max_body`` 413 (bytes received are counted, whatever the headers say), unknown user 404,
+everything else (unknown domain or item ids, ``n`` out of range, too many behaviours, wrong
+types, ``trial`` without a generator) 422. Every response carries ``X-Request-ID``; an
+unexpected error is a 500 with ``{"detail": ..., "request_id": ...}``, one log line with that
+id (the traceback at debug level), and the connection stays open. Each ``/recommend``
+response carries ``Server-Timing`` with the milliseconds spent encoding, searching and
+serialising. Nothing in a response names a file or folder of the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import os
+import re
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -61,7 +74,9 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20  # 1 MiB: ~10,000 behaviours with ids of 60 characters
 ROUTES = ("/recommend", "/health", "/metrics", "/admin/reload", "/openapi.json", "/docs")
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
+REQUEST_ID = "aftrec.request_id"  # the scope key holding a request's id
+_CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
+RELOAD_REFUSED = "no loadable bundle at that path inside the bundle root"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -115,6 +130,7 @@ class ReloadRequest(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+    request_id: str | None = Field(None, description="with a 500: the id in the server log")
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -152,13 +168,19 @@ class Metrics:
             registry=r,
         )
         self.reloads = Counter("aftrec_bundle_reloads", "bundle reloads", ["result"], registry=r)
+        self.aborted = Counter(
+            "aftrec_http_aborted_requests",
+            "requests the client abandoned before any response (e.g. a body cut short)",
+            ["route"],
+            registry=r,
+        )
         self.bundle = Gauge(
-            "aftrec_bundle_info", "the bundle being served", ["model_version", "path"], registry=r
+            "aftrec_bundle_info", "the bundle being served", ["model_version"], registry=r
         )
 
     def serving(self, rec: Recommender) -> None:
         self.bundle.clear()
-        self.bundle.labels(rec.model_version, str(rec.path)).set(1)
+        self.bundle.labels(rec.model_version).set(1)
 
 
 class MetricsMiddleware:
@@ -173,7 +195,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
+        status: int | None = None
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -186,34 +208,119 @@ class MetricsMiddleware:
         finally:
             route = scope["path"] if scope["path"] in ROUTES else "other"
             m = self.metrics
-            m.requests.labels(scope["method"], route, str(status)).inc()
-            m.latency.labels(route).observe(time.perf_counter() - start)
-            if status >= 400:
-                m.errors.labels(route, str(status)).inc()
+            if status is None:  # no response was sent: the client left first
+                m.aborted.labels(route).inc()
+            else:
+                m.requests.labels(scope["method"], route, str(status)).inc()
+                m.latency.labels(route).observe(time.perf_counter() - start)
+                if status >= 400:
+                    m.errors.labels(route, str(status)).inc()
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (the client's ``X-Request-ID`` if it is 1-64 characters of
+    ``[A-Za-z0-9._-]``, else a new one), returns it in ``X-Request-ID``, and answers an
+    exception nothing else handled with a 500 carrying the id: one log line, the traceback at
+    debug level only, and the keep-alive connection left open (the body was read whole)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"")
+        rid = given.decode() if _CLIENT_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        scope[REQUEST_ID] = rid
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            log.error(
+                "request %s: %s %r failed: %s: %s",
+                rid,
+                scope["method"],
+                scope["path"][:200],
+                type(exc).__name__,
+                _one_line(exc),
+            )
+            log.debug("request %s: traceback", rid, exc_info=exc)
+            if not started:  # else the response is cut short: nothing better can be done
+                body = {"detail": "internal error; see the server log", "request_id": rid}
+                await JSONResponse(body, status_code=500)(scope, receive, send_with_id)
+
+
+def request_id(request: Request) -> str:
+    """The id :class:`RequestContextMiddleware` gave ``request``."""
+    return str(request.scope.get(REQUEST_ID, "-"))
 
 
 class BodyLimitMiddleware:
-    """Refuses request bodies without a length (411) or over ``limit`` bytes (413) before
-    anything reads them."""
+    """Reads a request body completely, counting the bytes received, before the app sees it.
+
+    Refused before reading: ``Content-Length`` together with ``Transfer-Encoding`` (400,
+    RFC 9112 section 6.3: the two framings disagree, a request-smuggling sign), no
+    ``Content-Length`` (411), one that is not a single number (400) or over ``limit`` (413).
+    While reading, more than ``limit`` bytes received is a 413 whatever the headers said. A
+    client that leaves before its body is complete gets nothing and the app is not called."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
-            headers = dict(scope["headers"])
-            length = headers.get(b"content-length")
-            problem = None
-            if length is None:
-                problem = (411, "send the request body with a Content-Length header")
-            elif not length.isdigit() or int(length) > self.limit:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        names = [k.lower() for k, _ in scope["headers"]]
+        lengths = {v.strip() for k, v in scope["headers"] if k.lower() == b"content-length"}
+        problem = None
+        if lengths and b"transfer-encoding" in names:
+            problem = (400, "send either Content-Length or Transfer-Encoding, not both")
+        elif not lengths:
+            problem = (411, "send the request body with a Content-Length header")
+        elif len(lengths) > 1 or not next(iter(lengths)).isdigit():
+            problem = (400, "Content-Length must be one decimal number")
+        elif int(next(iter(lengths))) > self.limit:
+            problem = (413, f"request body over {self.limit} bytes")
+        body = bytearray()
+        while problem is None:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # an aborted upload: no one to answer
+            body += message.get("body", b"")
+            if len(body) > self.limit:
                 problem = (413, f"request body over {self.limit} bytes")
-            if problem is not None:
-                response = JSONResponse({"detail": problem[1]}, status_code=problem[0])
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+            elif not message.get("more_body", False):
+                break
+        if problem is not None:
+            response = JSONResponse({"detail": problem[1]}, status_code=problem[0])
+            await response(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 # --- the app -------------------------------------------------------------------------------
@@ -227,14 +334,14 @@ class ServingState:
         self._reload_lock = asyncio.Lock()
         metrics.serving(recommender)
 
-    async def reload(self, path: str | Path | None) -> tuple[Recommender, Recommender]:
+    async def reload(self, path: Path | None) -> tuple[Recommender, Recommender]:
         """Load ``path`` (default: the current bundle's path) completely, then swap."""
         async with self._reload_lock:
             old = self.recommender
-            target = Path(path) if path is not None else old.path
+            target = path if path is not None else old.path
             try:
                 new = await anyio.to_thread.run_sync(Recommender.load, target)
-            except AftrecError:
+            except Exception:
                 self.metrics.reloads.labels("failed").inc()
                 raise
             self.recommender = new  # one reference: requests in flight keep theirs
@@ -262,16 +369,45 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return status, "; ".join(parts[:5]) or "invalid request"
 
 
+def _reload_refused(rid: str, exc: Exception, state: ServingState) -> JSONResponse:
+    """One answer for every failed reload (the reason goes to the log only)."""
+    log.warning("request %s: reload refused: %s: %s", rid, type(exc).__name__, _one_line(exc))
+    detail = f"{RELOAD_REFUSED}; still serving {state.recommender.model_version}"
+    return JSONResponse({"detail": detail, "request_id": rid}, status_code=422)
+
+
 def create_app(
     recommender: Recommender,
     admin_token: str | None = None,
     threads: int = 4,
     max_body: int = MAX_BODY,
     reload_on_sighup: bool = False,
+    bundle_root: Path | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving ``recommender``; ``threads`` requests are computed at once."""
+    """The FastAPI app serving ``recommender``; ``threads`` requests are computed at once.
+
+    ``admin_token``: the bearer token ``/admin/reload`` needs (None: reload over HTTP is
+    refused). ``bundle_root``: the folder reload paths must lie in (default: the folder
+    holding the served bundle)."""
     metrics = Metrics()
     state = ServingState(recommender, metrics, threads)
+    root = Path(
+        os.path.realpath(
+            bundle_root
+            if bundle_root is not None
+            else Path(os.path.abspath(recommender.path)).parent
+        )
+    )
+
+    def reload_target(path: str | None) -> Path | None:
+        """The real path of a reload request's bundle; None: the current one. Raises
+        ``ValueError`` for a path outside the bundle root (or one the OS cannot take)."""
+        if path is None:
+            return None
+        target = Path(os.path.realpath(root / path))  # an absolute ``path`` replaces root
+        if not target.is_relative_to(root):
+            raise ValueError(f"{path!r} is outside the bundle root {root}")
+        return target
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -319,16 +455,8 @@ def create_app(
         status, message = _validation_message(exc)
         return JSONResponse({"detail": message}, status_code=status)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s", request.url.path)
-        return JSONResponse(
-            {"detail": f"internal error ({type(exc).__name__}); see the server log"},
-            status_code=500,
-        )
-
     errors: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorResponse} for code in (400, 404, 411, 413, 422)
+        code: {"model": ErrorResponse} for code in (400, 404, 411, 413, 422, 500)
     }
 
     @app.post("/recommend", response_model=RecommendResponse, responses=errors)
@@ -384,7 +512,6 @@ def create_app(
             "status": "ok",
             "model_version": rec.model_version,
             "model": rec.manifest["model"]["name"],
-            "bundle": str(rec.path),
             "domains": list(rec.domains),
             "n_items": int(rec.manifest["n_items"]),
             "n_users": int(rec.manifest["n_users"]),
@@ -395,32 +522,29 @@ def create_app(
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/admin/reload", responses=errors)
+    @app.post("/admin/reload", responses={**errors, 403: {"model": ErrorResponse}})
     async def reload(request: Request, req: ReloadRequest | None = None) -> JSONResponse:
-        auth = request.headers.get("authorization", "")
-        if admin_token is not None:
-            if auth != f"Bearer {admin_token}":
-                return JSONResponse({"detail": "admin token required"}, status_code=403)
-        elif request.client is None or request.client.host not in LOOPBACK:
+        if admin_token is None:
             return JSONResponse(
-                {"detail": "admin calls are accepted from loopback only (no admin token set)"},
+                {"detail": "reload over HTTP is disabled: the server has no admin token"},
                 status_code=403,
             )
+        auth = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(auth, f"Bearer {admin_token}".encode()):
+            return JSONResponse({"detail": "admin token required"}, status_code=403)
+        rid = request_id(request)
         try:
-            old, new = await state.reload(req.path if req is not None else None)
-        except AftrecError as exc:
-            return JSONResponse(
-                {"detail": f"{exc}; still serving {state.recommender.model_version}"},
-                status_code=422,
-            )
-        return JSONResponse(
-            {
-                "model_version": new.model_version,
-                "previous": old.model_version,
-                "bundle": str(new.path),
-            }
-        )
+            target = reload_target(req.path if req is not None else None)
+        except (ValueError, OSError) as exc:  # outside the root, or a path the OS cannot take
+            metrics.reloads.labels("failed").inc()
+            return _reload_refused(rid, exc, state)
+        try:
+            old, new = await state.reload(target)
+        except Exception as exc:  # whatever the reason, the caller gets the same answer
+            return _reload_refused(rid, exc, state)
+        return JSONResponse({"model_version": new.model_version, "previous": old.model_version})
 
     app.add_middleware(BodyLimitMiddleware, limit=max_body)
+    app.add_middleware(RequestContextMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -12,7 +12,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from aftrec.errors import ConfigError
 from aftrec.serving.index import KINDS
+
+TOKEN_ENV = "AFTREC_ADMIN_TOKEN"
 
 log = logging.getLogger("aftrec")
 
@@ -57,8 +60,14 @@ def serve_bundle(
     admin_token: str | None = None,
     log_level: str = "warning",
     access_log: bool = False,
+    bundle_root: Path | None = None,
+    proxy_headers: bool = False,
+    forwarded_allow_ips: str = "127.0.0.1",
 ) -> None:
-    """Load ``bundle`` and serve it with uvicorn until interrupted (SIGHUP reloads it)."""
+    """Load ``bundle`` and serve it with uvicorn until interrupted (SIGHUP reloads it).
+
+    ``proxy_headers``: take the client address from ``X-Forwarded-For`` when the connection
+    comes from ``forwarded_allow_ips`` (off: every address is the socket's)."""
     import torch
     import uvicorn
 
@@ -70,9 +79,43 @@ def serve_bundle(
     torch.set_num_threads(torch_threads)
     faiss_module().omp_set_num_threads(1)
     rec = Recommender.load(bundle)
-    app = create_app(rec, admin_token=admin_token, threads=threads, reload_on_sighup=True)
+    app = create_app(
+        rec,
+        admin_token=admin_token,
+        threads=threads,
+        reload_on_sighup=True,
+        bundle_root=bundle_root,
+    )
+    logging.getLogger("aftrec.serving").setLevel(log_level.upper())
     print(f"serving {rec.model_version} from {bundle} on http://{host}:{port}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)
+    if admin_token is None:
+        print(f"no admin token: /admin/reload is disabled (set ${TOKEN_ENV})", flush=True)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        proxy_headers=proxy_headers,
+        forwarded_allow_ips=forwarded_allow_ips if proxy_headers else None,
+    )
+
+
+def admin_token_from(token_file: Path | None) -> str | None:
+    """The admin token: the first line of ``token_file``, else ``$AFTREC_ADMIN_TOKEN``, else
+    None (reload over HTTP disabled). Never a command-line value: ``ps`` shows those."""
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--admin-token-file {token_file}: cannot be read ({exc})") from exc
+        if not token or any(c.isspace() for c in token):
+            raise ConfigError(
+                f"--admin-token-file {token_file}: want one token on one line, without spaces"
+            )
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    return token or None
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -82,9 +125,12 @@ def _serve(args: argparse.Namespace) -> None:
         port=args.port,
         threads=args.threads,
         torch_threads=args.torch_threads,
-        admin_token=args.admin_token or os.environ.get("AFTREC_ADMIN_TOKEN") or None,
+        admin_token=admin_token_from(args.admin_token_file),
         log_level=args.log_level,
         access_log=args.access_log,
+        bundle_root=args.bundle_root,
+        proxy_headers=args.proxy_headers,
+        forwarded_allow_ips=args.forwarded_allow_ips,
     )
 
 
@@ -116,7 +162,10 @@ def add_parsers(sub: Any) -> None:
     px.add_argument("--force", action="store_true", help="replace --out if it exists")
     px.set_defaults(func=_export)
 
-    ps = sub.add_parser("serve", help="answer recommendations from a bundle over HTTP")
+    # no abbreviations: "--admin-token SECRET" must not pass as --admin-token-file
+    ps = sub.add_parser(
+        "serve", help="answer recommendations from a bundle over HTTP", allow_abbrev=False
+    )
     ps.add_argument("--bundle", type=Path, required=True)
     ps.add_argument("--host", default="127.0.0.1")
     ps.add_argument("--port", type=int, default=8000)
@@ -128,9 +177,30 @@ def add_parsers(sub: Any) -> None:
     )
     ps.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per request")
     ps.add_argument(
-        "--admin-token",
+        "--admin-token-file",
+        type=Path,
         default=None,
-        help="bearer token for /admin/reload (default $AFTREC_ADMIN_TOKEN; none: loopback only)",
+        metavar="FILE",
+        help=f"file holding the bearer token for /admin/reload (default ${TOKEN_ENV}; with "
+        "neither, reload over HTTP is disabled and only SIGHUP reloads)",
+    )
+    ps.add_argument(
+        "--bundle-root",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="/admin/reload loads bundles inside DIR only (default: the folder of --bundle)",
+    )
+    ps.add_argument(
+        "--proxy-headers",
+        action="store_true",
+        help="trust X-Forwarded-For/-Proto from --forwarded-allow-ips (behind a reverse proxy)",
+    )
+    ps.add_argument(
+        "--forwarded-allow-ips",
+        default="127.0.0.1",
+        metavar="IPS",
+        help="comma-separated proxy addresses trusted with --proxy-headers (default 127.0.0.1)",
     )
     ps.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     ps.add_argument("--access-log", action="store_true", help="log every request")

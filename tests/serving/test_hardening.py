@@ -1,0 +1,285 @@
+"""The service against an attacker and a careless operator (issue 14): body framing and size,
+who may reload what, what responses reveal, how an internal error is answered and logged, and
+what /metrics counts. Real uvicorn servers on loopback, raw sockets where headers matter."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("faiss")
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+import httpx
+
+from aftrec.errors import ConfigError
+from aftrec.serving.api import MAX_BODY, RELOAD_REFUSED, BodyLimitMiddleware, create_app
+from aftrec.serving.cli import add_parsers, admin_token_from
+from aftrec.serving.recommender import Recommender
+from tests.serving import exported, free_port, running, trained_run
+
+TOKEN = "s3cret-token"
+ADMIN = {"authorization": f"Bearer {TOKEN}"}
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def url(bundle: Path) -> Iterator[str]:
+    with running(create_app(Recommender.load(bundle), admin_token=TOKEN)) as base:
+        yield base
+
+
+def raw_request(url: str, request: bytes, timeout: float = 10) -> bytes:
+    """Send ``request`` as is on a new connection; everything the server answers until it
+    closes (or goes quiet)."""
+    host, port = url.removeprefix("http://").split(":")
+    out = b""
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        try:
+            s.sendall(request)
+            while chunk := s.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionError):
+            pass
+    return out
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+# --- 1. the body limit ---------------------------------------------------------------------
+def test_content_length_with_transfer_encoding_is_refused(url: str) -> None:
+    """RFC 9112 section 6.3: both framings at once is a 400, and the body is never read (the
+    middleware used to trust the small Content-Length and read a chunked 3 MiB body)."""
+    body = b'{"user": "1"}' + b" " * (3 << 20)
+    chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    head = (
+        b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 13\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    answer = raw_request(url, head + chunked)
+    assert status_of(answer) == 400, answer[:300]
+    assert b"not both" in answer
+
+
+def test_bytes_received_are_counted_whatever_the_headers_say() -> None:
+    """A server whose framing let more bytes through than Content-Length declared: the
+    middleware counts what it receives and stops at the limit, before the app sees any."""
+    called = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        called.append(True)
+
+    chunks = [b"x" * (600 << 10), b"x" * (600 << 10), b"x" * (600 << 10)]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/recommend",
+        "headers": [(b"content-length", b"13"), (b"content-type", b"application/json")],
+    }
+    asyncio.run(BodyLimitMiddleware(app, MAX_BODY)(scope, receive, send))
+    assert not called
+    assert sent[0]["status"] == 413
+    assert len(chunks) == 1  # stopped reading once over the limit
+
+
+# --- 3. reload: token, root, nothing revealed ----------------------------------------------
+def test_reload_needs_a_token_by_default(bundle: Path) -> None:
+    with running(create_app(Recommender.load(bundle))) as base, httpx.Client(base_url=base) as c:
+        r = c.post("/admin/reload", json={})  # from loopback, which used to be enough
+        assert r.status_code == 403 and "no admin token" in r.json()["detail"]
+
+
+def test_reload_stays_inside_the_bundle_root_and_reveals_nothing(
+    url: str, root: Path, bundle: Path, tiny_dir: Path
+) -> None:
+    other = exported(root, tiny_dir, exact_max=10)  # a second bundle in the same folder
+    not_a_bundle = trained_run(root, tiny_dir)  # a folder inside the root
+    with httpx.Client(base_url=url, timeout=30) as c:
+        version = c.get("/health").json()["model_version"]
+        answers = []
+        for path in ("/etc", str(root / "missing"), str(not_a_bundle), "../..", "a\x00b"):
+            r = c.post("/admin/reload", json={"path": path}, headers=ADMIN)
+            assert r.status_code == 422, (path, r.text)
+            assert r.json()["request_id"] == r.headers["x-request-id"]
+            answers.append(r.json()["detail"])
+        # one answer whatever exists: no path, no "manifest", no "folder"
+        assert set(answers) == {f"{RELOAD_REFUSED}; still serving {version}"}
+        # inside the root, by relative name or absolute path
+        ok = c.post("/admin/reload", json={"path": other.name}, headers=ADMIN)
+        assert ok.status_code == 200, ok.text
+        back = c.post("/admin/reload", json={"path": str(bundle)}, headers=ADMIN)
+        assert back.status_code == 200 and back.json()["model_version"] == version
+        for text in (c.get("/health").text, c.get("/metrics").text, ok.text, back.text):
+            assert str(root) not in text and "/tmp" not in text
+
+
+def test_a_symlink_out_of_the_root_is_refused(bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "served").symlink_to(bundle)
+    (tmp_path / "escape").symlink_to(bundle)  # a bundle, but outside the root once resolved
+    app = create_app(Recommender.load(tmp_path / "served"), admin_token=TOKEN)
+    with running(app) as base, httpx.Client(base_url=base, timeout=30) as c:
+        r = c.post("/admin/reload", json={"path": "escape"}, headers=ADMIN)
+        assert r.status_code == 422 and r.json()["detail"].startswith(RELOAD_REFUSED)
+        assert c.post("/admin/reload", json={}, headers=ADMIN).status_code == 200  # its own
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aftrec")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_the_admin_token_never_comes_from_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):  # visible to every user in ps
+        serve_parser().parse_args(["serve", "--bundle", "b", "--admin-token", "x"])
+    capsys.readouterr()
+    monkeypatch.delenv("AFTREC_ADMIN_TOKEN", raising=False)
+    assert admin_token_from(None) is None
+    monkeypatch.setenv("AFTREC_ADMIN_TOKEN", "from-env")
+    assert admin_token_from(None) == "from-env"
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    args = serve_parser().parse_args(
+        ["serve", "--bundle", "b", "--admin-token-file", str(token_file)]
+    )
+    assert admin_token_from(args.admin_token_file) == "from-file"
+    token_file.write_text("\n")
+    with pytest.raises(ConfigError, match="one token"):
+        admin_token_from(token_file)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        admin_token_from(tmp_path / "missing")
+
+
+def test_forwarded_headers_are_trusted_only_when_asked(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    base = ["serve", "--bundle", str(bundle), "--port", "1"]
+    for argv in (base, [*base, "--proxy-headers", "--forwarded-allow-ips", "10.0.0.1"]):
+        args = serve_parser().parse_args(argv)
+        args.func(args)
+    assert calls[0]["proxy_headers"] is False
+    assert calls[1]["proxy_headers"] is True and calls[1]["forwarded_allow_ips"] == "10.0.0.1"
+
+
+# --- 4. an internal error ------------------------------------------------------------------
+DRIVER = """
+import sys
+from aftrec.cli import main
+from aftrec.serving.recommender import Recommender
+def broken(self, **kwargs):
+    raise IndexError("index 7 is out of bounds")
+Recommender.recommend = broken
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def serve_broken(bundle: Path, *flags: str) -> tuple[str, str]:
+    """``aftrec serve`` whose recommender raises: two requests on one keep-alive connection
+    (the first a 500, the second /health); the 500's request id and the server's log."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, "-c", DRIVER, "serve", "--bundle", str(bundle), "--port", str(port)]
+    proc = subprocess.Popen([*cmd, *flags], stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            first = c.post("/recommend", json={"user": "3", "n": 5})
+            second = c.get("/health")  # on the same connection if it was kept open
+            pool = c._transport._pool  # type: ignore[attr-defined]
+            connections = len(pool.connections)
+            rid = first.headers["x-request-id"]
+            assert first.status_code == 500 and first.json()["request_id"] == rid
+            assert "see the server log" in first.json()["detail"]
+            assert second.status_code == 200
+            assert connections == 1
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=20)[1]
+    return rid, err.decode()
+
+
+def test_a_500_is_one_log_line_with_a_request_id_and_keeps_the_connection(
+    bundle: Path,
+) -> None:
+    """It used to close the connection and log two tracebacks (137 lines)."""
+    rid, log = serve_broken(bundle)
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert "Traceback" not in log, log
+    assert len([line for line in lines if rid in line]) == 1, log
+    assert any("IndexError: index 7 is out of bounds" in line for line in lines if rid in line)
+
+
+def test_the_traceback_is_logged_once_at_debug_level(bundle: Path) -> None:
+    rid, log = serve_broken(bundle, "--log-level", "debug")
+    assert log.count("Traceback") == 1, log
+    assert re.search(rf"request {rid}: traceback", log), log
+
+
+# --- 5. /metrics ---------------------------------------------------------------------------
+def test_aborted_uploads_are_not_counted_as_responses(bundle: Path) -> None:
+    with running(create_app(Recommender.load(bundle))) as base:
+        host, port = base.removeprefix("http://").split(":")
+        for _ in range(3):
+            with socket.create_connection((host, int(port)), timeout=5) as s:
+                s.sendall(
+                    b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b'Content-Length: 1000\r\n\r\n{"user": '
+                )
+                time.sleep(0.05)
+        deadline = time.monotonic() + 10
+        text = ""
+        while time.monotonic() < deadline:
+            text = httpx.get(f"{base}/metrics").text
+            if 'aftrec_http_aborted_requests_total{route="/recommend"} 3.0' in text:
+                break
+            time.sleep(0.1)
+    assert 'aftrec_http_aborted_requests_total{route="/recommend"} 3.0' in text, text
+    assert not re.search(r'aftrec_http_(requests|errors)_total\{[^}]*route="/recommend"', text)
+
+
+def test_every_response_has_a_request_id(url: str) -> None:
+    with httpx.Client(base_url=url) as c:
+        ok = c.get("/health")
+        bad = c.post("/recommend", content=b"{", headers={"content-type": "application/json"})
+        mine = c.get("/health", headers={"x-request-id": "abc-123"})
+        evil = c.get("/health", headers={"x-request-id": "a b\tc" * 30})
+    assert re.fullmatch(r"[0-9a-f]{16}", ok.headers["x-request-id"])
+    assert bad.status_code == 400 and bad.headers["x-request-id"] != ok.headers["x-request-id"]
+    assert mine.headers["x-request-id"] == "abc-123"
+    assert re.fullmatch(r"[0-9a-f]{16}", evil.headers["x-request-id"])
+    assert json.loads(bad.text)["detail"].startswith("malformed JSON")
