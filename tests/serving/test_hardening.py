@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -134,6 +136,22 @@ def test_reload_stays_inside_the_bundle_root_and_reveals_nothing(
         assert back.status_code == 200 and back.json()["model_version"] == version
         for text in (c.get("/health").text, c.get("/metrics").text, ok.text, back.text):
             assert str(root) not in text and "/tmp" not in text
+
+
+def test_reload_of_a_bundle_without_an_encoder_key_is_a_422(
+    url: str, root: Path, bundle: Path
+) -> None:
+    """It used to be a 500 (KeyError) on reload."""
+    broken = root / "bundle-no-encoder"
+    if not broken.exists():
+        shutil.copytree(bundle, broken)
+        m = json.loads((broken / "manifest.json").read_text())
+        del m["encoder"]
+        raw = json.dumps(m).encode()
+        (broken / "manifest.json").write_bytes(raw)
+        (broken / "manifest.sha256").write_text(f"{hashlib.sha256(raw).hexdigest()}  x\n")
+    r = httpx.post(f"{url}/admin/reload", json={"path": broken.name}, headers=ADMIN, timeout=30)
+    assert r.status_code == 422 and r.json()["detail"].startswith(RELOAD_REFUSED), r.text
 
 
 def test_a_symlink_out_of_the_root_is_refused(bundle: Path, tmp_path: Path) -> None:
