@@ -4,6 +4,7 @@ a ``--quick`` run end to end on the tiny synthetic dataset."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -228,6 +229,19 @@ def test_full_plan_seeds_deterministic_models_and_sweep_points(tmp_path: Path) -
     assert len(plan.jobs) == 5 + 1 + 20 + (5 + 5) * 2
 
 
+def test_ablations_on_fewer_seeds(tmp_path: Path) -> None:
+    spec = ReproduceSpec(
+        Path("unused"), tmp_path / "r", models=("aft",), seeds=3, ablation_seeds=1,
+        sweeps=False,
+    )  # fmt: skip
+    plan = make_plan(spec)
+    assert plan.seeds["aft"] == [0, 1, 2] and plan.seeds["aft/no-mask"] == [0]
+    assert len(plan.jobs) == 3 + 4
+    assert "--ablation-seeds 1" in spec.command()
+    with pytest.raises(ConfigError, match="--ablation-seeds"):
+        make_plan(dataclasses.replace(spec, ablation_seeds=0))
+
+
 def test_overrides_apply_where_the_model_has_the_key() -> None:
     user = rp._parse_overrides(["model.dim=8", "aft:model.n_fakes=3", "train.lr=0.01"])
     assert model_overrides("pop", False, user) == ["train.lr=0.01"]
@@ -322,6 +336,12 @@ def test_quick_end_to_end_then_resume_trains_nothing(tiny_dir: Path, tmp_path: P
             assert means[domain] == pytest.approx(part["recall@50"], abs=1e-6)
     results = json.loads((out / "results.json").read_text())
     assert results["entries"]["aft/no-mask"]["seeds"]["0"]["ok"]
+    # G's health: the rows with a generator, not the one without (- generator) nor pop
+    health = text.split("## Generator health")[1].split("## Wall time")[0]
+    assert "| `aft` | 1 |" in health and "`aft/no-generator`" not in health
+    assert "`pop`" not in health and "`two-tower`" not in health
+    rows = {r["entry"]: r for r in results["health"]}
+    assert 0 < rows["aft"]["share_min"] <= 1 and rows["aft"]["advantage_abs"] >= 0
     assert not list(out.rglob(".*.tmp"))
 
     # a second invocation reads every run and trains none (threads may differ: not a result)

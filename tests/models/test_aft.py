@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -83,7 +84,14 @@ def test_defaults_follow_the_paper() -> None:
     c = AFTConfig()
     assert (c.dim, c.g_layers, c.g_heads, c.d_layers, c.d_heads) == (64, 4, 8, 1, 16)
     assert (c.mask_ratio, c.n_fakes, c.negatives) == (0.15, 5, "generator")
-    assert (c.lambda_d, c.lambda_g, c.lambda_m) == (1.0, 1.0, 1.0)
+    assert (c.lambda_d, c.lambda_g, c.lambda_m) == (1.0, 1.0, 0.1)
+    # the repaired G (docs/aft.md, "Repairing G"); aft-paper keeps section 3 as printed
+    assert (c.fake_sampling, c.reinforce, c.mmd_form, c.g_supervised) == (
+        "sample", "softmax", "cross", 1.0,
+    )  # fmt: skip
+    p = resolve("aft-paper").model
+    assert (p.fake_sampling, p.reinforce, p.mmd_form, p.g_supervised) == ("topk", "log", "full", 0)
+    assert (p.lambda_d, p.lambda_g, p.lambda_m, p.fake_weight) == (1.0, 1.0, 1.0, 1.0)
     assert resolve("aft-d").model.negatives == "random"
     assert resolve("aft-hnm").model.negatives == "hard"
 
@@ -99,6 +107,10 @@ def test_defaults_follow_the_paper() -> None:
         (["model.negatives=gan"], "model.negatives must be one of"),
         (["model.n_fakes=0"], "n_fakes must be >= 1"),
         (["model.conve_kernel=2"], "conve_kernel must be odd"),
+        (["model.fake_sampling=greedy"], "model.fake_sampling must be one of"),
+        (["model.mmd_form=half"], "model.mmd_form must be one of"),
+        (["model.g_temperature=0"], "g_temperature must be > 0"),
+        (["model.fake_weight=-1"], "fake_weight must be >= 0"),
     ],
 )
 def test_config_is_validated(override: list[str], match: str) -> None:
@@ -294,16 +306,24 @@ def test_reinforce_forms() -> None:
     logits = torch.randn(4, 3, requires_grad=True)
     q = torch.rand(4, 3)
     valid = torch.ones(4, 3, dtype=torch.bool)
-    paper = reinforce_loss(logits, q, valid, "paper")
+    paper, mult = reinforce_loss(logits, q, valid, "paper")
     torch.testing.assert_close(paper, -(torch.sigmoid(logits) * q).mean())
+    torch.testing.assert_close(mult, q)
     # with the per-user baseline, equal rewards carry no signal
-    flat = reinforce_loss(logits, torch.full((4, 3), 0.7), valid, "log")
+    flat, adv = reinforce_loss(logits, torch.full((4, 3), 0.7), valid, "log")
     (g,) = torch.autograd.grad(flat, logits)
     torch.testing.assert_close(g, torch.zeros_like(g))
+    torch.testing.assert_close(adv, torch.zeros(4, 3))
     # the best-rewarded fake of a user is pushed up, the worst down
     r = torch.tensor([[0.9, 0.5, 0.1]]).expand(4, 3)
-    (g,) = torch.autograd.grad(reinforce_loss(logits, r, valid, "log"), logits)
+    (g,) = torch.autograd.grad(reinforce_loss(logits, r, valid, "log")[0], logits)
     assert (g[:, 0] < 0).all() and (g[:, 2] > 0).all()
+    # the softmax policy: log pi = logit / tau - log_norm, same advantage
+    norm = torch.logsumexp(torch.randn(4, 10), 1)
+    soft, adv = reinforce_loss(logits, r, valid, "softmax", norm, tau=0.5)
+    want = -((logits / 0.5 - norm[:, None]) * (r - r.mean(1, keepdim=True))).mean()
+    torch.testing.assert_close(soft, want)
+    torch.testing.assert_close(adv, r - r.mean(1, keepdim=True))
 
 
 def test_gaussian_mmd2() -> None:
@@ -323,32 +343,81 @@ def test_gaussian_mmd2() -> None:
     assert (gaussian_mmd2(x + 5, wx, y, wy, 1.0) > brute).all()
 
 
-def test_reinforce_and_mmd_reach_g_and_not_d(tiny: Dataset) -> None:
-    _, model = build(tiny)
+@pytest.mark.parametrize("name", ["aft", "aft-paper"])
+def test_reinforce_and_mmd_reach_g_and_not_d(tiny: Dataset, name: str) -> None:
+    _, model = build(tiny, name)
     model.prepare_training(tiny.train)
     model.train()
     (batch,) = train_batches(tiny, 1)
     out = model.losses(batch)
     g, d = model.generator, model.discriminator
     assert g is not None
-    for key in ("loss_g", "loss_mmd"):
+    g_terms = ("loss_g", "loss_mmd") + (("loss_g_sup",) if name == "aft" else ())
+    for key in g_terms:
         assert total_norm(grads(out[key], g)) > 0, key
         assert total_norm(grads(out[key], d)) == 0, key
-    # MMD reaches the user side of G too (through the renormalised top-k probabilities),
-    # not only the fakes' embeddings
-    assert total_norm(grads(out["loss_mmd"], g.mlp)) > 0
-    assert total_norm(grads(out["loss_mmd"], g.transformer)) > 0
+    # REINFORCE reaches the user side of G (h_t: the MLP and the Transformer)
+    assert total_norm(grads(out["loss_g"], g.mlp)) > 0
+    assert total_norm(grads(out["loss_g"], g.transformer)) > 0
+    mmd_user_side = total_norm(grads(out["loss_mmd"], g.mlp))
+    if name == "aft-paper":  # -MMD^2 reaches h_t through the renormalised top-k weights
+        assert mmd_user_side > 0 and total_norm(grads(out["loss_mmd"], g.transformer)) > 0
+    else:  # the cross term with fixed weights moves only the fakes' embeddings
+        assert mmd_user_side == 0
+        assert total_norm(grads(out["loss_mmd"], g.item_emb)) > 0
     # and L_D trains D only
     assert total_norm(grads(out["loss_d"], d)) > 0
     assert total_norm(grads(out["loss_d"], g)) == 0
 
 
+def test_fake_weight_and_dropping_fakes_above_the_positive(tiny: Dataset) -> None:
+    """L_D (Eq. 13) with each fake weighted w: sum over instances / (N_real + w N_fakes); and
+    a fake that D scores above the row's positive weighs nothing with the drop switch."""
+    (batch,) = train_batches(tiny, 1)
+
+    def loss_d(*extra: str) -> tuple[float, AFT]:
+        # G's top-k (deterministic fakes); eval: no dropout, no mask
+        _, model = build(tiny, extra=("model.fake_sampling=topk", *extra))
+        model.prepare_training(tiny.train)
+        model.eval()
+        with torch.no_grad():
+            return float(model.losses(batch)["loss_d"]), model
+
+    full, model = loss_d()
+    with torch.no_grad():
+        h = model.generator(batch.history, batch.domain)  # type: ignore[misc]
+        assert model.generator is not None
+        fakes, valid = model.generator.top_k(
+            h, batch.domain, model.exclusions(batch), 3, model.offsets, 65_536
+        )
+        u = model.discriminator(batch.history, batch.counts, batch.domain)
+        real = model.discriminator.logits(u, torch.cat([batch.pos[:, None], batch.neg], 1))
+        fake = model.discriminator.logits(u, fakes)
+
+    def want(w: torch.Tensor) -> float:
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        s = bce(real[:, 0], torch.ones(len(batch)), reduction="sum")
+        s = s + bce(real[:, 1:], torch.zeros_like(real[:, 1:]), reduction="sum")
+        s = s + bce(fake, torch.zeros_like(fake), weight=w, reduction="sum")
+        return float(s / (real.numel() + w.sum()))
+
+    v = valid.float()
+    assert full == pytest.approx(want(v), rel=1e-5)
+    half, _ = loss_d("model.fake_weight=0.5")
+    assert half == pytest.approx(want(0.5 * v), rel=1e-5)
+    dropped, _ = loss_d("model.fake_drop_above_pos=true")
+    above = fake > real[:, :1]
+    assert above.any() and not above.all()
+    assert dropped == pytest.approx(want(v * ~above), rel=1e-5)
+
+
 def test_loss_terms_and_switches(tiny: Dataset) -> None:
     (batch,) = train_batches(tiny, 1)
     for extra, keys in [
-        ((), {"loss", "loss_d", "loss_g", "loss_mmd"}),
-        (("model.lambda_m=0",), {"loss", "loss_d", "loss_g"}),  # - dissimilarity loss
-        (("model.translation=attention",), {"loss", "loss_d", "loss_g", "loss_mmd"}),
+        ((), {"loss", "loss_d", "loss_g", "loss_g_sup", "loss_mmd"}),
+        (("model.lambda_m=0",), {"loss", "loss_d", "loss_g", "loss_g_sup"}),  # - dissimilarity
+        (("model.translation=attention",), {"loss", "loss_d", "loss_g", "loss_g_sup", "loss_mmd"}),
+        (("model.g_supervised=0",), {"loss", "loss_d", "loss_g", "loss_mmd"}),
         (("model.negatives=random",), {"loss", "loss_d"}),  # - generator
     ]:
         _, model = build(tiny, extra=extra)
@@ -356,7 +425,9 @@ def test_loss_terms_and_switches(tiny: Dataset) -> None:
         out = model.losses(batch)
         assert set(out) == keys, extra
         assert all(torch.isfinite(v) for v in out.values())
-        expected = out["loss_d"] + out.get("loss_g", 0.0) + out.get("loss_mmd", 0.0)
+        sup = out.get("loss_g_sup", 0.0)
+        mmd = 0.1 * out.get("loss_mmd", 0.0)  # lambda_M = 0.1
+        expected = out["loss_d"] + out.get("loss_g", 0.0) + sup + mmd
         torch.testing.assert_close(out["loss"], expected)
     _, no_gen = build(tiny, "aft-d")
     assert no_gen.generator is None
@@ -397,6 +468,70 @@ def test_adversarial_steps_are_finite_and_d_learns_to_reject_fakes(tiny: Dataset
         result[warmup] = p_d(model, fakes)
     assert result[0] < before - 0.2
     assert result[0] < result[1000] - 0.02
+
+
+def health_after(tiny: Dataset, name: str, steps: int = 80, window: int = 20) -> dict[str, Any]:
+    """G's health over the last ``window`` of ``steps`` adversarial steps (lr 0.01, batch 64),
+    through the trainer's own calls: prepare_training, the step, epoch_health."""
+    cfg, model = build(tiny, name, extra=("train.lr=0.01",))
+    model.prepare_training(tiny.train, tiny.valid)
+    step = make_step(model, cfg.train)
+    torch.manual_seed(0)
+    batches = train_batches(tiny, 20)
+    for i in range(steps):
+        if i == steps - window:
+            model.epoch_health()  # reset: count only the last window
+        step(batches[i % len(batches)])
+    health = model.epoch_health()
+    assert health is not None
+    return health
+
+
+def test_generator_stays_alive_under_the_default_and_collapses_as_printed(tiny: Dataset) -> None:
+    """The paper's printed objective (deterministic top-k, sigmoid REINFORCE, -MMD^2 with
+    gradient through the weights: ``aft-paper``) collapses within a few dozen steps onto a
+    handful of items per domain and loses its REINFORCE signal; the default ``aft`` keeps
+    proposing a wide, live set. Over 20 steps x 64 rows x 3 fakes, on 80-item domains."""
+    paper = health_after(tiny, "aft-paper")
+    default = health_after(tiny, "aft")
+    assert paper["distinct_share_min"] < 0.25, paper
+    assert default["distinct_share_min"] >= 0.25, default
+    assert default["advantage_abs"] > 1e-3, default
+    for h in (paper, default):
+        assert set(h["distinct"]) == set(tiny.info.domains)
+        assert 0 <= h["pop_pct"] <= 100 and 0 <= h["top10_in_d_top50"] <= 1
+        assert 0 <= h["fn_rate"] <= 1 and 0 <= h["fn_rate_random"] <= 1
+        assert h["fakes"] == 20 * 64 * 3
+
+
+def test_health_counts_what_it_says(tiny: Dataset) -> None:
+    """The counters against a hand computation on one batch with chosen fakes."""
+    _, model = build(tiny)
+    model.prepare_training(tiny.train, tiny.valid)
+    assert model.health is not None
+    b = train_batches(tiny, 1)[0]
+    valid_item = torch.from_numpy(tiny.valid.item.astype(np.int64))
+    valid_user = torch.from_numpy(tiny.valid.user.astype(np.int64))
+    # row 0's first fake is one of its user's validation clicks, if it has one
+    fakes = torch.stack([b.pos, b.pos, b.pos], 1)  # (B, 3), within each row's domain
+    row_valid = valid_item[valid_user == b.users[0]]
+    if len(row_valid):
+        fakes[0, 0] = row_valid[0]
+    ok = torch.ones_like(fakes, dtype=torch.bool)
+    ok[:, 2] = False  # invalid fakes are never counted
+    q = torch.rand(fakes.shape)
+    adv = q - q.mean(1, keepdim=True)
+    model.health.observe(b, fakes, ok, q, adv)
+    h = model.epoch_health()
+    assert h is not None
+    assert h["fakes"] == 2 * len(b)
+    assert sum(h["distinct"].values()) == len(torch.unique(fakes[:, :2]))
+    torch.testing.assert_close(h["reward_mean"], float(q[:, :2].double().mean()))
+    torch.testing.assert_close(h["advantage_abs"], float(adv[:, :2].abs().double().mean()))
+    keys = set((valid_user * tiny.info.n_items + valid_item).tolist())
+    pairs = (b.users[:, None] * tiny.info.n_items + fakes[:, :2]).flatten().tolist()
+    torch.testing.assert_close(h["fn_rate"], sum(k in keys for k in pairs) / len(pairs))
+    assert model.health.n == 0  # reset after the summary
 
 
 def test_schedule_warmup_ratio_and_state(tiny: Dataset) -> None:

@@ -43,6 +43,7 @@ PAPER_NAMES = {
     "snr": "SNR",
     "aft-d": "AFT (D)",
     "aft-hnm": "AFT (D+HNM)",
+    "aft-paper": "AFT (D+G), G as printed",
     "aft": "AFT (D+G)",
 }
 
@@ -334,6 +335,91 @@ def _timings(results: Results) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: -r["total_seconds"])
 
 
+def health_rows(results: Results) -> list[dict[str, Any]]:
+    """Per row whose runs log G's health (``"health"`` in ``log.jsonl``, AFT with a generator
+    or hard negatives): over its finished seeds, the smallest share of a domain's items that
+    were fakes in any epoch, and at each run's best epoch the mean of the other diagnostics."""
+    from aftrec.evaluation.reproduce import best_epoch_time, epoch_log
+
+    rows = []
+    for key, entry in results.entries.items():
+        runs = [o.run for o in entry.outcomes.values() if o.ok]
+        logs = [(run, [e for e in epoch_log(run) if "health" in e]) for run in runs]
+        logs = [(run, entries) for run, entries in logs if entries]
+        if not logs:
+            continue
+        at_best = []
+        for run, entries in logs:
+            best, _ = best_epoch_time(run)
+            at_best.append(next((e for e in entries if e["epoch"] == best), entries[-1])["health"])
+        every = [e["health"] for _, entries in logs for e in entries]
+
+        def mean(name: str, pool: list[dict[str, Any]] = at_best) -> float:
+            vals = [float(h[name]) for h in pool if name in h]
+            return statistics.fmean(vals) if vals else float("nan")
+
+        rows.append(
+            {
+                "entry": key,
+                "runs": len(logs),
+                "share_min": min(float(h["distinct_share_min"]) for h in every),
+                "share_best": mean("distinct_share_min"),
+                "pop_pct": mean("pop_pct"),
+                "reward_mean": mean("reward_mean"),
+                "reward_std": mean("reward_std"),
+                "advantage_abs": mean("advantage_abs"),
+                "advantage_abs_min": min(float(h["advantage_abs"]) for h in every),
+                "fn_rate": mean("fn_rate"),
+                "fn_rate_random": mean("fn_rate_random"),
+                "top10": mean("top10_in_d_top50"),
+            }
+        )
+    return rows
+
+
+def health_section(results: Results) -> list[str]:
+    """The "Generator health" section of the report (empty when no row logs health)."""
+    rows = health_rows(results)
+    if not rows:
+        return []
+    head = [
+        "row",
+        "runs",
+        "distinct share, min over epochs",
+        "at best epoch",
+        "pop. pct",
+        "reward p_d",
+        "mean abs(Q - b)",
+        "min over epochs",
+        "FN rate fakes / random",
+        "top-10 fakes in D's top 50",
+    ]
+    out = [
+        "## Generator health",
+        "",
+        "Per row with fakes (G's, or D's mined hard negatives), from each run's `log.jsonl`: the "
+        "smallest share of a domain's items that appeared as fakes within an epoch (over every "
+        "epoch and domain), then, at each run's best epoch and averaged over runs: that share, "
+        "the fakes' popularity percentile in their domain, the reward p_d (mean ± std), the "
+        "mean |Q - b| that REINFORCE multiplies the log-probability with (its minimum over "
+        "epochs beside it; 0 = no signal), the share of fakes that are the user's validation "
+        "clicks against the same share for random unclicked items, and the share of D's top-50 "
+        "slots held by the epoch's 10 most frequent fakes.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        out.append(
+            f"| `{r['entry']}` | {r['runs']} | {r['share_min']:.3f} | {r['share_best']:.3f} | "
+            f"{r['pop_pct']:.1f} | {r['reward_mean']:.3f} ± {r['reward_std']:.3f} | "
+            f"{r['advantage_abs']:.2e} | {r['advantage_abs_min']:.2e} | "
+            f"{r['fn_rate']:.4f} / {r['fn_rate_random']:.4f} | {r['top10']:.3f} |"
+        )
+    out.append("")
+    return out
+
+
 def _s(x: float) -> str:
     return "–" if not math.isfinite(x) else f"{x:,.1f}"
 
@@ -511,6 +597,7 @@ def render(results: Results) -> str:
                 results, plan.fake_points, "fig3b_n_fakes", "fake items", "number of fake items"
             )
 
+    out += health_section(results)
     w("## Wall time")
     w("")
     timings = _timings(results)
@@ -640,6 +727,7 @@ def results_json(results: Results) -> dict[str, Any]:
         "wall_seconds": results.wall_seconds,
         "entries": entries,
         "significance": sig,
+        "health": health_rows(results),
     }
 
 

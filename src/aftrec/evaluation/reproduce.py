@@ -144,6 +144,7 @@ class ReproduceSpec:
     ablations: bool = True
     sweeps: bool = True
     sweep_seeds: int | None = None  # None: the same as seeds
+    ablation_seeds: int | None = None  # None: the same as seeds
     alpha: float = ALPHA
     progress: bool = True
     jobs: int = 1  # runs trained at once, one process each
@@ -156,6 +157,10 @@ class ReproduceSpec:
     @property
     def n_sweep_seeds(self) -> int:
         return min(self.sweep_seeds or self.n_seeds, self.n_seeds)
+
+    @property
+    def n_ablation_seeds(self) -> int:
+        return min(self.ablation_seeds or self.n_seeds, self.n_seeds)
 
     def command(self) -> str:
         """An ``aftrec reproduce`` command line equivalent to this spec."""
@@ -171,6 +176,8 @@ class ReproduceSpec:
             argv += ["--skip", *skip]
         if self.sweep_seeds is not None:
             argv += ["--sweep-seeds", str(self.sweep_seeds)]
+        if self.ablation_seeds is not None:
+            argv += ["--ablation-seeds", str(self.ablation_seeds)]
         if self.alpha != ALPHA:
             argv += ["--alpha", str(self.alpha)]
         if self.jobs != 1:
@@ -307,8 +314,12 @@ def make_plan(spec: ReproduceSpec) -> Plan:
 
     if spec.n_seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {spec.n_seeds}")
-    if spec.sweep_seeds is not None and spec.sweep_seeds < 1:
-        raise ConfigError(f"--sweep-seeds must be at least 1, got {spec.sweep_seeds}")
+    for flag, value in (
+        ("--sweep-seeds", spec.sweep_seeds),
+        ("--ablation-seeds", spec.ablation_seeds),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
     if not 0 < spec.alpha < 1:
         raise ConfigError(f"--alpha must be in (0, 1), got {spec.alpha}")
     if spec.jobs < 1:
@@ -331,7 +342,7 @@ def make_plan(spec: ReproduceSpec) -> Plan:
         for variant, label, over in ABLATIONS:
             key = f"{PRIMARY}/{variant}"
             entries[key] = Entry(key, PRIMARY, label, over)
-            seeds[key] = list(range(spec.n_seeds))
+            seeds[key] = list(range(spec.n_ablation_seeds))
             ablations.append(key)
     if has_primary and spec.sweeps:
         sweep_seeds = list(range(spec.n_sweep_seeds))
@@ -1049,6 +1060,7 @@ def _run(args: argparse.Namespace) -> None:
         ablations="ablations" not in args.skip,
         sweeps="sweeps" not in args.skip,
         sweep_seeds=args.sweep_seeds,
+        ablation_seeds=args.ablation_seeds,
         alpha=args.alpha,
         progress=not args.quiet,
         jobs=args.jobs,
@@ -1108,6 +1120,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         metavar="S",
         help="seeds per Fig. 3 point (default: --seeds)",
+    )
+    p.add_argument(
+        "--ablation-seeds",
+        type=int,
+        default=None,
+        metavar="S",
+        help="seeds per Table 6 ablation (default: --seeds)",
     )
     p.add_argument("--alpha", type=float, default=ALPHA, help="significance level (0.01)")
     p.add_argument(

@@ -59,10 +59,16 @@ class RetrievalModel(nn.Module):
         """Closed-form fitting for models with ``trainable = False``."""
         raise NotImplementedError
 
-    def prepare_training(self, train: Interactions) -> None:
+    def prepare_training(self, train: Interactions, valid: Interactions | None = None) -> None:
         """Called by the trainer once before the first epoch (and on resume) with the training
-        interactions; models that need them during training (e.g. to keep a user's clicks out
-        of generated negatives) index them here. No-op by default."""
+        interactions (and the validation ones, for diagnostics only: never for fitting);
+        models that need them during training (e.g. to keep a user's clicks out of generated
+        negatives) index them here. No-op by default."""
+
+    def epoch_health(self) -> dict[str, Any] | None:
+        """Diagnostics of a training mechanism, gathered over the epoch and reset here; the
+        trainer logs them under ``"health"`` in ``log.jsonl``. None (the default): nothing."""
+        return None
 
     def search_space(self) -> list[dict[str, Any]]:
         """Model-config overrides a closed-form model is fitted with, the best on validation

@@ -181,7 +181,7 @@ def train(
 
     if tc.sparse_embeddings:
         use_sparse_embeddings(model, min_rows=local.info.n_items)
-    model.prepare_training(local.train)  # fresh and resumed runs alike
+    model.prepare_training(local.train, local.dataset.valid)  # fresh and resumed
     loader = ShardedLoader(
         local.shards, local.info, cfg.data.history_len, tc.batch_size, cfg.data.n_negatives,
         n_shards, local.n_examples, tc.seed,
@@ -257,6 +257,9 @@ def train(
                 for k in totals
             },
         }
+        health = model.epoch_health()  # this rank's (rank 0's is logged)
+        if health is not None:
+            entry["health"] = health
         entry["ranks"] = ctx.world
         entry["peak_rss_mib"] = [round(r[3], 1) for r in per_rank]  # one per rank
         if not ctx.main:  # rank 0 validates and checkpoints; the others wait for its verdict
@@ -302,8 +305,14 @@ def train(
         )
         _log(out, entry)
         msg = ", ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in entry.items()
+            if k != "health"
         )
+        if health is not None:  # the full record is in log.jsonl
+            msg += ", fakes distinct share (min over domains)={:.3f}, |Q-b|={:.2e}".format(
+                health["distinct_share_min"], health["advantage_abs"]
+            )
         tqdm.write(msg) if progress else log.info(msg)
         ctx.broadcast(stopped_early)
         if stopped_early:

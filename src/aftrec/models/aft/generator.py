@@ -123,11 +123,14 @@ class Generator(nn.Module):
         k: int,
         offsets: torch.Tensor,
         chunk: int,
+        tau: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """G's fake clicked items: the top ``k`` items of each row's target ``domain`` by p_g,
-        the ``exclude`` pairs (the user's clicks) left out. Scored in chunks of ``chunk`` items
-        with a running top-k (:func:`domain_top_k`), so memory stays bounded over any
-        catalogue. Returns (B, k) global ids and (B, k) validity (False where fewer than ``k``
-        items were left)."""
-        items, top, _ = domain_top_k(h, self.item_emb.weight, domain, offsets, exclude, k, chunk)
+        the ``exclude`` pairs (the user's clicks) left out; with ``tau``, ``k`` draws without
+        replacement from ``softmax(h_t . e / tau)`` over the same items instead (Gumbel-top-k).
+        Scored in chunks of ``chunk`` items with a running top-k (:func:`domain_top_k`), so
+        memory stays bounded over any catalogue. Returns (B, k) global ids and (B, k) validity
+        (False where fewer than ``k`` items were left)."""
+        table = self.item_emb.weight
+        items, top, _ = domain_top_k(h, table, domain, offsets, exclude, k, chunk, tau)
         return items, torch.isfinite(top)

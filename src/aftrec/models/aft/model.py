@@ -27,7 +27,7 @@ Every choice the paper leaves open is in docs/aft.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,7 +39,8 @@ from aftrec.data.loader import Batch
 from aftrec.errors import ConfigError
 from aftrec.models.aft.discriminator import Discriminator
 from aftrec.models.aft.generator import Generator, target_rows
-from aftrec.models.aft.topk import Exclusions, domain_top_k
+from aftrec.models.aft.health import FakeHealth
+from aftrec.models.aft.topk import Exclusions, domain_logsumexp, domain_top_k
 from aftrec.models.base import RetrievalModel
 from aftrec.registry import register_model
 
@@ -70,9 +71,16 @@ class AFTConfig:
     # --- losses (Eq. 16) ---
     lambda_d: float = 1.0
     lambda_g: float = 1.0
-    lambda_m: float = 1.0  # 0 = Table 6 "- dissimilarity loss"
-    reinforce: str = "log"  # "log": -log p_g (Q - baseline); "paper": -p_g Q as printed
+    lambda_m: float = 0.1  # 0 = Table 6 "- dissimilarity loss"; the paper: 1 (aft-paper)
+    reinforce: str = "softmax"  # "softmax": log pi; "log": log p_g (aft-paper); "paper": p_g Q
     mmd_sigma: float = 1.0  # Gaussian kernel bandwidth of Eq. 15
+    mmd_form: str = "cross"  # "cross": cross term only; "full": -MMD^2 (aft-paper)
+    # --- how G proposes and how its fakes enter L_D (docs/aft.md, "Repairing G") ---
+    fake_sampling: str = "sample"  # "sample": softmax draws; "topk": G's top-k (aft-paper)
+    g_temperature: float = 1.0  # tau of softmax(h_t . e / tau) when sampling / "softmax"
+    g_supervised: float = 1.0  # weight of G's BCE on the real click beside REINFORCE (anchor)
+    fake_weight: float = 1.0  # weight of each fake in L_D (Eq. 13), 1 = a full negative
+    fake_drop_above_pos: bool = False  # a fake D scores above the row's positive: weight 0
     # --- schedule (AdversarialStep) ---
     d_every: int = 1  # D is updated on every d_every-th batch
     g_every: int = 1  # G is updated on every g_every-th batch
@@ -109,6 +117,8 @@ class AFTConfig:
             g_every=1,
             warmup_steps=0,
             topk_chunk=1,
+            g_supervised=0.0,
+            fake_weight=0.0,
         )
         for key in ("g_heads", "d_heads", "conve_rows"):
             if self.dim % getattr(self, key):
@@ -120,7 +130,7 @@ class AFTConfig:
         for key in ("dropout", "mask_ratio"):
             if getattr(self, key) >= 1:
                 raise ConfigError(f"config key model.{key} must be < 1, got {getattr(self, key)}")
-        for key in ("mmd_sigma", "hnm_band", "d_lr", "g_lr"):
+        for key in ("mmd_sigma", "hnm_band", "d_lr", "g_lr", "g_temperature"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"config key model.{key} must be > 0, got {value}")
@@ -129,13 +139,33 @@ class AFTConfig:
         choices = {
             "translation": ("conve", "attention"),
             "negatives": ("generator", "random", "hard"),
-            "reinforce": ("log", "paper"),
+            "reinforce": ("log", "softmax", "paper"),
+            "mmd_form": ("full", "cross"),
+            "fake_sampling": ("topk", "sample"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(
                     f"model.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}"
                 )
+
+
+@dataclass(frozen=True)
+class AFTPaperConfig(AFTConfig):
+    """G trained as section 3 prints it: the deterministic top-k fakes of Eq. 5, REINFORCE on
+    ``log sigmoid(h_t . e)`` (Eq. 14 as a policy gradient), ``-MMD^2`` with the gradient
+    through the fakes' weights (Eq. 15, lambda_M = 1), no supervised anchor, fakes as full
+    negatives in L_D. This collapses onto a few popular items (docs/aft.md)."""
+
+    fake_sampling: str = "topk"
+    reinforce: str = "log"
+    mmd_form: str = "full"
+    lambda_m: float = 1.0
+    g_supervised: float = 0.0
+    g_temperature: float = 1.0
+    fake_weight: float = 1.0
+    fake_drop_above_pos: bool = False
+    warmup_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -174,29 +204,48 @@ def bce_sum(logits: torch.Tensor, label: float, weight: torch.Tensor | None = No
 
 
 def reinforce_loss(
-    g_logits: torch.Tensor, reward: torch.Tensor, valid: torch.Tensor, form: str
-) -> torch.Tensor:
-    """Eq. 14 over the fakes: (B, k) G logits, detached rewards Q = p_d and validity.
+    g_logits: torch.Tensor,
+    reward: torch.Tensor,
+    valid: torch.Tensor,
+    form: str,
+    log_norm: torch.Tensor | None = None,
+    tau: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 14 over the fakes: (B, k) G logits ``h_t . e``, detached rewards Q = p_d and
+    validity. Returns the loss and the (B, k) multiplier of the log-probability (what G's
+    gradient is scaled by: ``Q - b``, or ``Q`` for the printed form).
 
-    ``"paper"``: ``-1/N_g sum p_g Q`` as printed. ``"log"`` (default): the REINFORCE
-    estimator ``-1/N_g sum log p_g (Q - b)`` with ``b`` the mean reward of the user's fakes
-    (of the batch's fakes when k = 1): the usual variance-reduced policy gradient (Williams
-    1992; IRGAN, Wang et al. SIGIR 2017). See docs/aft.md."""
+    ``"paper"``: ``-1/N_g sum p_g Q`` as printed. ``"log"``: the REINFORCE estimator
+    ``-1/N_g sum log p_g (Q - b)`` with ``p_g = sigmoid(h_t . e)`` (Eq. 5) and ``b`` the mean
+    reward of the user's fakes (of the batch's fakes when k = 1): the usual variance-reduced
+    policy gradient (Williams 1992; IRGAN, Wang et al. SIGIR 2017). ``"softmax"``: the same
+    with the policy that actually drew the fakes when they are sampled,
+    ``log pi(e|u) = h_t . e / tau - log_norm`` (``log_norm`` the (B,) log-sum-exp of
+    ``h_t . e' / tau`` over the allowed items of the domain). See docs/aft.md."""
     v = valid.to(g_logits.dtype)
     n = v.sum().clamp(min=1.0)
     if form == "paper":
-        terms = torch.sigmoid(g_logits) * reward
+        return -(torch.sigmoid(g_logits) * reward * v).sum() / n, reward
+    if reward.shape[1] > 1:
+        base = (reward * v).sum(1, keepdim=True) / v.sum(1, keepdim=True).clamp(min=1.0)
     else:
-        if reward.shape[1] > 1:
-            base = (reward * v).sum(1, keepdim=True) / v.sum(1, keepdim=True).clamp(min=1.0)
-        else:
-            base = (reward * v).sum() / n
-        terms = F.logsigmoid(g_logits) * (reward - base)
-    return -(terms * v).sum() / n
+        base = (reward * v).sum() / n
+    advantage = reward - base  # (B, k)
+    if form == "softmax":
+        assert log_norm is not None, "the softmax policy needs its normaliser"
+        log_p = g_logits / tau - log_norm[:, None]
+    else:
+        log_p = F.logsigmoid(g_logits)
+    return -(log_p * advantage * v).sum() / n, advantage
 
 
 def gaussian_mmd2(
-    x: torch.Tensor, wx: torch.Tensor, y: torch.Tensor, wy: torch.Tensor, sigma: float
+    x: torch.Tensor,
+    wx: torch.Tensor,
+    y: torch.Tensor,
+    wy: torch.Tensor,
+    sigma: float,
+    cross_only: bool = False,
 ) -> torch.Tensor:
     """Squared MMD (biased V-statistic) with a Gaussian kernel, per row of the batch.
 
@@ -205,6 +254,10 @@ def gaussian_mmd2(
 
         MMD^2 = sum_ij wx_i wx_j k(x_i, x_j) + sum_ij wy_i wy_j k(y_i, y_j)
                 - 2 sum_ij wx_i wy_j k(x_i, y_j),   k(a, b) = exp(-|a - b|^2 / (2 sigma^2))
+
+    ``cross_only`` returns ``-2 sum_ij wx_i wy_j k(x_i, y_j)`` alone: the only part of MMD^2
+    that depends on how near the fakes are to the real clicks (the ``k(x, x)`` term is
+    largest when the fakes cluster, so maximising it rewards collapse).
     """
 
     def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -214,7 +267,10 @@ def gaussian_mmd2(
     def quad(w1: torch.Tensor, k: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bi,bij,bj->b", w1, k, w2)
 
-    return quad(wx, kernel(x, x), wx) + quad(wy, kernel(y, y), wy) - 2 * quad(wx, kernel(x, y), wy)
+    cross = -2 * quad(wx, kernel(x, y), wy)
+    if cross_only:
+        return cross
+    return quad(wx, kernel(x, x), wx) + quad(wy, kernel(y, y), wy) + cross
 
 
 @register_model("aft", AFTConfig)
@@ -249,6 +305,7 @@ class AFT(RetrievalModel):
             )  # fmt: skip
         self.register_buffer("offsets", torch.tensor(info.offsets), persistent=False)
         self.clicks: ClickIndex | None = None
+        self.health: FakeHealth | None = None
 
     # --- serving ----------------------------------------------------------------------------
     def user_vectors(self, batch: Batch, domain: int) -> torch.Tensor:
@@ -279,9 +336,26 @@ class AFT(RetrievalModel):
         return self.generator.item_emb.weight[lo:hi]  # (n_d, dim)
 
     # --- training ---------------------------------------------------------------------------
-    def prepare_training(self, train: Interactions) -> None:
-        """Index the training clicks so that no fake / hard negative is a user's click."""
+    def prepare_training(self, train: Interactions, valid: Interactions | None = None) -> None:
+        """Index the training clicks so that no fake / hard negative is a user's click, and
+        start the per-epoch health counters of the fakes (:mod:`.health`)."""
         self.clicks = ClickIndex(train, self.info.n_users)
+        if self.cfg.negatives != "random":
+            self.health = FakeHealth(self.info, train, valid)
+
+    def epoch_health(self) -> dict[str, Any] | None:
+        """The epoch's health of G's fakes (or the mined hard negatives), then reset; None for
+        ``aft-d`` or before :meth:`prepare_training`. One ranking pass over the epoch's last
+        batch with the current D (in eval mode, so no random numbers are drawn)."""
+        if self.health is None or self.health.last is None:
+            return None
+        last, was = self.health.last, self.training
+        self.eval()
+        with torch.no_grad():
+            u = self.discriminator(last.history, last.counts, last.domain)  # (B, dim)
+        self.train(was)
+        table = self.discriminator.item_emb.weight
+        return self.health.summary(u, table, self.exclusions(last), self.offsets)
 
     def exclusions(self, batch: Batch) -> Exclusions:
         """(row, item) pairs that may not be fakes or hard negatives: the user's clicks (all
@@ -353,19 +427,27 @@ class AFT(RetrievalModel):
             n_all = torch.tensor(float(real_d.numel()), device=u.device)
 
         # negatives beyond the random ones: G's top-k fakes or D's own hard negatives
-        fakes = valid = fake_d = None
+        fakes = valid = fake_d = exclude = None
         if not warmup and gen is not None and h is not None:
             k = min(cfg.n_fakes, self.info.n_items)
+            exclude = self.exclusions(batch)
+            tau = cfg.g_temperature if cfg.fake_sampling == "sample" else None
             fakes, valid = gen.top_k(
-                h.detach(), batch.domain, self.exclusions(batch), k, self.offsets, cfg.topk_chunk
-            )
+                h.detach(), batch.domain, exclude, k, self.offsets, cfg.topk_chunk, tau
+            )  # (B, k): G's top-k, or k draws from softmax(h_t . e / tau) without replacement
         elif not warmup and cfg.negatives == "hard":
             fakes, valid = self.hard_negatives(u.detach(), self.exclusions(batch), batch.domain)
         if fakes is not None and valid is not None:
             with torch.set_grad_enabled(train_d):
                 fake_d = dis.logits(u, fakes)  # (B, k)
-                d_sum = d_sum + bce_sum(fake_d, 0.0, weight=valid.to(fake_d.dtype))
-                n_all = n_all + valid.sum()
+                w = valid.to(fake_d.dtype) * cfg.fake_weight  # (B, k)
+                if cfg.fake_drop_above_pos:  # D already prefers it to the real click
+                    w = w * (fake_d.detach() <= real_d[:, :1].detach())
+                d_sum = d_sum + bce_sum(fake_d, 0.0, weight=w)
+                n_all = n_all + w.sum()
+            if gen is None and self.health is not None and self.training:
+                q = torch.sigmoid(fake_d.detach())
+                self.health.observe(batch, fakes, valid, q, torch.zeros_like(q))
         out["loss_d"] = d_sum / n_all  # Eq. 13
         total = cfg.lambda_d * out["loss_d"]
 
@@ -378,12 +460,30 @@ class AFT(RetrievalModel):
                     ) / g_real.numel()
                 else:
                     assert fakes is not None and valid is not None and fake_d is not None
+                    assert exclude is not None
                     g_fake = gen.logits(h, fakes)  # (B, k)
                     reward = torch.sigmoid(fake_d.detach())  # Q = p_d, no gradient into D
-                    out["loss_g"] = reinforce_loss(g_fake, reward, valid, cfg.reinforce)
+                    log_norm = None
+                    if cfg.reinforce == "softmax":  # log sum_e exp(h_t . e / tau), allowed e
+                        log_norm = domain_logsumexp(
+                            h / cfg.g_temperature, gen.item_emb, batch.domain,
+                            self.offsets, exclude, cfg.topk_chunk,
+                        )  # (B,)  # fmt: skip
+                    out["loss_g"], advantage = reinforce_loss(
+                        g_fake, reward, valid, cfg.reinforce, log_norm, cfg.g_temperature
+                    )  # Eq. 14
+                    if self.health is not None and self.training:
+                        self.health.observe(batch, fakes, valid, reward, advantage)
+                    if cfg.g_supervised > 0:  # G anchored to the user's real click
+                        g_real = gen.logits(h, real_items)  # (B, 1 + K)
+                        out["loss_g_sup"] = (
+                            bce_sum(g_real[:, 0], 1.0) + bce_sum(g_real[:, 1:], 0.0)
+                        ) / g_real.numel()
                     if cfg.lambda_m > 0:
                         out["loss_mmd"] = self.mmd_loss(batch, fakes, g_fake, valid)
             total = total + (1.0 if warmup else cfg.lambda_g) * out["loss_g"]  # Eq. 16
+            if "loss_g_sup" in out:
+                total = total + cfg.g_supervised * out["loss_g_sup"]
             if "loss_mmd" in out:
                 total = total + cfg.lambda_m * out["loss_mmd"]
         out["loss"] = total
@@ -406,12 +506,16 @@ class AFT(RetrievalModel):
         real = torch.cat([target_rows(batch.history, batch.domain), batch.pos[:, None]], dim=1)
         wy = (real != self.info.pad).to(g_fake.dtype)  # (B, L + 1)
         wy = wy / wy.sum(1, keepdim=True)
-        low = torch.finfo(g_fake.dtype).min  # finite, so a row without fakes stays NaN-free
-        wx = g_fake.masked_fill(~valid, low).softmax(dim=1)  # (B, k)
+        cross = self.cfg.mmd_form == "cross"
+        if cross:  # every valid fake weighs the same; no gradient through the weights
+            wx = valid.to(g_fake.dtype) / valid.sum(1, keepdim=True).clamp(min=1)
+        else:
+            low = torch.finfo(g_fake.dtype).min  # finite: a row without fakes stays NaN-free
+            wx = g_fake.masked_fill(~valid, low).softmax(dim=1)  # (B, k)
         has = valid.any(dim=1)  # rows without any fake contribute nothing
         x = F.normalize(emb(fakes), dim=-1)  # (B, k, dim)
         y = F.normalize(emb(real), dim=-1).detach()  # (B, L + 1, dim); pad rows -> 0, weight 0
-        mmd2 = gaussian_mmd2(x, wx, y, wy, self.cfg.mmd_sigma)  # (B,)
+        mmd2 = gaussian_mmd2(x, wx, y, wy, self.cfg.mmd_sigma, cross_only=cross)  # (B,)
         return -(mmd2 * has).sum() / has.sum().clamp(min=1)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -422,6 +526,11 @@ class AFT(RetrievalModel):
         from aftrec.training.distributed import SINGLE
 
         return AdversarialStep(self, train_cfg, SINGLE if ctx is None else ctx)
+
+
+@register_model("aft-paper", AFTPaperConfig)
+class AFTPaper(AFT):
+    """AFT (D+G) with G trained exactly as section 3 prints it (see :class:`AFTPaperConfig`)."""
 
 
 @register_model("aft-d", AFTDConfig)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,15 @@ def domain_top_k(
     exclude: Exclusions,
     k: int,
     chunk: int,
+    gumbel_tau: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each row's top ``k`` items of its own domain by ``query . table[item]``, excluded pairs
     left out.
+
+    With ``gumbel_tau`` the scores are ``query . table[item] / tau + g``, ``g`` standard Gumbel
+    noise from torch's global generator: the top ``k`` are then ``k`` draws *without
+    replacement* from ``softmax(query . table / tau)`` over the allowed items (the Gumbel-top-k
+    trick, Kool et al., ICML 2019), in the same bounded memory.
 
     ``query`` (B, dim), ``table`` (n_items, dim) (extra rows past the last domain are never
     read), ``domain`` (B,), ``offsets`` (n_domains + 1,). Returns global item ids (B, k), their
@@ -84,11 +91,10 @@ def domain_top_k(
         for c0 in range(lo, hi, chunk):
             c1 = min(c0 + chunk, hi)
             scores = q @ table[c0:c1].T  # (b_d, c)
-            ex_rows, ex_items = exclude.in_range(c0, c1)
-            mine = slot[ex_rows] >= 0  # pairs of this group's rows
-            r, c = slot[ex_rows[mine]], ex_items[mine] - c0
-            hit = torch.zeros_like(scores, dtype=torch.bool)
-            hit[r, c] = True  # duplicates collapse here
+            if gumbel_tau is not None:
+                u = torch.rand_like(scores).clamp_(min=1e-20)
+                scores = scores / gumbel_tau - torch.log(-torch.log(u))  # + Gumbel(0, 1)
+            hit = _excluded(exclude, slot, c0, c1, scores.shape)
             n_excluded += hit.sum(1)
             scores = scores.masked_fill(hit, float("-inf"))
             merged = torch.cat([top_s, scores], dim=1)  # (b_d, k + c)
@@ -98,3 +104,53 @@ def domain_top_k(
         allowed[rows] = (hi - lo) - n_excluded
         slot[rows] = -1
     return best_i, best_s, allowed
+
+
+def _excluded(
+    exclude: Exclusions, slot: torch.Tensor, c0: int, c1: int, shape: torch.Size
+) -> torch.Tensor:
+    """(b_d, c1 - c0) bool: the excluded pairs of the group whose rows have ``slot >= 0``."""
+    ex_rows, ex_items = exclude.in_range(c0, c1)
+    mine = slot[ex_rows] >= 0  # pairs of this group's rows
+    hit = torch.zeros(shape, dtype=torch.bool, device=slot.device)
+    hit[slot[ex_rows[mine]], ex_items[mine] - c0] = True  # duplicates collapse here
+    return hit
+
+
+def domain_logsumexp(
+    query: torch.Tensor,
+    table: torch.Tensor | nn.Embedding,
+    domain: torch.Tensor,
+    offsets: torch.Tensor,
+    exclude: Exclusions,
+    chunk: int,
+) -> torch.Tensor:
+    """``log sum_e exp(query . table[e])`` over each row's allowed items of its own domain,
+    the excluded pairs left out: the normaliser of a softmax policy over the domain, (B,).
+
+    Differentiable in ``query`` and ``table``. Given an ``nn.Embedding``, its rows are looked up
+    through the module, so a sparse embedding gets the sparse gradient its optimiser expects
+    (``train.sparse_embeddings``). Scored ``chunk`` items at a time and merged with
+    ``logaddexp``, so memory is ``O(B x chunk)``. Excluded items are filled with -1e9 rather than
+    ``-inf`` so that a row with no allowed item stays finite (about -1e9) and NaN-free in the
+    backward pass; such a row has no valid sample to weigh anyway."""
+    b, dev = query.shape[0], query.device
+    out = query.new_full((b,), float("-inf"))
+    slot = torch.full((b,), -1, dtype=torch.long, device=dev)
+    for d in torch.unique(domain).tolist():
+        rows = (domain == d).nonzero().squeeze(1)  # (b_d,)
+        slot[rows] = torch.arange(len(rows), device=dev)
+        lo, hi = int(offsets[d]), int(offsets[d + 1])
+        lse = query.new_full((len(rows),), float("-inf"))
+        for c0 in range(lo, hi, chunk):
+            c1 = min(c0 + chunk, hi)
+            if isinstance(table, nn.Embedding):
+                block = table(torch.arange(c0, c1, device=dev))  # (c, dim)
+            else:
+                block = table[c0:c1]
+            scores = query[rows] @ block.T  # (b_d, c)
+            scores = scores.masked_fill(_excluded(exclude, slot, c0, c1, scores.shape), -1e9)
+            lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=1))
+        out = out.index_put((rows,), lse)
+        slot[rows] = -1
+    return out
