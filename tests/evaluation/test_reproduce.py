@@ -229,6 +229,23 @@ def test_full_plan_seeds_deterministic_models_and_sweep_points(tmp_path: Path) -
     assert len(plan.jobs) == 5 + 1 + 20 + (5 + 5) * 2
 
 
+def test_keys_a_model_never_reads_do_not_make_another_run() -> None:
+    """aft-d has no generator: a run saved before G's defaults changed is still the same run;
+    a key D reads (or any key of aft itself) is not."""
+    from aftrec.config import resolve
+
+    fresh = resolve("aft-d").to_dict()
+    saved = json.loads(json.dumps(fresh))
+    saved["model"].update(lambda_m=1.0, reinforce="log", fake_sampling="topk")
+    assert rp._identity(saved) == rp._identity(fresh)
+    saved["model"]["d_heads"] = 8
+    assert rp._identity(saved) != rp._identity(fresh)
+    aft = resolve("aft").to_dict()
+    changed = json.loads(json.dumps(aft))
+    changed["model"]["fake_sampling"] = "topk"
+    assert rp._identity(changed) != rp._identity(aft)
+
+
 def test_ablations_on_fewer_seeds(tmp_path: Path) -> None:
     spec = ReproduceSpec(
         Path("unused"), tmp_path / "r", models=("aft",), seeds=3, ablation_seeds=1,

@@ -409,10 +409,19 @@ NOT_RESULT_KEYS = ("threads", "eval_batch_size", "device")
 
 
 def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A run config without :data:`NOT_RESULT_KEYS`, for "same run?" comparisons."""
+    """A run config without :data:`NOT_RESULT_KEYS` and without the model keys its config
+    class declares inert (``INERT_KEYS``, e.g. G's keys for ``aft-d``), for "same run?"
+    comparisons."""
+    from aftrec.registry import available_models, model_config_class
+
     plain = _plain(cfg)
     train = {k: v for k, v in plain.get("train", {}).items() if k not in NOT_RESULT_KEYS}
-    return {**plain, "train": train}
+    model = plain.get("model", {})
+    name = model.get("name")
+    if name in available_models():
+        inert = getattr(model_config_class(name), "INERT_KEYS", ())
+        model = {k: v for k, v in model.items() if k not in inert}
+    return {**plain, "train": train, "model": model}
 
 
 def _check_existing(job: Job) -> None:

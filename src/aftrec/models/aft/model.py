@@ -27,7 +27,7 @@ Every choice the paper leaves open is in docs/aft.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -168,14 +168,27 @@ class AFTPaperConfig(AFTConfig):
     warmup_steps: int = 0
 
 
+#: keys that only G reads: they cannot change what a model without a generator computes
+G_KEYS = (
+    "g_layers", "g_heads", "g_hidden", "mask_ratio", "lambda_g", "lambda_m", "reinforce",
+    "mmd_sigma", "mmd_form", "fake_sampling", "g_temperature", "g_supervised", "g_every", "g_lr",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class AFTDConfig(AFTConfig):
     negatives: str = "random"
+    #: no generator and no extra negatives: G's keys and the fakes' keys are inert
+    INERT_KEYS: ClassVar[tuple[str, ...]] = (
+        *G_KEYS, "n_fakes", "fake_weight", "fake_drop_above_pos", "hnm_skip", "hnm_band",
+        "topk_chunk", "warmup_steps",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class AFTHNMConfig(AFTConfig):
     negatives: str = "hard"
+    INERT_KEYS: ClassVar[tuple[str, ...]] = G_KEYS  # no generator
 
 
 class ClickIndex:
