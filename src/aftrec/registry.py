@@ -1,8 +1,16 @@
-"""Model registry: ``@register_model("name", Config)`` and ``create_model(name, cfg, info)``."""
+"""Model registry: ``@register_model("name", Config, ...)`` and ``create_model(name, cfg, info)``.
+
+A registration holds every fact about a model that is not its computation: its config class,
+its row name in the paper's tables, the tiny settings ``aftrec reproduce --quick`` trains it
+with, and the model keys its config declares inert. Built-in models register when
+``aftrec.models`` is imported, which the registry does lazily on first use.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aftrec.errors import ConfigError
@@ -11,15 +19,47 @@ if TYPE_CHECKING:
     from aftrec.data.dataset import DataInfo
     from aftrec.models.base import RetrievalModel
 
-_MODELS: dict[str, tuple[type[RetrievalModel], type[Any]]] = {}
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    model: type[RetrievalModel]
+    config: type[Any]
+    #: the model's row name in the paper's Tables 2 and 3, and the row's position there (the
+    #: report lists the names in that order); None for models the paper does not report
+    paper_name: str | None = None
+    paper_row: int | None = None
+    #: ``aftrec reproduce --quick``: model-config overrides that make the model tiny
+    quick: Mapping[str, str] = field(default_factory=dict)
+    #: model keys this registration never reads (e.g. G's keys for a model without G): a saved
+    #: run whose config differs only in them is the same run
+    inert_keys: tuple[str, ...] = ()
+
+    @property
+    def deterministic(self) -> bool:
+        """Fitted in closed form: one run stands for every seed."""
+        return not self.model.trainable
+
+
+_MODELS: dict[str, Registration] = {}
 M = TypeVar("M", bound="type[RetrievalModel]")
 
 
-def register_model(name: str, config_cls: type[Any]) -> Callable[[M], M]:
+def register_model(
+    name: str,
+    config_cls: type[Any],
+    *,
+    paper_name: str | None = None,
+    paper_row: int | None = None,
+    quick: Mapping[str, str] | None = None,
+    inert_keys: tuple[str, ...] = (),
+) -> Callable[[M], M]:
     def deco(cls: M) -> M:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is registered twice")
-        _MODELS[name] = (cls, config_cls)
+        _MODELS[name] = Registration(
+            name, cls, config_cls, paper_name, paper_row, dict(quick or {}), inert_keys
+        )
         cls.name = name
         return cls
 
@@ -27,7 +67,9 @@ def register_model(name: str, config_cls: type[Any]) -> Callable[[M], M]:
 
 
 def _ensure_loaded() -> None:
-    import aftrec.models  # noqa: F401  (registers the built-in models)
+    """Register the built-in models. By name, at first use: the registry sits below the
+    models in the layers (each model imports :func:`register_model`)."""
+    importlib.import_module("aftrec.models")
 
 
 def available_models() -> list[str]:
@@ -35,7 +77,7 @@ def available_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def _entry(name: str) -> tuple[type[RetrievalModel], type[Any]]:
+def registration(name: str) -> Registration:
     _ensure_loaded()
     if name not in _MODELS:
         raise ConfigError(f"unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
@@ -43,13 +85,12 @@ def _entry(name: str) -> tuple[type[RetrievalModel], type[Any]]:
 
 
 def model_class(name: str) -> type[RetrievalModel]:
-    return _entry(name)[0]
+    return registration(name).model
 
 
 def model_config_class(name: str) -> type[Any]:
-    return _entry(name)[1]
+    return registration(name).config
 
 
 def create_model(name: str, cfg: Any, info: DataInfo, history_len: int) -> RetrievalModel:
-    cls, _ = _entry(name)
-    return cls(cfg, info, history_len)
+    return registration(name).model(cfg, info, history_len)

@@ -14,8 +14,7 @@ from aftrec.data.dataset import Dataset
 from aftrec.data.histories import HistoryIndex
 from aftrec.data.loader import Batch, make_batch
 from aftrec.errors import ConfigError
-from aftrec.models.base import RetrievalModel
-from aftrec.models.fm import score_in_chunks
+from aftrec.models.base import RetrievalModel, score_in_chunks
 from aftrec.models.losses import sampled_loss
 from aftrec.registry import create_model
 

@@ -17,6 +17,7 @@ from torch import nn
 from aftrec.config import resolve
 from aftrec.data.dataset import Dataset
 from aftrec.data.loader import Batch
+from aftrec.models.base import Channel
 from aftrec.models.two_tower import TwoTower, TwoTowerConfig, masked_mean
 from aftrec.serving.bundle import contents_from_model, export_run, write_bundle
 from aftrec.serving.index import IndexSpec
@@ -62,6 +63,12 @@ class TwoTowerWithGenerator(TwoTower):
     def trial_item_vectors(self, domain: int) -> torch.Tensor:
         lo, hi = self.info.domain_range(domain)
         return self.gen_emb.weight[lo:hi]
+
+    def serving_channels(self) -> dict[str, Channel]:
+        return {
+            **super().serving_channels(),
+            "trial": Channel(self.trial_vectors, self.trial_item_vectors),
+        }
 
 
 def trial_bundle(root: Path, data: Dataset) -> Path:

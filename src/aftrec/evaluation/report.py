@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aftrec.registry import Registration, available_models, registration
+
 if TYPE_CHECKING:
     from aftrec.evaluation.reproduce import EntryResult, Plan, Results, Significance
 
@@ -28,24 +30,12 @@ USERS_MARK = "†"  # aft significantly better than the column's best competitor
 SEEDS_MARK = "‡"  # ... over seeds
 METRIC_NAMES = {"auc": "AUC"}
 
-#: the paper's row names (Tables 2 and 3) of the registered models that have one
-PAPER_NAMES = {
-    "fm-single": "FM (single)",
-    "afm-single": "AFM (single)",
-    "autoint-single": "AutoInt (single)",
-    "bert4rec-single": "BERT4Rec (single)",
-    "fm-multi": "FM (multi)",
-    "afm-multi": "AFM (multi)",
-    "autoint-multi": "AutoInt (multi)",
-    "atrank": "ATRank (multi)",
-    "shared-bottom": "Shared bottom",
-    "mmoe": "MMoE",
-    "snr": "SNR",
-    "aft-d": "AFT (D)",
-    "aft-hnm": "AFT (D+HNM)",
-    "aft-paper": "AFT (D+G), G as printed",
-    "aft": "AFT (D+G)",
-}
+
+def paper_rows(models: Sequence[str]) -> list[Registration]:
+    """The registrations of ``models`` that have a row in the paper, in the paper's order."""
+    known = set(available_models())
+    regs = [registration(m) for m in models if m in known]
+    return sorted((r for r in regs if r.paper_row is not None), key=lambda r: r.paper_row or 0)
 
 
 @dataclass(frozen=True)
@@ -524,7 +514,7 @@ def render(results: Results) -> str:
     for m in main:
         pairs = plan.overrides.get(m, [])
         w(f"  - `{m}`: " + (" ".join(f"`{p}`" for p in pairs) if pairs else "defaults"))
-    paper = [f"`{k}` = {v}" for k, v in PAPER_NAMES.items() if k in main]
+    paper = [f"`{r.name}` = {r.paper_name}" for r in paper_rows(main)]
     if paper:
         w("- The paper's names: " + ", ".join(paper))
     w("")

@@ -29,8 +29,8 @@ yet. Together with resuming this lets a long reproduction be spread over several
 (the report directory holds everything needed except the checkpoints of unfinished runs).
 
 ``--quick`` (the CI configuration): one seed, one epoch of 4 batches of 64, history 8,
-patience 1, and tiny models (:data:`QUICK_MODEL`: dim 16, one layer, two heads, ... applied
-to the models whose config has the key; EASE fits one L2 value), every registered model
+patience 1, and tiny models (each registration's ``quick`` overrides: dim 16, one layer, two
+heads, ...; EASE fits one L2 value), every registered model
 unless ``--models`` says otherwise, Fig. 3 on 3 points each (mask 0, 0.15, 0.5; fakes 1, 5,
 20; two of them shared with other runs). About 10 s for every model on the tests' tiny data
 on 2 cores; the numbers are a smoke test, not results.
@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any
 from aftrec import __version__
 from aftrec.errors import ConfigError
 from aftrec.evaluation.report import Cell, Column
+from aftrec.registry import available_models, model_config_class, registration
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -107,27 +108,6 @@ QUICK_TRAIN = (
     "train.patience=1",
     "data.history_len=8",
 )
-#: ... and tiny models: each key is applied to the models whose config has it.
-QUICK_MODEL: dict[str, str] = {
-    "dim": "16",
-    "hidden": "32",
-    "tower_hidden": "16",
-    "ff_dim": "32",
-    "g_hidden": "32",
-    "g_layers": "1",
-    "g_heads": "2",
-    "d_heads": "2",
-    "conve_rows": "4",
-    "conve_channels": "4",
-    "heads": "2",
-    "layers": "1",
-    "head_dim": "8",
-    "attention": "8",
-    "n_experts": "2",
-    "l2_grid": "[500.0]",
-}
-
-
 # --------------------------------------------------------------------------- the plan
 
 
@@ -236,28 +216,20 @@ def _parse_overrides(pairs: Iterable[str]) -> list[tuple[str | None, str]]:
 
 
 def _model_fields(name: str) -> set[str]:
-    from aftrec.registry import model_config_class
-
     return {f.name for f in dataclasses.fields(model_config_class(name))}
 
 
 def _is_deterministic(name: str) -> bool:
-    from aftrec.registry import model_class
-
-    return not model_class(name).trainable
+    return registration(name).deterministic
 
 
 def default_models() -> list[str]:
-    from aftrec.registry import available_models
-
     names = available_models()
     return [PRIMARY, *(n for n in names if n != PRIMARY)] if PRIMARY in names else names
 
 
 def check_models(models: Sequence[str]) -> list[str]:
     """The requested model names in order, or :class:`ConfigError` naming the unknown ones."""
-    from aftrec.registry import available_models
-
     known = available_models()
     unknown = [m for m in models if m not in known]
     if unknown:
@@ -277,7 +249,7 @@ def model_overrides(model: str, quick: bool, user: Sequence[tuple[str | None, st
     out: list[str] = []
     if quick:
         out += QUICK_TRAIN
-        out += [f"model.{k}={v}" for k, v in QUICK_MODEL.items() if k in fields]
+        out += [f"model.{k}={v}" for k, v in registration(model).quick.items()]
     for target, pair in user:
         if target is not None and target != model:
             continue
@@ -410,16 +382,14 @@ NOT_RESULT_KEYS = ("threads", "eval_batch_size", "device")
 
 def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
     """A run config without :data:`NOT_RESULT_KEYS` and without the model keys its config
-    class declares inert (``INERT_KEYS``, e.g. G's keys for ``aft-d``), for "same run?"
+    registration declares inert (``inert_keys``, e.g. G's keys for ``aft-d``), for "same run?"
     comparisons."""
-    from aftrec.registry import available_models, model_config_class
-
     plain = _plain(cfg)
     train = {k: v for k, v in plain.get("train", {}).items() if k not in NOT_RESULT_KEYS}
     model = plain.get("model", {})
     name = model.get("name")
     if name in available_models():
-        inert = getattr(model_config_class(name), "INERT_KEYS", ())
+        inert = registration(name).inert_keys
         model = {k: v for k, v in model.items() if k not in inert}
     return {**plain, "train": train, "model": model}
 

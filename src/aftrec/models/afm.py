@@ -38,9 +38,12 @@ from aftrec.config import _at_least
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
 from aftrec.errors import ConfigError
-from aftrec.models.base import RetrievalModel
-from aftrec.models.fm import FieldEmbedding, candidate_loss, check_common, score_in_chunks
+from aftrec.models.base import CandidateScorer, score_in_chunks
+from aftrec.models.fm import FieldEmbedding, check_common
 from aftrec.registry import register_model
+
+#: ``aftrec reproduce --quick``: the tiny settings of this file's models
+QUICK = {"dim": "16", "attention": "8"}
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,9 @@ class AFMConfig:
             raise ConfigError(f"config key model.dropout must be < 1, got {self.dropout}")
 
 
-class AFM(RetrievalModel):
+class AFM(CandidateScorer):
     """Shared by ``afm-single`` and ``afm-multi``; the subclass says which behaviours it sees."""
 
-    dot_product = False
     multi_domain: ClassVar[bool] = False
     pair_rows: torch.Tensor
     pair_cols: torch.Tensor
@@ -121,15 +123,12 @@ class AFM(RetrievalModel):
         per_pair = 2 * n_user * self.cfg.attention + 3 * n_pairs  # floats per (user, item)
         return score_in_chunks(block, len(batch), hi - lo, per_pair, self.cfg.chunk_floats)
 
-    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return {"loss": candidate_loss(self.score_items, batch, self.cfg.loss)}
 
-
-@register_model("afm-single", AFMConfig)
+@register_model("afm-single", AFMConfig, paper_name="AFM (single)", paper_row=2, quick=QUICK)
 class AFMSingle(AFM):
     multi_domain = False
 
 
-@register_model("afm-multi", AFMConfig)
+@register_model("afm-multi", AFMConfig, paper_name="AFM (multi)", paper_row=6, quick=QUICK)
 class AFMMulti(AFM):
     multi_domain = True

@@ -44,6 +44,9 @@ from aftrec.models.sasrec import (
 )
 from aftrec.registry import register_model
 
+#: ``aftrec reproduce --quick``: the tiny settings of this file's models
+QUICK = {"dim": "16", "hidden": "32", "ff_dim": "32", "heads": "2", "layers": "1"}
+
 
 @dataclass(frozen=True)
 class ATRankConfig:
@@ -61,7 +64,7 @@ class ATRankConfig:
         _at_least(self, "model", hidden=1)
 
 
-@register_model("atrank", ATRankConfig)
+@register_model("atrank", ATRankConfig, paper_name="ATRank (multi)", paper_row=8, quick=QUICK)
 class ATRank(UserTowerModel):
     def __init__(self, cfg: ATRankConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)

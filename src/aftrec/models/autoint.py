@@ -41,9 +41,12 @@ from torch import nn
 from aftrec.config import _at_least
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
-from aftrec.models.base import RetrievalModel
-from aftrec.models.fm import FieldEmbedding, candidate_loss, check_common, score_in_chunks
+from aftrec.models.base import CandidateScorer, score_in_chunks
+from aftrec.models.fm import FieldEmbedding, check_common
 from aftrec.registry import register_model
+
+#: ``aftrec reproduce --quick``: the tiny settings of this file's models
+QUICK = {"dim": "16", "heads": "2", "layers": "1", "head_dim": "8"}
 
 
 @dataclass(frozen=True)
@@ -117,10 +120,9 @@ class InteractingLayer(nn.Module):
         return self.attend(self.project(x))
 
 
-class AutoInt(RetrievalModel):
+class AutoInt(CandidateScorer):
     """Shared by ``autoint-single`` and ``autoint-multi``; the subclass picks the behaviours."""
 
-    dot_product = False
     multi_domain: ClassVar[bool] = False
 
     def __init__(self, cfg: AutoIntConfig, info: DataInfo, history_len: int) -> None:
@@ -158,15 +160,16 @@ class AutoInt(RetrievalModel):
         per_pair = self.n_fields * pu.shape[-1]  # the (b, c, F, 4 H d') projections
         return score_in_chunks(block, len(batch), hi - lo, per_pair, self.cfg.chunk_floats)
 
-    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return {"loss": candidate_loss(self.score_items, batch, self.cfg.loss)}
 
-
-@register_model("autoint-single", AutoIntConfig)
+@register_model(
+    "autoint-single", AutoIntConfig, paper_name="AutoInt (single)", paper_row=3, quick=QUICK
+)
 class AutoIntSingle(AutoInt):
     multi_domain = False
 
 
-@register_model("autoint-multi", AutoIntConfig)
+@register_model(
+    "autoint-multi", AutoIntConfig, paper_name="AutoInt (multi)", paper_row=7, quick=QUICK
+)
 class AutoIntMulti(AutoInt):
     multi_domain = True

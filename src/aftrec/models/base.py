@@ -1,34 +1,63 @@
-"""The contract every model fulfils.
+"""The contract every model fulfils: everything a model is, declared here.
 
 Two kinds of model plug in:
 
-* dot-product models give a user vector per target domain (:meth:`RetrievalModel.user_vectors`)
-  and the item vectors of each domain (:meth:`RetrievalModel.item_vectors`); the score is their
-  inner product, which is what a nearest-neighbour index serves;
-* scorer models need the candidate item in their input and override :meth:`score` directly.
+* dot-product models (:class:`RetrievalModel`, :class:`UserTowerModel`) give a user vector per
+  target domain (:meth:`RetrievalModel.user_vectors`) and the item vectors of each domain
+  (:meth:`RetrievalModel.item_vectors`); the score is their inner product, which is what a
+  nearest-neighbour index serves;
+* candidate scorers (:class:`CandidateScorer`) need the candidate item in their input: they
+  score a batch of candidates (:meth:`CandidateScorer.score_items`, the training path) and
+  override :meth:`RetrievalModel.score` for full ranking, usually through
+  :func:`score_in_chunks`.
 
-The evaluator and ``aftrec recommend`` only call :meth:`score`, so both kinds are served.
-Training goes through :meth:`loss` (one batch of positives with sampled negatives) or, for
-closed-form models, :meth:`fit` on the training interactions.
+The evaluator and ``aftrec recommend`` only call :meth:`RetrievalModel.score`, so both kinds
+are served. Training goes through :meth:`RetrievalModel.loss` (one batch of positives with
+sampled negatives) or, for closed-form models (``trainable = False``), :meth:`RetrievalModel.fit`
+on the training interactions.
+
+What a model declares rather than leaves to be discovered:
+
+* ``training_step``: the name of the optimisation step it trains with (``"supervised"``: one
+  Adam on ``loss()["loss"]``; ``"adversarial"``: AFT's two optimisers). The training package
+  resolves the name (:data:`aftrec.training.steps.STEPS`); models never import ``training``.
+* :meth:`RetrievalModel.serving_channels`: the (query vectors, item vectors) pairs a bundle
+  exports, ``"user"`` always and ``"trial"`` for a model with a second, exploratory encoder
+  (AFT's generator, section 5.5.3 of the paper).
+* its registration (:func:`aftrec.registry.register_model`): the config class, the paper's
+  row name and the ``--quick`` overrides of ``aftrec reproduce``.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
 from aftrec.data.dataset import DataInfo, Interactions
 from aftrec.data.loader import Batch
+from aftrec.models.losses import sampled_loss
+
+
+class Channel(NamedTuple):
+    """One serving channel: ``query(batch, domain)`` (B, dim) vectors scored against
+    ``items(domain)`` (n_items_in_domain, dim)."""
+
+    query: Callable[[Batch, int], torch.Tensor]
+    items: Callable[[int], torch.Tensor]
 
 
 class RetrievalModel(nn.Module):
     name: ClassVar[str] = ""
-    #: False for models fitted in closed form (popularity, EASE): no epochs, no optimiser.
+    #: False for models fitted in closed form (popularity, EASE): no epochs, no optimiser, and
+    #: the fit does not depend on the seed (one run stands for every seed in a reproduction).
     trainable: ClassVar[bool] = True
     #: True when :meth:`score` is an inner product of user and item vectors.
     dot_product: ClassVar[bool] = True
+    #: the optimisation step this model trains with, by name (see the module docstring)
+    training_step: ClassVar[str] = "supervised"
 
     def __init__(self, cfg: Any, info: DataInfo, history_len: int) -> None:
         super().__init__()
@@ -49,6 +78,13 @@ class RetrievalModel(nn.Module):
     def score(self, batch: Batch, domain: int) -> torch.Tensor:
         """(B, n_items_in_domain) scores of every item of ``domain`` for each user."""
         return self.user_vectors(batch, domain) @ self.item_vectors(domain).T
+
+    # --- what a bundle serves -------------------------------------------------------------
+    def serving_channels(self) -> dict[str, Channel]:
+        """The channels a bundle exports for a dot-product model: ``"user"`` (the main one,
+        :meth:`user_vectors` against :meth:`item_vectors`) and, for models that have one, a
+        ``"trial"`` channel (a second encoder that explores; AFT's generator)."""
+        return {"user": Channel(self.user_vectors, self.item_vectors)}
 
     # --- training -------------------------------------------------------------------------
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -96,10 +132,51 @@ class UserTowerModel(RetrievalModel):
         return self.item_emb.weight[lo:hi]
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        from aftrec.models.losses import sampled_loss
-
         assert batch.pos is not None and batch.neg is not None, "training batches carry items"
         u = self.user_tower(batch, batch.domain)  # (B, d)
         pos = (u * self.item_emb(batch.pos)).sum(-1)  # (B,)
         neg = torch.einsum("bd,bkd->bk", u, self.item_emb(batch.neg))  # (B, K)
         return {"loss": sampled_loss(pos, neg, self.cfg.loss)}
+
+
+class CandidateScorer(RetrievalModel):
+    """A model that scores (user, candidate) pairs: :meth:`score_items` is its forward, trained
+    with the shared sampled loss (``cfg.loss``) on the positive and the loader's negatives,
+    scored in one call. Full ranking (:meth:`score`) must be overridden unless the model is
+    also a dot-product one (FM is: its pairwise term splits into user and item vectors)."""
+
+    dot_product = False
+
+    def score_items(self, batch: Batch, items: torch.Tensor) -> torch.Tensor:
+        """(B, C) logits of the candidates ``items`` (B, C, global item ids)."""
+        raise NotImplementedError
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        assert batch.pos is not None and batch.neg is not None, "training batches carry items"
+        logits = self.score_items(batch, torch.cat([batch.pos.unsqueeze(1), batch.neg], dim=1))
+        return {"loss": sampled_loss(logits[:, 0], logits[:, 1:], self.cfg.loss)}  # (B, 1 + K)
+
+
+def score_in_chunks(
+    fn: Callable[[slice, slice], torch.Tensor],
+    n_users: int,
+    n_items: int,
+    floats_per_pair: int,
+    budget: int,
+) -> torch.Tensor:
+    """(n_users, n_items) scores from ``fn(users, items) -> (b, c)`` over blocks of the grid.
+
+    Blocks hold at most ``budget // floats_per_pair`` (user, item) pairs: all items of a domain
+    for as many users as fit, or slices of the items for one user when a single user's row does
+    not fit. The result does not depend on ``budget``.
+    """
+    item_step = max(1, min(n_items, budget // max(floats_per_pair, 1)))
+    user_step = max(1, budget // (item_step * max(floats_per_pair, 1)))
+    rows = []
+    for u in range(0, n_users, user_step):
+        users = slice(u, min(u + user_step, n_users))
+        cols = [
+            fn(users, slice(i, min(i + item_step, n_items))) for i in range(0, n_items, item_step)
+        ]
+        rows.append(torch.cat(cols, dim=1))
+    return torch.cat(rows, dim=0)

@@ -42,6 +42,9 @@ from aftrec.models.losses import sampled_loss
 from aftrec.models.sasrec import by_length, check_transformer, transformer_encoder
 from aftrec.registry import register_model
 
+#: ``aftrec reproduce --quick``: the tiny settings of this file's models
+QUICK = {"dim": "16", "ff_dim": "32", "heads": "2", "layers": "1"}
+
 
 @dataclass(frozen=True)
 class BERT4RecConfig:
@@ -61,7 +64,9 @@ class BERT4RecConfig:
             raise ConfigError(f"config key model.mask_prob must be < 1, got {self.mask_prob}")
 
 
-@register_model("bert4rec-single", BERT4RecConfig)
+@register_model(
+    "bert4rec-single", BERT4RecConfig, paper_name="BERT4Rec (single)", paper_row=4, quick=QUICK
+)
 class BERT4Rec(RetrievalModel):
     def __init__(self, cfg: BERT4RecConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)

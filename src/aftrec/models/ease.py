@@ -42,7 +42,7 @@ class EaseConfig:
             raise ConfigError(f"config key model.l2_grid must hold values >= 0, got {self.l2_grid}")
 
 
-@register_model("ease", EaseConfig)
+@register_model("ease", EaseConfig, quick={"l2_grid": "[500.0]"})
 class Ease(RetrievalModel):
     trainable = False
     dot_product = True  # user vector x_u (n_items), item vectors: columns of B

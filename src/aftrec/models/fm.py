@@ -30,12 +30,11 @@ v_item>``, so the model is exactly a dot-product model: the user vector is
 ``[sum_f v_f, w_0 + user-side linear + user-side pairs, 1]`` and the item vector
 ``[v_item, 1, w_item]``; full ranking is one matrix product and it serves from an index.
 Trained as a CTR model on the positive and the loader's sampled negatives (``loss="bce"``,
-``"softmax"`` allowed) through :func:`~aftrec.models.losses.sampled_loss`.
+``"softmax"`` allowed) through :class:`~aftrec.models.base.CandidateScorer`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -46,10 +45,13 @@ from aftrec.config import _at_least
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
 from aftrec.errors import ConfigError
-from aftrec.models.base import RetrievalModel
+from aftrec.models.base import CandidateScorer
 from aftrec.models.layers import bag_mean
-from aftrec.models.losses import LOSSES, sampled_loss
+from aftrec.models.losses import LOSSES
 from aftrec.registry import register_model
+
+#: ``aftrec reproduce --quick``: the tiny settings of this file's models
+QUICK = {"dim": "16"}
 
 
 def check_common(cfg: object, loss: str) -> None:
@@ -146,32 +148,7 @@ class FieldEmbedding(nn.Module):
         return torch.cat([user, cand.unsqueeze(2)], dim=2)
 
 
-def score_in_chunks(
-    fn: Callable[[slice, slice], torch.Tensor],
-    n_users: int,
-    n_items: int,
-    floats_per_pair: int,
-    budget: int,
-) -> torch.Tensor:
-    """(n_users, n_items) scores from ``fn(users, items) -> (b, c)`` over blocks of the grid.
-
-    Blocks hold at most ``budget // floats_per_pair`` (user, item) pairs: all items of a domain
-    for as many users as fit, or slices of the items for one user when a single user's row does
-    not fit. The result does not depend on ``budget``.
-    """
-    item_step = max(1, min(n_items, budget // max(floats_per_pair, 1)))
-    user_step = max(1, budget // (item_step * max(floats_per_pair, 1)))
-    rows = []
-    for u in range(0, n_users, user_step):
-        users = slice(u, min(u + user_step, n_users))
-        cols = [
-            fn(users, slice(i, min(i + item_step, n_items))) for i in range(0, n_items, item_step)
-        ]
-        rows.append(torch.cat(cols, dim=1))
-    return torch.cat(rows, dim=0)
-
-
-class FM(RetrievalModel):
+class FM(CandidateScorer):
     """Shared by ``fm-single`` and ``fm-multi``; the subclass says which behaviours it sees."""
 
     dot_product = True  # see the module docstring: [sum v_f, bias, 1] . [v_item, 1, w_item]
@@ -202,24 +179,12 @@ class FM(RetrievalModel):
         w = self.fields.item_w.weight[lo:hi]  # (n, 1)
         return torch.cat([v, torch.ones_like(w), w], dim=1)  # (n, d + 2)
 
-    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return {"loss": candidate_loss(self.score_items, batch, self.cfg.loss)}
 
-
-def candidate_loss(
-    score_items: Callable[[Batch, torch.Tensor], torch.Tensor], batch: Batch, kind: str
-) -> torch.Tensor:
-    """``sampled_loss`` over the positive and the loader's negatives, scored in one call."""
-    assert batch.pos is not None and batch.neg is not None, "training batches carry items"
-    logits = score_items(batch, torch.cat([batch.pos.unsqueeze(1), batch.neg], dim=1))
-    return sampled_loss(logits[:, 0], logits[:, 1:], kind)  # (B, 1 + K) -> scalar
-
-
-@register_model("fm-single", FMConfig)
+@register_model("fm-single", FMConfig, paper_name="FM (single)", paper_row=1, quick=QUICK)
 class FMSingle(FM):
     multi_domain = False
 
 
-@register_model("fm-multi", FMConfig)
+@register_model("fm-multi", FMConfig, paper_name="FM (multi)", paper_row=5, quick=QUICK)
 class FMMulti(FM):
     multi_domain = True

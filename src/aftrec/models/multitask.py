@@ -47,6 +47,10 @@ from aftrec.registry import register_model
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 
 
+#: ``aftrec reproduce --quick``: the tiny settings of this file's models
+QUICK = {"dim": "16", "hidden": "32", "tower_hidden": "16"}
+
+
 @dataclass(frozen=True)
 class SharedBottomConfig:
     dim: int = 64  # section 5.3 of the AFT paper
@@ -168,7 +172,9 @@ class MultiTask(RetrievalModel):
         return out
 
 
-@register_model("shared-bottom", SharedBottomConfig)
+@register_model(
+    "shared-bottom", SharedBottomConfig, paper_name="Shared bottom", paper_row=9, quick=QUICK
+)
 class SharedBottom(MultiTask):
     def __init__(self, cfg: SharedBottomConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)
@@ -179,7 +185,9 @@ class SharedBottom(MultiTask):
         return h.unsqueeze(1).expand(-1, self.info.n_domains, -1)  # (B, D, hidden)
 
 
-@register_model("mmoe", MMoEConfig)
+@register_model(
+    "mmoe", MMoEConfig, paper_name="MMoE", paper_row=10, quick={**QUICK, "n_experts": "2"}
+)
 class MMoE(MultiTask):
     def __init__(self, cfg: MMoEConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)
@@ -196,7 +204,7 @@ class MMoE(MultiTask):
         return torch.einsum("bde,beh->bdh", self.gate_weights(x), experts)  # Eq. 5
 
 
-@register_model("snr", SNRConfig)
+@register_model("snr", SNRConfig, paper_name="SNR", paper_row=11, quick=QUICK)
 class SNR(MultiTask):
     def __init__(self, cfg: SNRConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)

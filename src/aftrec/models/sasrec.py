@@ -57,6 +57,10 @@ ORDERS = ("rate", "blocks", "time")
 ROWS_PER_CHUNK = 32
 
 
+#: ``aftrec reproduce --quick``: the tiny settings of this file's models
+QUICK = {"dim": "16", "ff_dim": "32", "heads": "2", "layers": "1"}
+
+
 def check_transformer(cfg: Any) -> None:
     """Checks shared by the attention models' configs (keys dim, heads, layers, ff_dim,
     dropout, attn_dropout, loss); raises :class:`ConfigError` naming the key."""
@@ -210,7 +214,7 @@ def transformer_encoder(cfg: Any, activation: str = "relu") -> nn.TransformerEnc
     return nn.TransformerEncoder(layer, num_layers=cfg.layers, enable_nested_tensor=False)
 
 
-@register_model("sasrec", SASRecConfig)
+@register_model("sasrec", SASRecConfig, quick=QUICK)
 class SASRec(UserTowerModel):
     def __init__(self, cfg: SASRecConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)

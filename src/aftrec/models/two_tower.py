@@ -26,6 +26,9 @@ from aftrec.models.layers import bag_mean
 from aftrec.models.losses import LOSSES
 from aftrec.registry import register_model
 
+#: ``aftrec reproduce --quick``: the tiny settings of this file's models
+QUICK = {"dim": "16", "hidden": "32"}
+
 
 @dataclass(frozen=True)
 class TwoTowerConfig:
@@ -48,7 +51,7 @@ def masked_mean(emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (emb * m).sum(dim=-2) / m.sum(dim=-2).clamp(min=1.0)
 
 
-@register_model("two-tower", TwoTowerConfig)
+@register_model("two-tower", TwoTowerConfig, quick=QUICK)
 class TwoTower(UserTowerModel):
     def __init__(self, cfg: TwoTowerConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)

@@ -218,28 +218,18 @@ class _DomainEncoder(nn.Module):
 
 
 def vectors_fn(model: RetrievalModel, trial: bool) -> Callable[[Batch, int], torch.Tensor]:
-    """``model.user_vectors``, or ``model.trial_vectors`` (see :func:`has_trial`)."""
-    fn: Callable[[Batch, int], torch.Tensor] = getattr(
-        model, "trial_vectors" if trial else "user_vectors"
-    )
-    return fn
+    """The query vectors of ``model``'s ``"user"`` or ``"trial"`` channel."""
+    return model.serving_channels()["trial" if trial else "user"].query
 
 
-def has_trial(model: nn.Module) -> bool:
-    """Whether ``model`` exposes a second, exploratory encoder (AFT's generator, section
-    5.5.3): ``trial_vectors(batch, domain)`` (B, dim_g), scored against
-    ``trial_item_vectors(domain)`` (n_d, dim_g) if defined, else against ``item_vectors``.
-    A model class whose instances may lack the generator (AFT's ``aft-d``) says so with a
-    false ``has_generator``."""
-    return callable(getattr(model, "trial_vectors", None)) and bool(
-        getattr(model, "has_generator", True)
-    )
+def has_trial(model: RetrievalModel) -> bool:
+    """Whether ``model`` offers a second, exploratory channel (AFT's generator, section
+    5.5.3), declared by :meth:`~aftrec.models.base.RetrievalModel.serving_channels`."""
+    return "trial" in model.serving_channels()
 
 
 def _trial_items(model: RetrievalModel, domain: int) -> torch.Tensor:
-    fn = getattr(model, "trial_item_vectors", None)
-    out: torch.Tensor = fn(domain) if callable(fn) else model.item_vectors(domain)
-    return out
+    return model.serving_channels()["trial"].items(domain)
 
 
 @contextmanager
@@ -346,7 +336,7 @@ def contents_from_model(
     ``data`` (train + valid: the behaviours the evaluator gives the model at test time).
     ``sample_users`` users' vectors tune the approximate indexes (the first ``CHECK_USERS``
     of them also check the traced encoders)."""
-    if not getattr(model, "dot_product", False):
+    if not model.dot_product:
         raise BundleError(
             f"model {model.name or type(model).__name__!r} is not a dot-product model "
             "(its score is not user_vector . item_vector); only those can be served from a "

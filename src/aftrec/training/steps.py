@@ -1,19 +1,24 @@
 """Optimisation steps, kept apart from the models.
 
 A step owns its optimiser(s) and turns one batch into a parameter update and a dict of
-floats to log. The supervised step minimises ``model.loss(batch)["loss"]`` with Adam;
-adversarial models bring a step with two optimisers of their own. Steps call the loss through
+floats to log. A model declares the step it trains with by name (``training_step`` on its
+class, see :mod:`aftrec.models.base`) and :data:`STEPS` resolves the name: the supervised step
+minimises ``model.loss(batch)["loss"]`` with Adam; the adversarial one (AFT) has two
+optimisers. Steps call the loss through
 :func:`aftrec.training.distributed.loss_forward`, which is DistributedDataParallel when
 training runs on several ranks, so gradients are averaged across them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from aftrec.config import TrainConfig
 from aftrec.data.loader import Batch
+from aftrec.errors import ConfigError
 from aftrec.models.base import RetrievalModel
+from aftrec.training.adversarial import AdversarialStep
 from aftrec.training.distributed import SINGLE, Context, loss_forward
 from aftrec.training.optim import adam
 
@@ -47,10 +52,18 @@ class SupervisedStep:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
+#: step name (a model's ``training_step``) -> constructor ``(model, train config, context)``
+STEPS: dict[str, Callable[[Any, TrainConfig, Context], Step]] = {
+    "supervised": SupervisedStep,
+    "adversarial": AdversarialStep,
+}
+
+
 def make_step(model: RetrievalModel, cfg: TrainConfig, ctx: Context = SINGLE) -> Step:
-    """The model's own step if it defines ``make_step``, else the supervised one."""
-    custom = getattr(model, "make_step", None)
-    if custom is not None:
-        step: Step = custom(cfg, ctx)
-        return step
-    return SupervisedStep(model, cfg, ctx)
+    """The step ``model`` declares (``type(model).training_step``), built for ``model``."""
+    name = type(model).training_step
+    if name not in STEPS:
+        raise ConfigError(
+            f"model {model.name!r} declares training_step {name!r}; known: {', '.join(STEPS)}"
+        )
+    return STEPS[name](model, cfg, ctx)

@@ -14,7 +14,8 @@ what the model serves. The losses of section 3.4 live here:
 * Eq. 16, ``L = lambda_D L_D + lambda_G L_G + lambda_M L_MMD``.
 
 The alternating optimisation (two Adam optimisers, warm-up, D:G ratio) is
-:class:`aftrec.training.adversarial.AdversarialStep`, returned by :meth:`AFT.make_step`.
+:class:`aftrec.training.adversarial.AdversarialStep`, which the training package gives every
+model that declares ``training_step = "adversarial"``.
 
 Registered variants (section 5.2): ``aft`` (D+G), ``aft-d`` (D with random unclicked negatives
 only) and ``aft-hnm`` (D with hard negatives mined from its own ranking, after "Embedding-based
@@ -27,13 +28,13 @@ Every choice the paper leaves open is in docs/aft.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aftrec.config import TrainConfig, _at_least
+from aftrec.config import _at_least
 from aftrec.data.dataset import DataInfo, Interactions
 from aftrec.data.loader import Batch
 from aftrec.errors import ConfigError
@@ -41,12 +42,19 @@ from aftrec.models.aft.discriminator import Discriminator
 from aftrec.models.aft.generator import Generator, target_rows
 from aftrec.models.aft.health import FakeHealth
 from aftrec.models.aft.topk import Exclusions, domain_logsumexp, domain_top_k
-from aftrec.models.base import RetrievalModel
+from aftrec.models.base import Channel, RetrievalModel
 from aftrec.registry import register_model
 
-if TYPE_CHECKING:
-    from aftrec.training.adversarial import AdversarialStep
-    from aftrec.training.distributed import Context
+#: ``aftrec reproduce --quick``: the tiny settings of this file's models
+QUICK = {
+    "dim": "16",
+    "g_hidden": "32",
+    "g_layers": "1",
+    "g_heads": "2",
+    "d_heads": "2",
+    "conve_rows": "4",
+    "conve_channels": "4",
+}
 
 
 @dataclass(frozen=True)
@@ -286,10 +294,11 @@ def gaussian_mmd2(
     return quad(wx, kernel(x, x), wx) + quad(wy, kernel(y, y), wy) + cross
 
 
-@register_model("aft", AFTConfig)
+@register_model("aft", AFTConfig, paper_name="AFT (D+G)", paper_row=15, quick=QUICK)
 class AFT(RetrievalModel):
     """AFT (D+G); serves D's u_t (Eq. 11) against D's item embeddings (Eq. 12)."""
 
+    training_step = "adversarial"  # two optimisers: aftrec.training.adversarial
     offsets: torch.Tensor
 
     def __init__(self, cfg: AFTConfig, info: DataInfo, history_len: int) -> None:
@@ -334,6 +343,13 @@ class AFT(RetrievalModel):
     @property
     def has_generator(self) -> bool:
         return self.generator is not None
+
+    def serving_channels(self) -> dict[str, Channel]:
+        """D's channel, and G's ``"trial"`` channel when this variant has a generator."""
+        channels = super().serving_channels()
+        if self.generator is not None:
+            channels["trial"] = Channel(self.trial_vectors, self.trial_item_vectors)
+        return channels
 
     def trial_vectors(self, batch: Batch, domain: int) -> torch.Tensor:
         """G's h_t (Eq. 4): the generator's user vector, for the trial channel."""
@@ -534,23 +550,37 @@ class AFT(RetrievalModel):
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         return self.losses(batch)
 
-    def make_step(self, train_cfg: TrainConfig, ctx: Context | None = None) -> AdversarialStep:
-        from aftrec.training.adversarial import AdversarialStep
-        from aftrec.training.distributed import SINGLE
 
-        return AdversarialStep(self, train_cfg, SINGLE if ctx is None else ctx)
-
-
-@register_model("aft-paper", AFTPaperConfig)
+@register_model(
+    "aft-paper",
+    AFTPaperConfig,
+    paper_name="AFT (D+G), G as printed",
+    paper_row=14,
+    quick=QUICK,
+)
 class AFTPaper(AFT):
     """AFT (D+G) with G trained exactly as section 3 prints it (see :class:`AFTPaperConfig`)."""
 
 
-@register_model("aft-d", AFTDConfig)
+@register_model(
+    "aft-d",
+    AFTDConfig,
+    paper_name="AFT (D)",
+    paper_row=12,
+    quick=QUICK,
+    inert_keys=AFTDConfig.INERT_KEYS,
+)
 class AFTD(AFT):
     """AFT (D): the discriminator alone, trained on random unclicked negatives."""
 
 
-@register_model("aft-hnm", AFTHNMConfig)
+@register_model(
+    "aft-hnm",
+    AFTHNMConfig,
+    paper_name="AFT (D+HNM)",
+    paper_row=13,
+    quick=QUICK,
+    inert_keys=AFTHNMConfig.INERT_KEYS,
+)
 class AFTHNM(AFT):
     """AFT (D+HNM): the discriminator with hard negatives mined from its own ranking."""
