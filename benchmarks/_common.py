@@ -4,28 +4,26 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
+from aftrec.environment import cpu_name, load_average, versions
 from aftrec.training.distributed import peak_rss_mib  # noqa: F401  (re-exported)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict[str, Any]:
+    """What a result was measured on (:mod:`aftrec.environment`, the library's one capture)."""
+    import torch
+
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
+        **versions("python", "numpy", "torch"),
         # other processes compete for the 2 cores: the 1-minute load when the result was written
-        "load_average_1min": round(os.getloadavg()[0], 2),
+        "load_average_1min": load_average(),
     }
 
 

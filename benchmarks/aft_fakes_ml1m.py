@@ -39,7 +39,7 @@ from aftrec.data.histories import HistoryIndex
 from aftrec.data.loader import Batch
 from aftrec.evaluation.ranking import rank_domain
 from aftrec.models.aft.model import AFT
-from aftrec.training.trainer import load_run
+from aftrec.training.rundir import load_run
 
 
 class GeneratorScorer(torch.nn.Module):

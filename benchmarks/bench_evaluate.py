@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import peak_rss_mib, write
 from aftrec.evaluation.evaluate import Evaluator
-from aftrec.training.trainer import load_run
+from aftrec.training.rundir import load_run
 
 
 def main() -> None:

@@ -82,7 +82,8 @@ from aftrec.serving.bundle import (
 )
 from aftrec.serving.index import ExactIndex, IndexSpec, recall_at_k
 from aftrec.serving.recommender import Recommender
-from aftrec.training.trainer import load_run, train
+from aftrec.training.rundir import load_run
+from aftrec.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = """

@@ -17,16 +17,13 @@ benchmarks/results/reproduce_vs_paper.md unless ``--out`` says otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 from pathlib import Path
 
 from scipy.stats import kendalltau, spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS
-from summarise_reproduce import finished, is_main_row
+from aftrec.experiments.results import finished, is_variant, load_results
 
 # Table 3 (Netflix): (Romance r@50, History r@50); Table 2 (MDR-5B): average r@50.
 NETFLIX_R50 = {
@@ -85,7 +82,7 @@ def ours_r50(results: dict) -> dict[str, list[float]]:
     out = {}
     for key, entry in results["entries"].items():
         done = finished(entry)
-        if done and is_main_row(key):
+        if done and not is_variant(key):
             out[key] = [s["metrics"]["average"]["recall@50"] for s in done]
     return out
 
@@ -156,7 +153,7 @@ def main() -> None:
     parser.add_argument("report_dir", type=Path)
     parser.add_argument("--out", type=Path, default=RESULTS / "reproduce_vs_paper.md")
     args = parser.parse_args()
-    results = json.loads((args.report_dir / "results.json").read_text())
+    results = load_results(args.report_dir)
     text = "\n".join(
         [f"`python benchmarks/compare_paper.py {args.report_dir}`", "", *compare(results)]
     )

@@ -19,34 +19,19 @@ benchmarks/results/reproduce_ml1m.md unless ``--out`` says otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS
-from aftrec.evaluation.reproduce import best_epoch_time, epoch_log
+from aftrec.experiments.report import format_cell
+from aftrec.experiments.results import Cell, finished, is_variant, load_results
+from aftrec.training.rundir import best_epoch_time, epoch_log
 
 KEYS = ("recall@20", "recall@50", "auc")
 
 
 def cell(values: list[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
-
-
-def finished(entry: dict) -> list[dict]:
-    """The finished seeds of a report row; one run stands for every seed of a deterministic one."""
-    done = [s for s in entry["seeds"].values() if s["ok"] and s["metrics"]]
-    return done[:1] if entry["deterministic"] else done
-
-
-def is_main_row(key: str) -> bool:
-    return "/" not in key  # "aft/no-mask", "aft/fakes-3": an ablation or sweep point of aft
+    return format_cell(Cell.of(values))
 
 
 def seconds_text(values: list[float]) -> str:
@@ -91,7 +76,7 @@ def summarise(results: dict, main_only: bool = False, converged: bool = False) -
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     rows = []
     for key, entry in results["entries"].items():
-        if main_only and not is_main_row(key):
+        if main_only and is_variant(key):
             continue
         done = finished(entry)
         values = {k: [s["metrics"]["average"][k] for s in done] for k in KEYS}
@@ -122,7 +107,7 @@ def main() -> None:
         help="add best epochs, wall time to the best epoch and its ratio to the two-tower's",
     )
     args = ap.parse_args()
-    results = json.loads((args.report_dir / "results.json").read_text())
+    results = load_results(args.report_dir)
     text = "\n".join(
         [
             f"`{results['command']}` (rows by average Recall@50)",

@@ -15,7 +15,8 @@ from aftrec.config import resolve
 from aftrec.evaluation.evaluate import Evaluator
 from aftrec.serving.bundle import export_run
 from aftrec.serving.recommender import Recommender
-from aftrec.training.trainer import load_run, train
+from aftrec.training.rundir import load_run
+from aftrec.training.trainer import train
 from tests.conftest import FAST
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"

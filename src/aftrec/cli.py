@@ -132,7 +132,8 @@ def _print_prepared(out: Path, seconds: float) -> None:
 def _train(args: argparse.Namespace) -> None:
     from aftrec.config import resolve
     from aftrec.training import distributed
-    from aftrec.training.trainer import load_run_config, run_data_dir, train
+    from aftrec.training.rundir import load_run_config, run_data_dir
+    from aftrec.training.trainer import train
 
     cfg = None
     if not args.resume:
@@ -192,8 +193,8 @@ def _check_new_run_dir(out: Path) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from aftrec.evaluation.evaluate import Evaluator
-    from aftrec.training.checkpoint import atomic_write_bytes
-    from aftrec.training.trainer import load_run
+    from aftrec.outputs import atomic_write_bytes
+    from aftrec.training.rundir import load_run
 
     if min(args.n) < 1:
         raise DataError(f"--n must be at least 1, got {min(args.n)}")
@@ -227,7 +228,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _recommend(args: argparse.Namespace) -> None:
     from aftrec.evaluation.recommend import recommend, write_table
-    from aftrec.training.trainer import load_run
+    from aftrec.training.rundir import load_run
 
     cfg, data, model = load_run(args.run, "best")
     frame = recommend(
@@ -332,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serving_parsers(sub)
 
-    from aftrec.evaluation.reproduce import add_parser as add_reproduce_parser
+    from aftrec.experiments.reproduce import add_parser as add_reproduce_parser
 
     add_reproduce_parser(sub)
 

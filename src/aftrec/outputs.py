@@ -233,11 +233,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
 __all__ = [
     "INCOMPLETE",
     "atomic_directory",
     "atomic_file",
     "atomic_write_bytes",
+    "atomic_write_text",
     "check_writable",
     "make_dirs",
     "output_error",

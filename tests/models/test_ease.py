@@ -7,7 +7,8 @@ import yaml
 from aftrec.config import resolve
 from aftrec.data.dataset import Dataset
 from aftrec.models.ease import Ease, EaseConfig
-from aftrec.training.trainer import load_run, train
+from aftrec.training.rundir import load_run
+from aftrec.training.trainer import train
 
 
 def test_closed_form_matches_the_paper(tiny: Dataset) -> None:

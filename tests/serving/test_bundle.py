@@ -36,7 +36,7 @@ from aftrec.serving.bundle import (
 )
 from aftrec.serving.cli import add_parsers
 from aftrec.serving.recommender import Recommender
-from aftrec.training.trainer import load_run
+from aftrec.training.rundir import load_run
 from tests.serving import trained_run
 
 

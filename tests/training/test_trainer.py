@@ -7,7 +7,8 @@ import torch
 from aftrec.config import resolve
 from aftrec.errors import CheckpointError, ConfigError
 from aftrec.training import checkpoint
-from aftrec.training.trainer import load_run, train
+from aftrec.training.rundir import load_run
+from aftrec.training.trainer import train
 from tests.conftest import FAST
 
 

@@ -26,7 +26,7 @@ from aftrec.data.histories import HistoryIndex
 from aftrec.evaluation.metrics import auc, ndcg_at_n, recall_at_n
 from aftrec.evaluation.ranking import dense_mask, rank_domain
 from aftrec.models.base import RetrievalModel
-from aftrec.training.checkpoint import atomic_write_text
+from aftrec.outputs import atomic_write_text
 
 FULL = "full ranking over every item of the domain, training positives excluded"
 

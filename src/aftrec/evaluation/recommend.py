@@ -20,7 +20,7 @@ from aftrec.data.histories import HistoryIndex
 from aftrec.errors import DataError
 from aftrec.evaluation.ranking import rank_domain
 from aftrec.models.base import RetrievalModel
-from aftrec.training.checkpoint import atomic_write_bytes
+from aftrec.outputs import atomic_write_bytes
 
 
 def recommend(

@@ -49,7 +49,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -64,10 +63,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from aftrec import __version__
 from aftrec.data.dataset import DataInfo, Dataset
 from aftrec.data.histories import HistoryIndex
 from aftrec.data.loader import Batch, make_batch
+from aftrec.environment import versions
 from aftrec.errors import CheckpointError
 from aftrec.models.base import RetrievalModel
 from aftrec.outputs import atomic_directory, check_writable, unfinished
@@ -537,13 +536,7 @@ def _write_files(
         "version": version[:16],
         "model_version": f"{contents.model_name}-{version[:12]}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": {
-            "aftrec": __version__,
-            "torch": torch.__version__,
-            "faiss": getattr(faiss_module(), "__version__", "unknown"),
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": versions("aftrec", "torch", "faiss", "numpy", "python"),
         "model": {"name": contents.model_name, **contents.model_info},
         "encoder": {
             "format": "torchscript",
@@ -593,7 +586,7 @@ def export_run(
     threads: int = 0,
 ) -> dict[str, Any]:
     """``aftrec export``: the model, data and histories of a training run as a bundle."""
-    from aftrec.training.trainer import load_run
+    from aftrec.training.rundir import load_run
 
     if Path(out).exists() and not force:
         raise BundleError(f"{out} already exists; pass --force to replace it")

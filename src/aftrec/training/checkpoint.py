@@ -17,14 +17,6 @@ from aftrec import outputs
 from aftrec.errors import CheckpointError
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    outputs.atomic_write_bytes(path, data)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def save(obj: dict[str, Any], path: Path) -> None:
     """torch.save ``obj`` to ``path`` atomically."""
     with outputs.atomic_file(path) as fh:

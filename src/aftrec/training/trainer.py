@@ -1,12 +1,7 @@
 """The epoch loop: train, validate, keep the best, stop early, checkpoint atomically.
 
-A run directory holds::
-
-    config.yaml   the resolved config (defaults + YAML + overrides)
-    run.json      dataset path, model name, versions
-    last.pt       the latest state (model, optimisers, RNG, epoch, early-stopping counters)
-    best.pt       the model weights of the best validation epoch
-    log.jsonl     one line per epoch: losses, validation metric, throughput, wall seconds
+It writes a run directory (:mod:`aftrec.training.rundir`: ``config.yaml``, ``run.json``,
+``last.pt``, ``best.pt``, ``log.jsonl``).
 
 ``--resume`` continues from ``last.pt`` with the saved config and counters; every epoch's
 randomness (order, negatives, dropout) is seeded from (seed, epoch, rank), so a run killed
@@ -20,9 +15,7 @@ writes the log and the checkpoints; the run directory must be on storage every r
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from aftrec import __version__
-from aftrec.config import RunConfig, dump, resolve
+from aftrec.config import RunConfig
 from aftrec.data.dataset import Dataset
 from aftrec.data.loader import ShardedLoader
 from aftrec.data.shards import load_shards
@@ -41,7 +33,7 @@ from aftrec.errors import CheckpointError, ConfigError
 from aftrec.evaluation.evaluate import Evaluator
 from aftrec.models.base import RetrievalModel
 from aftrec.registry import create_model
-from aftrec.training import checkpoint
+from aftrec.training import checkpoint, rundir
 from aftrec.training.distributed import SINGLE, Context, peak_rss_mib, shards_of
 from aftrec.training.optim import use_sparse_embeddings
 from aftrec.training.steps import make_step
@@ -71,41 +63,6 @@ def _metric_name(cfg: RunConfig) -> tuple[str, int]:
     return cfg.train.valid_metric, int(n)
 
 
-def load_run_config(run: Path, overrides: list[str] | None = None) -> RunConfig:
-    path = Path(run) / "config.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"{run} is not a run directory (no config.yaml)")
-    return resolve(None, path, overrides or [])
-
-
-def run_data_dir(run: Path) -> Path:
-    """The prepared dataset a run was trained on, from ``RUN/run.json``."""
-    path = Path(run) / "run.json"
-    try:
-        return Path(json.loads(path.read_text())["data"])
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{run} is not a run directory (no run.json)") from exc
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: unreadable run description ({exc})") from exc
-
-
-def load_run(run: Path, which: str = "best") -> tuple[RunConfig, Dataset, RetrievalModel]:
-    """The config, dataset and model weights of a finished (or interrupted) run."""
-    run = Path(run)
-    cfg = load_run_config(run)
-    data = Dataset(run_data_dir(run))
-    model = create_model(cfg.model_name, cfg.model, data.info, cfg.data.history_len)
-    state = checkpoint.load(run / f"{which}.pt")
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{run / f'{which}.pt'}: does not fit model {cfg.model_name!r}: {exc}"
-        ) from exc
-    model.eval()
-    return cfg, data, model
-
-
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The torch seed of one rank's epoch: dropout and masks are reproducible per epoch."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
@@ -129,15 +86,15 @@ def train(
     if resume:
         if cfg is not None:
             raise ConfigError("--resume continues with the run's saved config; drop --config/--set")
-        cfg = load_run_config(out, resume_set)
-        state: dict[str, Any] | None = checkpoint.load(out / "last.pt")
+        cfg = rundir.load_run_config(out, resume_set)
+        state: dict[str, Any] | None = checkpoint.load(out / rundir.LAST)
         if resume_set and ctx.main:
-            checkpoint.atomic_write_text(out / "config.yaml", dump(cfg))
-        for stale in out.glob(".*.tmp") if ctx.main else ():  # left by a process killed
-            stale.unlink(missing_ok=True)
+            rundir.write_config(out, cfg)
+        if ctx.main:  # left by a process killed
+            rundir.remove_temporaries(out)
     else:
         assert cfg is not None
-        if (out / "last.pt").exists() or (out / "best.pt").exists():
+        if (out / rundir.LAST).exists() or (out / rundir.BEST).exists():
             raise ConfigError(f"{out} already holds a run; pass --resume or choose another --out")
         state = None
     metric, metric_n = _metric_name(cfg)
@@ -158,16 +115,8 @@ def train(
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
     if not resume and ctx.main:
-        checkpoint.atomic_write_text(out / "config.yaml", dump(cfg))
-        run_meta = {
-            "data": str(Path(data_dir).resolve()),
-            "model": cfg.model_name,
-            "aftrec": __version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        checkpoint.atomic_write_text(out / "run.json", json.dumps(run_meta, indent=2) + "\n")
+        rundir.write_config(out, cfg)
+        rundir.write_meta(out, data_dir, cfg.model_name)
     started = time.perf_counter()
 
     if not model.trainable:
@@ -204,7 +153,7 @@ def train(
             model.load_state_dict(state["model"])
             step.load_state_dict(state["step"])
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"{out / 'last.pt'}: does not fit this run: {exc}") from exc
+            raise CheckpointError(f"{out / rundir.LAST}: does not fit this run: {exc}") from exc
         epoch, best, best_epoch, bad_epochs = (
             state["epoch"],
             state["best_metric"],
@@ -284,7 +233,7 @@ def train(
         if value > best:
             best, best_epoch, bad_epochs = value, epoch, 0
             checkpoint.save(
-                {"model": model.state_dict(), "epoch": epoch, "metric": value}, out / "best.pt"
+                {"model": model.state_dict(), "epoch": epoch, "metric": value}, out / rundir.BEST
             )
         else:
             bad_epochs += 1
@@ -301,9 +250,9 @@ def train(
                 "done": done,
                 "stopped_early": stopped_early,
             },
-            out / "last.pt",
+            out / rundir.LAST,
         )
-        _log(out, entry)
+        rundir.append_log(out, entry)
         msg = ", ".join(
             f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
             for k, v in entry.items()
@@ -343,23 +292,16 @@ def _fit_closed_form(
         model = create_model(cfg.model_name, model_cfg, data.info, cfg.data.history_len)
         model.fit(data.train)
         value = evaluator.evaluate(model, "valid", ns=(metric_n,), progress=False).average[metric]
-        _log(out, {"epoch": 0, **params, f"valid_{metric}": value})
+        rundir.append_log(out, {"epoch": 0, **params, f"valid_{metric}": value})
         if best is None or value > best[0]:
             best = (value, model, model_cfg)
     assert best is not None
     value, model, model_cfg = best
-    checkpoint.atomic_write_text(
-        out / "config.yaml", dump(dataclasses.replace(cfg, model=model_cfg))
-    )
+    rundir.write_config(out, dataclasses.replace(cfg, model=model_cfg))
     payload = {"model": model.state_dict(), "epoch": 0, "metric": value}
-    checkpoint.save(payload, out / "best.pt")
-    checkpoint.save({**payload, "done": True}, out / "last.pt")
+    checkpoint.save(payload, out / rundir.BEST)
+    checkpoint.save({**payload, "done": True}, out / rundir.LAST)
     return TrainResult(out, 0, value, 0, time.perf_counter() - started, 0.0, False)
 
 
-def _log(out: Path, entry: dict[str, Any]) -> None:
-    with open(out / "log.jsonl", "a") as fh:
-        fh.write(json.dumps(entry) + "\n")
-
-
-__all__ = ["TrainResult", "load_run", "load_run_config", "train"]
+__all__ = ["TrainResult", "train"]

@@ -17,23 +17,15 @@ import pandas as pd
 import pytest
 
 from aftrec.errors import ConfigError
-from aftrec.evaluation import reproduce as rp
-from aftrec.evaluation.report import Cell, Column, Row, format_cell, metric_table, rank_marks
-from aftrec.evaluation.reproduce import (
-    Entry,
-    EntryResult,
-    PairedTest,
-    ReproduceSpec,
-    RunOutcome,
-    make_plan,
-    model_overrides,
-    reproduce,
-    seed_test,
-    significance,
-    user_test,
-)
+from aftrec.experiments import execute as ex
+from aftrec.experiments import plan as pl
+from aftrec.experiments.plan import Entry, ReproduceSpec, make_plan, model_overrides
+from aftrec.experiments.report import Row, format_cell, metric_table, rank_marks
+from aftrec.experiments.reproduce import add_parser, reproduce
+from aftrec.experiments.results import Cell, Column, EntryResult, RunOutcome
+from aftrec.experiments.stats import PairedTest, seed_test, significance, user_test
 from aftrec.registry import available_models
-from aftrec.training import checkpoint
+from aftrec.training import checkpoint, rundir
 
 THREADS = ["train.threads=1"]
 SECTIONS = (
@@ -144,7 +136,7 @@ def test_significance_against_the_best_competitor_per_column() -> None:
     assert not s50.users.significant(0.01) and not s50.seeds.significant(0.01)
     assert s20.primary.mean == pytest.approx(0.51) and s20.other.n == 3
 
-    from aftrec.evaluation.report import significance_marks
+    from aftrec.experiments.report import significance_marks
 
     marks = significance_marks(sig, "`aft`", 0.01)
     assert marks == {("`aft`", cols[0]): "†‡"}
@@ -237,13 +229,13 @@ def test_keys_a_model_never_reads_do_not_make_another_run() -> None:
     fresh = resolve("aft-d").to_dict()
     saved = json.loads(json.dumps(fresh))
     saved["model"].update(lambda_m=1.0, reinforce="log", fake_sampling="topk")
-    assert rp._identity(saved) == rp._identity(fresh)
+    assert pl._identity(saved) == pl._identity(fresh)
     saved["model"]["d_heads"] = 8
-    assert rp._identity(saved) != rp._identity(fresh)
+    assert pl._identity(saved) != pl._identity(fresh)
     aft = resolve("aft").to_dict()
     changed = json.loads(json.dumps(aft))
     changed["model"]["fake_sampling"] = "topk"
-    assert rp._identity(changed) != rp._identity(aft)
+    assert pl._identity(changed) != pl._identity(aft)
 
 
 def test_ablations_on_fewer_seeds(tmp_path: Path) -> None:
@@ -260,7 +252,7 @@ def test_ablations_on_fewer_seeds(tmp_path: Path) -> None:
 
 
 def test_overrides_apply_where_the_model_has_the_key() -> None:
-    user = rp._parse_overrides(["model.dim=8", "aft:model.n_fakes=3", "train.lr=0.01"])
+    user = pl._parse_overrides(["model.dim=8", "aft:model.n_fakes=3", "train.lr=0.01"])
     assert model_overrides("pop", False, user) == ["train.lr=0.01"]
     assert model_overrides("two-tower", False, user) == ["model.dim=8", "train.lr=0.01"]
     assert model_overrides("aft", False, user) == [
@@ -295,7 +287,7 @@ def test_bad_requests_fail_up_front(
 def _main(argv: list[str]) -> None:
     """``aftrec reproduce ...`` through the subcommand's own parser."""
     parser = argparse.ArgumentParser(prog="aftrec")
-    rp.add_parser(parser.add_subparsers(dest="command", required=True))
+    add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     args.func(args)
 
@@ -473,21 +465,21 @@ def test_best_epoch_time_sums_epochs_up_to_the_best(tmp_path: Path) -> None:
         {"epoch": 4, "valid_recall@50": 0.3, "train_seconds": 9.0, "valid_seconds": 1.0},
     ]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
-    assert rp.best_epoch_time(tmp_path) == (2, 25.0)  # a tie keeps the first, as the trainer
+    assert rundir.best_epoch_time(tmp_path) == (2, 25.0)  # a tie keeps the first, as the trainer
     old = [{k: v for k, v in e.items() if not k.endswith("_seconds")} for e in log]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in old))
-    assert rp.best_epoch_time(tmp_path) == (2, None)
-    assert rp.best_epoch_time(tmp_path / "missing") == (0, None)
+    assert rundir.best_epoch_time(tmp_path) == (2, None)
+    assert rundir.best_epoch_time(tmp_path / "missing") == (0, None)
 
 
 def test_runs_go_seed_by_seed() -> None:
     jobs = [
-        rp.Job(Path(f"{k}/seed{s}"), None, k, [(k, s)])  # type: ignore[arg-type]
+        pl.Job(Path(f"{k}/seed{s}"), None, k, [(k, s)])  # type: ignore[arg-type]
         for k in ("aft", "pop", "two-tower")
         for s in (0, 1)
     ]
     jobs[2].entries.append(("pop", 1))  # one run standing for two seeds sorts by its first
-    order = [j.run.as_posix() for j in rp._seed_order(jobs)]
+    order = [j.run.as_posix() for j in ex._seed_order(jobs)]
     assert order == ["aft/seed0", "pop/seed0", "two-tower/seed0", "aft/seed1", "pop/seed1",
                      "two-tower/seed1"]  # fmt: skip
 

@@ -18,17 +18,24 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from aftrec.experiments.plan import NS, PRIMARY, Plan
+from aftrec.experiments.results import (
+    Cell,
+    Column,
+    EntryResult,
+    Results,
+    auc_columns,
+    recall_columns,
+)
+from aftrec.experiments.stats import Significance
+from aftrec.outputs import atomic_write_bytes, atomic_write_text
 from aftrec.registry import Registration, available_models, registration
-
-if TYPE_CHECKING:
-    from aftrec.evaluation.reproduce import EntryResult, Plan, Results, Significance
 
 DECIMALS = 4
 USERS_MARK = "†"  # aft significantly better than the column's best competitor, over users
 SEEDS_MARK = "‡"  # ... over seeds
-METRIC_NAMES = {"auc": "AUC"}
 
 
 def paper_rows(models: Sequence[str]) -> list[Registration]:
@@ -36,24 +43,6 @@ def paper_rows(models: Sequence[str]) -> list[Registration]:
     known = set(available_models())
     regs = [registration(m) for m in models if m in known]
     return sorted((r for r in regs if r.paper_row is not None), key=lambda r: r.paper_row or 0)
-
-
-@dataclass(frozen=True)
-class Column:
-    domain: str  # a domain name or "average"
-    metric: str  # a key of EvalResult: "recall@50", "auc", ...
-
-    @property
-    def label(self) -> str:
-        name = METRIC_NAMES.get(self.metric, self.metric.replace("recall@", "r@"))
-        return f"{self.domain} {name}"
-
-
-@dataclass(frozen=True)
-class Cell:
-    mean: float
-    std: float  # nan for one seed
-    n: int  # seeds
 
 
 @dataclass
@@ -197,8 +186,6 @@ def sweep_plot(
     """One line per series (error bars: std over seeds), written atomically as PNG."""
     from matplotlib.figure import Figure
 
-    from aftrec.training.checkpoint import atomic_write_bytes
-
     fig = Figure(figsize=(5.5, 3.8), dpi=120)
     ax = fig.subplots()
     span = (max(xs) - min(xs)) or 1.0
@@ -228,9 +215,6 @@ def sweep_plot(
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write_bytes(path, buf.getvalue())
-
-
-# --------------------------------------------------------------------------- the report
 
 
 def _budget(plan: Plan) -> str:
@@ -296,7 +280,7 @@ def _timings(results: Results) -> list[dict[str, Any]]:
         entry = results.entries[owner]
         outcome = next(o for o in entry.outcomes.values() if o.run == job.run)
         owned.setdefault(owner, []).append(outcome)
-    from aftrec.evaluation.reproduce import best_epoch_time
+    from aftrec.training.rundir import best_epoch_time
 
     rows = []
     for key, outs in owned.items():
@@ -329,7 +313,7 @@ def health_rows(results: Results) -> list[dict[str, Any]]:
     """Per row whose runs log G's health (``"health"`` in ``log.jsonl``, AFT with a generator
     or hard negatives): over its finished seeds, the smallest share of a domain's items that
     were fakes in any epoch, and at each run's best epoch the mean of the other diagnostics."""
-    from aftrec.evaluation.reproduce import best_epoch_time, epoch_log
+    from aftrec.training.rundir import best_epoch_time, epoch_log
 
     rows = []
     for key, entry in results.entries.items():
@@ -421,8 +405,6 @@ def _sweep_section(
     xlabel: str,
     caption: str,
 ) -> list[str]:
-    from aftrec.evaluation.reproduce import PRIMARY
-
     domains = list(results.data.info.domains)
     metric = "recall@50"
     xs = [x for x, _ in points]
@@ -448,8 +430,6 @@ def _sweep_section(
 
 def render(results: Results) -> str:
     """The markdown of ``report.md`` (writes the Fig. 3 PNGs beside it)."""
-    from aftrec.evaluation.reproduce import NS, PRIMARY, auc_columns, recall_columns
-
     plan, spec, env = results.plan, results.plan.spec, results.environment
     info = results.data.info
     domains = list(info.domains)
@@ -520,20 +500,12 @@ def render(results: Results) -> str:
     w("")
 
     rcols = recall_columns(domains)
-    w("## Recall@N (Tables 2 and 3 layout)")
-    w("")
-    w(metric_table(_rows(results, main, rcols), rcols, marks))
-    w("")
-    w(_legend(alpha))
-    w("")
-
-    acols = auc_columns(domains)
-    w("## AUC (Table 4 layout)")
-    w("")
-    w(metric_table(_rows(results, main, acols), acols, marks))
-    w("")
-    w(_legend(alpha))
-    w("")
+    for title, cols in (
+        ("Recall@N (Tables 2 and 3 layout)", rcols),
+        ("AUC (Table 4 layout)", auc_columns(domains)),
+    ):
+        out += [f"## {title}", "", metric_table(_rows(results, main, cols), cols, marks), ""]
+        out += [_legend(alpha), ""]
 
     w("## Significance")
     w("")
@@ -729,8 +701,6 @@ def _json_default(obj: Any) -> Any:
 
 def write_report(results: Results) -> Path:
     """Write ``report.md`` (and the PNGs, and ``results.json``) atomically; return its path."""
-    from aftrec.training.checkpoint import atomic_write_text
-
     out = Path(results.plan.spec.out)
     text = render(results)
     payload = json.dumps(_nan_to_none(results_json(results)), indent=2, default=_json_default)
@@ -750,8 +720,6 @@ def _nan_to_none(obj: Any) -> Any:
 
 
 __all__ = [
-    "Cell",
-    "Column",
     "Row",
     "format_cell",
     "metric_table",

@@ -1,0 +1,1 @@
+"""Reproducing the paper: plan, execute, statistics, report (``aftrec reproduce``)."""

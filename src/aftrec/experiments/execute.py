@@ -1,0 +1,281 @@
+"""Running a plan: train (or resume) and evaluate every unfinished run, seed by seed.
+
+A run whose ``metrics.json`` exists is read, not trained; a run with ``last.pt`` goes through
+the trainer's resume path. Unfinished runs go seed by seed (every model's seed 0 first), so a
+report cut short still covers every model. ``--jobs J`` trains J runs at once, each in its
+own (spawned) process with ``cores // J`` torch threads unless ``train.threads`` is set.
+``--report-only`` trains nothing: unfinished runs come back ``pending``. Failures are
+recorded in the outcome, never raised, so one failing model does not stop the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import statistics
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aftrec.environment import usable_cores
+from aftrec.experiments.plan import NS, Job, Plan, plain_json, read_json
+from aftrec.experiments.results import RunOutcome
+from aftrec.outputs import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# torch, pandas and the trainer are imported where they are used (``aftrec --help``).
+
+log = logging.getLogger(__name__)
+
+REQUIRED = (*(f"recall@{n}" for n in NS), "auc")
+
+
+def is_finished(run: Path) -> bool:
+    metrics = read_json(run / "metrics.json")
+    if metrics is None or not (run / "per_user.parquet").is_file():
+        return False
+    average = metrics.get("average", {})
+    return all(k in average for k in REQUIRED)
+
+
+def _load_outcome(run: Path) -> RunOutcome:
+    meta = read_json(run / "reproduce.json") or {}
+    return RunOutcome(
+        run,
+        True,
+        metrics=read_json(run / "metrics.json"),
+        train_seconds=meta.get("train_seconds"),
+        eval_seconds=meta.get("eval_seconds"),
+        resumed=bool(meta.get("resumed", False)),
+    )
+
+
+def run_job(job: Job, data_dir: Path) -> RunOutcome:
+    """Train (or resume) and evaluate one run; the caller catches its exceptions."""
+    from aftrec.evaluation.evaluate import Evaluator
+    from aftrec.training import checkpoint, rundir
+    from aftrec.training.trainer import train
+
+    run = job.run
+    run.mkdir(parents=True, exist_ok=True)
+    meta = read_json(run / "reproduce.json") or {
+        "config": plain_json(job.cfg.to_dict()),
+        "train_seconds": 0.0,
+        "resumed": False,
+    }
+    resume = (run / rundir.LAST).exists()
+    if resume:
+        meta["resumed"] = meta["resumed"] or not checkpoint.load(run / rundir.LAST).get("done")
+    else:  # nothing to resume: clear what a run killed in its first epoch may have left
+        rundir.clear(run)
+    atomic_write_text(run / "reproduce.json", json.dumps(meta, indent=2) + "\n")
+
+    t0 = time.perf_counter()
+    train(data_dir, None if resume else job.cfg, run, resume=resume, progress=False)
+    meta["train_seconds"] = float(meta["train_seconds"]) + time.perf_counter() - t0
+    atomic_write_text(run / "reproduce.json", json.dumps(meta, indent=2) + "\n")
+
+    t1 = time.perf_counter()
+    cfg, data, model = rundir.load_run(run, "best")
+    res = Evaluator(data, cfg.data.history_len, cfg.train.eval_batch_size).evaluate(
+        model, "test", NS, seed=cfg.train.seed, progress=False
+    )
+    atomic_write_bytes(run / "per_user.parquet", per_user_parquet(res.per_user))
+    meta["eval_seconds"] = time.perf_counter() - t1
+    atomic_write_text(run / "reproduce.json", json.dumps(meta, indent=2) + "\n")
+    res.write(run / "metrics.json")  # last: marks the run as finished
+    return RunOutcome(
+        run,
+        True,
+        metrics=res.to_json(),
+        train_seconds=meta["train_seconds"],
+        eval_seconds=meta["eval_seconds"],
+        trained_now=True,
+        resumed=bool(meta["resumed"]),
+    )
+
+
+def per_user_parquet(frame: pd.DataFrame) -> bytes:
+    """The per-(user, domain) test values the significance tests need, compactly.
+
+    ``user_idx`` (int32; the dataset's ``users`` table maps it to the raw id), ``domain``,
+    ``recall@N`` for N in :data:`NS` and ``auc``, as float32, zstd-compressed: about 200 KB
+    per ML-1M run, so that a report directory with a hundred runs can be committed.
+    """
+    import numpy as np
+
+    keep = ["user_idx", "domain", *(f"recall@{n}" for n in NS), "auc"]
+    slim = frame[[c for c in keep if c in frame.columns]]
+    slim = slim.astype(
+        {c: np.int32 if c == "user_idx" else np.float32 for c in slim.columns if c != "domain"}
+    )
+    buf = io.BytesIO()
+    slim.to_parquet(buf, index=False, compression="zstd", compression_level=19)
+    return buf.getvalue()
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: " + " ".join(str(exc).split())
+
+
+class _Eta:
+    """Time left: the mean wall time of finished runs of the same model, else of any run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = {}
+
+    def add(self, model: str, outcome: RunOutcome) -> None:
+        if outcome.ok and outcome.train_seconds is not None:
+            total = outcome.train_seconds + (outcome.eval_seconds or 0.0)
+            self.seconds.setdefault(model, []).append(total)
+
+    def left(self, models: Iterable[str]) -> float | None:
+        every = [s for v in self.seconds.values() for s in v]
+        if not every:
+            return None
+        fallback = statistics.fmean(every)
+        return sum(
+            statistics.fmean(self.seconds[m]) if m in self.seconds else fallback for m in models
+        )
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _seed_order(pending: list[Job]) -> list[Job]:
+    """Seed by seed, plan order within a seed: a report cut short still has every model."""
+    return sorted(pending, key=lambda job: min(seed for _, seed in job.entries))
+
+
+def _with_threads(job: Job, jobs: int) -> Job:
+    """Share the cores between concurrent runs unless the config pins the threads."""
+    if jobs == 1 or job.cfg.train.threads is not None:
+        return job
+    train = dataclasses.replace(job.cfg.train, threads=max(1, usable_cores() // jobs))
+    return dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, train=train))
+
+
+def _run_job_caught(job: Job, data_dir: Path) -> RunOutcome:
+    """:func:`run_job` with its failure turned into an outcome (in a worker process)."""
+    try:
+        return run_job(job, data_dir)
+    except Exception as exc:
+        return RunOutcome(job.run, False, error=_one_line(exc), trained_now=True)
+
+
+def execute(plan: Plan) -> dict[Path, RunOutcome]:
+    """Run every unfinished job, seed by seed; failures are recorded, not raised.
+
+    ``plan.spec.jobs > 1``: that many runs at once, each in a fresh (spawned) process.
+    ``plan.spec.report_only``: run nothing; unfinished runs come back ``pending``.
+    """
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    outcomes: dict[Path, RunOutcome] = {}
+    eta = _Eta()
+    pending: list[Job] = []
+    for job in plan.jobs.values():
+        if is_finished(job.run):
+            outcomes[job.run] = _load_outcome(job.run)
+            eta.add(job.model, outcomes[job.run])
+        else:
+            pending.append(job)
+    if plan.spec.report_only:
+        outcomes.update({job.run: RunOutcome(job.run, False, pending=True) for job in pending})
+        return outcomes
+    pending = [_with_threads(job, plan.spec.jobs) for job in _seed_order(pending)]
+    data_dir = Path(plan.spec.data)
+    root = Path(plan.spec.out) / "runs"
+    bar = tqdm(
+        total=len(pending),
+        unit="run",
+        disable=not plan.spec.progress,
+        bar_format="{desc}{n_fmt}/{total_fmt} runs |{bar}| {elapsed}{postfix}",
+    )
+    failed = 0
+    running: dict[Path, Job] = {}
+
+    def show(left_jobs: Iterable[Job]) -> None:
+        names = [
+            j.run.relative_to(root).as_posix().replace("/seed", " seed ") for j in running.values()
+        ]
+        bar.set_description(", ".join(names) + " " if names else "")
+        left = eta.left(j.model for j in left_jobs)
+        post = [] if left is None else [f"about {_fmt_duration(left / plan.spec.jobs)} left"]
+        bar.set_postfix_str(", ".join([*post, *([f"{failed} failed"] if failed else [])]))
+
+    def finish(job: Job, outcome: RunOutcome) -> None:
+        nonlocal failed
+        if not outcome.ok:
+            log.warning("%s failed: %s", job.run.relative_to(root).as_posix(), outcome.error)
+            failed += 1
+        outcomes[job.run] = outcome
+        eta.add(job.model, outcome)
+        running.pop(job.run, None)
+        bar.update(1)
+
+    with logging_redirect_tqdm():
+        if plan.spec.jobs == 1:
+            for i, job in enumerate(pending):
+                running[job.run] = job
+                show(pending[i:])
+                try:
+                    outcome = run_job(job, data_dir)
+                except Exception as exc:  # a failing model is reported, the others still run
+                    log.debug("traceback", exc_info=True)
+                    outcome = RunOutcome(job.run, False, error=_one_line(exc), trained_now=True)
+                finish(job, outcome)
+        else:
+            _execute_parallel(pending, data_dir, plan.spec.jobs, running, show, finish)
+        bar.set_description("done")
+        bar.set_postfix_str(f"{failed} failed" if failed else "")
+    bar.close()
+    return outcomes
+
+
+def _execute_parallel(
+    pending: list[Job],
+    data_dir: Path,
+    jobs: int,
+    running: dict[Path, Job],
+    show: Any,
+    finish: Any,
+) -> None:
+    """Keep ``jobs`` worker processes busy, submitting in order as runs finish."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
+    queue = list(pending)
+    futures: dict[Future[RunOutcome], Job] = {}
+    # spawn: a forked torch (with its thread pools) is not safe to use in the child
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            while queue or futures:
+                while queue and len(futures) < jobs:
+                    job = queue.pop(0)
+                    futures[pool.submit(_run_job_caught, job, data_dir)] = job
+                    running[job.run] = job
+                show([*running.values(), *queue])
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job = futures.pop(fut)
+                    try:
+                        outcome = fut.result()
+                    except Exception as exc:  # the worker died (killed, out of memory)
+                        outcome = RunOutcome(job.run, False, error=_one_line(exc), trained_now=True)
+                    finish(job, outcome)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise

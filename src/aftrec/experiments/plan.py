@@ -1,0 +1,378 @@
+"""The plan of a reproduction: which runs, with which configs, reported in which rows.
+
+Layout of ``REPORT_DIR``::
+
+    report.md, results.json, fig3a_mask_ratio.png, fig3b_n_fakes.png
+    runs/MODEL/seedS/               one training run (:mod:`aftrec.training.rundir`) plus
+        reproduce.json              the requested config and the wall times
+        per_user.parquet            test metrics per (user, domain)
+        metrics.json                test metrics per domain; written last: "this run is done"
+    runs/aft/VARIANT/seedS/         ablations (no-generator, ...) and sweep points (mask-0.05, ...)
+
+Runs that resolve to the same config (the default mask ratio of the sweep and ``aft`` itself,
+mask ratio 0 and the "no mask" ablation) share one directory; keys that do not change what a
+run computes (:data:`NOT_RESULT_KEYS`, a registration's ``inert_keys``) are left out of that
+comparison. A run directory made with another config stops the command up front. Deterministic
+models (``trainable = False``: pop, EASE) run once and that run stands for every seed.
+
+``--quick`` (the CI configuration): one seed, one epoch of 4 batches of 64, history 8,
+patience 1, and tiny models (each registration's ``quick`` overrides: dim 16, one layer, two
+heads, ...; EASE fits one L2 value), every registered model unless ``--models`` says
+otherwise, Fig. 3 on 3 points each (mask 0, 0.15, 0.5; fakes 1, 5, 20; two of them shared
+with other runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aftrec.errors import ConfigError
+from aftrec.experiments.results import variant_key
+from aftrec.registry import available_models, model_config_class, registration
+
+if TYPE_CHECKING:
+    from aftrec.config import RunConfig
+
+# Only the standard library at import time: ``aftrec --help`` builds the command's parser.
+
+NS = (20, 50, 200)  # every run is evaluated at these N (full ranking)
+ALPHA = 0.01
+PRIMARY = "aft"
+DEFAULT_SEEDS = 5
+
+MASK_RATIOS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)  # Fig. 3 (a)
+N_FAKES = (1, 3, 5, 10, 15, 20)  # Fig. 3 (b)
+QUICK_MASK_RATIOS = (0.0, 0.15, 0.5)
+QUICK_N_FAKES = (1, 5, 20)
+
+#: Table 6: (variant directory, row label, overrides on top of ``aft``'s config)
+ABLATIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("no-generator", "- generator", ("model.negatives=random",)),
+    ("no-mask", "- domain-specific mask", ("model.mask_ratio=0.0",)),
+    ("no-translation", "- feature translation", ("model.translation=attention",)),
+    ("no-dissimilarity", "- dissimilarity loss", ("model.lambda_m=0.0",)),
+)
+
+#: ``--quick``: one short epoch on small batches ...
+QUICK_TRAIN = (
+    "train.epochs=1",
+    "train.max_batches_per_epoch=4",
+    "train.batch_size=64",
+    "train.patience=1",
+    "data.history_len=8",
+)
+
+
+@dataclass(frozen=True)
+class ReproduceSpec:
+    """What ``aftrec reproduce`` was asked for."""
+
+    data: Path
+    out: Path
+    seeds: int | None = None  # None: 5, or 1 with quick
+    models: tuple[str, ...] = ()  # empty: every registered model, aft first
+    quick: bool = False
+    overrides: tuple[str, ...] = ()  # "[MODEL:]section.key=value"
+    ablations: bool = True
+    sweeps: bool = True
+    sweep_seeds: int | None = None  # None: the same as seeds
+    ablation_seeds: int | None = None  # None: the same as seeds
+    alpha: float = ALPHA
+    progress: bool = True
+    jobs: int = 1  # runs trained at once, one process each
+    report_only: bool = False  # train nothing; report the finished runs
+
+    @property
+    def n_seeds(self) -> int:
+        return self.seeds if self.seeds is not None else (1 if self.quick else DEFAULT_SEEDS)
+
+    @property
+    def n_sweep_seeds(self) -> int:
+        return min(self.sweep_seeds or self.n_seeds, self.n_seeds)
+
+    @property
+    def n_ablation_seeds(self) -> int:
+        return min(self.ablation_seeds or self.n_seeds, self.n_seeds)
+
+    def command(self) -> str:
+        """An ``aftrec reproduce`` command line equivalent to this spec."""
+        argv = ["aftrec", "reproduce", "--data", str(self.data), "--out", str(self.out)]
+        if self.seeds is not None:
+            argv += ["--seeds", str(self.seeds)]
+        if self.models:
+            argv += ["--models", *self.models]
+        if self.quick:
+            argv.append("--quick")
+        skip = [n for n, on in (("ablations", self.ablations), ("sweeps", self.sweeps)) if not on]
+        if skip:
+            argv += ["--skip", *skip]
+        if self.sweep_seeds is not None:
+            argv += ["--sweep-seeds", str(self.sweep_seeds)]
+        if self.ablation_seeds is not None:
+            argv += ["--ablation-seeds", str(self.ablation_seeds)]
+        if self.alpha != ALPHA:
+            argv += ["--alpha", str(self.alpha)]
+        if self.jobs != 1:
+            argv += ["--jobs", str(self.jobs)]
+        if self.overrides:
+            argv += ["--set", *self.overrides]
+        return shlex.join(argv)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of a table: a model, or a variant of ``aft`` (``aft/no-mask``)."""
+
+    key: str
+    model: str
+    label: str
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass
+class Job:
+    """One training run: a unique (config, seed), possibly shared by several entries."""
+
+    run: Path
+    cfg: RunConfig
+    model: str
+    entries: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    spec: ReproduceSpec
+    models: list[str]
+    entries: dict[str, Entry]
+    jobs: dict[Path, Job]
+    runs: dict[tuple[str, int], Path]  # (entry key, seed) -> run directory
+    seeds: dict[str, list[int]]  # entry key -> seeds it is reported over
+    deterministic: set[str]
+    ablations: list[str]  # entry keys, Table 6 order (aft first)
+    mask_points: list[tuple[float, str]]
+    fake_points: list[tuple[int, str]]
+    overrides: dict[str, list[str]]  # model -> the --set pairs of its runs (before variants)
+    notes: list[str]
+
+
+def _parse_overrides(pairs: Iterable[str]) -> list[tuple[str | None, str]]:
+    """``"aft:model.dim=32"`` -> ``("aft", "model.dim=32")``; no prefix: every model."""
+    out: list[tuple[str | None, str]] = []
+    for pair in pairs:
+        target, colon, rest = pair.partition(":")
+        if colon and "=" not in target:
+            out.append((target, rest))
+        else:
+            out.append((None, pair))
+    return out
+
+
+def _model_fields(name: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(model_config_class(name))}
+
+
+def _is_deterministic(name: str) -> bool:
+    return registration(name).deterministic
+
+
+def default_models() -> list[str]:
+    names = available_models()
+    return [PRIMARY, *(n for n in names if n != PRIMARY)] if PRIMARY in names else names
+
+
+def check_models(models: Sequence[str]) -> list[str]:
+    """The requested model names in order, or :class:`ConfigError` naming the unknown ones."""
+    known = available_models()
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        raise ConfigError(
+            f"unknown model(s) {', '.join(unknown)} in --models; available: {', '.join(known)}"
+        )
+    dupes = sorted({m for m in models if list(models).count(m) > 1})
+    if dupes:
+        raise ConfigError(f"--models names {', '.join(dupes)} more than once")
+    return list(models)
+
+
+def model_overrides(model: str, quick: bool, user: Sequence[tuple[str | None, str]]) -> list[str]:
+    """The ``--set`` pairs for one model: quick settings, then the user's (``model.*`` keys
+    only where the model's config has them, unless the pair names the model)."""
+    fields = _model_fields(model)
+    out: list[str] = []
+    if quick:
+        out += QUICK_TRAIN
+        out += [f"model.{k}={v}" for k, v in registration(model).quick.items()]
+    for target, pair in user:
+        if target is not None and target != model:
+            continue
+        section, _, name = pair.partition("=")[0].strip().partition(".")
+        if section == "model" and target is None and name not in fields:
+            continue
+        out.append(pair)
+    return out
+
+
+def _check_user_overrides(user: Sequence[tuple[str | None, str]], models: Sequence[str]) -> None:
+    for target, pair in user:
+        key = pair.partition("=")[0].strip()
+        section, _, name = key.partition(".")
+        if target is not None and target not in models:
+            raise ConfigError(f"--set {target}:{pair}: {target!r} is not among the models run")
+        if key == "train.seed":
+            raise ConfigError("--set train.seed: reproduce sets the seed of each run; use --seeds")
+        if (
+            section == "model"
+            and target is None
+            and not any(name in _model_fields(m) for m in models)
+        ):
+            raise ConfigError(f"--set {pair}: no model run has a config key model.{name}")
+
+
+def _fmt_point(x: float) -> str:
+    return f"{x:g}"
+
+
+def make_plan(spec: ReproduceSpec) -> Plan:
+    """Resolve every run's config and check existing run directories, before training."""
+    from aftrec.config import resolve
+
+    if spec.n_seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {spec.n_seeds}")
+    for flag, value in (
+        ("--sweep-seeds", spec.sweep_seeds),
+        ("--ablation-seeds", spec.ablation_seeds),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if not 0 < spec.alpha < 1:
+        raise ConfigError(f"--alpha must be in (0, 1), got {spec.alpha}")
+    if spec.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {spec.jobs}")
+    models = check_models(spec.models) if spec.models else default_models()
+    user = _parse_overrides(spec.overrides)
+    _check_user_overrides(user, models)
+    notes: list[str] = []
+
+    entries: dict[str, Entry] = {m: Entry(m, m, m) for m in models}
+    seeds = {m: list(range(spec.n_seeds)) for m in models}
+    ablations: list[str] = []
+    mask_points: list[tuple[float, str]] = []
+    fake_points: list[tuple[int, str]] = []
+    has_primary = PRIMARY in models
+    if not has_primary and (spec.ablations or spec.sweeps):
+        notes.append(f"`{PRIMARY}` is not among the models: no ablations, no Fig. 3.")
+    if has_primary and spec.ablations:
+        ablations.append(PRIMARY)
+        for variant, label, over in ABLATIONS:
+            key = variant_key(PRIMARY, variant)
+            entries[key] = Entry(key, PRIMARY, label, over)
+            seeds[key] = list(range(spec.n_ablation_seeds))
+            ablations.append(key)
+    if has_primary and spec.sweeps:
+        sweep_seeds = list(range(spec.n_sweep_seeds))
+        ratios = QUICK_MASK_RATIOS if spec.quick else MASK_RATIOS
+        fakes = QUICK_N_FAKES if spec.quick else N_FAKES
+        for r in ratios:
+            key = variant_key(PRIMARY, f"mask-{_fmt_point(r)}")
+            entries[key] = Entry(key, PRIMARY, f"mask ratio {r:g}", (f"model.mask_ratio={r}",))
+            seeds[key] = sweep_seeds
+            mask_points.append((r, key))
+        for k in fakes:
+            key = variant_key(PRIMARY, f"fakes-{k}")
+            entries[key] = Entry(key, PRIMARY, f"{k} fake items", (f"model.n_fakes={k}",))
+            seeds[key] = sweep_seeds
+            fake_points.append((k, key))
+
+    deterministic = {m for m in models if _is_deterministic(m)}
+    base = {m: model_overrides(m, spec.quick, user) for m in models}
+    jobs: dict[Path, Job] = {}
+    by_config: dict[str, Path] = {}
+    runs: dict[tuple[str, int], Path] = {}
+    root = Path(spec.out) / "runs"
+    for key, entry in entries.items():
+        for seed in seeds[key]:
+            run_seed = 0 if entry.model in deterministic else seed
+            pairs = [*base[entry.model], *entry.overrides, f"train.seed={run_seed}"]
+            try:
+                cfg = resolve(entry.model, overrides=pairs)
+            except ConfigError as exc:
+                raise ConfigError(f"{key}: {exc}") from exc
+            ident = json.dumps(_identity(cfg.to_dict()), sort_keys=True)
+            if ident not in by_config:
+                run = root / key / f"seed{run_seed}"
+                by_config[ident] = run
+                jobs[run] = Job(run, cfg, entry.model)
+            run = by_config[ident]
+            jobs[run].entries.append((key, seed))
+            runs[(key, seed)] = run
+    for job in jobs.values():
+        _check_existing(job)
+    return Plan(
+        spec,
+        models,
+        entries,
+        jobs,
+        runs,
+        seeds,
+        deterministic,
+        ablations,
+        mask_points,
+        fake_points,
+        base,
+        notes,
+    )
+
+
+def plain_json(obj: Any) -> Any:
+    """JSON round trip: tuples become lists, so saved and fresh configs compare equal."""
+    return json.loads(json.dumps(obj))
+
+
+#: train keys that do not change what a run computes: free to differ between invocations
+NOT_RESULT_KEYS = ("threads", "eval_batch_size", "device")
+
+
+def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A run config without :data:`NOT_RESULT_KEYS` and without the model keys its config
+    registration declares inert (``inert_keys``, e.g. G's keys for ``aft-d``), for "same run?"
+    comparisons."""
+    plain = plain_json(cfg)
+    train = {k: v for k, v in plain.get("train", {}).items() if k not in NOT_RESULT_KEYS}
+    model = plain.get("model", {})
+    name = model.get("name")
+    if name in available_models():
+        inert = registration(name).inert_keys
+        model = {k: v for k, v in model.items() if k not in inert}
+    return {**plain, "train": train, "model": model}
+
+
+def _check_existing(job: Job) -> None:
+    run = job.run
+    if not run.exists() or not any(run.iterdir()):
+        return
+    saved = read_json(run / "reproduce.json")
+    if saved is None:
+        raise ConfigError(
+            f"{run} holds files but no reproduce.json (not made by `aftrec reproduce`); "
+            "choose another --out or remove it"
+        )
+    if _identity(saved.get("config") or {}) != _identity(job.cfg.to_dict()):
+        raise ConfigError(
+            f"{run} was trained with another config than this command asks for "
+            "(different --quick or --set?); choose another --out or remove it; "
+            f"the saved one is in {run / 'reproduce.json'}"
+        )
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None

@@ -1,0 +1,205 @@
+"""``aftrec reproduce``: every model on every seed, then the paper's tables in one report.
+
+"Adversarial Feature Translation for Multi-domain Recommendation" (Hao et al., KDD 2021),
+section 5: Tables 2 and 3 (Recall@N per domain), Table 4 (AUC per domain), Table 6 (ablations
+of AFT) and Fig. 3 (AFT against the mask ratio and the number of fake items), recomputed on
+one prepared dataset with the same trainer and the same full-ranking evaluator for every model.
+
+The steps, one module each: :mod:`.plan` (which runs, their configs and the report's rows),
+:mod:`.execute` (train and evaluate the unfinished runs, in a process pool with ``--jobs``),
+:mod:`.stats` (significance tests, pure functions), :mod:`.report` (``report.md``,
+``results.json``, the Fig. 3 PNGs); :mod:`.results` holds the types they share. This module
+ties them together and registers the command.
+
+Resuming: finished runs are reused and half-trained ones resumed, so a long reproduction can
+be spread over several sittings; ``--report-only`` trains nothing and writes the report from
+the finished runs, listing the others as not run yet (the report directory holds everything
+needed except the checkpoints of unfinished runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from aftrec.experiments.execute import _fmt_duration, execute
+from aftrec.experiments.plan import ALPHA, DEFAULT_SEEDS, Plan, ReproduceSpec, make_plan
+from aftrec.experiments.results import (
+    EntryResult,
+    Results,
+    RunOutcome,
+    Summary,
+    auc_columns,
+    recall_columns,
+)
+from aftrec.experiments.stats import seed_averaged_per_user, significance
+
+# Only the standard library at import time: ``aftrec --help`` builds this command's parser.
+# numpy, pandas, torch and scipy are imported where they are used.
+
+
+def collect(plan: Plan, outcomes: dict[Path, RunOutcome]) -> dict[str, EntryResult]:
+    return {
+        key: EntryResult(
+            entry,
+            entry.model in plan.deterministic,
+            {s: outcomes[plan.runs[(key, s)]] for s in plan.seeds[key]},
+        )
+        for key, entry in plan.entries.items()
+    }
+
+
+def reproduce(spec: ReproduceSpec) -> Summary:
+    """Train and evaluate every planned run, then write ``REPORT_DIR/report.md``."""
+    import pandas as pd
+
+    from aftrec.data.dataset import Dataset
+    from aftrec.environment import environment
+    from aftrec.experiments.report import write_report
+
+    started_wall = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    t0 = time.perf_counter()
+    data = Dataset(Path(spec.data))  # fails up front on a bad --data
+    plan = make_plan(spec)
+    Path(spec.out).mkdir(parents=True, exist_ok=True)
+    env = environment()  # before training: the load average of the machine we were given
+    outcomes = execute(plan)
+    entries = collect(plan, outcomes)
+    main_rows = list(plan.models)
+    cache: dict[str, pd.DataFrame | None] = {}
+
+    def per_user(key: str) -> pd.DataFrame | None:
+        if key not in cache:
+            frames = [pd.read_parquet(run / "per_user.parquet") for run in entries[key].runs()]
+            cache[key] = seed_averaged_per_user(frames) if frames else None
+        return cache[key]
+
+    columns = [*recall_columns(data.info.domains), *auc_columns(data.info.domains)]
+    sig = significance(entries, main_rows, columns, per_user)
+    fresh = [o for o in outcomes.values() if o.trained_now]
+    waiting = sum(o.pending for o in outcomes.values())
+    results = Results(
+        plan=plan,
+        data=data,
+        entries=entries,
+        significance=sig,
+        environment=env,
+        started=started_wall,
+        wall_seconds=time.perf_counter() - t0,
+        trained=len(fresh),
+        reused=len(outcomes) - len(fresh) - waiting,
+        failed=sum(not o.ok and not o.pending for o in outcomes.values()),
+        pending=waiting,
+    )
+    report = write_report(results)
+    return Summary(
+        report,
+        results.trained,
+        results.reused,
+        results.failed,
+        results.wall_seconds,
+        results.pending,
+    )
+
+
+def _run(args: argparse.Namespace) -> None:
+    spec = ReproduceSpec(
+        data=Path(args.data),
+        out=Path(args.out),
+        seeds=args.seeds,
+        models=tuple(args.models or ()),
+        quick=args.quick,
+        overrides=tuple(args.set),
+        ablations="ablations" not in args.skip,
+        sweeps="sweeps" not in args.skip,
+        sweep_seeds=args.sweep_seeds,
+        ablation_seeds=args.ablation_seeds,
+        alpha=args.alpha,
+        progress=not args.quiet,
+        jobs=args.jobs,
+        report_only=args.report_only,
+    )
+    res = reproduce(spec)
+    print(
+        f"wrote {res.report}: {res.trained} run(s) trained, {res.reused} reused, "
+        f"{res.failed} failed"
+        + (f", {res.pending} not run yet" if res.pending else "")
+        + f", {_fmt_duration(res.seconds)}"
+    )
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``aftrec reproduce`` on the CLI's subparsers."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "reproduce",
+        help="train every model on every seed; the paper's Tables 2/3, 4, 6 and Fig. 3",
+        description=(
+            "Train and evaluate every model on every seed, the ablations and the Fig. 3 sweeps "
+            "of AFT, and write REPORT_DIR/report.md. Finished runs in REPORT_DIR are reused, "
+            "half-trained ones resumed."
+        ),
+    )
+    p.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
+    p.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR")
+    p.add_argument(
+        "--seeds", type=int, default=None, help=f"seeds 0..S-1 (default {DEFAULT_SEEDS}; quick: 1)"
+    )
+    p.add_argument(
+        "--models", nargs="+", metavar="MODEL", help="default: every registered model, aft first"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny models, one epoch of 4 batches, 1 seed, 3 points per sweep (minutes; CI)",
+    )
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="[MODEL:]KEY=VALUE",
+        help="config overrides for every model (model.* keys: models that have the key), "
+        "or for one model with a MODEL: prefix, e.g. train.threads=1 aft:model.n_fakes=3",
+    )
+    p.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=["ablations", "sweeps"],
+        help="leave out Table 6 and/or Fig. 3",
+    )
+    p.add_argument(
+        "--sweep-seeds",
+        type=int,
+        default=None,
+        metavar="S",
+        help="seeds per Fig. 3 point (default: --seeds)",
+    )
+    p.add_argument(
+        "--ablation-seeds",
+        type=int,
+        default=None,
+        metavar="S",
+        help="seeds per Table 6 ablation (default: --seeds)",
+    )
+    p.add_argument("--alpha", type=float, default=ALPHA, help="significance level (0.01)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="J",
+        help="runs trained at once, one process each, cores // J torch threads unless "
+        "train.threads is set (default 1)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the report from the finished runs, list the others",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
+    return p
+
+
+__all__ = ["ReproduceSpec", "Summary", "add_parser", "make_plan", "reproduce"]

@@ -1,0 +1,145 @@
+"""Significance of the primary model against the best competitor: pure functions.
+
+For each column (domain, metric), ``aft`` against the best other row by mean over seeds:
+
+* over users: Wilcoxon signed-rank test, two-sided, on the per-user values averaged over the
+  seeds (pairs: the (user, domain) test cases of the column's domain; for the ``average``
+  column every (user, domain) case). Recall per user is bounded and has many ties, so a
+  rank test rather than a t-test; zero differences are dropped (``zero_method="wilcox"``).
+* over seeds: paired t-test (``scipy.stats.ttest_rel``) on the per-seed column values,
+  paired by seed; needs two seeds or more.
+
+A test is significant when ``p < alpha`` (0.01, as in the paper) and the mean paired
+difference favours ``aft``; no correction for the number of columns (the paper makes none).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aftrec.experiments.plan import PRIMARY
+from aftrec.experiments.results import Cell, Column, EntryResult
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# numpy, pandas and scipy are imported where they are used (``aftrec --help`` stays light).
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    p: float  # nan: not computable (too few pairs, no variance)
+    n: int  # pairs used
+    mean_diff: float  # mean of (aft - competitor) over the pairs
+
+    def significant(self, alpha: float) -> bool:
+        return math.isfinite(self.p) and self.p < alpha and self.mean_diff > 0
+
+
+def user_test(a: pd.DataFrame, b: pd.DataFrame, col: Column) -> PairedTest:
+    """Wilcoxon signed-rank test over the (user, domain) pairs both frames have.
+
+    ``a``, ``b``: per-user frames (``user_idx``, ``domain``, metric columns), one row per
+    (user, domain), e.g. averaged over seeds. ``col.domain == "average"`` uses every domain.
+    """
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    keys = ["user_idx", "domain"]
+    if col.metric not in a or col.metric not in b:
+        return PairedTest(float("nan"), 0, float("nan"))
+    pairs = a[[*keys, col.metric]].merge(b[[*keys, col.metric]], on=keys, suffixes=("_a", "_b"))
+    if col.domain != "average":
+        pairs = pairs[pairs["domain"] == col.domain]
+    diff = (pairs[f"{col.metric}_a"] - pairs[f"{col.metric}_b"]).to_numpy(np.float64)
+    diff = diff[np.isfinite(diff)]
+    if len(diff) == 0:
+        return PairedTest(float("nan"), 0, float("nan"))
+    mean_diff = float(diff.mean())
+    if not np.any(diff != 0):
+        return PairedTest(1.0, len(diff), mean_diff)
+    res = wilcoxon(diff, zero_method="wilcox", alternative="two-sided")
+    return PairedTest(float(res.pvalue), len(diff), mean_diff)
+
+
+def seed_test(a: dict[int, float], b: dict[int, float]) -> PairedTest:
+    """Paired t-test over the seeds both have (``scipy.stats.ttest_rel``)."""
+    import numpy as np
+    from scipy.stats import ttest_rel
+
+    seeds = sorted(s for s in set(a) & set(b) if math.isfinite(a[s]) and math.isfinite(b[s]))
+    x = np.array([a[s] for s in seeds])
+    y = np.array([b[s] for s in seeds])
+    if len(seeds) == 0:
+        return PairedTest(float("nan"), 0, float("nan"))
+    diff = x - y
+    if len(seeds) < 2 or np.std(diff) == 0:  # no variance: t undefined
+        return PairedTest(float("nan"), len(seeds), float(diff.mean()))
+    return PairedTest(float(ttest_rel(x, y).pvalue), len(seeds), float(diff.mean()))
+
+
+@dataclass(frozen=True)
+class Significance:
+    column: Column
+    competitor: str
+    primary: Cell
+    other: Cell
+    users: PairedTest
+    seeds: PairedTest
+
+
+def seed_averaged_per_user(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Mean over seeds of each (user, domain)'s metrics."""
+    import pandas as pd
+
+    frame = pd.concat(frames, ignore_index=True)
+    numeric = [c for c in frame.columns if c not in ("user_idx", "domain")]
+    return frame.groupby(["user_idx", "domain"], as_index=False)[numeric].mean()
+
+
+def best_competitor(
+    results: dict[str, EntryResult], rows: Sequence[str], col: Column, primary: str = PRIMARY
+) -> str | None:
+    """The row other than ``primary`` with the highest mean in ``col``."""
+    best: tuple[float, str] | None = None
+    for key in rows:
+        cell = results[key].cell(col)
+        if key == primary or cell is None or not math.isfinite(cell.mean):
+            continue
+        if best is None or cell.mean > best[0]:
+            best = (cell.mean, key)
+    return None if best is None else best[1]
+
+
+def significance(
+    results: dict[str, EntryResult],
+    rows: Sequence[str],
+    columns: Sequence[Column],
+    per_user: Any,
+    primary: str = PRIMARY,
+) -> dict[Column, Significance]:
+    """``primary`` against the best other row of each column, over users and over seeds.
+
+    ``per_user(key)`` returns the seed-averaged per-user frame of a row (or ``None``)."""
+    out: dict[Column, Significance] = {}
+    if primary not in results:
+        return out
+    for col in columns:
+        mine = results[primary].cell(col)
+        other = best_competitor(results, rows, col, primary)
+        if mine is None or other is None:
+            continue
+        theirs = results[other].cell(col)
+        assert theirs is not None
+        a, b = per_user(primary), per_user(other)
+        users = (
+            user_test(a, b, col)
+            if a is not None and b is not None
+            else PairedTest(float("nan"), 0, float("nan"))
+        )
+        seeds = seed_test(results[primary].values(col), results[other].values(col))
+        out[col] = Significance(col, other, mine, theirs, users, seeds)
+    return out

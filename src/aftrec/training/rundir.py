@@ -1,0 +1,129 @@
+"""The run directory: the one module that writes and reads it.
+
+A run directory holds::
+
+    config.yaml   the resolved config (defaults + YAML + overrides)
+    run.json      dataset path, model name, the environment (:mod:`aftrec.environment`)
+    last.pt       the latest state (model, optimisers, RNG, epoch, early-stopping counters)
+    best.pt       the model weights of the best validation epoch
+    log.jsonl     one line per epoch: losses, validation metric, throughput, wall seconds
+
+The trainer writes it (:mod:`aftrec.training.trainer`); ``aftrec evaluate``, ``recommend``,
+``export`` and ``reproduce`` read it through :func:`load_run`, :func:`epoch_log` and
+:func:`best_epoch_time`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from aftrec.config import RunConfig, dump, resolve
+from aftrec.data.dataset import Dataset
+from aftrec.environment import versions
+from aftrec.errors import CheckpointError
+from aftrec.models.base import RetrievalModel
+from aftrec.outputs import atomic_write_text
+from aftrec.registry import create_model
+from aftrec.training import checkpoint
+
+CONFIG = "config.yaml"
+META = "run.json"
+LAST = "last.pt"
+BEST = "best.pt"
+LOG = "log.jsonl"
+
+
+def write_config(run: Path, cfg: RunConfig) -> None:
+    atomic_write_text(Path(run) / CONFIG, dump(cfg))
+
+
+def load_run_config(run: Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(run) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{run} is not a run directory (no config.yaml)")
+    return resolve(None, path, overrides or [])
+
+
+def write_meta(run: Path, data_dir: Path, model: str) -> None:
+    """``run.json``: the dataset the run trains on, the model, versions and start time."""
+    meta = {
+        "data": str(Path(data_dir).resolve()),
+        "model": model,
+        **versions("aftrec", "torch", "python"),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_text(Path(run) / META, json.dumps(meta, indent=2) + "\n")
+
+
+def run_data_dir(run: Path) -> Path:
+    """The prepared dataset a run was trained on, from ``RUN/run.json``."""
+    path = Path(run) / META
+    try:
+        return Path(json.loads(path.read_text())["data"])
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{run} is not a run directory (no run.json)") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable run description ({exc})") from exc
+
+
+def load_run(run: Path, which: str = "best") -> tuple[RunConfig, Dataset, RetrievalModel]:
+    """The config, dataset and model weights of a finished (or interrupted) run."""
+    run = Path(run)
+    cfg = load_run_config(run)
+    data = Dataset(run_data_dir(run))
+    model = create_model(cfg.model_name, cfg.model, data.info, cfg.data.history_len)
+    state = checkpoint.load(run / f"{which}.pt")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{run / f'{which}.pt'}: does not fit model {cfg.model_name!r}: {exc}"
+        ) from exc
+    model.eval()
+    return cfg, data, model
+
+
+def clear(run: Path) -> None:
+    """Remove what a run killed before its first checkpoint may have left."""
+    for name in (BEST, LOG, CONFIG, META):
+        (Path(run) / name).unlink(missing_ok=True)
+
+
+def remove_temporaries(run: Path) -> None:
+    """Remove the ``.*.tmp`` files of a killed writer (before resuming)."""
+    for stale in Path(run).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def append_log(run: Path, entry: dict[str, Any]) -> None:
+    """One epoch's line of ``log.jsonl``."""
+    with open(Path(run) / LOG, "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+
+
+def epoch_log(run: Path) -> list[dict[str, Any]]:
+    """The entries of a run's ``log.jsonl``, one per epoch; empty without a log."""
+    try:
+        lines = (Path(run) / LOG).read_text().splitlines()
+    except OSError:
+        return []
+    return [json.loads(x) for x in lines if x.strip()]
+
+
+def best_epoch_time(run: Path, metric: str = "valid_recall@50") -> tuple[int, float | None]:
+    """The best validation epoch of a run (the first with the highest ``metric``, as the
+    trainer keeps it) and the wall seconds of training and validation up to and including
+    it, from ``log.jsonl``; ``(0, None)`` without a log, seconds ``None`` for logs written
+    before the trainer recorded them."""
+    entries = epoch_log(run)
+    scored = [e for e in entries if metric in e]
+    if not scored:
+        return 0, None
+    best = max(scored, key=lambda e: e[metric])  # max keeps the first of equal values
+    upto = [e for e in entries if e["epoch"] <= best["epoch"]]
+    if not all("train_seconds" in e and "valid_seconds" in e for e in upto):
+        return int(best["epoch"]), None
+    return int(best["epoch"]), sum(e["train_seconds"] + e["valid_seconds"] for e in upto)
