@@ -776,3 +776,21 @@ def test_recommend_bad_suffix(
         f"{out}: output must end in .csv or .parquet",
         roots=(tmp_path, trained),
     )
+
+
+def test_a_diverging_loss_is_one_error_line(
+    prepared: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A NaN loss ends ``aftrec train`` with one ``error:`` line naming the epoch."""
+    from aftrec.training.steps import SupervisedStep
+
+    monkeypatch.setattr(SupervisedStep, "__call__", lambda self, batch: {"loss": float("nan")})
+    capsys.readouterr()
+    argv = ["train", "--data", str(prepared), "--model", "two-tower", "--out", str(tmp_path / "r")]
+    code = main([*argv, *TINY_TRAIN])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: non-finite loss at epoch 1"), lines

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from aftrec.cli import main
-from aftrec.data.dataset import Dataset, read_meta
+from aftrec.data.dataset import Dataset
+from aftrec.data.prepared import read_meta
 from aftrec.errors import AftrecError
 from aftrec.outputs import _HOST, INCOMPLETE, remove_stale
 from tests.test_bad_input import fails_cleanly, make_log, prepare_argv, write

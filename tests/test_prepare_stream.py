@@ -19,7 +19,8 @@ import pytest
 
 from aftrec.cli import main
 from aftrec.data import stream
-from aftrec.data.dataset import Dataset, read_meta
+from aftrec.data.dataset import Dataset
+from aftrec.data.prepared import read_meta
 from aftrec.data.sources.synthetic import SyntheticConfig, catalogue, iter_chunks
 from aftrec.errors import DataError
 from tests.test_bad_input import ROW, fails_cleanly, make_log, snapshot, write
@@ -394,7 +395,7 @@ def test_force_replaces_and_a_failure_keeps(
 # --------------------------------------------------------------------------- interrupts
 
 
-@pytest.mark.parametrize("where", ["_bucket_of", "_split_positives", "_write_items"])
+@pytest.mark.parametrize("where", ["_bucket_of", "split_positives", "write_items"])
 def test_interrupt_leaves_nothing(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],

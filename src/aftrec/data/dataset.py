@@ -1,13 +1,12 @@
 """A prepared dataset directory, loaded into memory as numpy arrays.
 
-Two layouts: format 1 (one file per table, :mod:`aftrec.data.prepare`) and format 2,
-"partitioned" (users and parts split into partition files, :mod:`aftrec.data.stream`).
+Two layouts (:mod:`aftrec.data.prepared`): format 1 (one file per table) and format 2,
+"partitioned" (users and parts split into partition files).
 :class:`Dataset` reads both; on the partitioned layout it can load only some partitions.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,9 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from aftrec.data.prepared import PARTITIONED, partition_file, read_meta
 from aftrec.data.split import PART_NAMES
 from aftrec.errors import DataError
-from aftrec.outputs import unfinished
 
 
 @dataclass(frozen=True)
@@ -77,30 +76,6 @@ class DataInfo:
 
     def domain_size(self, d: int) -> int:
         return self.offsets[d + 1] - self.offsets[d]
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    """A prepared dataset's meta.json (domains, counts, partitions, ...), without its tables."""
-    meta_path = Path(path) / "meta.json"
-    if unfinished(path):
-        raise DataError(
-            f"{path} is an unfinished dataset (`aftrec prepare` was interrupted); prepare it again"
-        )
-    if not meta_path.is_file():
-        raise DataError(f"{path} is not a prepared dataset (no meta.json); run `aftrec prepare`")
-    try:
-        meta: dict[str, Any] = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: prepared dataset is unreadable: {exc}") from exc
-    return meta
-
-
-PARTITIONED = "partitioned"  # meta["layout"] of format 2 (aftrec.data.stream)
-
-
-def partition_file(path: Path, kind: str, p: int) -> Path:
-    """Partition ``p``'s file of ``kind`` ("users", "train", "valid" or "test") in format 2."""
-    return Path(path) / kind / f"part-{p:05d}.parquet"
 
 
 class Dataset:

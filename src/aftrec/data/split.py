@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aftrec.arrays import unique
 from aftrec.errors import ConfigError
 
 TRAIN, VALID, TEST = 0, 1, 2
@@ -94,3 +95,39 @@ def carve_validation(user_sorted: np.ndarray, valid_ratio: float) -> np.ndarray:
     pos, n = _position_in_user(user_sorted)
     n_valid = np.where(n > 1, np.maximum(1, np.floor(valid_ratio * n)), 0).astype(np.int64)
     return np.where(pos >= n - n_valid, VALID, TRAIN).astype(np.int8)
+
+
+def first_click_only(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Keep each (user, item) pair's earliest positive: a repeat adds nothing to retrieval
+    (training positives are excluded from the ranking) and would blur the split."""
+    order = chronological_order(rows["user_idx"], rows["timestamp"], rows["item_idx"])
+    rows = {k: v[order] for k, v in rows.items()}
+    key = (
+        rows["user_idx"].astype(np.int64) * (int(rows["item_idx"].max(initial=0)) + 1)
+        + rows["item_idx"]
+    )
+    _, first = np.unique(key, return_index=True)
+    keep = np.zeros(len(key), dtype=bool)
+    keep[first] = True
+    return {k: v[keep] for k, v in rows.items()}
+
+
+def split_positives(
+    rows: dict[str, np.ndarray], split: SplitConfig
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, int]:
+    """First clicks only, users with fewer than ``min_positives`` dropped, chronological split.
+
+    ``rows["user_idx"]`` numbers users in original-id order. Returns the kept rows (users
+    re-numbered 0.. in the same order, rows in chronological order), their parts, the old
+    index of each kept user and the number of users dropped.
+    """
+    rows = first_click_only(rows)
+    active = keep_active_users(rows["user_idx"], split.min_positives)
+    n_dropped = len(unique(rows["user_idx"][~active]))
+    rows = {k: v[active] for k, v in rows.items()}
+    # re-number the users that remain, keeping their original-id order
+    kept_users, new_idx = np.unique(rows["user_idx"], return_inverse=True)
+    rows["user_idx"] = new_idx.astype(np.int32)
+    # still in chronological order: filtering and the order-preserving re-numbering above
+    # keep first_click_only's sort
+    return rows, assign_parts(rows["user_idx"], split), kept_users, n_dropped

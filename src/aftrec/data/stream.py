@@ -1,7 +1,8 @@
 """Streaming, partitioned preparation for interaction logs larger than memory.
 
 ``aftrec prepare --streaming`` gives the same rows, parts and counts as the in-memory
-:func:`aftrec.data.prepare.prepare`, written partition by partition (format 2)::
+:func:`aftrec.data.prepare.prepare`, written partition by partition (format 2 of
+:mod:`aftrec.data.prepared`)::
 
     DIR/meta.json                  format 1's keys, plus "layout": "partitioned", "partitions"
     DIR/items.parquet              as format 1 (each domain one contiguous item range)
@@ -59,21 +60,21 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 from tqdm import tqdm
 
-from aftrec.data.dataset import PARTITIONED, partition_file
-from aftrec.data.prepare import (
-    FORMAT_VERSION,
-    _check_domains,
-    _count_parts,
-    _dropped_note,
-    _encode_items,
-    _is_integral,
-    _meta,
-    _no_test_error,
-    _split_positives,
-    _write_items,
-    _write_meta,
-    _write_parts,
-    _write_users,
+from aftrec.data.prepared import (
+    FORMAT_PARTITIONED,
+    PARTITIONED,
+    check_domains,
+    count_parts,
+    describe,
+    dropped_note,
+    encode_items,
+    is_integral,
+    no_test_error,
+    partition_file,
+    write_items,
+    write_meta,
+    write_parts,
+    write_users,
 )
 from aftrec.data.schema import (
     IN_ALL,
@@ -90,13 +91,19 @@ from aftrec.data.schema import (
     require_unique_columns,
 )
 from aftrec.data.sources.generic import PARQUET_SUFFIXES, CsvOrigin, header, read_table
-from aftrec.data.split import PART_NAMES, TEST, TRAIN, SplitConfig, chronological_order
+from aftrec.data.split import (
+    PART_NAMES,
+    TEST,
+    TRAIN,
+    SplitConfig,
+    chronological_order,
+    split_positives,
+)
 from aftrec.errors import DataError
 from aftrec.outputs import atomic_directory, check_writable
 
 log = logging.getLogger(__name__)
 
-FORMAT_PARTITIONED = FORMAT_VERSION + 1
 DEFAULT_PARTITION_ROWS = 4_000_000  # rows of the log per partition: bounds pass 2's memory
 MAX_PARTITIONS = 1000  # one open bucket file each in pass 1
 BATCH_ROWS = 1 << 20  # rows checked and scattered at a time in pass 1
@@ -259,7 +266,7 @@ class _Catalogue:
         # item ids get the type they would have in memory, where the whole log is one column
         _, cat_item = harmonise_ids(log_items, items["item"])
         self.domains = [str(d) for d in sorted(items["domain"].unique())]
-        self.items = _encode_items(items.assign(item=cat_item), self.domains)
+        self.items = encode_items(items.assign(item=cat_item), self.domains)
         self.index = pd.Index(self.items["item"])
         self.domain_names = self.items["domain"].to_numpy()
         self.item_domain = self.items["domain_idx"].to_numpy()
@@ -350,7 +357,7 @@ def _scatter(
             if positive is None:
                 positive = np.ones(n, dtype=bool)
             timestamp = frame["timestamp"].to_numpy(np.float64)
-            integral = integral and _is_integral(timestamp[positive])
+            integral = integral and is_integral(timestamp[positive])
             users = _user_array(frame["user"], kind, origin)
             bucket = _bucket_of(users, n_buckets)
             order = np.argsort(bucket, kind="stable")
@@ -446,15 +453,15 @@ def _split_bucket(
         "domain_idx": catalogue.item_domain[item[pos]],
         "timestamp": timestamp[pos],
     }
-    rows, part, kept_users, n_dropped = _split_positives(rows, split)
+    rows, part, kept_users, n_dropped = split_positives(rows, split)
     start = totals.n_users
     rows["user_idx"] += np.int32(start)
-    totals.integral = totals.integral and _is_integral(rows["timestamp"])
+    totals.integral = totals.integral and is_integral(rows["timestamp"])
     if integral:
         rows["timestamp"] = rows["timestamp"].astype(np.int64)
-    _write_users(partition_file(out, "users", p), np.asarray(user_ids)[kept_users], start)
-    _write_parts({name: partition_file(out, name, p) for name in PART_NAMES}, rows, part)
-    counts = _count_parts(part, rows["domain_idx"], len(catalogue.domains))
+    write_users(partition_file(out, "users", p), np.asarray(user_ids)[kept_users], start)
+    write_parts({name: partition_file(out, name, p) for name in PART_NAMES}, rows, part)
+    counts = count_parts(part, rows["domain_idx"], len(catalogue.domains))
     totals.counts += counts
     totals.n_users += len(kept_users)
     totals.n_dropped += n_dropped
@@ -534,15 +541,15 @@ def prepare_streaming(
         if totals.duplicates is not None:
             d = totals.duplicates
             raise duplicate_row_error(log_.locate(d.first), log_.locate(d.second), d.count)
-        dropped = _dropped_note(totals.n_dropped, split.min_positives)
+        dropped = dropped_note(totals.n_dropped, split.min_positives)
         n_items = np.bincount(catalogue.item_domain, minlength=len(domains))
-        _check_domains(domains, n_items, totals.counts[TRAIN], mo.name, log_.name, dropped)
+        check_domains(domains, n_items, totals.counts[TRAIN], mo.name, log_.name, dropped)
         if not totals.counts[TEST].any():
-            raise _no_test_error(log_.name, split.min_positives, dropped)
+            raise no_test_error(log_.name, split.min_positives, dropped)
         if totals.integral and not integral:
             _timestamps_to_int(tmp, n_partitions)
 
-        meta = _meta(
+        meta = describe(
             domains,
             catalogue.item_domain,
             totals.n_users,
@@ -559,8 +566,8 @@ def prepare_streaming(
             partition_rows=partition_rows,
             partitions=totals.partitions,
         )
-        _write_items(tmp / "items.parquet", catalogue.items)
-        _write_meta(tmp, meta)
+        write_items(tmp / "items.parquet", catalogue.items)
+        write_meta(tmp, meta)
     log.info(
         "dropped %d users with fewer than %d positives; %d partition(s)",
         totals.n_dropped,

@@ -25,18 +25,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from aftrec.config import RunConfig
+from aftrec.config import RunConfig, TrainConfig
 from aftrec.data.dataset import Dataset
 from aftrec.data.loader import ShardedLoader
 from aftrec.data.shards import load_shards
-from aftrec.errors import CheckpointError, ConfigError
+from aftrec.errors import CheckpointError, ConfigError, TrainingError
 from aftrec.evaluation.evaluate import Evaluator
 from aftrec.models.base import RetrievalModel
 from aftrec.registry import create_model
 from aftrec.training import checkpoint, rundir
 from aftrec.training.distributed import SINGLE, Context, peak_rss_mib, shards_of
 from aftrec.training.optim import use_sparse_embeddings
-from aftrec.training.steps import make_step
+from aftrec.training.steps import Step, make_step
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +83,7 @@ def train(
     ``train.epochs``, to train a finished run for longer)."""
     out = Path(out)
     progress = progress and ctx.main
-    if resume:
-        if cfg is not None:
-            raise ConfigError("--resume continues with the run's saved config; drop --config/--set")
-        cfg = rundir.load_run_config(out, resume_set)
-        state: dict[str, Any] | None = checkpoint.load(out / rundir.LAST)
-        if resume_set and ctx.main:
-            rundir.write_config(out, cfg)
-        if ctx.main:  # left by a process killed
-            rundir.remove_temporaries(out)
-    else:
-        assert cfg is not None
-        if (out / rundir.LAST).exists() or (out / rundir.BEST).exists():
-            raise ConfigError(f"{out} already holds a run; pass --resume or choose another --out")
-        state = None
+    cfg, state = _config_and_state(cfg, out, resume, resume_set, ctx)
     metric, metric_n = _metric_name(cfg)
     tc = cfg.train
     if tc.threads:
@@ -136,143 +123,231 @@ def train(
         n_shards, local.n_examples, tc.seed,
     )  # fmt: skip
     step = make_step(model, tc, ctx)
-    epoch, best, best_epoch, bad_epochs = 0, float("-inf"), -1, 0
+    epoch, stopper = 0, EarlyStopping(tc.patience)
     if state is not None:
         if state.get("done") and (state.get("stopped_early") or state["epoch"] >= tc.epochs):
             log.info("run %s already finished", out)
             return TrainResult(
-                out,
-                state["best_epoch"],
-                state["best_metric"],
-                state["epoch"],
-                0.0,
-                0.0,
+                out, state["best_epoch"], state["best_metric"], state["epoch"], 0.0, 0.0,
                 state.get("stopped_early", False),
-            )
-        try:
-            model.load_state_dict(state["model"])
-            step.load_state_dict(state["step"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"{out / rundir.LAST}: does not fit this run: {exc}") from exc
-        epoch, best, best_epoch, bad_epochs = (
-            state["epoch"],
-            state["best_metric"],
-            state["best_epoch"],
-            state["bad_epochs"],
-        )
+            )  # fmt: skip
+        epoch = _restore(out, state, model, step, stopper)
 
     has_valid = int(sum(local.dataset.meta["counts"]["valid"].values())) > 0
     examples, train_seconds, stopped_early = 0, 0.0, False
     while epoch < tc.epochs:
-        t0 = time.perf_counter()
-        totals: dict[str, float] = {}
-        n_batches = epoch_examples = 0
         torch.manual_seed(epoch_seed(tc.seed, epoch, ctx.rank))
-        batches = loader.epoch(epoch, tc.max_batches_per_epoch)
-        total = (
-            len(loader)
-            if tc.max_batches_per_epoch is None
-            else min(len(loader), tc.max_batches_per_epoch)
-        )
-        bar = tqdm(
-            batches,
-            total=total,
-            desc=f"epoch {epoch + 1}/{tc.epochs}",
-            unit="batch",
-            disable=not progress,
-            leave=False,
-        )
-        for batch in bar:
-            losses = step(batch if tc.device == "cpu" else batch.to(tc.device))
-            if not all(np.isfinite(v) for v in losses.values()):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}: {losses}")
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + v
-            n_batches += 1
-            epoch_examples += len(batch)
-            if n_batches % 20 == 0:
-                bar.set_postfix({k: f"{v / n_batches:.4f}" for k, v in totals.items()})
-        epoch_seconds = time.perf_counter() - t0
-        train_seconds += epoch_seconds
+        totals = train_epoch(step, loader, epoch, tc, progress)
+        train_seconds += totals.seconds
         epoch += 1
-        # the ranks' mean losses and example counts (one small gather per epoch)
-        per_rank = ctx.gather((totals, n_batches, epoch_examples, peak_rss_mib()))
-        epoch_examples = sum(r[2] for r in per_rank)  # over all ranks
+        entry, epoch_examples = _epoch_entry(epoch, totals, model, ctx)
         examples += epoch_examples
-        entry: dict[str, Any] = {
-            "epoch": epoch,
-            **{
-                k: sum(r[0][k] for r in per_rank) / max(sum(r[1] for r in per_rank), 1)
-                for k in totals
-            },
-        }
-        health = model.epoch_health()  # this rank's (rank 0's is logged)
-        if health is not None:
-            entry["health"] = health
-        entry["ranks"] = ctx.world
-        entry["peak_rss_mib"] = [round(r[3], 1) for r in per_rank]  # one per rank
         if not ctx.main:  # rank 0 validates and checkpoints; the others wait for its verdict
             stopped_early = ctx.broadcast(None)
             if stopped_early:
                 break
             continue
-        t_valid = time.perf_counter()
-        if has_valid:
-            value = evaluator.evaluate(
-                model, "valid", ns=(metric_n,), progress=False, max_users=tc.valid_users
-            ).average[metric]
-        else:
-            value = -float(epoch)  # no validation part: the last epoch is the best
-        entry[f"valid_{metric}"] = value
-        entry["examples_per_second"] = epoch_examples / max(epoch_seconds, 1e-9)
-        # wall time of this epoch's training and validation (summed up to the best epoch:
-        # the time to the best validation epoch, resumed runs included)
-        entry["train_seconds"] = round(epoch_seconds, 3)
-        entry["valid_seconds"] = round(time.perf_counter() - t_valid, 3)
-        entry["peak_rss_mib"][0] = round(peak_rss_mib(), 1)  # rank 0's, validation included
-        if value > best:
-            best, best_epoch, bad_epochs = value, epoch, 0
+        valid = evaluator if has_valid else None
+        value = _validate(valid, model, cfg, epoch, entry, totals, epoch_examples)
+        if stopper.update(epoch, value):
             checkpoint.save(
                 {"model": model.state_dict(), "epoch": epoch, "metric": value}, out / rundir.BEST
             )
-        else:
-            bad_epochs += 1
-        stopped_early = bad_epochs >= tc.patience
-        done = stopped_early or epoch >= tc.epochs
-        checkpoint.save(
-            {
-                "model": model.state_dict(),
-                "step": step.state_dict(),
-                "epoch": epoch,
-                "best_metric": best,
-                "best_epoch": best_epoch,
-                "bad_epochs": bad_epochs,
-                "done": done,
-                "stopped_early": stopped_early,
-            },
-            out / rundir.LAST,
-        )
+        stopped_early = stopper.stopped
+        _save_last(out, model, step, epoch, stopper, done=stopped_early or epoch >= tc.epochs)
         rundir.append_log(out, entry)
-        msg = ", ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in entry.items()
-            if k != "health"
-        )
-        if health is not None:  # the full record is in log.jsonl
-            msg += ", fakes distinct share (min over domains)={:.3f}, |Q-b|={:.2e}".format(
-                health["distinct_share_min"], health["advantage_abs"]
-            )
-        tqdm.write(msg) if progress else log.info(msg)
+        _show(entry, progress)
         ctx.broadcast(stopped_early)
         if stopped_early:
             break
     seconds = time.perf_counter() - started
-    best_epoch, best = ctx.broadcast((best_epoch, best))
+    best_epoch, best = ctx.broadcast((stopper.best_epoch, stopper.best))
     peaks = [round(p, 1) for p in ctx.gather(peak_rss_mib())]
     return TrainResult(
         out, best_epoch, best, epoch, seconds, examples / max(train_seconds, 1e-9),
         stopped_early, peaks,
     )  # fmt: skip
+
+
+def _config_and_state(
+    cfg: RunConfig | None, out: Path, resume: bool, resume_set: list[str] | None, ctx: Context
+) -> tuple[RunConfig, dict[str, Any] | None]:
+    """The run's config and, when resuming, its ``last.pt`` state."""
+    if not resume:
+        assert cfg is not None
+        if (out / rundir.LAST).exists() or (out / rundir.BEST).exists():
+            raise ConfigError(f"{out} already holds a run; pass --resume or choose another --out")
+        return cfg, None
+    if cfg is not None:
+        raise ConfigError("--resume continues with the run's saved config; drop --config/--set")
+    cfg = rundir.load_run_config(out, resume_set)
+    state = checkpoint.load(out / rundir.LAST)
+    if resume_set and ctx.main:
+        rundir.write_config(out, cfg)
+    if ctx.main:  # left by a process killed
+        rundir.remove_temporaries(out)
+    return cfg, state
+
+
+class EarlyStopping:
+    """The best validation value so far, its epoch, and the epochs since it improved; stops
+    after ``patience`` epochs without improvement."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best, self.best_epoch, self.bad_epochs = float("-inf"), -1, 0
+
+    def update(self, epoch: int, value: float) -> bool:
+        """Record ``epoch``'s value; True when it is the best so far."""
+        if value > self.best:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def stopped(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"best_metric": self.best, "best_epoch": self.best_epoch}
+        return {**state, "bad_epochs": self.bad_epochs, "stopped_early": self.stopped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state["best_metric"]
+        self.best_epoch = state["best_epoch"]
+        self.bad_epochs = state["bad_epochs"]
+
+
+def _restore(
+    out: Path, state: dict[str, Any], model: RetrievalModel, step: Step, stopper: EarlyStopping
+) -> int:
+    """Load a resumed run's model, step and early-stopping state; returns the epochs done."""
+    try:
+        model.load_state_dict(state["model"])
+        step.load_state_dict(state["step"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{out / rundir.LAST}: does not fit this run: {exc}") from exc
+    stopper.load_state_dict(state)
+    return int(state["epoch"])
+
+
+@dataclass
+class EpochTotals:
+    """One rank's epoch: summed losses, batches, examples and wall seconds of training."""
+
+    losses: dict[str, float]
+    batches: int
+    examples: int
+    seconds: float
+
+
+def train_epoch(
+    step: Step, loader: ShardedLoader, epoch: int, tc: TrainConfig, progress: bool
+) -> EpochTotals:
+    """One epoch of ``step`` over this rank's batches (0-based ``epoch``)."""
+    t0 = time.perf_counter()
+    totals: dict[str, float] = {}
+    n_batches = n_examples = 0
+    batches = loader.epoch(epoch, tc.max_batches_per_epoch)
+    total = (
+        len(loader)
+        if tc.max_batches_per_epoch is None
+        else min(len(loader), tc.max_batches_per_epoch)
+    )
+    bar = tqdm(
+        batches,
+        total=total,
+        desc=f"epoch {epoch + 1}/{tc.epochs}",
+        unit="batch",
+        disable=not progress,
+        leave=False,
+    )
+    for batch in bar:
+        losses = step(batch if tc.device == "cpu" else batch.to(tc.device))
+        if not all(np.isfinite(v) for v in losses.values()):
+            raise TrainingError(f"non-finite loss at epoch {epoch + 1}: {losses}")
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0.0) + v
+        n_batches += 1
+        n_examples += len(batch)
+        if n_batches % 20 == 0:
+            bar.set_postfix({k: f"{v / n_batches:.4f}" for k, v in totals.items()})
+    return EpochTotals(totals, n_batches, n_examples, time.perf_counter() - t0)
+
+
+def _epoch_entry(
+    epoch: int, totals: EpochTotals, model: RetrievalModel, ctx: Context
+) -> tuple[dict[str, Any], int]:
+    """The log entry of an epoch (the ranks' mean losses, the model's health, memory) and the
+    examples of every rank; one small gather per epoch."""
+    per_rank = ctx.gather((totals.losses, totals.batches, totals.examples, peak_rss_mib()))
+    entry: dict[str, Any] = {
+        "epoch": epoch,
+        **{
+            k: sum(r[0][k] for r in per_rank) / max(sum(r[1] for r in per_rank), 1)
+            for k in totals.losses
+        },
+    }
+    health = model.epoch_health()  # this rank's (rank 0's is logged)
+    if health is not None:
+        entry["health"] = health
+    entry["ranks"] = ctx.world
+    entry["peak_rss_mib"] = [round(r[3], 1) for r in per_rank]  # one per rank
+    return entry, sum(r[2] for r in per_rank)
+
+
+def _validate(
+    evaluator: Evaluator | None,
+    model: RetrievalModel,
+    cfg: RunConfig,
+    epoch: int,
+    entry: dict[str, Any],
+    totals: EpochTotals,
+    examples: int,
+) -> float:
+    """Rank 0's validation of an epoch (``train.valid_metric``), recorded in ``entry`` with the
+    throughput over every rank's ``examples`` and the wall times of the epoch's training and
+    validation (summed up to the best epoch: the time to the best validation epoch, resumed
+    runs included). Without a validation part (``evaluator`` None) the last epoch is the
+    best."""
+    metric, metric_n = _metric_name(cfg)
+    t_valid = time.perf_counter()
+    if evaluator is not None:
+        value = evaluator.evaluate(
+            model, "valid", ns=(metric_n,), progress=False, max_users=cfg.train.valid_users
+        ).average[metric]
+    else:
+        value = -float(epoch)
+    entry[f"valid_{metric}"] = value
+    entry["examples_per_second"] = examples / max(totals.seconds, 1e-9)
+    entry["train_seconds"] = round(totals.seconds, 3)
+    entry["valid_seconds"] = round(time.perf_counter() - t_valid, 3)
+    entry["peak_rss_mib"][0] = round(peak_rss_mib(), 1)  # rank 0's, validation included
+    return value
+
+
+def _save_last(
+    out: Path, model: RetrievalModel, step: Step, epoch: int, stopper: EarlyStopping, done: bool
+) -> None:
+    """``last.pt``: everything a resumed run needs."""
+    state = {"model": model.state_dict(), "step": step.state_dict(), "epoch": epoch}
+    checkpoint.save({**state, **stopper.state_dict(), "done": done}, out / rundir.LAST)
+
+
+def _show(entry: dict[str, Any], progress: bool) -> None:
+    """One line per epoch: the log entry, with two numbers of the health record."""
+    msg = ", ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in entry.items()
+        if k != "health"
+    )
+    health = entry.get("health")
+    if health is not None:  # the full record is in log.jsonl
+        msg += ", fakes distinct share (min over domains)={:.3f}, |Q-b|={:.2e}".format(
+            health["distinct_share_min"], health["advantage_abs"]
+        )
+    tqdm.write(msg) if progress else log.info(msg)
 
 
 def _fit_closed_form(

@@ -1,0 +1,179 @@
+"""The prepared-dataset format: the one module that lays it out, writes its files and reads
+its description. :mod:`aftrec.data.prepare` (in memory) and :mod:`aftrec.data.stream`
+(partitioned, for logs larger than memory) both write through it; :class:`aftrec.data.dataset.
+Dataset` reads the tables.
+
+Format 1 (all Parquet through pyarrow, plus one JSON file)::
+
+    DIR/meta.json        domains, per-domain item ranges, counts, split settings, source
+    DIR/items.parquet    item_idx, item (original id), domain
+    DIR/users.parquet    user_idx, user (original id)
+    DIR/train.parquet    user_idx, item_idx, domain_idx, timestamp   (positives only)
+    DIR/valid.parquet    same columns
+    DIR/test.parquet     same columns
+
+Format 2, "partitioned" (``meta["layout"] == PARTITIONED``): ``meta.json`` and
+``items.parquet`` as above, and the users and parts split into partition files
+``DIR/users/part-00000.parquet``, ``DIR/train/part-00000.parquet``, ... (:func:`partition_file`).
+
+Items are numbered so that each domain is one contiguous range ``[offset[d], offset[d+1])``;
+full ranking inside a domain is then a slice of the item table. ``meta.json`` is written last:
+a folder without it (or with the unfinished-output marker of :mod:`aftrec.outputs`) is not a
+dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from aftrec.data.split import PART_NAMES, SplitConfig
+from aftrec.errors import DataError
+from aftrec.outputs import atomic_write_bytes, unfinished
+
+FORMAT_VERSION = 1
+FORMAT_PARTITIONED = FORMAT_VERSION + 1
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A prepared dataset's meta.json (domains, counts, partitions, ...), without its tables."""
+    meta_path = Path(path) / "meta.json"
+    if unfinished(path):
+        raise DataError(
+            f"{path} is an unfinished dataset (`aftrec prepare` was interrupted); prepare it again"
+        )
+    if not meta_path.is_file():
+        raise DataError(f"{path} is not a prepared dataset (no meta.json); run `aftrec prepare`")
+    try:
+        meta: dict[str, Any] = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: prepared dataset is unreadable: {exc}") from exc
+    return meta
+
+
+PARTITIONED = "partitioned"  # meta["layout"] of format 2 (aftrec.data.stream)
+
+
+def partition_file(path: Path, kind: str, p: int) -> Path:
+    """Partition ``p``'s file of ``kind`` ("users", "train", "valid" or "test") in format 2."""
+    return Path(path) / kind / f"part-{p:05d}.parquet"
+
+
+def encode_items(items: pd.DataFrame, domains: list[str]) -> pd.DataFrame:
+    """Number items domain by domain (domain order, then original id) -> contiguous ranges."""
+    frame = items.assign(
+        domain_idx=pd.Categorical(items["domain"], categories=domains).codes.astype(np.int16)
+    )
+    frame = frame.sort_values(["domain_idx", "item"], kind="stable").reset_index(drop=True)
+    frame.insert(0, "item_idx", np.arange(len(frame), dtype=np.int32))
+    return frame
+
+
+def is_integral(ts: np.ndarray) -> bool:
+    return bool(np.all(np.mod(ts, 1) == 0))
+
+
+def timestamps(ts: np.ndarray) -> np.ndarray:
+    if len(ts) and is_integral(ts):
+        return ts.astype(np.int64)
+    return ts.astype(np.float64)
+
+
+def check_domains(
+    domains: list[str], n_items: np.ndarray, n_train: np.ndarray, items: str, log_: str, note: str
+) -> None:
+    """Every domain needs catalogue items and training positives; messages name the files.
+
+    ``n_items`` and ``n_train`` count the catalogue items and training positives per domain;
+    ``items`` and ``log_`` name the catalogue and the interaction log.
+    """
+    for d, name in enumerate(domains):
+        if n_items[d] == 0:
+            raise DataError(
+                f"{items}: domain {name!r} is empty: no item of the catalogue belongs to it"
+            )
+        if n_train[d] == 0:
+            raise DataError(
+                f"{log_}: domain {name!r} is empty: it has no positive "
+                f"interactions in the training part{note}"
+            )
+
+
+def dropped_note(n_dropped: int, min_positives: int) -> str:
+    if not n_dropped:
+        return ""
+    return f" ({n_dropped} user(s) with fewer than {min_positives} positives were dropped)"
+
+
+def no_test_error(log_: str, min_positives: int, note: str) -> DataError:
+    return DataError(
+        f"{log_}: the test part is empty: no user has at least {min_positives} positives{note}"
+    )
+
+
+def count_parts(part: np.ndarray, domain_idx: np.ndarray, n_domains: int) -> np.ndarray:
+    """(3, n_domains) positives per part (train, valid, test) and domain."""
+    cells = part.astype(np.int64) * n_domains + domain_idx
+    return np.bincount(cells, minlength=len(PART_NAMES) * n_domains).reshape(-1, n_domains)
+
+
+def describe(
+    domains: list[str],
+    item_domain: np.ndarray,
+    n_users: int,
+    counts: np.ndarray,
+    n_dropped: int,
+    split: SplitConfig,
+    presplit: bool,
+    source: dict[str, Any] | None,
+    started: float,
+) -> dict[str, Any]:
+    """meta.json's keys common to every layout; ``counts`` is :func:`count_parts`'s table."""
+    offsets = np.r_[0, np.cumsum(np.bincount(item_domain, minlength=len(domains)))]
+    return {
+        "format": FORMAT_VERSION,
+        "domains": domains,
+        "domain_offsets": [int(x) for x in offsets],
+        "n_users": int(n_users),
+        "n_items": len(item_domain),
+        "counts": {
+            name: {dom: int(counts[p, d]) for d, dom in enumerate(domains)}
+            for p, name in enumerate(PART_NAMES)
+        },
+        "users_dropped": int(n_dropped),
+        "split": {**asdict(split), "presplit": presplit},
+        "source": source or {},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def write_items(path: Path, items: pd.DataFrame) -> None:
+    items.loc[:, ["item_idx", "item", "domain"]].to_parquet(path, index=False)
+
+
+def write_users(path: Path, user_ids: np.ndarray, start: int = 0) -> None:
+    """Users ``start, start + 1, ...`` with their original ids."""
+    idx = np.arange(start, start + len(user_ids), dtype=np.int32)
+    pd.DataFrame({"user_idx": idx, "user": user_ids}).to_parquet(path, index=False)
+
+
+def write_parts(paths: dict[str, Path], rows: dict[str, np.ndarray], part: np.ndarray) -> None:
+    """One file per part (train, valid, test), columns user_idx, item_idx, domain_idx,
+    timestamp, rows in the given order."""
+    frame = pd.DataFrame(rows)
+    for p, name in enumerate(PART_NAMES):
+        frame.loc[part == p].to_parquet(paths[name], index=False)
+
+
+def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    """meta.json, last: a folder without it (or with the unfinished-output marker of
+    :mod:`aftrec.outputs`) is not a dataset."""
+    atomic_write_bytes(
+        folder / "meta.json", (json.dumps(meta, indent=2, default=str) + "\n").encode()
+    )
