@@ -63,6 +63,16 @@ class TrainConfig:
             _at_least(self, "train", max_batches_per_epoch=1)
         if self.threads is not None:
             _at_least(self, "train", threads=1)
+        self.valid_metric_n()  # checked when the config loads, not after the first epoch
+
+    def valid_metric_n(self) -> tuple[str, int]:
+        """``valid_metric`` (``recall@50``, ``ndcg@20``) and its cut-off N."""
+        name, _, n = self.valid_metric.partition("@")
+        if name not in ("recall", "ndcg") or not n.isdigit():
+            raise ConfigError(
+                f"train.valid_metric must look like recall@50 or ndcg@20, got {self.valid_metric!r}"
+            )
+        return self.valid_metric, int(n)
 
 
 def _at_least(cfg: Any, section: str, **bounds: float) -> None:

@@ -74,6 +74,11 @@ class RetrievalModel(nn.Module):
         """(n_items_in_domain, dim) item vectors of ``domain``, in item-index order."""
         raise NotImplementedError(f"{type(self).__name__} is not a dot-product model")
 
+    def domain_rows(self, table: torch.Tensor, domain: int) -> torch.Tensor:
+        """The rows of an item-indexed ``table`` that belong to ``domain`` (its item range)."""
+        lo, hi = self.info.domain_range(domain)
+        return table[lo:hi]
+
     # --- what the evaluator calls ---------------------------------------------------------
     def score(self, batch: Batch, domain: int) -> torch.Tensor:
         """(B, n_items_in_domain) scores of every item of ``domain`` for each user."""
@@ -128,8 +133,7 @@ class UserTowerModel(RetrievalModel):
         return self.user_tower(batch, target)
 
     def item_vectors(self, domain: int) -> torch.Tensor:
-        lo, hi = self.info.domain_range(domain)
-        return self.item_emb.weight[lo:hi]
+        return self.domain_rows(self.item_emb.weight, domain)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         assert batch.pos is not None and batch.neg is not None, "training batches carry items"

@@ -157,8 +157,7 @@ class MultiTask(RetrievalModel):
         return self.all_user_vectors(batch)[:, domain]
 
     def item_vectors(self, domain: int) -> torch.Tensor:
-        lo, hi = self.info.domain_range(domain)
-        return self.item_emb.weight[lo:hi]
+        return self.domain_rows(self.item_emb.weight, domain)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         assert batch.pos is not None and batch.neg is not None, "training batches carry items"

@@ -53,16 +53,6 @@ class TrainResult:
     peak_rss_mib: list[float] = dataclasses.field(default_factory=list)  # per rank
 
 
-def _metric_name(cfg: RunConfig) -> tuple[str, int]:
-    name, _, n = cfg.train.valid_metric.partition("@")
-    if name not in ("recall", "ndcg") or not n.isdigit():
-        raise ConfigError(
-            "train.valid_metric must look like recall@50 or ndcg@20, "
-            f"got {cfg.train.valid_metric!r}"
-        )
-    return cfg.train.valid_metric, int(n)
-
-
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The torch seed of one rank's epoch: dropout and masks are reproducible per epoch."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
@@ -84,7 +74,7 @@ def train(
     out = Path(out)
     progress = progress and ctx.main
     cfg, state = _config_and_state(cfg, out, resume, resume_set, ctx)
-    metric, metric_n = _metric_name(cfg)
+    metric, metric_n = cfg.train.valid_metric_n()
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -311,7 +301,7 @@ def _validate(
     validation (summed up to the best epoch: the time to the best validation epoch, resumed
     runs included). Without a validation part (``evaluator`` None) the last epoch is the
     best."""
-    metric, metric_n = _metric_name(cfg)
+    metric, metric_n = cfg.train.valid_metric_n()
     t_valid = time.perf_counter()
     if evaluator is not None:
         value = evaluator.evaluate(

@@ -21,6 +21,7 @@ aggregation (see :meth:`Discriminator.attention_user`). Shapes and other choices
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +29,10 @@ from torch import nn
 from aftrec.models.aft.conve import ConvE
 from aftrec.models.aft.generator import domain_transformer, target_rows
 from aftrec.models.layers import bag_mean
+
+if TYPE_CHECKING:
+    from aftrec.data.dataset import DataInfo
+    from aftrec.models.aft.model import AFTConfig
 
 
 def click_share(counts: torch.Tensor) -> torch.Tensor:
@@ -37,36 +42,27 @@ def click_share(counts: torch.Tensor) -> torch.Tensor:
 
 
 class Discriminator(nn.Module):
-    def __init__(
-        self,
-        n_items: int,
-        n_domains: int,
-        dim: int,
-        heads: int,
-        layers: int,
-        ff_dim: int,
-        dropout: float,
-        translation: str = "conve",
-        conve_channels: int = 16,
-        conve_kernel: int = 3,
-        conve_rows: int = 8,
-    ) -> None:
+    """D over ``info``'s items and domains, sized by ``cfg`` (``dim``, ``d_heads``,
+    ``d_layers``, ``ff_mult``, ``dropout``, ``translation`` and the ``conve_*`` keys)."""
+
+    def __init__(self, cfg: AFTConfig, info: DataInfo) -> None:
         super().__init__()
+        n_items, n_domains, dim, dropout = info.n_items, info.n_domains, cfg.dim, cfg.dropout
+        heads, layers, ff_dim = cfg.d_heads, cfg.d_layers, cfg.ff_mult * dim
+        channels, kernel, rows = cfg.conve_channels, cfg.conve_kernel, cfg.conve_rows
         self.pad = n_items
-        self.translation = translation
+        self.translation = cfg.translation
         self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=n_items)  # e of Eq. 12
         self.domain_emb = nn.Embedding(n_domains, dim)  # d_i
         self.domain_pos = nn.Parameter(torch.zeros(n_domains, dim))  # which token is which domain
         self.item_tf = domain_transformer(dim, heads, layers, ff_dim, dropout)  # Eq. 7, f^_i
         self.domain_tf = domain_transformer(dim, heads, layers, ff_dim, dropout)  # Eq. 7, d^_i
         self.w_d = nn.Linear(2 * dim, dim, bias=False)  # W_d of Eq. 11
-        if translation == "conve":
+        if cfg.translation == "conve":
             # Eq. 10: f-bar and d-bar (n * dim each) as n x dim matrices, one domain per row
-            self.conve_general = ConvE(n_domains, dim, dim, conve_channels, conve_kernel, dropout)
+            self.conve_general = ConvE(n_domains, dim, dim, channels, kernel, dropout)
             # Eq. 11: u_g and the relation (dim each) as conve_rows x (dim / conve_rows)
-            self.conve_specific = ConvE(
-                conve_rows, dim // conve_rows, dim, conve_channels, conve_kernel, dropout
-            )
+            self.conve_specific = ConvE(rows, dim // rows, dim, channels, kernel, dropout)
         else:  # Table 6 "- feature translation": attention aggregation + two-layer MLP
             self.attention_mlp = nn.Sequential(
                 nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim)

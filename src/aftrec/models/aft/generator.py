@@ -19,6 +19,7 @@ Choices where the paper is silent are listed in docs/aft.md.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,10 @@ from torch import nn
 
 from aftrec.models.aft.topk import Exclusions, domain_top_k
 from aftrec.models.layers import bag_mean
+
+if TYPE_CHECKING:
+    from aftrec.data.dataset import DataInfo
+    from aftrec.models.aft.model import AFTConfig
 
 
 def domain_transformer(
@@ -44,21 +49,15 @@ def target_rows(x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
 
 
 class Generator(nn.Module):
-    def __init__(
-        self,
-        n_items: int,
-        n_domains: int,
-        dim: int,
-        heads: int,
-        layers: int,
-        ff_dim: int,
-        hidden: int,
-        dropout: float,
-        mask_ratio: float,
-    ) -> None:
+    """G over ``info``'s items and domains, sized by ``cfg`` (``dim``, ``g_heads``,
+    ``g_layers``, ``ff_mult``, ``g_hidden``, ``dropout``, ``mask_ratio``)."""
+
+    def __init__(self, cfg: AFTConfig, info: DataInfo) -> None:
         super().__init__()
+        n_items, n_domains, dim, dropout = info.n_items, info.n_domains, cfg.dim, cfg.dropout
+        heads, layers, ff_dim, hidden = cfg.g_heads, cfg.g_layers, cfg.ff_mult * dim, cfg.g_hidden
         self.pad = n_items
-        self.mask_ratio = mask_ratio
+        self.mask_ratio = cfg.mask_ratio
         # e of Eq. 5 and the behaviours X of Eq. 1; row `pad` is the zero [MASK] / padding
         self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=n_items)
         self.domain_emb = nn.Embedding(n_domains, dim)  # d_t of Eq. 4

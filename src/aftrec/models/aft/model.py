@@ -304,27 +304,10 @@ class AFT(RetrievalModel):
     def __init__(self, cfg: AFTConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)
         self.cfg: AFTConfig = cfg
-        ff = cfg.ff_mult * cfg.dim
-        n, items = info.n_domains, info.n_items
-        self.discriminator = Discriminator(
-            items,
-            n,
-            cfg.dim,
-            cfg.d_heads,
-            cfg.d_layers,
-            ff,
-            cfg.dropout,
-            cfg.translation,
-            cfg.conve_channels,
-            cfg.conve_kernel,
-            cfg.conve_rows,
-        )
+        self.discriminator = Discriminator(cfg, info)
         self.generator: Generator | None = None
         if cfg.negatives == "generator":
-            self.generator = Generator(
-                items, n, cfg.dim, cfg.g_heads, cfg.g_layers, ff, cfg.g_hidden, cfg.dropout,
-                cfg.mask_ratio,
-            )  # fmt: skip
+            self.generator = Generator(cfg, info)
         self.register_buffer("offsets", torch.tensor(info.offsets), persistent=False)
         self.clicks: ClickIndex | None = None
         self.health: FakeHealth | None = None
@@ -551,36 +534,21 @@ class AFT(RetrievalModel):
         return self.losses(batch)
 
 
-@register_model(
-    "aft-paper",
-    AFTPaperConfig,
-    paper_name="AFT (D+G), G as printed",
-    paper_row=14,
-    quick=QUICK,
-)
+# the paper's rows (Tables 2 and 3): aft-d 12, aft-hnm 13, aft-paper 14 (not in the paper:
+# its AFT (D+G) as printed, next to ours), aft 15
+@register_model("aft-paper", AFTPaperConfig, paper_name="AFT (D+G), G as printed", paper_row=14,
+                quick=QUICK)  # fmt: skip
 class AFTPaper(AFT):
     """AFT (D+G) with G trained exactly as section 3 prints it (see :class:`AFTPaperConfig`)."""
 
 
-@register_model(
-    "aft-d",
-    AFTDConfig,
-    paper_name="AFT (D)",
-    paper_row=12,
-    quick=QUICK,
-    inert_keys=AFTDConfig.INERT_KEYS,
-)
+@register_model("aft-d", AFTDConfig, paper_name="AFT (D)", paper_row=12, quick=QUICK,
+                inert_keys=AFTDConfig.INERT_KEYS)  # fmt: skip
 class AFTD(AFT):
     """AFT (D): the discriminator alone, trained on random unclicked negatives."""
 
 
-@register_model(
-    "aft-hnm",
-    AFTHNMConfig,
-    paper_name="AFT (D+HNM)",
-    paper_row=13,
-    quick=QUICK,
-    inert_keys=AFTHNMConfig.INERT_KEYS,
-)
+@register_model("aft-hnm", AFTHNMConfig, paper_name="AFT (D+HNM)", paper_row=13, quick=QUICK,
+                inert_keys=AFTHNMConfig.INERT_KEYS)  # fmt: skip
 class AFTHNM(AFT):
     """AFT (D+HNM): the discriminator with hard negatives mined from its own ranking."""
