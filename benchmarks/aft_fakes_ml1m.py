@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine
 from aftrec.arrays import unique
 from aftrec.data.dataset import Dataset, Interactions

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import peak_rss_mib, write
 from aftrec.evaluation.evaluate import Evaluator
 from aftrec.training.rundir import load_run

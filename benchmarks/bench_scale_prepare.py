@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write
 
 REPO = Path(__file__).resolve().parent.parent

@@ -65,7 +65,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import peak_rss_mib, write
 from aftrec.config import resolve
 from aftrec.data.dataset import Dataset

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write
 from aftrec.config import resolve
 from aftrec.data.dataset import Dataset

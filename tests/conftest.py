@@ -46,8 +46,8 @@ def _one_torch_thread() -> None:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A module's own dataset prepared through the CLI from a small valid log
-    (:func:`tests.test_bad_input.prepare_valid_log`)."""
-    from tests.test_bad_input import prepare_valid_log
+    (:func:`tests.inputs.prepare_valid_log`)."""
+    from tests.inputs import prepare_valid_log
 
     return prepare_valid_log(tmp_path_factory.mktemp("cli"))
 
@@ -55,6 +55,6 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(prepared: Path) -> Path:
     """A tiny two-tower run on :func:`prepared`, free to be read, not damaged."""
-    from tests.test_bad_input import train_tiny
+    from tests.inputs import train_tiny
 
     return train_tiny(prepared)

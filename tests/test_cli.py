@@ -20,6 +20,7 @@ import yaml
 
 from aftrec.cli import main
 from aftrec.config import resolve
+from tests.inputs import write
 
 DOMAINS = ("movie", "book", "music")
 N_USERS, ITEMS_PER_DOMAIN, PER_DOMAIN = 30, 12, 4
@@ -56,15 +57,6 @@ def make_log(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     inter["timestamp"] = 1_600_000_000 + 60 * rng.permutation(len(inter))
     inter["label"] = (inter["rating"] >= 4).astype(int)
     return inter, items
-
-
-def write(frame: pd.DataFrame, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".parquet":
-        frame.to_parquet(path, index=False)
-    else:
-        frame.to_csv(path, index=False)
-    return path
 
 
 def run_ok(argv: list[str]) -> None:

@@ -22,7 +22,7 @@ from aftrec.data.dataset import Dataset
 from aftrec.data.prepared import read_meta
 from aftrec.errors import AftrecError
 from aftrec.outputs import _HOST, INCOMPLETE, remove_stale
-from tests.test_bad_input import fails_cleanly, make_log, prepare_argv, write
+from tests.inputs import fails_cleanly, make_log, prepare_argv, write
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ from aftrec.data.dataset import Dataset
 from aftrec.data.prepared import read_meta
 from aftrec.data.sources.synthetic import SyntheticConfig, catalogue, iter_chunks
 from aftrec.errors import DataError
-from tests.test_bad_input import ROW, fails_cleanly, make_log, snapshot, write
+from tests.inputs import ROW, fails_cleanly, make_log, snapshot, write
 
 CFG = SyntheticConfig(
     n_users=1500, n_domains=3, items_per_domain=120, n_interactions=36_000, n_topics=6, seed=5

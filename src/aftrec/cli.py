@@ -269,7 +269,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _recommend(args: argparse.Namespace) -> None:
-    from aftrec.evaluation.recommend import recommend, write_table
+    from aftrec.evaluation.topn_table import recommend, write_table
     from aftrec.training.rundir import load_run
 
     cfg, data, model = load_run(args.run, "best")

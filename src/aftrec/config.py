@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -27,42 +27,97 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    history_len: int = 50  # last behaviours per domain (section 5.3)
-    n_negatives: int = 8  # sampled unclicked items of the target domain per positive
+class Bound:
+    """The range of a numeric config field, declared in its type:
+    ``dim: Annotated[int, Bound(low=1)]``; ``None`` leaves that side open."""
 
-    def __post_init__(self) -> None:
-        _at_least(self, "data", history_len=1, n_negatives=0)
+    low: float | None = None  # value >= low
+    above: float | None = None  # value > above
+    below: float | None = None  # value < below
+
+
+#: the usual field types: a count of at least one, a weight of at least zero, a positive
+#: number, a rate in [0, 1) (dropout, mask ratios), and the shared sampled losses
+Count = Annotated[int, Bound(low=1)]
+Weight = Annotated[float, Bound(low=0.0)]
+Positive = Annotated[float, Bound(above=0)]
+Rate = Annotated[float, Bound(low=0.0, below=1)]
+Loss = Literal["softmax", "bce"]
+
+
+def check_fields(cfg: Any, section: str) -> None:
+    """Raise :class:`ConfigError` naming the first field of ``cfg`` outside the bound or the
+    choices (``Literal``) its type declares; ``None`` passes an optional field."""
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for f in fields(cfg):
+        value, key = getattr(cfg, f.name), f"{section}.{f.name}"
+        for tp in _alternatives(hints[f.name]):
+            if typing.get_origin(tp) is typing.Literal and value not in typing.get_args(tp):
+                choices = ", ".join(map(str, typing.get_args(tp)))
+                raise ConfigError(f"config key {key} must be one of {choices}; got {value!r}")
+            for bound in getattr(tp, "__metadata__", ()):
+                if isinstance(bound, Bound) and value is not None:
+                    _check_bound(value, bound, key)
+
+
+def _alternatives(tp: Any) -> tuple[Any, ...]:
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _check_bound(value: Any, bound: Bound, key: str) -> None:
+    if bound.low is not None and value < bound.low:
+        raise ConfigError(f"config key {key} must be >= {bound.low}, got {value!r}")
+    if bound.above is not None and value <= bound.above:
+        raise ConfigError(f"config key {key} must be > {bound.above}, got {value}")
+    if bound.below is not None and value >= bound.below:
+        raise ConfigError(f"config key {key} must be < {bound.below}, got {value}")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 256  # section 5.3
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 3  # epochs without validation improvement before stopping
-    valid_metric: str = "recall@50"  # averaged over domains, on the validation split
-    seed: int = 0
-    eval_batch_size: int = 1024
-    max_batches_per_epoch: int | None = None  # cap for quick runs
-    threads: int | None = None  # torch intra-op threads; None = torch's default
-    device: str = "cpu"
-    # data-parallel training (torchrun): user shards per global batch; None = one per rank
-    data_shards: int | None = None
-    valid_users: int | None = None  # validate on a fixed sample of this many users per domain
-    sparse_embeddings: bool = False  # sparse gradients + lazy Adam for embedding tables
+class Checked:
+    """Base of the config dataclasses: the bounds and choices declared in the field types are
+    checked on construction (:func:`check_fields`), then :meth:`validate` checks what involves
+    several fields."""
+
+    SECTION: ClassVar[str] = "model"
 
     def __post_init__(self) -> None:
-        _at_least(self, "train", epochs=1, batch_size=1, patience=1, eval_batch_size=1)
-        for key in ("data_shards", "valid_users"):
-            if getattr(self, key) is not None:
-                _at_least(self, "train", **{key: 1})
-        _at_least(self, "train", lr=0.0, weight_decay=0.0)
-        if self.max_batches_per_epoch is not None:
-            _at_least(self, "train", max_batches_per_epoch=1)
-        if self.threads is not None:
-            _at_least(self, "train", threads=1)
+        check_fields(self, self.SECTION)
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks across fields; none by default."""
+
+
+@dataclass(frozen=True)
+class DataConfig(Checked):
+    SECTION: ClassVar[str] = "data"
+    history_len: Count = 50  # last behaviours per domain (section 5.3)
+    n_negatives: Annotated[int, Bound(low=0)] = 8  # sampled unclicked items per positive
+
+
+@dataclass(frozen=True)
+class TrainConfig(Checked):
+    SECTION: ClassVar[str] = "train"
+    epochs: Count = 20
+    batch_size: Count = 256  # section 5.3
+    lr: Weight = 1e-3
+    weight_decay: Weight = 0.0
+    patience: Count = 3  # epochs without validation improvement before stopping
+    valid_metric: str = "recall@50"  # averaged over domains, on the validation split
+    seed: int = 0
+    eval_batch_size: Count = 1024
+    max_batches_per_epoch: Count | None = None  # cap for quick runs
+    threads: Count | None = None  # torch intra-op threads; None = torch's default
+    device: str = "cpu"
+    # data-parallel training (torchrun): user shards per global batch; None = one per rank
+    data_shards: Count | None = None
+    valid_users: Count | None = None  # validate on a fixed sample of this many users per domain
+    sparse_embeddings: bool = False  # sparse gradients + lazy Adam for embedding tables
+
+    def validate(self) -> None:
         self.valid_metric_n()  # checked when the config loads, not after the first epoch
 
     def valid_metric_n(self) -> tuple[str, int]:
@@ -73,14 +128,6 @@ class TrainConfig:
                 f"train.valid_metric must look like recall@50 or ndcg@20, got {self.valid_metric!r}"
             )
         return self.valid_metric, int(n)
-
-
-def _at_least(cfg: Any, section: str, **bounds: float) -> None:
-    """Raise :class:`ConfigError` naming the first key of ``cfg`` below its lower bound."""
-    for key, low in bounds.items():
-        value = getattr(cfg, key)
-        if value < low:
-            raise ConfigError(f"config key {section}.{key} must be >= {low}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -42,13 +42,9 @@ class EvalResult:
     per_user: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "split": self.split,
-            "protocol": self.protocol,
-            "domains": self.domains,
-            "average": self.average,
-            "users": self.users,
-        }
+        """``metrics.json``: every field but the cut-offs (in the metric names) and the
+        per-user frame (written apart)."""
+        return {k: getattr(self, k) for k in ("split", "protocol", "domains", "average", "users")}
 
     def write(self, path: Path) -> None:
         atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")

@@ -34,32 +34,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aftrec.config import _at_least
+from aftrec.config import Checked, Count, Loss, Rate
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
-from aftrec.errors import ConfigError
 from aftrec.models.base import CandidateScorer, score_in_chunks
-from aftrec.models.fm import FieldEmbedding, check_common
-from aftrec.registry import register_model
+from aftrec.models.fm import FieldEmbedding, single_and_multi
 
 #: ``aftrec reproduce --quick``: the tiny settings of this file's models
 QUICK = {"dim": "16", "attention": "8"}
 
 
 @dataclass(frozen=True)
-class AFMConfig:
-    dim: int = 64  # section 5.3 of the AFT paper
-    attention: int = 16  # attention factor t, the size of the attention network's hidden layer
-    dropout: float = 0.1  # on the attention-pooled interaction vector
+class AFMConfig(Checked):
+    dim: Count = 64  # section 5.3 of the AFT paper
+    attention: Count = 16  # attention factor t, the size of the attention network's hidden layer
+    dropout: Rate = 0.1  # on the attention-pooled interaction vector
     user_field: bool = False  # add the user id as a field (keyed by (user, domain) if single)
-    loss: str = "bce"  # "bce" (a CTR model) or "softmax" over [positive, negatives]
-    chunk_floats: int = 1 << 24  # bound on the largest tensors of one scoring block (64 MB)
-
-    def __post_init__(self) -> None:
-        check_common(self, self.loss)
-        _at_least(self, "model", attention=1, dropout=0.0, chunk_floats=1)
-        if self.dropout >= 1:
-            raise ConfigError(f"config key model.dropout must be < 1, got {self.dropout}")
+    loss: Loss = "bce"  # "bce" (a CTR model) or "softmax" over [positive, negatives]
+    chunk_floats: Count = 1 << 24  # bound on the largest tensors of one scoring block (64 MB)
 
 
 class AFM(CandidateScorer):
@@ -124,11 +116,4 @@ class AFM(CandidateScorer):
         return score_in_chunks(block, len(batch), hi - lo, per_pair, self.cfg.chunk_floats)
 
 
-@register_model("afm-single", AFMConfig, paper_name="AFM (single)", paper_row=2, quick=QUICK)
-class AFMSingle(AFM):
-    multi_domain = False
-
-
-@register_model("afm-multi", AFMConfig, paper_name="AFM (multi)", paper_row=6, quick=QUICK)
-class AFMMulti(AFM):
-    multi_domain = True
+AFMSingle, AFMMulti = single_and_multi(AFM, AFMConfig, "afm", "AFM", (2, 6), QUICK)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aftrec.config import _at_least
+from aftrec.config import Checked, Count, Loss, Rate
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
 from aftrec.models.base import UserTowerModel
@@ -49,19 +49,18 @@ QUICK = {"dim": "16", "hidden": "32", "ff_dim": "32", "heads": "2", "layers": "1
 
 
 @dataclass(frozen=True)
-class ATRankConfig:
-    dim: int = 64  # section 5.3 of the AFT paper
-    heads: int = 4  # latent semantic spaces of the multi-space attention
-    layers: int = 1  # self-attention blocks
-    ff_dim: int = 256
-    hidden: int = 256  # MLP after the vanilla attention
-    dropout: float = 0.1
-    attn_dropout: float = 0.0  # on the attention weights; off as it cost ~1/4 of a CPU step
-    loss: str = "softmax"  # "softmax" over [positive, negatives] or "bce"
+class ATRankConfig(Checked):
+    dim: Count = 64  # section 5.3 of the AFT paper
+    heads: Count = 4  # latent semantic spaces of the multi-space attention
+    layers: Count = 1  # self-attention blocks
+    ff_dim: Count = 256
+    hidden: Count = 256  # MLP after the vanilla attention
+    dropout: Rate = 0.1
+    attn_dropout: Rate = 0.0  # on the attention weights; off as it cost ~1/4 of a CPU step
+    loss: Loss = "softmax"  # "softmax" over [positive, negatives] or "bce"
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         check_transformer(self)
-        _at_least(self, "model", hidden=1)
 
 
 @register_model("atrank", ATRankConfig, paper_name="ATRank (multi)", paper_row=8, quick=QUICK)

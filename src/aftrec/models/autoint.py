@@ -38,30 +38,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aftrec.config import _at_least
+from aftrec.config import Checked, Count, Loss
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
 from aftrec.models.base import CandidateScorer, score_in_chunks
-from aftrec.models.fm import FieldEmbedding, check_common
-from aftrec.registry import register_model
+from aftrec.models.fm import FieldEmbedding, single_and_multi
 
 #: ``aftrec reproduce --quick``: the tiny settings of this file's models
 QUICK = {"dim": "16", "heads": "2", "layers": "1", "head_dim": "8"}
 
 
 @dataclass(frozen=True)
-class AutoIntConfig:
-    dim: int = 64  # section 5.3 of the AFT paper
-    layers: int = 3  # interacting layers (AutoInt paper's setting)
-    heads: int = 2
-    head_dim: int = 32  # d', the attention size of one head
+class AutoIntConfig(Checked):
+    dim: Count = 64  # section 5.3 of the AFT paper
+    layers: Count = 3  # interacting layers (AutoInt paper's setting)
+    heads: Count = 2
+    head_dim: Count = 32  # d', the attention size of one head
     user_field: bool = False  # add the user id as a field (keyed by (user, domain) if single)
-    loss: str = "bce"  # "bce" (a CTR model) or "softmax" over [positive, negatives]
-    chunk_floats: int = 1 << 24  # bound on the largest tensor of one scoring block (64 MB)
-
-    def __post_init__(self) -> None:
-        check_common(self, self.loss)
-        _at_least(self, "model", layers=1, heads=1, head_dim=1, chunk_floats=1)
+    loss: Loss = "bce"  # "bce" (a CTR model) or "softmax" over [positive, negatives]
+    chunk_floats: Count = 1 << 24  # bound on the largest tensor of one scoring block (64 MB)
 
 
 class InteractingLayer(nn.Module):
@@ -161,15 +156,6 @@ class AutoInt(CandidateScorer):
         return score_in_chunks(block, len(batch), hi - lo, per_pair, self.cfg.chunk_floats)
 
 
-@register_model(
-    "autoint-single", AutoIntConfig, paper_name="AutoInt (single)", paper_row=3, quick=QUICK
+AutoIntSingle, AutoIntMulti = single_and_multi(
+    AutoInt, AutoIntConfig, "autoint", "AutoInt", (3, 7), QUICK
 )
-class AutoIntSingle(AutoInt):
-    multi_domain = False
-
-
-@register_model(
-    "autoint-multi", AutoIntConfig, paper_name="AutoInt (multi)", paper_row=7, quick=QUICK
-)
-class AutoIntMulti(AutoInt):
-    multi_domain = True

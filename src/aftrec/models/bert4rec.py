@@ -33,10 +33,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aftrec.config import _at_least
+from aftrec.config import Checked, Count, Loss, Rate
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
-from aftrec.errors import ConfigError
 from aftrec.models.base import RetrievalModel
 from aftrec.models.losses import sampled_loss
 from aftrec.models.sasrec import by_length, check_transformer, transformer_encoder
@@ -47,21 +46,18 @@ QUICK = {"dim": "16", "ff_dim": "32", "heads": "2", "layers": "1"}
 
 
 @dataclass(frozen=True)
-class BERT4RecConfig:
-    dim: int = 64  # section 5.3 of the AFT paper (BERT4Rec used d = 64 too)
-    heads: int = 2  # BERT4Rec's h = 2
-    layers: int = 2  # BERT4Rec's L = 2
-    ff_dim: int = 256  # 4 d, BERT4Rec section 3.3
-    dropout: float = 0.1
-    attn_dropout: float = 0.1  # on the attention weights, as in BERT
-    mask_prob: float = 0.2  # BERT4Rec's rho for ML-1M; 0 = only the appended [MASK]
-    loss: str = "softmax"  # "softmax" over [positive, negatives] or "bce"
+class BERT4RecConfig(Checked):
+    dim: Count = 64  # section 5.3 of the AFT paper (BERT4Rec used d = 64 too)
+    heads: Count = 2  # BERT4Rec's h = 2
+    layers: Count = 2  # BERT4Rec's L = 2
+    ff_dim: Count = 256  # 4 d, BERT4Rec section 3.3
+    dropout: Rate = 0.1
+    attn_dropout: Rate = 0.1  # on the attention weights, as in BERT
+    mask_prob: Rate = 0.2  # BERT4Rec's rho for ML-1M; 0 = only the appended [MASK]
+    loss: Loss = "softmax"  # "softmax" over [positive, negatives] or "bce"
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         check_transformer(self)
-        _at_least(self, "model", mask_prob=0.0)
-        if self.mask_prob >= 1:
-            raise ConfigError(f"config key model.mask_prob must be < 1, got {self.mask_prob}")
 
 
 @register_model(

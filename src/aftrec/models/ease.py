@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aftrec.config import _at_least
+from aftrec.config import Checked, Weight
 from aftrec.data.dataset import DataInfo, Interactions
 from aftrec.data.loader import Batch
 from aftrec.errors import ConfigError
@@ -31,13 +31,12 @@ MAX_ITEMS = 40_000  # B is n_items x n_items float32: 6.4 GB at this size
 
 
 @dataclass(frozen=True)
-class EaseConfig:
-    l2: float = 500.0
+class EaseConfig(Checked):
+    l2: Weight = 500.0
     #: values of l2 tried on validation; empty = use ``l2`` as given
     l2_grid: tuple[float, ...] = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
 
-    def __post_init__(self) -> None:
-        _at_least(self, "model", l2=0.0)
+    def validate(self) -> None:
         if any(v < 0 for v in self.l2_grid):
             raise ConfigError(f"config key model.l2_grid must hold values >= 0, got {self.l2_grid}")
 

@@ -36,39 +36,29 @@ Trained as a CTR model on the positive and the loader's sampled negatives (``los
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
-from aftrec.config import _at_least
+from aftrec.config import Checked, Count, Loss
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
-from aftrec.errors import ConfigError
 from aftrec.models.base import CandidateScorer
 from aftrec.models.layers import bag_mean
-from aftrec.models.losses import LOSSES
 from aftrec.registry import register_model
+
+F = TypeVar("F", bound=CandidateScorer)
 
 #: ``aftrec reproduce --quick``: the tiny settings of this file's models
 QUICK = {"dim": "16"}
 
 
-def check_common(cfg: object, loss: str) -> None:
-    """Validation shared by the FM, AFM and AutoInt configs."""
-    _at_least(cfg, "model", dim=1)
-    if loss not in LOSSES:
-        raise ConfigError(f"model.loss must be one of {LOSSES}, got {loss!r}")
-
-
 @dataclass(frozen=True)
-class FMConfig:
-    dim: int = 64  # section 5.3 of the AFT paper
+class FMConfig(Checked):
+    dim: Count = 64  # section 5.3 of the AFT paper
     user_field: bool = False  # add the user id as a field (keyed by (user, domain) if single)
-    loss: str = "bce"  # "bce" (a CTR model) or "softmax" over [positive, negatives]
-
-    def __post_init__(self) -> None:
-        check_common(self, self.loss)
+    loss: Loss = "bce"  # "bce" (a CTR model) or "softmax" over [positive, negatives]
 
 
 class FieldEmbedding(nn.Module):
@@ -148,6 +138,28 @@ class FieldEmbedding(nn.Module):
         return torch.cat([user, cand.unsqueeze(2)], dim=2)
 
 
+def single_and_multi(
+    base: type[F], config: type[Any], name: str, paper: str, rows: tuple[int, int], quick: Any
+) -> tuple[type[F], type[F]]:
+    """Register the two variants of a field model (section 5.2 of the AFT paper): ``NAME-single``
+    sees the target domain's behaviours only, ``NAME-multi`` every domain's (``multi_domain``);
+    ``rows`` are their rows in the paper's Tables 2 and 3."""
+    out = []
+    for variant, multi, row in (("single", False, rows[0]), ("multi", True, rows[1])):
+        cls_name = f"{base.__name__}{variant.title()}"
+        attrs = {"multi_domain": multi, "__module__": base.__module__, "__qualname__": cls_name}
+        cls = type(cls_name, (base,), attrs)
+        register = register_model(
+            f"{name}-{variant}",
+            config,
+            paper_name=f"{paper} ({variant})",
+            paper_row=row,
+            quick=quick,
+        )
+        out.append(register(cls))
+    return out[0], out[1]
+
+
 class FM(CandidateScorer):
     """Shared by ``fm-single`` and ``fm-multi``; the subclass says which behaviours it sees."""
 
@@ -180,11 +192,4 @@ class FM(CandidateScorer):
         return torch.cat([v, torch.ones_like(w), w], dim=1)  # (n, d + 2)
 
 
-@register_model("fm-single", FMConfig, paper_name="FM (single)", paper_row=1, quick=QUICK)
-class FMSingle(FM):
-    multi_domain = False
-
-
-@register_model("fm-multi", FMConfig, paper_name="FM (multi)", paper_row=5, quick=QUICK)
-class FMMulti(FM):
-    multi_domain = True
+FMSingle, FMMulti = single_and_multi(FM, FMConfig, "fm", "FM", (1, 5), QUICK)

@@ -35,12 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aftrec.config import _at_least
+from aftrec.config import Checked, Count, Loss, Rate, Weight
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
-from aftrec.errors import ConfigError
 from aftrec.models.base import RetrievalModel
-from aftrec.models.losses import LOSSES, sampled_loss
+from aftrec.models.losses import sampled_loss
 from aftrec.registry import register_model
 
 # hard concrete distribution (Louizos et al. 2018, section 4)
@@ -52,40 +51,25 @@ QUICK = {"dim": "16", "hidden": "32", "tower_hidden": "16"}
 
 
 @dataclass(frozen=True)
-class SharedBottomConfig:
-    dim: int = 64  # section 5.3 of the AFT paper
-    hidden: int = 256  # width of the shared layer (of each expert / sub-network)
-    tower_hidden: int = 128
-    dropout: float = 0.1
+class SharedBottomConfig(Checked):
+    dim: Count = 64  # section 5.3 of the AFT paper
+    hidden: Count = 256  # width of the shared layer (of each expert / sub-network)
+    tower_hidden: Count = 128
+    dropout: Rate = 0.1
     user_embedding: bool = False  # add a user-id embedding to the input
-    loss: str = "softmax"  # "softmax" over [positive, negatives] or "bce"
-
-    def __post_init__(self) -> None:
-        _at_least(self, "model", dim=1, hidden=1, tower_hidden=1, dropout=0.0)
-        if self.dropout >= 1:
-            raise ConfigError(f"config key model.dropout must be < 1, got {self.dropout}")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"model.loss must be 'softmax' or 'bce', got {self.loss!r}")
+    loss: Loss = "softmax"  # "softmax" over [positive, negatives] or "bce"
 
 
 @dataclass(frozen=True)
 class MMoEConfig(SharedBottomConfig):
-    n_experts: int = 4
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _at_least(self, "model", n_experts=1)
+    n_experts: Count = 4
 
 
 @dataclass(frozen=True)
 class SNRConfig(SharedBottomConfig):
-    n_lower: int = 3  # lower-level sub-networks; the upper level has one per domain
-    l0_weight: float = 1e-3  # weight of the expected L0 norm of the codes
+    n_lower: Count = 3  # lower-level sub-networks; the upper level has one per domain
+    l0_weight: Weight = 1e-3  # weight of the expected L0 norm of the codes
     log_alpha_init: float = 1.0  # initial log alpha of every code (connections start open)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _at_least(self, "model", n_lower=1, l0_weight=0.0)
 
 
 class Stacked(nn.Module):

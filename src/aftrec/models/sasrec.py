@@ -36,23 +36,24 @@ dominate. :func:`merge_histories`, :func:`attention_mask`, :func:`by_length` and
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aftrec.config import _at_least
+from aftrec.config import Checked, Count, Loss, Rate
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
 from aftrec.errors import ConfigError
 from aftrec.models.base import UserTowerModel
-from aftrec.models.losses import LOSSES
 from aftrec.registry import register_model
 
-ORDERS = ("rate", "blocks", "time")
+Order = Literal["rate", "blocks", "time"]
+ORDERS: tuple[str, ...] = typing.get_args(Order)
 #: rows per attention chunk in :func:`by_length`
 ROWS_PER_CHUNK = 32
 
@@ -62,37 +63,28 @@ QUICK = {"dim": "16", "ff_dim": "32", "heads": "2", "layers": "1"}
 
 
 def check_transformer(cfg: Any) -> None:
-    """Checks shared by the attention models' configs (keys dim, heads, layers, ff_dim,
-    dropout, attn_dropout, loss); raises :class:`ConfigError` naming the key."""
-    _at_least(cfg, "model", dim=1, heads=1, layers=1, ff_dim=1, dropout=0.0, attn_dropout=0.0)
+    """The check across fields shared by the attention models' configs: the heads split
+    ``dim`` evenly (the bounds are in the field types)."""
     if cfg.dim % cfg.heads:
         raise ConfigError(
             f"config key model.dim ({cfg.dim}) must be divisible by model.heads ({cfg.heads})"
         )
-    for key in ("dropout", "attn_dropout"):
-        if getattr(cfg, key) >= 1:
-            raise ConfigError(f"config key model.{key} must be < 1, got {getattr(cfg, key)}")
-    if cfg.loss not in LOSSES:
-        raise ConfigError(f"model.loss must be 'softmax' or 'bce', got {cfg.loss!r}")
 
 
 @dataclass(frozen=True)
-class SASRecConfig:
-    dim: int = 64  # section 5.3 of the AFT paper
-    heads: int = 1  # SASRec uses single-head attention
-    layers: int = 2  # b = 2 blocks (SASRec section IV-B)
-    ff_dim: int = 64  # SASRec's point-wise feed-forward keeps d -> d
-    dropout: float = 0.2  # SASRec's rate for ML-1M
-    attn_dropout: float = 0.2  # on the attention weights, as SASRec's code does
-    max_len: int = 200  # SASRec's n for ML-1M; the merged sequence is cut to its last max_len
-    order: str = "rate"  # merge of the domains in time, see the module docstring
-    loss: str = "softmax"  # "softmax" over [positive, negatives] or "bce"
+class SASRecConfig(Checked):
+    dim: Count = 64  # section 5.3 of the AFT paper
+    heads: Count = 1  # SASRec uses single-head attention
+    layers: Count = 2  # b = 2 blocks (SASRec section IV-B)
+    ff_dim: Count = 64  # SASRec's point-wise feed-forward keeps d -> d
+    dropout: Rate = 0.2  # SASRec's rate for ML-1M
+    attn_dropout: Rate = 0.2  # on the attention weights, as SASRec's code does
+    max_len: Count = 200  # SASRec's n for ML-1M; the merged sequence is cut to its last max_len
+    order: Order = "rate"  # merge of the domains in time, see the module docstring
+    loss: Loss = "softmax"  # "softmax" over [positive, negatives] or "bce"
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         check_transformer(self)
-        _at_least(self, "model", max_len=1)
-        if self.order not in ORDERS:
-            raise ConfigError(f"model.order must be one of {ORDERS}, got {self.order!r}")
 
 
 @dataclass(frozen=True)

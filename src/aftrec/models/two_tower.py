@@ -17,13 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aftrec.config import _at_least
+from aftrec.config import Checked, Count, Loss, Rate
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
-from aftrec.errors import ConfigError
 from aftrec.models.base import UserTowerModel
 from aftrec.models.layers import bag_mean
-from aftrec.models.losses import LOSSES
 from aftrec.registry import register_model
 
 #: ``aftrec reproduce --quick``: the tiny settings of this file's models
@@ -31,18 +29,11 @@ QUICK = {"dim": "16", "hidden": "32"}
 
 
 @dataclass(frozen=True)
-class TwoTowerConfig:
-    dim: int = 64  # section 5.3 of the AFT paper
-    hidden: int = 256
-    dropout: float = 0.1
-    loss: str = "softmax"  # "softmax" over [positive, negatives] or "bce"
-
-    def __post_init__(self) -> None:
-        _at_least(self, "model", dim=1, hidden=1, dropout=0.0)
-        if self.dropout >= 1:
-            raise ConfigError(f"config key model.dropout must be < 1, got {self.dropout}")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"model.loss must be 'softmax' or 'bce', got {self.loss!r}")
+class TwoTowerConfig(Checked):
+    dim: Count = 64  # section 5.3 of the AFT paper
+    hidden: Count = 256
+    dropout: Rate = 0.1
+    loss: Loss = "softmax"  # "softmax" over [positive, negatives] or "bce"
 
 
 def masked_mean(emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -112,16 +111,6 @@ class FaissIndex:
             self.index.nprobe = int(value)
         elif self.kind == "hnsw":
             self.index.hnsw.efSearch = int(value)
-
-    def save(self, path: Path) -> None:
-        faiss_module().write_index(self.index, str(path))
-
-    @staticmethod
-    def load(path: Path, kind: str, search_param: int | None) -> FaissIndex:
-        index = FaissIndex(faiss_module().read_index(str(path)), kind)
-        if search_param is not None:
-            index.set_search_param(search_param)
-        return index
 
 
 def _pad(scores: np.ndarray, pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,6 @@
-"""In-process retrieval from a bundle: ``Recommender.load(BUNDLE).recommend(...)``.
+"""In-process retrieval from a bundle: ``Recommender.load(BUNDLE).recommend(...)`` (online,
+one request at a time; the offline top-N table of a training run, ``aftrec recommend``, is
+:mod:`aftrec.evaluation.topn_table`).
 
 One request is one user (section 4.1: the encoder turns the user's behaviours in every domain
 into u_t, the target domain's index returns the top N). The user is given as

@@ -60,7 +60,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -328,23 +328,24 @@ def _read_u_data(file: Path) -> tuple[pd.DataFrame, Origin]:
     return _ratings(df, origin, expected), origin
 
 
+#: ``pd.read_csv`` options that read every field as written: no header row (the names are
+#: given), no NA guessing, no quoting, and blank lines kept, so that a reported line number is
+#: the file's
+AS_WRITTEN: dict[str, Any] = {
+    "header": None,
+    "na_filter": False,
+    "quoting": csv.QUOTE_NONE,
+    "skip_blank_lines": False,
+}
+
+
 def _read_u_item(file: Path) -> tuple[pd.DataFrame, Origin]:
     origin = Origin(str(file), line_base=1)
     n_fields = 5 + len(ML100K_GENRES)
     expected = f"{n_fields} '|'-separated fields (id, title, dates, URL, 19 genre flags)"
     names = ["item", "title", "release", "video_release", "url", *ML100K_GENRES]
     try:
-        df = pd.read_csv(
-            file,
-            sep="|",
-            header=None,
-            names=names,
-            dtype=str,
-            na_filter=False,
-            quoting=csv.QUOTE_NONE,
-            skip_blank_lines=False,
-            encoding="latin-1",
-        )
+        df = pd.read_csv(file, sep="|", names=names, dtype=str, encoding="latin-1", **AS_WRITTEN)
     except pd.errors.ParserError as err:
         raise _bad_fields(err, origin, expected) from err
     _integers(df, ["item", *ML100K_GENRES], origin, expected)
@@ -381,13 +382,10 @@ def _read_atomic(
             df = pd.read_csv(
                 fh,
                 sep="\t",
-                header=None,
                 names=header,
                 usecols=columns,
                 dtype=dict.fromkeys(text, str),
-                na_filter=False,
-                quoting=csv.QUOTE_NONE,
-                skip_blank_lines=False,
+                **AS_WRITTEN,
                 encoding="utf-8",
             )
         except pd.errors.ParserError as err:

@@ -28,13 +28,13 @@ Every choice the paper leaves open is in docs/aft.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aftrec.config import _at_least
+from aftrec.config import Bound, Checked, Count, Positive, Rate, Weight
 from aftrec.data.dataset import DataInfo, Interactions
 from aftrec.data.loader import Batch
 from aftrec.errors import ConfigError
@@ -57,77 +57,59 @@ QUICK = {
 }
 
 
+Translation = Literal["conve", "attention"]
+Negatives = Literal["generator", "random", "hard"]
+Reinforce = Literal["log", "softmax", "paper"]
+MMDForm = Literal["full", "cross"]
+FakeSampling = Literal["topk", "sample"]
+Steps = Annotated[int, Bound(low=0)]
+
+
 @dataclass(frozen=True)
-class AFTConfig:
+class AFTConfig(Checked):
     # --- architecture (section 5.3) ---
-    dim: int = 64  # item and domain embeddings
-    g_layers: int = 4  # generator Transformer (Eq. 3): 4 layers, 8 heads
-    g_heads: int = 8
-    d_layers: int = 1  # discriminator Transformers (Eq. 7): 1 layer, 16 heads
-    d_heads: int = 16
-    ff_mult: int = 4  # Transformer feed-forward width = ff_mult * dim
-    g_hidden: int = 256  # hidden width of G's two-layer MLP (Eq. 4)
-    dropout: float = 0.1
-    translation: str = "conve"  # "conve" (Eqs. 10-11) or "attention" (Table 6 ablation)
-    conve_channels: int = 16  # 2-D filters per ConvE
-    conve_kernel: int = 3
-    conve_rows: int = 8  # Eq. 11: u_g and the relation as conve_rows x (dim / conve_rows)
+    dim: Count = 64  # item and domain embeddings
+    g_layers: Count = 4  # generator Transformer (Eq. 3): 4 layers, 8 heads
+    g_heads: Count = 8
+    d_layers: Count = 1  # discriminator Transformers (Eq. 7): 1 layer, 16 heads
+    d_heads: Count = 16
+    ff_mult: Count = 4  # Transformer feed-forward width = ff_mult * dim
+    g_hidden: Count = 256  # hidden width of G's two-layer MLP (Eq. 4)
+    dropout: Rate = 0.1
+    translation: Translation = "conve"  # "conve" (Eqs. 10-11) or "attention" (Table 6 ablation)
+    conve_channels: Count = 16  # 2-D filters per ConvE
+    conve_kernel: Count = 3
+    conve_rows: Count = 8  # Eq. 11: u_g and the relation as conve_rows x (dim / conve_rows)
     # --- negatives: "generator" = AFT (D+G), "random" = AFT (D), "hard" = AFT (D+HNM) ---
-    negatives: str = "generator"
-    mask_ratio: float = 0.15  # Eq. 1, Fig. 3 (a)
-    n_fakes: int = 5  # top-k fake clicks per positive (Fig. 3 (b)); hard negatives for "hard"
+    negatives: Negatives = "generator"
+    mask_ratio: Rate = 0.15  # Eq. 1, Fig. 3 (a)
+    n_fakes: Count = 5  # top-k fake clicks per positive (Fig. 3 (b)); hard negatives for "hard"
     # --- losses (Eq. 16) ---
-    lambda_d: float = 1.0
-    lambda_g: float = 1.0
-    lambda_m: float = 0.1  # 0 = Table 6 "- dissimilarity loss"; the paper: 1 (aft-paper)
-    reinforce: str = "softmax"  # "softmax": log pi; "log": log p_g (aft-paper); "paper": p_g Q
-    mmd_sigma: float = 1.0  # Gaussian kernel bandwidth of Eq. 15
-    mmd_form: str = "cross"  # "cross": cross term only; "full": -MMD^2 (aft-paper)
+    lambda_d: Weight = 1.0
+    lambda_g: Weight = 1.0
+    lambda_m: Weight = 0.1  # 0 = Table 6 "- dissimilarity loss"; the paper: 1 (aft-paper)
+    reinforce: Reinforce = "softmax"  # log pi; "log": log p_g (aft-paper); "paper": p_g Q
+    mmd_sigma: Positive = 1.0  # Gaussian kernel bandwidth of Eq. 15
+    mmd_form: MMDForm = "cross"  # "cross": cross term only; "full": -MMD^2 (aft-paper)
     # --- how G proposes and how its fakes enter L_D (docs/aft.md, "Repairing G") ---
-    fake_sampling: str = "sample"  # "sample": softmax draws; "topk": G's top-k (aft-paper)
-    g_temperature: float = 1.0  # tau of softmax(h_t . e / tau) when sampling / "softmax"
-    g_supervised: float = 1.0  # weight of G's BCE on the real click beside REINFORCE (anchor)
-    fake_weight: float = 1.0  # weight of each fake in L_D (Eq. 13), 1 = a full negative
+    fake_sampling: FakeSampling = "sample"  # "sample": softmax draws; "topk": G's top-k (aft-paper)
+    g_temperature: Positive = 1.0  # tau of softmax(h_t . e / tau) when sampling / "softmax"
+    g_supervised: Weight = 1.0  # weight of G's BCE on the real click beside REINFORCE (anchor)
+    fake_weight: Weight = 1.0  # weight of each fake in L_D (Eq. 13), 1 = a full negative
     fake_drop_above_pos: bool = False  # a fake D scores above the row's positive: weight 0
     # --- schedule (AdversarialStep) ---
-    d_every: int = 1  # D is updated on every d_every-th batch
-    g_every: int = 1  # G is updated on every g_every-th batch
-    warmup_steps: int = 0  # first batches: D on random negatives, G supervised, no GAN terms
-    d_lr: float | None = None  # None: train.lr
-    g_lr: float | None = None
+    d_every: Count = 1  # D is updated on every d_every-th batch
+    g_every: Count = 1  # G is updated on every g_every-th batch
+    warmup_steps: Steps = 0  # first batches: D on random negatives, G supervised, no GAN terms
+    d_lr: Positive | None = None  # None: train.lr
+    g_lr: Positive | None = None
     # --- hard negative mining (negatives="hard") as fractions of the domain's size ---
-    hnm_skip: float = 0.01  # skip the top ceil(hnm_skip * n_d) ranks (likely positives)
-    hnm_band: float = 0.05  # then sample uniformly from the next ceil(hnm_band * n_d)
+    hnm_skip: Rate = 0.01  # skip the top ceil(hnm_skip * n_d) ranks (likely positives)
+    hnm_band: Positive = 0.05  # then sample uniformly from the next ceil(hnm_band * n_d)
     # --- G's top-k and D's ranking are scored this many items at a time (bounded memory) ---
-    topk_chunk: int = 65_536
+    topk_chunk: Count = 65_536
 
-    def __post_init__(self) -> None:
-        _at_least(
-            self,
-            "model",
-            dim=1,
-            g_layers=1,
-            g_heads=1,
-            d_layers=1,
-            d_heads=1,
-            ff_mult=1,
-            g_hidden=1,
-            dropout=0.0,
-            conve_channels=1,
-            conve_kernel=1,
-            conve_rows=1,
-            mask_ratio=0.0,
-            n_fakes=1,
-            lambda_d=0.0,
-            lambda_g=0.0,
-            lambda_m=0.0,
-            d_every=1,
-            g_every=1,
-            warmup_steps=0,
-            topk_chunk=1,
-            g_supervised=0.0,
-            fake_weight=0.0,
-        )
+    def validate(self) -> None:
         for key in ("g_heads", "d_heads", "conve_rows"):
             if self.dim % getattr(self, key):
                 raise ConfigError(
@@ -135,27 +117,8 @@ class AFTConfig:
                 )
         if self.conve_kernel % 2 == 0:
             raise ConfigError(f"model.conve_kernel must be odd, got {self.conve_kernel}")
-        for key in ("dropout", "mask_ratio"):
-            if getattr(self, key) >= 1:
-                raise ConfigError(f"config key model.{key} must be < 1, got {getattr(self, key)}")
-        for key in ("mmd_sigma", "hnm_band", "d_lr", "g_lr", "g_temperature"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"config key model.{key} must be > 0, got {value}")
-        if not 0 <= self.hnm_skip < 1 or self.hnm_band > 1:
+        if self.hnm_band > 1:
             raise ConfigError("model.hnm_skip must be in [0, 1) and model.hnm_band in (0, 1]")
-        choices = {
-            "translation": ("conve", "attention"),
-            "negatives": ("generator", "random", "hard"),
-            "reinforce": ("log", "softmax", "paper"),
-            "mmd_form": ("full", "cross"),
-            "fake_sampling": ("topk", "sample"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(
-                    f"model.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}"
-                )
 
 
 @dataclass(frozen=True)
@@ -165,15 +128,15 @@ class AFTPaperConfig(AFTConfig):
     through the fakes' weights (Eq. 15, lambda_M = 1), no supervised anchor, fakes as full
     negatives in L_D. This collapses onto a few popular items (docs/aft.md)."""
 
-    fake_sampling: str = "topk"
-    reinforce: str = "log"
-    mmd_form: str = "full"
-    lambda_m: float = 1.0
-    g_supervised: float = 0.0
-    g_temperature: float = 1.0
-    fake_weight: float = 1.0
+    fake_sampling: FakeSampling = "topk"
+    reinforce: Reinforce = "log"
+    mmd_form: MMDForm = "full"
+    lambda_m: Weight = 1.0
+    g_supervised: Weight = 0.0
+    g_temperature: Positive = 1.0
+    fake_weight: Weight = 1.0
     fake_drop_above_pos: bool = False
-    warmup_steps: int = 0
+    warmup_steps: Annotated[int, Bound(low=0)] = 0
 
 
 #: keys that only G reads: they cannot change what a model without a generator computes
@@ -185,7 +148,7 @@ G_KEYS = (
 
 @dataclass(frozen=True)
 class AFTDConfig(AFTConfig):
-    negatives: str = "random"
+    negatives: Negatives = "random"
     #: no generator and no extra negatives: G's keys and the fakes' keys are inert
     INERT_KEYS: ClassVar[tuple[str, ...]] = (
         *G_KEYS, "n_fakes", "fake_weight", "fake_drop_above_pos", "hnm_skip", "hnm_band",
@@ -195,7 +158,7 @@ class AFTDConfig(AFTConfig):
 
 @dataclass(frozen=True)
 class AFTHNMConfig(AFTConfig):
-    negatives: str = "hard"
+    negatives: Negatives = "hard"
     INERT_KEYS: ClassVar[tuple[str, ...]] = G_KEYS  # no generator
 
 

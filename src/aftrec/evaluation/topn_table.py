@@ -1,4 +1,6 @@
-"""Top-N recommendations per (user, domain) in long form, with the original ids.
+"""``aftrec recommend``: a trained run's top-N lists per (user, domain) as one table, in long
+form with the original ids (offline, from the run; the online, in-process recommender that
+serves a bundle is :mod:`aftrec.serving.recommender`).
 
 Columns: ``user, domain, item, rank, score`` (rank starts at 1). By default every test user
 gets a list for each domain where they have held-out positives; ``users`` / ``domains``
