@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     cfg, data, model = load_run(args.run)
-    evaluator = Evaluator(data, cfg.data.history_len, cfg.train.eval_batch_size)
+    evaluator = Evaluator(data, cfg.data.history_len, cfg.runtime.eval_batch_size)
     t0 = time.perf_counter()
     evaluator.indices("test")
     index_seconds = time.perf_counter() - t0

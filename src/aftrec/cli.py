@@ -193,7 +193,7 @@ def _train(args: argparse.Namespace) -> None:
     if args.resume and data is None:
         data = run_data_dir(Path(args.out))
     run_cfg = cfg if cfg is not None else load_run_config(Path(args.out))
-    ctx = distributed.init(run_cfg.train.device)  # torchrun: join the process group
+    ctx = distributed.init(run_cfg.runtime.device)  # torchrun: join the process group
     clean = False
     try:
         res = train(
@@ -243,7 +243,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.sampled_negatives is not None and args.sampled_negatives < 1:
         raise DataError(f"--sampled-negatives must be at least 1, got {args.sampled_negatives}")
     cfg, data, model = load_run(args.run, args.which)
-    res = Evaluator(data, cfg.data.history_len, cfg.train.eval_batch_size).evaluate(
+    res = Evaluator(data, cfg.data.history_len, cfg.runtime.eval_batch_size).evaluate(
         model,
         args.split,
         args.n,
@@ -280,7 +280,7 @@ def _recommend(args: argparse.Namespace) -> None:
         args.n,
         users=args.users,
         domains=args.domains,
-        batch_size=cfg.train.eval_batch_size,
+        batch_size=cfg.runtime.eval_batch_size,
     )
     write_table(frame, Path(args.out))
     print(f"wrote {len(frame)} rows to {args.out}")

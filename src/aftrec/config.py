@@ -1,10 +1,14 @@
 """Run configuration: frozen dataclasses, loaded from YAML plus ``key=value`` overrides.
 
-A run's config has three sections::
+A run's config has four sections::
 
-    model: {name: two-tower, dim: 64, ...}   # keys of the model's own config dataclass
-    data:  {history_len: 50, n_negatives: 8}
-    train: {epochs: 20, batch_size: 256, lr: 0.001, ...}
+    model:   {name: two-tower, dim: 64, ...}   # keys of the model's own config dataclass
+    data:    {history_len: 50, n_negatives: 8}
+    train:   {epochs: 20, batch_size: 256, lr: 0.001, ...}
+    runtime: {threads: null, device: cpu, eval_batch_size: 1024}   # not part of the result
+
+``threads``, ``device`` and ``eval_batch_size`` are also accepted under ``train``, where
+earlier versions kept them and where ``RUN/config.yaml`` still holds them (:func:`dump`).
 
 Unknown sections or keys raise :class:`ConfigError` naming the key; nothing returns ``None``
 for a key that does not exist. The resolved config is written into every run directory.
@@ -108,10 +112,7 @@ class TrainConfig(Checked):
     patience: Count = 3  # epochs without validation improvement before stopping
     valid_metric: str = "recall@50"  # averaged over domains, on the validation split
     seed: int = 0
-    eval_batch_size: Count = 1024
     max_batches_per_epoch: Count | None = None  # cap for quick runs
-    threads: Count | None = None  # torch intra-op threads; None = torch's default
-    device: str = "cpu"
     # data-parallel training (torchrun): user shards per global batch; None = one per rank
     data_shards: Count | None = None
     valid_users: Count | None = None  # validate on a fixed sample of this many users per domain
@@ -131,17 +132,36 @@ class TrainConfig(Checked):
 
 
 @dataclass(frozen=True)
+class RuntimeConfig(Checked):
+    """How a run uses the machine. Free to differ between invocations of the same run (a
+    resumed run, ``aftrec reproduce`` comparing a saved run with the one asked for): nothing
+    here changes what a run computes."""
+
+    SECTION: ClassVar[str] = "runtime"
+    threads: Count | None = None  # torch intra-op threads; None = torch's default
+    device: str = "cpu"
+    eval_batch_size: Count = 1024  # users per evaluation batch
+
+
+#: the runtime keys, also accepted under ``train`` where they used to be (saved runs,
+#: ``--set train.threads=1``)
+RUNTIME_KEYS = ("threads", "device", "eval_batch_size")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model_name: str
     model: Any  # the model's own frozen config dataclass
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": {"name": self.model_name, **dataclasses.asdict(self.model)},
             "data": dataclasses.asdict(self.data),
             "train": dataclasses.asdict(self.train),
+            "runtime": dataclasses.asdict(self.runtime),
         }
 
 
@@ -248,11 +268,15 @@ def resolve(
     """Defaults <- ``base`` <- YAML file <- ``--set`` overrides; then validate every key."""
     from aftrec.registry import model_config_class
 
-    raw = merge(base or {}, read_yaml(yaml_path) if yaml_path else {})
-    raw = merge(raw, parse_overrides(overrides or []))
-    unknown = sorted(set(raw) - {"model", "data", "train"})
+    layers = [base or {}, read_yaml(yaml_path) if yaml_path else {}]
+    raw: dict[str, Any] = {}
+    for layer in [*layers, parse_overrides(overrides or [])]:
+        raw = merge(raw, runtime_moved(layer))
+    unknown = sorted(set(raw) - {"model", "data", "train", "runtime"})
     if unknown:
-        raise ConfigError(f"unknown config section(s) {unknown}; valid: model, data, train")
+        raise ConfigError(
+            f"unknown config section(s) {unknown}; valid: model, data, train, runtime"
+        )
     model_section = dict(raw.get("model") or {})
     name = model_section.pop("name", None)
     if model_name is not None and name is not None and name != model_name:
@@ -267,8 +291,26 @@ def resolve(
         model=build(model_config_class(name), model_section, "model"),
         data=build(DataConfig, raw.get("data") or {}, "data"),
         train=build(TrainConfig, raw.get("train") or {}, "train"),
+        runtime=build(RuntimeConfig, raw.get("runtime") or {}, "runtime"),
     )
 
 
+def runtime_moved(layer: dict[str, Any]) -> dict[str, Any]:
+    """One config layer with the :data:`RUNTIME_KEYS` given under ``train`` moved to
+    ``runtime`` (a key given in both places keeps its ``runtime`` value)."""
+    train = layer.get("train")
+    if not isinstance(train, dict) or not any(k in train for k in RUNTIME_KEYS):
+        return layer
+    moved = {k: train[k] for k in RUNTIME_KEYS if k in train}
+    runtime = layer.get("runtime")
+    runtime = {**moved, **runtime} if isinstance(runtime, dict) else moved
+    rest = {k: v for k, v in train.items() if k not in RUNTIME_KEYS}
+    return {**layer, "train": rest, "runtime": runtime}
+
+
 def dump(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """``RUN/config.yaml``. The runtime keys are written under ``train``, the layout of the
+    run directories of earlier versions, which every version reads (:func:`runtime_moved`)."""
+    plain = cfg.to_dict()
+    runtime = plain.pop("runtime")
+    return yaml.safe_dump({**plain, "train": {**plain["train"], **runtime}}, sort_keys=False)

@@ -195,7 +195,7 @@ def test_quick_config_resolves_for_every_registered_model(tmp_path: Path) -> Non
     assert plan.models[0] == "aft" and sorted(plan.models) == available_models()
     assert {j.cfg.train.seed for j in plan.jobs.values()} == {0}
     for job in plan.jobs.values():
-        assert job.cfg.train.epochs == 1 and job.cfg.train.threads == 1
+        assert job.cfg.train.epochs == 1 and job.cfg.runtime.threads == 1
         assert getattr(job.cfg.model, "dim", 16) == 16
     # sweep points equal to aft's defaults (0.15, 5) and mask 0 share the runs they equal
     assert plan.runs[("aft/mask-0.15", 0)] == plan.runs[("aft", 0)]

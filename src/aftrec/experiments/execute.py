@@ -82,7 +82,7 @@ def run_job(job: Job, data_dir: Path) -> RunOutcome:
 
     t1 = time.perf_counter()
     cfg, data, model = rundir.load_run(run, "best")
-    res = Evaluator(data, cfg.data.history_len, cfg.train.eval_batch_size).evaluate(
+    res = Evaluator(data, cfg.data.history_len, cfg.runtime.eval_batch_size).evaluate(
         model, "test", NS, seed=cfg.train.seed, progress=False
     )
     atomic_write_bytes(run / "per_user.parquet", per_user_parquet(res.per_user))
@@ -160,10 +160,10 @@ def _seed_order(pending: list[Job]) -> list[Job]:
 
 def _with_threads(job: Job, jobs: int) -> Job:
     """Share the cores between concurrent runs unless the config pins the threads."""
-    if jobs == 1 or job.cfg.train.threads is not None:
+    if jobs == 1 or job.cfg.runtime.threads is not None:
         return job
-    train = dataclasses.replace(job.cfg.train, threads=max(1, usable_cores() // jobs))
-    return dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, train=train))
+    runtime = dataclasses.replace(job.cfg.runtime, threads=max(1, usable_cores() // jobs))
+    return dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, runtime=runtime))
 
 
 def _run_job_caught(job: Job, data_dir: Path) -> RunOutcome:

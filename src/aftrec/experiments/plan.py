@@ -10,8 +10,8 @@ Layout of ``REPORT_DIR``::
     runs/aft/VARIANT/seedS/         ablations (no-generator, ...) and sweep points (mask-0.05, ...)
 
 Runs that resolve to the same config (the default mask ratio of the sweep and ``aft`` itself,
-mask ratio 0 and the "no mask" ablation) share one directory; keys that do not change what a
-run computes (:data:`NOT_RESULT_KEYS`, a registration's ``inert_keys``) are left out of that
+mask ratio 0 and the "no mask" ablation) share one directory; what does not change what a run
+computes (the ``runtime`` section, a registration's ``inert_keys``) is left out of that
 comparison. A run directory made with another config stops the command up front. Deterministic
 models (``trainable = False``: pop, EASE) run once and that run stands for every seed.
 
@@ -334,22 +334,21 @@ def plain_json(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-#: train keys that do not change what a run computes: free to differ between invocations
-NOT_RESULT_KEYS = ("threads", "eval_batch_size", "device")
-
-
 def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A run config without :data:`NOT_RESULT_KEYS` and without the model keys its config
+    """A run config without its ``runtime`` section (how the run used the machine; saved runs
+    of earlier versions hold those keys under ``train``) and without the model keys its
     registration declares inert (``inert_keys``, e.g. G's keys for ``aft-d``), for "same run?"
     comparisons."""
-    plain = plain_json(cfg)
-    train = {k: v for k, v in plain.get("train", {}).items() if k not in NOT_RESULT_KEYS}
+    from aftrec.config import runtime_moved
+
+    plain = plain_json(runtime_moved(cfg))
+    plain.pop("runtime", None)
     model = plain.get("model", {})
     name = model.get("name")
     if name in available_models():
         inert = registration(name).inert_keys
         model = {k: v for k, v in model.items() if k not in inert}
-    return {**plain, "train": train, "model": model}
+    return {**plain, "model": model}
 
 
 def _check_existing(job: Job) -> None:

@@ -468,7 +468,7 @@ def render(results: Results) -> str:
         w(f"> {note}")
         w("")
 
-    asked = sorted({j.cfg.train.threads or 0 for j in plan.jobs.values()})
+    asked = sorted({j.cfg.runtime.threads or 0 for j in plan.jobs.values()})
     threads = ", ".join(str(t) if t else f"torch's default ({env['torch_threads']})" for t in asked)
     w("## Setup")
     w("")

@@ -76,19 +76,20 @@ def train(
     cfg, state = _config_and_state(cfg, out, resume, resume_set, ctx)
     metric, metric_n = cfg.train.valid_metric_n()
     tc = cfg.train
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
+    rt = cfg.runtime
+    if rt.threads:
+        torch.set_num_threads(rt.threads)
     torch.manual_seed(tc.seed)
 
     n_shards = tc.data_shards or ctx.world
     local = load_shards(Path(data_dir), n_shards, shards_of(ctx, n_shards))
     model = create_model(cfg.model_name, cfg.model, local.info, cfg.data.history_len)
-    model.to(tc.device)
+    model.to(rt.device)
     # rank 0 validates. With train.valid_users it samples the users of its own partitions
     # (whose histories it holds), so no rank reads the whole log; else it reads everything.
     own = local.complete or not ctx.main or tc.valid_users is not None
     full = local.dataset if own else Dataset(Path(data_dir))
-    evaluator = Evaluator(full, cfg.data.history_len, tc.eval_batch_size)
+    evaluator = Evaluator(full, cfg.data.history_len, rt.eval_batch_size)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
     if not resume and ctx.main:
@@ -127,7 +128,7 @@ def train(
     examples, train_seconds, stopped_early = 0, 0.0, False
     while epoch < tc.epochs:
         torch.manual_seed(epoch_seed(tc.seed, epoch, ctx.rank))
-        totals = train_epoch(step, loader, epoch, tc, progress)
+        totals = train_epoch(step, loader, epoch, tc, rt.device, progress)
         train_seconds += totals.seconds
         epoch += 1
         entry, epoch_examples = _epoch_entry(epoch, totals, model, ctx)
@@ -233,9 +234,9 @@ class EpochTotals:
 
 
 def train_epoch(
-    step: Step, loader: ShardedLoader, epoch: int, tc: TrainConfig, progress: bool
+    step: Step, loader: ShardedLoader, epoch: int, tc: TrainConfig, device: str, progress: bool
 ) -> EpochTotals:
-    """One epoch of ``step`` over this rank's batches (0-based ``epoch``)."""
+    """One epoch of ``step`` over this rank's batches (0-based ``epoch``) on ``device``."""
     t0 = time.perf_counter()
     totals: dict[str, float] = {}
     n_batches = n_examples = 0
@@ -254,7 +255,7 @@ def train_epoch(
         leave=False,
     )
     for batch in bar:
-        losses = step(batch if tc.device == "cpu" else batch.to(tc.device))
+        losses = step(batch if device == "cpu" else batch.to(device))
         if not all(np.isfinite(v) for v in losses.values()):
             raise TrainingError(f"non-finite loss at epoch {epoch + 1}: {losses}")
         for k, v in losses.items():
