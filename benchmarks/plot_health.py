@@ -18,8 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aftrec.evaluation.reproduce import epoch_log
+from aftrec.training.rundir import epoch_log
 
 PANELS = (
     ("distinct_share_min", "distinct fakes / domain items\n(min over domains)", False),

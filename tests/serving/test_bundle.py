@@ -325,7 +325,7 @@ def test_every_registered_model_exports(tiny: Dataset, tmp_path: Path, name: str
             contents_from_model(model, tiny, 4, sample_users=16)
         return
     contents = contents_from_model(model, tiny, 4, sample_users=16)
-    assert (contents.trial_encoders is not None) == callable(getattr(model, "trial_vectors", None))
+    assert (contents.trial_encoders is not None) == ("trial" in model.serving_channels())
     write_bundle(contents, tmp_path / "b")
     rec = Recommender.load(tmp_path / "b")
     res = rec.recommend(user="0", n=10)
