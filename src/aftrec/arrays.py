@@ -9,8 +9,8 @@ def unique(x: np.ndarray) -> np.ndarray:
     """Sorted distinct values of ``x``, by one sort.
 
     ``np.unique(x)`` on a plain integer array takes a hash-table path in numpy 2.3+ that is
-    about 80x slower than sorting at millions of elements (18 s against 0.23 s for 6.5M int64
-    ids on the project's machine); every id array goes through here instead.
+    far slower than sorting at millions of elements (measured in BENCHMARKS.md, "Data
+    preparation"); every id array goes through here instead.
     """
     s = np.sort(np.asarray(x).ravel())
     if len(s) == 0:

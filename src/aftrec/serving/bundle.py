@@ -22,7 +22,8 @@
 
 The encoder is TorchScript (``torch.jit.trace``), not ONNX: it runs in the same PyTorch the
 project already depends on, with no extra runtime, and a traced module answers a B = 1 query
-2-5x faster than the eager model or a loaded ``torch.export`` program (docs/serving.md). The
+faster than the eager model or a loaded ``torch.export`` program (measured in
+BENCHMARKS.md, "Serving"). The
 models build their batch size into the graph (``len(batch)`` is a Python int), so the encoders
 are traced for one user at a time, which is what a serving request is. Tracing records one
 path through the model: the example is a full history (L behaviours in every domain), so a
@@ -243,7 +244,7 @@ def _quiet_jit() -> Iterator[None]:
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """B = 1 forwards gain nothing from intra-op threads and, on a busy machine, lose a lot
-    to them (tens of ms per call on 2 shared cores)."""
+    to them (BENCHMARKS.md, "Serving")."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
