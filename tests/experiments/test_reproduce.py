@@ -238,6 +238,22 @@ def test_keys_a_model_never_reads_do_not_make_another_run() -> None:
     assert pl._identity(changed) != pl._identity(aft)
 
 
+def test_a_run_saved_before_g_had_its_switches_is_g_as_printed() -> None:
+    """A saved aft config without the generator's later keys computed G as printed: it equals
+    a fresh config with those switches set so (aft-paper's values), not the new default."""
+    from aftrec.config import resolve
+
+    paper = ("fake_sampling=topk", "reinforce=log", "mmd_form=full", "lambda_m=1",
+             "g_supervised=0")  # fmt: skip
+    old = resolve("aft", overrides=[f"model.{k}" for k in paper]).to_dict()
+    saved = json.loads(json.dumps(old))
+    for key in ("mmd_form", "fake_sampling", "g_temperature", "g_supervised", "fake_weight",
+                "fake_drop_above_pos"):  # fmt: skip
+        del saved["model"][key]
+    assert pl._identity(saved) == pl._identity(old)
+    assert pl._identity(saved) != pl._identity(resolve("aft").to_dict())
+
+
 def test_ablations_on_fewer_seeds(tmp_path: Path) -> None:
     spec = ReproduceSpec(
         Path("unused"), tmp_path / "r", models=("aft",), seeds=3, ablation_seeds=1,

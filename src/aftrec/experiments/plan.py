@@ -346,8 +346,12 @@ def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
     model = plain.get("model", {})
     name = model.get("name")
     if name in available_models():
-        inert = registration(name).inert_keys
-        model = {k: v for k, v in model.items() if k not in inert}
+        reg = registration(name)
+        # a key the config gained later: a run saved before had the value that keeps what
+        # it computed (``LEGACY_VALUES`` on the config class, e.g. AFT's generator switches)
+        legacy = getattr(reg.config, "LEGACY_VALUES", {})
+        model = {**legacy, **model}
+        model = {k: v for k, v in model.items() if k not in reg.inert_keys}
     return {**plain, "model": model}
 
 

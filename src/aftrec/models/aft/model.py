@@ -109,6 +109,13 @@ class AFTConfig(Checked):
     # --- G's top-k and D's ranking are scored this many items at a time (bounded memory) ---
     topk_chunk: Count = 65_536
 
+    #: keys added after runs were saved, with the values those runs computed with (G as
+    #: section 3 prints it): a saved config without them is compared as if it had these
+    LEGACY_VALUES: ClassVar[dict[str, object]] = {
+        "mmd_form": "full", "fake_sampling": "topk", "g_temperature": 1.0, "g_supervised": 0.0,
+        "fake_weight": 1.0, "fake_drop_above_pos": False,
+    }  # fmt: skip
+
     def validate(self) -> None:
         for key in ("g_heads", "d_heads", "conve_rows"):
             if self.dim % getattr(self, key):
