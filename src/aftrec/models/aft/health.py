@@ -118,11 +118,12 @@ class FakeHealth:
         item_table: torch.Tensor,
         exclude: Exclusions | None,
         offsets: torch.Tensor,
+        chunk: int,
         depth: int = 50,
     ) -> dict[str, Any]:
         """The epoch's health (see the module docstring), then reset. ``user_vectors`` are D's
         u_t of :attr:`last` (or None to skip the top-50 share), ranked against ``item_table``
-        with ``exclude`` (the rows' clicks) left out."""
+        with ``exclude`` (the rows' clicks) left out, ``chunk`` items at a time."""
         info, n = self.info, max(self.n, 1)
         distinct: dict[str, int] = {}
         share: dict[str, float] = {}
@@ -145,7 +146,7 @@ class FakeHealth:
         }
         if user_vectors is not None and self.last is not None and exclude is not None:
             out["top10_in_d_top50"] = self._top_share(
-                user_vectors, item_table, exclude, offsets, depth
+                user_vectors, item_table, exclude, offsets, chunk, depth
             )
         self.reset()
         return out
@@ -156,6 +157,7 @@ class FakeHealth:
         table: torch.Tensor,
         exclude: Exclusions,
         offsets: torch.Tensor,
+        chunk: int,
         depth: int,
     ) -> float:
         assert self.last is not None
@@ -167,6 +169,6 @@ class FakeHealth:
             top = c.topk(min(10, hi - lo)).indices
             frequent[lo + top[c[top] > 0]] = True
         k = min(depth, int((offsets[1:] - offsets[:-1]).min()))
-        items, scores, _ = domain_top_k(u, table, domain, offsets, exclude, k, 65_536)
+        items, scores, _ = domain_top_k(u, table, domain, offsets, exclude, k, chunk)
         held = frequent[items.cpu().clamp(max=self.info.n_items)] & torch.isfinite(scores.cpu())
         return float(held.sum(1).double().mean() / k)

@@ -337,7 +337,8 @@ class AFT(RetrievalModel):
             u = self.discriminator(last.history, last.counts, last.domain)  # (B, dim)
         self.train(was)
         table = self.discriminator.item_emb.weight
-        return self.health.summary(u, table, self.exclusions(last), self.offsets)
+        exclude = self.exclusions(last)
+        return self.health.summary(u, table, exclude, self.offsets, self.cfg.topk_chunk)
 
     def exclusions(self, batch: Batch) -> Exclusions:
         """(row, item) pairs that may not be fakes or hard negatives: the user's clicks (all
