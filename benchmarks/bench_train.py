@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--chunk", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--name", default="train", help="results/NAME.json (default: train)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,7 +79,7 @@ def main() -> None:
         "batch_build_ms": round(build_ms, 2),
         "models": results,
     }
-    print("wrote", write("train", payload))
+    print("wrote", write(args.name, payload))
 
 
 if __name__ == "__main__":

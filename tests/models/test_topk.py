@@ -123,3 +123,31 @@ def test_gumbel_top_k_draws_from_the_softmax_without_replacement() -> None:
     want = logits.softmax(0)
     freq = torch.bincount(items[:, 0], minlength=6).double() / 20_000
     torch.testing.assert_close(freq, want.double(), atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [3, 64, 10_000])
+@pytest.mark.parametrize("tau", [None, 0.5])
+def test_dense_exclusion_mask_equals_the_sorted_pairs(chunk: int, tau: float | None) -> None:
+    """A batch x catalogue small enough for a dense mask leaves out the same items as the
+    sorted pairs: same top-k (ids, scores, Gumbel draws under one seed) and normaliser."""
+    g = torch.Generator().manual_seed(chunk)
+    offsets = torch.tensor([0, 13, 50, 61, 100])
+    table = torch.randn(101, 8, generator=g)
+    b = 33
+    q = torch.randn(b, 8, generator=g)
+    domain = torch.randint(0, 4, (b,), generator=g)
+    rows = torch.randint(0, b, (400,), generator=g)
+    items = torch.randint(0, 101, (400,), generator=g)
+    pairs, mask = Exclusions.of(rows, items), Exclusions.of(rows, items, (b, 101))
+    assert pairs.mask is None and mask.mask is not None
+    torch.testing.assert_close(mask.dense(b, 100), pairs.dense(b, 100))
+    torch.manual_seed(7)
+    want = domain_top_k(q, table, domain, offsets, pairs, 5, chunk, tau)
+    torch.manual_seed(7)
+    got = domain_top_k(q, table, domain, offsets, mask, 5, chunk, tau)
+    for w, x in zip(want, got, strict=True):
+        torch.testing.assert_close(x, w)
+    torch.testing.assert_close(
+        domain_logsumexp(q, table, domain, offsets, mask, chunk),
+        domain_logsumexp(q, table, domain, offsets, pairs, chunk),
+    )

@@ -62,10 +62,68 @@ class ConvE(nn.Module):
         return self.translate(interleave_rows(head, rel, self.rows))
 
     def translate(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 1, 2 rows, cols) interleaved image -> (B, out_dim): CNN, Flatten, W_c."""
-        x = self.bn_in(image)
-        x = self.conv(x)  # (B, C, 2 rows, cols): a real 2-D filter over the interleaved rows
-        x = F.relu(self.bn_conv(x))
-        x = self.feature_drop(x)
-        x = x.flatten(1)  # (B, C * 2 rows * cols), row index kept
-        return self.proj(x)  # (B, out_dim)
+        """(B, 1, 2 rows, cols) interleaved image -> (B, out_dim): CNN, Flatten, W_c.
+
+        The function of ``Flatten(Dropout2d(ReLU(BN(Conv2d(BN(image)))))) W_c`` with the
+        modules' own parameters, statistics and dropout draws, computed channel-major so
+        that the (C, B, H, W) feature maps are written once and read twice:
+
+        * the 3 x 3 filter over the one input channel is one matrix product with the 9
+          shifted copies of the padded image (the patches ``P``, 9 x BHW);
+        * batch norm of a filter's output is folded into the filter: a channel's output
+          ``w_c . p + b_c`` has mean ``w_c . mu + b_c`` and variance ``w_c^T S w_c`` over
+          the batch's positions (``mu``, ``S`` the patches' mean and covariance, 9 and 9 x 9),
+          so ``BN(conv(x)) = (g_c / s_c) w_c . p + beta_c + g_c (b_c - m_c) / s_c`` with
+          ``s_c = sqrt(var_c + eps)``: the statistics ``BatchNorm2d`` computes, differentiated
+          through like it; the running statistics are updated as it does;
+        * ``W_c`` is applied channel by channel as one batched product, and the per-(example,
+          channel) dropout mask, which commutes with the linear ``W_c``, is applied to the
+          (C, B, out_dim) products rather than to the feature maps.
+
+        ``tests/models/test_aft_conve.py`` checks forward, gradients and running statistics
+        against the module-by-module computation."""
+        b, _, height, width = image.shape
+        conv, proj, bn = self.conv, self.proj, self.bn_conv
+        channels, k = conv.out_channels, conv.kernel_size[0]
+        x = self.bn_in(image)[:, 0]  # (B, H, W)
+        pad = F.pad(x, (k // 2, k // 2, k // 2, k // 2))  # (B, H + k - 1, W + k - 1)
+        shifted = [pad[:, i : i + height, j : j + width] for i in range(k) for j in range(k)]
+        cols = torch.stack(shifted).view(k * k, -1)  # (k^2, N = B H W): P
+        weight, bias = conv.weight.view(channels, k * k), conv.bias  # (C, k^2), (C,)
+        assert bias is not None, "ConvE's filter has a bias"
+        if bn.training or bn.running_mean is None or bn.running_var is None:
+            n = cols.shape[1]
+            mu = cols.mean(1)  # (k^2,)
+            cov = cols @ cols.T / n - mu[:, None] * mu[None, :]  # (k^2, k^2): S
+            mean = weight @ mu + bias  # (C,)  m_c
+            var = ((weight @ cov) * weight).sum(1).clamp(min=0.0)  # (C,)  w_c^T S w_c
+            if bn.training and bn.running_mean is not None and bn.running_var is not None:
+                self._update_running(mean.detach(), var.detach() * n / max(n - 1, 1))
+        else:
+            mean, var = bn.running_mean, bn.running_var
+        scale = torch.rsqrt(var + bn.eps)  # (C,)  1 / s_c
+        if bn.weight is not None and bn.bias is not None:
+            scale = scale * bn.weight
+            shift = bn.bias + (bias - mean) * scale
+        else:
+            shift = (bias - mean) * scale
+        y = (weight * scale[:, None]) @ cols + shift[:, None]  # (C, N): BN(conv(x))
+        y = F.relu(y).view(channels, b, height * width)  # (C, B, H W)
+        w = proj.weight.view(proj.out_features, channels, height * width)  # W_c, rows (c, h w)
+        z = torch.bmm(y, w.permute(1, 2, 0))  # (C, B, out): each channel's share of Flatten W_c
+        drop = self.feature_drop
+        if drop.training and drop.p > 0:  # Dropout2d's draw: one keep per (example, channel)
+            keep = image.new_empty(b, channels).bernoulli_(1 - drop.p).div_(1 - drop.p)
+            z = z * keep.T.unsqueeze(-1)
+        return z.sum(0) + proj.bias  # (B, out_dim)
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """``BatchNorm2d``'s update of its running statistics from one training batch."""
+        bn = self.bn_conv
+        assert bn.running_mean is not None and bn.running_var is not None
+        assert bn.num_batches_tracked is not None
+        bn.num_batches_tracked.add_(1)
+        m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        bn.running_mean.mul_(1 - m).add_(mean, alpha=m)
+        bn.running_var.mul_(1 - m).add_(unbiased_var, alpha=m)

@@ -27,6 +27,7 @@ from torch import nn
 
 from aftrec.models.aft.topk import Exclusions, domain_top_k
 from aftrec.models.layers import bag_mean
+from aftrec.models.transformer import TransformerEncoder
 
 if TYPE_CHECKING:
     from aftrec.data.dataset import DataInfo
@@ -35,12 +36,11 @@ if TYPE_CHECKING:
 
 def domain_transformer(
     dim: int, heads: int, layers: int, ff_dim: int, dropout: float
-) -> nn.TransformerEncoder:
-    """A Transformer encoder (Vaswani et al. 2017, post-norm) over the n domain tokens."""
-    layer = nn.TransformerEncoderLayer(
-        d_model=dim, nhead=heads, dim_feedforward=ff_dim, dropout=dropout, batch_first=True
-    )
-    return nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+) -> TransformerEncoder:
+    """A Transformer encoder (Vaswani et al. 2017, post-norm) over the n domain tokens:
+    ``nn.TransformerEncoder``'s function and parameters, laid out for a few tokens
+    (:mod:`aftrec.models.transformer`)."""
+    return TransformerEncoder(dim, heads, layers, ff_dim, dropout)
 
 
 def target_rows(x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:

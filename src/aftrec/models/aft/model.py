@@ -355,7 +355,7 @@ class AFT(RetrievalModel):
             r, i = self.clicks.pairs(batch.users)
             rows.append(r.to(dev))
             items.append(i.to(dev))
-        return Exclusions.of(torch.cat(rows), torch.cat(items))
+        return Exclusions.of(torch.cat(rows), torch.cat(items), (b, self.info.n_items + 1))
 
     @torch.no_grad()
     def hard_negatives(

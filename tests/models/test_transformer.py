@@ -1,0 +1,88 @@
+"""The few-token Transformer encoder equals torch's, and its dropout is dropout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from aftrec.models.transformer import TransformerEncoder, dropout
+
+
+def pair(
+    dim: int, heads: int, layers: int, norm_first: bool, activation: str
+) -> tuple[nn.TransformerEncoder, TransformerEncoder]:
+    torch.manual_seed(3)
+    ref = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, 0.1, activation=activation, batch_first=True,
+            norm_first=norm_first,
+        ),
+        layers,
+        enable_nested_tensor=False,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    new = TransformerEncoder(dim, heads, layers, 4 * dim, 0.1, None, norm_first, activation)
+    return ref, new
+
+
+@pytest.mark.parametrize(
+    ("heads", "tokens", "norm_first", "activation"),
+    [(8, 5, False, "relu"), (16, 5, False, "relu"), (2, 3, True, "gelu"), (4, 40, False, "relu")],
+)
+def test_forward_and_gradients_equal_torch(
+    heads: int, tokens: int, norm_first: bool, activation: str
+) -> None:
+    """Same parameter names, same initialisation under one seed, and, without dropout, the
+    same outputs and gradients (float64) on the broadcast path (few tokens) and the SDPA one."""
+    ref, new = pair(64, heads, 2, norm_first, activation)
+    want, got = ref.state_dict(), new.state_dict()
+    assert list(want) == list(got)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key])
+    ref.double().eval()
+    new.double().eval()
+    x = torch.randn(7, tokens, 64, dtype=torch.float64, requires_grad=True)
+    out_ref, out_new = ref(x), new(x)
+    torch.testing.assert_close(out_new, out_ref)
+    g_ref = torch.autograd.grad(out_ref.square().sum(), [x, *ref.parameters()])
+    g_new = torch.autograd.grad(out_new.square().sum(), [x, *new.parameters()])
+    for a, b in zip(g_new, g_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_torch_checkpoint_loads_and_computes_the_same() -> None:
+    ref, _ = pair(32, 4, 3, False, "relu")
+    new = TransformerEncoder(32, 4, 3, 128, 0.1)
+    new.load_state_dict(ref.state_dict())
+    ref.eval()
+    new.eval()
+    x = torch.randn(5, 5, 32)
+    torch.testing.assert_close(new(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_keeps_one_minus_p_and_rescales() -> None:
+    x = torch.ones(400_000, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x, 0.1)
+    kept = y > 0
+    assert abs(kept.double().mean().item() - 0.9) < 0.003  # 4.7 standard errors
+    scale = 65536 / (65536 - round(0.1 * 65536))
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], scale))
+    assert (y[~kept] == 0).all()
+    (grad,) = torch.autograd.grad(y.sum(), [x])
+    torch.testing.assert_close(grad, y.detach())  # d y / d x is the scaled mask
+    torch.manual_seed(0)
+    torch.testing.assert_close(dropout(x, 0.1), y)  # one seed, one mask
+    assert not torch.equal(dropout(x, 0.1), y)  # and the next draw is another
+    torch.testing.assert_close(dropout(x, 0.1, training=False), x)
+    torch.testing.assert_close(dropout(x, 0.0), x)
+    assert (dropout(x, 1.0) == 0).all()
+
+
+def test_dropout_decisions_are_independent_of_position() -> None:
+    """Every 16-bit lane of the 64-bit draws drops at the same rate (no lane is biased)."""
+    torch.manual_seed(1)
+    y = dropout(torch.ones(4 * 100_000), 0.5).view(-1, 4)
+    rates = (y == 0).double().mean(0)
+    assert ((rates - 0.5).abs() < 0.006).all(), rates
