@@ -388,13 +388,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _LogFormat(logging.Formatter):
+    """INFO lines as they are (the epoch lines, what prepare dropped); the other levels say
+    their level and logger: ``WARNING aftrec.experiments.execute: ...``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO:
+            return record.getMessage()
+        return super().format(record)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormat())
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     try:
         args.func(args)
     except AftrecError as exc:

@@ -109,7 +109,11 @@ class Evaluator:
         ]
         total = sum(len(u) for u in chosen)
         bar = tqdm(
-            total=total, desc=f"evaluate {split}", unit="user", disable=not progress, leave=False
+            total=total,
+            desc=f"evaluate {split}",
+            unit="user",
+            disable=None if progress else True,
+            leave=False,
         )
         for d, name in enumerate(info.domains):
             users = chosen[d]

@@ -201,7 +201,7 @@ def execute(plan: Plan) -> dict[Path, RunOutcome]:
     bar = tqdm(
         total=len(pending),
         unit="run",
-        disable=not plan.spec.progress,
+        disable=None if plan.spec.progress else True,  # None: on a terminal only
         bar_format="{desc}{n_fmt}/{total_fmt} runs |{bar}| {elapsed}{postfix}",
     )
     failed = 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,9 @@ def train(
     resume_set: list[str] | None = None,
 ) -> TrainResult:
     """Train (or resume) a run; under torchrun pass the :func:`distributed.init` context.
+
+    ``progress``: a progress bar per epoch, shown on a terminal only (tqdm decides); with or
+    without it, each epoch ends with one line logged at INFO (:func:`epoch_line`).
 
     ``resume_set`` overrides the saved config of a resumed run (the CLI allows only
     ``train.epochs``, to train a finished run for longer)."""
@@ -140,14 +144,15 @@ def train(
             continue
         valid = evaluator if has_valid else None
         value = _validate(valid, model, cfg, epoch, entry, totals, epoch_examples)
-        if stopper.update(epoch, value):
+        best = stopper.update(epoch, value)
+        if best:
             checkpoint.save(
                 {"model": model.state_dict(), "epoch": epoch, "metric": value}, out / rundir.BEST
             )
         stopped_early = stopper.stopped
         _save_last(out, model, step, epoch, stopper, done=stopped_early or epoch >= tc.epochs)
         rundir.append_log(out, entry)
-        _show(entry, progress)
+        log.info(epoch_line(entry, totals.losses, tc.epochs, metric if has_valid else None, best))
         ctx.broadcast(stopped_early)
         if stopped_early:
             break
@@ -251,7 +256,7 @@ def train_epoch(
         total=total,
         desc=f"epoch {epoch + 1}/{tc.epochs}",
         unit="batch",
-        disable=not progress,
+        disable=None if progress else True,  # None: tqdm shows it on a terminal only
         leave=False,
     )
     for batch in bar:
@@ -326,19 +331,37 @@ def _save_last(
     checkpoint.save({**state, **stopper.state_dict(), "done": done}, out / rundir.LAST)
 
 
-def _show(entry: dict[str, Any], progress: bool) -> None:
-    """One line per epoch: the log entry, with two numbers of the health record."""
-    msg = ", ".join(
-        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-        for k, v in entry.items()
-        if k != "health"
-    )
+def epoch_line(
+    entry: dict[str, Any],
+    losses: Iterable[str],
+    epochs: int,
+    metric: str | None,
+    best: bool,
+) -> str:
+    """The human-readable line of an epoch: ``epoch 3/20  loss 0.857  valid r@50 0.673 (best)
+    3,168 ex/s  153 s``; its ``losses`` (the step's loss names), the validation ``metric``
+    (None without a validation part) and, for a model with a health record (AFT's G), two of
+    its figures. The full record is the ``log.jsonl`` entry."""
+    parts = [f"epoch {entry['epoch']}/{epochs}", *(f"{k} {_num(entry[k])}" for k in losses)]
+    if metric is not None:
+        name, _, n = metric.partition("@")
+        short = "r" if name == "recall" else name
+        parts.append(f"valid {short}@{n} {entry[f'valid_{metric}']:.3f}" + (" (best)" * best))
+    parts.append(f"{entry['examples_per_second']:,.0f} ex/s")
+    seconds = entry["train_seconds"] + entry["valid_seconds"]
+    parts.append(f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s")
     health = entry.get("health")
-    if health is not None:  # the full record is in log.jsonl
-        msg += ", fakes distinct share (min over domains)={:.3f}, |Q-b|={:.2e}".format(
-            health["distinct_share_min"], health["advantage_abs"]
+    if health is not None:
+        parts.append(
+            f"G distinct fakes {health['distinct_share_min']:.2f} (least domain)"
+            f"  |Q-b| {_num(health['advantage_abs'])}"
         )
-    tqdm.write(msg) if progress else log.info(msg)
+    return "  ".join(parts)
+
+
+def _num(value: float) -> str:
+    """A loss or a figure in a few digits: 0.857, 12.4, 3.2e-05."""
+    return f"{value:.3f}" if 0.01 <= abs(value) < 100 else f"{value:.3g}"
 
 
 def _fit_closed_form(
