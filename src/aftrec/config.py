@@ -5,10 +5,11 @@ A run's config has four sections::
     model:   {name: two-tower, dim: 64, ...}   # keys of the model's own config dataclass
     data:    {history_len: 50, n_negatives: 8}
     train:   {epochs: 20, batch_size: 256, lr: 0.001, ...}
-    runtime: {threads: null, device: cpu, eval_batch_size: 1024}   # not part of the result
+    runtime: {threads: null, device: cpu, eval_batch_size: 1024, tracker: none}  # not the result
 
-``threads``, ``device`` and ``eval_batch_size`` are also accepted under ``train``, where
-earlier versions kept them and where ``RUN/config.yaml`` still holds them (:func:`dump`).
+The runtime keys (``threads``, ``device``, ``eval_batch_size``, ``tracker``) are also accepted
+under ``train``, where earlier versions kept them and where ``RUN/config.yaml`` still holds
+them (:func:`dump`).
 
 Unknown sections or keys raise :class:`ConfigError` naming the key; nothing returns ``None``
 for a key that does not exist. The resolved config is written into every run directory.
@@ -47,6 +48,8 @@ Weight = Annotated[float, Bound(low=0.0)]
 Positive = Annotated[float, Bound(above=0)]
 Rate = Annotated[float, Bound(low=0.0, below=1)]
 Loss = Literal["softmax", "bce"]
+#: where a run's config and epoch figures are also sent (:mod:`aftrec.training.tracking`)
+TrackerKind = Literal["none", "tensorboard", "mlflow"]
 
 
 def check_fields(cfg: Any, section: str) -> None:
@@ -141,11 +144,12 @@ class RuntimeConfig(Checked):
     threads: Count | None = None  # torch intra-op threads; None = torch's default
     device: str = "cpu"
     eval_batch_size: Count = 1024  # users per evaluation batch
+    tracker: TrackerKind = "none"  # also send the config and epoch figures to TensorBoard/MLflow
 
 
 #: the runtime keys, also accepted under ``train`` where they used to be (saved runs,
-#: ``--set train.threads=1``)
-RUNTIME_KEYS = ("threads", "device", "eval_batch_size")
+#: ``--set train.threads=1``) and where ``train.tracker`` is documented
+RUNTIME_KEYS = tuple(f.name for f in fields(RuntimeConfig))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ A run directory holds::
     last.pt       the latest state (model, optimisers, RNG, epoch, early-stopping counters)
     best.pt       the model weights of the best validation epoch
     log.jsonl     one line per epoch: losses, validation metric, throughput, wall seconds
+    tensorboard/  with ``train.tracker=tensorboard``: the event files (:mod:`.tracking`)
+    mlruns/       with ``train.tracker=mlflow``: a local MLflow file store (:mod:`.tracking`)
 
 The trainer writes it (:mod:`aftrec.training.trainer`); ``aftrec evaluate``, ``recommend``,
 ``export`` and ``reproduce`` read it through :func:`load_run`, :func:`epoch_log` and
@@ -16,6 +18,7 @@ The trainer writes it (:mod:`aftrec.training.trainer`); ``aftrec evaluate``, ``r
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,8 @@ META = "run.json"
 LAST = "last.pt"
 BEST = "best.pt"
 LOG = "log.jsonl"
+TENSORBOARD = "tensorboard"
+MLFLOW = "mlruns"
 
 
 def write_config(run: Path, cfg: RunConfig) -> None:
@@ -90,6 +95,8 @@ def clear(run: Path) -> None:
     """Remove what a run killed before its first checkpoint may have left."""
     for name in (BEST, LOG, CONFIG, META):
         (Path(run) / name).unlink(missing_ok=True)
+    for name in (TENSORBOARD, MLFLOW):
+        shutil.rmtree(Path(run) / name, ignore_errors=True)
 
 
 def remove_temporaries(run: Path) -> None:

@@ -34,7 +34,7 @@ from aftrec.errors import CheckpointError, ConfigError, TrainingError
 from aftrec.evaluation.evaluate import Evaluator
 from aftrec.models.base import RetrievalModel
 from aftrec.registry import create_model
-from aftrec.training import checkpoint, rundir
+from aftrec.training import checkpoint, rundir, tracking
 from aftrec.training.distributed import SINGLE, Context, peak_rss_mib, shards_of
 from aftrec.training.optim import use_sparse_embeddings
 from aftrec.training.steps import Step, make_step
@@ -78,6 +78,8 @@ def train(
     out = Path(out)
     progress = progress and ctx.main
     cfg, state = _config_and_state(cfg, out, resume, resume_set, ctx)
+    if ctx.main:  # a tracker's missing package stops the run before it writes anything
+        tracking.check(cfg.runtime.tracker)
     metric, metric_n = cfg.train.valid_metric_n()
     tc = cfg.train
     rt = cfg.runtime
@@ -130,32 +132,41 @@ def train(
 
     has_valid = int(sum(local.dataset.meta["counts"]["valid"].values())) > 0
     examples, train_seconds, stopped_early = 0, 0.0, False
-    while epoch < tc.epochs:
-        torch.manual_seed(epoch_seed(tc.seed, epoch, ctx.rank))
-        totals = train_epoch(step, loader, epoch, tc, rt.device, progress)
-        train_seconds += totals.seconds
-        epoch += 1
-        entry, epoch_examples = _epoch_entry(epoch, totals, model, ctx)
-        examples += epoch_examples
-        if not ctx.main:  # rank 0 validates and checkpoints; the others wait for its verdict
-            stopped_early = ctx.broadcast(None)
+    tracker = tracking.start(rt.tracker, out, cfg, resume) if ctx.main else tracking.Tracker()
+    ok = False
+    try:
+        while epoch < tc.epochs:
+            torch.manual_seed(epoch_seed(tc.seed, epoch, ctx.rank))
+            totals = train_epoch(step, loader, epoch, tc, rt.device, progress)
+            train_seconds += totals.seconds
+            epoch += 1
+            entry, epoch_examples = _epoch_entry(epoch, totals, model, ctx)
+            examples += epoch_examples
+            if not ctx.main:  # rank 0 validates and checkpoints; the others wait for its verdict
+                stopped_early = ctx.broadcast(None)
+                if stopped_early:
+                    break
+                continue
+            valid = evaluator if has_valid else None
+            value = _validate(valid, model, cfg, epoch, entry, totals, epoch_examples)
+            improved = stopper.update(epoch, value)
+            if improved:
+                checkpoint.save(
+                    {"model": model.state_dict(), "epoch": epoch, "metric": value},
+                    out / rundir.BEST,
+                )
+            stopped_early = stopper.stopped
+            _save_last(out, model, step, epoch, stopper, done=stopped_early or epoch >= tc.epochs)
+            rundir.append_log(out, entry)
+            shown = metric if has_valid else None
+            log.info(epoch_line(entry, totals.losses, tc.epochs, shown, improved))
+            tracker.log_epoch(epoch, entry, totals.losses, shown)
+            ctx.broadcast(stopped_early)
             if stopped_early:
                 break
-            continue
-        valid = evaluator if has_valid else None
-        value = _validate(valid, model, cfg, epoch, entry, totals, epoch_examples)
-        best = stopper.update(epoch, value)
-        if best:
-            checkpoint.save(
-                {"model": model.state_dict(), "epoch": epoch, "metric": value}, out / rundir.BEST
-            )
-        stopped_early = stopper.stopped
-        _save_last(out, model, step, epoch, stopper, done=stopped_early or epoch >= tc.epochs)
-        rundir.append_log(out, entry)
-        log.info(epoch_line(entry, totals.losses, tc.epochs, metric if has_valid else None, best))
-        ctx.broadcast(stopped_early)
-        if stopped_early:
-            break
+        ok = True
+    finally:
+        tracker.close(ok)
     seconds = time.perf_counter() - started
     best_epoch, best = ctx.broadcast((stopper.best_epoch, stopper.best))
     peaks = [round(p, 1) for p in ctx.gather(peak_rss_mib())]
@@ -386,6 +397,11 @@ def _fit_closed_form(
             best = (value, model, model_cfg)
     assert best is not None
     value, model, model_cfg = best
+    tracker = tracking.start(
+        cfg.runtime.tracker, out, dataclasses.replace(cfg, model=model_cfg), False
+    )
+    tracker.log_epoch(0, {f"valid_{metric}": value}, (), metric)
+    tracker.close()
     rundir.write_config(out, dataclasses.replace(cfg, model=model_cfg))
     payload = {"model": model.state_dict(), "epoch": 0, "metric": value}
     checkpoint.save(payload, out / rundir.BEST)

@@ -1,0 +1,177 @@
+"""Run tracking: ``train.tracker`` sends a run's config and, every epoch, its losses, validation
+metric, throughput, wall seconds, memory and (AFT) G's health figures to TensorBoard or
+MLflow. ``none``, the default, sends nothing. Rank 0 alone tracks. Both write inside the run
+directory (:data:`aftrec.training.rundir.TENSORBOARD`, :data:`~aftrec.training.rundir.MLFLOW`):
+
+* ``tensorboard``: event files written by torch's own ``torch.utils.tensorboard.SummaryWriter``
+  (``tensorboard --logdir RUN/tensorboard``); the config is the text ``config``;
+* ``mlflow``: a local MLflow file store, experiment ``aftrec``, one MLflow run per aftrec run
+  (``--resume`` continues it); the config as flattened params and the artifact
+  ``config.yaml`` (``mlflow ui --backend-store-uri RUN/mlruns``). MLflow 3 keeps the file store
+  behind ``MLFLOW_ALLOW_FILE_STORE``; it is set (if unset) for this process.
+
+Each epoch's scalars are named ``train/<loss>``, ``valid/<metric>`` (``valid/recall@50``),
+``health/<figure>`` (``health/distinct_share/<domain>`` for per-domain figures),
+``speed/examples_per_second``, ``time/train_seconds``, ``time/valid_seconds`` and
+``memory/peak_rss_mib`` (the largest rank's), with the epoch as the step; MLflow's names
+write ``@`` as ``_at_`` and any other character it refuses as ``_``.
+
+The backends are the ``tracking`` extra (``pip install 'aftrec[tracking]'``); a tracker whose
+package is missing stops the run before it starts, with one ``error:`` line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from aftrec.config import RunConfig, TrackerKind, dump
+from aftrec.errors import ConfigError
+
+EXTRA = "pip install 'aftrec[tracking]'"
+
+
+def scalars(entry: dict[str, Any], losses: Iterable[str], metric: str | None) -> dict[str, float]:
+    """The scalars of one ``log.jsonl`` entry: its ``losses``, the validation ``metric`` (None:
+    no validation part), speed, seconds, memory and the numbers of its health record."""
+    out = {f"train/{k}": float(entry[k]) for k in losses}
+    if metric is not None:
+        out[f"valid/{metric}"] = float(entry[f"valid_{metric}"])
+    for key, name in (
+        ("examples_per_second", "speed/examples_per_second"),
+        ("train_seconds", "time/train_seconds"),
+        ("valid_seconds", "time/valid_seconds"),
+    ):
+        if key in entry:
+            out[name] = float(entry[key])
+    if entry.get("peak_rss_mib"):
+        out["memory/peak_rss_mib"] = float(max(entry["peak_rss_mib"]))
+    out.update(dict(_numbers("health", entry.get("health") or {})))
+    return out
+
+
+def _numbers(prefix: str, record: dict[str, Any]) -> Iterator[tuple[str, float]]:
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from _numbers(f"{prefix}/{key}", value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            yield f"{prefix}/{key}", float(value)
+
+
+class Tracker:
+    """The ``none`` tracker, and the interface of the others."""
+
+    def log_epoch(
+        self, epoch: int, entry: dict[str, Any], losses: Iterable[str], metric: str | None
+    ) -> None:
+        """Send one epoch's :func:`scalars`, at step ``epoch``."""
+
+    def close(self, ok: bool = True) -> None:
+        """Flush and end; ``ok`` False: the run stopped on an error."""
+
+
+class TensorBoardTracker(Tracker):
+    def __init__(self, folder: Path, cfg: RunConfig) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(folder))
+        # indented four spaces: a code block in TensorBoard's markdown
+        self.writer.add_text("config", "".join(f"    {x}\n" for x in dump(cfg).splitlines()))
+        self.writer.flush()
+
+    def log_epoch(
+        self, epoch: int, entry: dict[str, Any], losses: Iterable[str], metric: str | None
+    ) -> None:
+        for name, value in scalars(entry, losses, metric).items():
+            self.writer.add_scalar(name, value, epoch)
+        self.writer.flush()  # an epoch is long; a killed run keeps what it logged
+
+    def close(self, ok: bool = True) -> None:
+        self.writer.close()
+
+
+class MLflowTracker(Tracker):
+    EXPERIMENT = "aftrec"
+
+    def __init__(self, folder: Path, cfg: RunConfig, resume: bool) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(tracking_uri=folder.resolve().as_uri())
+        exp = self.client.get_experiment_by_name(self.EXPERIMENT)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.EXPERIMENT)
+        earlier = self.client.search_runs([exp_id], max_results=1) if resume else []
+        if earlier:  # a resumed run continues its MLflow run (params stay as first logged)
+            self.run_id = earlier[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            self.run_id = self.client.create_run(exp_id, run_name=folder.parent.name).info.run_id
+            params = [Param(k, str(v)) for k, v in _flat(cfg.to_dict())]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(self.run_id, params=params[i : i + 100])
+        self.client.log_text(self.run_id, dump(cfg), "config.yaml")
+
+    def log_epoch(
+        self, epoch: int, entry: dict[str, Any], losses: Iterable[str], metric: str | None
+    ) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(_mlflow_name(k), v, now, epoch)
+            for k, v in scalars(entry, losses, metric).items()
+        ]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self, ok: bool = True) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _mlflow_name(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name.replace("@", "_at_"))
+
+
+def check(kind: TrackerKind) -> None:
+    """Raise :class:`ConfigError` (one line) when ``kind``'s package is not installed; called
+    before a run writes anything."""
+    if kind == "none":
+        return
+    try:
+        if kind == "tensorboard":
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+        else:
+            import mlflow  # noqa: F401
+    except ImportError as exc:
+        package = "tensorboard" if kind == "tensorboard" else "mlflow (or mlflow-skinny)"
+        raise ConfigError(
+            f"train.tracker={kind} needs the {package} package, which is not installed "
+            f"({exc}): {EXTRA}"
+        ) from exc
+
+
+def start(kind: TrackerKind, run: Path, cfg: RunConfig, resume: bool) -> Tracker:
+    """The tracker of a run (its files under ``run``), with the config sent."""
+    from aftrec.training import rundir
+
+    check(kind)
+    if kind == "tensorboard":
+        return TensorBoardTracker(Path(run) / rundir.TENSORBOARD, cfg)
+    if kind == "mlflow":
+        return MLflowTracker(Path(run) / rundir.MLFLOW, cfg, resume)
+    return Tracker()
+
+
+__all__ = ["Tracker", "check", "scalars", "start"]

@@ -1,0 +1,131 @@
+"""``train.tracker``: TensorBoard and MLflow get the config and every epoch's losses,
+validation metric and G's health figures; a missing package is one error line; the tracker is
+a runtime key, so it never makes a saved run another run (issue 19, point 5)."""
+
+from __future__ import annotations
+
+import builtins
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aftrec.config import dump, resolve
+from aftrec.errors import ConfigError
+from aftrec.experiments.plan import _identity
+from aftrec.training.rundir import MLFLOW, TENSORBOARD
+from aftrec.training.tracking import scalars
+from aftrec.training.trainer import train
+from tests.conftest import FAST
+from tests.inputs import fails_cleanly
+from tests.models.test_aft import SMALL
+
+
+def _log(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_tensorboard_event_file_holds_the_epochs(tiny_dir: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "r"
+    train(tiny_dir, resolve("two-tower", overrides=[*FAST, "train.tracker=tensorboard"]), run,
+          progress=False)  # fmt: skip
+    events = EventAccumulator(str(run / TENSORBOARD), size_guidance={"tensors": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "valid/recall@50", "speed/examples_per_second"} <= tags
+    entries = _log(run)
+    for tag, key in (("train/loss", "loss"), ("valid/recall@50", "valid_recall@50")):
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in got] == [1, 2]
+        assert [v for _, v in got] == pytest.approx([e[key] for e in entries], rel=1e-6)
+    (text,) = events.Tensors("config/text_summary")
+    assert "two-tower" in text.tensor_proto.string_val[0].decode()
+    assert "tracker: tensorboard" in (run / "config.yaml").read_text()  # a runtime key, saved
+
+
+def test_scalars_carry_gs_health_figures() -> None:
+    entry = {
+        "epoch": 2, "loss_d": 0.6, "loss_g": 0.1, "ranks": 2, "peak_rss_mib": [500.0, 612.3],
+        "valid_recall@50": 0.4, "examples_per_second": 900.0, "train_seconds": 3.0,
+        "valid_seconds": 1.0,
+        "health": {"fakes": 64, "distinct_share": {"Romance": 0.9, "Drama": 0.8},
+                   "distinct_share_min": 0.8, "advantage_abs": 0.07, "flag": True},
+    }  # fmt: skip
+    assert scalars(entry, ["loss_d", "loss_g"], "recall@50") == {
+        "train/loss_d": 0.6,
+        "train/loss_g": 0.1,
+        "valid/recall@50": 0.4,
+        "speed/examples_per_second": 900.0,
+        "time/train_seconds": 3.0,
+        "time/valid_seconds": 1.0,
+        "memory/peak_rss_mib": 612.3,
+        "health/fakes": 64.0,
+        "health/distinct_share/Romance": 0.9,
+        "health/distinct_share/Drama": 0.8,
+        "health/distinct_share_min": 0.8,
+        "health/advantage_abs": 0.07,
+    }
+
+
+def test_mlflow_file_store_holds_config_epochs_and_health(tiny_dir: Path, tmp_path: Path) -> None:
+    """An AFT run (it has a health record), resumed for one more epoch: one MLflow run."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    run = tmp_path / "aft"
+    over = [*SMALL, "train.max_batches_per_epoch=3", "train.batch_size=64", "train.patience=9"]
+    cfg = resolve("aft", overrides=[*over, "train.epochs=1", "runtime.tracker=mlflow"])
+    train(tiny_dir, cfg, run, progress=False)
+    train(tiny_dir, None, run, resume=True, progress=False, resume_set=["train.epochs=2"])
+    client = MlflowClient(tracking_uri=(run / MLFLOW).resolve().as_uri())
+    (exp,) = client.search_experiments(filter_string="name = 'aftrec'")
+    (mrun,) = client.search_runs([exp.experiment_id])
+    assert mrun.info.status == "FINISHED"
+    assert mrun.data.params["model.name"] == "aft" and mrun.data.params["model.dim"] == "16"
+    entries = _log(run)
+    history = client.get_metric_history(mrun.info.run_id, "valid/recall_at_50")
+    assert [(m.step, m.value) for m in history] == [
+        (e["epoch"], pytest.approx(e["valid_recall@50"])) for e in entries
+    ]
+    share = client.get_metric_history(mrun.info.run_id, "health/distinct_share_min")
+    assert [m.value for m in share] == pytest.approx(
+        [e["health"]["distinct_share_min"] for e in entries]
+    )
+    assert {"train/loss_d", "health/advantage_abs"} <= set(mrun.data.metrics)
+    config = Path(client.download_artifacts(mrun.info.run_id, "config.yaml", str(tmp_path)))
+    assert "epochs: 2" in config.read_text()
+
+
+@pytest.mark.parametrize("kind, package", [("mlflow", "mlflow"), ("tensorboard", "tensorboard")])
+def test_a_missing_tracker_package_is_one_error_line(
+    kind: str,
+    package: str,
+    tiny_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_import = builtins.__import__
+
+    def no_package(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name.split(".")[0] == package:
+            raise ModuleNotFoundError(f"No module named {package!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_package)
+    argv = ["train", "--data", str(tiny_dir), "--model", "two-tower", "--out",
+            str(tmp_path / "r"), "--quiet", "--set", *FAST, f"train.tracker={kind}"]  # fmt: skip
+    line = fails_cleanly(capsys, argv, f"train.tracker={kind} needs the", "aftrec[tracking]",
+                         roots=(tmp_path,))  # fmt: skip
+    assert not (tmp_path / "r").exists(), line
+
+
+def test_tracker_is_checked_and_is_not_part_of_the_run() -> None:
+    with pytest.raises(ConfigError, match=r"runtime\.tracker must be one of none, tensorboard"):
+        resolve("pop", overrides=["train.tracker=wandb"])
+    plain, tracked = resolve("pop"), resolve("pop", overrides=["train.tracker=mlflow"])
+    assert tracked.runtime.tracker == "mlflow" and "tracker: mlflow" in dump(tracked)
+    assert _identity(plain.to_dict()) == _identity(tracked.to_dict())  # reproduce: same run
