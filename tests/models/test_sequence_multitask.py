@@ -214,11 +214,11 @@ def test_merge_keeps_one_position_when_everything_is_padding() -> None:
 def test_attention_mask_never_blocks_a_whole_row() -> None:
     valid = torch.tensor([[False, False, True, True], [False, False, False, False]])
     for causal in (True, False):
-        blocked = attention_mask(valid, heads=2, causal=causal)  # (4, 4, 4)
-        assert blocked.shape == (4, 4, 4)
+        blocked = attention_mask(valid, causal=causal)  # (2, 4, 4)
+        assert blocked.shape == (2, 4, 4)
         assert (~blocked).any(-1).all()  # every query reads at least itself
         assert blocked[0, 2:, :2].all()  # behaviours never read padding
-    assert attention_mask(valid, 1, causal=True)[0, 2, 3]  # nor the future
+    assert attention_mask(valid, causal=True)[0, 2, 3]  # nor the future
 
 
 def test_sasrec_time_order_reads_history_time(tiny: Dataset, index: HistoryIndex) -> None:

@@ -86,3 +86,44 @@ def test_dropout_decisions_are_independent_of_position() -> None:
     y = dropout(torch.ones(4 * 100_000), 0.5).view(-1, 4)
     rates = (y == 0).double().mean(0)
     assert ((rates - 0.5).abs() < 0.006).all(), rates
+
+
+def padded(b: int, s: int) -> torch.Tensor:
+    """(B, S) right-aligned valid positions of random lengths (at least 1)."""
+    lengths = torch.randint(1, s + 1, (b,))
+    return torch.arange(s)[None, :] >= (s - lengths)[:, None]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_masked_attention_equals_torch(causal: bool) -> None:
+    """SASRec's and ATRank's blocks: pre-norm, a (B, S, S) mask (True = barred), torch's
+    ``mask=`` repeated per head; and the last position computed alone equals the full run's."""
+    ref, new = pair(32, 2, 2, True, "relu")
+    ref.double().eval()
+    new.double().eval()
+    valid = padded(6, 30)
+    s = valid.shape[1]
+    allowed = valid.unsqueeze(1) | torch.eye(s, dtype=torch.bool)
+    if causal:
+        allowed = allowed & torch.ones(s, s, dtype=torch.bool).tril()
+    barred = ~allowed  # (B, S, S)
+    x = torch.randn(6, s, 32, dtype=torch.float64, requires_grad=True)
+    out_ref = ref(x, mask=barred.repeat_interleave(2, dim=0))
+    out_new = new(x, barred)
+    torch.testing.assert_close(out_new, out_ref)
+    g_ref = torch.autograd.grad(out_ref.square().sum(), [x, *ref.parameters()])
+    g_new = torch.autograd.grad(out_new.square().sum(), [x, *new.parameters()])
+    for a, b in zip(g_new, g_ref, strict=True):
+        torch.testing.assert_close(a, b)
+    if causal:
+        torch.testing.assert_close(new(x, barred, last_only=True), out_ref[:, -1:])
+
+
+def test_key_padding_equals_torch() -> None:
+    """BERT4Rec's blocks: GELU, padded keys unread by every query (a (B, 1, S) mask)."""
+    ref, new = pair(32, 2, 2, True, "gelu")
+    ref.double().eval()
+    new.double().eval()
+    valid = padded(5, 20)
+    x = torch.randn(5, 20, 32, dtype=torch.float64)
+    torch.testing.assert_close(new(x, (~valid).unsqueeze(1)), ref(x, src_key_padding_mask=~valid))

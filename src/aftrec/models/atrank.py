@@ -113,8 +113,8 @@ class ATRank(UserTowerModel):
         return by_length(self._blocks, x, merged.valid), merged.valid
 
     def _blocks(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask(valid, self.cfg.heads, causal=False)  # (B heads, S, S)
-        return self.norm(self.encoder(x, mask=mask))  # (B, S, d)
+        mask = attention_mask(valid, causal=False)  # (B, S, S)
+        return self.norm(self.encoder(x, mask))  # (B, S, d)
 
     def user_tower(self, batch: Batch, domain: torch.Tensor) -> torch.Tensor:
         h, valid = self.encode(batch)  # (B, S, d), (B, S)

@@ -39,6 +39,7 @@ from aftrec.data.loader import Batch
 from aftrec.models.base import RetrievalModel
 from aftrec.models.losses import sampled_loss
 from aftrec.models.sasrec import by_length, check_transformer, transformer_encoder
+from aftrec.models.transformer import Dropout
 from aftrec.registry import register_model
 
 #: ``aftrec reproduce --quick``: the tiny settings of this file's models
@@ -70,7 +71,7 @@ class BERT4Rec(RetrievalModel):
         self.item_emb = nn.Embedding(info.n_items + 1, d, padding_idx=info.pad)  # E, shared
         self.mask_token = nn.Parameter(torch.zeros(d))  # [MASK]
         self.pos_emb = nn.Embedding(history_len + 1, d)  # P, counted from the end
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.encoder = transformer_encoder(cfg, activation="gelu")
         self.norm = nn.LayerNorm(d)
         self.head = nn.Sequential(nn.Linear(d, d), nn.GELU())  # GELU(h W^P + b^P), Eq. 7
@@ -106,7 +107,7 @@ class BERT4Rec(RetrievalModel):
         return out[:, -1], out[where[:, 0], where[:, 1]], where
 
     def _blocks(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.encoder(x, src_key_padding_mask=~attend))  # (B, S, d)
+        return self.norm(self.encoder(x, (~attend).unsqueeze(1)))  # (B, S, d), padding unread
 
     def cut_history(self, seq: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B, S): the last ``history_len`` columns, then padding-only columns cut."""

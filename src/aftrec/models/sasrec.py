@@ -50,6 +50,7 @@ from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
 from aftrec.errors import ConfigError
 from aftrec.models.base import UserTowerModel
+from aftrec.models.transformer import Dropout, TransformerEncoder
 from aftrec.registry import register_model
 
 Order = Literal["rate", "blocks", "time"]
@@ -150,8 +151,8 @@ def merge_histories(
     return Merged(index=index, valid=valid.flatten(1).gather(1, index), length=length)
 
 
-def attention_mask(valid: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
-    """(B, S) valid positions -> (B * heads, S, S) boolean mask, True where attention is barred.
+def attention_mask(valid: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B, S) valid positions -> (B, S, S) boolean mask, True where attention is barred.
 
     A query sees the behaviours (at or before itself when ``causal``) and always itself, so a
     padding position attends only to itself and no row is fully masked (no NaN); behaviours
@@ -162,7 +163,7 @@ def attention_mask(valid: torch.Tensor, heads: int, causal: bool) -> torch.Tenso
     allowed = valid.unsqueeze(1) | eye  # (B, S, S): query i may read key j
     if causal:
         allowed = allowed & torch.ones(s, s, dtype=torch.bool, device=valid.device).tril()
-    return (~allowed).repeat_interleave(heads, dim=0)
+    return ~allowed
 
 
 def by_length(
@@ -181,29 +182,29 @@ def by_length(
     s = x.shape[1]
     lengths = valid.sum(1)
     order = torch.argsort(lengths)
+    # one gather, then contiguous chunks: the backward pass scatters into x once (indexing x
+    # per chunk would zero-fill a gradient of x's full size for every chunk)
     pieces = []
-    for idx in order.split(rows):
-        keep = max(1, int(lengths[idx].max()))
-        out = fn(x[idx, s - keep :], valid[idx, s - keep :])  # (n, keep or fewer, d)
+    sorted_lengths = lengths[order]
+    parts = (x[order].split(rows), valid[order].split(rows), sorted_lengths.split(rows))
+    chunks = zip(*parts, strict=True)
+    for xc, vc, lc in chunks:
+        keep = max(1, int(lc.max()))
+        out = fn(xc[:, s - keep :], vc[:, s - keep :])  # (n, keep or fewer, d)
         pieces.append(F.pad(out, (0, 0, s - out.shape[1], 0)))  # (n, S, d), right-aligned
     return torch.cat(pieces)[torch.argsort(order)]
 
 
-def transformer_encoder(cfg: Any, activation: str = "relu") -> nn.TransformerEncoder:
+def transformer_encoder(cfg: Any, activation: str = "relu") -> TransformerEncoder:
     """``cfg.layers`` pre-norm Transformer blocks (multi-head self-attention and point-wise
     feed-forward, each with residual, layer norm and dropout ``cfg.dropout``; dropout
-    ``cfg.attn_dropout`` on the attention weights); the caller adds a final layer norm."""
-    layer = nn.TransformerEncoderLayer(
-        d_model=cfg.dim,
-        nhead=cfg.heads,
-        dim_feedforward=cfg.ff_dim,
-        dropout=cfg.dropout,
-        activation=activation,
-        batch_first=True,
-        norm_first=True,
-    )
-    layer.self_attn.dropout = cfg.attn_dropout
-    return nn.TransformerEncoder(layer, num_layers=cfg.layers, enable_nested_tensor=False)
+    ``cfg.attn_dropout`` on the attention weights); the caller adds a final layer norm.
+    ``nn.TransformerEncoder``'s function, parameter names and initialisation, with cheaper
+    dropout draws (:mod:`aftrec.models.transformer`)."""
+    return TransformerEncoder(
+        cfg.dim, cfg.heads, cfg.layers, cfg.ff_dim, cfg.dropout, cfg.attn_dropout,
+        norm_first=True, activation=activation,
+    )  # fmt: skip
 
 
 @register_model("sasrec", SASRecConfig, quick=QUICK)
@@ -216,7 +217,7 @@ class SASRec(UserTowerModel):
         self.pos_emb = nn.Embedding(self.max_len, d)  # P of III-A, counted from the end
         self.domain_emb = nn.Embedding(info.n_domains, d)  # domain of each behaviour
         self.target_emb = nn.Embedding(info.n_domains, d)  # added to the last output
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.encoder = transformer_encoder(cfg)
         self.norm = nn.LayerNorm(d)
         nn.init.normal_(self.item_emb.weight, std=0.05)
@@ -249,21 +250,14 @@ class SASRec(UserTowerModel):
         return by_length(blocks, x, merged.valid), merged.valid
 
     def _blocks(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask(valid, self.cfg.heads, causal=True)  # (B heads, S, S)
-        return self.norm(self.encoder(x, mask=mask))  # (B, S, d)
+        mask = attention_mask(valid, causal=True)  # (B, S, S)
+        return self.norm(self.encoder(x, mask))  # (B, S, d)
 
     def _last_output(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, 1, d): what :meth:`_blocks` gives at the last position, the last block computing
         that query only (causal, so no other position needs it)."""
-        mask = attention_mask(valid, self.cfg.heads, causal=True)  # (B heads, S, S)
-        *first, last = self.encoder.layers
-        for layer in first:
-            x = layer(x, src_mask=mask)
-        h = last.norm1(x)  # the pre-norm block of nn.TransformerEncoderLayer, one query
-        att, _ = last.self_attn(h[:, -1:], h, h, attn_mask=mask[:, -1:], need_weights=False)
-        y = x[:, -1:] + last.dropout1(att)
-        ff = last.linear2(last.dropout(last.activation(last.linear1(last.norm2(y)))))
-        return self.norm(y + last.dropout2(ff))  # (B, 1, d)
+        mask = attention_mask(valid, causal=True)  # (B, S, S)
+        return self.norm(self.encoder(x, mask, last_only=True))  # (B, 1, d)
 
     def user_tower(self, batch: Batch, domain: torch.Tensor) -> torch.Tensor:
         out, _ = self.encode(batch, last_only=True)

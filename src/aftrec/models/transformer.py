@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: sequences up to this length take the broadcast attention; longer ones torch's fused SDPA
+#: unmasked sequences up to this length take the broadcast attention; others batched products
 SHORT = 16
 _BITS = 16  # random bits per dropout decision
 
@@ -57,6 +57,17 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return x * keep.to(x.dtype).mul_(levels / (levels - drop))
 
 
+class Dropout(nn.Module):
+    """``nn.Dropout`` with :func:`dropout`'s draws (no parameters: state dicts unchanged)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with ``nn.MultiheadAttention``'s parameters (packed
     ``in_proj_weight`` (3 dim, dim), ``in_proj_bias``, ``out_proj``)."""
@@ -68,17 +79,28 @@ class SelfAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, S, dim) -> (B, S, dim): softmax(q k^T / sqrt(head_dim)) v per head."""
+    def forward(
+        self, x: torch.Tensor, barred: torch.Tensor | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """(B, S, dim) -> (B, S, dim): softmax(q k^T / sqrt(head_dim)) v per head, dropout on
+        the weights. ``barred`` (B, S, S) or (B, 1, S) bool: True where query i may not read
+        key j (``nn.MultiheadAttention``'s boolean ``attn_mask``; every query must be allowed
+        some key). ``last_only``: the last query only, (B, 1, dim)."""
         b, s, dim = x.shape
         h = self.heads
         hd = dim // h
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, S, 3 dim)
-        if s > SHORT:
+        if s > SHORT or barred is not None or last_only:
             q, k, v = qkv.view(b, s, 3, h, hd).permute(2, 0, 3, 1, 4)  # (B, H, S, hd) each
-            p = self.dropout if self.training else 0.0
-            o = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, S, hd)
-            return self.out_proj(o.transpose(1, 2).reshape(b, s, dim))
+            if last_only:
+                q = q[:, :, -1:]
+                barred = None if barred is None else barred[:, -1:]
+            w = (q * (1.0 / math.sqrt(hd))) @ k.transpose(-1, -2)  # (B, H, S_q, S)
+            if barred is not None:
+                w = w.masked_fill(barred.unsqueeze(1), float("-inf"))
+            w = dropout(w.softmax(dim=-1), self.dropout, self.training)
+            o = w @ v  # (B, H, S_q, hd)
+            return self.out_proj(o.transpose(1, 2).reshape(b, q.shape[2], dim))
         n = b * h
         t = qkv.view(b, s, 3, h, hd).permute(2, 1, 4, 0, 3).reshape(3, s, hd, n)
         q, k, v = t[0] * (1.0 / math.sqrt(hd)), t[1], t[2]  # (S, hd, N) each, N = B * H
@@ -115,20 +137,26 @@ class EncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
 
-    def _sa(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(self.self_attn(x), self.p, self.training)
-
     def _ff(self, x: torch.Tensor) -> torch.Tensor:
         hidden = dropout(self.act(self.linear1(x)), self.p, self.training)
         return dropout(self.linear2(hidden), self.p, self.training)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, S, dim) -> (B, S, dim)."""
+    def forward(
+        self, x: torch.Tensor, barred: torch.Tensor | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """(B, S, dim) -> (B, S, dim), or (B, 1, dim) for the last position alone with
+        ``last_only`` (what the full block gives there when the last query is all that is
+        needed); ``barred`` as in :meth:`SelfAttention.forward`."""
+        keep = x[:, -1:] if last_only else x
+
+        def sa(y: torch.Tensor) -> torch.Tensor:
+            return dropout(self.self_attn(y, barred, last_only), self.p, self.training)
+
         if self.norm_first:
-            x = x + self._sa(self.norm1(x))
-            return x + self._ff(self.norm2(x))
-        x = self.norm1(x + self._sa(x))
-        return self.norm2(x + self._ff(x))
+            keep = keep + sa(self.norm1(x))
+            return keep + self._ff(self.norm2(keep))
+        keep = self.norm1(keep + sa(x))
+        return self.norm2(keep + self._ff(keep))
 
 
 class TransformerEncoder(nn.Module):
@@ -156,8 +184,14 @@ class TransformerEncoder(nn.Module):
         layer.load_state_dict(reference.state_dict())  # torch's initialisation, same draws
         self.layers = nn.ModuleList([copy.deepcopy(layer) for _ in range(layers)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, S, dim) -> (B, S, dim)."""
-        for layer in self.layers:
-            x = layer(x)
-        return x
+    def forward(
+        self, x: torch.Tensor, barred: torch.Tensor | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """(B, S, dim) -> (B, S, dim); with ``last_only`` the last block computes the last
+        position alone, (B, 1, dim) (for causal attention, where no other position needs
+        it); ``barred`` as in :meth:`SelfAttention.forward`."""
+        *first, last = self.layers
+        for layer in first:
+            x = layer(x, barred)
+        out: torch.Tensor = last(x, barred, last_only)
+        return out

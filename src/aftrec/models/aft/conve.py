@@ -107,7 +107,7 @@ class ConvE(nn.Module):
             shift = bn.bias + (bias - mean) * scale
         else:
             shift = (bias - mean) * scale
-        y = (weight * scale[:, None]) @ cols + shift[:, None]  # (C, N): BN(conv(x))
+        y = torch.addmm(shift[:, None], weight * scale[:, None], cols)  # (C, N): BN(conv(x))
         y = F.relu(y).view(channels, b, height * width)  # (C, B, H W)
         w = proj.weight.view(proj.out_features, channels, height * width)  # W_c, rows (c, h w)
         z = torch.bmm(y, w.permute(1, 2, 0))  # (C, B, out): each channel's share of Flatten W_c
