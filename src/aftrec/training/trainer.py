@@ -52,6 +52,8 @@ class TrainResult:
     examples_per_second: float
     stopped_early: bool
     peak_rss_mib: list[float] = dataclasses.field(default_factory=list)  # per rank
+    rank: int = 0  # this process's rank and the number of ranks (set by aftrec.train)
+    world: int = 1
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:

