@@ -244,7 +244,7 @@ def test_a_run_saved_before_g_had_its_switches_is_g_as_printed() -> None:
     from aftrec.config import resolve
 
     paper = ("fake_sampling=topk", "reinforce=log", "mmd_form=full", "lambda_m=1",
-             "g_supervised=0")  # fmt: skip
+             "g_supervised=0", "g_temperature=1")  # fmt: skip
     old = resolve("aft", overrides=[f"model.{k}" for k in paper]).to_dict()
     saved = json.loads(json.dumps(old))
     for key in ("mmd_form", "fake_sampling", "g_temperature", "g_supervised", "fake_weight",

@@ -93,7 +93,8 @@ class AFTConfig(Checked):
     mmd_form: MMDForm = "cross"  # "cross": cross term only; "full": -MMD^2 (aft-paper)
     # --- how G proposes and how its fakes enter L_D (docs/aft.md, "Repairing G") ---
     fake_sampling: FakeSampling = "sample"  # "sample": softmax draws; "topk": G's top-k (aft-paper)
-    g_temperature: Positive = 1.0  # tau of softmax(h_t . e / tau) when sampling / "softmax"
+    g_temperature: Positive = 4.0  # tau of softmax(h_t . e / tau) when sampling / "softmax";
+    # 4 chosen on validation of both presets (docs/aft.md, "G's temperature"); aft-paper: 1
     g_supervised: Weight = 1.0  # weight of G's BCE on the real click beside REINFORCE (anchor)
     fake_weight: Weight = 1.0  # weight of each fake in L_D (Eq. 13), 1 = a full negative
     fake_drop_above_pos: bool = False  # a fake D scores above the row's positive: weight 0
