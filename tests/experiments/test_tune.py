@@ -67,7 +67,8 @@ def test_drawn_values_round_trip_through_set(value: float) -> None:
 
 def _score(cfg: RunConfig) -> float:
     """A smooth stand-in for a validation value, best near lr 3e-3 and dropout 0.2."""
-    return 1.0 - (math.log10(cfg.train.lr) + 2.5) ** 2 - (cfg.model.dropout - 0.2) ** 2
+    dropout = dataclasses.asdict(cfg.model).get("dropout", 0.2)
+    return 1.0 - (math.log10(cfg.train.lr) + 2.5) ** 2 - (dropout - 0.2) ** 2
 
 
 @pytest.fixture
@@ -231,3 +232,50 @@ def test_bad_input_is_one_error_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- reproduce --tuned
+
+
+def test_reproduce_applies_best_json_and_reports_the_study(
+    tiny_dir: Path, tmp_path: Path, standin: list[str]
+) -> None:
+    tw = tune(_spec(tiny_dir, tmp_path / "tune-tw", 3)).best
+    tune(TuneSpec(tiny_dir, "pop", tmp_path / "tune-pop", 3))
+    assert tw is not None
+    out = tmp_path / "report"
+    argv = ["reproduce", "--data", str(tiny_dir), "--out", str(out), "--quick", "--quiet",
+            "--models", "two-tower", "pop", "--skip", "ablations", "sweeps",
+            "--tuned", str(tmp_path / "tune-tw"), str(tmp_path / "tune-pop" / "best.json"),
+            "--set", "train.threads=1", "two-tower:train.weight_decay=0.0"]  # fmt: skip
+    assert main(argv) == 0
+    cfg = load_run_config(out / "runs" / "two-tower" / "seed0")
+    assert cfg.train.lr == tw["params"]["train.lr"]  # tuned
+    assert cfg.model.dropout == tw["params"]["model.dropout"]
+    assert cfg.train.weight_decay == 0.0  # --set comes after the tuned settings
+    assert cfg.train.epochs == 1  # --quick still applies
+    text = (out / "report.md").read_text()
+    setup = text.split("## Setup")[1].split("## Recall@N")[0]
+    assert "Tuned on validation" in setup
+    assert "`two-tower`: 3 trial(s) (3 finished), seed 0, best valid recall@50" in setup
+    assert "`pop`: 1 trial(s) (1 finished), seed 0" in setup and "nothing to tune" in setup
+    assert "--tuned" in setup
+    # quick: one epoch of a one-epoch cap, so the run is at the cap; pop has no epochs
+    convergence = text.split("## Convergence")[1].split("## Wall time")[0]
+    assert "| `two-tower` | 1 | 1 | 1 | 1 of 1 (100%) |" in convergence
+    assert "`pop`" not in convergence
+    results = json.loads((out / "results.json").read_text())
+    assert results["tuned"]["two-tower"]["trials"] == 3
+    assert results["convergence"][0]["hit_cap"] == 1
+
+
+def test_reproduce_refuses_tuned_studies_of_models_not_run(
+    tiny_dir: Path, tmp_path: Path, standin: list[str]
+) -> None:
+    tune(_spec(tiny_dir, tmp_path / "tw", 1))
+    shutil.copytree(tmp_path / "tw", tmp_path / "tw2")
+    base = ["reproduce", "--data", str(tiny_dir), "--out", str(tmp_path / "r"), "--quick"]
+    assert main([*base, "--models", "pop", "--tuned", str(tmp_path / "tw")]) == 2
+    assert main([*base, "--models", "two-tower", "--tuned", str(tmp_path / "tw"),
+                 str(tmp_path / "tw2")]) == 2  # fmt: skip
+    assert main([*base, "--models", "pop", "--tuned", str(tmp_path / "none")]) == 2

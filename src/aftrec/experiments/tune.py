@@ -408,6 +408,7 @@ class Tuned:
 
     model: str
     path: Path  # the best.json
+    data: str  # the dataset the study ran on (resolved path)
     overrides: tuple[str, ...]  # the --set pairs its runs take
     trials: int  # the trial budget the study ran
     complete: int
@@ -425,6 +426,7 @@ def read_best(path: Path) -> Tuned:
         return Tuned(
             model=str(obj["model"]),
             path=file,
+            data=str(obj["data"]),
             overrides=tuple(str(p) for p in obj["overrides"]),
             trials=int(obj["trials"]),
             complete=int(obj["complete"]),
