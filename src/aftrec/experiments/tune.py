@@ -252,9 +252,10 @@ def _train_trial(data: Path, cfg: RunConfig, run: Path) -> TrialOutcome:
     res = train(data, None if resume else cfg, run, resume=resume, progress=False)
     if not math.isfinite(res.best_metric):
         raise TrainingError(f"trial run {run} has no finite validation value")
-    return TrialOutcome(
-        res.best_metric, res.best_epoch, res.epochs_run, res.stopped_early, res.seconds
-    )
+    # the epochs' wall times over every call that trained the run (a killed one included)
+    timed = [e for e in rundir.epoch_log(run) if "train_seconds" in e]
+    seconds = sum(e["train_seconds"] + e["valid_seconds"] for e in timed) or res.seconds
+    return TrialOutcome(res.best_metric, res.best_epoch, res.epochs_run, res.stopped_early, seconds)
 
 
 def _settings(params: Mapping[str, Any]) -> str:
@@ -333,7 +334,7 @@ def tune(spec: TuneSpec) -> TuneResult:
                 ran += 1
                 write_outputs(study, st)
             have = len(study.get_trials(deepcopy=False))
-            if have >= budget:
+            if have >= budget and not ran:
                 log.info(f"{out}: the study holds {have} trial(s), the budget is {budget}")
             while len(study.get_trials(deepcopy=False)) < budget:
                 number = len(study.get_trials(deepcopy=False))
