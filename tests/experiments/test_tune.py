@@ -144,6 +144,16 @@ def test_a_killed_call_leaves_a_study_the_next_call_finishes(
     assert list(states) == ["complete"] * 5
 
 
+def test_a_second_call_on_a_busy_directory_is_refused(
+    tiny_dir: Path, tmp_path: Path, standin: list[str]
+) -> None:
+    out = tmp_path / "busy"
+    out.mkdir()
+    with tn._locked(out), pytest.raises(tn.ConfigError, match="another `aftrec tune`"):
+        tune(_spec(tiny_dir, out, 1))
+    assert tune(_spec(tiny_dir, out, 1)).ran == 1  # the lock file alone is no obstacle
+
+
 def test_a_diverging_trial_fails_and_the_study_goes_on(
     tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

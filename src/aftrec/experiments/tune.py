@@ -311,7 +311,12 @@ def tune(spec: TuneSpec) -> TuneResult:
     st = _check_spec(spec)
     out = Path(spec.out)
     check_writable(out, folder=True)
-    if out.is_dir() and not (out / STUDY_DB).exists() and any(out.iterdir()):
+    # a call killed before it created the study leaves the lock file alone
+    if (
+        out.is_dir()
+        and not (out / STUDY_DB).exists()
+        and any(p.name != LOCK for p in out.iterdir())
+    ):
         raise ConfigError(f"{out} is not empty and holds no study; choose a new or empty --out")
     out.mkdir(parents=True, exist_ok=True)
     budget = st.budget
