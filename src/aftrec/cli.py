@@ -1,4 +1,5 @@
-"""The ``aftrec`` command line: prepare, train, evaluate, recommend, export, serve, reproduce.
+"""The ``aftrec`` command line: prepare, train, evaluate, recommend, export, serve, reproduce,
+tune.
 
 This is the only module that reads ``sys.argv``. Every error the library raises on purpose
 (:class:`aftrec.errors.AftrecError`) ends the command with one ``error: ...`` line on stderr
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from aftrec import api
-from aftrec.errors import AftrecError
+from aftrec.errors import AftrecError, TrainingError
 
 log = logging.getLogger("aftrec")
 T = TypeVar("T")
@@ -109,6 +110,26 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _recommend(args: argparse.Namespace) -> None:
     frame = api.recommend(args.run, n=args.n, users=args.users, domains=args.domains, out=args.out)
     print(f"wrote {len(frame)} rows to {args.out}")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from aftrec.experiments.tune import TuneSpec, tune
+
+    res = tune(
+        TuneSpec(
+            args.data, args.model, args.out, args.trials, seed=args.seed,
+            overrides=tuple(args.set), startup_trials=args.startup_trials,
+        )
+    )  # fmt: skip
+    if res.best is None:
+        raise TrainingError(f"{res.out}: no trial finished; see {res.out / 'trials.csv'}")
+    print(
+        f"wrote {res.out / 'best.json'}: {res.ran} trial(s) run now, {res.trials} in the study, "
+        f"best {res.best['metric']} {res.best['best_value']:.4f} "
+        f"(trial {res.best['best_trial']:03d}): "
+        + (" ".join(res.best["overrides"]) or "nothing to tune")
+        + f", {res.seconds:.1f}s"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +224,28 @@ def build_parser() -> argparse.ArgumentParser:
     from aftrec.experiments.reproduce import add_parser as add_reproduce_parser
 
     add_reproduce_parser(sub)
+
+    pu = sub.add_parser(
+        "tune",
+        help="choose a model's settings on validation: a seeded Optuna TPE study (docs/tuning.md)",
+        description="Train one run per trial to early stopping and score it on the validation "
+        "split (the test split is never read). DIR/study.db holds the study: run the command "
+        "again with a larger --trials to continue it. Writes DIR/best.json and DIR/trials.csv.",
+    )
+    pu.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
+    pu.add_argument("--model", required=True, help="model name (see `aftrec models`)")
+    pu.add_argument("--out", type=Path, required=True, metavar="DIR")
+    pu.add_argument("--trials", type=int, required=True, help="the trial budget of the study")
+    pu.add_argument("--seed", type=int, default=0, help="seeds the search and every trial's run")
+    pu.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE",
+        help="config overrides every trial trains with (not tuned), e.g. train.threads=1",
+    )  # fmt: skip
+    pu.add_argument(
+        "--startup-trials", type=int, default=10, metavar="K",
+        help="trials drawn at random before TPE models the results (default 10)",
+    )  # fmt: skip
+    pu.set_defaults(func=_tune)
 
     pm = sub.add_parser("models", help="list the registered models")
     pm.set_defaults(

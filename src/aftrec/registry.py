@@ -2,18 +2,45 @@
 
 A registration holds every fact about a model that is not its computation: its config class,
 its row name in the paper's tables, the tiny settings ``aftrec reproduce --quick`` trains it
-with, and the model keys its config declares inert. Built-in models register when
-``aftrec.models`` is imported, which the registry does lazily on first use.
+with, the model keys its config declares inert, and the settings ``aftrec tune`` searches
+(:attr:`Registration.search_space`). Built-in models register when ``aftrec.models`` is
+imported, which the registry does lazily on first use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aftrec.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Range:
+    """A tuned setting's range for ``aftrec tune``: a number in [low, high], drawn on a log
+    scale when ``log`` (learning rates, weights), and an integer when ``integer``."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.low < self.high or (self.log and self.low <= 0):
+            raise ValueError(f"bad range [{self.low}, {self.high}] (log={self.log})")
+
+
+#: what every trainable model tunes (``trainable = True``): Adam's learning rate and weight
+#: decay (the decay on a log scale from 1e-8, which is none in effect)
+TRAINED: Mapping[str, Range] = {
+    "train.lr": Range(1e-4, 1e-2, log=True),
+    "train.weight_decay": Range(1e-8, 1e-3, log=True),
+}
+#: the dropout rate, for the registrations whose config has ``dropout``
+DROPOUT: Mapping[str, Range] = {"model.dropout": Range(0.0, 0.5)}
 
 if TYPE_CHECKING:
     from aftrec.data.dataset import DataInfo
@@ -34,6 +61,18 @@ class Registration:
     #: model keys this registration never reads (e.g. G's keys for a model without G): a saved
     #: run whose config differs only in them is the same run
     inert_keys: tuple[str, ...] = ()
+    #: ``aftrec tune``: the model's own tuned settings (config key -> range), searched beside
+    #: :data:`TRAINED` for a trainable model (:attr:`search_space`)
+    tune: Mapping[str, Range] = field(default_factory=dict)
+    #: ``--set`` pairs every trial and every tuned run carries (EASE: ``model.l2_grid=[]``, so
+    #: that the drawn L2 is fitted instead of the grid)
+    tune_fixed: tuple[str, ...] = ()
+
+    @property
+    def search_space(self) -> dict[str, Range]:
+        """Config key -> range of every setting ``aftrec tune`` searches for this model;
+        empty for a model with nothing to tune (pop: one trial is the whole study)."""
+        return {**(TRAINED if self.model.trainable else {}), **self.tune}
 
     @property
     def deterministic(self) -> bool:
@@ -53,13 +92,21 @@ def register_model(
     paper_row: int | None = None,
     quick: Mapping[str, str] | None = None,
     inert_keys: tuple[str, ...] = (),
+    tune: Mapping[str, Range] | None = None,
+    tune_fixed: tuple[str, ...] = (),
 ) -> Callable[[M], M]:
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = [k for k in tune or {} if k.startswith("model.") and k[6:] not in fields]
+    if unknown:
+        raise ValueError(f"model {name!r}: tuned key(s) {unknown} are not in its config")
+
     def deco(cls: M) -> M:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is registered twice")
         _MODELS[name] = Registration(
-            name, cls, config_cls, paper_name, paper_row, dict(quick or {}), inert_keys
-        )
+            name, cls, config_cls, paper_name, paper_row, dict(quick or {}), inert_keys,
+            dict(tune or {}), tune_fixed,
+        )  # fmt: skip
         cls.name = name
         return cls
 

@@ -35,6 +35,7 @@ SECTIONS = (
     "## Significance",
     "## Ablations of AFT (Table 6 layout)",
     "## Model analyses (Fig. 3)",
+    "## Convergence",
     "## Wall time",
 )
 

@@ -7,7 +7,7 @@ Two layouts (:mod:`aftrec.data.prepared`): format 1 (one file per table) and for
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -84,6 +84,9 @@ class Dataset:
     ``partitions`` (partitioned layout) loads the rows of those partitions only, in partition
     order; ids, ``info`` and ``meta`` stay those of the whole dataset. A format 1 dataset is
     one partition, 0.
+
+    The parts are read on first use (:attr:`parts`): training and validation never open the
+    test part's files, so a tuning study provably leaves the test split unread.
     """
 
     def __init__(self, path: Path, partitions: Sequence[int] | None = None) -> None:
@@ -96,9 +99,9 @@ class Dataset:
         try:
             self.items = pd.read_parquet(self.path / "items.parquet")
             self.users = self._read_users()
-            self.parts = {name: self._read_part(name) for name in PART_NAMES}
         except (OSError, ValueError, KeyError) as exc:
             raise DataError(f"{self.path}: prepared dataset is unreadable: {exc}") from exc
+        self.parts: Mapping[str, Interactions] = _LazyParts(self)
         self.info = DataInfo(
             n_users=int(self.meta["n_users"]),
             n_items=int(self.meta["n_items"]),
@@ -147,7 +150,10 @@ class Dataset:
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
     def _read_part(self, name: str) -> Interactions:
-        frames = [pd.read_parquet(f) for f in self._files(name)]
+        try:
+            frames = [pd.read_parquet(f) for f in self._files(name)]
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{self.path}: prepared dataset is unreadable: {exc}") from exc
         frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
         return Interactions(
             frame["user_idx"].to_numpy(np.int32),
@@ -192,6 +198,27 @@ class Dataset:
                 f"unknown domain(s) {unknown}; this dataset has {list(self.info.domains)}"
             )
         return [self.info.domains.index(n) for n in names]
+
+
+class _LazyParts(Mapping[str, Interactions]):
+    """The train / valid / test parts of a :class:`Dataset`, each read on first access."""
+
+    def __init__(self, data: Dataset) -> None:
+        self._data = data
+        self._read: dict[str, Interactions] = {}
+
+    def __getitem__(self, name: str) -> Interactions:
+        if name not in PART_NAMES:
+            raise KeyError(name)
+        if name not in self._read:
+            self._read[name] = self._data._read_part(name)
+        return self._read[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(PART_NAMES)
+
+    def __len__(self) -> int:
+        return len(PART_NAMES)
 
 
 def _lookup(column: pd.Series, ids: list[str], what: str) -> np.ndarray:

@@ -38,6 +38,7 @@ from aftrec.registry import available_models, model_config_class, registration
 
 if TYPE_CHECKING:
     from aftrec.config import RunConfig
+    from aftrec.experiments.tune import Tuned
 
 # Only the standard library at import time: ``aftrec --help`` builds the command's parser.
 
@@ -87,6 +88,7 @@ class ReproduceSpec:
     progress: bool = True
     jobs: int = 1  # runs trained at once, one process each
     report_only: bool = False  # train nothing; report the finished runs
+    tuned: tuple[Path, ...] = ()  # `aftrec tune` directories (or their best.json), one per model
 
     @property
     def n_seeds(self) -> int:
@@ -120,6 +122,8 @@ class ReproduceSpec:
             argv += ["--alpha", str(self.alpha)]
         if self.jobs != 1:
             argv += ["--jobs", str(self.jobs)]
+        if self.tuned:
+            argv += ["--tuned", *map(str, self.tuned)]
         if self.overrides:
             argv += ["--set", *self.overrides]
         return shlex.join(argv)
@@ -159,6 +163,7 @@ class Plan:
     fake_points: list[tuple[int, str]]
     overrides: dict[str, list[str]]  # model -> the --set pairs of its runs (before variants)
     notes: list[str]
+    tuned: dict[str, Tuned] = field(default_factory=dict)  # model -> its best.json
 
 
 def _parse_overrides(pairs: Iterable[str]) -> list[tuple[str | None, str]]:
@@ -200,14 +205,21 @@ def check_models(models: Sequence[str]) -> list[str]:
     return list(models)
 
 
-def model_overrides(model: str, quick: bool, user: Sequence[tuple[str | None, str]]) -> list[str]:
-    """The ``--set`` pairs for one model: quick settings, then the user's (``model.*`` keys
-    only where the model's config has them, unless the pair names the model)."""
+def model_overrides(
+    model: str,
+    quick: bool,
+    user: Sequence[tuple[str | None, str]],
+    tuned: Sequence[str] = (),
+) -> list[str]:
+    """The ``--set`` pairs for one model: quick settings, its ``tuned`` settings (its
+    best.json), then the user's (``model.*`` keys only where the model's config has them,
+    unless the pair names the model)."""
     fields = _model_fields(model)
     out: list[str] = []
     if quick:
         out += QUICK_TRAIN
         out += [f"model.{k}={v}" for k, v in registration(model).quick.items()]
+    out += tuned
     for target, pair in user:
         if target is not None and target != model:
             continue
@@ -289,8 +301,12 @@ def make_plan(spec: ReproduceSpec) -> Plan:
             seeds[key] = sweep_seeds
             fake_points.append((k, key))
 
+    tuned = read_tuned(spec.tuned, models, Path(spec.data), notes)
     deterministic = {m for m in models if _is_deterministic(m)}
-    base = {m: model_overrides(m, spec.quick, user) for m in models}
+    base = {
+        m: model_overrides(m, spec.quick, user, tuned[m].overrides if m in tuned else ())
+        for m in models
+    }
     jobs: dict[Path, Job] = {}
     by_config: dict[str, Path] = {}
     runs: dict[tuple[str, int], Path] = {}
@@ -326,7 +342,28 @@ def make_plan(spec: ReproduceSpec) -> Plan:
         fake_points,
         base,
         notes,
+        tuned,
     )
+
+
+def read_tuned(
+    paths: Sequence[Path], models: Sequence[str], data: Path, notes: list[str]
+) -> dict[str, Tuned]:
+    """``--tuned``: each model's best.json (``aftrec tune``), at most one per model, for models
+    this command runs; a study on another dataset is noted in the report."""
+    from aftrec.experiments.tune import read_best
+
+    out: dict[str, Tuned] = {}
+    for path in paths:
+        best = read_best(path)
+        if best.model not in models:
+            raise ConfigError(f"--tuned {path}: {best.model!r} is not among the models run")
+        if best.model in out:
+            raise ConfigError(f"--tuned names two studies of {best.model!r}")
+        if best.data != str(Path(data).resolve()):
+            notes.append(f"`{best.model}` was tuned on `{best.data}`, not on this dataset.")
+        out[best.model] = best
+    return out
 
 
 def plain_json(obj: Any) -> Any:

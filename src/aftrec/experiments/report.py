@@ -11,6 +11,7 @@ directly (the Agg canvas), never ``pyplot``, so no global backend state is touch
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -394,6 +395,102 @@ def health_section(results: Results) -> list[str]:
     return out
 
 
+def convergence_rows(results: Results, keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Per trained row of ``keys``, from each finished run's ``log.jsonl``: the epoch cap
+    (``train.epochs``), the best validation epoch and the epochs run of each seed, and the runs
+    that reached the cap without stopping early (fewer than ``train.patience`` epochs since
+    their best): those may not have converged."""
+    from aftrec.training.rundir import best_epoch_time, epoch_log
+
+    rows = []
+    for key in keys:
+        entry = results.entries[key]
+        if entry.deterministic:
+            continue
+        best: dict[int, int] = {}
+        ran: dict[int, int] = {}
+        caps, hit = set(), 0
+        for seed, outcome in sorted(entry.outcomes.items()):
+            log = epoch_log(outcome.run) if outcome.ok else []
+            if not log:
+                continue
+            train = results.plan.jobs[outcome.run].cfg.train
+            best[seed], _ = best_epoch_time(outcome.run, f"valid_{train.valid_metric}")
+            ran[seed] = max(int(e["epoch"]) for e in log)
+            caps.add(train.epochs)
+            hit += ran[seed] >= train.epochs and ran[seed] - best[seed] < train.patience
+        if best:
+            rows.append(
+                {
+                    "entry": key,
+                    "cap": sorted(caps),
+                    "best_epoch": best,
+                    "epochs": ran,
+                    "hit_cap": hit,
+                }
+            )
+    return rows
+
+
+def convergence_section(results: Results) -> list[str]:
+    """The "Convergence" section: the models' rows, then one line for the variants of aft."""
+    rows = convergence_rows(results, results.plan.models)
+    if not rows:
+        return []
+    out = [
+        "## Convergence",
+        "",
+        "Per trained model, from each run's `log.jsonl`: the best validation epoch of each seed "
+        "(the checkpoint its test numbers come from), the epochs each run trained, and the runs "
+        "that reached the epoch cap without stopping early (early stopping: "
+        "`train.patience` epochs without improvement); a run at the cap may not have converged.",
+        "",
+        "| model | epoch cap | best epoch per seed | epochs run per seed | runs at the cap |",
+        "|---|---|---|---|---|",
+    ]
+
+    def seeds(values: Mapping[int, int]) -> str:
+        return ", ".join(str(v) for _, v in sorted(values.items()))
+
+    for r in rows:
+        n = len(r["epochs"])
+        out.append(
+            f"| `{r['entry']}` | {', '.join(map(str, r['cap']))} | {seeds(r['best_epoch'])} | "
+            f"{seeds(r['epochs'])} | {r['hit_cap']} of {n} ({100 * r['hit_cap'] / n:.0f}%) |"
+        )
+    models = set(results.plan.models)
+    variants = convergence_rows(results, [k for k in results.entries if k not in models])
+    runs = sum(len(v["epochs"]) for v in variants)
+    if runs:
+        hit = sum(v["hit_cap"] for v in variants)
+        out += ["", f"Ablation and sweep rows of `{PRIMARY}`: {hit} of {runs} (row, seed) runs "
+                "at the cap."]  # fmt: skip
+    return [*out, ""]
+
+
+def tuned_lines(plan: Plan) -> list[str]:
+    """The Setup lines on tuning: each model's study (``--tuned``) or none."""
+    if not plan.tuned:
+        return ["- Tuning: none; every model runs with its defaults and the overrides above."]
+    out = [
+        "- Tuned on validation (`aftrec tune`: a seeded Optuna TPE study per model, one run per "
+        "trial to early stopping, scored on the validation split; the test split is read by "
+        "the runs of this report only). The settings are in the overrides above, after "
+        "`--quick`'s and before `--set`'s; per model, the trial budget and the best value:"
+    ]
+    for m in plan.models:
+        t = plan.tuned.get(m)
+        if t is None:
+            out.append(f"  - `{m}`: not tuned (defaults)")
+            continue
+        pairs = " ".join(f"`{p}`" for p in t.overrides) or "nothing to tune"
+        out.append(
+            f"  - `{m}`: {t.trials} trial(s) ({t.complete} finished), seed {t.seed}, best "
+            f"{t.metric} {t.best_value:.4f}: {pairs}"
+        )
+    return out
+
+
 def _s(x: float) -> str:
     return "–" if not math.isfinite(x) else f"{x:,.1f}"
 
@@ -490,10 +587,11 @@ def render(results: Results) -> str:
         f"1-min load average at start {env['load_average_1min']}; {env['os']}"
     )
     w("- Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
-    w("- Config overrides per model (`--quick` and `--set`; defaults otherwise):")
+    w("- Config overrides per model (`--quick`, `--tuned` and `--set`; defaults otherwise):")
     for m in main:
         pairs = plan.overrides.get(m, [])
         w(f"  - `{m}`: " + (" ".join(f"`{p}`" for p in pairs) if pairs else "defaults"))
+    out += tuned_lines(plan)
     paper = [f"`{r.name}` = {r.paper_name}" for r in paper_rows(main)]
     if paper:
         w("- The paper's names: " + ", ".join(paper))
@@ -559,6 +657,7 @@ def render(results: Results) -> str:
                 results, plan.fake_points, "fig3b_n_fakes", "fake items", "number of fake items"
             )
 
+    out += convergence_section(results)
     out += health_section(results)
     w("## Wall time")
     w("")
@@ -689,6 +788,10 @@ def results_json(results: Results) -> dict[str, Any]:
         "wall_seconds": results.wall_seconds,
         "entries": entries,
         "significance": sig,
+        "tuned": {
+            m: {**dataclasses.asdict(t), "path": str(t.path)} for m, t in results.plan.tuned.items()
+        },
+        "convergence": convergence_rows(results, list(results.entries)),
         "health": health_rows(results),
     }
 

@@ -120,6 +120,7 @@ def _run(args: argparse.Namespace) -> None:
         progress=not args.quiet,
         jobs=args.jobs,
         report_only=args.report_only,
+        tuned=tuple(args.tuned),
     )
     res = reproduce(spec)
     print(
@@ -161,6 +162,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="[MODEL:]KEY=VALUE",
         help="config overrides for every model (model.* keys: models that have the key), "
         "or for one model with a MODEL: prefix, e.g. train.threads=1 aft:model.n_fakes=3",
+    )
+    p.add_argument(
+        "--tuned",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="`aftrec tune` directories (or their best.json), one per model: each model's "
+        "runs take its tuned settings (before --set); the report lists them and the trial "
+        "budgets",
     )
     p.add_argument(
         "--skip",

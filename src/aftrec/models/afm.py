@@ -39,6 +39,7 @@ from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
 from aftrec.models.base import CandidateScorer, score_in_chunks
 from aftrec.models.fm import FieldEmbedding, single_and_multi
+from aftrec.registry import DROPOUT
 
 #: ``aftrec reproduce --quick``: the tiny settings of this file's models
 QUICK = {"dim": "16", "attention": "8"}
@@ -116,4 +117,4 @@ class AFM(CandidateScorer):
         return score_in_chunks(block, len(batch), hi - lo, per_pair, self.cfg.chunk_floats)
 
 
-AFMSingle, AFMMulti = single_and_multi(AFM, AFMConfig, "afm", "AFM", (2, 6), QUICK)
+AFMSingle, AFMMulti = single_and_multi(AFM, AFMConfig, "afm", "AFM", (2, 6), QUICK, tune=DROPOUT)

@@ -42,7 +42,7 @@ from aftrec.models.sasrec import (
     merge_histories,
     transformer_encoder,
 )
-from aftrec.registry import register_model
+from aftrec.registry import DROPOUT, register_model
 
 #: ``aftrec reproduce --quick``: the tiny settings of this file's models
 QUICK = {"dim": "16", "hidden": "32", "ff_dim": "32", "heads": "2", "layers": "1"}
@@ -63,7 +63,9 @@ class ATRankConfig(Checked):
         check_transformer(self)
 
 
-@register_model("atrank", ATRankConfig, paper_name="ATRank (multi)", paper_row=8, quick=QUICK)
+@register_model(
+    "atrank", ATRankConfig, paper_name="ATRank (multi)", paper_row=8, quick=QUICK, tune=DROPOUT
+)
 class ATRank(UserTowerModel):
     def __init__(self, cfg: ATRankConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)

@@ -40,7 +40,7 @@ from aftrec.models.base import RetrievalModel
 from aftrec.models.losses import sampled_loss
 from aftrec.models.sasrec import by_length, check_transformer, transformer_encoder
 from aftrec.models.transformer import Dropout
-from aftrec.registry import register_model
+from aftrec.registry import DROPOUT, register_model
 
 #: ``aftrec reproduce --quick``: the tiny settings of this file's models
 QUICK = {"dim": "16", "ff_dim": "32", "heads": "2", "layers": "1"}
@@ -62,7 +62,12 @@ class BERT4RecConfig(Checked):
 
 
 @register_model(
-    "bert4rec-single", BERT4RecConfig, paper_name="BERT4Rec (single)", paper_row=4, quick=QUICK
+    "bert4rec-single",
+    BERT4RecConfig,
+    paper_name="BERT4Rec (single)",
+    paper_row=4,
+    quick=QUICK,
+    tune=DROPOUT,
 )
 class BERT4Rec(RetrievalModel):
     def __init__(self, cfg: BERT4RecConfig, info: DataInfo, history_len: int) -> None:

@@ -25,7 +25,7 @@ from aftrec.data.dataset import DataInfo, Interactions
 from aftrec.data.loader import Batch
 from aftrec.errors import ConfigError
 from aftrec.models.base import RetrievalModel
-from aftrec.registry import register_model
+from aftrec.registry import Range, register_model
 
 MAX_ITEMS = 40_000  # B is n_items x n_items float32: 6.4 GB at this size
 
@@ -41,7 +41,11 @@ class EaseConfig(Checked):
             raise ConfigError(f"config key model.l2_grid must hold values >= 0, got {self.l2_grid}")
 
 
-@register_model("ease", EaseConfig, quick={"l2_grid": "[500.0]"})
+# aftrec tune draws the L2 weight itself: no grid, the drawn value is fitted
+@register_model(
+    "ease", EaseConfig, quick={"l2_grid": "[500.0]"},
+    tune={"model.l2": Range(10.0, 10_000.0, log=True)}, tune_fixed=("model.l2_grid=[]",),
+)  # fmt: skip
 class Ease(RetrievalModel):
     trainable = False
     dot_product = True  # user vector x_u (n_items), item vectors: columns of B

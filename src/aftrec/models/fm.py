@@ -35,6 +35,7 @@ Trained as a CTR model on the positive and the loader's sampled negatives (``los
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -46,7 +47,7 @@ from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
 from aftrec.models.base import CandidateScorer
 from aftrec.models.layers import bag_mean
-from aftrec.registry import register_model
+from aftrec.registry import Range, register_model
 
 F = TypeVar("F", bound=CandidateScorer)
 
@@ -139,11 +140,18 @@ class FieldEmbedding(nn.Module):
 
 
 def single_and_multi(
-    base: type[F], config: type[Any], name: str, paper: str, rows: tuple[int, int], quick: Any
+    base: type[F],
+    config: type[Any],
+    name: str,
+    paper: str,
+    rows: tuple[int, int],
+    quick: Any,
+    tune: Mapping[str, Range] | None = None,
 ) -> tuple[type[F], type[F]]:
     """Register the two variants of a field model (section 5.2 of the AFT paper): ``NAME-single``
     sees the target domain's behaviours only, ``NAME-multi`` every domain's (``multi_domain``);
-    ``rows`` are their rows in the paper's Tables 2 and 3."""
+    ``rows`` are their rows in the paper's Tables 2 and 3; ``tune``: the model's own tuned
+    settings (:attr:`aftrec.registry.Registration.tune`)."""
     out = []
     for variant, multi, row in (("single", False, rows[0]), ("multi", True, rows[1])):
         cls_name = f"{base.__name__}{variant.title()}"
@@ -155,6 +163,7 @@ def single_and_multi(
             paper_name=f"{paper} ({variant})",
             paper_row=row,
             quick=quick,
+            tune=tune,
         )
         out.append(register(cls))
     return out[0], out[1]

@@ -40,7 +40,7 @@ from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
 from aftrec.models.base import RetrievalModel
 from aftrec.models.losses import sampled_loss
-from aftrec.registry import register_model
+from aftrec.registry import DROPOUT, register_model
 
 # hard concrete distribution (Louizos et al. 2018, section 4)
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
@@ -156,7 +156,12 @@ class MultiTask(RetrievalModel):
 
 
 @register_model(
-    "shared-bottom", SharedBottomConfig, paper_name="Shared bottom", paper_row=9, quick=QUICK
+    "shared-bottom",
+    SharedBottomConfig,
+    paper_name="Shared bottom",
+    paper_row=9,
+    quick=QUICK,
+    tune=DROPOUT,
 )
 class SharedBottom(MultiTask):
     def __init__(self, cfg: SharedBottomConfig, info: DataInfo, history_len: int) -> None:
@@ -169,7 +174,12 @@ class SharedBottom(MultiTask):
 
 
 @register_model(
-    "mmoe", MMoEConfig, paper_name="MMoE", paper_row=10, quick={**QUICK, "n_experts": "2"}
+    "mmoe",
+    MMoEConfig,
+    paper_name="MMoE",
+    paper_row=10,
+    quick={**QUICK, "n_experts": "2"},
+    tune=DROPOUT,
 )
 class MMoE(MultiTask):
     def __init__(self, cfg: MMoEConfig, info: DataInfo, history_len: int) -> None:
@@ -187,7 +197,7 @@ class MMoE(MultiTask):
         return torch.einsum("bde,beh->bdh", self.gate_weights(x), experts)  # Eq. 5
 
 
-@register_model("snr", SNRConfig, paper_name="SNR", paper_row=11, quick=QUICK)
+@register_model("snr", SNRConfig, paper_name="SNR", paper_row=11, quick=QUICK, tune=DROPOUT)
 class SNR(MultiTask):
     def __init__(self, cfg: SNRConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)

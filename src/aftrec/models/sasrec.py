@@ -51,7 +51,7 @@ from aftrec.data.loader import Batch
 from aftrec.errors import ConfigError
 from aftrec.models.base import UserTowerModel
 from aftrec.models.transformer import Dropout, TransformerEncoder
-from aftrec.registry import register_model
+from aftrec.registry import DROPOUT, register_model
 
 Order = Literal["rate", "blocks", "time"]
 ORDERS: tuple[str, ...] = typing.get_args(Order)
@@ -207,7 +207,7 @@ def transformer_encoder(cfg: Any, activation: str = "relu") -> TransformerEncode
     )  # fmt: skip
 
 
-@register_model("sasrec", SASRecConfig, quick=QUICK)
+@register_model("sasrec", SASRecConfig, quick=QUICK, tune=DROPOUT)
 class SASRec(UserTowerModel):
     def __init__(self, cfg: SASRecConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)

@@ -22,7 +22,7 @@ from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
 from aftrec.models.base import UserTowerModel
 from aftrec.models.layers import bag_mean
-from aftrec.registry import register_model
+from aftrec.registry import DROPOUT, register_model
 
 #: ``aftrec reproduce --quick``: the tiny settings of this file's models
 QUICK = {"dim": "16", "hidden": "32"}
@@ -42,7 +42,7 @@ def masked_mean(emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (emb * m).sum(dim=-2) / m.sum(dim=-2).clamp(min=1.0)
 
 
-@register_model("two-tower", TwoTowerConfig, quick=QUICK)
+@register_model("two-tower", TwoTowerConfig, quick=QUICK, tune=DROPOUT)
 class TwoTower(UserTowerModel):
     def __init__(self, cfg: TwoTowerConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)

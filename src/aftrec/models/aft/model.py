@@ -43,7 +43,7 @@ from aftrec.models.aft.generator import Generator, target_rows
 from aftrec.models.aft.health import FakeHealth
 from aftrec.models.aft.topk import Exclusions, domain_logsumexp, domain_top_k
 from aftrec.models.base import Channel, RetrievalModel
-from aftrec.registry import register_model
+from aftrec.registry import DROPOUT, Range, register_model
 
 #: ``aftrec reproduce --quick``: the tiny settings of this file's models
 QUICK = {
@@ -265,7 +265,19 @@ def gaussian_mmd2(
     return quad(wx, kernel(x, x), wx) + quad(wy, kernel(y, y), wy) + cross
 
 
-@register_model("aft", AFTConfig, paper_name="AFT (D+G)", paper_row=15, quick=QUICK)
+#: ``aftrec tune``: G's temperature and the dissimilarity weight, beside the dropout (every AFT
+#: row) and the hard negatives' band (D+HNM); aft-d has no generator, aft-paper samples no
+#: softmax (its temperature is inert)
+LAMBDA_M = {"model.lambda_m": Range(0.01, 1.0, log=True)}
+TUNE_AFT = {**DROPOUT, "model.g_temperature": Range(1.0, 16.0, log=True), **LAMBDA_M}
+TUNE_HNM = {
+    **DROPOUT,
+    "model.hnm_skip": Range(0.0, 0.05),
+    "model.hnm_band": Range(0.01, 0.2, log=True),
+}
+
+
+@register_model("aft", AFTConfig, paper_name="AFT (D+G)", paper_row=15, quick=QUICK, tune=TUNE_AFT)
 class AFT(RetrievalModel):
     """AFT (D+G); serves D's u_t (Eq. 11) against D's item embeddings (Eq. 12)."""
 
@@ -509,18 +521,18 @@ class AFT(RetrievalModel):
 # the paper's rows (Tables 2 and 3): aft-d 12, aft-hnm 13, aft-paper 14 (not in the paper:
 # its AFT (D+G) as printed, next to ours), aft 15
 @register_model("aft-paper", AFTPaperConfig, paper_name="AFT (D+G), G as printed", paper_row=14,
-                quick=QUICK)  # fmt: skip
+                quick=QUICK, tune={**DROPOUT, **LAMBDA_M})  # fmt: skip
 class AFTPaper(AFT):
     """AFT (D+G) with G trained exactly as section 3 prints it (see :class:`AFTPaperConfig`)."""
 
 
 @register_model("aft-d", AFTDConfig, paper_name="AFT (D)", paper_row=12, quick=QUICK,
-                inert_keys=AFTDConfig.INERT_KEYS)  # fmt: skip
+                inert_keys=AFTDConfig.INERT_KEYS, tune=DROPOUT)  # fmt: skip
 class AFTD(AFT):
     """AFT (D): the discriminator alone, trained on random unclicked negatives."""
 
 
 @register_model("aft-hnm", AFTHNMConfig, paper_name="AFT (D+HNM)", paper_row=13, quick=QUICK,
-                inert_keys=AFTHNMConfig.INERT_KEYS)  # fmt: skip
+                inert_keys=AFTHNMConfig.INERT_KEYS, tune=TUNE_HNM)  # fmt: skip
 class AFTHNM(AFT):
     """AFT (D+HNM): the discriminator with hard negatives mined from its own ranking."""

@@ -1,0 +1,449 @@
+"""``aftrec tune``: a seeded Optuna TPE search over one model's settings, on validation only.
+
+Issue 17, point 1: each model's settings are chosen on the validation split, never on test.
+The searched settings and their ranges are declared in the model's registration
+(:attr:`aftrec.registry.Registration.search_space`: the learning rate and weight decay of every
+trainable model, the dropout where the config has one, the model's own key knobs). Each trial
+trains one run to early stopping with the same trainer as ``aftrec train`` and is scored by its
+best validation value (``train.valid_metric``, Recall@50 by default). The test split is never
+read: the prepared dataset reads each part on first use, and nothing here asks for ``test``.
+
+Layout of ``DIR`` (this module writes and reads it; :func:`read_best` is how others read it)::
+
+    study.db        the Optuna study (SQLite): every trial's settings, state and value
+    study.lock      held while a command works on DIR (a second one is refused)
+    trials/NNN/     trial NNN's training run (:mod:`aftrec.training.rundir`)
+    trials.csv      one row per trial: number, state, value, best epoch, epochs, seconds, settings
+    best.json       the best trial: its settings as ``--set`` pairs, the trial budget, the seed,
+                    the search space and the best value
+
+Reproducible and resumable: trial ``n`` draws its settings with a fresh TPE sampler seeded from
+``(seed, n)``, so its draws depend on the seed and the trials before it only, whether the
+study ran in one call or several. A second call with a larger ``--trials`` adds trials up to
+the new budget. A trial left running by a killed call is finished first, by resuming its run
+from ``last.pt`` (or restarting it when it died before its first epoch); ``best.json`` and
+``trials.csv`` are written atomically after every trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aftrec.errors import ConfigError, DataError, TrainingError
+from aftrec.outputs import atomic_write_text, check_writable
+from aftrec.registry import Range, registration
+
+if TYPE_CHECKING:
+    import optuna
+
+    from aftrec.config import RunConfig
+
+# optuna, pandas, torch and the trainer are imported where they are used (``aftrec --help``).
+
+log = logging.getLogger(__name__)
+
+STUDY_DB = "study.db"
+LOCK = "study.lock"
+TRIALS = "trials"
+TRIALS_CSV = "trials.csv"
+BEST = "best.json"
+STUDY_NAME = "aftrec-tune"
+#: TPE's random start: the first trials are drawn uniformly (on the log scale where declared)
+STARTUP_TRIALS = 10
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """What ``aftrec tune`` was asked for."""
+
+    data: Path
+    model: str
+    out: Path
+    trials: int  # the budget: trials in the study when the call ends
+    seed: int = 0  # the sampler's seed and every trial's train.seed
+    overrides: tuple[str, ...] = ()  # --set pairs every trial trains with (not tuned)
+    startup_trials: int = STARTUP_TRIALS
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """One trial's training run: its best validation value and how it got there."""
+
+    value: float
+    best_epoch: int
+    epochs: int
+    stopped_early: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    out: Path
+    ran: int  # trials trained by this call (a resumed one included)
+    trials: int  # trials in the study
+    best: dict[str, Any] | None  # best.json, None when no trial finished
+    seconds: float
+
+
+def format_value(value: float | int) -> str:
+    """A drawn value as a ``--set`` value that parses back to the same number (YAML reads
+    ``1e-05`` as a string, ``1.0e-05`` as a float)."""
+    if isinstance(value, int):
+        return str(value)
+    text = repr(float(value))
+    mantissa, e, exponent = text.partition("e")
+    if e and "." not in mantissa:
+        text = f"{mantissa}.0e{exponent}"
+    return text
+
+
+def space_json(space: Mapping[str, Range]) -> dict[str, dict[str, Any]]:
+    return {k: dataclasses.asdict(r) for k, r in space.items()}
+
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError as exc:  # an install without the [tune] extra
+        raise ConfigError(
+            "aftrec tune needs optuna: pip install 'aftrec[tune]' (or the [dev] extra)"
+        ) from exc
+    return optuna
+
+
+@dataclass(frozen=True)
+class _Study:
+    """A checked spec: the search space, the pairs every trial carries, the scored metric."""
+
+    spec: TuneSpec
+    space: dict[str, Range]
+    fixed: tuple[str, ...]  # the registration's tune_fixed, then the user's --set
+    metric: str  # train.valid_metric: "recall@50"
+    budget: int  # trials the study ends with (1 when nothing is tuned)
+
+
+def _check_spec(spec: TuneSpec) -> _Study:
+    """The checked spec, or one clear error about the input."""
+    from aftrec.config import resolve
+    from aftrec.data.prepared import read_meta
+
+    reg = registration(spec.model)  # unknown model: ConfigError listing the models
+    if spec.trials < 1:
+        raise ConfigError(f"--trials must be at least 1, got {spec.trials}")
+    if spec.startup_trials < 1:
+        raise ConfigError(f"--startup-trials must be at least 1, got {spec.startup_trials}")
+    if not spec.data:
+        raise DataError("--data DIR is required (a directory written by `aftrec prepare`)")
+    meta = read_meta(Path(spec.data))  # missing or unfinished data: DataError
+    if int(sum(meta["counts"]["valid"].values())) == 0:
+        raise DataError(f"{spec.data} has no validation part: tuning scores trials on it")
+    space = reg.search_space
+    for pair in spec.overrides:
+        key = pair.partition("=")[0].strip()
+        if key in space:
+            raise ConfigError(f"--set {pair}: {key} is tuned; leave it to the search")
+        if key == "train.seed":
+            raise ConfigError("--set train.seed: use --seed, which seeds the search too")
+    fixed = (*reg.tune_fixed, *spec.overrides)
+    for end in ("low", "high"):  # both ends of every range make a valid config
+        pairs = [f"{k}={format_value(getattr(r, end))}" for k, r in space.items()]
+        cfg = resolve(spec.model, overrides=[*fixed, *pairs])
+    # no tuned setting (pop): every trial would be the same run
+    budget = spec.trials if space else 1
+    return _Study(spec, space, fixed, cfg.train.valid_metric, budget)
+
+
+def _study_attrs(spec: TuneSpec, space: Mapping[str, Range]) -> dict[str, Any]:
+    """What a study was started with; a later call must ask for the same (only the budget
+    may change)."""
+    return {
+        "model": spec.model,
+        "data": str(Path(spec.data).resolve()),
+        "seed": spec.seed,
+        "set": list(spec.overrides),
+        "space": space_json(space),
+        "startup_trials": spec.startup_trials,
+    }
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold ``DIR/study.lock`` (released when the process ends, however it ends)."""
+    with open(out / LOCK, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{out}: another `aftrec tune` is working on it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _open_study(spec: TuneSpec, space: Mapping[str, Range]) -> optuna.Study:
+    optuna = _optuna()
+    out = Path(spec.out)
+    attrs = _study_attrs(spec, space)
+    storage = f"sqlite:///{(out / STUDY_DB).resolve()}"
+    study = optuna.create_study(
+        study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True
+    )
+    saved = study.user_attrs
+    if not saved:  # a new study, or one killed before its attributes were written
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
+        return study
+    differ = [k for k in attrs if json.dumps(saved.get(k)) != json.dumps(attrs[k])]
+    if differ:
+        said = ", ".join(f"{k} {saved.get(k)!r}" for k in differ)
+        raise ConfigError(
+            f"{out} holds a study with another {', '.join(differ)} ({said}); only --trials may "
+            "change between calls; choose another --out"
+        )
+    return study
+
+
+def _sampler(seed: int, number: int, startup: int) -> optuna.samplers.BaseSampler:
+    """Trial ``number``'s sampler: TPE seeded from (seed, number), so a trial's draws do not
+    depend on how many calls the study took."""
+    import numpy as np
+
+    optuna = _optuna()
+    trial_seed = int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+    return optuna.samplers.TPESampler(seed=trial_seed, n_startup_trials=startup)
+
+
+def _draw(trial: optuna.Trial, space: Mapping[str, Range]) -> dict[str, Any]:
+    """The trial's settings (a resumed trial gets back the ones it drew)."""
+    out: dict[str, Any] = {}
+    for key, r in space.items():
+        if r.integer:
+            out[key] = trial.suggest_int(key, int(r.low), int(r.high), log=r.log)
+        else:
+            out[key] = trial.suggest_float(key, r.low, r.high, log=r.log)
+    return out
+
+
+def trial_dir(out: Path, number: int) -> Path:
+    return Path(out) / TRIALS / _name(number)
+
+
+def _train_trial(data: Path, cfg: RunConfig, run: Path) -> TrialOutcome:
+    """Train one trial's run to early stopping (resuming a killed one); its best validation
+    value is the trial's score."""
+    from aftrec.training import rundir
+    from aftrec.training.trainer import train
+
+    resume = (run / rundir.LAST).exists()
+    if not resume:  # nothing to resume: clear what a run killed in its first epoch left
+        run.mkdir(parents=True, exist_ok=True)
+        rundir.clear(run)
+    res = train(data, None if resume else cfg, run, resume=resume, progress=False)
+    if not math.isfinite(res.best_metric):
+        raise TrainingError(f"trial run {run} has no finite validation value")
+    # the epochs' wall times over every call that trained the run (a killed one included)
+    timed = [e for e in rundir.epoch_log(run) if "train_seconds" in e]
+    seconds = sum(e["train_seconds"] + e["valid_seconds"] for e in timed) or res.seconds
+    return TrialOutcome(res.best_metric, res.best_epoch, res.epochs_run, res.stopped_early, seconds)
+
+
+def _settings(params: Mapping[str, Any]) -> str:
+    """The drawn settings in a few digits, for the progress line (best.json has them all)."""
+    return " ".join(f"{k}={v:.3g}" for k, v in params.items())
+
+
+def _name(number: int) -> str:
+    """A trial's name: its number, as its directory under ``trials/`` spells it."""
+    return f"{number:03d}"
+
+
+def _run_trial(study: optuna.Study, trial: optuna.Trial, st: _Study, budget: int) -> None:
+    """Train ``trial`` (new or left running by a killed call) and tell the study."""
+    from aftrec.config import resolve
+
+    optuna = _optuna()
+    spec = st.spec
+    params = _draw(trial, st.space)
+    pairs = [*st.fixed, *(f"{k}={format_value(v)}" for k, v in params.items())]
+    cfg = resolve(spec.model, overrides=[*pairs, f"train.seed={spec.seed}"])
+    run = trial_dir(Path(spec.out), trial.number)
+    t0 = time.perf_counter()
+    try:
+        outcome = _train_trial(Path(spec.data), cfg, run)
+    except TrainingError as exc:  # a diverging setting (non-finite loss): a failed trial
+        error = " ".join(str(exc).split())
+        trial.set_user_attr("error", error)
+        trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        log.info(f"trial {_name(trial.number)} [{trial.number + 1}/{budget}] failed: {error}")
+        return
+    for key, value in dataclasses.asdict(outcome).items():
+        if key != "value":
+            trial.set_user_attr(key, value)
+    study.tell(trial, outcome.value)
+    best = study.best_trial
+    metric = st.metric.replace("recall@", "r@")
+    log.info(
+        f"trial {_name(trial.number)} [{trial.number + 1}/{budget}]  valid {metric} "
+        f"{outcome.value:.4f}  best {best.value:.4f} (trial {_name(best.number)})  "
+        + (f"{outcome.epochs} epoch(s), best {outcome.best_epoch}" if outcome.epochs else "fitted")
+        + f"  {outcome.seconds:.1f} s  "
+        + _settings(params)
+    )
+
+
+def tune(spec: TuneSpec) -> TuneResult:
+    """Run (or continue) the study in ``spec.out`` up to ``spec.trials`` trials; write
+    ``trials.csv`` and ``best.json`` after every trial."""
+    optuna = _optuna()
+    t0 = time.perf_counter()
+    st = _check_spec(spec)
+    out = Path(spec.out)
+    check_writable(out, folder=True)
+    # a call killed before it created the study leaves the lock file alone
+    if (
+        out.is_dir()
+        and not (out / STUDY_DB).exists()
+        and any(p.name != LOCK for p in out.iterdir())
+    ):
+        raise ConfigError(f"{out} is not empty and holds no study; choose a new or empty --out")
+    out.mkdir(parents=True, exist_ok=True)
+    budget = st.budget
+    if budget < spec.trials:
+        log.info(f"{spec.model} has no tuned settings: one trial is the whole study")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ran = 0
+    try:
+        with _locked(out):
+            study = _open_study(spec, st.space)
+            running = optuna.trial.TrialState.RUNNING
+            for frozen in study.get_trials(deepcopy=False, states=(running,)):
+                log.info(
+                    f"trial {_name(frozen.number)}: left running by a killed call; finishing it"
+                )
+                study.sampler = _sampler(spec.seed, frozen.number, spec.startup_trials)
+                trial = optuna.trial.Trial(study, frozen._trial_id)
+                _run_trial(study, trial, st, max(budget, len(study.trials)))
+                ran += 1
+                write_outputs(study, st)
+            have = len(study.get_trials(deepcopy=False))
+            if have >= budget and not ran:
+                log.info(f"{out}: the study holds {have} trial(s), the budget is {budget}")
+            while len(study.get_trials(deepcopy=False)) < budget:
+                number = len(study.get_trials(deepcopy=False))
+                study.sampler = _sampler(spec.seed, number, spec.startup_trials)
+                trial = study.ask()
+                if trial.number != number:  # trial numbers are the study's order
+                    raise ConfigError(f"{out}: trial {trial.number} was not expected")
+                _run_trial(study, trial, st, budget)
+                ran += 1
+                write_outputs(study, st)
+            best = write_outputs(study, st)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return TuneResult(out, ran, len(study.trials), best, time.perf_counter() - t0)
+
+
+def write_outputs(study: optuna.Study, st: _Study) -> dict[str, Any] | None:
+    """``trials.csv`` and, once a trial has finished, ``best.json`` (returned)."""
+    optuna = _optuna()
+    import pandas as pd
+
+    spec, space = st.spec, st.space
+    trials = study.get_trials(deepcopy=False)
+    rows = [
+        {
+            "trial": t.number,
+            "state": t.state.name.lower(),
+            "value": t.value,
+            "best_epoch": t.user_attrs.get("best_epoch"),
+            "epochs": t.user_attrs.get("epochs"),
+            "stopped_early": t.user_attrs.get("stopped_early"),
+            "seconds": t.user_attrs.get("seconds"),
+            **{k: t.params.get(k) for k in space},
+            "error": t.user_attrs.get("error", ""),
+        }
+        for t in trials
+    ]
+    buf = io.StringIO()
+    pd.DataFrame(rows).to_csv(buf, index=False)
+    atomic_write_text(Path(spec.out) / TRIALS_CSV, buf.getvalue())
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        return None
+    best = study.best_trial
+    params = {k: best.params[k] for k in space}
+    payload = {
+        "model": spec.model,
+        "data": str(Path(spec.data).resolve()),
+        "metric": f"valid {st.metric}",
+        "best_value": best.value,
+        "best_trial": best.number,
+        "best_epoch": best.user_attrs.get("best_epoch"),
+        "overrides": [*registration(spec.model).tune_fixed]
+        + [f"{k}={format_value(v)}" for k, v in params.items()],
+        "params": params,
+        "trials": len(trials),
+        "complete": len(done),
+        "failed": sum(t.state == optuna.trial.TrialState.FAIL for t in trials),
+        "seed": spec.seed,
+        "set": list(spec.overrides),
+        "space": space_json(space),
+        "sampler": f"TPE (optuna {optuna.__version__}), {spec.startup_trials} random startup "
+        "trials, trial n seeded from (seed, n)",
+    }
+    atomic_write_text(Path(spec.out) / BEST, json.dumps(payload, indent=2) + "\n")
+    return payload
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """A model's tuned settings, as ``best.json`` holds them, for ``aftrec reproduce``."""
+
+    model: str
+    path: Path  # the best.json
+    data: str  # the dataset the study ran on (resolved path)
+    overrides: tuple[str, ...]  # the --set pairs its runs take
+    trials: int  # the trial budget the study ran
+    complete: int
+    seed: int
+    metric: str
+    best_value: float
+
+
+def read_best(path: Path) -> Tuned:
+    """A tuning directory's ``best.json`` (``path`` is the directory or the file)."""
+    path = Path(path)
+    file = path / BEST if path.is_dir() else path
+    try:
+        obj = json.loads(file.read_text())
+        return Tuned(
+            model=str(obj["model"]),
+            path=file,
+            data=str(obj["data"]),
+            overrides=tuple(str(p) for p in obj["overrides"]),
+            trials=int(obj["trials"]),
+            complete=int(obj["complete"]),
+            seed=int(obj["seed"]),
+            metric=str(obj["metric"]),
+            best_value=float(obj["best_value"]),
+        )
+    except OSError as exc:
+        raise ConfigError(f"--tuned {path}: no {BEST} there ({exc.strerror})") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--tuned {path}: {file} is not a best.json of `aftrec tune`") from exc
+
+
+__all__ = ["TuneResult", "TuneSpec", "Tuned", "read_best", "tune"]

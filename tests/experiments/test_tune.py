@@ -1,0 +1,291 @@
+"""``aftrec tune``: the declared search spaces, seeded and resumable studies (on a stand-in
+trainer, so that many trials cost nothing), and real trials on the tiny dataset with its test
+split removed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from aftrec.cli import main
+from aftrec.config import RunConfig, parse_overrides, resolve
+from aftrec.data.dataset import Dataset
+from aftrec.errors import TrainingError
+from aftrec.experiments import tune as tn
+from aftrec.experiments.tune import TrialOutcome, TuneSpec, read_best, tune
+from aftrec.registry import DROPOUT, TRAINED, available_models, registration
+from aftrec.training.rundir import load_run_config
+from tests.conftest import FAST
+
+pytest.importorskip("optuna")
+
+
+# --------------------------------------------------------------------------- search spaces
+
+
+@pytest.mark.parametrize("model", available_models())
+def test_every_search_space_is_declared_and_resolves(model: str) -> None:
+    reg = registration(model)
+    space = reg.search_space
+    fields = {f.name for f in dataclasses.fields(reg.config)}
+    if reg.model.trainable:
+        assert TRAINED.items() <= space.items()
+    else:
+        assert not set(TRAINED) & set(space)
+    if "dropout" in fields:
+        assert DROPOUT.items() <= space.items()
+    for end in ("low", "high"):
+        pairs = [f"{k}={tn.format_value(getattr(r, end))}" for k, r in space.items()]
+        cfg = resolve(model, overrides=[*reg.tune_fixed, *pairs]).to_dict()
+        for key, r in space.items():
+            section, name = key.split(".")
+            assert cfg[section][name] == pytest.approx(getattr(r, end))
+
+
+def test_the_model_knobs_of_the_brief() -> None:
+    assert {"model.g_temperature", "model.lambda_m"} <= set(registration("aft").search_space)
+    assert {"model.hnm_skip", "model.hnm_band"} <= set(registration("aft-hnm").search_space)
+    assert list(registration("ease").search_space) == ["model.l2"]  # closed form: no lr
+    assert registration("ease").tune_fixed == ("model.l2_grid=[]",)
+    assert registration("pop").search_space == {}
+
+
+@pytest.mark.parametrize("value", [1e-5, 0.001, 3.2e-08, 1.5e20, 0.25, 7.0, 12])
+def test_drawn_values_round_trip_through_set(value: float) -> None:
+    parsed = parse_overrides([f"train.lr={tn.format_value(value)}"])["train"]["lr"]
+    assert parsed == value and isinstance(parsed, type(value))
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def _score(cfg: RunConfig) -> float:
+    """A smooth stand-in for a validation value, best near lr 3e-3 and dropout 0.2."""
+    dropout = dataclasses.asdict(cfg.model).get("dropout", 0.2)
+    return 1.0 - (math.log10(cfg.train.lr) + 2.5) ** 2 - (dropout - 0.2) ** 2
+
+
+@pytest.fixture
+def standin(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Trials scored by :func:`_score` instead of training; returns the trial dirs asked."""
+    asked: list[str] = []
+
+    def fake(data: Path, cfg: RunConfig, run: Path) -> TrialOutcome:
+        asked.append(run.name)
+        return TrialOutcome(_score(cfg), 1, 1, False, 0.0)
+
+    monkeypatch.setattr(tn, "_train_trial", fake)
+    return asked
+
+
+def _spec(data: Path, out: Path, trials: int, seed: int = 0, model: str = "two-tower") -> TuneSpec:
+    return TuneSpec(data, model, out, trials, seed=seed, startup_trials=2)
+
+
+def _params(out: Path) -> list[dict[str, float]]:
+    frame = pd.read_csv(out / "trials.csv")
+    return frame[[*TRAINED, "model.dropout"]].to_dict("records")
+
+
+def test_same_seed_same_draws(tiny_dir: Path, tmp_path: Path, standin: list[str]) -> None:
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        tune(_spec(tiny_dir, tmp_path / name, 5, seed))
+    a, b, c = (_params(tmp_path / n) for n in "abc")
+    assert a == b and len(a) == 5  # 2 random, then 3 drawn by TPE from the same history
+    assert a != c
+    best = json.loads((tmp_path / "a" / "best.json").read_text())
+    assert best["trials"] == 5 and best["seed"] == 0 and best["complete"] == 5
+    assert set(best["space"]) == set(registration("two-tower").search_space)
+    assert best["best_value"] == max(_score(resolve("two-tower", overrides=[
+        f"{k}={tn.format_value(v)}" for k, v in p.items()])) for p in a)  # fmt: skip
+
+
+def test_a_second_call_continues_to_the_new_budget(
+    tiny_dir: Path, tmp_path: Path, standin: list[str]
+) -> None:
+    assert tune(_spec(tiny_dir, tmp_path / "once", 6)).ran == 6
+    assert tune(_spec(tiny_dir, tmp_path / "twice", 3)).ran == 3
+    second = tune(_spec(tiny_dir, tmp_path / "twice", 6))
+    assert second.ran == 3 and second.trials == 6
+    assert _params(tmp_path / "twice") == _params(tmp_path / "once")
+    assert tune(_spec(tiny_dir, tmp_path / "twice", 4)).ran == 0  # the budget is spent
+    with pytest.raises(tn.ConfigError, match="another seed"):
+        tune(_spec(tiny_dir, tmp_path / "twice", 8, seed=3))
+
+
+def test_a_killed_call_leaves_a_study_the_next_call_finishes(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, standin: list[str]
+) -> None:
+    tune(_spec(tiny_dir, tmp_path / "whole", 5))
+    fake = tn._train_trial
+
+    def killed_at_002(data: Path, cfg: RunConfig, run: Path) -> TrialOutcome:
+        if run.name == "002":
+            raise KeyboardInterrupt
+        return fake(data, cfg, run)
+
+    monkeypatch.setattr(tn, "_train_trial", killed_at_002)
+    with pytest.raises(KeyboardInterrupt):
+        tune(_spec(tiny_dir, tmp_path / "killed", 5))
+    assert len(pd.read_csv(tmp_path / "killed" / "trials.csv")) == 2
+    monkeypatch.setattr(tn, "_train_trial", fake)
+    standin.clear()
+    res = tune(_spec(tiny_dir, tmp_path / "killed", 5))
+    assert standin == ["002", "003", "004"]  # the trial left running comes first
+    assert res.ran == 3 and res.trials == 5
+    assert _params(tmp_path / "killed") == _params(tmp_path / "whole")
+    states = pd.read_csv(tmp_path / "killed" / "trials.csv")["state"]
+    assert list(states) == ["complete"] * 5
+
+
+def test_a_second_call_on_a_busy_directory_is_refused(
+    tiny_dir: Path, tmp_path: Path, standin: list[str]
+) -> None:
+    out = tmp_path / "busy"
+    out.mkdir()
+    with tn._locked(out), pytest.raises(tn.ConfigError, match="another `aftrec tune`"):
+        tune(_spec(tiny_dir, out, 1))
+    assert tune(_spec(tiny_dir, out, 1)).ran == 1  # the lock file alone is no obstacle
+
+
+def test_a_diverging_trial_fails_and_the_study_goes_on(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def diverges_at_001(data: Path, cfg: RunConfig, run: Path) -> TrialOutcome:
+        if run.name == "001":
+            raise TrainingError("non-finite loss at epoch 1: {'loss': nan}")
+        return TrialOutcome(_score(cfg), 1, 1, False, 0.0)
+
+    monkeypatch.setattr(tn, "_train_trial", diverges_at_001)
+    res = tune(_spec(tiny_dir, tmp_path / "t", 3))
+    trials = pd.read_csv(tmp_path / "t" / "trials.csv")
+    assert list(trials["state"]) == ["complete", "fail", "complete"]
+    assert "non-finite" in trials["error"][1]
+    assert res.best is not None and res.best["failed"] == 1 and res.best["trials"] == 3
+
+
+# --------------------------------------------------------------------------- real trials
+
+
+def test_trials_train_to_early_stopping_and_never_read_the_test_split(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "no-test"
+    shutil.copytree(tiny_dir, data)
+    (data / "test.parquet").unlink()  # any read of the test split fails the trial
+    read: list[str] = []
+    part = Dataset._read_part
+
+    def spy(self: Dataset, name: str) -> object:
+        read.append(name)
+        return part(self, name)
+
+    monkeypatch.setattr(Dataset, "_read_part", spy)
+    out = tmp_path / "tune"
+    sets = [*FAST, "train.epochs=3", "train.patience=1"]
+    code = main(["tune", "--data", str(data), "--model", "two-tower", "--out", str(out),
+                 "--trials", "2", "--set", *sets])  # fmt: skip
+    assert code == 0
+    assert "test" not in read and {"train", "valid"} <= set(read)
+    trials = pd.read_csv(out / "trials.csv")
+    assert list(trials["state"]) == ["complete", "complete"]
+    for n in ("000", "001"):
+        log = [json.loads(line) for line in (out / "trials" / n / "log.jsonl").open()]
+        assert 1 <= len(log) <= 3 and "valid_recall@50" in log[0]
+    best = read_best(out)
+    assert best.model == "two-tower" and best.trials == 2 and best.seed == 0
+    assert len(best.overrides) == 3
+    assert best.best_value == pytest.approx(trials["value"].max())
+    saved = json.loads((out / "best.json").read_text())
+    assert saved["set"] == sets and saved["metric"] == "valid recall@50"
+
+
+def test_pop_needs_one_trial(tiny_dir: Path, tmp_path: Path) -> None:
+    res = tune(TuneSpec(tiny_dir, "pop", tmp_path / "pop", 5))
+    assert res.ran == 1 and res.trials == 1
+    assert res.best is not None and res.best["overrides"] == [] and res.best["space"] == {}
+
+
+def test_ease_trials_fit_the_drawn_l2(tiny_dir: Path, tmp_path: Path) -> None:
+    res = tune(TuneSpec(tiny_dir, "ease", tmp_path / "ease", 2))
+    assert res.best is not None
+    assert res.best["overrides"][0] == "model.l2_grid=[]"
+    l2 = res.best["params"]["model.l2"]
+    fitted = load_run_config(tmp_path / "ease" / "trials" / f"{res.best['best_trial']:03d}")
+    assert fitted.model.l2 == pytest.approx(l2) and fitted.model.l2_grid == ()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "nope", "--trials", "2"], "unknown model 'nope'"),
+        (["--model", "pop", "--trials", "0"], "--trials must be at least 1"),
+        (["--model", "two-tower", "--trials", "2", "--set", "train.lr=0.1"], "train.lr is tuned"),
+        (["--model", "pop", "--trials", "2", "--data", "missing"], "not a prepared dataset"),
+    ],
+)
+def test_bad_input_is_one_error_line(
+    tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+    message: str,
+) -> None:  # fmt: skip
+    if "--data" not in argv:
+        argv = [*argv, "--data", str(tiny_dir)]
+    else:
+        argv[argv.index("--data") + 1] = str(tmp_path / "missing")
+    assert main(["tune", "--out", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- reproduce --tuned
+
+
+def test_reproduce_applies_best_json_and_reports_the_study(
+    tiny_dir: Path, tmp_path: Path, standin: list[str]
+) -> None:
+    tw = tune(_spec(tiny_dir, tmp_path / "tune-tw", 3)).best
+    tune(TuneSpec(tiny_dir, "pop", tmp_path / "tune-pop", 3))
+    assert tw is not None
+    out = tmp_path / "report"
+    argv = ["reproduce", "--data", str(tiny_dir), "--out", str(out), "--quick", "--quiet",
+            "--models", "two-tower", "pop", "--skip", "ablations", "sweeps",
+            "--tuned", str(tmp_path / "tune-tw"), str(tmp_path / "tune-pop" / "best.json"),
+            "--set", "train.threads=1", "two-tower:train.weight_decay=0.0"]  # fmt: skip
+    assert main(argv) == 0
+    cfg = load_run_config(out / "runs" / "two-tower" / "seed0")
+    assert cfg.train.lr == tw["params"]["train.lr"]  # tuned
+    assert cfg.model.dropout == tw["params"]["model.dropout"]
+    assert cfg.train.weight_decay == 0.0  # --set comes after the tuned settings
+    assert cfg.train.epochs == 1  # --quick still applies
+    text = (out / "report.md").read_text()
+    setup = text.split("## Setup")[1].split("## Recall@N")[0]
+    assert "Tuned on validation" in setup
+    assert "`two-tower`: 3 trial(s) (3 finished), seed 0, best valid recall@50" in setup
+    assert "`pop`: 1 trial(s) (1 finished), seed 0" in setup and "nothing to tune" in setup
+    assert "--tuned" in setup
+    # quick: one epoch of a one-epoch cap, so the run is at the cap; pop has no epochs
+    convergence = text.split("## Convergence")[1].split("## Wall time")[0]
+    assert "| `two-tower` | 1 | 1 | 1 | 1 of 1 (100%) |" in convergence
+    assert "`pop`" not in convergence
+    results = json.loads((out / "results.json").read_text())
+    assert results["tuned"]["two-tower"]["trials"] == 3
+    assert results["convergence"][0]["hit_cap"] == 1
+
+
+def test_reproduce_refuses_tuned_studies_of_models_not_run(
+    tiny_dir: Path, tmp_path: Path, standin: list[str]
+) -> None:
+    tune(_spec(tiny_dir, tmp_path / "tw", 1))
+    shutil.copytree(tmp_path / "tw", tmp_path / "tw2")
+    base = ["reproduce", "--data", str(tiny_dir), "--out", str(tmp_path / "r"), "--quick"]
+    assert main([*base, "--models", "pop", "--tuned", str(tmp_path / "tw")]) == 2
+    assert main([*base, "--models", "two-tower", "--tuned", str(tmp_path / "tw"),
+                 str(tmp_path / "tw2")]) == 2  # fmt: skip
+    assert main([*base, "--models", "pop", "--tuned", str(tmp_path / "none")]) == 2
