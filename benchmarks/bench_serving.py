@@ -30,18 +30,20 @@ What it does, per bundle:
 2. **Recall.** For ``--recall-users`` other users (not those export tuned on), the encoder's
    vector of each domain is searched in the bundle's index and by brute force
    (:class:`~aftrec.serving.index.ExactIndex`); recall@200 per domain is reported.
-3. **Load.** ``aftrec serve`` runs in its own process, once per server setting of
-   ``--configs`` (``batched``: the defaults, 32 requests, 1 ms wait, 2 loops; ``unbatched``:
-   ``--max-batch 1``; ``wait0`` / ``wait3``: batched with 0 / 3 ms wait; ``before``: the
-   server of ``--before-src``, a source tree from before batching, with its own defaults).
-   The load generator is ``wrk``, a C program in its own process (one thread, keep-alive
-   connections, one per unit of concurrency, each sending its next request when the last is
-   answered), with a Lua script cycling through ``--bodies`` different request bodies: top-200
-   of one domain for a random known user. After a warm-up, each concurrency of
-   ``--concurrency`` runs for ``--seconds``. Recorded per level: throughput, latency p50, p90,
-   p99, p99.9, mean and max (wrk's own histogram, microsecond resolution), errors, the CPU
-   seconds per second of wall time used by the server and by wrk (from /proc and
-   ``getrusage``), and the mean batch size (the server's ``aftrec_batch_size`` metric).
+3. **Load.** ``aftrec serve`` runs in its own process for each server setting of ``--configs``
+   (``batched``: the defaults, 32 requests, 1 ms wait, 2 loops; ``unbatched``:
+   ``--max-batch 1``; ``wait0`` / ``wait3``: batched with 0 / 3 ms wait; ``before``: the server
+   of ``--before-src``, a source tree from before batching, with its own defaults). The load
+   generator is ``wrk``, a C program in its own process (one thread, keep-alive connections, one
+   per unit of concurrency, each sending its next request when the last is answered), with a Lua
+   script cycling through ``--bodies`` different request bodies: top-200 of one domain for a
+   random known user. The servers of a bundle are started together and warmed up; then each
+   concurrency of ``--concurrency`` runs for ``--seconds`` on every server in turn (interleaved:
+   a change in the machine's load during the run hits every setting). Recorded per level:
+   throughput, latency p50, p90, p99, p99.9, mean and max (wrk's own histogram, microsecond
+   resolution), errors, the CPU seconds per second of wall time used by the server and by wrk
+   (from /proc and ``getrusage``), and the mean batch size (the server's ``aftrec_batch_size``
+   metric).
 
 Writes benchmarks/results/serving.json (``--name``) with the machine and its load average
 before and after (other processes share the cores); ``benchmarks/plot_serving.py`` draws p99
@@ -365,33 +367,35 @@ def measure(bundle: Path, args: argparse.Namespace, configs: list[str]) -> dict[
         "indexes": m["indexes"],
         "configs": {},
     }
+    configs = [c for c in configs if CONFIGS[c] is not None or args.before_src is not None]
+    servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         script = lua_script(bodies_for(bundle, args.bodies), Path(tmp))
-        for name in configs:
-            flags = CONFIGS[name]
-            if flags is None and args.before_src is None:
-                continue
-            src = ROOT / "src" if flags is not None else args.before_src
-            port = free_port()
-            t0 = time.perf_counter()
-            proc = start_server(bundle, port, flags or [], src)
-            started = time.perf_counter() - t0
-            try:
-                run_wrk(port, script, 16, args.warmup_seconds, proc.pid)  # warm-up
-                levels = []
-                for c in args.concurrency:
-                    levels.append(run_wrk(port, script, c, args.seconds, proc.pid))
-                    print(name, json.dumps(levels[-1]), flush=True)
-                memory = rss_mib(proc.pid)
-            finally:
+        try:
+            for name in configs:  # every server up (idle) at once: the levels interleave
+                flags = CONFIGS[name]
+                src = ROOT / "src" if flags is not None else args.before_src
+                port = free_port()
+                t0 = time.perf_counter()
+                servers[name] = (start_server(bundle, port, flags or [], src), port)
+                out["configs"][name] = {
+                    "flags": flags if flags is not None else f"source {args.before_src}",
+                    "server_start_seconds": round(time.perf_counter() - t0, 2),
+                    "levels": [],
+                }
+                run_wrk(port, script, 16, args.warmup_seconds, servers[name][0].pid)
+            for c in args.concurrency:  # each level on every server in turn, so that a
+                for name in configs:  # change in the machine's load hits them all alike
+                    proc, port = servers[name]
+                    result = run_wrk(port, script, c, args.seconds, proc.pid)
+                    out["configs"][name]["levels"].append(result)
+                    print(name, json.dumps(result), flush=True)
+            for name, (proc, _) in servers.items():
+                out["configs"][name]["server_memory_mib"] = rss_mib(proc.pid)
+        finally:
+            for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(timeout=30)
-            out["configs"][name] = {
-                "flags": flags if flags is not None else f"source {args.before_src}",
-                "server_start_seconds": round(started, 2),
-                "server_memory_mib": memory,
-                "levels": levels,
-            }
     return out
 
 

@@ -63,11 +63,35 @@ def plot(results: Path, out: Path) -> Path:
     return out
 
 
+def table(results: Path) -> str:
+    """The levels as a markdown table (what BENCHMARKS.md quotes)."""
+    report = json.loads(results.read_text())
+    rows = [
+        "| bundle | server | c | req/s | p50 ms | p99 ms | p99.9 ms | mean batch | server cores "
+        "| wrk cores |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, bundle in report["bundles"].items():
+        for config, result in bundle.get("configs", {}).items():
+            for lv in result["levels"]:
+                lat = lv["latency_ms"]
+                rows.append(
+                    f"| {name} | {config} | {lv['concurrency']} | {lv['throughput_rps']:,.0f} "
+                    f"| {lat['p50']:.2f} | {lat['p99']:.2f} | {lat['p999']:.2f} "
+                    f"| {lv['mean_batch'] if lv['mean_batch'] is not None else '-'} "
+                    f"| {lv['cpu_cores']['server']} | {lv['cpu_cores']['wrk']} |"
+                )
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS / "serving.json")
     parser.add_argument("--out", type=Path, default=RESULTS / "serving_p99_throughput.png")
+    parser.add_argument("--table", action="store_true", help="print the levels as markdown")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.results))
     print("wrote", plot(args.results, args.out))
 
 
