@@ -336,26 +336,26 @@ def test_bad_batching_flags_are_one_error_line(
 
 
 # --- over HTTP -----------------------------------------------------------------------------
-def slowed(bundle: Path, seconds: float) -> tuple[Recommender, list[int]]:
+def slowed(bundle: Path, seconds: float) -> tuple[Recommender, list[list[Query]]]:
     """A recommender whose batches take ``seconds`` more, so that concurrent requests queue
-    behind the one computing and are gathered; the batch sizes it computed."""
+    behind the one computing and are gathered; the batches it computed."""
     rec = Recommender.load(bundle)
-    sizes: list[int] = []
+    batches: list[list[Query]] = []
     fast = rec.recommend_many
 
     def recommend_many(queries: list[Query]) -> list[Any]:
-        sizes.append(len(queries))
+        batches.append(list(queries))
         time.sleep(seconds)
         return fast(queries)
 
     rec.recommend_many = recommend_many  # type: ignore[method-assign]
-    return rec, sizes
+    return rec, batches
 
 
 def test_concurrent_clients_are_batched_and_answered_as_alone(
     bundle: Path, rec: Recommender, tiny: Dataset
 ) -> None:
-    served, sizes = slowed(bundle, 0.05)
+    served, batches = slowed(bundle, 0.05)
     bodies = [
         {"user": str(u), "domain": f"d{u % 3}", "n": 5 + u % 40, "exclude_seen": u % 2 == 0}
         for u in range(30)
@@ -371,6 +371,7 @@ def test_concurrent_clients_are_batched_and_answered_as_alone(
     with running(app) as base:
         responses = asyncio.run(clients(base))
         metrics = httpx.get(f"{base}/metrics").text
+    sizes = [len(b) for b in batches]
     assert max(sizes) > 1
     descs = [
         int(re.search(r"batch;desc=(\d+)", r.headers["server-timing"])[1])
@@ -391,6 +392,40 @@ def test_concurrent_clients_are_batched_and_answered_as_alone(
         assert [x["items"] for x in got["results"]] == [x.items for x in want.results]
         for x, w in zip(got["results"], want.results, strict=True):
             np.testing.assert_allclose(x["scores"], w.scores, rtol=1e-5, atol=1e-6)
+
+
+def post(url: str, body: bytes) -> socket.socket:
+    """A connection that has sent one whole /recommend request (not read)."""
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)), timeout=5)
+    s.sendall(
+        b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    return s
+
+
+def test_a_client_that_leaves_while_its_request_waits_is_not_computed(bundle: Path) -> None:
+    served, batches = slowed(bundle, 0.4)
+    app = create_app(served, batching=BatchSettings(max_batch=32, wait_ms=1, threads=1))
+    with running(app) as base:
+        first = post(base, b'{"user": "12", "n": 5}')  # computing for 0.4 s
+        time.sleep(0.1)
+        leaving = post(base, b'{"user": "77", "n": 5}')  # waits behind it...
+        staying = post(base, b'{"user": "78", "n": 5}')
+        time.sleep(0.1)
+        leaving.close()  # ... and its client leaves
+        answers = [s.recv(65536) for s in (first, staying)]
+        for s in (first, staying):
+            s.close()
+        deadline = time.monotonic() + 10
+        while 'status="499"' not in (text := httpx.get(f"{base}/metrics").text):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.05)
+    assert all(a.startswith(b"HTTP/1.1 200") for a in answers), answers
+    computed = [q.user for batch in batches for q in batch]
+    assert computed == ["12", "78"]
+    assert 'aftrec_http_requests_total{method="POST",route="/recommend",status="499"} 1.0' in text
 
 
 def test_a_client_leaving_mid_request_does_not_disturb_the_server(

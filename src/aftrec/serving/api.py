@@ -19,7 +19,9 @@ Endpoints (the OpenAPI schema is at ``/openapi.json``, interactive docs at ``/do
 
 Concurrent ``/recommend`` requests are computed in batches (:mod:`aftrec.serving.batching`:
 one encoder call and one index search per domain for the batch, each request answered as it
-would be alone; a request that fails fails alone). Responses are serialised with orjson.
+would be alone; a request that fails fails alone). A client that closes its connection while
+its request waits is noticed: the request leaves the queue uncomputed and ``/metrics`` counts
+it with status 499. Responses are serialised with orjson.
 
 Every failure the client caused is a 4xx with ``{"detail": "<what is wrong>"}``: malformed
 JSON, a ``Content-Length`` that is not one number, or both ``Content-Length`` and
@@ -69,7 +71,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from aftrec import __version__
 from aftrec.errors import AftrecError
-from aftrec.serving.batching import Batcher, BatchSettings
+from aftrec.serving.batching import Batcher, BatchSettings, ClientGone
 from aftrec.serving.recommender import MAX_BEHAVIOURS, MAX_N, Query, Recommender, RequestError
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ ROUTES = ("/recommend", "/health", "/metrics", "/admin/reload", "/openapi.json",
 REQUEST_ID = "aftrec.request_id"  # the scope key holding a request's id
 _CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 RELOAD_REFUSED = "no loadable bundle at that path inside the bundle root"
+CLIENT_GONE = 499  # the status /metrics counts for a client that left before its answer
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -483,11 +486,14 @@ def create_app(
     }
 
     @app.post("/recommend", response_model=RecommendResponse, responses=errors)
-    async def recommend(req: RecommendRequest) -> Response:
+    async def recommend(req: RecommendRequest, request: Request) -> Response:
         t0 = time.perf_counter()
         rec = state.recommender  # this request's bundle, whatever a reload does meanwhile
         query = Query(req.user, req.behaviours, req.domain, req.n, req.exclude_seen, req.trial)
-        result, waited = await state.batcher.submit(rec, query)
+        try:
+            result, waited = await state.batcher.submit(rec, query, request.receive)
+        except ClientGone:  # nobody to answer; 499 as nginx logs it ("client closed request")
+            return Response(status_code=CLIENT_GONE)
         t1 = time.perf_counter()
         body = result.to_dict()
         timing = {k: round(v * 1e3, 4) for k, v in result.timings.items()}

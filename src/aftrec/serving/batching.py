@@ -13,7 +13,8 @@ and compute them. How long a loop waits for a batch to fill:
 A batch holds requests for one bundle only: each request carries the recommender it started
 with, and a loop stops taking at the first request for another (a reload swapped the bundle
 while requests waited), which goes into the next batch. A request whose caller gave up while
-it waited (its future cancelled) is dropped before computing. A batch that raises anything but
+it waited (its future cancelled: :meth:`Batcher.submit` watches the connection) is dropped
+before computing. A batch that raises anything but
 a per-request ``RequestError`` (:mod:`aftrec.serving.recommender`) is computed again one request
 at a time, so that only the request causing it fails. ``max_batch=1`` is the server without
 batching: each loop computes one request at a time.
@@ -31,7 +32,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -92,10 +93,19 @@ class Batcher:
         self._threads: list[threading.Thread] = []
         self._closed = False
 
-    async def submit(self, recommender: Recommender, query: Query) -> tuple[Recommendation, float]:
+    async def submit(
+        self,
+        recommender: Recommender,
+        query: Query,
+        receive: Callable[[], Awaitable[Mapping[str, Any]]] | None = None,
+    ) -> tuple[Recommendation, float]:
         """Compute ``query`` on ``recommender`` in the next batch; (its answer, seconds it
         waited in the queue). Raises its :class:`RequestError`, or the error that computing
-        it alone raised."""
+        it alone raised.
+
+        ``receive``: the request's ASGI ``receive``, its body already read; its next message
+        is ``http.disconnect`` when the client leaves. The request is then taken out of the
+        queue if it still waits there (or its answer dropped) and :class:`ClientGone` raised."""
         loop = asyncio.get_running_loop()
         waiting = _Waiting(recommender, query, loop.create_future(), loop)
         with self._cond:
@@ -105,7 +115,18 @@ class Batcher:
                 self._start()
             self._queue.append(waiting)
             self._cond.notify()
-        result = await waiting.future
+        if receive is None:
+            return await waiting.future, waiting.started - waiting.queued
+        watcher = loop.create_task(_disconnect(receive))
+        watcher.add_done_callback(lambda w: _cancel_if_gone(w, waiting.future))
+        try:
+            result = await waiting.future
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled() and watcher.result():
+                raise ClientGone("the client left before its answer") from None
+            raise
+        finally:
+            watcher.cancel()
         return result, waiting.started - waiting.queued
 
     def close(self) -> None:
@@ -193,6 +214,21 @@ class Batcher:
             return exc
 
 
+class ClientGone(Exception):
+    """The client of a request closed its connection before the answer."""
+
+
+async def _disconnect(receive: Callable[[], Awaitable[Mapping[str, Any]]]) -> bool:
+    """Whether the next ASGI message says the client left (awaited until one comes)."""
+    message = await receive()
+    return message.get("type") == "http.disconnect"
+
+
+def _cancel_if_gone(watcher: asyncio.Task[bool], future: asyncio.Future[Any]) -> None:
+    if not watcher.cancelled() and watcher.exception() is None and watcher.result():
+        future.cancel()  # still queued: never computed; computing: its answer is dropped
+
+
 def _settle(future: asyncio.Future[Recommendation], result: Any) -> None:
     """On the request's event loop: hand it its answer (unless its caller left)."""
     if future.done():
@@ -203,4 +239,4 @@ def _settle(future: asyncio.Future[Recommendation], result: Any) -> None:
         future.set_result(result)
 
 
-__all__ = ["MAX_BATCH", "THREADS", "WAIT_MS", "BatchSettings", "Batcher"]
+__all__ = ["MAX_BATCH", "THREADS", "WAIT_MS", "BatchSettings", "Batcher", "ClientGone"]
