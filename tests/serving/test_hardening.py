@@ -213,9 +213,9 @@ DRIVER = """
 import sys
 from aftrec.cli import main
 from aftrec.serving.recommender import Recommender
-def broken(self, **kwargs):
+def broken(self, queries):
     raise IndexError("index 7 is out of bounds")
-Recommender.recommend = broken
+Recommender.recommend_many = broken  # the path the server computes with
 sys.exit(main(sys.argv[1:]))
 """
 

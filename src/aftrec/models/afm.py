@@ -37,7 +37,7 @@ from torch import nn
 from aftrec.config import Checked, Count, Loss, Rate
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
-from aftrec.models.base import CandidateScorer, score_in_chunks
+from aftrec.models.base import CandidateScorer, score_in_chunks, target_column
 from aftrec.models.fm import FieldEmbedding, single_and_multi
 from aftrec.registry import DROPOUT
 
@@ -88,7 +88,7 @@ class AFM(CandidateScorer):
         return first + self.fields.item_linear(items) + pooled @ self.p  # Eq. 5
 
     def score(self, batch: Batch, domain: int) -> torch.Tensor:
-        target = torch.full((len(batch),), domain, dtype=torch.long, device=batch.history.device)
+        target = target_column(batch, domain)
         u = self.fields.user_fields(batch, target)  # (B, F_u, d)
         first = self.fields.user_linear(batch, target)  # (B,)
         lo, hi = self.info.domain_range(domain)

@@ -41,7 +41,7 @@ from torch import nn
 from aftrec.config import Checked, Count, Loss
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
-from aftrec.models.base import CandidateScorer, score_in_chunks
+from aftrec.models.base import CandidateScorer, score_in_chunks, target_column
 from aftrec.models.fm import FieldEmbedding, single_and_multi
 
 #: ``aftrec reproduce --quick``: the tiny settings of this file's models
@@ -143,7 +143,7 @@ class AutoInt(CandidateScorer):
         return self._top(self.first(e))  # e: (B, C, F, d)
 
     def score(self, batch: Batch, domain: int) -> torch.Tensor:
-        target = torch.full((len(batch),), domain, dtype=torch.long, device=batch.history.device)
+        target = target_column(batch, domain)
         first = self.first
         pu = first.project(self.fields.user_fields(batch, target))  # (B, F_u, 4 H d')
         lo, hi = self.info.domain_range(domain)

@@ -41,6 +41,15 @@ from aftrec.data.loader import Batch
 from aftrec.models.losses import sampled_loss
 
 
+def target_column(batch: Batch, domain: int) -> torch.Tensor:
+    """(B,) int64, ``domain`` in every row of ``batch``.
+
+    Built from a tensor of the batch rather than from ``len(batch)``: ``torch.jit.trace``
+    records a Python int as a constant, so an encoder traced on one user would answer one user
+    only, while this column keeps the batch size symbolic (a bundle's encoder takes any B)."""
+    return torch.full_like(batch.counts[:, 0], domain, dtype=torch.long)
+
+
 class Channel(NamedTuple):
     """One serving channel: ``query(batch, domain)`` (B, dim) vectors scored against
     ``items(domain)`` (n_items_in_domain, dim)."""
@@ -129,7 +138,7 @@ class UserTowerModel(RetrievalModel):
         raise NotImplementedError
 
     def user_vectors(self, batch: Batch, domain: int) -> torch.Tensor:
-        target = torch.full((len(batch),), domain, dtype=torch.long, device=batch.history.device)
+        target = target_column(batch, domain)
         return self.user_tower(batch, target)
 
     def item_vectors(self, domain: int) -> torch.Tensor:

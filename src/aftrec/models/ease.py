@@ -78,7 +78,8 @@ class Ease(RetrievalModel):
 
     def user_vectors(self, batch: Batch, domain: int) -> torch.Tensor:
         hist = batch.history.flatten(1)  # (B, D * L)
-        x = torch.zeros(len(batch), self.info.n_items + 1, device=hist.device)
+        # zeros shaped from the input (not len(batch), which tracing freezes): (B, n_items + 1)
+        x = torch.zeros_like(hist[:, :1], dtype=torch.float32).repeat(1, self.info.n_items + 1)
         x.scatter_(1, hist, 1.0)
         return x[:, : self.info.n_items]  # (B, n_items), the pad column dropped
 

@@ -45,7 +45,7 @@ from torch import nn
 from aftrec.config import Checked, Count, Loss
 from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
-from aftrec.models.base import CandidateScorer
+from aftrec.models.base import CandidateScorer, target_column
 from aftrec.models.layers import bag_mean
 from aftrec.registry import Range, register_model
 
@@ -102,8 +102,8 @@ class FieldEmbedding(nn.Module):
         """(B, V, L) behaviours the model may see: every domain (V = D) or the target's (V = 1)."""
         if self.multi_domain:
             return batch.history
-        rows = torch.arange(len(batch), device=domain.device)
-        return batch.history[rows, domain].unsqueeze(1)
+        index = domain.view(-1, 1, 1).expand(-1, 1, batch.history.shape[2])  # (B, 1, L)
+        return batch.history.gather(1, index)  # a gather, not arange(len(batch)): any B traces
 
     def _user_index(self, batch: Batch, domain: torch.Tensor) -> torch.Tensor:
         if self.multi_domain:
@@ -187,7 +187,7 @@ class FM(CandidateScorer):
         return first + self.fields.item_linear(items) + pairs
 
     def user_vectors(self, batch: Batch, domain: int) -> torch.Tensor:
-        target = torch.full((len(batch),), domain, dtype=torch.long, device=batch.history.device)
+        target = target_column(batch, domain)
         u = self.fields.user_fields(batch, target)  # (B, F_u, d)
         s = u.sum(dim=1)  # (B, d)
         user_pairs = 0.5 * (s.pow(2) - u.pow(2).sum(dim=1)).sum(-1)  # (B,)

@@ -36,7 +36,8 @@ class Popularity(RetrievalModel):
         self.counts.copy_(torch.from_numpy(counts))
 
     def user_vectors(self, batch: Batch, domain: int) -> torch.Tensor:
-        return torch.ones(len(batch), 1, device=self.counts.device)
+        # shaped from the input, not len(batch): a traced encoder takes any batch size
+        return torch.ones_like(batch.counts[:, :1], dtype=torch.float32)  # (B, 1)
 
     def item_vectors(self, domain: int) -> torch.Tensor:
         lo, hi = self.info.domain_range(domain)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from aftrec.serving.bundle import BundleError, export_run, load_bundle, write_bundle
     from aftrec.serving.index import ExactIndex, FaissIndex, IndexSpec
-    from aftrec.serving.recommender import Recommendation, Recommender, RequestError
+    from aftrec.serving.recommender import Query, Recommendation, Recommender, RequestError
 
 _WHERE = {
     "BundleError": "bundle",
@@ -26,6 +26,7 @@ _WHERE = {
     "ExactIndex": "index",
     "FaissIndex": "index",
     "IndexSpec": "index",
+    "Query": "recommender",
     "Recommendation": "recommender",
     "Recommender": "recommender",
     "RequestError": "recommender",
@@ -43,6 +44,7 @@ __all__ = [
     "ExactIndex",
     "FaissIndex",
     "IndexSpec",
+    "Query",
     "Recommendation",
     "Recommender",
     "RequestError",

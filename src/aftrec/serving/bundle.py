@@ -6,7 +6,7 @@
                              and the sha256 and size of every other file
     manifest.sha256          the sha256 of manifest.json (``sha256sum -c`` format)
     encoder/user_<d>.pt      TorchScript user encoder of target domain d:
-                             (history (1, D, L) int64, counts (1, D) int64) -> (1, dim)
+                             (history (B, D, L) int64, counts (B, D) int64) -> (B, dim)
     encoder/trial_<d>.pt     the same for the model's generator, if it has one (section 5.5.3)
     encoder/item_input.npy   (n_items,) the encoder's input index of each catalogue item
     items/vectors_<d>.npy    (n_d, dim) float32 item vectors of domain d
@@ -22,16 +22,17 @@
 
 The encoder is TorchScript (``torch.jit.trace``), not ONNX: it runs in the same PyTorch the
 project already depends on, with no extra runtime, and a traced module answers a B = 1 query
-faster than the eager model or a loaded ``torch.export`` program (measured in
-BENCHMARKS.md, "Serving"). The
-models build their batch size into the graph (``len(batch)`` is a Python int), so the encoders
-are traced for one user at a time, which is what a serving request is. Tracing records one
-path through the model: the example is a full history (L behaviours in every domain), so a
-model that trims padding to the longest history records its no-trim branch, right for any
-input; and :func:`contents_from_model` checks the traced encoder against
-the eager ``user_vectors`` on real users and on empty and one-domain histories and refuses to
-export when they differ, and refuses a model whose vectors depend on the user index (a new
-user has none).
+faster than the eager model or a loaded ``torch.export`` program (measured in BENCHMARKS.md,
+"Serving"). An encoder is traced on one user but takes any batch size B: the models build
+per-row constants from the batch's tensors (:func:`aftrec.models.base.target_column`), never from
+``len(batch)``, which tracing would record as the constant 1; export checks the traced encoder
+on whole batches as well as row by row, so a server can encode concurrent requests in one call
+(:meth:`aftrec.serving.recommender.Recommender.recommend_many`). Tracing records one path
+through the model: the example is a full history (L behaviours in every domain), so a model
+that trims padding to the longest history records its no-trim branch, right for any input; and
+:func:`contents_from_model` checks the traced encoder against the eager ``user_vectors`` on
+real users and on empty and one-domain histories and refuses to export when they differ, and
+refuses a model whose vectors depend on the user index (a new user has none).
 
 The bundle is written to a temporary folder next to ``--out`` and renamed into place
 (:func:`aftrec.outputs.atomic_directory`), so a reader sees the old bundle or the new one,
@@ -235,7 +236,7 @@ def _trial_items(model: RetrievalModel, domain: int) -> torch.Tensor:
 @contextmanager
 def _quiet_jit() -> Iterator[None]:
     """torch.jit.trace / load warn about their own deprecation and about Python ints in the
-    trace (the batch size, fixed at 1 on purpose)."""
+    trace (sizes of the example, e.g. the history length, recorded as constants)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
@@ -307,6 +308,7 @@ def _check_encoder(
     with torch.inference_mode(), torch.jit.optimized_execution(False):
         for batch in batches:
             eager = fn(batch, domain).float()
+            what = "trial" if trial else "user"
             traced = torch.cat(
                 [
                     encoder(batch.history[i : i + 1], batch.counts[i : i + 1])
@@ -316,11 +318,19 @@ def _check_encoder(
             try:
                 torch.testing.assert_close(traced, eager, rtol=1e-4, atol=1e-5)
             except AssertionError as exc:
-                what = "trial" if trial else "user"
                 raise BundleError(
                     f"the traced {what} encoder of domain {domain} does not reproduce "
                     f"{type(model).__name__}.{what}_vectors (data-dependent control flow?): "
                     + str(exc).splitlines()[0]
+                ) from exc
+            try:  # the whole batch in one call, as a batching server encodes
+                batched = encoder(batch.history, batch.counts)
+                torch.testing.assert_close(batched, eager, rtol=1e-4, atol=1e-5)
+            except (AssertionError, RuntimeError) as exc:
+                raise BundleError(
+                    f"the traced {what} encoder of domain {domain} answers one user at a time "
+                    "only (a batch size frozen into the trace: build per-row constants with "
+                    "aftrec.models.base.target_column, not len(batch)): " + str(exc).splitlines()[0]
                 ) from exc
 
 
@@ -541,10 +551,10 @@ def _write_files(
         "model": {"name": contents.model_name, **contents.model_info},
         "encoder": {
             "format": "torchscript",
-            "batch_size": 1,
+            "batch_size": "any",
             "inputs": {
-                "history": "(1, D, L) int64, right-aligned, pad = encoder.pad",
-                "counts": "(1, D) int64 behaviours per domain",
+                "history": "(B, D, L) int64, right-aligned, pad = encoder.pad",
+                "counts": "(B, D) int64 behaviours per domain",
             },
             "history_len": contents.history_len,
             "pad": int(contents.encoder_pad),

@@ -31,6 +31,7 @@ generator (``trial_vectors``) have it.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ import torch
 from aftrec.arrays import unique
 from aftrec.errors import AftrecError
 from aftrec.serving.bundle import LoadedBundle, load_bundle
+
+log = logging.getLogger(__name__)
 
 MAX_N = 1000
 MAX_BEHAVIOURS = 10_000
@@ -87,6 +90,7 @@ class Recommendation:
     user: str | None
     results: list[DomainResult]
     timings: dict[str, float] = field(default_factory=dict)  # seconds: encode, search, total
+    batch_size: int = 1  # requests computed together with this one (itself included)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -94,6 +98,50 @@ class Recommendation:
             "user": self.user,
             "results": [r.to_dict() for r in self.results],
         }
+
+
+@dataclass(frozen=True)
+class Query:
+    """One request, as :meth:`Recommender.recommend` takes it (see there)."""
+
+    user: Any = None
+    behaviours: Mapping[str, Sequence[Any]] | None = None
+    domain: str | None = None
+    n: int = 200
+    exclude_seen: bool = True
+    trial: bool = False
+
+
+@dataclass
+class _Plan:
+    """One checked request of a batch, per target domain: its path, the positions it has
+    seen, and (once searched) its positions and scores."""
+
+    query: Query
+    per_domain: list[np.ndarray]  # global item indices per domain, oldest first
+    targets: list[int] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    seen: list[np.ndarray] = field(default_factory=list)
+    pos: list[Any] = field(default_factory=list)  # (<= n,) positions inside the domain
+    scores: list[Any] = field(default_factory=list)
+    channel: str = "main"
+
+    def result(self, t: int, rec: Recommender) -> DomainResult:
+        d = self.targets[t]
+        return DomainResult(
+            domain=rec.domains[d],
+            path=self.paths[t],
+            channel=self.channel,
+            items=rec._item_ids[d][self.pos[t]].tolist(),
+            scores=np.asarray(self.scores[t], dtype=np.float64).tolist(),
+        )
+
+
+_PENDING: Any = object()  # a batch slot not answered yet
+
+
+def _next_power_of_two(k: int) -> int:
+    return 1 << max(k - 1, 0).bit_length()
 
 
 def _id(value: Any) -> str:
@@ -130,6 +178,8 @@ class Recommender:
             np.argsort(-pop[lo:hi], kind="stable")[:MAX_N]
             for lo, hi in zip(self.offsets, self.offsets[1:], strict=False)
         ]
+        # (channel, domain) -> whether its encoder takes a batch in one call (see warm_up)
+        self._batches: dict[tuple[str, int], bool] = {}
 
         self.warm_up()
 
@@ -139,17 +189,60 @@ class Recommender:
 
     def warm_up(self, runs: int = 3) -> None:
         """Run every encoder and index a few times: TorchScript optimises a graph on its first
-        calls, which would otherwise land on the first requests after a (re)load."""
-        empty = [np.zeros(0, np.int64)] * len(self.domains)
-        hist, counts = self.encoder_input(empty)
+        calls, which would otherwise land on the first requests after a (re)load. Check that
+        each encoder answers three different users at once as it answers them one by one; one
+        that does not (a bundle exported before encoders took any batch size: the batch size
+        was frozen at 1 in the trace) is called once per request."""
+        nothing = np.zeros(0, np.int64)
         timings = {"encode": 0.0, "search": 0.0}
-        pairs = list(zip(self.bundle.encoders, self.bundle.indexes, strict=True))
+        hist, counts = self._probe_input()
+        channels = [("main", self.bundle.encoders, self.bundle.indexes)]
         if self.bundle.trial_encoders is not None and self.bundle.trial_indexes is not None:
-            pairs += list(zip(self.bundle.trial_encoders, self.bundle.trial_indexes, strict=True))
-        for encoder, index in pairs:
-            for _ in range(runs):
-                q = self._encode(encoder, hist, counts, timings)
-            self._search(index, q, 10, empty[0], timings)
+            channels.append(("trial", self.bundle.trial_encoders, self.bundle.trial_indexes))
+        for channel, encoders, indexes in channels:
+            for d, (encoder, index) in enumerate(zip(encoders, indexes, strict=True)):
+                for _ in range(runs):
+                    alone = [
+                        self._encode(encoder, hist[i : i + 1], counts[i : i + 1], timings)
+                        for i in range(len(hist))
+                    ]
+                self._batches[(channel, d)] = self._encodes_batches(encoder, hist, counts, alone)
+                if not self._batches[(channel, d)]:
+                    log.warning(
+                        "%s: the %s encoder of domain %r answers one user at a time only; "
+                        "serving it one request per call (export the run again to batch)",
+                        self.model_version,
+                        channel,
+                        self.domains[d],
+                    )
+                q = np.concatenate(alone)
+                self._search_many(index, q, [10] * len(q), [nothing] * len(q), timings)
+
+    def _probe_input(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Three different users as encoder input: no behaviours; the first few items of
+        every domain; the last few of every domain."""
+        n_dom = len(self.domains)
+        firsts, lasts = [], []
+        for d in range(n_dom):
+            lo, hi = int(self.offsets[d]), int(self.offsets[d + 1])
+            firsts.append(np.arange(lo, min(lo + 3, hi), dtype=np.int64))
+            lasts.append(np.arange(max(hi - 2, lo), hi, dtype=np.int64))
+        rows = [self.encoder_input(p) for p in ([np.zeros(0, np.int64)] * n_dom, firsts, lasts)]
+        return torch.cat([h for h, _ in rows]), torch.cat([c for _, c in rows])
+
+    @staticmethod
+    def _encodes_batches(
+        encoder: Any, hist: torch.Tensor, counts: torch.Tensor, alone: list[np.ndarray]
+    ) -> bool:
+        try:
+            with torch.inference_mode():
+                together = encoder(hist, counts).float().numpy()
+        except RuntimeError:  # e.g. a shape baked into the trace
+            return False
+        want = np.concatenate(alone)
+        return together.shape == want.shape and bool(
+            np.allclose(together, want, rtol=1e-4, atol=1e-5)
+        )
 
     # --- input -----------------------------------------------------------------------------
     def domain_index(self, name: Any) -> int:
@@ -241,80 +334,179 @@ class Recommender:
         exclude_seen: bool = True,
         trial: bool = False,
     ) -> Recommendation:
-        """Top ``n`` items of ``domain`` (every domain if None) for one user."""
+        """Top ``n`` items of ``domain`` (every domain if None) for one user: a batch of one
+        (:meth:`recommend_many`); a request the bundle cannot answer raises
+        :class:`RequestError`."""
+        query = Query(user, behaviours, domain, n, exclude_seen, trial)
+        result = self.recommend_many([query])[0]
+        if isinstance(result, RequestError):
+            raise result
+        return result
+
+    def recommend_many(self, queries: Sequence[Query]) -> list[Recommendation | RequestError]:
+        """Answer several requests together, each as :meth:`recommend` would alone.
+
+        Per target domain (and channel) one encoder call takes every request that needs a user
+        vector, and one index search per group of similar depth k (``n`` plus the request's
+        excluded items) takes every request of the group; each request then keeps its own top
+        ``n`` outside its own exclusions. A request the bundle cannot answer gets its
+        :class:`RequestError` in its slot and the others are answered; anything else (a bug)
+        raises for the whole batch."""
         t0 = time.perf_counter()
+        timings = {"encode": 0.0, "search": 0.0}
+        out: list[Recommendation | RequestError] = []
+        plans: list[_Plan] = []
+        for query in queries:
+            try:
+                plans.append(self._plan(query))
+                out.append(_PENDING)
+            except RequestError as exc:
+                out.append(exc)
+        if plans:
+            self._encode_and_search(plans, timings)
+        timings["total"] = time.perf_counter() - t0
+        it = iter(plans)
+        for i, slot in enumerate(out):
+            if slot is _PENDING:
+                plan = next(it)
+                q = plan.query
+                out[i] = Recommendation(
+                    model_version=self.model_version,
+                    user=None if q.user is None else str(q.user),
+                    results=[plan.result(t, self) for t in range(len(plan.targets))],
+                    timings=dict(timings),
+                    batch_size=len(queries),
+                )
+        return out
+
+    def _plan(self, q: Query) -> _Plan:
+        """Check one request and work out, per target domain, its path and exclusions."""
+        n = q.n
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
             raise RequestError(f"n must be an integer in [1, {MAX_N}], got {n!r}")
-        if user is None and behaviours is None:
+        if q.user is None and q.behaviours is None:
             raise RequestError("give a known `user`, explicit `behaviours`, or both")
-        if trial and not self.has_trial:
+        if q.trial and not self.has_trial:
             raise NoGeneratorError(
                 f"this model ({self.manifest['model']['name']}) has no generator, so no "
                 "recommendation-trial channel; trial is served by AFT bundles"
             )
-        targets = range(len(self.domains)) if domain is None else [self.domain_index(domain)]
-        per_domain = self._behaviours(user, behaviours)
-        timings = {"encode": 0.0, "search": 0.0}
-        hist = counts = None
+        targets = range(len(self.domains)) if q.domain is None else [self.domain_index(q.domain)]
+        per_domain = self._behaviours(q.user, q.behaviours)
         any_history = any(len(p) for p in per_domain)
-        results = []
+        plan = _Plan(q, per_domain)
         for d in targets:
             seen = unique(per_domain[d]) - self.offsets[d]  # positions inside d
             path = "history" if len(seen) else ("cross-domain" if any_history else "popular")
+            plan.targets.append(d)
+            plan.paths.append(path)
+            plan.seen.append(seen)
             if path == "popular":
                 pos = self._popular[d][:n]
-                scores = self.bundle.popularity[self.offsets[d] + pos]
+                plan.pos.append(pos)
+                plan.scores.append(self.bundle.popularity[self.offsets[d] + pos])
             else:
-                if hist is None:
-                    hist, counts = self.encoder_input(per_domain)
-                q = self._encode(self.bundle.encoders[d], hist, counts, timings)
-                excl = seen if exclude_seen else seen[:0]
-                scores, pos = self._search(self.bundle.indexes[d], q, n, excl, timings)
-            if trial:
-                assert self.bundle.trial_encoders is not None
-                assert self.bundle.trial_indexes is not None
-                if hist is None:
-                    hist, counts = self.encoder_input(per_domain)
-                q = self._encode(self.bundle.trial_encoders[d], hist, counts, timings)
-                excl = np.union1d(seen, pos)
-                scores, pos = self._search(self.bundle.trial_indexes[d], q, n, excl, timings)
-            results.append(
-                DomainResult(
-                    domain=self.domains[d],
-                    path=path,
-                    channel="trial" if trial else "main",
-                    items=self._item_ids[d][pos].tolist(),
-                    scores=np.asarray(scores, dtype=np.float64).tolist(),
+                plan.pos.append(None)
+                plan.scores.append(None)
+        return plan
+
+    def _encode_and_search(self, plans: list[_Plan], timings: dict[str, float]) -> None:
+        """Fill every plan's positions and scores: the main channel, then (after it, since
+        the trial channel leaves out the main list) the trial channel."""
+        inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # plan -> (1, D, L), (1, D)
+
+        def rows(jobs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            for p, _ in jobs:
+                if p not in inputs:
+                    inputs[p] = self.encoder_input(plans[p].per_domain)
+            hist = torch.cat([inputs[p][0] for p, _ in jobs])  # (B, D, L)
+            counts = torch.cat([inputs[p][1] for p, _ in jobs])  # (B, D)
+            return hist, counts
+
+        for channel in ("main", "trial"):
+            jobs: dict[int, list[tuple[int, int]]] = {}  # domain -> [(plan, target)]
+            for p, plan in enumerate(plans):
+                for t, d in enumerate(plan.targets):
+                    wanted = plan.query.trial if channel == "trial" else plan.paths[t] != "popular"
+                    if wanted:
+                        jobs.setdefault(d, []).append((p, t))
+            for d, todo in sorted(jobs.items()):
+                trial = channel == "trial"
+                encoders = self.bundle.trial_encoders if trial else self.bundle.encoders
+                indexes = self.bundle.trial_indexes if trial else self.bundle.indexes
+                assert encoders is not None and indexes is not None
+                hist, counts = rows(todo)
+                batches = self._batches[(channel, d)]
+                q = self._encode(encoders[d], hist, counts, timings, batches)  # (B, dim)
+                excludes = []
+                for p, t in todo:
+                    plan = plans[p]
+                    seen = plan.seen[t]
+                    if trial:  # new interests only: never the seen items nor the main list
+                        main = plan.pos[t]
+                        excludes.append(np.union1d(seen, main))
+                    else:
+                        excludes.append(seen if plan.query.exclude_seen else seen[:0])
+                found = self._search_many(
+                    indexes[d], q, [plans[p].query.n for p, _ in todo], excludes, timings
                 )
-            )
-        timings["total"] = time.perf_counter() - t0
-        return Recommendation(
-            model_version=self.model_version,
-            user=None if user is None else str(user),
-            results=results,
-            timings=timings,
-        )
+                for (p, t), (scores, pos) in zip(todo, found, strict=True):
+                    plans[p].pos[t], plans[p].scores[t] = pos, scores
+                    if trial:
+                        plans[p].channel = "trial"
 
     @staticmethod
-    def _encode(encoder: Any, hist: Any, counts: Any, timings: dict[str, float]) -> np.ndarray:
+    def _encode(
+        encoder: Any,
+        hist: torch.Tensor,
+        counts: torch.Tensor,
+        timings: dict[str, float],
+        batches: bool = True,
+    ) -> np.ndarray:
+        """(B, dim) query vectors: one call, or one call per row for an encoder that answers
+        one user at a time only (a bundle exported before encoders took any batch size)."""
         t = time.perf_counter()
         with torch.inference_mode():
-            q: np.ndarray = encoder(hist, counts).float().numpy()  # (1, dim)
+            if batches or len(hist) == 1:
+                q = encoder(hist, counts)
+            else:
+                q = torch.cat(
+                    [encoder(hist[i : i + 1], counts[i : i + 1]) for i in range(len(hist))]
+                )
+            out: np.ndarray = q.float().numpy()
         timings["encode"] += time.perf_counter() - t
-        return q
+        return out
 
     @staticmethod
-    def _search(
-        index: Any, q: np.ndarray, n: int, exclude: np.ndarray, timings: dict[str, float]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``n`` positions not in ``exclude`` (sorted), and their scores."""
+    def _search_many(
+        index: Any,
+        q: np.ndarray,
+        ns: list[int],
+        excludes: list[np.ndarray],
+        timings: dict[str, float],
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query row, its top ``ns[i]`` positions not in ``excludes[i]`` and their scores.
+
+        Rows are searched together in groups of similar depth: k = n + |exclusions| rounded
+        up to a power of two (a deeper search returns the same top k first: flat and IVF scan
+        the same items whatever k), and one ``search`` per group at the group's k. HNSW's
+        search widens with k (efSearch is at least k), so its groups are of equal k: a row
+        gets exactly the answer it would get alone."""
         t = time.perf_counter()
-        k = min(n + len(exclude), index.size)
-        scores, pos = index.search(q, k)
-        scores, pos = scores[0], pos[0]
-        keep = pos >= 0
-        if len(exclude):
-            keep &= ~np.isin(pos, exclude, assume_unique=False)
-        pos, scores = pos[keep][:n], scores[keep][:n]
+        size = index.size
+        want = [min(n + len(ex), size) for n, ex in zip(ns, excludes, strict=True)]
+        groups: dict[int, list[int]] = {}
+        for i, k in enumerate(want):
+            key = k if index.kind == "hnsw" else min(_next_power_of_two(k), size)
+            groups.setdefault(key, []).append(i)
+        out: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0), np.zeros(0))] * len(want)
+        for k, members in groups.items():
+            scores, pos = index.search(q[members], k)  # (b, k)
+            for row, i in enumerate(members):
+                s, p = scores[row], pos[row]
+                keep = p >= 0
+                if len(excludes[i]):
+                    keep &= ~np.isin(p, excludes[i], assume_unique=False)
+                out[i] = (s[keep][: ns[i]], p[keep][: ns[i]])
         timings["search"] += time.perf_counter() - t
-        return scores, pos
+        return out

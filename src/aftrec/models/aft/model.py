@@ -42,7 +42,7 @@ from aftrec.models.aft.discriminator import Discriminator
 from aftrec.models.aft.generator import Generator, target_rows
 from aftrec.models.aft.health import FakeHealth
 from aftrec.models.aft.topk import Exclusions, domain_logsumexp, domain_top_k
-from aftrec.models.base import Channel, RetrievalModel
+from aftrec.models.base import Channel, RetrievalModel, target_column
 from aftrec.registry import DROPOUT, Range, register_model
 
 #: ``aftrec reproduce --quick``: the tiny settings of this file's models
@@ -297,7 +297,7 @@ class AFT(RetrievalModel):
 
     # --- serving ----------------------------------------------------------------------------
     def user_vectors(self, batch: Batch, domain: int) -> torch.Tensor:
-        target = torch.full((len(batch),), domain, dtype=torch.long, device=batch.history.device)
+        target = target_column(batch, domain)
         u: torch.Tensor = self.discriminator(batch.history, batch.counts, target)
         return u  # (B, dim)
 
@@ -320,7 +320,7 @@ class AFT(RetrievalModel):
     def trial_vectors(self, batch: Batch, domain: int) -> torch.Tensor:
         """G's h_t (Eq. 4): the generator's user vector, for the trial channel."""
         assert self.generator is not None, "this AFT variant has no generator"
-        target = torch.full((len(batch),), domain, dtype=torch.long, device=batch.history.device)
+        target = target_column(batch, domain)
         h: torch.Tensor = self.generator(batch.history, target)
         return h  # (B, dim)
 
