@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from aftrec import api
+from aftrec import __version__, api
 from aftrec.errors import AftrecError
 
 log = logging.getLogger("aftrec")
@@ -114,6 +114,7 @@ def _recommend(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aftrec", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"aftrec {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     pp = sub.add_parser("prepare", help="turn raw data into a prepared dataset directory")
