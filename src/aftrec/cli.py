@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from aftrec import __version__, api
-from aftrec.errors import AftrecError
+from aftrec.errors import AftrecError, Stopped
 
 log = logging.getLogger("aftrec")
 T = TypeVar("T")
@@ -238,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AftrecError as exc:
         # one line, even when the message quotes a multi-line error from torch or pandas
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+        return exc.exit_code
+    except Stopped as exc:  # SIGTERM / SIGINT, caught by a command that had to clean up
+        print(f"stopped {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -552,3 +552,73 @@ def test_report_written_atomically_leaves_no_temp_files(tiny_dir: Path, tmp_path
     assert os.path.getsize(out / "report.md") > 0
     assert "`aft` is not among the models" in (out / "report.md").read_text()
     assert PairedTest(float("nan"), 0, float("nan")).significant(0.01) is False
+
+
+def _children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (Linux /proc; zombies count as gone)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return {c for c in found if _alive(c)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_sigterm_stops_the_workers_and_the_runs_resume(tiny_dir: Path, tmp_path: Path) -> None:
+    """`pkill -f "aftrec reproduce"` reaches the parent alone: it must terminate its spawned
+    workers (before, they went on training as orphans), say so in one line, exit 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "report"
+    cmd = [
+        sys.executable, "-m", "aftrec.cli", "reproduce", "--data", str(tiny_dir),
+        "--out", str(out), "--quick", "--models", "two-tower", "aft-d", "--jobs", "2",
+        "--skip", "ablations", "sweeps", "--quiet",
+        "--set", *THREADS, "train.epochs=100000", "train.patience=100000",
+        "train.max_batches_per_epoch=2",
+    ]  # fmt: skip
+    runs = [out / "runs" / m / "seed0" for m in ("two-tower", "aft-d")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((r / rundir.LAST).is_file() for r in runs):  # both are training
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIGTERM while training "), err
+    assert "two-tower/seed0" in lines[0] and "aft-d/seed0" in lines[0]
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "a worker outlived the parent"
+
+    # each run resumes from its last finished epoch (a write cut short left at most a .tmp)
+    for run in runs:
+        epoch = checkpoint.load(run / rundir.LAST)["epoch"]
+        resumed = subprocess.run(
+            [sys.executable, "-m", "aftrec.cli", "train", "--out", str(run), "--resume",
+             "--quiet", "--set", f"train.epochs={epoch + 1}"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert resumed.returncode == 0, resumed.stderr
+        assert checkpoint.load(run / rundir.LAST)["epoch"] == epoch + 1
+        assert not [p for p in run.iterdir() if p.suffix == ".tmp"]
