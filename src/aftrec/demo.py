@@ -100,8 +100,9 @@ def _duration(seconds: float) -> str:
 
 
 @contextmanager
-def _quiet(names: Sequence[str] = ("aftrec",)) -> Iterator[None]:
-    """The library's INFO lines (what prepare dropped, ...) off: the steps say what happened."""
+def _quiet(names: Sequence[str] = ("aftrec", "faiss")) -> Iterator[None]:
+    """INFO lines off (what prepare dropped, which FAISS build loaded, ...): the steps say
+    what happened. Left on with ``-v`` (DEBUG)."""
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -181,7 +182,8 @@ def _train(
         log = epoch_log(run)
         seconds = (read_json(run / "reproduce.json") or {}).get("train_seconds")
         if not registration(model).deterministic and log and seconds is not None:
-            epochs.append(f"{model} {len(log)} epochs {_duration(seconds)}")
+            plural = "s" if len(log) > 1 else ""
+            epochs.append(f"{model} {len(log)} epoch{plural} {_duration(seconds)}")
     done = f"{summary.trained} trained" + (f", {summary.reused} reused" if summary.reused else "")
     failed = f", {summary.failed} FAILED (see the report)" if summary.failed else ""
     lines.append(
