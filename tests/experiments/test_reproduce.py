@@ -622,3 +622,41 @@ def test_sigterm_stops_the_workers_and_the_runs_resume(tiny_dir: Path, tmp_path:
         assert resumed.returncode == 0, resumed.stderr
         assert checkpoint.load(run / rundir.LAST)["epoch"] == epoch + 1
         assert not [p for p in run.iterdir() if p.suffix == ".tmp"]
+
+
+def test_sigint_stops_a_serial_reproduce_in_one_line(tiny_dir: Path, tmp_path: Path) -> None:
+    """--jobs 1 trains in the command's own process: Ctrl-C (SIGINT) ends it with the same
+    last line, exit 130, and the run is not recorded as failed (no report is written)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "report"
+    cmd = [
+        sys.executable, "-m", "aftrec.cli", "reproduce", "--data", str(tiny_dir),
+        "--out", str(out), "--quick", "--models", "two-tower", "--skip", "ablations", "sweeps",
+        "--quiet", "--set", *THREADS, "train.epochs=100000", "train.patience=100000",
+        "train.max_batches_per_epoch=2",
+    ]  # fmt: skip
+    run = out / "runs" / "two-tower" / "seed0"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / rundir.LAST).is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGINT, err
+    lines = err.strip().splitlines()  # the epoch lines (logged in this process), then:
+    assert lines[-1] == (
+        "stopped by SIGINT while training two-tower/seed0; finished epochs are saved: "
+        "run the same command again to resume"
+    )
+    assert all(line.startswith("epoch ") for line in lines[:-1]), err
+    assert not (run / "metrics.json").exists() and not (out / "report.md").exists()
