@@ -570,6 +570,42 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _endless_reproduce(data: Path, out: Path, models: list[str], jobs: int) -> list[str]:
+    """An `aftrec reproduce` command line whose runs train until stopped."""
+    import sys
+
+    return [
+        sys.executable, "-m", "aftrec.cli", "reproduce", "--data", str(data), "--out", str(out),
+        "--quick", "--models", *models, "--jobs", str(jobs), "--skip", "ablations", "sweeps",
+        "--quiet", "--set", *THREADS, "train.epochs=100000", "train.patience=100000",
+        "train.max_batches_per_epoch=2",
+    ]  # fmt: skip
+
+
+def _signal_once_training(
+    cmd: list[str], runs: list[Path], signum: int
+) -> tuple[int, str, set[int]]:
+    """Start ``cmd``, wait until every run in ``runs`` has a checkpoint, send ``signum``;
+    the exit code, stderr and the child processes it had when signalled."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((r / rundir.LAST).is_file() for r in runs):  # all are training
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        children = _children(proc.pid)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err, children
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
 def test_sigterm_stops_the_workers_and_the_runs_resume(tiny_dir: Path, tmp_path: Path) -> None:
     """`pkill -f "aftrec reproduce"` reaches the parent alone: it must terminate its spawned
@@ -580,29 +616,11 @@ def test_sigterm_stops_the_workers_and_the_runs_resume(tiny_dir: Path, tmp_path:
     import time
 
     out = tmp_path / "report"
-    cmd = [
-        sys.executable, "-m", "aftrec.cli", "reproduce", "--data", str(tiny_dir),
-        "--out", str(out), "--quick", "--models", "two-tower", "aft-d", "--jobs", "2",
-        "--skip", "ablations", "sweeps", "--quiet",
-        "--set", *THREADS, "train.epochs=100000", "train.patience=100000",
-        "train.max_batches_per_epoch=2",
-    ]  # fmt: skip
+    cmd = _endless_reproduce(tiny_dir, out, ["two-tower", "aft-d"], jobs=2)
     runs = [out / "runs" / m / "seed0" for m in ("two-tower", "aft-d")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not all((r / rundir.LAST).is_file() for r in runs):  # both are training
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.2)
-        workers = _children(proc.pid)
-        assert len(workers) >= 2
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    code, err, workers = _signal_once_training(cmd, runs, signal.SIGTERM)
+    assert len(workers) >= 2
+    assert code == 128 + signal.SIGTERM, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stopped by SIGTERM while training "), err
     assert "two-tower/seed0" in lines[0] and "aft-d/seed0" in lines[0]
@@ -628,31 +646,12 @@ def test_sigint_stops_a_serial_reproduce_in_one_line(tiny_dir: Path, tmp_path: P
     """--jobs 1 trains in the command's own process: Ctrl-C (SIGINT) ends it with the same
     last line, exit 130, and the run is not recorded as failed (no report is written)."""
     import signal
-    import subprocess
-    import sys
-    import time
 
     out = tmp_path / "report"
-    cmd = [
-        sys.executable, "-m", "aftrec.cli", "reproduce", "--data", str(tiny_dir),
-        "--out", str(out), "--quick", "--models", "two-tower", "--skip", "ablations", "sweeps",
-        "--quiet", "--set", *THREADS, "train.epochs=100000", "train.patience=100000",
-        "train.max_batches_per_epoch=2",
-    ]  # fmt: skip
+    cmd = _endless_reproduce(tiny_dir, out, ["two-tower"], jobs=1)
     run = out / "runs" / "two-tower" / "seed0"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (run / rundir.LAST).is_file():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 128 + signal.SIGINT, err
+    code, err, _ = _signal_once_training(cmd, [run], signal.SIGINT)
+    assert code == 128 + signal.SIGINT, err
     lines = err.strip().splitlines()  # the epoch lines (logged in this process), then:
     assert lines[-1] == (
         "stopped by SIGINT while training two-tower/seed0; finished epochs are saved: "
