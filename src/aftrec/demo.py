@@ -74,7 +74,7 @@ class DemoResult:
 
 
 class _Steps:
-    """Numbered, timed step lines: ``[3/6] compare   0.4s  ...``."""
+    """Numbered, timed step lines: ``[3/7] compare    0.4s  ...``."""
 
     def __init__(self, total: int, echo: Callable[[str], None]) -> None:
         self.total, self.echo, self.done = total, echo, 0
@@ -106,7 +106,7 @@ def _quiet(names: Sequence[str] = ("aftrec", "faiss")) -> Iterator[None]:
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        if lg.getEffectiveLevel() < logging.WARNING and lg.getEffectiveLevel() > logging.DEBUG:
+        if logging.DEBUG < lg.getEffectiveLevel() < logging.WARNING:
             lg.setLevel(logging.WARNING)
     try:
         yield
