@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -659,3 +660,20 @@ def test_sigint_stops_a_serial_reproduce_in_one_line(tiny_dir: Path, tmp_path: P
     )
     assert all(line.startswith("epoch ") for line in lines[:-1]), err
     assert not (run / "metrics.json").exists() and not (out / "report.md").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_die_with_a_parent_killed_outright(tiny_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL leaves the parent no chance to clean up: the workers die with it all the same."""
+    import signal
+    import time
+
+    out = tmp_path / "report"
+    cmd = _endless_reproduce(tiny_dir, out, ["two-tower", "aft-d"], jobs=2)
+    runs = [out / "runs" / m / "seed0" for m in ("two-tower", "aft-d")]
+    code, _, workers = _signal_once_training(cmd, runs, signal.SIGKILL)
+    assert code == -signal.SIGKILL and len(workers) >= 2
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "a worker outlived the killed parent"
