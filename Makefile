@@ -1,11 +1,11 @@
-# aftrec: `make demo` runs the main job on ML-1M, `make test` runs the test suite.
-# Both create .venv on first use. PYTHON must be Python 3.11 or newer.
+# aftrec: `make demo` shows the product end to end on ML-100K (DEMO_DATASET=ml-1m for ML-1M),
+# `make test` runs lint and the test suite. Both create .venv on first use. PYTHON must be
+# Python 3.11 or newer.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO_RUNS := runs/demo
-DEMO_EPOCHS ?= 6
+DEMO_DATASET ?= ml-100k
 
 .PHONY: install demo test test-slow lint bench clean
 
@@ -18,15 +18,9 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-data/ml-1m/meta.json: | $(BIN)/.installed
-	$(BIN)/aftrec prepare --dataset ml-1m --out data/ml-1m --force
-
-demo: $(BIN)/.installed data/ml-1m/meta.json
-	rm -rf $(DEMO_RUNS)
-	$(BIN)/aftrec train --data data/ml-1m --model pop --out $(DEMO_RUNS)/pop --quiet
-	$(BIN)/aftrec train --data data/ml-1m --model two-tower --out $(DEMO_RUNS)/two-tower --set train.epochs=$(DEMO_EPOCHS)
-	$(BIN)/aftrec evaluate --run $(DEMO_RUNS)/pop --quiet
-	$(BIN)/aftrec evaluate --run $(DEMO_RUNS)/two-tower --quiet
+# prepare, train five models to early stopping, compare, serve; resumes if cut short
+demo: $(BIN)/.installed
+	$(BIN)/aftrec demo --dataset $(DEMO_DATASET)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks

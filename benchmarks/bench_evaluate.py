@@ -1,7 +1,8 @@
 """Full-ranking evaluation time on ML-1M: every test user, every domain, N up to 200.
 
-Run: ``python benchmarks/bench_evaluate.py --data data/ml-1m --run runs/demo/two-tower``
-(writes benchmarks/results/evaluate.json). The run must exist (``make demo`` makes one);
+Run: ``python benchmarks/bench_evaluate.py --run runs/demo/ml-1m/runs/two-tower/seed0``
+(writes benchmarks/results/evaluate.json). The run must exist (``make demo DEMO_DATASET=ml-1m``
+makes one);
 evaluation is timed three times after one warm-up, with torch's default thread count.
 """
 
@@ -19,7 +20,7 @@ from aftrec.training.rundir import load_run
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--run", type=Path, default=Path("runs/demo/two-tower"))
+    parser.add_argument("--run", type=Path, default=Path("runs/demo/ml-1m/runs/two-tower/seed0"))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     cfg, data, model = load_run(args.run)

@@ -142,6 +142,15 @@ def test_models_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
     assert {"pop", "two-tower"} <= set(capsys.readouterr().out.split())
 
 
+def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import aftrec
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"aftrec {aftrec.__version__}"
+
+
 def test_prepared_directory(pipeline: Pipeline) -> None:
     data = pipeline.data
     assert {p.name for p in data.iterdir()} == PREPARED_FILES

@@ -57,3 +57,20 @@ def test_api_and_cli_write_the_same_files(tmp_path: Path) -> None:
         aftrec.train(None, "pop", res.run, resume=True)
     with pytest.raises(aftrec.DataError, match="choose a source"):
         aftrec.prepare(tmp_path / "x")
+
+
+def test_set_up_is_two_commands_and_the_demo_output_on_one_screen() -> None:
+    """README's "Set up": `make demo` and `make test`, then the demo's output as printed (its
+    seven steps in order) and nothing more than a screen (issue 19)."""
+    from tests.test_demo import STEP
+
+    section = README.read_text().split("## Set up", 1)[1].split("\n## ", 1)[0]
+    assert len(section.strip().splitlines()) <= 50
+    blocks = re.findall(r"```(\w*)\n(.*?)```", section, flags=re.S)
+    commands = [line.split("#")[0].strip() for lang, b in blocks if lang == "bash" for line in
+                b.splitlines()]  # fmt: skip
+    assert commands == ["make demo", "make test"]
+    (output,) = [b for lang, b in blocks if lang == "text"]
+    steps = [m.group(2) for m in map(STEP.match, output.splitlines()) if m]
+    assert steps == ["prepare", "train", "compare", "export", "serve", "ask", "stop"]
+    assert "demo finished in" in output

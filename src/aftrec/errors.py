@@ -28,3 +28,17 @@ class OutputError(AftrecError):
 
 class TrainingError(AftrecError, FloatingPointError):
     """Training diverged: a loss became NaN or infinite (names the epoch and the losses)."""
+
+
+class Stopped(BaseException):
+    """A command was stopped by SIGTERM or SIGINT after cleaning up (its worker processes
+    stopped). Like ``KeyboardInterrupt``, not an ``Exception``, so that no ``except Exception``
+    on the way records it as a failure; the CLI prints ``stopped: <message>`` and exits with
+    :attr:`exit_code`, 128 + the signal's number, as a shell reports a killed command."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(message or f"by {signal.Signals(signum).name}")

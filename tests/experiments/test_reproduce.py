@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -553,3 +554,127 @@ def test_report_written_atomically_leaves_no_temp_files(tiny_dir: Path, tmp_path
     assert os.path.getsize(out / "report.md") > 0
     assert "`aft` is not among the models" in (out / "report.md").read_text()
     assert PairedTest(float("nan"), 0, float("nan")).significant(0.01) is False
+
+
+def _children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (Linux /proc; zombies count as gone)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return {c for c in found if _alive(c)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _endless_reproduce(data: Path, out: Path, models: list[str], jobs: int) -> list[str]:
+    """An `aftrec reproduce` command line whose runs train until stopped."""
+    import sys
+
+    return [
+        sys.executable, "-m", "aftrec.cli", "reproduce", "--data", str(data), "--out", str(out),
+        "--quick", "--models", *models, "--jobs", str(jobs), "--skip", "ablations", "sweeps",
+        "--quiet", "--set", *THREADS, "train.epochs=100000", "train.patience=100000",
+        "train.max_batches_per_epoch=2",
+    ]  # fmt: skip
+
+
+def _signal_once_training(
+    cmd: list[str], runs: list[Path], signum: int
+) -> tuple[int, str, set[int]]:
+    """Start ``cmd``, wait until every run in ``runs`` has a checkpoint, send ``signum``;
+    the exit code, stderr and the child processes it had when signalled."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((r / rundir.LAST).is_file() for r in runs):  # all are training
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        children = _children(proc.pid)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err, children
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_sigterm_stops_the_workers_and_the_runs_resume(tiny_dir: Path, tmp_path: Path) -> None:
+    """`pkill -f "aftrec reproduce"` reaches the parent alone: it must terminate its spawned
+    workers (before, they went on training as orphans), say so in one line, exit 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "report"
+    cmd = _endless_reproduce(tiny_dir, out, ["two-tower", "aft-d"], jobs=2)
+    runs = [out / "runs" / m / "seed0" for m in ("two-tower", "aft-d")]
+    code, err, workers = _signal_once_training(cmd, runs, signal.SIGTERM)
+    assert len(workers) >= 2
+    assert code == 128 + signal.SIGTERM, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIGTERM while training "), err
+    assert "two-tower/seed0" in lines[0] and "aft-d/seed0" in lines[0]
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "a worker outlived the parent"
+
+    # each run resumes from its last finished epoch (a write cut short left at most a .tmp)
+    for run in runs:
+        epoch = checkpoint.load(run / rundir.LAST)["epoch"]
+        resumed = subprocess.run(
+            [sys.executable, "-m", "aftrec.cli", "train", "--out", str(run), "--resume",
+             "--quiet", "--set", f"train.epochs={epoch + 1}"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert resumed.returncode == 0, resumed.stderr
+        assert checkpoint.load(run / rundir.LAST)["epoch"] == epoch + 1
+        assert not [p for p in run.iterdir() if p.suffix == ".tmp"]
+
+
+def test_sigint_stops_a_serial_reproduce_in_one_line(tiny_dir: Path, tmp_path: Path) -> None:
+    """--jobs 1 trains in the command's own process: Ctrl-C (SIGINT) ends it with the same
+    last line, exit 130, and the run is not recorded as failed (no report is written)."""
+    import signal
+
+    out = tmp_path / "report"
+    cmd = _endless_reproduce(tiny_dir, out, ["two-tower"], jobs=1)
+    run = out / "runs" / "two-tower" / "seed0"
+    code, err, _ = _signal_once_training(cmd, [run], signal.SIGINT)
+    assert code == 128 + signal.SIGINT, err
+    lines = err.strip().splitlines()  # the epoch lines (logged in this process), then:
+    assert lines[-1] == (
+        "stopped by SIGINT while training two-tower/seed0; finished epochs are saved: "
+        "run the same command again to resume"
+    )
+    assert all(line.startswith("epoch ") for line in lines[:-1]), err
+    assert not (run / "metrics.json").exists() and not (out / "report.md").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_die_with_a_parent_killed_outright(tiny_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL leaves the parent no chance to clean up: the workers die with it all the same."""
+    import signal
+    import time
+
+    out = tmp_path / "report"
+    cmd = _endless_reproduce(tiny_dir, out, ["two-tower", "aft-d"], jobs=2)
+    runs = [out / "runs" / m / "seed0" for m in ("two-tower", "aft-d")]
+    code, _, workers = _signal_once_training(cmd, runs, signal.SIGKILL)
+    assert code == -signal.SIGKILL and len(workers) >= 2
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "a worker outlived the killed parent"

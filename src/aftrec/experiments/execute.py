@@ -4,6 +4,9 @@ A run whose ``metrics.json`` exists is read, not trained; a run with ``last.pt``
 the trainer's resume path. Unfinished runs go seed by seed (every model's seed 0 first), so a
 report cut short still covers every model. ``--jobs J`` trains J runs at once, each in its
 own (spawned) process with ``cores // J`` torch threads unless ``train.threads`` is set.
+SIGTERM or SIGINT stops the command cleanly: the worker processes are terminated (and die
+with the parent even if it is killed outright), the runs keep their last finished epoch and
+the same command resumes them; :class:`~aftrec.errors.Stopped` names the interrupted runs.
 ``--report-only`` trains nothing: unfinished runs come back ``pending``. Failures are
 recorded in the outcome, never raised, so one failing model does not stop the others.
 """
@@ -14,13 +17,19 @@ import dataclasses
 import io
 import json
 import logging
+import os
+import signal
 import statistics
+import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aftrec.environment import usable_cores
+from aftrec.errors import Stopped
 from aftrec.experiments.plan import NS, Job, Plan, plain_json, read_json
 from aftrec.experiments.results import RunOutcome
 from aftrec.outputs import atomic_write_bytes, atomic_write_text
@@ -174,6 +183,28 @@ def _run_job_caught(job: Job, data_dir: Path) -> RunOutcome:
         return RunOutcome(job.run, False, error=_one_line(exc), trained_now=True)
 
 
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise :class:`~aftrec.errors.Stopped` in the main thread, so that
+    the runner can stop its workers; further signals are ignored while it cleans up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    signums = (signal.SIGTERM, signal.SIGINT)
+
+    def stop(signum: int, frame: Any) -> None:
+        for s in signums:
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    old = {s: signal.signal(s, stop) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 def execute(plan: Plan) -> dict[Path, RunOutcome]:
     """Run every unfinished job, seed by seed; failures are recorded, not raised.
 
@@ -226,22 +257,35 @@ def execute(plan: Plan) -> dict[Path, RunOutcome]:
         running.pop(job.run, None)
         bar.update(1)
 
-    with logging_redirect_tqdm():
-        if plan.spec.jobs == 1:
-            for i, job in enumerate(pending):
-                running[job.run] = job
-                show(pending[i:])
-                try:
-                    outcome = run_job(job, data_dir)
-                except Exception as exc:  # a failing model is reported, the others still run
-                    log.debug("traceback", exc_info=True)
-                    outcome = RunOutcome(job.run, False, error=_one_line(exc), trained_now=True)
-                finish(job, outcome)
-        else:
-            _execute_parallel(pending, data_dir, plan.spec.jobs, running, show, finish)
-        bar.set_description("done")
-        bar.set_postfix_str(f"{failed} failed" if failed else "")
-    bar.close()
+    try:
+        with logging_redirect_tqdm(), _stop_on_signals():
+            if plan.spec.jobs == 1:
+                for i, job in enumerate(pending):
+                    running[job.run] = job
+                    show(pending[i:])
+                    try:
+                        outcome = run_job(job, data_dir)
+                    except Exception as exc:  # a failing model is reported, the others run
+                        log.debug("traceback", exc_info=True)
+                        outcome = RunOutcome(job.run, False, error=_one_line(exc), trained_now=True)
+                    finish(job, outcome)
+            else:
+                _execute_parallel(pending, data_dir, plan.spec.jobs, running, show, finish)
+            bar.set_description("done")
+            bar.set_postfix_str(f"{failed} failed" if failed else "")
+    except Stopped as exc:
+        # drop the frames that hold the pool: its queues' semaphores are released when it is
+        # collected, else the resource tracker warns of "leaked semaphore objects" at exit
+        exc.__traceback__ = None
+        names = ", ".join(j.run.relative_to(root).as_posix() for j in running.values())
+        raise Stopped(
+            exc.signum,
+            f"by {signal.Signals(exc.signum).name}"
+            + (f" while training {names}" if names else "")
+            + "; finished epochs are saved: run the same command again to resume",
+        ) from None
+    finally:
+        bar.close()
     return outcomes
 
 
@@ -260,7 +304,10 @@ def _execute_parallel(
     queue = list(pending)
     futures: dict[Future[RunOutcome], Job] = {}
     # spawn: a forked torch (with its thread pools) is not safe to use in the child
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),)
+    ) as pool:
         try:
             while queue or futures:
                 while queue and len(futures) < jobs:
@@ -278,4 +325,38 @@ def _execute_parallel(
                     finish(job, outcome)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
+            _stop_workers(multiprocessing.active_children())
             raise
+
+
+def _worker_init(parent: int) -> None:
+    """In each worker process: leave SIGINT to the parent (Ctrl-C reaches the whole process
+    group; the parent stops its workers itself), and on Linux die with the parent even when
+    it is killed outright (``PR_SET_PDEATHSIG``: SIGTERM when the parent exits). tqdm gets a
+    thread lock: its default, a named semaphore, is reported leaked when a worker is killed."""
+    from tqdm import tqdm
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tqdm.set_lock(threading.RLock())
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        # without prctl, the parent's handler still stops its workers
+        with suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _stop_workers(workers: list[Any], grace: float = 10.0) -> None:
+    """Terminate (SIGTERM) the worker processes and wait for them; kill what outlives
+    ``grace`` seconds. A run loses only its unfinished epoch: checkpoints are written
+    atomically."""
+    for proc in workers:
+        proc.terminate()
+    deadline = time.monotonic() + grace
+    for proc in workers:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()

@@ -49,8 +49,8 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -561,3 +561,34 @@ def create_app(
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
+
+
+@contextmanager
+def serving_in_thread(
+    app: Any, host: str = "127.0.0.1", start_timeout: float = 20.0
+) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free port of ``host`` in a daemon thread; yields the
+    base URL (``http://127.0.0.1:PORT``) and stops the server on exit. For ``aftrec demo``
+    and the tests; ``aftrec serve`` runs uvicorn in the main thread."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(app, host=host, port=port, log_level="error", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="aftrec-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            raise RuntimeError(f"the server on {host}:{port} did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

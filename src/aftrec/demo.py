@@ -1,0 +1,366 @@
+"""``aftrec demo`` (``make demo``): the whole product end to end, each step one timed line.
+
+1. ``prepare``: MovieLens-100K (``dataset="ml-1m"`` for ML-1M) into ``OUT/data``;
+2. ``train``: ``pop``, EASE, ``two-tower``, ``aft-d`` and ``aft`` to early stopping, two at a
+   time: an ``aftrec reproduce`` with one seed and ``OUT`` as its report directory, so a demo
+   cut short resumes where it stopped and a finished one reuses its runs;
+3. ``compare``: one per-domain test Recall@50 table of every model, best average first, and
+   the same as a bar chart, ``OUT/recall50.png``;
+4. ``export``: the best dot-product model as a serving bundle, ``OUT/bundle``;
+5. ``serve``: the bundle over HTTP on a free loopback port, in a thread;
+6. ``ask``: ``POST /recommend`` for a known user and for a new user given by behaviours in
+   another domain (the cross-domain path AFT exists for);
+7. ``stop``: the server stops.
+
+The layers below do the work (:mod:`aftrec.api`, :mod:`aftrec.experiments.reproduce`,
+:mod:`aftrec.serving`); this module chooses, times and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aftrec import api
+from aftrec.errors import ConfigError
+
+if TYPE_CHECKING:
+    from aftrec.data.dataset import Dataset
+    from aftrec.data.sources.synthetic import SyntheticConfig
+
+#: trained in this order, the longest first, so that the two workers finish together
+MODELS = ("aft", "aft-d", "two-tower", "ease", "pop")
+DATASETS = ("ml-100k", "ml-1m", "synthetic")
+METRIC = "recall@50"
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """What ``aftrec demo`` runs. ``out`` defaults to ``runs/demo/DATASET``."""
+
+    dataset: str = "ml-100k"
+    out: Path | None = None
+    jobs: int = 2
+    models: tuple[str, ...] = MODELS
+    #: ``aftrec reproduce --set`` pairs (``[MODEL:]KEY=VALUE``), e.g. tiny settings in a test
+    overrides: tuple[str, ...] = ()
+    synthetic: SyntheticConfig | None = None  # with dataset="synthetic"
+    n: int = 5  # items per answer
+    progress: bool = False  # reproduce's progress bar (on a terminal)
+
+    @property
+    def folder(self) -> Path:
+        return self.out if self.out is not None else Path("runs/demo") / self.dataset
+
+
+@dataclass
+class DemoResult:
+    """What the demo produced: the table's rows (model, {domain or "average": recall@50}),
+    best first, and the files and answers."""
+
+    rows: list[tuple[str, dict[str, float]]]
+    report: Path
+    chart: Path
+    bundle: Path
+    served: str  # the model served
+    answers: dict[str, dict[str, Any]] = field(default_factory=dict)  # known / new -> body
+
+
+class _Steps:
+    """Numbered, timed step lines: ``[3/7] compare    0.4s  ...``."""
+
+    def __init__(self, total: int, echo: Callable[[str], None]) -> None:
+        self.total, self.echo, self.done = total, echo, 0
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[list[str]]:
+        """Yields a list: the step puts its one-line summary first, indented lines after."""
+        lines: list[str] = []
+        t0 = time.perf_counter()
+        yield lines
+        self.done += 1
+        took = _duration(time.perf_counter() - t0)
+        head, *rest = lines or [""]
+        self.echo(f"[{self.done}/{self.total}] {name:8s} {took:>6s}  {head}")
+        for line in rest:
+            self.echo(f"      {line}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    return f"{int(seconds // 60)}m{round(seconds % 60):02d}s"
+
+
+@contextmanager
+def _quiet(names: Sequence[str] = ("aftrec", "faiss")) -> Iterator[None]:
+    """INFO lines off (what prepare dropped, which FAISS build loaded, ...): the steps say
+    what happened. Left on with ``-v`` (DEBUG)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        if logging.DEBUG < lg.getEffectiveLevel() < logging.WARNING:
+            lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def run_demo(spec: DemoSpec, echo: Callable[[str], None] = print) -> DemoResult:
+    """Run the seven steps (module docstring), printing each with ``echo``."""
+    if spec.dataset not in DATASETS:
+        raise ConfigError(f"demo dataset {spec.dataset!r}: choose one of {', '.join(DATASETS)}")
+    out = spec.folder
+    steps = _Steps(7, echo)
+    with _quiet():
+        with steps.step("prepare") as lines:
+            data_dir = _prepare(spec, out / "data", lines)
+        with steps.step("train") as lines:
+            report, runs = _train(spec, data_dir, out, lines)
+        with steps.step("compare") as lines:
+            rows = _compare(runs, lines)
+            chart = _chart(rows, out / "recall50.png")
+            lines[0] += f"; chart {chart}"
+        with steps.step("export") as lines:
+            served, bundle = _export(rows, runs, out / "bundle", lines)
+        result = DemoResult(rows, report, chart, bundle, served)
+        _serve_and_ask(spec, data_dir, bundle, served, steps, result)
+    return result
+
+
+# --------------------------------------------------------------------------- 1. prepare
+def _prepare(spec: DemoSpec, data_dir: Path, lines: list[str]) -> Path:
+    from aftrec.data.prepared import read_meta
+
+    if (data_dir / "meta.json").is_file():
+        meta = read_meta(data_dir)
+        if meta["source"].get("kind") != spec.dataset:
+            raise ConfigError(
+                f"{data_dir} holds {meta['source'].get('kind')}, not {spec.dataset}; "
+                "choose another --out"
+            )
+        verb = "reused"
+    else:
+        api.prepare(data_dir, dataset=spec.dataset, synthetic=spec.synthetic, force=True)
+        meta = read_meta(data_dir)
+        verb = "prepared"
+    positives = sum(sum(per.values()) for per in meta["counts"].values())
+    lines.append(
+        f"{verb} {spec.dataset}: {meta['n_users']:,} users, {meta['n_items']:,} items, "
+        f"{positives:,} positives in {len(meta['domains'])} domains "
+        f"({', '.join(meta['domains'])}) -> {data_dir}"
+    )
+    return data_dir
+
+
+# --------------------------------------------------------------------------- 2. train
+def _train(
+    spec: DemoSpec, data_dir: Path, out: Path, lines: list[str]
+) -> tuple[Path, dict[str, Path]]:
+    from aftrec.experiments.plan import ReproduceSpec, make_plan, read_json
+    from aftrec.experiments.reproduce import reproduce
+    from aftrec.registry import registration
+    from aftrec.training.rundir import epoch_log
+
+    rspec = ReproduceSpec(
+        data=data_dir, out=out, seeds=1, models=spec.models, overrides=spec.overrides,
+        ablations=False, sweeps=False, progress=spec.progress, jobs=spec.jobs,
+    )  # fmt: skip
+    runs = {m: make_plan(rspec).runs[(m, 0)] for m in spec.models}
+    summary = reproduce(rspec)
+    epochs = []
+    for model, run in runs.items():
+        log = epoch_log(run)
+        seconds = (read_json(run / "reproduce.json") or {}).get("train_seconds")
+        if not registration(model).deterministic and log and seconds is not None:
+            plural = "s" if len(log) > 1 else ""
+            epochs.append(f"{model} {len(log)} epoch{plural} {_duration(seconds)}")
+    done = f"{summary.trained} trained" + (f", {summary.reused} reused" if summary.reused else "")
+    failed = f", {summary.failed} FAILED (see the report)" if summary.failed else ""
+    lines.append(
+        f"{len(runs)} models to early stopping, {spec.jobs} at a time ({done}{failed}) "
+        f"-> {summary.report}"
+    )
+    if epochs:
+        lines.append("; ".join(epochs))
+    return summary.report, runs
+
+
+# --------------------------------------------------------------------------- 3. compare
+def _compare(runs: dict[str, Path], lines: list[str]) -> list[tuple[str, dict[str, float]]]:
+    from aftrec.experiments.plan import read_json
+
+    rows = []
+    for model, run in runs.items():
+        metrics = read_json(run / "metrics.json")
+        if metrics is None:  # failed: the report says why
+            continue
+        per = {d: float(v[METRIC]) for d, v in metrics["domains"].items()}
+        rows.append((model, {**per, "average": float(metrics["average"][METRIC])}))
+    if not rows:
+        raise ConfigError("no model finished training; see the report for the failures")
+    rows.sort(key=lambda row: -row[1]["average"])
+    names = list(rows[0][1])
+    width = max(len(m) for m, _ in rows)
+    cols = [max(len(n), 6) for n in names]
+    lines.append(f"test {METRIC.replace('recall', 'Recall')} per domain, best average first")
+    header = "  ".join(f"{n:>{w}s}" for n, w in zip(names, cols, strict=True))
+    lines.append(f"{'model':{width}s}  {header}")
+    for model, per in rows:
+        cells = "  ".join(f"{per[n]:>{w}.4f}" for n, w in zip(names, cols, strict=True))
+        lines.append(f"{model:{width}s}  {cells}")
+    return rows
+
+
+def _chart(rows: list[tuple[str, dict[str, float]]], path: Path) -> Path:
+    """Grouped bars: one group per domain and the average, one bar per model (table order)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from aftrec.outputs import atomic_write_bytes
+
+    names = list(rows[0][1])
+    x = np.arange(len(names))
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
+    for i, (model, per) in enumerate(rows):
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, [per[n] for n in names], width, label=model)
+    ax.set_xticks(x, names)
+    ax.set_ylabel(f"test {METRIC.replace('recall', 'Recall')}")
+    ax.set_ylim(0.0, min(1.0, max(v for _, per in rows for v in per.values()) + 0.12))
+    ax.legend(ncol=len(rows), fontsize=8, loc="upper center", frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+# --------------------------------------------------------------------------- 4. export
+def _export(
+    rows: list[tuple[str, dict[str, float]]], runs: dict[str, Path], bundle: Path,
+    lines: list[str],
+) -> tuple[str, Path]:  # fmt: skip
+    from aftrec.registry import model_class
+
+    servable = [m for m, _ in rows if model_class(m).dot_product]
+    if not servable:
+        raise ConfigError("no dot-product model finished training: nothing to serve")
+    model = servable[0]
+    api.export(runs[model], bundle, force=True)
+    rank = "the best model" if model == rows[0][0] else "the best dot-product model"
+    lines.append(f"{model}, {rank}, as a serving bundle -> {bundle}")
+    return model, bundle
+
+
+# --------------------------------------------------------------------------- 5-7. serve, ask, stop
+def _serve_and_ask(
+    spec: DemoSpec, data_dir: Path, bundle: Path, served: str, steps: _Steps, result: DemoResult
+) -> None:
+    from aftrec.data.dataset import Dataset
+    from aftrec.serving.api import create_app, serving_in_thread
+    from aftrec.serving.recommender import Recommender
+
+    data = Dataset(data_dir)
+    known, new = _known_user(data, spec.n), _new_user(data, spec.n)
+    with ExitStack() as stack:
+        with steps.step("serve") as lines:
+            app = create_app(Recommender.load(bundle), threads=1)
+            url = stack.enter_context(serving_in_thread(app))
+            lines.append(f"{served} bundle on {url}")
+        with steps.step("ask") as lines:
+            lines.append("POST /recommend for a known user and for a new one")
+            for name, (request, show) in {"known": known, "new": new}.items():
+                body, ms = _post(url + "/recommend", request)
+                result.answers[name] = body
+                lines.extend(show(body, ms))
+        with steps.step("stop") as lines:
+            stack.close()
+            lines.append("the server stopped")
+
+
+Shown = tuple[dict[str, Any], Callable[[dict[str, Any], float], list[str]]]
+
+
+def _known_user(data: Dataset, n: int) -> Shown:
+    """The first user with at least ``n`` test clicks in one domain, asked for that domain;
+    the answer shows which recommendations the user then clicked."""
+    import numpy as np
+
+    test = data.test
+    domains = data.info.domains
+    counts = np.zeros((data.info.n_users, len(domains)), dtype=np.int64)
+    np.add.at(counts, (test.user, test.domain), 1)
+    users = np.flatnonzero(counts.max(axis=1) >= min(n, counts.max()))
+    u = int(users[0])
+    d = int(counts[u].argmax())
+    user = str(data.users["user"].iloc[u])
+    names = data.items["item"].to_numpy()
+    clicked = {str(names[i]) for i in test.item[(test.user == u) & (test.domain == d)]}
+    request = {"user": user, "domain": domains[d], "n": n}
+
+    def show(body: dict[str, Any], ms: float) -> list[str]:
+        res = body["results"][0]
+        hits = sum(item in clicked for item in res["items"])
+        return [
+            f"known user {user}, top {n} in {res['domain']} ({res['path']}, {ms:.1f} ms; "
+            f"* = clicked later, in the test period: {hits} of {n}):",
+            "  " + "; ".join(("*" if i in clicked else "") + i for i in res["items"]),
+        ]
+
+    return request, show
+
+
+def _new_user(data: Dataset, n: int) -> Shown:
+    """A user the model never saw, given by the three most popular training items of the
+    first domain, asked for the last domain: a cross-domain answer."""
+    import numpy as np
+
+    train = data.train
+    domains = data.info.domains
+    first = train.item[train.domain == 0]
+    liked = np.bincount(first, minlength=data.info.n_items).argsort()[::-1][:3]
+    names = data.items["item"].to_numpy()
+    items = [str(names[i]) for i in liked]
+    request = {"behaviours": {domains[0]: items}, "domain": domains[-1], "n": n}
+
+    def show(body: dict[str, Any], ms: float) -> list[str]:
+        res = body["results"][0]
+        return [
+            f"new user who liked {'; '.join(items)} in {domains[0]}, top {n} in "
+            f"{res['domain']} ({res['path']}, {ms:.1f} ms):",
+            "  " + "; ".join(res["items"]),
+        ]
+
+    return request, show
+
+
+def _post(url: str, request: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """POST JSON to the local server (no proxy: it is on loopback); the body and the ms."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    req = urllib.request.Request(
+        url, json.dumps(request).encode(), {"Content-Type": "application/json"}
+    )
+    t0 = time.perf_counter()
+    with opener.open(req, timeout=60) as response:
+        body: dict[str, Any] = json.loads(response.read())
+    return body, (time.perf_counter() - t0) * 1000
+
+
+__all__ = ["MODELS", "DemoResult", "DemoSpec", "run_demo"]

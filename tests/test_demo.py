@@ -1,0 +1,77 @@
+"""``aftrec demo`` end to end on a tiny synthetic dataset: the seven timed steps, the table
+sorted by average Recall@50, the chart, the bundle, both served answers; run again, it
+reuses every run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from aftrec.cli import build_parser
+from aftrec.data.sources.synthetic import SyntheticConfig
+from aftrec.demo import MODELS, DemoSpec, run_demo
+
+TINY = (
+    "train.epochs=2", "train.max_batches_per_epoch=3", "train.batch_size=64",
+    "data.history_len=8", "train.threads=1", "model.dim=16",
+)  # fmt: skip
+SYNTHETIC = SyntheticConfig(
+    n_users=200, n_domains=3, items_per_domain=150, n_interactions=5000, seed=3
+)
+STEP = re.compile(r"^\[(\d)/7\] (\w+) +[\d.ms]+  ")
+
+
+def test_demo_end_to_end_then_resumed(tmp_path: Path) -> None:
+    spec = DemoSpec("synthetic", tmp_path / "demo", jobs=2, overrides=TINY, synthetic=SYNTHETIC)
+    lines: list[str] = []
+    res = run_demo(spec, echo=lines.append)
+
+    steps = [m.groups() for m in map(STEP.match, lines) if m]
+    assert steps == [
+        (str(i), name)
+        for i, name in enumerate(
+            ["prepare", "train", "compare", "export", "serve", "ask", "stop"], start=1
+        )
+    ], lines
+    text = "\n".join(lines)
+    assert "5 trained" in text and "reused" not in text
+
+    # one table of every model, best average first, as printed
+    assert sorted(m for m, _ in res.rows) == sorted(MODELS)
+    averages = [per["average"] for _, per in res.rows]
+    assert averages == sorted(averages, reverse=True)
+    assert all(set(per) == {"d0", "d1", "d2", "average"} for _, per in res.rows)
+    table = lines[lines.index(next(x for x in lines if "model" in x and "average" in x)) + 1 :]
+    assert [row.split()[0] for row in table[: len(MODELS)]] == [m for m, _ in res.rows]
+    assert res.chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (res.report).is_file() and (res.bundle / "manifest.json").is_file()
+    assert res.served == res.rows[0][0]  # every model of the demo is a dot-product model
+
+    known, new = res.answers["known"]["results"], res.answers["new"]["results"]
+    assert len(known) == 1 and known[0]["path"] == "history" and len(known[0]["items"]) == 5
+    assert len(new) == 1 and new[0]["path"] == "cross-domain" and new[0]["domain"] == "d2"
+    assert any(x.strip().startswith("known user ") for x in lines)
+    assert any(x.strip().startswith("new user who liked ") for x in lines)
+
+    again: list[str] = []
+    run_demo(spec, echo=again.append)
+    assert "reused synthetic" in again[0]
+    assert "(0 trained, 5 reused)" in "\n".join(again)
+
+
+def test_demo_command_defaults() -> None:
+    args = build_parser().parse_args(["demo"])
+    assert (args.dataset, args.out, args.jobs) == ("ml-100k", None, 2)
+    assert DemoSpec(args.dataset).folder == Path("runs/demo/ml-100k")
+    assert build_parser().parse_args(["demo", "--dataset", "ml-1m"]).dataset == "ml-1m"
+
+
+def test_demo_refuses_a_folder_of_another_dataset(tmp_path: Path) -> None:
+    from aftrec.api import prepare
+    from aftrec.errors import ConfigError
+
+    prepare(tmp_path / "demo" / "data", dataset="synthetic", synthetic=SYNTHETIC)
+    with pytest.raises(ConfigError, match="holds synthetic, not ml-100k"):
+        run_demo(DemoSpec("ml-100k", tmp_path / "demo"), echo=lambda _: None)
