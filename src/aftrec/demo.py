@@ -281,7 +281,7 @@ def _serve_and_ask(
     known, new = _known_user(data, spec.n), _new_user(data, spec.n)
     with ExitStack() as stack:
         with steps.step("serve") as lines:
-            app = create_app(Recommender.load(bundle), threads=1)
+            app = create_app(Recommender.load(bundle))
             url = stack.enter_context(serving_in_thread(app))
             lines.append(f"{served} bundle on {url}")
         with steps.step("ask") as lines:
