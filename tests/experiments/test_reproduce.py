@@ -23,7 +23,7 @@ from aftrec.experiments import plan as pl
 from aftrec.experiments.plan import Entry, ReproduceSpec, make_plan, model_overrides
 from aftrec.experiments.report import Row, format_cell, metric_table, rank_marks
 from aftrec.experiments.reproduce import add_parser, reproduce
-from aftrec.experiments.results import Cell, Column, EntryResult, RunOutcome
+from aftrec.experiments.results import Cell, Column, EntryResult, RunOutcome, finished
 from aftrec.experiments.stats import PairedTest, seed_test, significance, user_test
 from aftrec.registry import available_models
 from aftrec.training import checkpoint, rundir
@@ -349,6 +349,21 @@ def test_quick_end_to_end_then_resume_trains_nothing(tiny_dir: Path, tmp_path: P
     # every (row, domain) has a value: no "–" in the recall table
     recall = text.split("## Recall@N")[1].split("## AUC")[0]
     assert "–" not in recall and "**" in recall and "<u>" in recall
+    # rows by average Recall@50, best first, as results.json has them
+    results = json.loads((out / "results.json").read_text())
+    order = [line.split("|")[1].strip().strip("`") for line in recall.splitlines()
+             if line.startswith("| `")]  # fmt: skip
+    assert sorted(order) == ["aft", "pop", "two-tower"]
+    averages = [
+        np.mean([s["metrics"]["average"]["recall@50"] for s in finished(results["entries"][k])])
+        for k in order
+    ]
+    assert averages == sorted(averages, reverse=True)
+    # the per-domain bar chart and the AFT rows' validation curves, embedded
+    for png in ("recall50.png", "validation.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in text
+    assert "## Validation curves" in text
     for key in ("aft", "pop", "two-tower"):
         metrics = json.loads((out / "runs" / key / "seed0" / "metrics.json").read_text())
         assert set(metrics["average"]) >= {"recall@20", "recall@50", "recall@200", "auc"}
@@ -550,7 +565,8 @@ def test_report_written_atomically_leaves_no_temp_files(tiny_dir: Path, tmp_path
         ReproduceSpec(tiny_dir, out, quick=True, models=("pop",), overrides=tuple(THREADS),
                       progress=False)
     )  # fmt: skip
-    assert sorted(p.name for p in out.iterdir()) == ["report.md", "results.json", "runs"]
+    names = ["recall50.png", "report.md", "results.json", "runs"]  # pop: no validation curve
+    assert sorted(p.name for p in out.iterdir()) == names
     assert os.path.getsize(out / "report.md") > 0
     assert "`aft` is not among the models" in (out / "report.md").read_text()
     assert PairedTest(float("nan"), 0, float("nan")).significant(0.01) is False

@@ -218,6 +218,92 @@ def sweep_plot(
     atomic_write_bytes(path, buf.getvalue())
 
 
+def by_average(results: Results, keys: Sequence[str], metric: str = "recall@50") -> list[str]:
+    """``keys`` sorted by their average ``metric`` over seeds, best first; rows without a
+    value (failed, not run yet) last, in their given order."""
+    col = Column("average", metric)
+
+    def mean(key: str) -> float:
+        cell = results.entries[key].cell(col)
+        return -cell.mean if cell is not None else math.inf
+
+    return sorted(keys, key=mean)  # sorted is stable: ties keep the plan's order
+
+
+def recall_bars(results: Results, keys: Sequence[str], path: Path) -> bool:
+    """Grouped bars of test Recall@50 per domain and on average, one bar per row of ``keys``,
+    error bars the std over seeds; written atomically as PNG. False (nothing written) when no
+    row has a value."""
+    from matplotlib.figure import Figure
+
+    groups = [*results.data.info.domains, "average"]
+    rows = [k for k in keys if results.entries[k].cell(Column("average", "recall@50"))]
+    if not rows:
+        return False
+    fig = Figure(
+        figsize=(max(6.0, 1.1 * len(groups) + 0.25 * len(rows) * len(groups)), 4.0), dpi=120
+    )
+    ax = fig.subplots()
+    width = 0.8 / len(rows)
+    for i, key in enumerate(rows):
+        cells = [results.entries[key].cell(Column(g, "recall@50")) for g in groups]
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(groups))]
+        ax.bar(
+            xs,
+            [c.mean if c else 0.0 for c in cells],
+            width,
+            yerr=[c.std if c and math.isfinite(c.std) else 0.0 for c in cells],
+            capsize=2,
+            label=key,
+        )
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups)
+    ax.set_ylabel("test Recall@50")
+    ax.set_ylim(bottom=0.0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", ncol=min(len(rows), 4))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def validation_curves(results: Results, keys: Sequence[str], path: Path) -> bool:
+    """Validation Recall@50 per epoch of every finished run of ``keys`` (one line per seed,
+    one colour per row), from each run's ``log.jsonl``; written atomically as PNG. False
+    (nothing written) when no run has a log."""
+    from matplotlib.figure import Figure
+
+    from aftrec.training.rundir import epoch_log
+
+    fig = Figure(figsize=(6.5, 4.0), dpi=120)
+    ax = fig.subplots()
+    drawn = False
+    for i, key in enumerate(keys):
+        label: str | None = key  # once per row, on its first run with a log
+        for _, outcome in sorted(results.entries[key].outcomes.items()):
+            log = epoch_log(outcome.run) if outcome.ok else []
+            metric = f"valid_{results.plan.jobs[outcome.run].cfg.train.valid_metric}"
+            pts = [(int(e["epoch"]), float(e[metric])) for e in log if metric in e]
+            if not pts:
+                continue
+            epochs, values = zip(*pts, strict=True)
+            ax.plot(epochs, values, color=f"C{i % 10}", marker=".", linewidth=1.0, label=label)
+            label, drawn = None, True
+    if not drawn:
+        return False
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation Recall@50")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
 def _budget(plan: Plan) -> str:
     """How long the trainable runs were allowed to train, in words."""
     trains = {
@@ -598,12 +684,27 @@ def render(results: Results) -> str:
     w("")
 
     rcols = recall_columns(domains)
+    ranked = by_average(results, main)
     for title, cols in (
         ("Recall@N (Tables 2 and 3 layout)", rcols),
         ("AUC (Table 4 layout)", auc_columns(domains)),
     ):
-        out += [f"## {title}", "", metric_table(_rows(results, main, cols), cols, marks), ""]
+        out += [f"## {title}", "", "Rows by average Recall@50 over seeds, best first.", ""]
+        out += [metric_table(_rows(results, ranked, cols), cols, marks), ""]
         out += [_legend(alpha), ""]
+        if cols is rcols and recall_bars(results, ranked, Path(spec.out) / "recall50.png"):
+            out += ["![test Recall@50 per domain, mean and std over seeds](recall50.png)", ""]
+    aft_rows = [m for m in ranked if m.startswith(PRIMARY)]
+    if aft_rows and validation_curves(results, aft_rows, Path(spec.out) / "validation.png"):
+        out += ["## Validation curves", ""]
+        out += [
+            "Validation Recall@50 after every epoch of each AFT row's runs (one line per seed), "
+            "from each run's `log.jsonl`; the test numbers above come from each run's best "
+            "epoch.",
+            "",
+            "![validation Recall@50 per epoch of the AFT rows](validation.png)",
+            "",
+        ]
 
     w("## Significance")
     w("")
