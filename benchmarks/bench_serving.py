@@ -32,7 +32,9 @@ What it does, per bundle:
    (:class:`~aftrec.serving.index.ExactIndex`); recall@200 per domain is reported.
 3. **Load.** ``aftrec serve`` runs in its own process for each server setting of ``--configs``
    (``batched``: the defaults, 32 requests, 1 ms wait, 2 loops; ``unbatched``:
-   ``--max-batch 1``; ``wait0`` / ``wait3``: batched with 0 / 3 ms wait; ``before``: the server
+   ``--max-batch 1``; ``wait0`` / ``wait3``: batched with 0 / 3 ms wait; ``workers2``: batched
+   in two worker processes (``--workers 2``; CPU and memory summed over them, the mean batch
+   from the one worker that answers ``/metrics``); ``before``: the server
    of ``--before-src``, a source tree from before batching, with its own defaults). The load
    generator is ``wrk``, a C program in its own process (one thread, keep-alive connections, one
    per unit of concurrency, each sending its next request when the last is answered), with a Lua
@@ -213,8 +215,11 @@ CONFIGS: dict[str, list[str] | None] = {
     "unbatched": ["--max-batch", "1"],
     "wait0": ["--batch-wait-ms", "0"],
     "wait3": ["--batch-wait-ms", "3"],
+    "workers2": ["--workers", "2"],
     "before": None,
 }
+#: ``--workers``: seconds to let every worker load the bundle after the first one answers
+WORKERS_LOAD_SECONDS = 40
 
 LUA = """
 local bodies = {
@@ -256,10 +261,30 @@ def lua_script(bodies: list[dict[str, Any]], folder: Path) -> Path:
     return path
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its children (``--workers``: uvicorn's worker processes)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(stat[1]) == pid:
+                kids.append(int(entry.name))
+    return [pid, *kids]
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds so far of process ``pid`` and its children (all threads)."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def batch_metric(port: int) -> tuple[float, float]:
@@ -331,6 +356,8 @@ def start_server(bundle: Path, port: int, flags: list[str], src: Path) -> subpro
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
                 s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
                 if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    if "--workers" in flags:  # the first worker answers; let the rest load
+                        time.sleep(WORKERS_LOAD_SECONDS)
                     return proc
         except OSError:
             time.sleep(0.2)
@@ -338,11 +365,17 @@ def start_server(bundle: Path, port: int, flags: list[str], src: Path) -> subpro
 
 
 def rss_mib(pid: int) -> dict[str, float]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = round(int(value.split()[0]) / 1024, 1)
+    """VmRSS and VmHWM of ``pid``, summed with its children's (``--workers``)."""
+    out: dict[str, float] = {}
+    for p in _tree(pid):
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = round(out.get(key, 0.0) + int(value.split()[0]) / 1024, 1)
     return out
 
 

@@ -7,16 +7,23 @@ built, so ``aftrec --help`` and the other commands work without the serving extr
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aftrec.errors import ConfigError
 from aftrec.serving.batching import MAX_BATCH, THREADS, WAIT_MS, BatchSettings
 from aftrec.serving.index import KINDS
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
 TOKEN_ENV = "AFTREC_ADMIN_TOKEN"
+#: ``--workers N > 1``: the settings each worker process builds its app from (JSON)
+WORKER_ENV = "AFTREC_SERVE_WORKER"
 
 log = logging.getLogger("aftrec")
 
@@ -64,15 +71,75 @@ def serve_bundle(
     bundle_root: Path | None = None,
     proxy_headers: bool = False,
     forwarded_allow_ips: str = "127.0.0.1",
+    workers: int = 1,
 ) -> None:
     """Load ``bundle`` and serve it with uvicorn until interrupted (SIGHUP reloads it);
     ``batching``: how concurrent requests are computed together (default: 32 requests, 1 ms
     wait under load, 2 loops).
 
+    ``workers > 1``: uvicorn's process supervisor runs that many worker processes on one
+    socket, each loading the bundle (memory grows with each worker); SIGHUP restarts every
+    worker on ``bundle``, and reload over HTTP is refused, since it would reach one worker.
+
     ``proxy_headers``: take the client address from ``X-Forwarded-For`` when the connection
     comes from ``forwarded_allow_ips`` (off: every address is the socket's)."""
-    import torch
     import uvicorn
+
+    if isinstance(workers, bool) or not 1 <= workers <= 64:
+        raise ConfigError(f"--workers must be an integer in [1, 64], got {workers}")
+    if workers > 1 and admin_token is not None:
+        raise ConfigError(
+            "--workers > 1 reloads with SIGHUP only: /admin/reload would reach one worker; "
+            f"unset ${TOKEN_ENV} and --admin-token-file"
+        )
+    batching = batching or BatchSettings()
+    logging.getLogger("aftrec.serving").setLevel(log_level.upper())
+    served: Any
+    if workers == 1:
+        served = _load_app(bundle, batching, torch_threads, admin_token, bundle_root, True)
+        version = served.state.serving.recommender.model_version
+        print(f"serving {version} from {bundle} on http://{host}:{port}", flush=True)
+        if admin_token is None:
+            print(f"no admin token: /admin/reload is disabled (set ${TOKEN_ENV})", flush=True)
+    else:
+        os.environ[WORKER_ENV] = json.dumps(
+            {
+                "bundle": str(bundle),
+                "batching": dataclasses.asdict(batching),
+                "torch_threads": torch_threads,
+                "bundle_root": None if bundle_root is None else str(bundle_root),
+                "log_level": log_level,
+            }
+        )
+        served = "aftrec.serving.cli:worker_app"
+        print(
+            f"serving {bundle} on http://{host}:{port} with {workers} worker processes "
+            "(SIGHUP restarts them on the bundle; /admin/reload is disabled)",
+            flush=True,
+        )
+    uvicorn.run(
+        served,
+        factory=workers > 1,
+        workers=workers if workers > 1 else None,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        proxy_headers=proxy_headers,
+        forwarded_allow_ips=forwarded_allow_ips if proxy_headers else None,
+    )
+
+
+def _load_app(
+    bundle: Path,
+    batching: BatchSettings,
+    torch_threads: int,
+    admin_token: str | None,
+    bundle_root: Path | None,
+    reload_on_sighup: bool,
+) -> FastAPI:
+    """The bundle loaded and its app built, for one serving process."""
+    import torch
 
     from aftrec.serving.api import create_app, freeze_heap
     from aftrec.serving.index import faiss_module
@@ -83,25 +150,28 @@ def serve_bundle(
     faiss_module().omp_set_num_threads(1)
     rec = Recommender.load(bundle)
     freeze_heap()  # the bundle's objects are never garbage: keep full collections short
-    app = create_app(
+    return create_app(
         rec,
         admin_token=admin_token,
         batching=batching,
-        reload_on_sighup=True,
+        reload_on_sighup=reload_on_sighup,
         bundle_root=bundle_root,
     )
-    logging.getLogger("aftrec.serving").setLevel(log_level.upper())
-    print(f"serving {rec.model_version} from {bundle} on http://{host}:{port}", flush=True)
-    if admin_token is None:
-        print(f"no admin token: /admin/reload is disabled (set ${TOKEN_ENV})", flush=True)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=access_log,
-        proxy_headers=proxy_headers,
-        forwarded_allow_ips=forwarded_allow_ips if proxy_headers else None,
+
+
+def worker_app() -> FastAPI:
+    """One worker process's app under ``aftrec serve --workers N`` (uvicorn's factory), from
+    the settings :func:`serve_bundle` put in ``$AFTREC_SERVE_WORKER``."""
+    settings = json.loads(os.environ[WORKER_ENV])
+    logging.getLogger("aftrec.serving").setLevel(str(settings["log_level"]).upper())
+    root = settings["bundle_root"]
+    return _load_app(
+        Path(settings["bundle"]),
+        BatchSettings(**settings["batching"]),
+        int(settings["torch_threads"]),
+        None,
+        None if root is None else Path(root),
+        False,  # the supervisor restarts the workers on SIGHUP
     )
 
 
@@ -141,6 +211,7 @@ def _serve(args: argparse.Namespace) -> None:
         bundle_root=args.bundle_root,
         proxy_headers=args.proxy_headers,
         forwarded_allow_ips=args.forwarded_allow_ips,
+        workers=args.workers,
     )
 
 
@@ -200,6 +271,14 @@ def add_parsers(sub: Any) -> None:
         help="under load, how long a batch waits to fill (default 1; an idle server never waits)",
     )
     ps.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per batch")
+    ps.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="server processes on one port, each loading the bundle (default 1); with N > 1 "
+        "SIGHUP restarts them and /admin/reload is disabled",
+    )
     ps.add_argument(
         "--admin-token-file",
         type=Path,

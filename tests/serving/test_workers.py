@@ -1,0 +1,124 @@
+"""``aftrec serve --workers N``: several server processes on one port, each answering as the
+single-process server does; SIGHUP restarts them, SIGTERM stops them all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+from aftrec.cli import main  # noqa: E402
+from aftrec.serving.recommender import Recommender  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "message"),
+    [
+        (["--workers", "0"], {}, "--workers must be an integer in [1, 64], got 0"),
+        (
+            ["--workers", "2"],
+            {"AFTREC_ADMIN_TOKEN": "secret"},
+            "--workers > 1 reloads with SIGHUP only: /admin/reload would reach one worker; "
+            "unset $AFTREC_ADMIN_TOKEN and --admin-token-file",
+        ),
+    ],
+)
+def test_bad_workers_are_one_error_line(
+    flags: list[str],
+    env: dict[str, str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["serve", "--bundle", "no-such-bundle", *flags]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _workers(parent: int) -> set[int]:
+    """The worker processes uvicorn's supervisor started (children running spawn_main)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"spawn_main" in cmd:
+            found.add(int(entry.name))
+    return found
+
+
+def _wait(url: str, parent: subprocess.Popen[bytes], n_workers: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert parent.poll() is None, parent.stdout.read() if parent.stdout else b""
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200 and (
+                len(_workers(parent.pid)) == n_workers
+            ):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"the server on {url} did not come up with {n_workers} workers")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="counts worker processes in /proc")
+def test_workers_answer_as_one_process_and_stop_together(bundle: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "AFTREC_ADMIN_TOKEN"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "aftrec.cli", "serve", "--bundle", str(bundle), "--port",
+         str(port), "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    try:
+        _wait(url, server, 2, timeout=90)
+        first = _workers(server.pid)
+        rec = Recommender.load(bundle)
+        users = [str(u) for u in range(0, 40, 5)]
+        with httpx.Client(base_url=url, timeout=10) as client:
+            for user in users:
+                body = client.post("/recommend", json={"user": user, "n": 5}).json()
+                alone = rec.recommend(user=user, n=5).to_dict()
+                assert [r["items"] for r in body["results"]] == [
+                    r["items"] for r in alone["results"]
+                ]
+            reload = client.post("/admin/reload", headers={"Authorization": "Bearer x"})
+            assert reload.status_code == 403, reload.text  # no token with N > 1: disabled
+        # SIGHUP: the supervisor replaces every worker, which load the bundle again
+        server.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 90
+        while not (len(now := _workers(server.pid)) == 2 and not now & first):
+            assert time.monotonic() < deadline, "the workers were not restarted"
+            time.sleep(0.2)
+        _wait(url, server, 2, timeout=90)
+        assert httpx.post(url + "/recommend", json={"user": users[0], "n": 5}).status_code == 200
+        # SIGTERM stops the supervisor and its workers
+        workers = _workers(server.pid)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
