@@ -176,6 +176,14 @@ def significance_table(sig: Mapping[Column, Significance], primary: str, alpha: 
     return "\n".join(lines)
 
 
+def _save_png(fig: Any, path: Path) -> None:
+    """A matplotlib ``Figure`` laid out and written atomically as PNG."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def sweep_plot(
     xs: Sequence[float],
     series: Mapping[str, Sequence[Cell | None]],
@@ -212,10 +220,7 @@ def sweep_plot(
     ax.set_xticklabels([f"{x:g}" for x in xs])
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    _save_png(fig, path)
 
 
 def by_average(results: Results, keys: Sequence[str], metric: str = "recall@50") -> list[str]:
@@ -262,10 +267,7 @@ def recall_bars(results: Results, keys: Sequence[str], path: Path) -> bool:
     ax.set_ylim(bottom=0.0)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", ncol=min(len(rows), 4))
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    _save_png(fig, path)
     return True
 
 
@@ -297,10 +299,7 @@ def validation_curves(results: Results, keys: Sequence[str], path: Path) -> bool
     ax.set_ylabel("validation Recall@50")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    _save_png(fig, path)
     return True
 
 
