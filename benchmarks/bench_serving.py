@@ -216,6 +216,7 @@ CONFIGS: dict[str, list[str] | None] = {
     "wait0": ["--batch-wait-ms", "0"],
     "wait3": ["--batch-wait-ms", "3"],
     "workers2": ["--workers", "2"],
+    "h11": ["--http", "h11", "--loop", "asyncio"],
     "before": None,
 }
 #: ``--workers``: seconds to let every worker load the bundle after the first one answers

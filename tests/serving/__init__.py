@@ -89,9 +89,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields the base URL."""
+def running(app: Any, http: str = "auto") -> Iterator[str]:
+    """Serve ``app`` with uvicorn (``http``: its parser) on a free loopback port in a thread;
+    yields the base URL."""
     from aftrec.serving.api import serving_in_thread
 
-    with serving_in_thread(app) as url:
+    with serving_in_thread(app, http=http) as url:
         yield url

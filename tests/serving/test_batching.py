@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -333,6 +334,29 @@ def test_bad_batching_flags_are_one_error_line(
     assert main(["serve", "--bundle", "no-such-bundle", *flags]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {message}\n"
+
+
+def test_http_parser_and_event_loop_reach_uvicorn(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--http``/``--loop`` choose uvicorn's parser and loop; by default uvicorn picks
+    httptools and uvloop when installed (the ``serve`` extra installs both)."""
+    import uvicorn
+
+    from aftrec.serving import cli
+
+    served = SimpleNamespace(
+        state=SimpleNamespace(
+            serving=SimpleNamespace(recommender=SimpleNamespace(model_version="v"))
+        )
+    )
+    runs: list[dict[str, Any]] = []
+    monkeypatch.setattr(cli, "_load_app", lambda *args: served)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: runs.append(kw))
+    assert main(["serve", "--bundle", "b", "--http", "h11", "--loop", "asyncio"]) == 0
+    assert main(["serve", "--bundle", "b"]) == 0
+    assert [(r["http"], r["loop"]) for r in runs] == [("h11", "asyncio"), ("auto", "auto")]
+    capsys.readouterr()
 
 
 # --- over HTTP -----------------------------------------------------------------------------

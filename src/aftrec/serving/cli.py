@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 TOKEN_ENV = "AFTREC_ADMIN_TOKEN"
 #: ``--workers N > 1``: the settings each worker process builds its app from (JSON)
 WORKER_ENV = "AFTREC_SERVE_WORKER"
+HTTP_PARSERS = ("auto", "httptools", "h11")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 log = logging.getLogger("aftrec")
 
@@ -72,6 +74,8 @@ def serve_bundle(
     proxy_headers: bool = False,
     forwarded_allow_ips: str = "127.0.0.1",
     workers: int = 1,
+    http: str = "auto",
+    loop: str = "auto",
 ) -> None:
     """Load ``bundle`` and serve it with uvicorn until interrupted (SIGHUP reloads it);
     ``batching``: how concurrent requests are computed together (default: 32 requests, 1 ms
@@ -82,7 +86,11 @@ def serve_bundle(
     worker on ``bundle``, and reload over HTTP is refused, since it would reach one worker.
 
     ``proxy_headers``: take the client address from ``X-Forwarded-For`` when the connection
-    comes from ``forwarded_allow_ips`` (off: every address is the socket's)."""
+    comes from ``forwarded_allow_ips`` (off: every address is the socket's).
+
+    ``http``, ``loop``: uvicorn's HTTP parser (``httptools``, C, or ``h11``, pure Python) and
+    event loop (``uvloop`` or ``asyncio``); ``auto`` takes the C ones when installed (the
+    ``serve`` extra installs them)."""
     import uvicorn
 
     if isinstance(workers, bool) or not 1 <= workers <= 64:
@@ -127,6 +135,8 @@ def serve_bundle(
         access_log=access_log,
         proxy_headers=proxy_headers,
         forwarded_allow_ips=forwarded_allow_ips if proxy_headers else None,
+        http=http,
+        loop=loop,
     )
 
 
@@ -212,6 +222,8 @@ def _serve(args: argparse.Namespace) -> None:
         proxy_headers=args.proxy_headers,
         forwarded_allow_ips=args.forwarded_allow_ips,
         workers=args.workers,
+        http=args.http,
+        loop=args.loop,
     )
 
 
@@ -304,6 +316,18 @@ def add_parsers(sub: Any) -> None:
         default="127.0.0.1",
         metavar="IPS",
         help="comma-separated proxy addresses trusted with --proxy-headers (default 127.0.0.1)",
+    )
+    ps.add_argument(
+        "--http",
+        choices=HTTP_PARSERS,
+        default="auto",
+        help="HTTP parser: httptools (C) or h11 (pure Python); auto: httptools if installed",
+    )
+    ps.add_argument(
+        "--loop",
+        choices=EVENT_LOOPS,
+        default="auto",
+        help="event loop: uvloop or asyncio; auto: uvloop if installed",
     )
     ps.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     ps.add_argument("--access-log", action="store_true", help="log every request")
