@@ -32,7 +32,9 @@ What it does, per bundle:
    (:class:`~aftrec.serving.index.ExactIndex`); recall@200 per domain is reported.
 3. **Load.** ``aftrec serve`` runs in its own process for each server setting of ``--configs``
    (``batched``: the defaults, 32 requests, 1 ms wait, 2 loops; ``unbatched``:
-   ``--max-batch 1``; ``wait0`` / ``wait3``: batched with 0 / 3 ms wait; ``workers2``: batched
+   ``--max-batch 1``; ``wait0`` / ``wait3``: batched with 0 / 3 ms wait; ``h11``: batched
+   on uvicorn's pure-Python parser and asyncio loop (``--http h11 --loop asyncio``; the
+   default takes httptools and uvloop); ``workers2``: batched
    in two worker processes (``--workers 2``; CPU and memory summed over them, the mean batch
    from the one worker that answers ``/metrics``); ``before``: the server
    of ``--before-src``, a source tree from before batching, with its own defaults). The load

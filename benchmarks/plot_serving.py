@@ -25,6 +25,8 @@ STYLE = {
     "wait0": ("tab:cyan", "v", "batched, 0 ms wait"),
     "wait3": ("tab:purple", "^", "batched, 3 ms wait"),
     "unbatched": ("tab:orange", "s", "unbatched (--max-batch 1)"),
+    "h11": ("tab:green", "D", "batched, h11 + asyncio"),
+    "workers2": ("tab:red", "P", "batched, --workers 2"),
     "before": ("tab:gray", "x", "before batching"),
 }
 

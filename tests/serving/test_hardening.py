@@ -69,17 +69,18 @@ def test_content_length_with_transfer_encoding_is_refused(bundle: Path, parser: 
     """RFC 9112 section 6.3: both framings at once is a 400, and the body is never read (the
     middleware used to trust the small Content-Length and read a chunked 3 MiB body). h11
     passes such a request on and the middleware refuses it; httptools (llhttp) refuses it
-    while parsing, before the app is called."""
+    while parsing, before the app is called. Only the headers are sent: the answer must come
+    without the server waiting for any body (and a body left unread in the server's socket
+    would make its close a reset that can swallow the answer)."""
     if parser == "httptools":
         pytest.importorskip("httptools")
-    body = b'{"user": "1"}' + b" " * (3 << 20)
-    chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
     head = (
         b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Content-Length: 13\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     )
     with running(create_app(Recommender.load(bundle)), http=parser) as url:
-        answer = raw_request(url, head + chunked)
+        answer = raw_request(url, head, timeout=5)
+    assert answer, "no answer within 5 s: the server waited for the body"
     assert status_of(answer) == 400, answer[:300]
     assert b"not both" in answer if parser == "h11" else b"Invalid HTTP request" in answer
 
