@@ -274,7 +274,15 @@ def test_reproduce_applies_best_json_and_reports_the_study(
     convergence = text.split("## Convergence")[1].split("## Wall time")[0]
     assert "| `two-tower` | 1 | 1 | 1 | 1 of 1 (100%) |" in convergence
     assert "`pop`" not in convergence
+    # the cost in CPU hours: each run's wall time times its torch threads (1 here)
     results = json.loads((out / "results.json").read_text())
+    tw_run = json.loads((out / "runs" / "two-tower" / "seed0" / "reproduce.json").read_text())
+    assert results["cpu_seconds"]["two-tower"] == pytest.approx(
+        tw_run["train_seconds"] + tw_run["eval_seconds"]  # one thread
+    )
+    cpu = sum(results["cpu_seconds"].values()) / 3600
+    wall = text.split("## Wall time")[1]
+    assert f"{cpu:.1f} CPU hours (each run's wall time times its torch threads)" in wall
     assert results["tuned"]["two-tower"]["trials"] == 3
     assert results["convergence"][0]["hit_cap"] == 1
 

@@ -15,6 +15,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -373,6 +374,12 @@ def _timings(results: Results) -> list[dict[str, Any]]:
         ok = [o for o in outs if o.ok and o.train_seconds is not None]
         train = sum(o.train_seconds or 0.0 for o in ok)
         ev = sum(o.eval_seconds or 0.0 for o in ok)
+        # CPU time: a run's wall time times its torch threads (0: torch's default, the cores)
+        cpu = sum(
+            ((o.train_seconds or 0.0) + (o.eval_seconds or 0.0))
+            * (results.plan.jobs[o.run].cfg.runtime.threads or os.cpu_count() or 1)
+            for o in ok
+        )
         best = [best_epoch_time(o.run) for o in ok]
         to_best = [t for _, t in best if t is not None]
         rows.append(
@@ -384,6 +391,7 @@ def _timings(results: Results) -> list[dict[str, Any]]:
                 "train_seconds": train,
                 "eval_seconds": ev,
                 "total_seconds": train + ev,
+                "cpu_seconds": cpu,
                 "mean_seconds": (train + ev) / len(ok) if ok else float("nan"),
                 "best_epoch": statistics.fmean(e for e, _ in best) if best else float("nan"),
                 # only when every run logged its epochs' times
@@ -796,7 +804,8 @@ def render(results: Results) -> str:
     if models and total > 0:
         w("")
         w(
-            f"Sum over runs: {_s(total)} s"
+            f"Sum over runs: {_s(total)} s, {sum(t['cpu_seconds'] for t in timings) / 3600:.1f} "
+            "CPU hours (each run's wall time times its torch threads)"
             + (
                 f", of which {_s(variants)} s for the ablations and sweeps of `{PRIMARY}`"
                 if variants
@@ -893,6 +902,8 @@ def results_json(results: Results) -> dict[str, Any]:
         },
         "convergence": convergence_rows(results, list(results.entries)),
         "health": health_rows(results),
+        # wall seconds of each row's runs (train + evaluate) times their torch threads
+        "cpu_seconds": {t["entry"]: t["cpu_seconds"] for t in _timings(results)},
     }
 
 
