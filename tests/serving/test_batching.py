@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.util
 import re
 import socket
 import threading
@@ -357,6 +358,14 @@ def test_http_parser_and_event_loop_reach_uvicorn(
     assert main(["serve", "--bundle", "b"]) == 0
     assert [(r["http"], r["loop"]) for r in runs] == [("h11", "asyncio"), ("auto", "auto")]
     capsys.readouterr()
+    # a parser or loop asked for by name but not installed: one line, before loading anything
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "uvloop" else real(n))
+    assert main(["serve", "--bundle", "b", "--loop", "uvloop"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --loop uvloop: uvloop is not installed (pip install 'aftrec[serve]')\n"
+    )
+    assert len(runs) == 2
 
 
 # --- over HTTP -----------------------------------------------------------------------------

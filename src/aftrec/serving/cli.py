@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -100,6 +101,11 @@ def serve_bundle(
             "--workers > 1 reloads with SIGHUP only: /admin/reload would reach one worker; "
             f"unset ${TOKEN_ENV} and --admin-token-file"
         )
+    for flag, choice in (("--http", http), ("--loop", loop)):
+        if choice not in ("auto", "h11", "asyncio") and importlib.util.find_spec(choice) is None:
+            raise ConfigError(
+                f"{flag} {choice}: {choice} is not installed (pip install 'aftrec[serve]')"
+            )
     batching = batching or BatchSettings()
     logging.getLogger("aftrec.serving").setLevel(log_level.upper())
     served: Any
