@@ -34,7 +34,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from aftrec.experiments.plan import default_models
+from aftrec.experiments.plan import ABLATIONS as PLAN_ABLATIONS
+from aftrec.experiments.plan import MASK_RATIOS, N_FAKES, default_models
 
 # what issue 17 asks per preset: seeds of every model, of the AFT rows, of ablations and sweeps
 PLAN = {
@@ -42,8 +43,10 @@ PLAN = {
     "ml-1m": {"seeds": 3, "aft_seeds": 5, "variant_seeds": 0},
 }
 AFT_ROWS = ("aft", "aft-d", "aft-hnm", "aft-paper")
-ABLATIONS = 4
-SWEEP_POINTS = 5 + 5  # Fig. 3: mask ratios and numbers of fakes (plan.MASK_RATIOS, N_FAKES)
+ABLATIONS = len(PLAN_ABLATIONS)
+# Fig. 3's points that are runs of their own: the default's mask ratio and number of fakes
+# are `aft` itself, and mask ratio 0 is the "- domain-specific mask" ablation
+SWEEP_POINTS = len(MASK_RATIOS) + len(N_FAKES) - 3
 DETERMINISTIC = ("pop", "ease")
 
 
