@@ -15,7 +15,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -374,10 +373,10 @@ def _timings(results: Results) -> list[dict[str, Any]]:
         ok = [o for o in outs if o.ok and o.train_seconds is not None]
         train = sum(o.train_seconds or 0.0 for o in ok)
         ev = sum(o.eval_seconds or 0.0 for o in ok)
-        # CPU time: a run's wall time times its torch threads (0: torch's default, the cores)
+        # CPU time: a run's wall time times its torch threads (unset: torch's default)
         cpu = sum(
             ((o.train_seconds or 0.0) + (o.eval_seconds or 0.0))
-            * (results.plan.jobs[o.run].cfg.runtime.threads or os.cpu_count() or 1)
+            * (results.plan.jobs[o.run].cfg.runtime.threads or results.environment["torch_threads"])
             for o in ok
         )
         best = [best_epoch_time(o.run) for o in ok]

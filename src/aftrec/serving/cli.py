@@ -102,7 +102,7 @@ def serve_bundle(
             f"unset ${TOKEN_ENV} and --admin-token-file"
         )
     for flag, choice in (("--http", http), ("--loop", loop)):
-        if choice not in ("auto", "h11", "asyncio") and importlib.util.find_spec(choice) is None:
+        if choice in ("httptools", "uvloop") and importlib.util.find_spec(choice) is None:
             raise ConfigError(
                 f"{flag} {choice}: {choice} is not installed (pip install 'aftrec[serve]')"
             )
