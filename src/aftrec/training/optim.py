@@ -38,7 +38,7 @@ class MixedAdam:
     optimiser (``step``, ``zero_grad``, ``state_dict``, ``load_state_dict``)."""
 
     def __init__(self, dense: list[nn.Parameter], sparse: list[nn.Parameter], lr: float) -> None:
-        self.dense = torch.optim.Adam(dense, lr=lr, foreach=True) if dense else None
+        self.dense = dense_adam(dense, lr, 0.0) if dense else None
         self.sparse = torch.optim.SparseAdam(sparse, lr=lr)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -73,6 +73,17 @@ class MixedAdam:
         self.sparse.load_state_dict(state["sparse"])
 
 
+def dense_adam(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Adam:
+    """``torch.optim.Adam``, fused where torch has the fused kernel for the parameters' device:
+    one pass over all tensors per step instead of a chain of ``foreach`` operations (on one
+    CPU thread, 1.0 ms against 2.9 ms for AFT's discriminator, BENCHMARKS.md "Training
+    speed"). The update is the same; the two agree to float rounding."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    if fused:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
 def adam(
     module: nn.Module, lr: float, weight_decay: float, params: Iterable[nn.Parameter] | None = None
 ) -> torch.optim.Adam | MixedAdam:
@@ -82,8 +93,7 @@ def adam(
     sparse_ids = _sparse_params(module)
     sparse = [p for p in params if id(p) in sparse_ids]
     if not sparse:
-        # foreach: one fused update over all tensors instead of a Python loop per parameter
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+        return dense_adam(params, lr, weight_decay)
     if weight_decay:
         raise ConfigError("train.weight_decay is not supported with train.sparse_embeddings")
     return MixedAdam([p for p in params if id(p) not in sparse_ids], sparse, lr)

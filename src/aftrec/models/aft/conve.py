@@ -65,36 +65,39 @@ class ConvE(nn.Module):
         """(B, 1, 2 rows, cols) interleaved image -> (B, out_dim): CNN, Flatten, W_c.
 
         The function of ``Flatten(Dropout2d(ReLU(BN(Conv2d(BN(image)))))) W_c`` with the
-        modules' own parameters, statistics and dropout draws, computed channel-major so
-        that the (C, B, H, W) feature maps are written once and read twice:
+        modules' own parameters, statistics and dropout draws, in a few large products:
 
-        * the 3 x 3 filter over the one input channel is one matrix product with the 9
-          shifted copies of the padded image (the patches ``P``, 9 x BHW);
+        * the k x k filter over the one input channel is a batched product of the filters with
+          each example's k^2 shifted copies of its padded image (the patches ``P_b``,
+          k^2 x HW), written in the (B, C, HW) layout that ``Flatten`` reads, so ``W_c`` is one
+          matrix product whose weight gradient lands in the parameter's own layout;
         * batch norm of a filter's output is folded into the filter: a channel's output
           ``w_c . p + b_c`` has mean ``w_c . mu + b_c`` and variance ``w_c^T S w_c`` over
-          the batch's positions (``mu``, ``S`` the patches' mean and covariance, 9 and 9 x 9),
-          so ``BN(conv(x)) = (g_c / s_c) w_c . p + beta_c + g_c (b_c - m_c) / s_c`` with
-          ``s_c = sqrt(var_c + eps)``: the statistics ``BatchNorm2d`` computes, differentiated
-          through like it; the running statistics are updated as it does;
-        * ``W_c`` is applied channel by channel as one batched product, and the per-(example,
-          channel) dropout mask, which commutes with the linear ``W_c``, is applied to the
-          (C, B, out_dim) products rather than to the feature maps.
+          the batch's positions (``mu``, ``S`` the patches' mean and covariance, k^2 and
+          k^2 x k^2), so ``BN(conv(x)) = (g_c / s_c) w_c . p + beta_c + g_c (b_c - m_c) / s_c``
+          with ``s_c = sqrt(var_c + eps)``: the statistics ``BatchNorm2d`` computes,
+          differentiated through like it; the running statistics are updated as it does;
+        * the per-(example, channel) dropout keep ``m_bc``, a non-negative scale, commutes with
+          the ReLU, so it scales example b's folded filter and shift instead of the feature
+          maps: ``m_bc ReLU(a) = ReLU(m_bc a)``, and no extra pass over the maps is made.
 
         ``tests/models/test_aft_conve.py`` checks forward, gradients and running statistics
         against the module-by-module computation."""
         b, _, height, width = image.shape
         conv, proj, bn = self.conv, self.proj, self.bn_conv
         channels, k = conv.out_channels, conv.kernel_size[0]
+        hw = height * width
         x = self.bn_in(image)[:, 0]  # (B, H, W)
         pad = F.pad(x, (k // 2, k // 2, k // 2, k // 2))  # (B, H + k - 1, W + k - 1)
         shifted = [pad[:, i : i + height, j : j + width] for i in range(k) for j in range(k)]
-        cols = torch.stack(shifted).view(k * k, -1)  # (k^2, N = B H W): P
+        patches = torch.stack(shifted, dim=1).view(b, k * k, hw)  # (B, k^2, HW): P_b
         weight, bias = conv.weight.view(channels, k * k), conv.bias  # (C, k^2), (C,)
         assert bias is not None, "ConvE's filter has a bias"
         if bn.training or bn.running_mean is None or bn.running_var is None:
-            n = cols.shape[1]
-            mu = cols.mean(1)  # (k^2,)
-            cov = cols @ cols.T / n - mu[:, None] * mu[None, :]  # (k^2, k^2): S
+            n = b * hw
+            mu = patches.sum((0, 2)) / n  # (k^2,)
+            second = torch.bmm(patches, patches.mT).sum(0) / n  # (k^2, k^2)
+            cov = second - mu[:, None] * mu[None, :]  # S
             mean = weight @ mu + bias  # (C,)  m_c
             var = ((weight @ cov) * weight).sum(1).clamp(min=0.0)  # (C,)  w_c^T S w_c
             if bn.training and bn.running_mean is not None and bn.running_var is not None:
@@ -107,15 +110,16 @@ class ConvE(nn.Module):
             shift = bn.bias + (bias - mean) * scale
         else:
             shift = (bias - mean) * scale
-        y = torch.addmm(shift[:, None], weight * scale[:, None], cols)  # (C, N): BN(conv(x))
-        y = F.relu(y).view(channels, b, height * width)  # (C, B, H W)
-        w = proj.weight.view(proj.out_features, channels, height * width)  # W_c, rows (c, h w)
-        z = torch.bmm(y, w.permute(1, 2, 0))  # (C, B, out): each channel's share of Flatten W_c
+        folded = weight * scale[:, None]  # (C, k^2)
         drop = self.feature_drop
         if drop.training and drop.p > 0:  # Dropout2d's draw: one keep per (example, channel)
             keep = image.new_empty(b, channels).bernoulli_(1 - drop.p).div_(1 - drop.p)
-            z = z * keep.T.unsqueeze(-1)
-        return z.sum(0) + proj.bias  # (B, out_dim)
+            filters, shifts = keep.unsqueeze(-1) * folded, keep * shift  # (B, C, k^2), (B, C)
+        else:
+            filters, shifts = folded.expand(b, -1, -1), shift.expand(b, -1)
+        y = torch.baddbmm(shifts.unsqueeze(-1), filters, patches)  # (B, C, HW): BN(conv(x))
+        y = F.relu_(y)  # baddbmm keeps no output for its backward: in place is safe
+        return proj(y.view(b, channels * hw))  # (B, out_dim): Flatten W_c
 
     @torch.no_grad()
     def _update_running(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
