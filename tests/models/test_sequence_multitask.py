@@ -151,7 +151,31 @@ def test_sasrec_last_only_matches_the_full_encoder(tiny: Dataset, index: History
     batch = eval_batch(tiny, index, 2, n=20)
     full, _ = model.encode(batch)
     last, _ = model.encode(batch, last_only=True)
+    assert last.shape == (len(batch), 1, full.shape[-1])  # no (B, S, d) of zeros around it
     torch.testing.assert_close(last[:, -1], full[:, -1])
+
+
+def test_sasrec_tokens_at_the_behaviours_equal_the_grid(tiny: Dataset, index: HistoryIndex) -> None:
+    """The input tokens computed at the behaviours only and placed into the grid equal the
+    whole-grid computation ``(e sqrt(d) + p + e_domain) * valid``, forward and gradients."""
+    model = build("sasrec", tiny)
+    assert isinstance(model, SASRec)
+    model.eval()  # dropout off: the two draw different numbers of decisions
+    batch = eval_batch(tiny, index, 1, n=20)
+    merged = merge_histories(batch.history, batch.counts, tiny.info.pad, "rate", model.max_len)
+    assert not bool(merged.valid.all())  # some padding in the grid
+    items, s = merged.take(batch.history), merged.index.shape[1]
+    positions = torch.arange(model.max_len - s, model.max_len)
+    ref = model.item_emb(items) * model.cfg.dim**0.5 + model.pos_emb(positions)
+    ref = (ref + model.domain_emb(merged.domains)) * merged.valid.unsqueeze(-1)
+    new = model.embed(batch.history, merged)
+    torch.testing.assert_close(new, ref)
+    weights = torch.randn_like(ref)
+    params = [model.item_emb.weight, model.pos_emb.weight, model.domain_emb.weight]
+    g_new = torch.autograd.grad((new * weights).sum(), params)
+    g_ref = torch.autograd.grad((ref * weights).sum(), params)
+    for a, b in zip(g_new, g_ref, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("name", ["bert4rec-single", "atrank", "sasrec"])

@@ -127,3 +127,34 @@ def test_key_padding_equals_torch() -> None:
     valid = padded(5, 20)
     x = torch.randn(5, 20, 32, dtype=torch.float64)
     torch.testing.assert_close(new(x, (~valid).unsqueeze(1)), ref(x, src_key_padding_mask=~valid))
+
+
+def test_attention_dropout_is_dropout_of_the_weights() -> None:
+    """Training mode on the masked path: the scale of the kept weights is moved onto the
+    product (``(keep * w) @ v / (1 - p)``); forward and gradients are those of
+    ``dropout(softmax(q k^T / sqrt(hd))) @ v`` with the same draws."""
+    from aftrec.models.transformer import SelfAttention
+
+    torch.manual_seed(0)
+    sa = SelfAttention(16, 2, 0.3).double().train()
+    nn.init.normal_(sa.in_proj_weight, std=0.3)
+    x = torch.randn(3, 12, 16, dtype=torch.float64, requires_grad=True)
+    barred = ~torch.ones(12, 12, dtype=torch.bool).tril().expand(3, -1, -1)
+
+    def reference() -> torch.Tensor:
+        q, k, v = torch.nn.functional.linear(x, sa.in_proj_weight, sa.in_proj_bias).chunk(3, -1)
+        q, k, v = (t.view(3, 12, 2, 8).transpose(1, 2) for t in (q, k, v))  # (B, H, S, hd)
+        w = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(barred.unsqueeze(1), float("-inf"))
+        o = dropout(w.softmax(-1), 0.3) @ v
+        return sa.out_proj(o.transpose(1, 2).reshape(3, 12, 16))
+
+    torch.manual_seed(5)
+    out = sa(x, barred)
+    torch.manual_seed(5)
+    ref = reference()
+    torch.testing.assert_close(out, ref)
+    assert not torch.allclose(out, sa.eval()(x, barred))  # some weights were dropped
+    g = torch.autograd.grad(out.square().sum(), [x, *sa.parameters()])
+    g_ref = torch.autograd.grad(ref.square().sum(), [x, *sa.parameters()])
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b)

@@ -48,13 +48,19 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x
     if p >= 1.0:
         return x * 0.0
+    keep, scale = keep_mask(x.shape, p, x.device)
+    return x * keep.to(x.dtype).mul_(scale)
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """:func:`dropout`'s decisions for a tensor of ``shape``, ``0 < p < 1``: a bool mask
+    (True = kept) and the scale ``1 / (1 - p')`` of the kept elements."""
     levels = 1 << _BITS
     drop = round(p * levels)  # decisions below this are dropped
-    n = x.numel()
-    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-    bits = draws.view(torch.int16)[:n].view(x.shape)  # uniform over [-2^15, 2^15)
-    keep = bits >= drop - levels // 2
-    return x * keep.to(x.dtype).mul_(levels / (levels - drop))
+    n = math.prod(shape)
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    bits = draws.view(torch.int16)[:n].view(shape)  # uniform over [-2^15, 2^15)
+    return bits >= drop - levels // 2, levels / (levels - drop)
 
 
 class Dropout(nn.Module):
@@ -98,8 +104,14 @@ class SelfAttention(nn.Module):
             w = (q * (1.0 / math.sqrt(hd))) @ k.transpose(-1, -2)  # (B, H, S_q, S)
             if barred is not None:
                 w = w.masked_fill(barred.unsqueeze(1), float("-inf"))
-            w = dropout(w.softmax(dim=-1), self.dropout, self.training)
-            o = w @ v  # (B, H, S_q, hd)
+            w = w.softmax(dim=-1)
+            if self.training and 0.0 < self.dropout < 1.0:
+                # dropout(w) @ v with dropout's draws, the scale moved onto the (smaller)
+                # product: one pass over the S_q x S weights for the mask instead of three
+                keep, scale = keep_mask(w.shape, self.dropout, w.device)
+                o = (torch.where(keep, w, 0.0) @ v) * scale  # (B, H, S_q, hd)
+            else:
+                o = dropout(w, self.dropout, self.training) @ v  # (B, H, S_q, hd)
             return self.out_proj(o.transpose(1, 2).reshape(b, q.shape[2], dim))
         n = b * h
         t = qkv.view(b, s, 3, h, hd).permute(2, 1, 4, 0, 3).reshape(3, s, hd, n)
