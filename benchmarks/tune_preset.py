@@ -1,0 +1,96 @@
+"""Issue 17, step 1: the tuning study of every model on one preset, two studies at a time.
+
+Run: ``python benchmarks/tune_preset.py --data data/ml-100k --out results/ml-100k-tuned
+--trials 12 --jobs 2 --set train.epochs=30`` (each study is ``aftrec tune --data DATA --model
+M --out OUT/M --trials N --seed 0 --set train.threads=1 ...``, its output in ``OUT/M.log``).
+
+Resumable: ``aftrec tune`` keeps each study in ``OUT/M/study.db`` and finishes an interrupted
+trial first, so the same command, run again after a stop, goes on where it stopped; a study
+that already has its trials trains nothing. The models run in the order given, by default
+fastest first (the per-run hours of ``benchmarks/results/budget_plan.md``), so that a sitting
+cut short leaves whole studies rather than many half ones. Prints one line per study started
+and finished, and a summary of ``OUT/*/best.json`` at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+#: fastest first on ML-100K by benchmarks/results/budget_plan.md (hours per converged run)
+ORDER = [
+    "pop", "ease", "fm-single", "afm-single", "two-tower", "fm-multi", "shared-bottom",
+    "mmoe", "afm-multi", "snr", "aft-d", "aft-hnm", "autoint-single", "aft", "autoint-multi",
+    "aft-paper", "bert4rec-single", "sasrec", "atrank",
+]  # fmt: skip
+
+
+def summary(out: Path) -> list[str]:
+    lines = []
+    for best in sorted(out.glob("*/best.json")):
+        b = json.loads(best.read_text())
+        lines.append(
+            f"{best.parent.name:16s} best {b.get('best_value', float('nan')):.4f}  "
+            f"{b.get('complete', 0)}/{b.get('trials', 0)} trials  "
+            + " ".join(b.get("overrides", []))
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=ORDER)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    if not (args.data / "meta.json").is_file():
+        sys.exit(f"error: {args.data} is not a prepared dataset (no meta.json)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    queue = list(args.models)
+    running: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
+    failed = []
+    try:
+        while queue or running:
+            while queue and len(running) < args.jobs:
+                model = queue.pop(0)
+                cmd = [
+                    sys.executable, "-m", "aftrec", "tune", "--data", str(args.data),
+                    "--model", model, "--out", str(args.out / model),
+                    "--trials", str(args.trials), "--seed", str(args.seed),
+                    "--set", "train.threads=1", *args.set,
+                ]  # fmt: skip
+                log = (args.out / f"{model}.log").open("ab")
+                running[model] = (subprocess.Popen(cmd, stdout=log, stderr=log), time.time())
+                print(f"{time.strftime('%H:%M:%S')} start {model}", flush=True)
+            time.sleep(2)
+            for model, (proc, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[model]
+                state = "done" if proc.returncode == 0 else f"exit {proc.returncode}"
+                if proc.returncode:
+                    failed.append(model)
+                minutes = (time.time() - t0) / 60
+                now = time.strftime("%H:%M:%S")
+                print(f"{now} {state} {model} ({minutes:.1f} min)", flush=True)
+    except KeyboardInterrupt:
+        for proc, _ in running.values():
+            proc.terminate()
+        for proc, _ in running.values():
+            proc.wait()
+        sys.exit("interrupted: run the same command again to go on")
+    print("\n".join(summary(args.out)))
+    if failed:
+        sys.exit(f"error: studies that failed (see OUT/MODEL.log): {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
