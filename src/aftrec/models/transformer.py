@@ -115,7 +115,8 @@ class SelfAttention(nn.Module):
             return self.out_proj(o.transpose(1, 2).reshape(b, q.shape[2], dim))
         n = b * h
         t = qkv.view(b, s, 3, h, hd).permute(2, 1, 4, 0, 3).reshape(3, s, hd, n)
-        q, k, v = t[0] * (1.0 / math.sqrt(hd)), t[1], t[2]  # (S, hd, N) each, N = B * H
+        q, k, v = t.unbind(0)  # (S, hd, N) each, N = B * H; one stack in the backward
+        q = q * (1.0 / math.sqrt(hd))
         w = (q.unsqueeze(1) * k.unsqueeze(0)).sum(2)  # (S_q, S_k, N): q_i . k_j
         w = dropout(w.softmax(dim=1), self.dropout, self.training)
         o = (w.unsqueeze(2) * v.unsqueeze(0)).sum(1)  # (S_q, hd, N): sum_j w_ij v_j
