@@ -84,4 +84,4 @@ def test_dense_adam_is_fused_and_equals_the_foreach_update() -> None:
         reference.step()
     for p, q, p0 in zip(a, b, start, strict=True):
         torch.testing.assert_close(p, q)
-        assert (p - p0).abs().min() > 1e-3  # every entry moved: the update was applied
+        assert (p - p0).abs().mean() > 1e-2  # the parameters moved: the update was applied
