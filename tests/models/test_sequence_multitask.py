@@ -9,12 +9,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from aftrec.config import resolve
 from aftrec.data.dataset import Dataset
 from aftrec.data.histories import HistoryIndex
 from aftrec.data.loader import Batch, TrainLoader, make_batch
 from aftrec.errors import ConfigError
+from aftrec.models.atrank import ATRank, vanilla_attention
 from aftrec.models.base import RetrievalModel
 from aftrec.models.bert4rec import BERT4Rec
 from aftrec.models.multitask import SNR, MMoE
@@ -153,6 +155,52 @@ def test_sasrec_last_only_matches_the_full_encoder(tiny: Dataset, index: History
     last, _ = model.encode(batch, last_only=True)
     assert last.shape == (len(batch), 1, full.shape[-1])  # no (B, S, d) of zeros around it
     torch.testing.assert_close(last[:, -1], full[:, -1])
+
+
+def test_atrank_vanilla_attention_equals_torch() -> None:
+    """One query per row against ``nn.MultiheadAttention`` with a zero key and key padding,
+    forward and gradients; a row without behaviours reads only the zero key."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True, add_zero_attn=True).double()
+    nn.init.normal_(mha.in_proj_bias, std=0.1)
+    q = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(6, 9, 16, dtype=torch.float64, requires_grad=True)
+    valid = torch.rand(6, 9) < 0.6
+    valid[0] = False
+    ref = mha(q.unsqueeze(1), h, h, key_padding_mask=~valid, need_weights=False)[0][:, 0]
+    new = vanilla_attention(mha, q, h, valid)
+    torch.testing.assert_close(new, ref)
+    torch.testing.assert_close(new[0], mha.out_proj.bias)  # the zero value, projected
+    g_new = torch.autograd.grad(new.square().sum(), [q, h, *mha.parameters()])
+    g_ref = torch.autograd.grad(ref.square().sum(), [q, h, *mha.parameters()])
+    for a, b in zip(g_new, g_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_atrank_tokens_at_the_behaviours_equal_the_grid(tiny: Dataset, index: HistoryIndex) -> None:
+    """``f_i([e; t])`` computed at the behaviours only equals the whole-grid computation at
+    every behaviour, forward and gradients; padding is zero."""
+    model = build("atrank", tiny)
+    assert isinstance(model, ATRank)
+    batch = eval_batch(tiny, index, 1, n=20)
+    merged = merge_histories(batch.history, batch.counts, tiny.info.pad, "blocks")
+    valid = merged.valid.unsqueeze(-1)
+    assert not bool(merged.valid.all())
+    d = model.cfg.dim
+    items, domains = merged.take(batch.history), merged.domains
+    item = torch.einsum("bsd,bsdo->bso", model.item_emb(items), model.proj_weight[domains, :d])
+    time = torch.einsum(
+        "bsd,bsdo->bso", model.recency_emb(merged.recency), model.proj_weight[domains, d:]
+    )
+    ref = (item + time + model.proj_bias[domains]) * valid
+    new = model.tokens(batch.history, merged)
+    torch.testing.assert_close(new, ref)
+    weights = torch.randn_like(ref)
+    params = [model.item_emb.weight, model.recency_emb.weight, model.proj_weight]
+    g_new = torch.autograd.grad((new * weights).sum(), params)
+    g_ref = torch.autograd.grad((ref * weights).sum(), params)
+    for a, b in zip(g_new, g_ref, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_sasrec_tokens_at_the_behaviours_equal_the_grid(tiny: Dataset, index: HistoryIndex) -> None:

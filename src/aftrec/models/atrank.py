@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from aftrec.config import Checked, Count, Loss, Rate
@@ -36,12 +37,14 @@ from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
 from aftrec.models.base import UserTowerModel
 from aftrec.models.sasrec import (
+    Merged,
     attention_mask,
     by_length,
     check_transformer,
     merge_histories,
     transformer_encoder,
 )
+from aftrec.models.transformer import dropout
 from aftrec.registry import DROPOUT, register_model
 
 #: ``aftrec reproduce --quick``: the tiny settings of this file's models
@@ -100,10 +103,21 @@ class ATRank(UserTowerModel):
         padding positions), and (B, S) valid."""
         history = batch.history[:, :, -self.history_len :]  # (B, D, L)
         merged = merge_histories(history, batch.counts, self.info.pad, order="blocks")
-        items, domains = merged.take(history), merged.domains  # (B, S)
-        recency = merged.recency  # (B, S), 0 = the latest of its domain
-        # f_i([e; t]) = e W_i^item + t W_i^time + b_i. An item lives in one domain, so its
-        # projection is computed once per item, not once per behaviour
+        x = self.tokens(history, merged)  # (B, S, d)
+        return by_length(self._blocks, x, merged.valid), merged.valid
+
+    def tokens(self, history: torch.Tensor, merged: Merged) -> torch.Tensor:
+        """(B, S, d) behaviours in the latent semantic space, ``f_i([e; t]) = e W_i^item +
+        t W_i^time + b_i`` for a behaviour of domain i, zero at padding (which neither attends
+        nor is attended). Computed at the behaviours only, then placed into the grid."""
+        b, s = merged.index.shape
+        rows, cols = merged.valid.nonzero(as_tuple=True)  # (N,) each: the behaviours
+        flat = merged.index[rows, cols]  # (N,) position d * L + j in the (D, L) history
+        items = history.flatten(1)[rows, flat]  # (N,)
+        domains = torch.div(flat, merged.length, rounding_mode="floor")  # (N,)
+        recency = merged.length - 1 - flat % merged.length  # (N,) 0 = the domain's latest
+        # An item lives in one domain, so its projection is computed once per item, not once
+        # per behaviour
         d = self.cfg.dim
         w_item, w_time = self.proj_weight[:, :d], self.proj_weight[:, d:]  # (D, d, d) each
         item_part = torch.cat(
@@ -111,8 +125,8 @@ class ATRank(UserTowerModel):
             + [self.item_emb.weight.new_zeros(1, d)]  # the padding row, never attended
         )  # (n_items + 1, d)
         time_part = torch.einsum("ld,kdo->klo", self.recency_emb.weight, w_time)  # (D, L, d)
-        x = item_part[items] + time_part[domains, recency] + self.proj_bias[domains]  # (B, S, d)
-        return by_length(self._blocks, x, merged.valid), merged.valid
+        tok = item_part[items] + time_part[domains, recency] + self.proj_bias[domains]  # (N, d)
+        return tok.new_zeros(b, s, d).index_put((rows, cols), tok)
 
     def _blocks(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         mask = attention_mask(valid, causal=False)  # (B, S, S)
@@ -121,5 +135,37 @@ class ATRank(UserTowerModel):
     def user_tower(self, batch: Batch, domain: torch.Tensor) -> torch.Tensor:
         h, valid = self.encode(batch)  # (B, S, d), (B, S)
         q = self.query_emb(domain)  # (B, d)
-        att, _ = self.vanilla(q.unsqueeze(1), h, h, key_padding_mask=~valid, need_weights=False)
-        return self.mlp(torch.cat([att.squeeze(1), q], dim=1))  # (B, d)
+        att = vanilla_attention(self.vanilla, q, h, valid)  # (B, d)
+        return self.mlp(torch.cat([att, q], dim=1))  # (B, d)
+
+
+def vanilla_attention(
+    mha: nn.MultiheadAttention, q: torch.Tensor, h: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """``mha(q[:, None], h, h, key_padding_mask=~valid)[0][:, 0]`` for one query per row, with
+    ``mha``'s parameters (``batch_first``, ``add_zero_attn``: an extra zero key and value that
+    every query may read), computed without torch's sequence-first layout changes.
+
+    ``q`` (B, d), ``h`` (B, S, d), ``valid`` (B, S) -> (B, d). The keys and values are one
+    product of ``h`` with the packed key and value weights, (B, S, 2d); each head's scores
+    and weighted sum read that product in place through a (d, heads) head indicator ``I``:
+    ``scores = K (q_b * I)`` and ``o = sum_h (w_h V) * I_h``, two small batched products,
+    so no (B, S, heads, d / heads) copy and no zero-filled gradient of it. The zero key scores
+    0 and adds nothing to the sum; it only joins the softmax."""
+    b, s, d = h.shape
+    heads = mha.num_heads
+    assert mha.in_proj_weight is not None and mha.in_proj_bias is not None
+    w, bias = mha.in_proj_weight, mha.in_proj_bias  # (3d, d), (3d,)
+    qp = F.linear(q, w[:d], bias[:d]) * (1.0 / math.sqrt(d // heads))  # (B, d)
+    kv = F.linear(h, w[d:], bias[d:])  # (B, S, 2d)
+    k, v = kv.view(b, s, 2, d).unbind(2)  # (B, S, d) views; one stack in the backward
+    head_of = torch.arange(d, device=h.device) // (d // heads)  # (d,)
+    indicator = F.one_hot(head_of, heads).to(h.dtype)  # (d, heads): I
+    scores = torch.bmm(k, qp.unsqueeze(-1) * indicator)  # (B, S, heads)
+    scores = scores.masked_fill(~valid.unsqueeze(-1), float("-inf"))
+    zero = scores.new_zeros(b, 1, heads)  # the zero key's score
+    weights = torch.cat([scores, zero], dim=1).softmax(dim=1)[:, :s]  # (B, S, heads)
+    weights = dropout(weights, mha.dropout, mha.training)
+    per_head = torch.bmm(weights.transpose(1, 2), v)  # (B, heads, d): every head's sum
+    o = (per_head * indicator.T).sum(1)  # (B, d): head h keeps its own d / heads columns
+    return mha.out_proj(o)
