@@ -9,12 +9,14 @@ trial first, so the same command, run again after a stop, goes on where it stopp
 that already has its trials trains nothing. The models run in the order given, by default
 fastest first (the per-run hours of ``benchmarks/results/budget_plan.md``), so that a sitting
 cut short leaves whole studies rather than many half ones. Prints one line per study started
-and finished, and a summary of ``OUT/*/best.json`` at the end.
+and finished, and a Markdown table of the studies at the end (``--summary`` prints the table
+alone, training nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -30,13 +32,23 @@ ORDER = [
 
 
 def summary(out: Path) -> list[str]:
-    lines = []
+    """A Markdown table of the studies in ``out``: trials done of the budget, failed ones,
+    trials that hit the epoch cap, the best validation value and settings, and the trials'
+    summed training time (one thread each)."""
+    head = "| model | trials | failed | at the epoch cap | best valid r@50 (trial) | CPU min |"
+    lines = [head + " best settings |", "|---|---|---|---|---|---|---|"]
     for best in sorted(out.glob("*/best.json")):
         b = json.loads(best.read_text())
+        rows = list(csv.DictReader((best.parent / "trials.csv").open()))
+        done = [r for r in rows if r["state"] == "complete"]
+        sets = dict(pair.split("=", 1) for pair in b.get("set", []))
+        cap = int(sets.get("train.epochs", 20))  # the trainer's default cap
+        capped = sum(int(r["epochs"] or 0) >= cap and r["stopped_early"] == "False" for r in done)
+        minutes = sum(float(r["seconds"] or 0) for r in rows) / 60
+        settings = " ".join(f"`{o}`" for o in b.get("overrides", [])) or "–"
         lines.append(
-            f"{best.parent.name:16s} best {b.get('best_value', float('nan')):.4f}  "
-            f"{b.get('complete', 0)}/{b.get('trials', 0)} trials  "
-            + " ".join(b.get("overrides", []))
+            f"| {best.parent.name} | {len(done)} / {b['trials']} | {b['failed']} | {capped} | "
+            f"{b['best_value']:.4f} ({b['best_trial']}) | {minutes:.0f} | {settings} |"
         )
     return lines
 
@@ -50,7 +62,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=ORDER)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--summary", action="store_true", help="print the table of OUT only")
     args = parser.parse_args()
+    if args.summary:
+        print("\n".join(summary(args.out)))
+        return
     if not (args.data / "meta.json").is_file():
         sys.exit(f"error: {args.data} is not a prepared dataset (no meta.json)")
     args.out.mkdir(parents=True, exist_ok=True)
