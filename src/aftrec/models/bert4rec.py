@@ -107,9 +107,11 @@ class BERT4Rec(RetrievalModel):
         positions = torch.arange(self.history_len - s, self.history_len + 1, device=seq.device)
         x = self.drop(x + self.pos_emb(positions))  # (B, S + 1, d)
         attend = torch.cat([valid, valid.new_ones(b, 1)], dim=1)  # the [MASK] always attends
-        out = self.head(by_length(self._blocks, x, attend))  # (B, S + 1, d)
+        out = by_length(self._blocks, x, attend)  # (B, S + 1, d)
         where = cloze.nonzero()  # (M, 2)
-        return out[:, -1], out[where[:, 0], where[:, 1]], where
+        # the output layer is row-wise: applied to the B + M rows that are read, not the grid
+        picked = self.head(torch.cat([out[:, -1], out[where[:, 0], where[:, 1]]]))
+        return picked[:b], picked[b:], where
 
     def _blocks(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
         return self.norm(self.encoder(x, (~attend).unsqueeze(1)))  # (B, S, d), padding unread
