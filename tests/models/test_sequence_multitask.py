@@ -218,6 +218,8 @@ def test_sasrec_tokens_at_the_behaviours_equal_the_grid(tiny: Dataset, index: Hi
     ref = (ref + model.domain_emb(merged.domains)) * merged.valid.unsqueeze(-1)
     new = model.embed(batch.history, merged)
     torch.testing.assert_close(new, ref)
+    order = torch.randperm(len(batch))
+    torch.testing.assert_close(model.embed(batch.history, merged, order), ref[order])
     weights = torch.randn_like(ref)
     params = [model.item_emb.weight, model.pos_emb.weight, model.domain_emb.weight]
     g_new = torch.autograd.grad((new * weights).sum(), params)

@@ -166,12 +166,19 @@ def attention_mask(valid: torch.Tensor, causal: bool) -> torch.Tensor:
     return ~allowed
 
 
+def length_order(valid: torch.Tensor) -> torch.Tensor:
+    """(B,) the rows of a (B, S) ``valid`` from the shortest sequence to the longest: the order
+    in which :func:`by_length` chunks them."""
+    return torch.argsort(valid.sum(1), stable=True)
+
+
 def by_length(
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     valid: torch.Tensor,
     rows: int = ROWS_PER_CHUNK,
     width: int | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``fn(x, valid)`` on (B, S, d) right-aligned sequences, run on chunks of ``rows`` rows of
     similar length, each cut to its own longest row (at least 1 position), so that attention
@@ -179,20 +186,22 @@ def by_length(
     outputs (``fn`` may return only the last positions), left-padded with zeros to ``width``
     positions (default S), are returned in the batch's order: (B, width, d). A caller that
     needs the last position only passes ``width=1``, and no (B, S, d) tensor of zeros is
-    built, gathered and differentiated through. Exact for an ``fn``
+    built, gathered and differentiated through. A caller that builds ``x`` row by row can lay
+    its rows out in :func:`length_order` directly and pass that ``order`` (``valid`` stays in
+    the batch's order): then ``x`` is not gathered again. Exact for an ``fn``
     whose padding neither attends nor is attended (and which ignores absolute positions or
     counts them from the end)."""
     s = x.shape[1]
     width = s if width is None else width
     lengths = valid.sum(1)
-    order = torch.argsort(lengths)
-    # one gather, then contiguous chunks: the backward pass scatters into x once (indexing x
-    # per chunk would zero-fill a gradient of x's full size for every chunk)
+    if order is None:
+        order = length_order(valid)
+        # one gather, then contiguous chunks: the backward pass scatters into x once (indexing
+        # x per chunk would zero-fill a gradient of x's full size for every chunk)
+        x = x[order]
     pieces = []
-    sorted_lengths = lengths[order]
-    parts = (x[order].split(rows), valid[order].split(rows), sorted_lengths.split(rows))
-    chunks = zip(*parts, strict=True)
-    for xc, vc, lc in chunks:
+    parts = (x.split(rows), valid[order].split(rows), lengths[order].split(rows))
+    for xc, vc, lc in zip(*parts, strict=True):
         keep = max(1, int(lc.max()))
         out = fn(xc[:, s - keep :], vc[:, s - keep :])  # (n, keep or fewer, d)
         assert out.shape[1] <= width, "fn returned more positions than width"
@@ -245,15 +254,19 @@ class SASRec(UserTowerModel):
             self.max_len,
             getattr(batch, "history_time", None),
         )
-        x = self.embed(batch.history, merged)  # (B, S, d)
+        order = length_order(merged.valid)
+        x = self.embed(batch.history, merged, order)  # (B, S, d), rows in `order`
         blocks = self._last_output if last_only else self._blocks
         width = 1 if last_only else None
-        return by_length(blocks, x, merged.valid, width=width), merged.valid
+        return by_length(blocks, x, merged.valid, width=width, order=order), merged.valid
 
-    def embed(self, history: torch.Tensor, merged: Merged) -> torch.Tensor:
+    def embed(
+        self, history: torch.Tensor, merged: Merged, order: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, S, d) input tokens (III-A): ``Dropout(e_item sqrt(d) + p_position + e_domain)``
         at the behaviours, zero at padding. Computed at the behaviours only (a third to a half
-        of the merged grid on ML-1M), then placed into the grid."""
+        of the merged grid on ML-1M), then placed into the grid; with ``order`` (B,), the
+        grid's rows are the batch's rows in that order."""
         b, s = merged.index.shape
         rows, cols = merged.valid.nonzero(as_tuple=True)  # (N,) each: the behaviours
         flat = merged.index[rows, cols]  # (N,) position d * L + j in the (D, L) history
@@ -261,7 +274,8 @@ class SASRec(UserTowerModel):
         tok = self.item_emb(items) * math.sqrt(self.cfg.dim)
         tok = tok + self.pos_emb(cols + (self.max_len - s))  # positions counted from the end
         tok = tok + self.domain_emb(torch.div(flat, merged.length, rounding_mode="floor"))
-        return tok.new_zeros(b, s, tok.shape[1]).index_put((rows, cols), self.drop(tok))
+        slot = rows if order is None else torch.argsort(order)[rows]  # the row's place
+        return tok.new_zeros(b, s, tok.shape[1]).index_put((slot, cols), self.drop(tok))
 
     def _blocks(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         mask = attention_mask(valid, causal=True)  # (B, S, S)
