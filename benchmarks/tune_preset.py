@@ -31,8 +31,9 @@ ORDER = [
 ]  # fmt: skip
 
 
-def summary(out: Path) -> list[str]:
-    """A Markdown table of the studies in ``out``: trials done of the budget, failed ones,
+def summary(out: Path, budget: int) -> list[str]:
+    """A Markdown table of the studies in ``out``: trials done of ``budget`` (one for a model
+    with nothing to search), failed ones,
     trials that hit the epoch cap, the best validation value and settings, and the trials'
     summed training time (one thread each)."""
     head = "| model | trials | failed | at the epoch cap | best valid r@50 (trial) | CPU min |"
@@ -47,7 +48,8 @@ def summary(out: Path) -> list[str]:
         minutes = sum(float(r["seconds"] or 0) for r in rows) / 60
         settings = " ".join(f"`{o}`" for o in b.get("overrides", [])) or "–"
         lines.append(
-            f"| {best.parent.name} | {len(done)} / {b['trials']} | {b['failed']} | {capped} | "
+            f"| {best.parent.name} | {len(done)} / {budget if b.get('space') else 1} | "
+            f"{b['failed']} | {capped} | "
             f"{b['best_value']:.4f} ({b['best_trial']}) | {minutes:.0f} | {settings} |"
         )
     return lines
@@ -65,7 +67,7 @@ def main() -> None:
     parser.add_argument("--summary", action="store_true", help="print the table of OUT only")
     args = parser.parse_args()
     if args.summary:
-        print("\n".join(summary(args.out)))
+        print("\n".join(summary(args.out, args.trials)))
         return
     if not (args.data / "meta.json").is_file():
         sys.exit(f"error: {args.data} is not a prepared dataset (no meta.json)")
@@ -103,7 +105,7 @@ def main() -> None:
         for proc, _ in running.values():
             proc.wait()
         sys.exit("interrupted: run the same command again to go on")
-    print("\n".join(summary(args.out)))
+    print("\n".join(summary(args.out, args.trials)))
     if failed:
         sys.exit(f"error: studies that failed (see OUT/MODEL.log): {', '.join(failed)}")
 
