@@ -110,12 +110,9 @@ class ATRank(UserTowerModel):
         """(B, S, d) behaviours in the latent semantic space, ``f_i([e; t]) = e W_i^item +
         t W_i^time + b_i`` for a behaviour of domain i, zero at padding (which neither attends
         nor is attended). Computed at the behaviours only, then placed into the grid."""
-        b, s = merged.index.shape
-        rows, cols = merged.valid.nonzero(as_tuple=True)  # (N,) each: the behaviours
-        flat = merged.index[rows, cols]  # (N,) position d * L + j in the (D, L) history
+        rows, cols, flat = merged.behaviours()  # (N,) each
         items = history.flatten(1)[rows, flat]  # (N,)
-        domains = torch.div(flat, merged.length, rounding_mode="floor")  # (N,)
-        recency = merged.length - 1 - flat % merged.length  # (N,) 0 = the domain's latest
+        domains, recency = merged.domain_of(flat), merged.recency_of(flat)  # (N,) each
         # An item lives in one domain, so its projection is computed once per item, not once
         # per behaviour
         d = self.cfg.dim
@@ -126,7 +123,7 @@ class ATRank(UserTowerModel):
         )  # (n_items + 1, d)
         time_part = torch.einsum("ld,kdo->klo", self.recency_emb.weight, w_time)  # (D, L, d)
         tok = item_part[items] + time_part[domains, recency] + self.proj_bias[domains]  # (N, d)
-        return tok.new_zeros(b, s, d).index_put((rows, cols), tok)
+        return merged.place(tok, rows, cols)
 
     def _blocks(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         mask = attention_mask(valid, causal=False)  # (B, S, S)

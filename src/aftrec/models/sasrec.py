@@ -105,12 +105,39 @@ class Merged:
     @property
     def domains(self) -> torch.Tensor:
         """(B, S) domain of each position."""
-        return torch.div(self.index, self.length, rounding_mode="floor")
+        return self.domain_of(self.index)
 
     @property
     def recency(self) -> torch.Tensor:
         """(B, S) rank from the end inside its own domain (0 = the domain's latest behaviour)."""
-        return self.length - 1 - self.index % self.length
+        return self.recency_of(self.index)
+
+    def domain_of(self, flat: torch.Tensor) -> torch.Tensor:
+        """The domain of flat positions ``d * L + j``."""
+        return torch.div(flat, self.length, rounding_mode="floor")
+
+    def recency_of(self, flat: torch.Tensor) -> torch.Tensor:
+        """The rank from the end inside its domain of flat positions ``d * L + j``."""
+        return self.length - 1 - flat % self.length
+
+    def behaviours(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The behaviours (not padding): their (N,) rows and columns in the (B, S) grid and
+        their (N,) flat positions ``d * L + j`` in the (D, L) history."""
+        rows, cols = self.valid.nonzero(as_tuple=True)
+        return rows, cols, self.index[rows, cols]
+
+    def place(
+        self,
+        values: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        order: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(N, d) values at the behaviours -> (B, S, d) grid, zero at padding; with ``order``
+        (B,), grid row r is the batch's row ``order[r]``."""
+        slot = rows if order is None else torch.argsort(order)[rows]
+        b, s = self.index.shape
+        return values.new_zeros(b, s, values.shape[1]).index_put((slot, cols), values)
 
 
 def merge_histories(
@@ -267,15 +294,13 @@ class SASRec(UserTowerModel):
         at the behaviours, zero at padding. Computed at the behaviours only (a third to a half
         of the merged grid on ML-1M), then placed into the grid; with ``order`` (B,), the
         grid's rows are the batch's rows in that order."""
-        b, s = merged.index.shape
-        rows, cols = merged.valid.nonzero(as_tuple=True)  # (N,) each: the behaviours
-        flat = merged.index[rows, cols]  # (N,) position d * L + j in the (D, L) history
+        rows, cols, flat = merged.behaviours()  # (N,) each
         items = history.flatten(1)[rows, flat]  # (N,)
         tok = self.item_emb(items) * math.sqrt(self.cfg.dim)
+        s = merged.index.shape[1]
         tok = tok + self.pos_emb(cols + (self.max_len - s))  # positions counted from the end
-        tok = tok + self.domain_emb(torch.div(flat, merged.length, rounding_mode="floor"))
-        slot = rows if order is None else torch.argsort(order)[rows]  # the row's place
-        return tok.new_zeros(b, s, tok.shape[1]).index_put((slot, cols), self.drop(tok))
+        tok = tok + self.domain_emb(merged.domain_of(flat))
+        return merged.place(self.drop(tok), rows, cols, order)
 
     def _blocks(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         mask = attention_mask(valid, causal=True)  # (B, S, S)
