@@ -284,16 +284,22 @@ def test_the_batcher_takes_a_whole_queue_in_one_batch() -> None:
 
 
 def test_an_idle_batcher_does_not_wait() -> None:
-    batcher = Batcher(BatchSettings(max_batch=32, wait_ms=500, threads=2))
+    """Requests one after the other are each computed alone at once, none waiting ``wait_ms``
+    for company: the loop that answered one counts as idle before its caller sends the next
+    (it once settled the answer first, and about one request in ten then waited 1 s)."""
+    batcher = Batcher(BatchSettings(max_batch=32, wait_ms=1000, threads=2))
 
-    async def go() -> float:
-        t0 = time.perf_counter()
-        for n in range(1, 4):  # one after the other: each alone, none waits for company
-            await batcher.submit(Stub(), Query(n=n))  # type: ignore[arg-type]
-        return time.perf_counter() - t0
+    async def go() -> list[float]:
+        queued = []
+        for n in range(1, 61):
+            if n != 13:  # the stub's poisoned request
+                _, seconds = await batcher.submit(Stub(), Query(n=n))  # type: ignore[arg-type]
+                queued.append(seconds)
+        return queued
 
-    assert asyncio.run(go()) < 0.4
+    queued = asyncio.run(go())
     batcher.close()
+    assert len(queued) == 59 and max(queued) < 0.5
 
 
 def test_a_request_cancelled_while_waiting_is_dropped() -> None:

@@ -154,10 +154,15 @@ class Batcher:
             last = len(batch)
             t0 = time.perf_counter()
             try:
-                self._compute(batch, t0)
+                results = self._compute(batch, t0)
             finally:
+                # idle again before answering: a caller's next request, sent the moment its
+                # answer arrives, must not find this batch still counted and wait ``wait_ms``
                 with self._cond:
                     self._busy -= 1
+            for w, result in zip(batch, results, strict=True):
+                with contextlib.suppress(RuntimeError):  # its event loop closed: no one to answer
+                    w.loop.call_soon_threadsafe(_settle, w.future, result)
             if self.on_batch is not None:
                 self.on_batch(len(batch), time.perf_counter() - t0)
 
@@ -190,7 +195,8 @@ class Batcher:
                         self._cond.notify()  # more for another loop
                     return batch
 
-    def _compute(self, batch: list[_Waiting], started: float) -> None:
+    def _compute(self, batch: list[_Waiting], started: float) -> list[Any]:
+        """Each request's answer or exception, in ``batch``'s order."""
         rec = batch[0].recommender
         for w in batch:
             w.started = started
@@ -202,9 +208,7 @@ class Batcher:
             else:  # find the culprit: each request alone
                 log.info("a batch of %d failed (%s); computing each alone", len(batch), exc)
                 results = [self._alone(rec, w.query) for w in batch]
-        for w, result in zip(batch, results, strict=True):
-            with contextlib.suppress(RuntimeError):  # its event loop closed: no one to answer
-                w.loop.call_soon_threadsafe(_settle, w.future, result)
+        return results
 
     @staticmethod
     def _alone(rec: Recommender, query: Query) -> Any:
