@@ -177,6 +177,36 @@ def test_atrank_vanilla_attention_equals_torch() -> None:
         torch.testing.assert_close(a, b)
 
 
+def test_atrank_reads_each_chunk_as_the_whole_grid(tiny: Dataset) -> None:
+    """The blocks and the vanilla attention run chunk by chunk (rows of similar length, each
+    cut to its longest): the user vectors and their gradients equal one pass of the blocks
+    over the whole (B, S) grid read by the vanilla attention over every position."""
+    model = build("atrank", tiny).double()
+    assert isinstance(model, ATRank)
+    batch = train_batch(tiny, size=70)  # three chunks of 32 rows, uneven lengths
+    merged = merge_histories(batch.history, batch.counts, tiny.info.pad, "blocks")
+    lengths = merged.valid.sum(1)
+    assert len(set(lengths.tolist())) > 3 and bool((lengths == 0).any())  # and rows without any
+    domain = batch.domain
+
+    def whole_grid() -> torch.Tensor:
+        grid = model.tokens(batch.history, merged)  # (B, S, d), the batch's order
+        h = model.norm(model.encoder(grid, attention_mask(merged.valid, causal=False)))
+        q = model.query_emb(domain)
+        return model.mlp(torch.cat([vanilla_attention(model.vanilla, q, h, merged.valid), q], 1))
+
+    ref, new = whole_grid(), model.user_tower(batch, domain)
+    torch.testing.assert_close(new, ref)
+    weights = torch.randn_like(ref)
+    params = list(model.parameters())
+    g_ref = torch.autograd.grad((ref * weights).sum(), params, allow_unused=True)
+    g_new = torch.autograd.grad((new * weights).sum(), params, allow_unused=True)
+    for a, b in zip(g_new, g_ref, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            torch.testing.assert_close(a, b)
+
+
 def test_atrank_tokens_at_the_behaviours_equal_the_grid(tiny: Dataset, index: HistoryIndex) -> None:
     """``f_i([e; t])`` computed at the behaviours only equals the whole-grid computation at
     every behaviour, forward and gradients; padding is zero."""

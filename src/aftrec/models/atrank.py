@@ -41,6 +41,7 @@ from aftrec.models.sasrec import (
     attention_mask,
     by_length,
     check_transformer,
+    length_order,
     merge_histories,
     transformer_encoder,
 )
@@ -98,18 +99,22 @@ class ATRank(UserTowerModel):
             self.item_emb.weight[info.pad].zero_()
         self.ranges = [info.domain_range(k) for k in range(n_dom)]
 
-    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, S, d) self-attention outputs over all domains' behaviours (unspecified at
-        padding positions), and (B, S) valid."""
+    def encode(self, batch: Batch) -> tuple[Merged, torch.Tensor, torch.Tensor]:
+        """The (B, S) merged behaviours, their (B, S, d) tokens with the grid's rows in
+        :func:`length_order` (the order in which :func:`by_length` chunks them), and that
+        order (B,)."""
         history = batch.history[:, :, -self.history_len :]  # (B, D, L)
         merged = merge_histories(history, batch.counts, self.info.pad, order="blocks")
-        x = self.tokens(history, merged)  # (B, S, d)
-        return by_length(self._blocks, x, merged.valid), merged.valid
+        order = length_order(merged.valid)
+        return merged, self.tokens(history, merged, order), order
 
-    def tokens(self, history: torch.Tensor, merged: Merged) -> torch.Tensor:
+    def tokens(
+        self, history: torch.Tensor, merged: Merged, order: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, S, d) behaviours in the latent semantic space, ``f_i([e; t]) = e W_i^item +
         t W_i^time + b_i`` for a behaviour of domain i, zero at padding (which neither attends
-        nor is attended). Computed at the behaviours only, then placed into the grid."""
+        nor is attended). Computed at the behaviours only, then placed into the grid (its rows
+        the batch's rows in ``order`` when given)."""
         rows, cols, flat = merged.behaviours()  # (N,) each
         items = history.flatten(1)[rows, flat]  # (N,)
         domains, recency = merged.domain_of(flat), merged.recency_of(flat)  # (N,) each
@@ -123,17 +128,23 @@ class ATRank(UserTowerModel):
         )  # (n_items + 1, d)
         time_part = torch.einsum("ld,kdo->klo", self.recency_emb.weight, w_time)  # (D, L, d)
         tok = item_part[items] + time_part[domains, recency] + self.proj_bias[domains]  # (N, d)
-        return merged.place(tok, rows, cols)
+        return merged.place(tok, rows, cols, order)
 
     def _blocks(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         mask = attention_mask(valid, causal=False)  # (B, S, S)
         return self.norm(self.encoder(x, mask))  # (B, S, d)
 
+    def _read(self, x: torch.Tensor, valid: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """(n, 1, d): the self-attention blocks over a chunk of rows, read by their queries."""
+        return vanilla_attention(self.vanilla, q, self._blocks(x, valid), valid).unsqueeze(1)
+
     def user_tower(self, batch: Batch, domain: torch.Tensor) -> torch.Tensor:
-        h, valid = self.encode(batch)  # (B, S, d), (B, S)
+        merged, x, order = self.encode(batch)  # x: (B, S, d), rows in `order`
         q = self.query_emb(domain)  # (B, d)
-        att = vanilla_attention(self.vanilla, q, h, valid)  # (B, d)
-        return self.mlp(torch.cat([att, q], dim=1))  # (B, d)
+        # the blocks and the vanilla attention run chunk by chunk, each chunk cut to its own
+        # longest row: no (B, S, d) output grid, no attention over the batch's longest padding
+        att = by_length(self._read, x, merged.valid, width=1, order=order, extra=[q[order]])
+        return self.mlp(torch.cat([att[:, 0], q], dim=1))  # (B, d)
 
 
 def vanilla_attention(
@@ -141,28 +152,37 @@ def vanilla_attention(
 ) -> torch.Tensor:
     """``mha(q[:, None], h, h, key_padding_mask=~valid)[0][:, 0]`` for one query per row, with
     ``mha``'s parameters (``batch_first``, ``add_zero_attn``: an extra zero key and value that
-    every query may read), computed without torch's sequence-first layout changes.
+    every query may read), computed without projecting the keys and values.
 
-    ``q`` (B, d), ``h`` (B, S, d), ``valid`` (B, S) -> (B, d). The keys and values are one
-    product of ``h`` with the packed key and value weights, (B, S, 2d); each head's scores
-    and weighted sum read that product in place through a (d, heads) head indicator ``I``:
-    ``scores = K (q_b * I)`` and ``o = sum_h (w_h V) * I_h``, two small batched products,
-    so no (B, S, heads, d / heads) copy and no zero-filled gradient of it. The zero key scores
-    0 and adds nothing to the sum; it only joins the softmax."""
+    ``q`` (B, d), ``h`` (B, S, d), ``valid`` (B, S) -> (B, d). With one query per row, the
+    key and value projections move to the query's side and after the weighted sum:
+
+    * head h's score of position s is ``k_s . q_h = (W_k h_s + b_k) . q_h
+      = h_s . (W_k^T q_h) + b_k . q_h``, with ``q_h`` the scaled query zero outside head h's
+      columns (a (d, heads) indicator ``I``): one (B, S, d) x (B, d, heads) product;
+    * its output is ``sum_s w_sh v_s = W_v (sum_s w_sh h_s) + (sum_s w_sh) b_v``, the zero
+      key's value adding nothing: one (B, heads, S) x (B, S, d) product, then ``W_v`` on
+      ``heads`` rows per example, of which head h keeps its own d / heads columns.
+
+    So the (B, S, 2d) keys and values, their product over every position and its backward
+    are never computed; the zero key scores 0 and only joins the softmax."""
     b, s, d = h.shape
     heads = mha.num_heads
     assert mha.in_proj_weight is not None and mha.in_proj_bias is not None
     w, bias = mha.in_proj_weight, mha.in_proj_bias  # (3d, d), (3d,)
+    w_k, w_v, b_k, b_v = w[d : 2 * d], w[2 * d :], bias[d : 2 * d], bias[2 * d :]
     qp = F.linear(q, w[:d], bias[:d]) * (1.0 / math.sqrt(d // heads))  # (B, d)
-    kv = F.linear(h, w[d:], bias[d:])  # (B, S, 2d)
-    k, v = kv.view(b, s, 2, d).unbind(2)  # (B, S, d) views; one stack in the backward
     head_of = torch.arange(d, device=h.device) // (d // heads)  # (d,)
     indicator = F.one_hot(head_of, heads).to(h.dtype)  # (d, heads): I
-    scores = torch.bmm(k, qp.unsqueeze(-1) * indicator)  # (B, S, heads)
+    q_heads = qp.unsqueeze(-1) * indicator  # (B, d, heads): q_h
+    scores = torch.baddbmm(
+        (b_k @ q_heads).unsqueeze(1), h, w_k.T @ q_heads
+    )  # (B, S, heads): k_s . q_h
     scores = scores.masked_fill(~valid.unsqueeze(-1), float("-inf"))
     zero = scores.new_zeros(b, 1, heads)  # the zero key's score
     weights = torch.cat([scores, zero], dim=1).softmax(dim=1)[:, :s]  # (B, S, heads)
     weights = dropout(weights, mha.dropout, mha.training)
-    per_head = torch.bmm(weights.transpose(1, 2), v)  # (B, heads, d): every head's sum
+    pooled = torch.bmm(weights.transpose(1, 2), h)  # (B, heads, d): sum_s w_sh h_s
+    per_head = F.linear(pooled, w_v) + weights.sum(1).unsqueeze(-1) * b_v  # (B, heads, d)
     o = (per_head * indicator.T).sum(1)  # (B, d): head h keeps its own d / heads columns
     return mha.out_proj(o)

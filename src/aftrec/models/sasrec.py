@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -200,12 +200,13 @@ def length_order(valid: torch.Tensor) -> torch.Tensor:
 
 
 def by_length(
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    fn: Callable[..., torch.Tensor],
     x: torch.Tensor,
     valid: torch.Tensor,
     rows: int = ROWS_PER_CHUNK,
     width: int | None = None,
     order: torch.Tensor | None = None,
+    extra: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """``fn(x, valid)`` on (B, S, d) right-aligned sequences, run on chunks of ``rows`` rows of
     similar length, each cut to its own longest row (at least 1 position), so that attention
@@ -215,7 +216,9 @@ def by_length(
     needs the last position only passes ``width=1``, and no (B, S, d) tensor of zeros is
     built, gathered and differentiated through. A caller that builds ``x`` row by row can lay
     its rows out in :func:`length_order` directly and pass that ``order`` (``valid`` stays in
-    the batch's order): then ``x`` is not gathered again. Exact for an ``fn``
+    the batch's order): then ``x`` is not gathered again. ``extra``: per-row (B, ...) tensors
+    laid out as ``x``, each chunk's rows passed to ``fn`` after its ``valid``
+    (``fn(x, valid, *extra)``). Exact for an ``fn``
     whose padding neither attends nor is attended (and which ignores absolute positions or
     counts them from the end)."""
     s = x.shape[1]
@@ -226,11 +229,14 @@ def by_length(
         # one gather, then contiguous chunks: the backward pass scatters into x once (indexing
         # x per chunk would zero-fill a gradient of x's full size for every chunk)
         x = x[order]
+        extra = [e[order] for e in extra]
     pieces = []
+    chunks = [e.split(rows) for e in extra]
     parts = (x.split(rows), valid[order].split(rows), lengths[order].split(rows))
-    for xc, vc, lc in zip(*parts, strict=True):
+    for i, (xc, vc, lc) in enumerate(zip(*parts, strict=True)):
         keep = max(1, int(lc.max()))
-        out = fn(xc[:, s - keep :], vc[:, s - keep :])  # (n, keep or fewer, d)
+        more = [c[i] for c in chunks]
+        out = fn(xc[:, s - keep :], vc[:, s - keep :], *more)  # (n, keep or fewer, d)
         assert out.shape[1] <= width, "fn returned more positions than width"
         pieces.append(F.pad(out, (0, 0, width - out.shape[1], 0)))  # (n, width, d), right-aligned
     return torch.cat(pieces)[torch.argsort(order)]

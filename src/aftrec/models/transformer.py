@@ -101,17 +101,25 @@ class SelfAttention(nn.Module):
             if last_only:
                 q = q[:, :, -1:]
                 barred = None if barred is None else barred[:, -1:]
-            w = (q * (1.0 / math.sqrt(hd))) @ k.transpose(-1, -2)  # (B, H, S_q, S)
-            if barred is not None:
-                w = w.masked_fill(barred.unsqueeze(1), float("-inf"))
-            w = w.softmax(dim=-1)
-            if self.training and 0.0 < self.dropout < 1.0:
-                # dropout(w) @ v with dropout's draws, the scale moved onto the (smaller)
-                # product: one pass over the S_q x S weights for the mask instead of three
-                keep, scale = keep_mask(w.shape, self.dropout, w.device)
-                o = (torch.where(keep, w, 0.0) @ v) * scale  # (B, H, S_q, hd)
+            if not (self.training and self.dropout > 0.0):
+                # no dropout on the weights: torch's fused kernel, no (S_q, S) weights kept
+                allowed = None if barred is None else ~barred.unsqueeze(1)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, H, S_q, hd)
             else:
-                o = dropout(w, self.dropout, self.training) @ v  # (B, H, S_q, hd)
+                w = (q * (1.0 / math.sqrt(hd))) @ k.transpose(-1, -2)  # (B, H, S_q, S)
+                if barred is not None:
+                    # in place, outside autograd: the product's backward does not read w, and
+                    # softmax's gradient is already 0 where its output is (the barred keys)
+                    with torch.no_grad():
+                        w.masked_fill_(barred.unsqueeze(1), float("-inf"))
+                w = w.softmax(dim=-1)
+                if self.dropout < 1.0:
+                    # dropout(w) @ v with dropout's draws, the scale moved onto the (smaller)
+                    # product: one pass over the S_q x S weights for the mask instead of three
+                    keep, scale = keep_mask(w.shape, self.dropout, w.device)
+                    o = (torch.where(keep, w, 0.0) @ v) * scale  # (B, H, S_q, hd)
+                else:
+                    o = dropout(w, self.dropout) @ v
             return self.out_proj(o.transpose(1, 2).reshape(b, q.shape[2], dim))
         n = b * h
         t = qkv.view(b, s, 3, h, hd).permute(2, 1, 4, 0, 3).reshape(3, s, hd, n)
