@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from aftrec.config import Checked, Count, Loss, Rate
@@ -38,7 +39,7 @@ from aftrec.data.dataset import DataInfo
 from aftrec.data.loader import Batch
 from aftrec.models.base import RetrievalModel
 from aftrec.models.losses import sampled_loss
-from aftrec.models.sasrec import by_length, check_transformer, transformer_encoder
+from aftrec.models.sasrec import by_length, check_transformer, length_order, transformer_encoder
 from aftrec.models.transformer import Dropout
 from aftrec.registry import DROPOUT, register_model
 
@@ -103,14 +104,22 @@ class BERT4Rec(RetrievalModel):
             cloze = valid & (torch.rand(b, s, device=seq.device) < mask_prob)
         masked = torch.cat([cloze, cloze.new_ones(b, 1)], dim=1)  # (B, S + 1), [MASK] last
         tokens = torch.cat([seq, seq.new_full((b, 1), self.info.pad)], dim=1)
-        x = torch.where(masked.unsqueeze(-1), self.mask_token, self.item_emb(tokens))
+        # [MASK] is one more row of the item table: one lookup, not a lookup and a select
+        tokens = tokens.masked_fill(masked, self.item_emb.num_embeddings)
+        table = torch.cat([self.item_emb.weight, self.mask_token.unsqueeze(0)])
+        attend = torch.cat([valid, valid.new_ones(b, 1)], dim=1)  # the [MASK] always attends
+        order = length_order(attend)  # the grid is built in by_length's order of rows
+        x = F.embedding(tokens[order], table, padding_idx=self.info.pad)  # (B, S + 1, d)
         positions = torch.arange(self.history_len - s, self.history_len + 1, device=seq.device)
         x = self.drop(x + self.pos_emb(positions))  # (B, S + 1, d)
-        attend = torch.cat([valid, valid.new_ones(b, 1)], dim=1)  # the [MASK] always attends
-        out = by_length(self._blocks, x, attend)  # (B, S + 1, d)
+        out = by_length(self._blocks, x, attend, order=order, reorder=False)  # rows in `order`
+        slot = torch.argsort(order)  # (B,): where each batch row lies in `out`
         where = cloze.nonzero()  # (M, 2)
-        # the output layer is row-wise: applied to the B + M rows that are read, not the grid
-        picked = self.head(torch.cat([out[:, -1], out[where[:, 0], where[:, 1]]]))
+        # the B + M positions read, every appended [MASK] then the masked behaviours, as flat
+        # indices into `out`: one gather, and the row-wise output layer on those rows only
+        row = torch.cat([slot, slot[where[:, 0]]])
+        col = torch.cat([slot.new_full((b,), s), where[:, 1]])
+        picked = self.head(out.flatten(0, 1)[row * (s + 1) + col])
         return picked[:b], picked[b:], where
 
     def _blocks(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:

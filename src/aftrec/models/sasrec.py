@@ -137,7 +137,9 @@ class Merged:
         (B,), grid row r is the batch's row ``order[r]``."""
         slot = rows if order is None else torch.argsort(order)[rows]
         b, s = self.index.shape
-        return values.new_zeros(b, s, values.shape[1]).index_put((slot, cols), values)
+        grid = values.new_zeros(b, s, values.shape[1])
+        grid[slot, cols] = values  # in place: the zeros need no gradient, and no copy of them
+        return grid
 
 
 def merge_histories(
@@ -207,6 +209,7 @@ def by_length(
     width: int | None = None,
     order: torch.Tensor | None = None,
     extra: Sequence[torch.Tensor] = (),
+    reorder: bool = True,
 ) -> torch.Tensor:
     """``fn(x, valid)`` on (B, S, d) right-aligned sequences, run on chunks of ``rows`` rows of
     similar length, each cut to its own longest row (at least 1 position), so that attention
@@ -218,7 +221,9 @@ def by_length(
     its rows out in :func:`length_order` directly and pass that ``order`` (``valid`` stays in
     the batch's order): then ``x`` is not gathered again. ``extra``: per-row (B, ...) tensors
     laid out as ``x``, each chunk's rows passed to ``fn`` after its ``valid``
-    (``fn(x, valid, *extra)``). Exact for an ``fn``
+    (``fn(x, valid, *extra)``). ``reorder=False`` returns the rows in ``order`` instead of the
+    batch's (for a caller that reads a few positions: it indexes them through
+    ``argsort(order)`` without a gather of the whole output). Exact for an ``fn``
     whose padding neither attends nor is attended (and which ignores absolute positions or
     counts them from the end)."""
     s = x.shape[1]
@@ -239,7 +244,8 @@ def by_length(
         out = fn(xc[:, s - keep :], vc[:, s - keep :], *more)  # (n, keep or fewer, d)
         assert out.shape[1] <= width, "fn returned more positions than width"
         pieces.append(F.pad(out, (0, 0, width - out.shape[1], 0)))  # (n, width, d), right-aligned
-    return torch.cat(pieces)[torch.argsort(order)]
+    out = torch.cat(pieces)
+    return out[torch.argsort(order)] if reorder else out
 
 
 def transformer_encoder(cfg: Any, activation: str = "relu") -> TransformerEncoder:
