@@ -10,6 +10,10 @@ For the 14 rows the paper and the report share, the script ranks them by average
 each side and gives Spearman's rho and Kendall's tau between the rankings, and checks the
 paper's qualitative claims one by one (true or false on ML-1M, with the two values).
 
+With ``--before OTHER_REPORT`` (e.g. the budgeted report a converged one replaces) it also
+ranks every main row the two reports share, on each side, and gives how far each row moved
+and Spearman's rho and Kendall's tau between the two rankings.
+
 Run: ``python benchmarks/compare_paper.py results/ml-1m``; writes
 benchmarks/results/reproduce_vs_paper.md unless ``--out`` says otherwise.
 """
@@ -148,15 +152,54 @@ def compare(results: dict) -> list[str]:
     return lines
 
 
+def moved(before: dict, after: dict, before_name: str, after_name: str) -> list[str]:
+    """Every main row both reports finished, ranked by mean average Recall@50 on each side:
+    the rank change per row and the agreement of the two rankings."""
+    old = {k: statistics.fmean(v) for k, v in ours_r50(before).items()}
+    new = {k: statistics.fmean(v) for k, v in ours_r50(after).items()}
+    shared = [k for k in new if k in old]
+    if len(shared) < 3:
+        raise SystemExit(f"the two reports share only {len(shared)} finished rows")
+    ro, rn = ranks({k: old[k] for k in shared}), ranks({k: new[k] for k in shared})
+    x, y = [old[k] for k in shared], [new[k] for k in shared]
+    rho, tau = spearmanr(x, y), kendalltau(x, y)
+    lines = [
+        f"How the ranking moved from `{before_name}` to `{after_name}`: the {len(shared)} "
+        "rows both finished, ranked by mean average Recall@50 (1 = best among them).",
+        "",
+        f"| row | `{before_name}` | `{after_name}` | rank change |",
+        "|---|---|---|---|",
+    ]
+    for k in sorted(shared, key=lambda k: rn[k]):
+        change = ro[k] - rn[k]
+        lines.append(
+            f"| `{k}` | {old[k]:.4f} ({ro[k]}) | {new[k]:.4f} ({rn[k]}) | "
+            f"{'+' if change > 0 else ''}{change} |"
+        )
+    lines += [
+        "",
+        f"Spearman rho {rho.statistic:.2f} (p {rho.pvalue:.3f}), Kendall tau "
+        f"{tau.statistic:.2f} (p {tau.pvalue:.3f}).",
+    ]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("report_dir", type=Path)
     parser.add_argument("--out", type=Path, default=RESULTS / "reproduce_vs_paper.md")
+    parser.add_argument(
+        "--before", type=Path, help="another report (e.g. the budgeted one) to compare ranks with"
+    )
     args = parser.parse_args()
     results = load_results(args.report_dir)
-    text = "\n".join(
-        [f"`python benchmarks/compare_paper.py {args.report_dir}`", "", *compare(results)]
-    )
+    command = f"python benchmarks/compare_paper.py {args.report_dir}"
+    sections = compare(results)
+    if args.before is not None:
+        command += f" --before {args.before}"
+        before = load_results(args.before)
+        sections += ["", *moved(before, results, str(args.before), str(args.report_dir))]
+    text = "\n".join([f"`{command}`", "", *sections])
     print(text)
     args.out.write_text(text + "\n")
     print(f"wrote {args.out.resolve()}")
