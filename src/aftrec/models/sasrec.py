@@ -235,6 +235,13 @@ def by_length(
         # x per chunk would zero-fill a gradient of x's full size for every chunk)
         x = x[order]
         extra = [e[order] for e in extra]
+    if torch.jit.is_tracing():
+        # a traced loop is unrolled at the example's number of chunks, and each cut frozen at
+        # the example's length: a traced encoder (serving) runs the batch as one chunk, uncut,
+        # which is exact for any batch size
+        out = fn(x, valid[order], *extra)
+        out = F.pad(out, (0, 0, width - out.shape[1], 0))
+        return out[torch.argsort(order)] if reorder else out
     pieces = []
     chunks = [e.split(rows) for e in extra]
     parts = (x.split(rows), valid[order].split(rows), lengths[order].split(rows))
