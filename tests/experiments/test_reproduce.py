@@ -269,6 +269,30 @@ def test_ablations_on_fewer_seeds(tmp_path: Path) -> None:
         make_plan(dataclasses.replace(spec, ablation_seeds=0))
 
 
+def test_some_rows_on_more_seeds(tmp_path: Path) -> None:
+    """``--model-seeds``: the named main rows on their own seed count, the others on --seeds,
+    the ablations on theirs; malformed or unknown pairs fail before anything is written."""
+    spec = ReproduceSpec(
+        Path("unused"), tmp_path / "r", models=("aft", "two-tower"), seeds=2, ablation_seeds=1,
+        sweeps=False, model_seeds=("aft=4",),
+    )  # fmt: skip
+    plan = make_plan(spec)
+    assert plan.seeds["aft"] == [0, 1, 2, 3] and plan.seeds["two-tower"] == [0, 1]
+    assert plan.seeds["aft/no-mask"] == [0]
+    assert len(plan.jobs) == 4 + 2 + 4
+    assert "--model-seeds aft=4" in spec.command()
+    for bad, match in [
+        (("aft",), "expected MODEL=S"),
+        (("aft=x",), "expected MODEL=S"),
+        (("aft=0",), "at least 1"),
+        (("pop=3",), "'pop' is not among the models run"),
+        (("aft=3", "aft=4"), "given twice"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            make_plan(dataclasses.replace(spec, model_seeds=bad))
+    assert not (tmp_path / "r").exists()
+
+
 def test_overrides_apply_where_the_model_has_the_key() -> None:
     user = pl._parse_overrides(["model.dim=8", "aft:model.n_fakes=3", "train.lr=0.01"])
     assert model_overrides("pop", False, user) == ["train.lr=0.01"]

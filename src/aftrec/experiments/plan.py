@@ -89,6 +89,7 @@ class ReproduceSpec:
     jobs: int = 1  # runs trained at once, one process each
     report_only: bool = False  # train nothing; report the finished runs
     tuned: tuple[Path, ...] = ()  # `aftrec tune` directories (or their best.json), one per model
+    model_seeds: tuple[str, ...] = ()  # "MODEL=S": that main row on seeds 0..S-1, not --seeds
 
     @property
     def n_seeds(self) -> int:
@@ -124,6 +125,8 @@ class ReproduceSpec:
             argv += ["--jobs", str(self.jobs)]
         if self.tuned:
             argv += ["--tuned", *map(str, self.tuned)]
+        if self.model_seeds:
+            argv += ["--model-seeds", *self.model_seeds]
         if self.overrides:
             argv += ["--set", *self.overrides]
         return shlex.join(argv)
@@ -246,6 +249,26 @@ def _check_user_overrides(user: Sequence[tuple[str | None, str]], models: Sequen
             raise ConfigError(f"--set {pair}: no model run has a config key model.{name}")
 
 
+def parse_model_seeds(pairs: Sequence[str], models: Sequence[str]) -> dict[str, int]:
+    """``--model-seeds MODEL=S ...`` -> {model: S}: main rows trained on seeds 0..S-1 instead
+    of ``--seeds`` (e.g. the AFT rows on more seeds than the others)."""
+    out: dict[str, int] = {}
+    for pair in pairs:
+        model, sep, count = pair.partition("=")
+        model = model.strip()
+        if not sep or not count.strip().isdigit():
+            raise ConfigError(f"--model-seeds {pair}: expected MODEL=S, e.g. aft=5")
+        if model not in models:
+            raise ConfigError(f"--model-seeds {pair}: {model!r} is not among the models run")
+        if model in out:
+            raise ConfigError(f"--model-seeds: {model!r} is given twice")
+        n = int(count)
+        if n < 1:
+            raise ConfigError(f"--model-seeds {pair}: the seed count must be at least 1")
+        out[model] = n
+    return out
+
+
 def _fmt_point(x: float) -> str:
     return f"{x:g}"
 
@@ -273,6 +296,8 @@ def make_plan(spec: ReproduceSpec) -> Plan:
 
     entries: dict[str, Entry] = {m: Entry(m, m, m) for m in models}
     seeds = {m: list(range(spec.n_seeds)) for m in models}
+    for m, n in parse_model_seeds(spec.model_seeds, models).items():
+        seeds[m] = list(range(n))
     ablations: list[str] = []
     mask_points: list[tuple[float, str]] = []
     fake_points: list[tuple[int, str]] = []

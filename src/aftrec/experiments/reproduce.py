@@ -121,6 +121,7 @@ def _run(args: argparse.Namespace) -> None:
         jobs=args.jobs,
         report_only=args.report_only,
         tuned=tuple(args.tuned),
+        model_seeds=tuple(args.model_seeds),
     )
     res = reproduce(spec)
     print(
@@ -172,6 +173,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="`aftrec tune` directories (or their best.json), one per model: each model's "
         "runs take its tuned settings (before --set); the report lists them and the trial "
         "budgets",
+    )
+    p.add_argument(
+        "--model-seeds",
+        nargs="+",
+        default=[],
+        metavar="MODEL=S",
+        help="a main row on seeds 0..S-1 instead of --seeds, e.g. aft=5 aft-d=5 "
+        "(the ablations and sweeps keep theirs)",
     )
     p.add_argument(
         "--skip",
