@@ -1,0 +1,88 @@
+"""Issue 17's plan, one resumable command: tune on ML-100K, then the converged reports.
+
+Run: ``python benchmarks/converged_plan.py`` (``--dry-run`` prints the commands as they stand,
+trains nothing). The steps, in order (``benchmarks/results/budget_plan.md``):
+
+1. ``tune``: every model's Optuna study on ML-100K's validation split, 12 trials, epoch cap 30
+   (``benchmarks/tune_preset.py``, two studies at a time);
+2. ``ml-100k``: the ML-100K report with the tuned settings: every model on 5 seeds, Table 6's
+   ablations and the Fig. 3 sweeps on 3, epoch cap 50, into ``results/ml-100k-tuned-report``;
+3. ``ml-1m``: the ML-1M report with the settings tuned on ML-100K: every model on 3 seeds, the
+   AFT rows on 5, Table 6 on 1, no sweeps, epoch cap 30, validation on 1,000 users, into
+   ``results/ml-1m-tuned-report``.
+
+Every step is resumable (a finished study trains nothing; ``aftrec reproduce`` reuses finished
+runs and resumes half-trained ones), so the same command, run again in a later sitting, passes
+quickly over the finished steps and goes on where the last one stopped, and the machine never
+waits for someone to start the next step. A report step starts only once every study is
+complete (the tune step before it returned), and its ``--tuned`` list is read then. Two
+runs at a time with one torch thread each, as on this project's 2-core machine. A step that
+fails stops the plan with one line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TUNED = Path("results/ml-100k-tuned")
+#: the AFT rows: 5 seeds on ML-1M, where the others have 3
+AFT_ROWS = ("aft", "aft-d", "aft-hnm", "aft-paper")
+EVERY_RUN = ("--jobs", "2", "--set", "train.threads=1")
+
+
+def tuned_dirs() -> list[str]:
+    """The tuning studies (those with a ``best.json``), one directory per model, relative to
+    the repository root."""
+    return sorted(str(p.parent.relative_to(ROOT)) for p in (ROOT / TUNED).glob("*/best.json"))
+
+
+def steps() -> dict[str, list[str]]:
+    """Each step's command line, from the repository root, with the studies there are now."""
+    py = sys.executable
+    aftrec = [py, "-m", "aftrec", "reproduce"]
+    tuned = ["--tuned", *tuned_dirs()]
+    model_seeds = ["--model-seeds", *(f"{m}=5" for m in AFT_ROWS)]
+    return {
+        "tune": [
+            py, "benchmarks/tune_preset.py", "--data", "data/ml-100k", "--out", str(TUNED),
+            "--trials", "12", "--jobs", "2", "--set", "train.epochs=30",
+        ],
+        "ml-100k": [
+            *aftrec, "--data", "data/ml-100k", "--out", "results/ml-100k-tuned-report",
+            *tuned, "--seeds", "5", "--sweep-seeds", "3", "--ablation-seeds", "3", "--quiet",
+            *EVERY_RUN, "train.epochs=50",
+        ],
+        "ml-1m": [
+            *aftrec, "--data", "data/ml-1m", "--out", "results/ml-1m-tuned-report", *tuned,
+            "--seeds", "3", *model_seeds, "--ablation-seeds", "1", "--skip", "sweeps", "--quiet",
+            *EVERY_RUN, "train.epochs=30", "train.valid_users=1000",
+        ],
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run none")
+    args = parser.parse_args()
+    for name in steps():
+        argv = steps()[name]  # after the steps before it: the studies they finished
+        print(f"{time.strftime('%H:%M:%S')} step {name}: {shlex.join(argv)}", flush=True)
+        if args.dry_run:
+            continue
+        if name != "tune" and not tuned_dirs():
+            sys.exit(f"step {name}: no tuning study in {TUNED}")
+        t0 = time.time()
+        code = subprocess.run(argv, cwd=ROOT, check=False).returncode
+        if code != 0:
+            sys.exit(f"step {name} failed (exit {code}); run this command again to resume it")
+        print(f"{time.strftime('%H:%M:%S')} step {name} done ({(time.time() - t0) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
