@@ -9,8 +9,7 @@ trains nothing). The steps, in order (``benchmarks/results/budget_plan.md``):
    ablations and the Fig. 3 sweeps on 3, epoch cap 50, into ``results/ml-100k-tuned-report``;
 3. ``ml-1m``: the ML-1M report with the settings tuned on ML-100K: every model on 3 seeds, the
    paper's three AFT rows on 5, Table 6 on 1, no sweeps, epoch cap 30, validation on 1,000
-   users, into
-   ``results/ml-1m-tuned-report``.
+   users, into ``results/ml-1m-tuned-report``.
 
 Every step is resumable (a finished study trains nothing; ``aftrec reproduce`` reuses finished
 runs and resumes half-trained ones), so the same command, run again in a later sitting, passes
