@@ -104,12 +104,15 @@ class BERT4Rec(RetrievalModel):
             cloze = valid & (torch.rand(b, s, device=seq.device) < mask_prob)
         masked = torch.cat([cloze, cloze.new_ones(b, 1)], dim=1)  # (B, S + 1), [MASK] last
         tokens = torch.cat([seq, seq.new_full((b, 1), self.info.pad)], dim=1)
-        # [MASK] is one more row of the item table: one lookup, not a lookup and a select
-        tokens = tokens.masked_fill(masked, self.item_emb.num_embeddings)
-        table = torch.cat([self.item_emb.weight, self.mask_token.unsqueeze(0)])
         attend = torch.cat([valid, valid.new_ones(b, 1)], dim=1)  # the [MASK] always attends
         order = length_order(attend)  # the grid is built in by_length's order of rows
-        x = F.embedding(tokens[order], table, padding_idx=self.info.pad)  # (B, S + 1, d)
+        tokens, masked = tokens[order], masked[order]
+        if self.item_emb.sparse:  # sparse gradients for the item table: look it up itself
+            x = torch.where(masked.unsqueeze(-1), self.mask_token, self.item_emb(tokens))
+        else:  # [MASK] as one more row of the item table: one lookup, not a lookup and a select
+            table = torch.cat([self.item_emb.weight, self.mask_token.unsqueeze(0)])
+            mask_id = self.item_emb.num_embeddings
+            x = F.embedding(tokens.masked_fill(masked, mask_id), table, self.info.pad)
         positions = torch.arange(self.history_len - s, self.history_len + 1, device=seq.device)
         x = self.drop(x + self.pos_emb(positions))  # (B, S + 1, d)
         out = by_length(self._blocks, x, attend, order=order, reorder=False)  # rows in `order`
