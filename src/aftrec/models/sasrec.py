@@ -241,17 +241,17 @@ def by_length(
         # which is exact for any batch size
         out = fn(x, valid[order], *extra)
         out = F.pad(out, (0, 0, width - out.shape[1], 0))
-        return out[torch.argsort(order)] if reorder else out
-    pieces = []
-    chunks = [e.split(rows) for e in extra]
-    parts = (x.split(rows), valid[order].split(rows), lengths[order].split(rows))
-    for i, (xc, vc, lc) in enumerate(zip(*parts, strict=True)):
-        keep = max(1, int(lc.max()))
-        more = [c[i] for c in chunks]
-        out = fn(xc[:, s - keep :], vc[:, s - keep :], *more)  # (n, keep or fewer, d)
-        assert out.shape[1] <= width, "fn returned more positions than width"
-        pieces.append(F.pad(out, (0, 0, width - out.shape[1], 0)))  # (n, width, d), right-aligned
-    out = torch.cat(pieces)
+    else:
+        pieces = []
+        chunks = [e.split(rows) for e in extra]
+        parts = (x.split(rows), valid[order].split(rows), lengths[order].split(rows))
+        for i, (xc, vc, lc) in enumerate(zip(*parts, strict=True)):
+            keep = max(1, int(lc.max()))
+            more = [c[i] for c in chunks]
+            piece = fn(xc[:, s - keep :], vc[:, s - keep :], *more)  # (n, keep or fewer, d)
+            assert piece.shape[1] <= width, "fn returned more positions than width"
+            pieces.append(F.pad(piece, (0, 0, width - piece.shape[1], 0)))  # right-aligned
+        out = torch.cat(pieces)
     return out[torch.argsort(order)] if reorder else out
 
 
