@@ -10,6 +10,8 @@ import hashlib
 import io
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +142,22 @@ def run_copy(pipeline: Pipeline, tmp_path: Path) -> Path:
 def test_models_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models"]) == 0
     assert {"pop", "two-tower"} <= set(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("module", ["aftrec", "aftrec.cli"])
+def test_python_dash_m_exits_with_the_commands_status(module: str, tmp_path: Path) -> None:
+    """``python -m aftrec`` is what the plan drivers run (``benchmarks/converged_plan.py``,
+    ``tune_preset.py``): a failed command must exit non-zero there too, not 0."""
+    bad = [sys.executable, "-m", module, "train", "--data", str(tmp_path / "none")]
+    proc = subprocess.run(
+        [*bad, "--model", "pop", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith("error: ") and "not a prepared dataset" in proc.stderr
+    ok = subprocess.run([sys.executable, "-m", module, "models"], capture_output=True, check=False)
+    assert ok.returncode == 0
 
 
 def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
