@@ -13,7 +13,9 @@ other moves a weight by ``lr`` in one only, and training amplifies that like a n
 float64 the same function stays equal to about 1e-12; a real difference does not. A change
 that draws dropout's random numbers for other elements (or in another order) trains a
 different but equally distributed run: compare it with dropout off, ``sasrec:model.dropout=0
-:model.attn_dropout=0`` (a model name may carry ``:KEY=VALUE`` overrides).
+:model.attn_dropout=0`` (a model name may carry ``:KEY=VALUE`` overrides). A model renamed
+between the checkouts is given as ``HERE/BASE``: ``aft-paper/aft:model.dropout=0`` trains
+``aft-paper`` here and ``aft`` in the base checkout.
 """
 
 from __future__ import annotations
@@ -72,8 +74,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             a, b = Path(tmp) / "base.pt", Path(tmp) / "here.pt"
-            train(args.base, args.data, name, args.steps, args.dtype, a)
-            train(here, args.data, name, args.steps, args.dtype, b)
+            model, _, over = name.partition(":")
+            mine, _, theirs = model.partition("/")  # HERE/BASE: the model's name in each
+            base_name = ":".join(filter(None, [theirs or mine, over]))
+            train(args.base, args.data, base_name, args.steps, args.dtype, a)
+            train(here, args.data, ":".join(filter(None, [mine, over])), args.steps, args.dtype, b)
             sa, sb = torch.load(a), torch.load(b)
             rel = {
                 k: float((sa[k] - sb[k]).abs().max() / sa[k].abs().max().clamp(min=1e-30))

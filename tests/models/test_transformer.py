@@ -51,6 +51,19 @@ def test_forward_and_gradients_equal_torch(
         torch.testing.assert_close(a, b)
 
 
+def test_building_draws_what_torchs_encoder_draws() -> None:
+    """Building the encoder takes as many random numbers as ``nn.TransformerEncoder``, so what
+    a model builds after it (an embedding table, a ConvE filter) is initialised as before: the
+    same seed gives the same model as with torch's encoder (issue 16, "same seed, same run")."""
+    pair(64, 8, 4, False, "relu")  # seeds 3, builds torch's, seeds 3, builds this one
+    after_new = torch.rand(8)
+    torch.manual_seed(3)
+    nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(64, 8, 256, 0.1, batch_first=True), 4, enable_nested_tensor=False
+    )
+    torch.testing.assert_close(after_new, torch.rand(8), rtol=0, atol=0)
+
+
 def test_a_torch_checkpoint_loads_and_computes_the_same() -> None:
     ref, _ = pair(32, 4, 3, False, "relu")
     new = TransformerEncoder(32, 4, 3, 128, 0.1)

@@ -201,7 +201,10 @@ class TransformerEncoder(nn.Module):
             d_model=dim, nhead=heads, dim_feedforward=ff_dim, dropout=dropout,
             activation=activation, batch_first=True, norm_first=norm_first,
         )  # fmt: skip
-        layer = EncoderLayer(dim, heads, ff_dim, dropout, attn_dropout, norm_first, activation)
+        # the block's own initialisation is overwritten by the reference's: drawn on a fork of
+        # the generator, so that it does not shift the draws of whatever the model builds next
+        with torch.random.fork_rng(devices=[]):
+            layer = EncoderLayer(dim, heads, ff_dim, dropout, attn_dropout, norm_first, activation)
         layer.load_state_dict(reference.state_dict())  # torch's initialisation, same draws
         self.layers = nn.ModuleList([copy.deepcopy(layer) for _ in range(layers)])
 
