@@ -51,6 +51,37 @@ def test_health_and_schema(client: httpx.Client, bundle: Path) -> None:
     assert {"user", "behaviours", "domain", "n", "exclude_seen", "trial"} <= set(props)
 
 
+def test_serving_flushes_subnormals_and_puts_the_mode_back(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``aftrec serve`` reads subnormal floats as zero while it serves (aftrec.numerics): an
+    older bundle's decayed weights would make every product slow. The server's threads
+    inherit the mode; the caller's comes back when serving ends."""
+    import torch
+    import uvicorn
+
+    from aftrec.numerics import flushing
+    from aftrec.serving.cli import serve_bundle
+
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    torch.set_flush_denormal(False)
+    seen: list[bool] = []
+
+    def run(app: Any, **kwargs: Any) -> None:  # uvicorn.run: serve, here note the mode
+        seen.append(flushing())
+        box: list[bool] = []
+        thread = threading.Thread(target=lambda: box.append(flushing()))
+        thread.start()
+        thread.join()
+        seen.extend(box)
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    serve_bundle(bundle, port=1)
+    assert seen == [True, True]
+    assert not flushing()
+
+
 def test_recommend_equals_in_process(client: httpx.Client, bundle: Path) -> None:
     rec = Recommender.load(bundle)
     r = client.post("/recommend", json={"user": "12", "domain": "d1", "n": 50})

@@ -1,12 +1,14 @@
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from aftrec.config import resolve
 from aftrec.errors import CheckpointError, ConfigError
-from aftrec.training import checkpoint
+from aftrec.numerics import flushing
+from aftrec.training import checkpoint, trainer
 from aftrec.training.rundir import load_run
 from aftrec.training.trainer import train
 from tests.conftest import FAST
@@ -26,6 +28,51 @@ def test_same_seed_same_result(tiny_dir: Path, tmp_path: Path) -> None:
     train(tiny_dir, other, tmp_path / "c", progress=False)
     w_a, w_c = _weights(tmp_path / "a"), _weights(tmp_path / "c")
     assert any(not torch.equal(w_a[k], w_c[k]) for k in w_a)
+
+
+def test_training_flushes_subnormals_and_puts_the_mode_back(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose weights decay into the subnormal range must not slow down tenfold
+    (aftrec.numerics): its steps run with subnormals flushed, and the caller's mode is the
+    same after train() as before it."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    torch.set_flush_denormal(False)
+    seen: list[bool] = []
+    make_step = trainer.make_step
+
+    class Spy:
+        """The trainer's step, noting the mode at each call."""
+
+        def __init__(self, step: Any) -> None:
+            self.step = step
+
+        def __call__(self, batch: Any) -> Any:
+            seen.append(flushing())
+            return self.step(batch)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.step, name)
+
+    monkeypatch.setattr(trainer, "make_step", lambda *a, **k: Spy(make_step(*a, **k)))
+    train(tiny_dir, resolve("two-tower", overrides=FAST), tmp_path / "a", progress=False)
+    assert seen and all(seen)
+    assert not flushing()
+
+
+def test_a_loaded_run_has_no_subnormal_weights(tiny_dir: Path, tmp_path: Path) -> None:
+    """Evaluation, recommendations and export load a run through load_run: its decayed
+    weights come back with their subnormal entries set to zero, the rest unchanged."""
+    run = tmp_path / "a"
+    train(tiny_dir, resolve("two-tower", overrides=FAST), run, progress=False)
+    state = checkpoint.load(run / "best.pt")
+    key = next(k for k, v in state["model"].items() if v.is_floating_point() and v.numel() > 2)
+    state["model"][key].view(-1)[:2] = torch.tensor([1e-39, 0.5])
+    checkpoint.save(state, run / "best.pt")
+    _, _, model = load_run(run)
+    loaded = model.state_dict()[key].view(-1)
+    assert loaded[0].item() == 0.0 and loaded[1].item() == 0.5
 
 
 def test_resume_continues_exactly(tiny_dir: Path, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aftrec.errors import ConfigError
+from aftrec.numerics import subnormals_flushed
 from aftrec.serving.batching import MAX_BATCH, THREADS, WAIT_MS, BatchSettings
 from aftrec.serving.index import KINDS
 
@@ -62,6 +63,7 @@ def _export(args: argparse.Namespace) -> None:
             print(f"  {channel} {ix['domain']}: {ix['kind']} over {ix['n']} items, {how}")
 
 
+@subnormals_flushed()  # for the server's life; its threads inherit the mode (aftrec.numerics)
 def serve_bundle(
     bundle: Path,
     host: str = "127.0.0.1",
@@ -178,7 +180,10 @@ def _load_app(
 def worker_app() -> FastAPI:
     """One worker process's app under ``aftrec serve --workers N`` (uvicorn's factory), from
     the settings :func:`serve_bundle` put in ``$AFTREC_SERVE_WORKER``."""
+    import torch
+
     settings = json.loads(os.environ[WORKER_ENV])
+    torch.set_flush_denormal(True)  # a worker process only serves (aftrec.numerics)
     logging.getLogger("aftrec.serving").setLevel(str(settings["log_level"]).upper())
     root = settings["bundle_root"]
     return _load_app(

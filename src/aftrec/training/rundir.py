@@ -28,6 +28,7 @@ from aftrec.data.dataset import Dataset
 from aftrec.environment import versions
 from aftrec.errors import CheckpointError
 from aftrec.models.base import RetrievalModel
+from aftrec.numerics import zero_subnormals
 from aftrec.outputs import atomic_write_text
 from aftrec.registry import create_model
 from aftrec.training import checkpoint
@@ -75,7 +76,9 @@ def run_data_dir(run: Path) -> Path:
 
 
 def load_run(run: Path, which: str = "best") -> tuple[RunConfig, Dataset, RetrievalModel]:
-    """The config, dataset and model weights of a finished (or interrupted) run."""
+    """The config, dataset and model weights of a finished (or interrupted) run, subnormal
+    weights set to zero (:mod:`aftrec.numerics`): a trained model's decayed weights would
+    otherwise make its evaluation, recommendations and exported bundle slow."""
     run = Path(run)
     cfg = load_run_config(run)
     data = Dataset(run_data_dir(run))
@@ -87,6 +90,7 @@ def load_run(run: Path, which: str = "best") -> tuple[RunConfig, Dataset, Retrie
         raise CheckpointError(
             f"{run / f'{which}.pt'}: does not fit model {cfg.model_name!r}: {exc}"
         ) from exc
+    zero_subnormals(model)
     model.eval()
     return cfg, data, model
 

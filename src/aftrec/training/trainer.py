@@ -33,6 +33,7 @@ from aftrec.data.shards import load_shards
 from aftrec.errors import CheckpointError, ConfigError, TrainingError
 from aftrec.evaluation.evaluate import Evaluator
 from aftrec.models.base import RetrievalModel
+from aftrec.numerics import subnormals_flushed
 from aftrec.registry import create_model
 from aftrec.training import checkpoint, rundir, tracking
 from aftrec.training.distributed import SINGLE, Context, peak_rss_mib, shards_of
@@ -61,6 +62,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
+@subnormals_flushed()  # a run must not slow down tenfold as its weights decay toward zero
 def train(
     data_dir: Path,
     cfg: RunConfig | None,
