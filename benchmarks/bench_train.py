@@ -36,6 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as aftrec.train steps (aftrec.numerics)
     data = Dataset(args.data)
     base_cfg = resolve("two-tower")
     loader = TrainLoader(data.train, data.info, base_cfg.data.history_len,

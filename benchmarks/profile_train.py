@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--tag", default="after")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # as aftrec.train steps (aftrec.numerics)
     data = Dataset(args.data)
     cfg = resolve("two-tower")
     loader = TrainLoader(data.train, data.info, cfg.data.history_len, cfg.train.batch_size,
