@@ -22,6 +22,7 @@ renamed. Readers see the old output or the new one, never half of one.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
@@ -53,6 +54,28 @@ def output_error(out: Path, exc: OSError) -> OutputError:
         return OutputError(f"cannot write {out}: {blocker} is a file, not a folder")
     where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out) else ""
     return OutputError(f"cannot write {out}: {_reason(exc)}{where}")
+
+
+@contextmanager
+def held(folder: Path, name: str, busy: str) -> Iterator[None]:
+    """Hold the lock file ``folder/name`` for the block, or raise :class:`OutputError` with
+    ``busy`` when another process holds it (``flock``: released when the holder ends, however
+    it ends, so a killed process leaves no stale lock). ``folder`` must exist. One process at
+    a time works on a run, a study or a report: two would interleave their logs and replace
+    each other's checkpoints."""
+    try:
+        fh = open(Path(folder) / name, "a")  # noqa: SIM115  (held for the block)
+    except OSError as exc:
+        raise output_error(Path(folder), exc) from exc
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(busy) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def check_writable(out: Path, folder: bool = False) -> None:

@@ -17,14 +17,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from aftrec.errors import ConfigError
+from aftrec.errors import ConfigError, OutputError
 from aftrec.experiments import execute as ex
 from aftrec.experiments import plan as pl
 from aftrec.experiments.plan import Entry, ReproduceSpec, make_plan, model_overrides
 from aftrec.experiments.report import Row, format_cell, metric_table, rank_marks
-from aftrec.experiments.reproduce import add_parser, reproduce
+from aftrec.experiments.reproduce import LOCK, add_parser, reproduce
 from aftrec.experiments.results import Cell, Column, EntryResult, RunOutcome, finished
 from aftrec.experiments.stats import PairedTest, seed_test, significance, user_test
+from aftrec.outputs import held
 from aftrec.registry import available_models
 from aftrec.training import checkpoint, rundir
 
@@ -514,6 +515,19 @@ def test_report_only_trains_nothing_and_lists_the_runs_not_run(
     assert "| `pop` | 1 run (deterministic) |" in text
 
 
+def test_one_call_at_a_time_works_on_a_report(tiny_dir: Path, tmp_path: Path) -> None:
+    """Two calls on one report would train the same runs at once; the second is refused
+    with one error, and the first's runs are untouched."""
+    out = tmp_path / "report"
+    out.mkdir()
+    spec = ReproduceSpec(tiny_dir, out, quick=True, models=("pop",), ablations=False,
+                         sweeps=False, overrides=tuple(THREADS), progress=False)  # fmt: skip
+    with held(out, LOCK, "held"), pytest.raises(OutputError, match="another `aftrec repro"):
+        reproduce(spec)
+    assert not (out / "report.md").exists()
+    assert reproduce(spec).trained == 1  # the lock file alone is no obstacle
+
+
 def test_best_epoch_time_sums_epochs_up_to_the_best(tmp_path: Path) -> None:
     log = [
         {"epoch": 1, "valid_recall@50": 0.2, "train_seconds": 10.0, "valid_seconds": 1.0},
@@ -589,7 +603,8 @@ def test_report_written_atomically_leaves_no_temp_files(tiny_dir: Path, tmp_path
         ReproduceSpec(tiny_dir, out, quick=True, models=("pop",), overrides=tuple(THREADS),
                       progress=False)
     )  # fmt: skip
-    names = ["recall50.png", "report.md", "results.json", "runs"]  # pop: no validation curve
+    # pop: no validation curve; the lock file stays (a flock, held only while a call runs)
+    names = ["recall50.png", "report.md", "reproduce.lock", "results.json", "runs"]
     assert sorted(p.name for p in out.iterdir()) == names
     assert os.path.getsize(out / "report.md") > 0
     assert "`aft` is not among the models" in (out / "report.md").read_text()

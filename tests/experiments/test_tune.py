@@ -16,9 +16,10 @@ import pytest
 from aftrec.cli import main
 from aftrec.config import RunConfig, parse_overrides, resolve
 from aftrec.data.dataset import Dataset
-from aftrec.errors import TrainingError
+from aftrec.errors import OutputError, TrainingError
 from aftrec.experiments import tune as tn
 from aftrec.experiments.tune import TrialOutcome, TuneSpec, read_best, tune
+from aftrec.outputs import held
 from aftrec.registry import DROPOUT, TRAINED, available_models, registration
 from aftrec.training.rundir import load_run_config
 from tests.conftest import FAST
@@ -149,7 +150,7 @@ def test_a_second_call_on_a_busy_directory_is_refused(
 ) -> None:
     out = tmp_path / "busy"
     out.mkdir()
-    with tn._locked(out), pytest.raises(tn.ConfigError, match="another `aftrec tune`"):
+    with held(out, tn.LOCK, "held"), pytest.raises(OutputError, match="another `aftrec tune`"):
         tune(_spec(tiny_dir, out, 1))
     assert tune(_spec(tiny_dir, out, 1)).ran == 1  # the lock file alone is no obstacle
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from aftrec.config import resolve
-from aftrec.errors import CheckpointError, ConfigError
+from aftrec.errors import CheckpointError, ConfigError, DataError, OutputError
 from aftrec.numerics import flushing
-from aftrec.training import checkpoint, trainer
+from aftrec.outputs import held
+from aftrec.training import checkpoint, rundir, trainer
 from aftrec.training.rundir import load_run
 from aftrec.training.trainer import train
 from tests.conftest import FAST
@@ -73,6 +74,30 @@ def test_a_loaded_run_has_no_subnormal_weights(tiny_dir: Path, tmp_path: Path) -
     _, _, model = load_run(run)
     loaded = model.state_dict()[key].view(-1)
     assert loaded[0].item() == 0.0 and loaded[1].item() == 0.5
+
+
+def test_one_process_at_a_time_trains_a_run(tiny_dir: Path, tmp_path: Path) -> None:
+    """Two processes on one run interleaved log.jsonl (28 lines for 15 epochs) and replaced
+    each other's checkpoints: while one holds the run, a second train, fresh or resumed, is
+    refused; once the first is done, the run resumes."""
+    cfg = resolve("two-tower", overrides=FAST)
+    run = tmp_path / "a"
+    run.mkdir()
+    with held(run, rundir.LOCK, "held"), pytest.raises(OutputError, match="another process"):
+        train(tiny_dir, cfg, run, progress=False)
+    assert not (run / rundir.LAST).exists()
+    done = train(tiny_dir, cfg, run, progress=False)
+    with held(run, rundir.LOCK, "held"), pytest.raises(OutputError, match="another process"):
+        train(tiny_dir, None, run, resume=True, progress=False)
+    assert train(tiny_dir, None, run, resume=True, progress=False).best_epoch == done.best_epoch
+    assert len(rundir.epoch_log(run)) == done.epochs_run
+
+
+def test_a_run_that_never_starts_leaves_no_folder(tmp_path: Path) -> None:
+    cfg = resolve("two-tower", overrides=FAST)
+    with pytest.raises(DataError):
+        train(tmp_path / "no-data", cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_continues_exactly(tiny_dir: Path, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aftrec.experiments.execute import _fmt_duration, execute
 from aftrec.experiments.plan import ALPHA, DEFAULT_SEEDS, Plan, ReproduceSpec, make_plan
@@ -35,6 +35,10 @@ from aftrec.experiments.results import (
     recall_columns,
 )
 from aftrec.experiments.stats import seed_averaged_per_user, significance
+from aftrec.outputs import held
+
+if TYPE_CHECKING:
+    from aftrec.data.dataset import Dataset
 
 # Only the standard library at import time: ``aftrec --help`` builds this command's parser.
 # numpy, pandas, torch and scipy are imported where they are used.
@@ -51,13 +55,14 @@ def collect(plan: Plan, outcomes: dict[Path, RunOutcome]) -> dict[str, EntryResu
     }
 
 
-def reproduce(spec: ReproduceSpec) -> Summary:
-    """Train and evaluate every planned run, then write ``REPORT_DIR/report.md``."""
-    import pandas as pd
+LOCK = "reproduce.lock"  # held while a call works on REPORT_DIR
 
+
+def reproduce(spec: ReproduceSpec) -> Summary:
+    """Train and evaluate every planned run, then write ``REPORT_DIR/report.md``. One call at
+    a time works on a report (``REPORT_DIR/reproduce.lock``); a second is refused."""
     from aftrec.data.dataset import Dataset
     from aftrec.environment import environment
-    from aftrec.experiments.report import write_report
 
     started_wall = time.strftime("%Y-%m-%d %H:%M:%S %z")
     t0 = time.perf_counter()
@@ -65,6 +70,24 @@ def reproduce(spec: ReproduceSpec) -> Summary:
     plan = make_plan(spec)
     Path(spec.out).mkdir(parents=True, exist_ok=True)
     env = environment()  # before training: the load average of the machine we were given
+    busy = f"{spec.out}: another `aftrec reproduce` is working on this report"
+    with held(Path(spec.out), LOCK, busy):  # one at a time: both would train the same runs
+        return _report(spec, data, plan, env, started_wall, t0)
+
+
+def _report(
+    spec: ReproduceSpec,
+    data: Dataset,
+    plan: Plan,
+    env: dict[str, Any],
+    started_wall: str,
+    t0: float,
+) -> Summary:
+    """Train what the plan still needs, then write the report (under the report's lock)."""
+    import pandas as pd
+
+    from aftrec.experiments.report import write_report
+
     outcomes = execute(plan)
     entries = collect(plan, outcomes)
     main_rows = list(plan.models)

@@ -27,21 +27,19 @@ from ``last.pt`` (or restarting it when it died before its first epoch); ``best.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import io
 import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aftrec.errors import ConfigError, DataError, TrainingError
-from aftrec.outputs import atomic_write_text, check_writable
+from aftrec.outputs import atomic_write_text, check_writable, held
 from aftrec.registry import Range, registration
 
 if TYPE_CHECKING:
@@ -175,20 +173,6 @@ def _study_attrs(spec: TuneSpec, space: Mapping[str, Range]) -> dict[str, Any]:
         "space": space_json(space),
         "startup_trials": spec.startup_trials,
     }
-
-
-@contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Hold ``DIR/study.lock`` (released when the process ends, however it ends)."""
-    with open(out / LOCK, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"{out}: another `aftrec tune` is working on it") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _open_study(spec: TuneSpec, space: Mapping[str, Range]) -> optuna.Study:
@@ -326,7 +310,7 @@ def tune(spec: TuneSpec) -> TuneResult:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ran = 0
     try:
-        with _locked(out):
+        with held(out, LOCK, f"{out}: another `aftrec tune` is working on it"):
             study = _open_study(spec, st.space)
             running = optuna.trial.TrialState.RUNNING
             for frozen in study.get_trials(deepcopy=False, states=(running,)):

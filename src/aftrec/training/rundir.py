@@ -38,6 +38,7 @@ META = "run.json"
 LAST = "last.pt"
 BEST = "best.pt"
 LOG = "log.jsonl"
+LOCK = "run.lock"  # held by the process training the run (aftrec.outputs.held)
 TENSORBOARD = "tensorboard"
 MLFLOW = "mlruns"
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from aftrec.errors import CheckpointError, ConfigError, TrainingError
 from aftrec.evaluation.evaluate import Evaluator
 from aftrec.models.base import RetrievalModel
 from aftrec.numerics import subnormals_flushed
+from aftrec.outputs import held, make_dirs
 from aftrec.registry import create_model
 from aftrec.training import checkpoint, rundir, tracking
 from aftrec.training.distributed import SINGLE, Context, peak_rss_mib, shards_of
@@ -78,8 +80,34 @@ def train(
     without it, each epoch ends with one line logged at INFO (:func:`epoch_line`).
 
     ``resume_set`` overrides the saved config of a resumed run (the CLI allows only
-    ``train.epochs``, to train a finished run for longer)."""
+    ``train.epochs``, to train a finished run for longer).
+
+    One process at a time trains a run: the main process holds ``out/run.lock`` throughout,
+    and a second ``train`` of the same run (a fresh one or ``--resume``) is refused with
+    :class:`~aftrec.errors.OutputError`."""
     out = Path(out)
+    if not ctx.main:  # rank 0 holds the lock for the job
+        return _train(data_dir, cfg, out, resume, progress, ctx, resume_set)
+    created = not out.exists()
+    make_dirs(out)
+    try:
+        with held(out, rundir.LOCK, f"{out}: another process is training this run"):
+            return _train(data_dir, cfg, out, resume, progress, ctx, resume_set)
+    except BaseException:
+        if created and [p.name for p in out.iterdir()] == [rundir.LOCK]:
+            shutil.rmtree(out, ignore_errors=True)  # a run that never started leaves nothing
+        raise
+
+
+def _train(
+    data_dir: Path,
+    cfg: RunConfig | None,
+    out: Path,
+    resume: bool,
+    progress: bool,
+    ctx: Context,
+    resume_set: list[str] | None,
+) -> TrainResult:
     progress = progress and ctx.main
     cfg, state = _config_and_state(cfg, out, resume, resume_set, ctx)
     if ctx.main:  # a tracker's missing package stops the run before it writes anything
