@@ -239,3 +239,24 @@ def test_a_bundle_honours_the_umask(tmp_path: Path, trained: Path) -> None:
         assert main(["export", "--run", str(trained), "--out", str(out)]) == 0
     assert mode(out) == 0o755 and mode(out / "encoder") == 0o755
     assert {mode(p) for p in out.rglob("*") if p.is_file()} == {0o644}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_force_replaces_a_prepared_dataset_not_any_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, streaming: bool
+) -> None:
+    """``--force`` deletes the old --out: a prepared dataset or an empty folder only. A folder
+    of datasets, or the folder the log itself sits in, is refused and left as it was."""
+    inter, items = make_log()
+    ip = write(inter, tmp_path / "in" / "inter.csv")
+    mp = write(items, tmp_path / "in" / "items.csv")
+    flag = ["--streaming"] if streaming else []
+    for out in (tmp_path / "in", tmp_path):
+        assert main([*prepare_argv(ip, mp, out), "--force", *flag]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {out} exists and is not a prepared dataset" in err, err
+    assert ip.is_file() and mp.is_file()
+    out = tmp_path / "data"
+    assert main([*prepare_argv(ip, mp, out), *flag]) == 0
+    assert main([*prepare_argv(ip, mp, out), "--force", *flag]) == 0
+    assert read_meta(out)["counts"]

@@ -163,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--valid", type=Path, help="pre-split validation log (optional)")
     pp.add_argument("--test", type=Path, help="pre-split test log")
     pp.add_argument("--out", type=Path, required=True)
-    pp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    pp.add_argument(
+        "--force", action="store_true",
+        help="replace --out if it is a prepared dataset (or an empty folder)",
+    )  # fmt: skip
     pp.add_argument(
         "--rating-threshold",
         type=float,

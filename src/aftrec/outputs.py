@@ -56,6 +56,24 @@ def output_error(out: Path, exc: OSError) -> OutputError:
     return OutputError(f"cannot write {out}: {_reason(exc)}{where}")
 
 
+def check_replaceable(out: Path, marker: str, kind: str) -> None:
+    """With ``--force``, an existing ``out`` is replaced, that is deleted: allow it only for
+    a ``kind`` (a folder holding ``marker``, e.g. a bundle's ``manifest.json``) or an empty
+    folder. Anything else, a run, a folder of datasets or runs, a home directory, a file, is
+    refused with :class:`OutputError`: ``aftrec export --run runs/tt --out runs --force``
+    would otherwise delete every run, the exported one included."""
+    out = Path(out)
+    if not (out.exists() or out.is_symlink()):
+        return
+    folder = out.is_dir() and not out.is_symlink()
+    if folder and ((out / marker).is_file() or not any(out.iterdir())):
+        return
+    raise OutputError(
+        f"{out} exists and is not a {kind}: --force replaces a {kind} (or an empty folder) "
+        "only; choose another --out"
+    )
+
+
 @contextmanager
 def held(folder: Path, name: str, busy: str) -> Iterator[None]:
     """Hold the lock file ``folder/name`` for the block, or raise :class:`OutputError` with

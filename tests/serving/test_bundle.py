@@ -233,6 +233,28 @@ def test_serve_refuses_a_bad_manifest_in_one_line(
     assert len(err) == 1 and err[0].startswith("error: ") and "encoder: Field required" in err[0]
 
 
+def test_force_replaces_a_bundle_not_a_run_or_a_folder_of_runs(
+    root: Path, tiny_dir: Path, bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--force`` replaces (deletes) the old --out: a bundle or an empty folder only. Given the
+    run itself, or the folder of runs it sits in, export used to delete them and write the
+    bundle in their place."""
+    runs = tmp_path / "runs"
+    run = runs / "tt"
+    shutil.copytree(trained_run(root, tiny_dir), run)
+    before = sorted(p.name for p in run.iterdir())
+    for out in (run, runs):
+        assert main(["export", "--run", str(run), "--out", str(out), "--force"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {out} exists and is not a bundle" in err, err
+    assert sorted(p.name for p in run.iterdir()) == before
+    again = tmp_path / "again"
+    shutil.copytree(bundle, again)
+    assert main(["export", "--run", str(run), "--out", str(again), "--force"]) == 0
+    (tmp_path / "empty").mkdir()
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "empty"), "--force"]) == 0
+
+
 def test_not_a_folder(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="no bundle here"):
         Recommender.load(tmp_path / "nothing")

@@ -44,7 +44,7 @@ from aftrec.data.split import (
     split_positives,
 )
 from aftrec.errors import DataError
-from aftrec.outputs import atomic_directory, check_writable
+from aftrec.outputs import atomic_directory, check_replaceable, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ def prepare(
     if out.exists() and not force:
         raise DataError(f"{out} already exists; pass --force to replace it")
     check_writable(out, folder=True)
+    check_replaceable(out, "meta.json", "prepared dataset")
     started = time.perf_counter()
     raw = validate(raw)
     domains = [str(d) for d in (raw.domains or [])]

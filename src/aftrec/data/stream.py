@@ -100,7 +100,7 @@ from aftrec.data.split import (
     split_positives,
 )
 from aftrec.errors import DataError
-from aftrec.outputs import atomic_directory, check_writable
+from aftrec.outputs import atomic_directory, check_replaceable, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -512,6 +512,7 @@ def prepare_streaming(
     if out.exists() and not force:
         raise DataError(f"{out} already exists; pass --force to replace it")
     check_writable(out, folder=True)
+    check_replaceable(out, "meta.json", "prepared dataset")
     started = time.perf_counter()
     files, kind = _list_files(Path(interactions))  # read in the in-memory path's order
     cat, mo = read_table(items)

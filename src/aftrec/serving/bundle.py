@@ -71,7 +71,7 @@ from aftrec.data.loader import Batch, make_batch
 from aftrec.environment import versions
 from aftrec.errors import CheckpointError
 from aftrec.models.base import RetrievalModel
-from aftrec.outputs import atomic_directory, check_writable, unfinished
+from aftrec.outputs import atomic_directory, check_replaceable, check_writable, unfinished
 from aftrec.serving.index import BuiltIndex, FaissIndex, IndexSpec, build_index, faiss_module
 
 FORMAT = "aftrec-bundle"
@@ -494,6 +494,7 @@ def write_bundle(
     _validate_contents(contents)
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; pass --force to replace it")
+    check_replaceable(out, MANIFEST, "bundle")
     with atomic_directory(out) as tmp:
         return _write_files(contents, tmp, spec, threads)
 
@@ -602,6 +603,7 @@ def export_run(
     if Path(out).exists() and not force:
         raise BundleError(f"{out} already exists; pass --force to replace it")
     check_writable(Path(out), folder=True)
+    check_replaceable(Path(out), MANIFEST, "bundle")
     cfg, data, model = load_run(Path(run), which)
     weights = Path(run) / f"{which}.pt"
     info = {

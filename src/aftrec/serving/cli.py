@@ -263,7 +263,9 @@ def add_parsers(sub: Any) -> None:
     )
     px.add_argument("--target-recall", type=float, default=0.97, help="recall@200 vs exact")
     px.add_argument("--threads", type=int, default=0, help="FAISS build threads (0: all)")
-    px.add_argument("--force", action="store_true", help="replace --out if it exists")
+    px.add_argument(
+        "--force", action="store_true", help="replace --out if it is a bundle (or an empty folder)"
+    )
     px.set_defaults(func=_export)
 
     # no abbreviations: "--admin-token SECRET" must not pass as --admin-token-file
