@@ -93,6 +93,26 @@ def test_one_process_at_a_time_trains_a_run(tiny_dir: Path, tmp_path: Path) -> N
     assert len(rundir.epoch_log(run)) == done.epochs_run
 
 
+def test_a_fresh_run_does_not_overwrite_files_that_are_not_a_runs(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """``aftrec train --config config.yaml --out .`` wrote the resolved config over the user's
+    own config.yaml; a folder holding a run's file names but no run.json is refused. What a
+    run killed before its first checkpoint left (run.json beside them) is replaced."""
+    cfg = resolve("two-tower", overrides=FAST)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("model:\n  name: two-tower\n")
+    with pytest.raises(ConfigError, match=r"holds config\.yaml but no run"):
+        train(tiny_dir, cfg, mine, progress=False)
+    assert (mine / "config.yaml").read_text() == "model:\n  name: two-tower\n"
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    for name in ("config.yaml", "run.json", "log.jsonl"):
+        (killed / name).write_text("{}\n")
+    assert train(tiny_dir, cfg, killed, progress=False).epochs_run > 0
+
+
 def test_a_run_that_never_starts_leaves_no_folder(tmp_path: Path) -> None:
     cfg = resolve("two-tower", overrides=FAST)
     with pytest.raises(DataError):

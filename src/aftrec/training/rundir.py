@@ -41,6 +41,8 @@ LOG = "log.jsonl"
 LOCK = "run.lock"  # held by the process training the run (aftrec.outputs.held)
 TENSORBOARD = "tensorboard"
 MLFLOW = "mlruns"
+#: what a fresh run writes into its folder besides run.json and the checkpoints
+WRITES = (CONFIG, LOG, TENSORBOARD, MLFLOW)
 
 
 def write_config(run: Path, cfg: RunConfig) -> None:

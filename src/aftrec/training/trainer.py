@@ -216,6 +216,14 @@ def _config_and_state(
         assert cfg is not None
         if (out / rundir.LAST).exists() or (out / rundir.BEST).exists():
             raise ConfigError(f"{out} already holds a run; pass --resume or choose another --out")
+        # a run killed before its first checkpoint left run.json: its files may be replaced;
+        # without run.json, a config.yaml or log.jsonl there is someone else's, not a run's
+        mine = [n for n in rundir.WRITES if (out / n).exists()]
+        if mine and not (out / rundir.META).is_file():
+            raise ConfigError(
+                f"{out} holds {', '.join(mine)} but no run: training there would overwrite "
+                "them; choose a new or empty --out"
+            )
         return cfg, None
     if cfg is not None:
         raise ConfigError("--resume continues with the run's saved config; drop --config/--set")
