@@ -426,6 +426,20 @@ def test_recommend_writes_csv_and_parquet(
     assert set(zip(parquet["user"], parquet["domain"], strict=True)) == wanted
 
 
+def test_recommend_does_not_replace_a_file_of_a_dataset_or_a_run(
+    pipeline: Pipeline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--out data/train.parquet`` replaced the dataset's training part with the
+    recommendations, ``--out RUN/best.pt`` the checkpoint; both are refused before any
+    ranking, and the files are left as they were."""
+    for out in (pipeline.data / "train.parquet", pipeline.two_tower / "best.pt"):
+        before = hashlib.sha256(out.read_bytes()).hexdigest()
+        argv = ["recommend", "--run", str(pipeline.two_tower), "--n", "5", "--out", str(out)]
+        assert main(argv) == 2
+        assert "writing there would replace it" in capsys.readouterr().err
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == before
+
+
 def test_recommend_selected_users_and_domains(pipeline: Pipeline, tmp_path: Path) -> None:
     out = tmp_path / "recs.parquet"
     argv = ["recommend", "--run", str(pipeline.two_tower), "--n", "3", "--out", str(out)]

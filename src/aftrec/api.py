@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from aftrec.errors import ConfigError, DataError
-from aftrec.outputs import check_writable
+from aftrec.outputs import check_not_owned, check_writable
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -337,6 +337,9 @@ def recommend(
     from aftrec.evaluation.topn_table import write_table
     from aftrec.training.rundir import load_run
 
+    if out is not None:  # before the ranking, which can take long
+        check_writable(Path(out))
+        check_not_owned(Path(out))
     cfg, data, model = load_run(Path(run), "best")
     frame = top_n(
         model, data, cfg.data.history_len, n,

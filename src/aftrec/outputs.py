@@ -74,6 +74,31 @@ def check_replaceable(out: Path, marker: str, kind: str) -> None:
     )
 
 
+#: folders aftrec writes and reads back, by the file that marks them, and the files in them
+#: that a file output must not replace (None: every file of such a folder)
+OWNED: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "meta.json": ("prepared dataset", None),
+    "manifest.json": ("bundle", None),
+    "run.json": ("run", ("config.yaml", "run.json", "last.pt", "best.pt", "log.jsonl",
+                         "metrics.json", "per_user.parquet", "reproduce.json")),
+}  # fmt: skip
+
+
+def check_not_owned(out: Path) -> None:
+    """Refuse a file output that would replace a file of a prepared dataset, a bundle or a run
+    (:data:`OWNED`): ``aftrec recommend --out data/ml-100k/train.parquet`` replaced the
+    dataset's training part with the recommendations. New files beside them are allowed."""
+    out = Path(out)
+    if not out.exists():
+        return
+    for marker, (kind, files) in OWNED.items():
+        if (out.parent / marker).is_file() and (files is None or out.name in files):
+            raise OutputError(
+                f"{out} is a file of the {kind} in {out.parent}: writing there would replace "
+                "it; choose another --out"
+            )
+
+
 @contextmanager
 def held(folder: Path, name: str, busy: str) -> Iterator[None]:
     """Hold the lock file ``folder/name`` for the block, or raise :class:`OutputError` with
