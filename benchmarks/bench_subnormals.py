@@ -23,6 +23,7 @@ import torch
 
 from _common import write
 from aftrec.data.loader import TrainLoader
+from aftrec.numerics import subnormal
 from aftrec.training import checkpoint
 from aftrec.training.rundir import load_run
 from aftrec.training.steps import make_step
@@ -31,10 +32,9 @@ from aftrec.training.steps import make_step
 def subnormal_share(obj: Any) -> tuple[int, int]:
     """(subnormal, all) floating-point entries of the tensors in a nested state."""
     if isinstance(obj, torch.Tensor):
-        if not obj.is_floating_point() or not obj.numel():
+        if not obj.is_floating_point():
             return 0, 0
-        tiny = torch.finfo(obj.dtype).tiny
-        return int(((obj != 0) & (obj.abs() < tiny)).sum()), obj.numel()
+        return int(subnormal(obj).sum()), obj.numel()
     items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list | tuple) else ()
     pairs = [subnormal_share(v) for v in items]
     return sum(p[0] for p in pairs), sum(p[1] for p in pairs)

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 # torch is imported where it is used: the command line's parsers import this module
@@ -56,6 +57,17 @@ def subnormals_flushed() -> Iterator[bool]:
             torch.set_flush_denormal(False)
 
 
+def subnormal(t: torch.Tensor) -> torch.Tensor:
+    """The bool mask of ``t``'s subnormal entries: nonzero and below ``finfo(t.dtype).tiny``
+    in magnitude (all False for a tensor that is not floating point). Read it with the mode
+    off: flushed, a subnormal reads as zero."""
+    import torch
+
+    if not t.is_floating_point():
+        return torch.zeros_like(t, dtype=torch.bool)
+    return (t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)
+
+
 def zero_subnormals(module: nn.Module) -> int:
     """Set the subnormal entries of ``module``'s floating-point parameters and buffers to zero,
     in place; returns how many there were."""
@@ -64,14 +76,12 @@ def zero_subnormals(module: nn.Module) -> int:
     n = 0
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
-            if t.is_floating_point() and t.numel():
-                tiny = torch.finfo(t.dtype).tiny
-                sub = (t != 0) & (t.abs() < tiny)
-                count = int(sub.sum())
-                if count:
-                    t.masked_fill_(sub, 0.0)
-                    n += count
+            sub = subnormal(t)
+            count = int(sub.sum())
+            if count:
+                t.masked_fill_(sub, 0.0)
+                n += count
     return n
 
 
-__all__ = ["flushing", "subnormals_flushed", "zero_subnormals"]
+__all__ = ["flushing", "subnormal", "subnormals_flushed", "zero_subnormals"]
