@@ -9,7 +9,10 @@ trains nothing). The steps, in order (``benchmarks/results/budget_plan.md``):
    ablations and the Fig. 3 sweeps on 3, epoch cap 50, into ``results/ml-100k-tuned-report``;
 3. ``ml-1m``: the ML-1M report with the settings tuned on ML-100K: every model on 3 seeds, the
    paper's three AFT rows on 5, Table 6 on 1, no sweeps, epoch cap 30, validation on 1,000
-   users, into ``results/ml-1m-tuned-report``.
+   users, into ``results/ml-1m-tuned-report``;
+4. ``compare``: ``benchmarks/compare_paper.py`` on that report, against the paper's rankings
+   and, with ``--before``, against the budgeted report it replaces (``results/ml-1m``), into
+   ``benchmarks/results/reproduce_vs_paper_tuned.md`` (seconds).
 
 Every step is resumable (a finished study trains nothing; ``aftrec reproduce`` reuses finished
 runs and resumes half-trained ones), so the same command, run again in a later sitting, passes
@@ -62,6 +65,10 @@ def steps() -> dict[str, list[str]]:
             *aftrec, "--data", "data/ml-1m", "--out", "results/ml-1m-tuned-report", *tuned,
             "--seeds", "3", *model_seeds, "--ablation-seeds", "1", "--skip", "sweeps", "--quiet",
             *EVERY_RUN, "train.epochs=30", "train.valid_users=1000",
+        ],
+        "compare": [
+            py, "benchmarks/compare_paper.py", "results/ml-1m-tuned-report",
+            "--before", "results/ml-1m", "--out", "benchmarks/results/reproduce_vs_paper_tuned.md",
         ],
     }  # fmt: skip
 
