@@ -443,8 +443,9 @@ def test_unknown_model(capsys: pytest.CaptureFixture[str], tmp_path: Path, prepa
         (["nope.x=1"], "'nope'"),
         (["train.epochs=ten"], "train.epochs"),
         (["train.lr"], "train.lr"),
+        (["train.seed=-1"], "train.seed"),  # numpy refuses it: one line, no half-made run
     ],
-    ids=["unknown-key", "unknown-section", "wrong-type", "no-value"],
+    ids=["unknown-key", "unknown-section", "wrong-type", "no-value", "negative-seed"],
 )
 def test_bad_set_override(
     capsys: pytest.CaptureFixture[str],

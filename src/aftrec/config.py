@@ -114,7 +114,7 @@ class TrainConfig(Checked):
     weight_decay: Weight = 0.0
     patience: Count = 3  # epochs without validation improvement before stopping
     valid_metric: str = "recall@50"  # averaged over domains, on the validation split
-    seed: int = 0
+    seed: Annotated[int, Bound(low=0, below=2**63)] = 0  # numpy's and torch's seeds
     max_batches_per_epoch: Count | None = None  # cap for quick runs
     # data-parallel training (torchrun): user shards per global batch; None = one per rank
     data_shards: Count | None = None

@@ -227,6 +227,7 @@ def test_ease_trials_fit_the_drawn_l2(tiny_dir: Path, tmp_path: Path) -> None:
     [
         (["--model", "nope", "--trials", "2"], "unknown model 'nope'"),
         (["--model", "pop", "--trials", "0"], "--trials must be at least 1"),
+        (["--model", "two-tower", "--trials", "1", "--seed", "-5"], "--seed must be in [0, 2^63)"),
         (["--model", "two-tower", "--trials", "2", "--set", "train.lr=0.1"], "train.lr is tuned"),
         (["--model", "pop", "--trials", "2", "--data", "missing"], "not a prepared dataset"),
     ],

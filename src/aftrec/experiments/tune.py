@@ -141,6 +141,8 @@ def _check_spec(spec: TuneSpec) -> _Study:
         raise ConfigError(f"--trials must be at least 1, got {spec.trials}")
     if spec.startup_trials < 1:
         raise ConfigError(f"--startup-trials must be at least 1, got {spec.startup_trials}")
+    if not 0 <= spec.seed < 2**63:  # checked before the study is created
+        raise ConfigError(f"--seed must be in [0, 2^63), got {spec.seed}")
     if not spec.data:
         raise DataError("--data DIR is required (a directory written by `aftrec prepare`)")
     meta = read_meta(Path(spec.data))  # missing or unfinished data: DataError
