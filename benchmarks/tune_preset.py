@@ -10,7 +10,8 @@ that already has its trials trains nothing. The models run in the order given, b
 fastest first (the per-run hours of ``benchmarks/results/budget_plan.md``), so that a sitting
 cut short leaves whole studies rather than many half ones. Prints one line per study started
 and finished, and a Markdown table of the studies at the end (``--summary`` prints the table
-alone, training nothing).
+alone, training nothing); both also draw every study's trials in one figure, ``OUT/studies.png``
+(:func:`aftrec.experiments.tune.study_plot`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,23 @@ def summary(out: Path, budget: int) -> list[str]:
     return lines
 
 
+def plot(out: Path) -> Path | None:
+    """Every study's trials in ``out``, one panel each, as ``out/studies.png`` (None: no study
+    has a finished trial yet)."""
+    from aftrec.experiments.tune import STARTUP_TRIALS, study_plot, trial_points
+
+    studies = {b.parent.name: trial_points(b.parent) for b in sorted(out.glob("*/best.json"))}
+    path = out / "studies.png"
+    return path if study_plot(studies, STARTUP_TRIALS, "valid recall@50", path) else None
+
+
+def report(out: Path, budget: int) -> None:
+    print("\n".join(summary(out, budget)))
+    path = plot(out)
+    if path is not None:
+        print(f"\n![every study's trials]({path})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -67,7 +85,7 @@ def main() -> None:
     parser.add_argument("--summary", action="store_true", help="print the table of OUT only")
     args = parser.parse_args()
     if args.summary:
-        print("\n".join(summary(args.out, args.trials)))
+        report(args.out, args.trials)
         return
     if not (args.data / "meta.json").is_file():
         sys.exit(f"error: {args.data} is not a prepared dataset (no meta.json)")
@@ -105,7 +123,7 @@ def main() -> None:
         for proc, _ in running.values():
             proc.wait()
         sys.exit("interrupted: run the same command again to go on")
-    print("\n".join(summary(args.out, args.trials)))
+    report(args.out, args.trials)
     if failed:
         sys.exit(f"error: studies that failed (see OUT/MODEL.log): {', '.join(failed)}")
 

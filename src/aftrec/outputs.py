@@ -23,6 +23,7 @@ renamed. Readers see the old output or the new one, never half of one.
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import re
 import secrets
@@ -31,7 +32,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from aftrec.errors import OutputError
 
@@ -303,6 +304,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def write_png(fig: Any, path: Path) -> None:
+    """A matplotlib ``Figure`` laid out and written atomically as PNG."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
 __all__ = [
     "INCOMPLETE",
     "atomic_directory",
@@ -314,4 +323,5 @@ __all__ = [
     "output_error",
     "remove_stale",
     "unfinished",
+    "write_png",
 ]

@@ -169,6 +169,24 @@ def test_a_diverging_trial_fails_and_the_study_goes_on(
     assert list(trials["state"]) == ["complete", "fail", "complete"]
     assert "non-finite" in trials["error"][1]
     assert res.best is not None and res.best["failed"] == 1 and res.best["trials"] == 3
+    values = list(trials["value"])
+    assert tn.trial_points(tmp_path / "t") == [(0, values[0]), (1, None), (2, values[2])]
+    assert (tmp_path / "t" / tn.TRIALS_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_best_so_far_steps_up_only_on_a_better_finished_trial() -> None:
+    points = [(3, 0.7), (0, 0.5), (1, None), (2, 0.4), (4, 0.7), (5, 0.71)]
+    assert tn.best_so_far(points) == [(0, 0.5), (3, 0.7), (5, 0.71)]
+    assert tn.best_so_far([(0, None)]) == []
+
+
+def test_study_plot_writes_nothing_without_a_finished_trial(tmp_path: Path) -> None:
+    path = tmp_path / "s.png"
+    assert not tn.study_plot({"a": [(0, None)], "b": []}, 10, "valid recall@50", path)
+    assert not path.exists()
+    studies = {"a": [(0, 0.2), (1, 0.8), (2, None)], "b": [(0, 0.5)], "c": [(0, None)]}
+    assert tn.study_plot(studies, 1, "valid recall@50", path)  # "c" gets no panel
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------- real trials
@@ -272,6 +290,8 @@ def test_reproduce_applies_best_json_and_reports_the_study(
     assert "`two-tower`: 3 trial(s) (3 finished), seed 0, best valid recall@50" in setup
     assert "`pop`: 1 trial(s) (1 finished), seed 0" in setup and "nothing to tune" in setup
     assert "--tuned" in setup
+    assert "![each tuned model's trials and the best so far](tuning.png)" in setup
+    assert (out / "tuning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # quick: one epoch of a one-epoch cap, so the run is at the cap; pop has no epochs
     convergence = text.split("## Convergence")[1].split("## Wall time")[0]
     assert "| `two-tower` | 1 | 1 | 1 | 1 of 1 (100%) |" in convergence

@@ -12,7 +12,6 @@ directly (the Agg canvas), never ``pyplot``, so no global backend state is touch
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import statistics
@@ -31,7 +30,7 @@ from aftrec.experiments.results import (
     recall_columns,
 )
 from aftrec.experiments.stats import Significance
-from aftrec.outputs import atomic_write_bytes, atomic_write_text
+from aftrec.outputs import atomic_write_text, write_png
 from aftrec.registry import Registration, available_models, registration
 
 DECIMALS = 4
@@ -176,14 +175,6 @@ def significance_table(sig: Mapping[Column, Significance], primary: str, alpha: 
     return "\n".join(lines)
 
 
-def _save_png(fig: Any, path: Path) -> None:
-    """A matplotlib ``Figure`` laid out and written atomically as PNG."""
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def sweep_plot(
     xs: Sequence[float],
     series: Mapping[str, Sequence[Cell | None]],
@@ -220,7 +211,7 @@ def sweep_plot(
     ax.set_xticklabels([f"{x:g}" for x in xs])
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    _save_png(fig, path)
+    write_png(fig, path)
 
 
 def by_average(results: Results, keys: Sequence[str], metric: str = "recall@50") -> list[str]:
@@ -267,7 +258,7 @@ def recall_bars(results: Results, keys: Sequence[str], path: Path) -> bool:
     ax.set_ylim(bottom=0.0)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", ncol=min(len(rows), 4))
-    _save_png(fig, path)
+    write_png(fig, path)
     return True
 
 
@@ -299,7 +290,7 @@ def validation_curves(results: Results, keys: Sequence[str], path: Path) -> bool
     ax.set_ylabel("validation Recall@50")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    _save_png(fig, path)
+    write_png(fig, path)
     return True
 
 
@@ -583,6 +574,20 @@ def tuned_lines(plan: Plan) -> list[str]:
     return out
 
 
+def tuning_plot(plan: Plan, path: Path) -> bool:
+    """The trials of every ``--tuned`` study whose ``trials.csv`` sits beside its
+    ``best.json``, one panel per model (:func:`aftrec.experiments.tune.study_plot`); False
+    (nothing written) when there is none."""
+    from aftrec.experiments.tune import STARTUP_TRIALS, TRIALS_CSV, study_plot, trial_points
+
+    studies = {
+        m: trial_points(t.path.parent)
+        for m, t in plan.tuned.items()
+        if (t.path.parent / TRIALS_CSV).is_file()
+    }
+    return bool(studies) and study_plot(studies, STARTUP_TRIALS, "validation", path)
+
+
 def _s(x: float) -> str:
     return "–" if not math.isfinite(x) else f"{x:,.1f}"
 
@@ -688,6 +693,15 @@ def render(results: Results) -> str:
     if paper:
         w("- The paper's names: " + ", ".join(paper))
     w("")
+    if tuning_plot(plan, Path(spec.out) / "tuning.png"):
+        out += [
+            "Each tuned model's study: the validation value of every trial (hollow: the random "
+            "start; filled: TPE) and the best so far. A line that is still rising at the last "
+            "trial says the budget was short for that model.",
+            "",
+            "![each tuned model's trials and the best so far](tuning.png)",
+            "",
+        ]
 
     rcols = recall_columns(domains)
     ranked = by_average(results, main)

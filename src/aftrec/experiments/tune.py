@@ -14,6 +14,7 @@ Layout of ``DIR`` (this module writes and reads it; :func:`read_best` is how oth
     study.lock      held while a command works on DIR (a second one is refused)
     trials/NNN/     trial NNN's training run (:mod:`aftrec.training.rundir`)
     trials.csv      one row per trial: number, state, value, best epoch, epochs, seconds, settings
+    trials.png      each trial's value and the best so far (:func:`study_plot`)
     best.json       the best trial: its settings as ``--set`` pairs, the trial budget, the seed,
                     the search space and the best value
 
@@ -21,8 +22,8 @@ Reproducible and resumable: trial ``n`` draws its settings with a fresh TPE samp
 ``(seed, n)``, so its draws depend on the seed and the trials before it only, whether the
 study ran in one call or several. A second call with a larger ``--trials`` adds trials up to
 the new budget. A trial left running by a killed call is finished first, by resuming its run
-from ``last.pt`` (or restarting it when it died before its first epoch); ``best.json`` and
-``trials.csv`` are written atomically after every trial.
+from ``last.pt`` (or restarting it when it died before its first epoch); ``best.json``,
+``trials.csv`` and ``trials.png`` are written atomically after every trial.
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aftrec.errors import ConfigError, DataError, TrainingError
-from aftrec.outputs import atomic_write_text, check_writable, held
+from aftrec.outputs import atomic_write_text, check_writable, held, write_png
 from aftrec.registry import Range, registration
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ STUDY_DB = "study.db"
 LOCK = "study.lock"
 TRIALS = "trials"
 TRIALS_CSV = "trials.csv"
+TRIALS_PNG = "trials.png"
 BEST = "best.json"
 STUDY_NAME = "aftrec-tune"
 #: TPE's random start: the first trials are drawn uniformly (on the log scale where declared)
@@ -369,6 +371,13 @@ def write_outputs(study: optuna.Study, st: _Study) -> dict[str, Any] | None:
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         return None
+    points = [
+        (t.number, t.value if t.state == optuna.trial.TrialState.COMPLETE else None)
+        for t in trials
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    ]
+    study_plot({spec.model: points}, spec.startup_trials, f"valid {st.metric}",
+               Path(spec.out) / TRIALS_PNG)  # fmt: skip
     best = study.best_trial
     params = {k: best.params[k] for k in space}
     payload = {
@@ -392,6 +401,99 @@ def write_outputs(study: optuna.Study, st: _Study) -> dict[str, Any] | None:
     }
     atomic_write_text(Path(spec.out) / BEST, json.dumps(payload, indent=2) + "\n")
     return payload
+
+
+#: a trial's number and value (None: the trial failed)
+TrialPoint = tuple[int, float | None]
+
+
+def trial_points(study_dir: Path) -> list[TrialPoint]:
+    """The finished and failed trials of the study in ``study_dir``, read from its
+    ``trials.csv``, by number (a running trial has no value yet and is left out)."""
+    import pandas as pd
+
+    path = Path(study_dir) / TRIALS_CSV
+    try:
+        rows = pd.read_csv(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read the study's trials ({e})") from e
+    points: list[TrialPoint] = []
+    for number, state, value in zip(rows["trial"], rows["state"], rows["value"], strict=True):
+        if state == "complete":
+            points.append((int(number), float(value)))
+        elif state == "fail":
+            points.append((int(number), None))
+    return sorted(points)
+
+
+def best_so_far(points: Sequence[TrialPoint]) -> list[tuple[int, float]]:
+    """The trials, in number order, whose value beat every earlier trial's: where the best so
+    far steps up (failed trials never do)."""
+    steps: list[tuple[int, float]] = []
+    for n, v in sorted(points):
+        if v is not None and (not steps or v > steps[-1][1]):
+            steps.append((n, v))
+    return steps
+
+
+def study_plot(
+    studies: Mapping[str, Sequence[TrialPoint]], startup: int, metric: str, path: Path
+) -> bool:
+    """One panel per study: each trial's value by trial number (hollow: the first
+    ``startup`` trials, drawn at random; filled: drawn by TPE), the best so far as a step line,
+    and a failed trial as a cross on the panel's floor. A panel's floor is 0.08 below its
+    best value or its lowest value, whichever is higher, so that the top trials stay
+    readable; a trial below the floor is a triangle on it. Written atomically as PNG. False
+    (nothing written) when no study has a finished trial."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    shown = {name: pts for name, pts in studies.items() if any(v is not None for _, v in pts)}
+    if not shown:
+        return False
+    cols = min(len(shown), 4)
+    rows = math.ceil(len(shown) / cols)
+    fig = Figure(figsize=(3.2 * cols, 2.5 * rows), dpi=110)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (name, pts) in zip(axes, shown.items(), strict=False):
+        values = [v for _, v in pts if v is not None]
+        best = max(values)
+        floor = max(min(values), best - 0.08)
+        pad = 0.05 * ((best - floor) or 0.01)
+        for random_start in (True, False):
+            shown_pts = [(n, v) for n, v in pts if v is not None and v >= floor]
+            mine = [(n, v) for n, v in shown_pts if (n < startup) == random_start]
+            if mine:
+                ax.scatter(
+                    *zip(*mine, strict=True), s=22, edgecolors="C0",
+                    facecolors="none" if random_start else "C0",
+                    label="random start" if random_start else "TPE",
+                )  # fmt: skip
+        low = [(n, floor) for n, v in pts if v is not None and v < floor]
+        if low:
+            ax.scatter(*zip(*low, strict=True), marker="v", s=26, color="C1", label="below")
+        failed = [n for n, v in pts if v is None]
+        if failed:
+            ax.scatter(failed, [floor] * len(failed), marker="x", color="C3", label="failed")
+        steps = best_so_far(pts)
+        last = max(n for n, _ in pts)
+        xs_best = [n for n, _ in steps] + [last]
+        ys_best = [max(v, floor) for _, v in steps] + [steps[-1][1]]
+        ax.step(xs_best, ys_best, where="post", color="C2", linewidth=1.5, label="best so far")
+        top = max(pts, key=lambda p: -math.inf if p[1] is None else p[1])
+        ax.set_title(f"{name}: {best:.4f} (trial {top[0]})", fontsize="medium")
+        ax.set_ylim(floor - pad, best + pad)
+        ax.set_xlim(-0.5, max(last, 1) + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("trial", fontsize="small")
+        ax.set_ylabel(metric, fontsize="small")
+        ax.tick_params(labelsize="small")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(shown) :]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize="x-small", loc="lower right")
+    write_png(fig, path)
+    return True
 
 
 @dataclass(frozen=True)
