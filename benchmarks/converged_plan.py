@@ -14,6 +14,11 @@ trains nothing). The steps, in order (``benchmarks/results/budget_plan.md``):
    and, with ``--before``, against the budgeted report it replaces (``results/ml-1m``), into
    ``benchmarks/results/reproduce_vs_paper_tuned.md`` (seconds).
 
+``--status`` says where the plan stands without training anything: per study, its finished
+trials of the budget; per report, its finished runs of the planned ones, by model, and the
+one-thread hours the unfinished ones will take at the mean of that model's finished runs in
+the same report (on ML-100K, before any has finished, at its best tuning trial's time).
+
 Every step is resumable (a finished study trains nothing; ``aftrec reproduce`` reuses finished
 runs and resumes half-trained ones), so the same command, run again in a later sitting, passes
 quickly over the finished steps and goes on where the last one stopped, and the machine never
@@ -73,10 +78,97 @@ def steps() -> dict[str, list[str]]:
     }  # fmt: skip
 
 
+def study_status() -> list[str]:
+    """One line per tuning study of :data:`tune_preset.ORDER`: finished trials of the budget."""
+    import csv
+    import json
+
+    from tune_preset import ORDER
+
+    budget = int(steps()["tune"][steps()["tune"].index("--trials") + 1])
+    lines, complete = [], 0
+    for model in ORDER:
+        folder = ROOT / TUNED / model
+        best = folder / "best.json"
+        rows = list(csv.DictReader((folder / "trials.csv").open())) if best.is_file() else []
+        done = sum(r["state"] in ("complete", "fail") for r in rows)
+        want = budget if not best.is_file() or json.loads(best.read_text())["space"] else 1
+        complete += done >= want
+        lines.append(f"  {model}: {done} of {want} trial(s)")
+    return [f"tune: {complete} of {len(ORDER)} studies complete", *lines]
+
+
+def report_status(name: str, argv: list[str]) -> list[str]:
+    """The finished runs of a report step, by model, and the hours the others will take."""
+    import json
+    from collections import defaultdict
+
+    from aftrec.experiments.execute import is_finished
+    from aftrec.experiments.plan import make_plan
+    from aftrec.experiments.reproduce import add_parser, spec_from_args
+
+    parser = argparse.ArgumentParser(prog="aftrec")
+    add_parser(parser.add_subparsers())
+    plan = make_plan(spec_from_args(parser.parse_args(argv[3:])))  # after "PY -m aftrec"
+    finished: dict[str, list[float]] = defaultdict(list)
+    waiting: dict[str, int] = defaultdict(int)
+    for job in plan.jobs.values():
+        if is_finished(job.run):
+            meta = json.loads((job.run / "reproduce.json").read_text())
+            finished[job.model].append(meta["train_seconds"] + meta["eval_seconds"])
+        else:
+            waiting[job.model] += 1
+    models = sorted(set(finished) | set(waiting))
+    done = sum(len(v) for v in finished.values())
+    # on the tuning's own data, a model's best trial times a run until one of its own has
+    tuned_here = Path(plan.spec.data).resolve() == (ROOT / "data/ml-100k").resolve()
+    hours, unknown, lines = 0.0, [], []
+    for m in models:
+        secs = finished.get(m, [])
+        each = sum(secs) / len(secs) if secs else best_trial_seconds(m) if tuned_here else None
+        if waiting[m] and each is not None:
+            hours += waiting[m] * each / 3600
+        elif waiting[m]:
+            unknown.append(m)
+        lines.append(f"  {m}: {len(secs)} of {len(secs) + waiting[m]} run(s)")
+    left = (
+        "no run to time yet" if len(unknown) == len(models) else
+        f"about {hours:.1f} one-thread hours left"
+        + (f", and {', '.join(unknown)} with no run to time yet" if unknown else "")
+    )  # fmt: skip
+    return [f"{name}: {done} of {len(plan.jobs)} runs finished ({left})", *lines]
+
+
+def best_trial_seconds(model: str) -> float | None:
+    """The training seconds of ``model``'s best tuning trial (None: no finished study)."""
+    import csv
+    import json
+
+    best = ROOT / TUNED / model / "best.json"
+    if not best.is_file():
+        return None
+    number = json.loads(best.read_text())["best_trial"]
+    for row in csv.DictReader((best.parent / "trials.csv").open()):
+        if int(row["trial"]) == number and row["seconds"]:
+            return float(row["seconds"])
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run none")
+    parser.add_argument("--status", action="store_true", help="where the plan stands; run none")
     args = parser.parse_args()
+    if args.status:
+        lines = study_status()
+        for name in ("ml-100k", "ml-1m"):
+            if tuned_dirs():
+                lines += report_status(name, steps()[name])
+        compared = ROOT / steps()["compare"][-1]
+        lines.append(f"compare: {compared.relative_to(ROOT)} " + (
+            "written" if compared.is_file() else "not written yet"))  # fmt: skip
+        print("\n".join(lines))
+        return
     for name in steps():
         argv = steps()[name]  # after the steps before it: the studies they finished
         print(f"{time.strftime('%H:%M:%S')} step {name}: {shlex.join(argv)}", flush=True)

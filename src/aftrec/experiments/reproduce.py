@@ -127,8 +127,9 @@ def _report(
     )
 
 
-def _run(args: argparse.Namespace) -> None:
-    spec = ReproduceSpec(
+def spec_from_args(args: argparse.Namespace) -> ReproduceSpec:
+    """The :class:`ReproduceSpec` of a parsed ``aftrec reproduce`` command line."""
+    return ReproduceSpec(
         data=Path(args.data),
         out=Path(args.out),
         seeds=args.seeds,
@@ -146,7 +147,10 @@ def _run(args: argparse.Namespace) -> None:
         tuned=tuple(args.tuned),
         model_seeds=tuple(args.model_seeds),
     )
-    res = reproduce(spec)
+
+
+def _run(args: argparse.Namespace) -> None:
+    res = reproduce(spec_from_args(args))
     print(
         f"wrote {res.report}: {res.trained} run(s) trained, {res.reused} reused, "
         f"{res.failed} failed"
