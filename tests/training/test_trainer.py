@@ -141,6 +141,68 @@ def test_resume_continues_exactly(tiny_dir: Path, tmp_path: Path) -> None:
         assert entry["train_seconds"] > 0 and entry["valid_seconds"] > 0
 
 
+TIMING = ("train_seconds", "valid_seconds", "examples_per_second", "peak_rss_mib")
+
+
+@pytest.mark.parametrize("model", ["two-tower", "aft"])
+def test_a_run_killed_inside_an_epoch_resumes_exactly(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str
+) -> None:
+    """With a mid-epoch last.pt after every batch, a run stopped at the third batch of its
+    second epoch resumes from the second: the same weights, optimiser state and log (AFT's
+    health of G's fakes included) as a run never stopped."""
+    over = [*FAST, "train.patience=10", "runtime.checkpoint_minutes=1.0e-9"]
+    cfg = resolve(model, overrides=over)
+    train(tiny_dir, cfg, tmp_path / "full", progress=False)
+    make_step, calls = trainer.make_step, []
+
+    class Killed(Exception):
+        pass
+
+    def stopping(*args: Any, **kwargs: Any) -> Any:
+        step = make_step(*args, **kwargs)
+
+        def call(batch: Any) -> Any:
+            calls.append(1)
+            if len(calls) == 9:  # 6 batches per epoch: the 3rd of epoch 2
+                raise Killed
+            return step(batch)
+
+        call.state_dict, call.load_state_dict = step.state_dict, step.load_state_dict  # type: ignore[attr-defined]
+        return call
+
+    monkeypatch.setattr(trainer, "make_step", stopping)
+    with pytest.raises(Killed):
+        train(tiny_dir, cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(trainer, "make_step", make_step)
+    state = checkpoint.load(tmp_path / "cut" / "last.pt")
+    assert state["epoch"] == 1 and state["partial"]["batches"] == 2 and not state["done"]
+    train(tiny_dir, None, tmp_path / "cut", resume=True, progress=False)
+    full, cut = (
+        checkpoint.load(tmp_path / "full" / "last.pt"),
+        checkpoint.load(tmp_path / "cut" / "last.pt"),
+    )
+    assert "partial" not in cut and cut["epoch"] == 2
+    for k, v in full["model"].items():
+        torch.testing.assert_close(v, cut["model"][k], rtol=0, atol=0)
+    assert str(full["step"]) == str(cut["step"])  # optimiser moments and counters
+    logs = [rundir.epoch_log(tmp_path / r) for r in ("full", "cut")]
+    for a, b in zip(*logs, strict=True):
+        assert {k: v for k, v in a.items() if k not in TIMING} == {
+            k: v for k, v in b.items() if k not in TIMING
+        }
+    assert ("health" in logs[0][0]) == (model == "aft")
+
+
+def test_without_mid_epoch_checkpoints_last_pt_is_written_at_epoch_ends(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    cfg = resolve("two-tower", overrides=[*FAST, "runtime.checkpoint_minutes=null"])
+    train(tiny_dir, cfg, tmp_path / "r", progress=False)
+    assert "partial" not in checkpoint.load(tmp_path / "r" / "last.pt")
+    assert resolve("two-tower").runtime.checkpoint_minutes == 10.0
+
+
 def test_early_stopping_and_best_checkpoint(tiny_dir: Path, tmp_path: Path) -> None:
     # a learning rate of 0 never improves after the first epoch: stop after `patience` more
     cfg = resolve(

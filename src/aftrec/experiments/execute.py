@@ -5,7 +5,7 @@ the trainer's resume path. Unfinished runs go seed by seed (every model's seed 0
 report cut short still covers every model. ``--jobs J`` trains J runs at once, each in its
 own (spawned) process with ``cores // J`` torch threads unless ``train.threads`` is set.
 SIGTERM or SIGINT stops the command cleanly: the worker processes are terminated (and die
-with the parent even if it is killed outright), the runs keep their last finished epoch and
+with the parent even if it is killed outright), the runs keep their last checkpoint and
 the same command resumes them; :class:`~aftrec.errors.Stopped` names the interrupted runs.
 ``--report-only`` trains nothing: unfinished runs come back ``pending``. Failures are
 recorded in the outcome, never raised, so one failing model does not stop the others.

@@ -120,6 +120,14 @@ class RetrievalModel(nn.Module):
         trainer logs them under ``"health"`` in ``log.jsonl``. None (the default): nothing."""
         return None
 
+    def epoch_state(self) -> dict[str, Any] | None:
+        """What the model has gathered so far in the current epoch for :meth:`epoch_health`,
+        as tensors and numbers (saved in a mid-epoch ``last.pt``); None: nothing."""
+        return None
+
+    def load_epoch_state(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`epoch_state` when a run resumes inside an epoch."""
+
     def search_space(self) -> list[dict[str, Any]]:
         """Model-config overrides a closed-form model is fitted with, the best on validation
         being kept (e.g. EASE's L2 weight); the default is the config as given."""

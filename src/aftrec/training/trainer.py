@@ -5,7 +5,13 @@ It writes a run directory (:mod:`aftrec.training.rundir`: ``config.yaml``, ``run
 
 ``--resume`` continues from ``last.pt`` with the saved config and counters; every epoch's
 randomness (order, negatives, dropout) is seeded from (seed, epoch, rank), so a run killed
-between two epochs ends where an uninterrupted one would have.
+between two epochs ends where an uninterrupted one would have. A single-process run also
+writes ``last.pt`` inside an epoch, every ``runtime.checkpoint_minutes`` of its training, with
+the batches done, the epoch's running totals, torch's random state and the model's epoch
+diagnostics (:meth:`RetrievalModel.epoch_state`): a resumed run draws the batches it had
+trained again without training on them, restores the random state and goes on from the next
+batch, so a run killed inside an epoch also ends where an uninterrupted one would have, and
+loses at most that many minutes.
 
 Under torchrun the same loop runs data-parallel (:mod:`aftrec.training.distributed`): each
 rank trains on its own user shards, DDP averages the gradients, and rank 0 alone validates,
@@ -18,7 +24,7 @@ import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +159,7 @@ def _train(
     )  # fmt: skip
     step = make_step(model, tc, ctx)
     epoch, stopper = 0, EarlyStopping(tc.patience)
+    partial: dict[str, Any] | None = None
     if state is not None:
         if state.get("done") and (state.get("stopped_early") or state["epoch"] >= tc.epochs):
             log.info("run %s already finished", out)
@@ -161,6 +168,21 @@ def _train(
                 state.get("stopped_early", False),
             )  # fmt: skip
         epoch = _restore(out, state, model, step, stopper)
+        partial = state.get("partial")
+        if partial is not None and ctx.world > 1:
+            raise ConfigError(
+                f"{out} was stopped inside epoch {epoch + 1} by a single-process run, and only "
+                "one process can go on from there: resume it without torchrun"
+            )
+    minutes = rt.checkpoint_minutes if ctx.world == 1 else None
+
+    def save_partial(totals: EpochTotals) -> None:
+        """``last.pt`` inside epoch ``epoch + 1``: what :func:`train_epoch` resumes from."""
+        part = {
+            "batches": totals.batches, "examples": totals.examples, "seconds": totals.seconds,
+            "losses": totals.losses, "rng": torch.get_rng_state(), "model": model.epoch_state(),
+        }  # fmt: skip
+        _save_last(out, model, step, epoch, stopper, done=False, partial=part)
 
     has_valid = int(sum(local.dataset.meta["counts"]["valid"].values())) > 0
     examples, train_seconds, stopped_early = 0, 0.0, False
@@ -169,7 +191,12 @@ def _train(
     try:
         while epoch < tc.epochs:
             torch.manual_seed(epoch_seed(tc.seed, epoch, ctx.rank))
-            totals = train_epoch(step, loader, epoch, tc, rt.device, progress)
+            if partial is not None:
+                model.load_epoch_state(partial["model"])
+            totals = train_epoch(
+                step, loader, epoch, tc, rt.device, progress, partial, minutes, save_partial
+            )
+            partial = None
             train_seconds += totals.seconds
             epoch += 1
             entry, epoch_examples = _epoch_entry(epoch, totals, model, ctx)
@@ -290,26 +317,49 @@ class EpochTotals:
 
 
 def train_epoch(
-    step: Step, loader: ShardedLoader, epoch: int, tc: TrainConfig, device: str, progress: bool
+    step: Step,
+    loader: ShardedLoader,
+    epoch: int,
+    tc: TrainConfig,
+    device: str,
+    progress: bool,
+    partial: dict[str, Any] | None = None,
+    checkpoint_minutes: float | None = None,
+    save: Callable[[EpochTotals], None] | None = None,
 ) -> EpochTotals:
-    """One epoch of ``step`` over this rank's batches (0-based ``epoch``) on ``device``."""
+    """One epoch of ``step`` over this rank's batches (0-based ``epoch``) on ``device``.
+
+    ``partial`` (a mid-epoch ``last.pt``'s): the epoch's first ``partial["batches"]`` batches
+    are drawn and skipped, torch's random state and the running totals are restored, and the
+    epoch goes on from there. ``save`` is called with the running totals after the batch that
+    ends each ``checkpoint_minutes`` of training (not after the epoch's last batch)."""
     t0 = time.perf_counter()
     totals: dict[str, float] = {}
     n_batches = n_examples = 0
+    before = 0.0  # seconds of this epoch trained before a resume
     batches = loader.epoch(epoch, tc.max_batches_per_epoch)
     total = (
         len(loader)
         if tc.max_batches_per_epoch is None
         else min(len(loader), tc.max_batches_per_epoch)
     )
+    if partial is not None:
+        for _ in range(partial["batches"]):  # their draws, not their steps
+            next(batches)
+        torch.set_rng_state(partial["rng"])
+        totals, before = dict(partial["losses"]), float(partial["seconds"])
+        n_batches, n_examples = int(partial["batches"]), int(partial["examples"])
     bar = tqdm(
         batches,
         total=total,
+        initial=n_batches,
         desc=f"epoch {epoch + 1}/{tc.epochs}",
         unit="batch",
         disable=None if progress else True,  # None: tqdm shows it on a terminal only
         leave=False,
     )
+    every = None if checkpoint_minutes is None or save is None else 60.0 * checkpoint_minutes
+    saved = time.perf_counter()
     for batch in bar:
         losses = step(batch if device == "cpu" else batch.to(device))
         if not all(np.isfinite(v) for v in losses.values()):
@@ -320,7 +370,12 @@ def train_epoch(
         n_examples += len(batch)
         if n_batches % 20 == 0:
             bar.set_postfix({k: f"{v / n_batches:.4f}" for k, v in totals.items()})
-    return EpochTotals(totals, n_batches, n_examples, time.perf_counter() - t0)
+        due = every is not None and time.perf_counter() - saved >= every
+        if due and save is not None and n_batches < total:
+            seconds = before + time.perf_counter() - t0
+            save(EpochTotals(dict(totals), n_batches, n_examples, seconds))
+            saved = time.perf_counter()
+    return EpochTotals(totals, n_batches, n_examples, before + time.perf_counter() - t0)
 
 
 def _epoch_entry(
@@ -375,10 +430,19 @@ def _validate(
 
 
 def _save_last(
-    out: Path, model: RetrievalModel, step: Step, epoch: int, stopper: EarlyStopping, done: bool
+    out: Path,
+    model: RetrievalModel,
+    step: Step,
+    epoch: int,
+    stopper: EarlyStopping,
+    done: bool,
+    partial: dict[str, Any] | None = None,
 ) -> None:
-    """``last.pt``: everything a resumed run needs."""
+    """``last.pt``: everything a resumed run needs; ``epoch`` epochs done, and with
+    ``partial`` how far the next one got (:func:`train_epoch`)."""
     state = {"model": model.state_dict(), "step": step.state_dict(), "epoch": epoch}
+    if partial is not None:
+        state["partial"] = partial
     checkpoint.save({**state, **stopper.state_dict(), "done": done}, out / rundir.LAST)
 
 

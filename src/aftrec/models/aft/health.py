@@ -27,6 +27,7 @@ All counters are tensors updated without autograd; a summary resets them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -84,6 +85,21 @@ class FakeHealth:
         self.pct_sum = self.reward_sum = self.reward_sq = self.adv_abs = 0.0
         self.fn, self.fn_random, self.n_random = 0, 0, 0
         self.last: Batch | None = None
+
+    #: the running sums of an epoch (:meth:`state_dict`), besides the counts and the last batch
+    SUMS = ("n", "pct_sum", "reward_sum", "reward_sq", "adv_abs", "fn", "fn_random", "n_random")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch's observations so far, as tensors and numbers (a mid-epoch checkpoint)."""
+        last = None if self.last is None else dataclasses.asdict(self.last)
+        sums = {k: getattr(self, k) for k in self.SUMS}
+        return {"counts": self.counts.clone(), "last": last, **sums}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counts = state["counts"].clone()
+        self.last = None if state["last"] is None else Batch(**state["last"])
+        for k in self.SUMS:
+            setattr(self, k, state[k])
 
     @torch.no_grad()
     def observe(

@@ -353,6 +353,13 @@ class AFT(RetrievalModel):
         exclude = self.exclusions(last)
         return self.health.summary(u, table, exclude, self.offsets, self.cfg.topk_chunk)
 
+    def epoch_state(self) -> dict[str, Any] | None:
+        return None if self.health is None else self.health.state_dict()
+
+    def load_epoch_state(self, state: dict[str, Any] | None) -> None:
+        if self.health is not None and state is not None:
+            self.health.load_state_dict(state)
+
     def exclusions(self, batch: Batch) -> Exclusions:
         """(row, item) pairs that may not be fakes or hard negatives: the user's clicks (all
         training clicks once :meth:`prepare_training` ran; always the batch's history and
