@@ -59,11 +59,13 @@ def summary(out: Path, budget: int) -> list[str]:
 def plot(out: Path) -> Path | None:
     """Every study's trials in ``out``, one panel each, as ``out/studies.png`` (None: no study
     has a finished trial yet)."""
-    from aftrec.experiments.tune import STARTUP_TRIALS, study_plot, trial_points
+    from aftrec.experiments.tune import study_plot, study_startup, trial_points
 
-    studies = {b.parent.name: trial_points(b.parent) for b in sorted(out.glob("*/best.json"))}
+    dirs = [b.parent for b in sorted(out.glob("*/best.json"))]
+    studies = {d.name: trial_points(d) for d in dirs}
+    startup = {d.name: study_startup(d) for d in dirs}
     path = out / "studies.png"
-    return path if study_plot(studies, STARTUP_TRIALS, "valid recall@50", path) else None
+    return path if study_plot(studies, startup, "valid recall@50", path) else None
 
 
 def report(out: Path, budget: int) -> None:

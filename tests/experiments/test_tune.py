@@ -171,6 +171,7 @@ def test_a_diverging_trial_fails_and_the_study_goes_on(
     assert res.best is not None and res.best["failed"] == 1 and res.best["trials"] == 3
     values = list(trials["value"])
     assert tn.trial_points(tmp_path / "t") == [(0, values[0]), (1, None), (2, values[2])]
+    assert tn.study_startup(tmp_path / "t") == 2  # _spec's, from best.json
     assert (tmp_path / "t" / tn.TRIALS_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -180,12 +181,19 @@ def test_best_so_far_steps_up_only_on_a_better_finished_trial() -> None:
     assert tn.best_so_far([(0, None)]) == []
 
 
+def test_a_best_json_without_its_random_start_has_the_default(tmp_path: Path) -> None:
+    (tmp_path / "best.json").write_text("{}")  # written before best.json recorded it
+    assert tn.study_startup(tmp_path) == tn.STARTUP_TRIALS
+    assert tn.study_startup(tmp_path / "missing") == tn.STARTUP_TRIALS
+
+
 def test_study_plot_writes_nothing_without_a_finished_trial(tmp_path: Path) -> None:
     path = tmp_path / "s.png"
     assert not tn.study_plot({"a": [(0, None)], "b": []}, 10, "valid recall@50", path)
     assert not path.exists()
     studies = {"a": [(0, 0.2), (1, 0.8), (2, None)], "b": [(0, 0.5)], "c": [(0, None)]}
     assert tn.study_plot(studies, 1, "valid recall@50", path)  # "c" gets no panel
+    assert tn.study_plot(studies, {"a": 2, "b": 10, "c": 10}, "valid recall@50", path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

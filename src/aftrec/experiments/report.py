@@ -578,14 +578,14 @@ def tuning_plot(plan: Plan, path: Path) -> bool:
     """The trials of every ``--tuned`` study whose ``trials.csv`` sits beside its
     ``best.json``, one panel per model (:func:`aftrec.experiments.tune.study_plot`); False
     (nothing written) when there is none."""
-    from aftrec.experiments.tune import STARTUP_TRIALS, TRIALS_CSV, study_plot, trial_points
+    from aftrec.experiments.tune import TRIALS_CSV, study_plot, study_startup, trial_points
 
-    studies = {
-        m: trial_points(t.path.parent)
-        for m, t in plan.tuned.items()
-        if (t.path.parent / TRIALS_CSV).is_file()
+    dirs = {
+        m: t.path.parent for m, t in plan.tuned.items() if (t.path.parent / TRIALS_CSV).is_file()
     }
-    return bool(studies) and study_plot(studies, STARTUP_TRIALS, "validation", path)
+    studies = {m: trial_points(d) for m, d in dirs.items()}
+    startup = {m: study_startup(d) for m, d in dirs.items()}
+    return bool(studies) and study_plot(studies, startup, "validation", path)
 
 
 def _s(x: float) -> str:

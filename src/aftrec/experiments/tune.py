@@ -396,6 +396,7 @@ def write_outputs(study: optuna.Study, st: _Study) -> dict[str, Any] | None:
         "seed": spec.seed,
         "set": list(spec.overrides),
         "space": space_json(space),
+        "startup_trials": spec.startup_trials,
         "sampler": f"TPE (optuna {optuna.__version__}), {spec.startup_trials} random startup "
         "trials, trial n seeded from (seed, n)",
     }
@@ -436,11 +437,25 @@ def best_so_far(points: Sequence[TrialPoint]) -> list[tuple[int, float]]:
     return steps
 
 
+def study_startup(study_dir: Path) -> int:
+    """The random-start trials of the study in ``study_dir`` (its ``best.json``; studies
+    written before it recorded them ran with the default)."""
+    try:
+        obj = json.loads((Path(study_dir) / BEST).read_text())
+    except (OSError, ValueError):
+        return STARTUP_TRIALS
+    return int(obj.get("startup_trials", STARTUP_TRIALS))
+
+
 def study_plot(
-    studies: Mapping[str, Sequence[TrialPoint]], startup: int, metric: str, path: Path
+    studies: Mapping[str, Sequence[TrialPoint]],
+    startup: int | Mapping[str, int],
+    metric: str,
+    path: Path,
 ) -> bool:
     """One panel per study: each trial's value by trial number (hollow: the first
-    ``startup`` trials, drawn at random; filled: drawn by TPE), the best so far as a step line,
+    ``startup`` trials, drawn at random, one count for all or one per study; filled: drawn by
+    TPE), the best so far as a step line,
     and a failed trial as a cross on the panel's floor. A panel's floor is 0.08 below its
     best value or its lowest value, whichever is higher, so that the top trials stay
     readable; a trial below the floor is a triangle on it. Written atomically as PNG. False
@@ -456,13 +471,14 @@ def study_plot(
     fig = Figure(figsize=(3.2 * cols, 2.5 * rows), dpi=110)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (name, pts) in zip(axes, shown.items(), strict=False):
+        random_start_trials = startup if isinstance(startup, int) else startup[name]
         values = [v for _, v in pts if v is not None]
         best = max(values)
         floor = max(min(values), best - 0.08)
         pad = 0.05 * ((best - floor) or 0.01)
         for random_start in (True, False):
             shown_pts = [(n, v) for n, v in pts if v is not None and v >= floor]
-            mine = [(n, v) for n, v in shown_pts if (n < startup) == random_start]
+            mine = [(n, v) for n, v in shown_pts if (n < random_start_trials) == random_start]
             if mine:
                 ax.scatter(
                     *zip(*mine, strict=True), s=22, edgecolors="C0",
