@@ -19,8 +19,9 @@ Run::
         --speed results/ml-1m --converged results/ml-100k-tau4 results/ml-1m-tau4 \\
         --trials 12 --out benchmarks/results/budget_plan.md
 
-Speeds come from the runs in ``--speed`` (a reproduce folder, one run per model); a model
-with several measured runs takes the fastest folder's median, so an estimate errs long
+Speeds come from the runs in ``--speed`` (a reproduce folder, one run per model, or a tuning
+folder, every trial of each model); a model with several measured folders takes the fastest
+folder's median, so an estimate errs long
 rather than short only where every measurement shared the cores with other work.
 """
 
@@ -66,14 +67,20 @@ def _logs(run: Path) -> list[dict[str, float]]:
 
 
 def speed(folders: list[Path]) -> dict[str, float]:
-    """Model -> median examples/s of its seed-0 run, the fastest over ``folders``."""
+    """Model -> median examples/s, the fastest over ``folders``: of its seed-0 run in a
+    reproduce folder, or over every epoch of its trials in a tuning folder
+    (``benchmarks/tune_preset.py``'s ``OUT/MODEL/trials/NNN``)."""
     found: dict[str, float] = {}
     for folder in folders:
-        for run in sorted((folder / "runs").glob("*/seed0")):
-            rates = [e["examples_per_second"] for e in _logs(run) if e.get("examples_per_second")]
-            if rates:
-                name = run.parent.name
-                found[name] = max(found.get(name, 0.0), statistics.median(rates))
+        runs = [(r.parent.name, r) for r in sorted((folder / "runs").glob("*/seed0"))]
+        runs += [(r.parent.parent.name, r) for r in sorted(folder.glob("*/trials/*"))]
+        rates: dict[str, list[float]] = {}
+        for name, run in runs:
+            seen = [e["examples_per_second"] for e in _logs(run) if e.get("examples_per_second")]
+            rates.setdefault(name, []).extend(seen)
+        for name, seen in rates.items():
+            if seen:
+                found[name] = max(found.get(name, 0.0), statistics.median(seen))
     return found
 
 
