@@ -1,4 +1,5 @@
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +147,11 @@ TIMING = ("train_seconds", "valid_seconds", "examples_per_second", "peak_rss_mib
 
 @pytest.mark.parametrize("model", ["two-tower", "aft"])
 def test_a_run_killed_inside_an_epoch_resumes_exactly(
-    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str
+    tiny_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    model: str,
 ) -> None:
     """With a mid-epoch last.pt after every batch, a run stopped at the third batch of its
     second epoch resumes from the second: the same weights, optimiser state and log (AFT's
@@ -177,7 +182,9 @@ def test_a_run_killed_inside_an_epoch_resumes_exactly(
     monkeypatch.setattr(trainer, "make_step", make_step)
     state = checkpoint.load(tmp_path / "cut" / "last.pt")
     assert state["epoch"] == 1 and state["partial"]["batches"] == 2 and not state["done"]
-    train(tiny_dir, None, tmp_path / "cut", resume=True, progress=False)
+    with caplog.at_level(logging.INFO, logger="aftrec.training.trainer"):
+        train(tiny_dir, None, tmp_path / "cut", resume=True, progress=False)
+    assert "inside epoch 2, after batch 2" in caplog.text
     full, cut = (
         checkpoint.load(tmp_path / "full" / "last.pt"),
         checkpoint.load(tmp_path / "cut" / "last.pt"),

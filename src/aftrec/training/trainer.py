@@ -174,6 +174,10 @@ def _train(
                 f"{out} was stopped inside epoch {epoch + 1} by a single-process run, and only "
                 "one process can go on from there: resume it without torchrun"
             )
+        if partial is not None:
+            log.info(
+                "resuming %s inside epoch %d, after batch %d", out, epoch + 1, partial["batches"]
+            )
     minutes = rt.checkpoint_minutes if ctx.world == 1 else None
 
     def save_partial(totals: EpochTotals) -> None:
