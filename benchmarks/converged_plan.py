@@ -15,7 +15,7 @@ trains nothing). The steps, in order (``benchmarks/results/budget_plan.md``):
    ``benchmarks/results/reproduce_vs_paper_tuned.md`` (seconds).
 
 ``--status`` says where the plan stands without training anything: per study, its finished
-trials of the budget; per report, its finished runs of the planned ones, by model, and the
+trials of the budget and the trial under way; per report, the runs under way, its finished runs of the planned ones, by model, and the
 one-thread hours the unfinished ones will take at the mean of that model's finished runs in
 the same report (on ML-100K, before any has finished, at its best tuning trial's time).
 
@@ -94,8 +94,18 @@ def study_status() -> list[str]:
         done = sum(r["state"] in ("complete", "fail") for r in rows)
         want = budget if not best.is_file() or json.loads(best.read_text())["space"] else 1
         complete += done >= want
-        lines.append(f"  {model}: {done} of {want} trial(s)")
+        now = ""
+        if done < want:  # a trial folder past the finished ones is the trial under way
+            under_way = sorted((folder / "trials").glob("[0-9][0-9][0-9]"))[done:]
+            now = "".join(f", trial {t.name} at epoch {epochs_done(t)}" for t in under_way)
+        lines.append(f"  {model}: {done} of {want} trial(s){now}")
     return [f"tune: {complete} of {len(ORDER)} studies complete", *lines]
+
+
+def epochs_done(run: Path) -> int:
+    """The epochs a run has logged (``log.jsonl`` lines)."""
+    log = run / "log.jsonl"
+    return sum(1 for line in log.open() if line.strip()) if log.is_file() else 0
 
 
 def report_status(name: str, argv: list[str]) -> list[str]:
@@ -112,12 +122,17 @@ def report_status(name: str, argv: list[str]) -> list[str]:
     plan = make_plan(spec_from_args(parser.parse_args(argv[3:])))  # after "PY -m aftrec"
     finished: dict[str, list[float]] = defaultdict(list)
     waiting: dict[str, int] = defaultdict(int)
+    started: list[str] = []
     for job in plan.jobs.values():
         if is_finished(job.run):
             meta = json.loads((job.run / "reproduce.json").read_text())
             finished[job.model].append(meta["train_seconds"] + meta["eval_seconds"])
         else:
             waiting[job.model] += 1
+            if (job.run / "log.jsonl").is_file() or (job.run / "last.pt").is_file():
+                started.append(
+                    f"{job.run.relative_to(plan.spec.out)} at epoch {epochs_done(job.run)}"
+                )
     models = sorted(set(finished) | set(waiting))
     done = sum(len(v) for v in finished.values())
     # on the tuning's own data, a model's best trial times a run until one of its own has
@@ -136,7 +151,8 @@ def report_status(name: str, argv: list[str]) -> list[str]:
         f"about {hours:.1f} one-thread hours left"
         + (f", and {', '.join(unknown)} with no run to time yet" if unknown else "")
     )  # fmt: skip
-    return [f"{name}: {done} of {len(plan.jobs)} runs finished ({left})", *lines]
+    now = [f"  under way: {', '.join(started)}"] if started else []
+    return [f"{name}: {done} of {len(plan.jobs)} runs finished ({left})", *now, *lines]
 
 
 def best_trial_seconds(model: str) -> float | None:
