@@ -15,9 +15,10 @@ trains nothing). The steps, in order (``benchmarks/results/budget_plan.md``):
    ``benchmarks/results/reproduce_vs_paper_tuned.md`` (seconds).
 
 ``--status`` says where the plan stands without training anything: per study, its finished
-trials of the budget and the trial under way; per report, the runs under way, its finished runs of the planned ones, by model, and the
-one-thread hours the unfinished ones will take at the mean of that model's finished runs in
-the same report (on ML-100K, before any has finished, at its best tuning trial's time).
+trials of the budget and the trial under way; per report, the runs under way, its finished
+runs of the planned ones by model, and the one-thread hours the unfinished ones will take at
+the mean of that model's finished runs in the same report (on ML-100K, before any has
+finished, at its best tuning trial's time).
 
 Every step is resumable (a finished study trains nothing; ``aftrec reproduce`` reuses finished
 runs and resumes half-trained ones), so the same command, run again in a later sitting, passes
