@@ -711,7 +711,7 @@ def test_sigint_stops_a_serial_reproduce_in_one_line(tiny_dir: Path, tmp_path: P
     assert code == 128 + signal.SIGINT, err
     lines = err.strip().splitlines()  # the epoch lines (logged in this process), then:
     assert lines[-1] == (
-        "stopped by SIGINT while training two-tower/seed0; finished epochs are saved: "
+        "stopped by SIGINT while training two-tower/seed0; each run keeps its last checkpoint: "
         "run the same command again to resume"
     )
     assert all(line.startswith("epoch ") for line in lines[:-1]), err

@@ -282,7 +282,7 @@ def execute(plan: Plan) -> dict[Path, RunOutcome]:
             exc.signum,
             f"by {signal.Signals(exc.signum).name}"
             + (f" while training {names}" if names else "")
-            + "; finished epochs are saved: run the same command again to resume",
+            + "; each run keeps its last checkpoint: run the same command again to resume",
         ) from None
     finally:
         bar.close()
