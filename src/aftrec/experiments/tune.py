@@ -496,8 +496,7 @@ def study_plot(
         xs_best = [n for n, _ in steps] + [last]
         ys_best = [max(v, floor) for _, v in steps] + [steps[-1][1]]
         ax.step(xs_best, ys_best, where="post", color="C2", linewidth=1.5, label="best so far")
-        top = max(pts, key=lambda p: -math.inf if p[1] is None else p[1])
-        ax.set_title(f"{name}: {best:.4f} (trial {top[0]})", fontsize="medium")
+        ax.set_title(f"{name}: {best:.4f} (trial {steps[-1][0]})", fontsize="medium")
         ax.set_ylim(floor - pad, best + pad)
         ax.set_xlim(-0.5, max(last, 1) + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
