@@ -50,6 +50,7 @@ Rate = Annotated[float, Bound(low=0.0, below=1)]
 Loss = Literal["softmax", "bce"]
 #: where a run's config and epoch figures are also sent (:mod:`aftrec.training.tracking`)
 TrackerKind = Literal["none", "tensorboard", "mlflow"]
+Precision = Literal["fp32", "bf16"]
 
 
 def check_fields(cfg: Any, section: str) -> None:
@@ -120,6 +121,12 @@ class TrainConfig(Checked):
     data_shards: Count | None = None
     valid_users: Count | None = None  # validate on a fixed sample of this many users per domain
     sparse_embeddings: bool = False  # sparse gradients + lazy Adam for embedding tables
+    # the loss's forward pass in float32, or under bfloat16 autocast (weights, optimiser state,
+    # gradients and evaluation stay float32): aftrec.training.steps.precision_context
+    precision: Precision = "fp32"
+
+    #: keys added after runs were saved, with the values those runs computed with
+    LEGACY_VALUES: ClassVar[dict[str, object]] = {"precision": "fp32"}
 
     def validate(self) -> None:
         self.valid_metric_n()  # checked when the config loads, not after the first epoch

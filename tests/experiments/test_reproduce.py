@@ -257,6 +257,18 @@ def test_a_run_saved_before_g_had_its_switches_is_g_as_printed() -> None:
     assert pl._identity(saved) != pl._identity(resolve("aft").to_dict())
 
 
+def test_a_run_saved_before_train_precision_is_an_fp32_run() -> None:
+    from aftrec.config import resolve
+
+    fresh = resolve("two-tower").to_dict()
+    saved = json.loads(json.dumps(fresh))
+    del saved["train"]["precision"]
+    assert pl._identity(saved) == pl._identity(fresh)
+    assert pl._identity(saved) != pl._identity(
+        resolve("two-tower", overrides=["train.precision=bf16"]).to_dict()
+    )
+
+
 def test_ablations_on_fewer_seeds(tmp_path: Path) -> None:
     spec = ReproduceSpec(
         Path("unused"), tmp_path / "r", models=("aft",), seeds=3, ablation_seeds=1,

@@ -401,7 +401,7 @@ def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
     of earlier versions hold those keys under ``train``) and without the model keys its
     registration declares inert (``inert_keys``, e.g. G's keys for ``aft-d``), for "same run?"
     comparisons."""
-    from aftrec.config import runtime_moved
+    from aftrec.config import TrainConfig, runtime_moved
 
     plain = plain_json(runtime_moved(cfg))
     plain.pop("runtime", None)
@@ -414,7 +414,8 @@ def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
         legacy = getattr(reg.config, "LEGACY_VALUES", {})
         model = {**legacy, **model}
         model = {k: v for k, v in model.items() if k not in reg.inert_keys}
-    return {**plain, "model": model}
+    train = {**TrainConfig.LEGACY_VALUES, **plain.get("train", {})}
+    return {**plain, "model": model, "train": train}
 
 
 def _check_existing(job: Job) -> None:

@@ -29,6 +29,7 @@ from aftrec.config import TrainConfig
 from aftrec.data.loader import Batch
 from aftrec.training.distributed import SINGLE, Context, loss_forward
 from aftrec.training.optim import MixedAdam, adam
+from aftrec.training.precision import precision_context
 
 if TYPE_CHECKING:
     from aftrec.models.aft.model import AFT
@@ -46,6 +47,7 @@ class AdversarialStep:
         if model.generator is not None:
             g_lr = cfg.lr if mc.g_lr is None else mc.g_lr
             self.g_opt = adam(model.generator, g_lr, cfg.weight_decay)
+        self.precision = cfg.precision
         self.batches = 0  # batches seen, for the warm-up and the update ratio
 
     def __call__(self, batch: Batch) -> dict[str, float]:
@@ -53,7 +55,8 @@ class AdversarialStep:
         train_d = warmup or self.batches % self.d_every == 0
         train_g = self.g_opt is not None and (warmup or self.batches % self.g_every == 0)
         self.model.train()
-        losses = self.forward(batch, train_d=train_d, train_g=train_g, warmup=warmup)
+        with precision_context(self.precision, self.model):
+            losses = self.forward(batch, train_d=train_d, train_g=train_g, warmup=warmup)
         self.d_opt.zero_grad(set_to_none=True)
         if self.g_opt is not None:
             self.g_opt.zero_grad(set_to_none=True)

@@ -4,9 +4,11 @@ A step owns its optimiser(s) and turns one batch into a parameter update and a d
 floats to log. A model declares the step it trains with by name (``training_step`` on its
 class, see :mod:`aftrec.models.base`) and :data:`STEPS` resolves the name: the supervised step
 minimises ``model.loss(batch)["loss"]`` with Adam; the adversarial one (AFT) has two
-optimisers. Steps call the loss through
-:func:`aftrec.training.distributed.loss_forward`, which is DistributedDataParallel when
-training runs on several ranks, so gradients are averaged across them.
+optimisers. With ``train.precision="bf16"`` a step runs the loss's forward pass under
+:func:`aftrec.training.precision.precision_context`; the backward pass and the optimiser stay
+as they are. Steps call the loss through :func:`aftrec.training.distributed.loss_forward`,
+which is DistributedDataParallel when training runs on several ranks, so gradients are
+averaged across them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from aftrec.models.base import RetrievalModel
 from aftrec.training.adversarial import AdversarialStep
 from aftrec.training.distributed import SINGLE, Context, loss_forward
 from aftrec.training.optim import adam
+from aftrec.training.precision import precision_context
 
 
 class Step(Protocol):
@@ -36,10 +39,12 @@ class SupervisedStep:
         self.model = model
         self.forward = loss_forward(model, "loss", ctx)
         self.optimizer = adam(model, cfg.lr, cfg.weight_decay)
+        self.precision = cfg.precision
 
     def __call__(self, batch: Batch) -> dict[str, float]:
         self.model.train()
-        losses = self.forward(batch)
+        with precision_context(self.precision, self.model):
+            losses = self.forward(batch)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.optimizer.step()
