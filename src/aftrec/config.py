@@ -152,8 +152,8 @@ class RuntimeConfig(Checked):
     device: str = "cpu"
     eval_batch_size: Count = 1024  # users per evaluation batch
     tracker: TrackerKind = "none"  # also send the config and epoch figures to TensorBoard/MLflow
-    # a mid-epoch last.pt after this many minutes of an epoch's training (one process only):
-    # a killed run loses at most that much; None = at the end of each epoch only
+    # a mid-epoch last.pt after this many minutes of an epoch's training (every rank's part
+    # under torchrun): a killed run loses at most that much; None = at epoch ends only
     checkpoint_minutes: Positive | None = 10.0
 
 

@@ -22,7 +22,7 @@ from aftrec.data.shards import load_shards
 from aftrec.data.sources.synthetic import generate
 from aftrec.data.stream import prepare_streaming
 from aftrec.errors import ConfigError
-from aftrec.training import checkpoint
+from aftrec.training import checkpoint, rundir
 from aftrec.training.distributed import Context, shards_of
 
 
@@ -130,6 +130,83 @@ def test_resume_on_another_number_of_ranks(tiny_dir: Path, tmp_path: Path) -> No
     run([sys.executable, "-m", "aftrec.cli", "train", "--out", str(split), "--resume", "--quiet",
          "--set", "train.epochs=2"])  # fmt: skip
     assert_same_weights(straight, split)
+
+
+#: ``aftrec.cli`` with every training step counted and the run stopped at step STOP of the
+#: process, as a kill would stop it (each rank stops at the same batch)
+STOPPING_CLI = """
+import sys
+from aftrec.cli import main
+from aftrec.training import trainer
+
+make_step, calls = trainer.make_step, []
+
+def stopping(*args, **kwargs):
+    step = make_step(*args, **kwargs)
+
+    def call(batch):
+        calls.append(1)
+        if len(calls) == STOP:
+            raise SystemExit(3)
+        return step(batch)
+
+    call.state_dict, call.load_state_dict = step.state_dict, step.load_state_dict
+    return call
+
+trainer.make_step = stopping
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_data_parallel_run_killed_inside_an_epoch_resumes_exactly(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """Two ranks with a mid-epoch last.pt after every batch, stopped at the third batch of
+    their second epoch, resume on two ranks from the second: the weights, optimiser state and
+    log of a run never stopped (dropout on, so each rank's random state must come back). One
+    process cannot go on from a two-rank epoch: one clear line."""
+    sets = [*COMMON, "runtime.checkpoint_minutes=1.0e-9", "train.patience=10"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    train(tiny_dir, straight, "two-tower", sets, ranks=2)
+    script = tmp_path / "stopping_cli.py"
+    script.write_text(STOPPING_CLI.replace("STOP", "8"))  # 5 batches per epoch: 3rd of epoch 2
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path("src").resolve())}
+    stopped = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(script), "train", "--data", str(tiny_dir), "--model", "two-tower", "--out",
+         str(cut), "--quiet", "--set", *sets],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert stopped.returncode != 0
+    state = checkpoint.load(cut / "last.pt")
+    assert state["epoch"] == 1 and not state["done"]
+    assert [part["batches"] for part in state["partial"]["ranks"]] == [2, 2]
+
+    alone = subprocess.run(
+        [sys.executable, "-m", "aftrec.cli", "train", "--out", str(cut), "--resume", "--quiet"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert alone.returncode == 2
+    assert alone.stderr.strip().splitlines() == [
+        f"error: {cut} was stopped inside epoch 2 by 2 ranks, and only as many can go on from "
+        "there: resume it with 2 ranks"
+    ]
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node=2", "-m", "aftrec.cli"]  # fmt: skip
+    run([*torchrun, "train", "--out", str(cut), "--resume", "--quiet"])
+    full, resumed = checkpoint.load(straight / "last.pt"), checkpoint.load(cut / "last.pt")
+    assert "partial" not in resumed and resumed["epoch"] == 2
+    for k, v in full["model"].items():
+        torch.testing.assert_close(v, resumed["model"][k], rtol=0, atol=0, msg=k)
+    assert str(full["step"]) == str(resumed["step"])
+    timing = {"examples_per_second", "train_seconds", "valid_seconds", "peak_rss_mib"}
+    logs = [rundir.epoch_log(r) for r in (straight, cut)]
+    assert len(logs[0]) == 2
+    for a, b in zip(*logs, strict=True):
+        assert {k: v for k, v in a.items() if k not in timing} == {
+            k: v for k, v in b.items() if k not in timing
+        }
 
 
 def test_aft_trains_on_two_ranks(tiny_dir: Path, tmp_path: Path) -> None:

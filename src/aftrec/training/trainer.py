@@ -5,13 +5,14 @@ It writes a run directory (:mod:`aftrec.training.rundir`: ``config.yaml``, ``run
 
 ``--resume`` continues from ``last.pt`` with the saved config and counters; every epoch's
 randomness (order, negatives, dropout) is seeded from (seed, epoch, rank), so a run killed
-between two epochs ends where an uninterrupted one would have. A single-process run also
-writes ``last.pt`` inside an epoch, every ``runtime.checkpoint_minutes`` of its training, with
-the batches done, the epoch's running totals, torch's random state and the model's epoch
-diagnostics (:meth:`RetrievalModel.epoch_state`): a resumed run draws the batches it had
-trained again without training on them, restores the random state and goes on from the next
-batch, so a run killed inside an epoch also ends where an uninterrupted one would have, and
-loses at most that many minutes.
+between two epochs ends where an uninterrupted one would have. A run also writes ``last.pt``
+inside an epoch, every ``runtime.checkpoint_minutes`` of its training, with the batches done,
+the epoch's running totals, torch's random state and the model's epoch diagnostics
+(:meth:`RetrievalModel.epoch_state`), one such part per rank under torchrun: a resumed run
+draws the batches it had trained again without training on them, restores the random state
+and goes on from the next batch, so a run killed inside an epoch also ends where an
+uninterrupted one would have, and loses at most that many minutes. It resumes on as many
+processes as it was stopped on.
 
 Under torchrun the same loop runs data-parallel (:mod:`aftrec.training.distributed`): each
 rank trains on its own user shards, DDP averages the gradients, and rank 0 alone validates,
@@ -168,25 +169,26 @@ def _train(
                 state.get("stopped_early", False),
             )  # fmt: skip
         epoch = _restore(out, state, model, step, stopper)
-        partial = state.get("partial")
-        if partial is not None and ctx.world > 1:
-            raise ConfigError(
-                f"{out} was stopped inside epoch {epoch + 1} by a single-process run, and only "
-                "one process can go on from there: resume it without torchrun"
-            )
+        partial = _own_partial(out, state.get("partial"), epoch, ctx)
         if partial is not None:
             log.info(
                 "resuming %s inside epoch %d, after batch %d", out, epoch + 1, partial["batches"]
             )
-    minutes = rt.checkpoint_minutes if ctx.world == 1 else None
 
     def save_partial(totals: EpochTotals) -> None:
-        """``last.pt`` inside epoch ``epoch + 1``: what :func:`train_epoch` resumes from."""
+        """``last.pt`` inside epoch ``epoch + 1``: what :func:`train_epoch` resumes from. Under
+        torchrun every rank calls it after the same batch; rank 0 writes each rank's part."""
         part = {
             "batches": totals.batches, "examples": totals.examples, "seconds": totals.seconds,
             "losses": totals.losses, "rng": torch.get_rng_state(), "model": model.epoch_state(),
         }  # fmt: skip
-        _save_last(out, model, step, epoch, stopper, done=False, partial=part)
+        if not ctx.distributed:
+            _save_last(out, model, step, epoch, stopper, done=False, partial=part)
+            return
+        parts = ctx.gather(part)
+        if ctx.main:
+            ranks = {"ranks": parts}
+            _save_last(out, model, step, epoch, stopper, done=False, partial=ranks)
 
     has_valid = int(sum(local.dataset.meta["counts"]["valid"].values())) > 0
     examples, train_seconds, stopped_early = 0, 0.0, False
@@ -198,8 +200,9 @@ def _train(
             if partial is not None:
                 model.load_epoch_state(partial["model"])
             totals = train_epoch(
-                step, loader, epoch, tc, rt.device, progress, partial, minutes, save_partial
-            )
+                step, loader, epoch, tc, rt.device, progress, partial, rt.checkpoint_minutes,
+                save_partial, agree=lambda due: ctx.sum(int(due)) > 0,
+            )  # fmt: skip
             partial = None
             train_seconds += totals.seconds
             epoch += 1
@@ -310,6 +313,24 @@ def _restore(
     return int(state["epoch"])
 
 
+def _own_partial(
+    out: Path, partial: dict[str, Any] | None, epoch: int, ctx: Context
+) -> dict[str, Any] | None:
+    """This rank's part of a mid-epoch ``last.pt``: the whole of a single process's, or the
+    entry of ``rank`` in a data-parallel run's ``ranks``, which only as many processes as
+    wrote it can go on from."""
+    if partial is None:
+        return None
+    written = len(partial["ranks"]) if "ranks" in partial else 1
+    if written != ctx.world:
+        how = "one process" if written == 1 else f"{written} ranks"
+        raise ConfigError(
+            f"{out} was stopped inside epoch {epoch + 1} by {how}, and only as many can go on "
+            f"from there: resume it with {how}" + (" (without torchrun)" if written == 1 else "")
+        )
+    return partial["ranks"][ctx.rank] if "ranks" in partial else partial
+
+
 @dataclass
 class EpochTotals:
     """One rank's epoch: summed losses, batches, examples and wall seconds of training."""
@@ -330,13 +351,16 @@ def train_epoch(
     partial: dict[str, Any] | None = None,
     checkpoint_minutes: float | None = None,
     save: Callable[[EpochTotals], None] | None = None,
+    agree: Callable[[bool], bool] | None = None,
 ) -> EpochTotals:
     """One epoch of ``step`` over this rank's batches (0-based ``epoch``) on ``device``.
 
     ``partial`` (a mid-epoch ``last.pt``'s): the epoch's first ``partial["batches"]`` batches
     are drawn and skipped, torch's random state and the running totals are restored, and the
     epoch goes on from there. ``save`` is called with the running totals after the batch that
-    ends each ``checkpoint_minutes`` of training (not after the epoch's last batch)."""
+    ends each ``checkpoint_minutes`` of training (not after the epoch's last batch). Under
+    torchrun, ``agree`` turns this rank's "a checkpoint is due" into every rank's (true when
+    any rank's is), so that all of them save after the same batch."""
     t0 = time.perf_counter()
     totals: dict[str, float] = {}
     n_batches = n_examples = 0
@@ -375,6 +399,8 @@ def train_epoch(
         if n_batches % 20 == 0:
             bar.set_postfix({k: f"{v / n_batches:.4f}" for k, v in totals.items()})
         due = every is not None and time.perf_counter() - saved >= every
+        if every is not None and agree is not None:
+            due = agree(due)
         if due and save is not None and n_batches < total:
             seconds = before + time.perf_counter() - t0
             save(EpochTotals(dict(totals), n_batches, n_examples, seconds))
