@@ -274,33 +274,39 @@ def recall_bars(results: Results, keys: Sequence[str], path: Path) -> bool:
 
 
 def validation_curves(results: Results, keys: Sequence[str], path: Path) -> bool:
-    """Validation Recall@50 per epoch of every finished run of ``keys`` (one line per seed,
-    one colour per row), from each run's ``log.jsonl``; written atomically as PNG. False
-    (nothing written) when no run has a log."""
+    """Validation Recall@50 per epoch of every finished run of ``keys``, from each run's
+    ``log.jsonl``: one panel per row (one line per seed, a star at the best epoch, the
+    checkpoint its test numbers come from), the panels side by side on one y axis; written
+    atomically as PNG. False (nothing written) when no run has a log."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from aftrec.training.rundir import epoch_log
 
-    fig = Figure(figsize=(6.5, 4.0), dpi=120)
-    ax = fig.subplots()
-    drawn = False
-    for i, key in enumerate(keys):
-        label: str | None = key  # once per row, on its first run with a log
-        for _, outcome in sorted(results.entries[key].outcomes.items()):
+    curves: dict[str, list[tuple[int, list[tuple[int, float]]]]] = {}  # row -> (seed, points)
+    for key in keys:
+        for seed, outcome in sorted(results.entries[key].outcomes.items()):
             log = epoch_log(outcome.run) if outcome.ok else []
             metric = f"valid_{results.plan.jobs[outcome.run].cfg.train.valid_metric}"
             pts = [(int(e["epoch"]), float(e[metric])) for e in log if metric in e]
-            if not pts:
-                continue
-            epochs, values = zip(*pts, strict=True)
-            ax.plot(epochs, values, color=f"C{i % 10}", marker=".", linewidth=1.0, label=label)
-            label, drawn = None, True
-    if not drawn:
+            if pts:
+                curves.setdefault(key, []).append((seed, pts))
+    if not curves:
         return False
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation Recall@50")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    fig = Figure(figsize=(0.6 + 3.4 * len(curves), 3.8), dpi=120)
+    axes = fig.subplots(1, len(curves), sharey=True, squeeze=False)[0]
+    for i, (ax, (key, runs)) in enumerate(zip(axes, curves.items(), strict=True)):
+        colour = f"C{i % 10}"
+        for _, pts in runs:
+            epochs, values = zip(*pts, strict=True)
+            ax.plot(epochs, values, color=colour, marker=".", linewidth=1.0, alpha=0.8)
+            best = max(range(len(values)), key=values.__getitem__)
+            ax.plot(epochs[best], values[best], "*", color="black", markersize=8, zorder=3)
+        ax.set_title(f"{key} ({len(runs)} run{'s' * (len(runs) > 1)})")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation Recall@50")
     write_png(fig, path)
     return True
 
@@ -736,9 +742,9 @@ def render(results: Results) -> str:
     if aft_rows and validation_curves(results, aft_rows, Path(spec.out) / "validation.png"):
         out += ["## Validation curves", ""]
         out += [
-            "Validation Recall@50 after every epoch of each AFT row's runs (one line per seed), "
-            "from each run's `log.jsonl`; the test numbers above come from each run's best "
-            "epoch.",
+            "Validation Recall@50 after every epoch of each AFT row's runs, from each run's "
+            "`log.jsonl`: one panel per row, one line per seed, and a star at each run's best "
+            "epoch, whose checkpoint gives the test numbers above.",
             "",
             "![validation Recall@50 per epoch of the AFT rows](validation.png)",
             "",
