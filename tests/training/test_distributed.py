@@ -51,9 +51,11 @@ COMMON = [
 ]
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path("src").resolve())}
+
+
 def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path("src").resolve())}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
@@ -132,9 +134,11 @@ def test_resume_on_another_number_of_ranks(tiny_dir: Path, tmp_path: Path) -> No
     assert_same_weights(straight, split)
 
 
-#: ``aftrec.cli`` with every training step counted and the run stopped at step STOP of the
-#: process, as a kill would stop it (each rank stops at the same batch)
+#: ``aftrec.cli`` with every training step counted and ACTION taken at step STOP of the
+#: process: ``raise SystemExit(3)`` stops it as a kill would (each rank at the same batch)
 STOPPING_CLI = """
+import os
+import signal
 import sys
 from aftrec.cli import main
 from aftrec.training import trainer
@@ -147,7 +151,7 @@ def stopping(*args, **kwargs):
     def call(batch):
         calls.append(1)
         if len(calls) == STOP:
-            raise SystemExit(3)
+            ACTION
         return step(batch)
 
     call.state_dict, call.load_state_dict = step.state_dict, step.load_state_dict
@@ -156,6 +160,31 @@ def stopping(*args, **kwargs):
 trainer.make_step = stopping
 sys.exit(main(sys.argv[1:]))
 """
+
+
+def _two_ranks_of(script: Path, data: Path, out: Path, sets: list[str]) -> str:
+    """``script`` (a :data:`STOPPING_CLI`) training ``out`` on two ranks, expected to fail:
+    its stderr."""
+    stopped = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(script), "train", "--data", str(data), "--model", "two-tower", "--out", str(out),
+         "--quiet", "--set", *sets],
+        capture_output=True, text=True, timeout=600, env=ENV,
+    )  # fmt: skip
+    assert stopped.returncode != 0
+    return stopped.stderr
+
+
+def _resume_on_two_ranks_as(straight: Path, cut: Path) -> None:
+    """``cut`` resumed on two ranks ends with ``straight``'s weights and optimiser state."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node=2", "-m", "aftrec.cli"]  # fmt: skip
+    run([*torchrun, "train", "--out", str(cut), "--resume", "--quiet"])
+    full, resumed = checkpoint.load(straight / "last.pt"), checkpoint.load(cut / "last.pt")
+    assert "partial" not in resumed and resumed["epoch"] == full["epoch"]
+    for k, v in full["model"].items():
+        torch.testing.assert_close(v, resumed["model"][k], rtol=0, atol=0, msg=k)
+    assert str(full["step"]) == str(resumed["step"])
 
 
 def test_a_data_parallel_run_killed_inside_an_epoch_resumes_exactly(
@@ -169,22 +198,16 @@ def test_a_data_parallel_run_killed_inside_an_epoch_resumes_exactly(
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     train(tiny_dir, straight, "two-tower", sets, ranks=2)
     script = tmp_path / "stopping_cli.py"
-    script.write_text(STOPPING_CLI.replace("STOP", "8"))  # 5 batches per epoch: 3rd of epoch 2
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path("src").resolve())}
-    stopped = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(script), "train", "--data", str(tiny_dir), "--model", "two-tower", "--out",
-         str(cut), "--quiet", "--set", *sets],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
-    assert stopped.returncode != 0
+    # 5 batches per epoch: the 3rd of epoch 2
+    script.write_text(STOPPING_CLI.replace("STOP", "8").replace("ACTION", "raise SystemExit(3)"))
+    _two_ranks_of(script, tiny_dir, cut, sets)
     state = checkpoint.load(cut / "last.pt")
     assert state["epoch"] == 1 and not state["done"]
     assert [part["batches"] for part in state["partial"]["ranks"]] == [2, 2]
 
     alone = subprocess.run(
         [sys.executable, "-m", "aftrec.cli", "train", "--out", str(cut), "--resume", "--quiet"],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True, text=True, timeout=600, env=ENV,
     )  # fmt: skip
     assert alone.returncode == 2
     assert alone.stderr.strip().splitlines() == [
@@ -192,14 +215,7 @@ def test_a_data_parallel_run_killed_inside_an_epoch_resumes_exactly(
         "there: resume it with 2 ranks"
     ]
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node=2", "-m", "aftrec.cli"]  # fmt: skip
-    run([*torchrun, "train", "--out", str(cut), "--resume", "--quiet"])
-    full, resumed = checkpoint.load(straight / "last.pt"), checkpoint.load(cut / "last.pt")
-    assert "partial" not in resumed and resumed["epoch"] == 2
-    for k, v in full["model"].items():
-        torch.testing.assert_close(v, resumed["model"][k], rtol=0, atol=0, msg=k)
-    assert str(full["step"]) == str(resumed["step"])
+    _resume_on_two_ranks_as(straight, cut)
     timing = {"examples_per_second", "train_seconds", "valid_seconds", "peak_rss_mib"}
     logs = [rundir.epoch_log(r) for r in (straight, cut)]
     assert len(logs[0]) == 2
@@ -207,6 +223,26 @@ def test_a_data_parallel_run_killed_inside_an_epoch_resumes_exactly(
         assert {k: v for k, v in a.items() if k not in timing} == {
             k: v for k, v in b.items() if k not in timing
         }
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_batch(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """SIGTERM to rank 0 alone during the 3rd batch of epoch 2, no mid-epoch checkpoint due:
+    both ranks finish that batch, last.pt holds both ranks' parts there, and two ranks resume
+    to the weights of a run never stopped."""
+    sets = [*COMMON, "runtime.checkpoint_minutes=null", "train.patience=10"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    train(tiny_dir, straight, "two-tower", sets, ranks=2)
+    script = tmp_path / "signalling_cli.py"
+    action = 'os.environ["RANK"] == "0" and os.kill(os.getpid(), signal.SIGTERM)'
+    script.write_text(STOPPING_CLI.replace("STOP", "8").replace("ACTION", action))
+    stderr = _two_ranks_of(script, tiny_dir, cut, sets)
+    assert "stopped by SIGTERM inside epoch 2, after batch 3;" in stderr
+    state = checkpoint.load(cut / "last.pt")
+    assert state["epoch"] == 1
+    assert [part["batches"] for part in state["partial"]["ranks"]] == [3, 3]
+    _resume_on_two_ranks_as(straight, cut)
 
 
 def test_aft_trains_on_two_ranks(tiny_dir: Path, tmp_path: Path) -> None:

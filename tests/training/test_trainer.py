@@ -1,5 +1,7 @@
 import json
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -7,7 +9,7 @@ import pytest
 import torch
 
 from aftrec.config import resolve
-from aftrec.errors import CheckpointError, ConfigError, DataError, OutputError
+from aftrec.errors import CheckpointError, ConfigError, DataError, OutputError, Stopped
 from aftrec.numerics import flushing
 from aftrec.outputs import held
 from aftrec.training import checkpoint, rundir, trainer
@@ -199,6 +201,69 @@ def test_a_run_killed_inside_an_epoch_resumes_exactly(
             k: v for k, v in b.items() if k not in TIMING
         }
     assert ("health" in logs[0][0]) == (model == "aft")
+
+
+def _signalling(at: int, times: int = 1) -> Any:
+    """``trainer.make_step`` whose step sends this process SIGTERM ``times`` times during its
+    ``at``-th call (counting from 1), then trains on the batch."""
+    make_step, calls = trainer.make_step, []
+
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        step = make_step(*args, **kwargs)
+
+        def call(batch: Any) -> Any:
+            calls.append(1)
+            if len(calls) == at:
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return step(batch)
+
+        call.state_dict, call.load_state_dict = step.state_dict, step.load_state_dict  # type: ignore[attr-defined]
+        return call
+
+    return patched
+
+
+@pytest.mark.parametrize(("at", "epoch", "batch"), [(9, 2, 3), (6, 1, 6)])
+def test_a_signal_stops_after_the_batch_with_a_checkpoint_there(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: int, epoch: int,
+    batch: int,
+) -> None:  # fmt: skip
+    """SIGTERM during a batch (the 3rd of epoch 2, or the last of epoch 1): the batch finishes,
+    last.pt is written there although no mid-epoch checkpoint is due, the run stops with
+    exit code 143, and --resume ends where a run never stopped does."""
+    over = [*FAST, "train.patience=10", "runtime.checkpoint_minutes=null"]
+    cfg = resolve("two-tower", overrides=over)
+    train(tiny_dir, cfg, tmp_path / "full", progress=False)
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(trainer, "make_step", _signalling(at))
+    with pytest.raises(
+        Stopped, match=f"by SIGTERM inside epoch {epoch}, after batch {batch};"
+    ) as stop:
+        train(tiny_dir, cfg, tmp_path / "cut", progress=False)
+    assert stop.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) == previous  # the handler is put back
+    monkeypatch.undo()
+    state = checkpoint.load(tmp_path / "cut" / "last.pt")
+    assert state["epoch"] == epoch - 1 and state["partial"]["batches"] == batch
+    train(tiny_dir, None, tmp_path / "cut", resume=True, progress=False)
+    full, cut = (checkpoint.load(tmp_path / r / "last.pt") for r in ("full", "cut"))
+    assert "partial" not in cut and cut["epoch"] == full["epoch"] == 2
+    for k, v in full["model"].items():
+        torch.testing.assert_close(v, cut["model"][k], rtol=0, atol=0)
+    assert str(full["step"]) == str(cut["step"])
+
+
+def test_a_second_signal_stops_at_once(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    over = [*FAST, "train.patience=10", "runtime.checkpoint_minutes=null"]
+    monkeypatch.setattr(trainer, "make_step", _signalling(9, times=2))
+    with pytest.raises(Stopped) as stop:
+        train(tiny_dir, resolve("two-tower", overrides=over), tmp_path / "r", progress=False)
+    assert str(stop.value) == "by SIGTERM"
+    state = checkpoint.load(tmp_path / "r" / "last.pt")  # the end of epoch 1, untouched
+    assert state["epoch"] == 1 and "partial" not in state
 
 
 def test_without_mid_epoch_checkpoints_last_pt_is_written_at_epoch_ends(

@@ -5,10 +5,11 @@ the trainer's resume path. Unfinished runs go seed by seed (every model's seed 0
 report cut short still covers every model. ``--jobs J`` trains J runs at once, each in its
 own (spawned) process with ``cores // J`` torch threads unless ``train.threads`` is set.
 SIGTERM or SIGINT stops the command cleanly: the worker processes are terminated (and die
-with the parent even if it is killed outright), the runs keep their last checkpoint and
-the same command resumes them; :class:`~aftrec.errors.Stopped` names the interrupted runs.
-``--report-only`` trains nothing: unfinished runs come back ``pending``. Failures are
-recorded in the outcome, never raised, so one failing model does not stop the others.
+with the parent even if it is killed outright), a run in its training loop writes a
+checkpoint after the batch under way, and the same command resumes them;
+:class:`~aftrec.errors.Stopped` names the interrupted runs. ``--report-only`` trains nothing:
+unfinished runs come back ``pending``. Failures are recorded in the outcome, never raised, so
+one failing model does not stop the others.
 """
 
 from __future__ import annotations
@@ -176,9 +177,14 @@ def _with_threads(job: Job, jobs: int) -> Job:
 
 
 def _run_job_caught(job: Job, data_dir: Path) -> RunOutcome:
-    """:func:`run_job` with its failure turned into an outcome (in a worker process)."""
+    """:func:`run_job` with its failure turned into an outcome (in a worker process). A
+    SIGTERM from the parent (or, through ``PR_SET_PDEATHSIG``, from its death) stops the run
+    after its batch, with a checkpoint there; the worker then ends at once rather than wait
+    for another job."""
     try:
         return run_job(job, data_dir)
+    except Stopped as exc:
+        os._exit(exc.exit_code)
     except Exception as exc:
         return RunOutcome(job.run, False, error=_one_line(exc), trained_now=True)
 
@@ -350,8 +356,9 @@ def _worker_init(parent: int) -> None:
 
 def _stop_workers(workers: list[Any], grace: float = 10.0) -> None:
     """Terminate (SIGTERM) the worker processes and wait for them; kill what outlives
-    ``grace`` seconds. A run loses only its unfinished epoch: checkpoints are written
-    atomically."""
+    ``grace`` seconds. A run in its training loop saves a checkpoint after the batch under way
+    and ends (:func:`aftrec.training.trainer.train`); one killed meanwhile (validating, say)
+    loses what it did since its last checkpoint, which is written atomically."""
     for proc in workers:
         proc.terminate()
     deadline = time.monotonic() + grace

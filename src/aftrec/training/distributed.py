@@ -68,6 +68,14 @@ class Context:
         dist.all_gather_object(out, obj)
         return out
 
+    def any(self, flags: tuple[bool, ...]) -> tuple[bool, ...]:
+        """Each flag true on some rank, on every rank (one all-reduce of ``len(flags)``)."""
+        if not self.distributed:
+            return flags
+        t = torch.tensor(flags, dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return tuple(bool(v) for v in t.tolist())
+
     def sum(self, value: int) -> int:
         if not self.distributed:
             return value

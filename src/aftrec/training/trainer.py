@@ -24,8 +24,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,7 @@ from aftrec.config import RunConfig, TrainConfig
 from aftrec.data.dataset import Dataset
 from aftrec.data.loader import ShardedLoader
 from aftrec.data.shards import load_shards
-from aftrec.errors import CheckpointError, ConfigError, TrainingError
+from aftrec.errors import CheckpointError, ConfigError, Stopped, TrainingError
 from aftrec.evaluation.evaluate import Evaluator
 from aftrec.models.base import RetrievalModel
 from aftrec.numerics import subnormals_flushed
@@ -194,48 +197,61 @@ def _train(
     examples, train_seconds, stopped_early = 0, 0.0, False
     tracker = tracking.start(rt.tracker, out, cfg, resume) if ctx.main else tracking.Tracker()
     ok = False
-    try:
-        while epoch < tc.epochs:
-            torch.manual_seed(epoch_seed(tc.seed, epoch, ctx.rank))
-            if partial is not None:
-                model.load_epoch_state(partial["model"])
-            totals = train_epoch(
-                step, loader, epoch, tc, rt.device, progress, partial, rt.checkpoint_minutes,
-                save_partial, agree=lambda due: ctx.sum(int(due)) > 0,
-            )  # fmt: skip
-            partial = None
-            train_seconds += totals.seconds
-            epoch += 1
-            entry, epoch_examples = _epoch_entry(epoch, totals, model, ctx)
-            examples += epoch_examples
-            if not ctx.main:  # rank 0 validates and checkpoints; the others wait for its verdict
-                stopped_early = ctx.broadcast(None)
+    with _stop_after_batch() as request:
+        try:
+            first = epoch
+            while epoch < tc.epochs:
+                # a signal that came during the last epoch's validation: stop at its checkpoint
+                if epoch > first and ctx.any((request.pending(),))[0]:
+                    request.stop(out, f"after epoch {epoch}")
+                torch.manual_seed(epoch_seed(tc.seed, epoch, ctx.rank))
+                if partial is not None:
+                    model.load_epoch_state(partial["model"])
+                totals = train_epoch(
+                    step, loader, epoch, tc, rt.device, progress, partial, rt.checkpoint_minutes,
+                    save_partial, agree=ctx.any, stop=request.pending,
+                )  # fmt: skip
+                if totals.stopped:
+                    request.stop(out, f"inside epoch {epoch + 1}, after batch {totals.batches}")
+                partial = None
+                train_seconds += totals.seconds
+                epoch += 1
+                entry, epoch_examples = _epoch_entry(epoch, totals, model, ctx)
+                examples += epoch_examples
+                if (
+                    not ctx.main
+                ):  # rank 0 validates and checkpoints; the others wait for its verdict
+                    stopped_early = ctx.broadcast(None)
+                    if stopped_early:
+                        break
+                    continue
+                valid = evaluator if has_valid else None
+                value = _validate(valid, model, cfg, epoch, entry, totals, epoch_examples)
+                improved = stopper.update(epoch, value)
+                if improved:
+                    checkpoint.save(
+                        {"model": model.state_dict(), "epoch": epoch, "metric": value},
+                        out / rundir.BEST,
+                    )
+                stopped_early = stopper.stopped
+                _save_last(
+                    out, model, step, epoch, stopper, done=stopped_early or epoch >= tc.epochs
+                )
+                rundir.append_log(out, entry)
+                shown = metric if has_valid else None
+                log.info(epoch_line(entry, totals.losses, tc.epochs, shown, improved))
+                tracker.log_epoch(epoch, entry, totals.losses, shown)
+                ctx.broadcast(stopped_early)
                 if stopped_early:
                     break
-                continue
-            valid = evaluator if has_valid else None
-            value = _validate(valid, model, cfg, epoch, entry, totals, epoch_examples)
-            improved = stopper.update(epoch, value)
-            if improved:
-                checkpoint.save(
-                    {"model": model.state_dict(), "epoch": epoch, "metric": value},
-                    out / rundir.BEST,
-                )
-            stopped_early = stopper.stopped
-            _save_last(out, model, step, epoch, stopper, done=stopped_early or epoch >= tc.epochs)
-            rundir.append_log(out, entry)
-            shown = metric if has_valid else None
-            log.info(epoch_line(entry, totals.losses, tc.epochs, shown, improved))
-            tracker.log_epoch(epoch, entry, totals.losses, shown)
-            ctx.broadcast(stopped_early)
-            if stopped_early:
-                break
-        ok = True
-    finally:
-        tracker.close(ok)
-    seconds = time.perf_counter() - started
-    best_epoch, best = ctx.broadcast((stopper.best_epoch, stopper.best))
-    peaks = [round(p, 1) for p in ctx.gather(peak_rss_mib())]
+            ok = True
+        finally:
+            tracker.close(ok)
+        seconds = time.perf_counter() - started
+        best_epoch, best = ctx.broadcast((stopper.best_epoch, stopper.best))
+        peaks = [round(p, 1) for p in ctx.gather(peak_rss_mib())]
+        if request.pending():  # came during the last validation: the run is complete
+            request.stop(out, "after its last epoch", complete=True)
     return TrainResult(
         out, best_epoch, best, epoch, seconds, examples / max(train_seconds, 1e-9),
         stopped_early, peaks,
@@ -331,14 +347,60 @@ def _own_partial(
     return partial["ranks"][ctx.rank] if "ranks" in partial else partial
 
 
+class _StopRequest:
+    """SIGTERM or SIGINT received while training (:func:`_stop_after_batch`)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def pending(self) -> bool:
+        return self.signum is not None
+
+    def stop(self, out: Path, where: str, complete: bool = False) -> None:
+        """End the run: its ``last.pt`` was written ``where`` it stopped."""
+        signum = self.signum if self.signum is not None else signal.SIGTERM
+        said = f"by {signal.Signals(signum).name} {where}"
+        if complete:
+            raise Stopped(signum, f"{said}: {out} is complete")
+        raise Stopped(signum, f"{said}; {out / rundir.LAST} holds it: --resume goes on from there")
+
+
+@contextmanager
+def _stop_after_batch() -> Iterator[_StopRequest]:
+    """While training, the first SIGTERM or SIGINT asks the run to stop: the batch under way
+    finishes, ``last.pt`` is written there (every rank agreeing on the batch under torchrun)
+    and :class:`~aftrec.errors.Stopped` is raised, so a stopped run loses nothing. A second
+    signal stops at once (from the last checkpoint). Signals reach the main thread only, so
+    elsewhere this does nothing; the previous handlers are restored after."""
+    request = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if request.signum is not None:
+            raise Stopped(signum)
+        request.signum = signum
+
+    signums = (signal.SIGTERM, signal.SIGINT)
+    old = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield request
+    finally:
+        for s, previous in old.items():
+            signal.signal(s, previous)
+
+
 @dataclass
 class EpochTotals:
-    """One rank's epoch: summed losses, batches, examples and wall seconds of training."""
+    """One rank's epoch: summed losses, batches, examples and wall seconds of training, and
+    whether it stopped on a signal before its end (:func:`_stop_after_batch`)."""
 
     losses: dict[str, float]
     batches: int
     examples: int
     seconds: float
+    stopped: bool = False
 
 
 def train_epoch(
@@ -351,16 +413,19 @@ def train_epoch(
     partial: dict[str, Any] | None = None,
     checkpoint_minutes: float | None = None,
     save: Callable[[EpochTotals], None] | None = None,
-    agree: Callable[[bool], bool] | None = None,
+    agree: Callable[[tuple[bool, ...]], tuple[bool, ...]] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> EpochTotals:
     """One epoch of ``step`` over this rank's batches (0-based ``epoch``) on ``device``.
 
     ``partial`` (a mid-epoch ``last.pt``'s): the epoch's first ``partial["batches"]`` batches
     are drawn and skipped, torch's random state and the running totals are restored, and the
     epoch goes on from there. ``save`` is called with the running totals after the batch that
-    ends each ``checkpoint_minutes`` of training (not after the epoch's last batch). Under
-    torchrun, ``agree`` turns this rank's "a checkpoint is due" into every rank's (true when
-    any rank's is), so that all of them save after the same batch."""
+    ends each ``checkpoint_minutes`` of training (not after the epoch's last batch), and after
+    the batch during which ``stop()`` became true (a signal), where the epoch ends early with
+    ``stopped`` set. Under torchrun, ``agree`` turns this rank's flags ("a checkpoint is due",
+    "stop") into every rank's (true when any rank's is), so that all of them save after the
+    same batch."""
     t0 = time.perf_counter()
     totals: dict[str, float] = {}
     n_batches = n_examples = 0
@@ -399,12 +464,17 @@ def train_epoch(
         if n_batches % 20 == 0:
             bar.set_postfix({k: f"{v / n_batches:.4f}" for k, v in totals.items()})
         due = every is not None and time.perf_counter() - saved >= every
-        if every is not None and agree is not None:
-            due = agree(due)
-        if due and save is not None and n_batches < total:
+        halt = stop is not None and stop()
+        if agree is not None and (every is not None or stop is not None):
+            due, halt = agree((due, halt))
+        if save is not None and (halt or (due and n_batches < total)):
             seconds = before + time.perf_counter() - t0
             save(EpochTotals(dict(totals), n_batches, n_examples, seconds))
             saved = time.perf_counter()
+        if halt:
+            bar.close()
+            seconds = before + time.perf_counter() - t0
+            return EpochTotals(totals, n_batches, n_examples, seconds, stopped=True)
     return EpochTotals(totals, n_batches, n_examples, before + time.perf_counter() - t0)
 
 
