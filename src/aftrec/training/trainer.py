@@ -362,7 +362,8 @@ class _StopRequest:
         said = f"by {signal.Signals(signum).name} {where}"
         if complete:
             raise Stopped(signum, f"{said}: {out} is complete")
-        raise Stopped(signum, f"{said}; {out / rundir.LAST} holds it: --resume goes on from there")
+        last = out / rundir.LAST
+        raise Stopped(signum, f"{said}; {last} holds it, and a resumed run goes on there")
 
 
 @contextmanager
