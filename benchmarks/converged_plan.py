@@ -18,7 +18,8 @@ trains nothing). The steps, in order (``benchmarks/results/budget_plan.md``):
 trials of the budget and the trial under way; per report, the runs under way, its finished
 runs of the planned ones by model, and the one-thread hours the unfinished ones will take at
 the mean of that model's finished runs in the same report (on ML-100K, before any has
-finished, at its best tuning trial's time).
+finished, at its best tuning trial's time; on ML-1M, at its ML-100K runs' mean times the
+median ML-1M / ML-100K ratio of the models finished in both).
 
 Every step is resumable (a finished study trains nothing; ``aftrec reproduce`` reuses finished
 runs and resumes half-trained ones), so the same command, run again in a later sitting, passes
@@ -43,6 +44,8 @@ TUNED = Path("results/ml-100k-tuned")
 #: the paper's AFT rows: 5 seeds on ML-1M, where the others (``aft-paper`` too) have 3
 AFT_ROWS = ("aft", "aft-d", "aft-hnm")
 EVERY_RUN = ("--jobs", "2", "--set", "train.threads=1")
+#: fitted, not trained: their seconds do not scale with an epoch's size
+CLOSED_FORM = ("pop", "ease")
 
 
 def tuned_dirs() -> list[str]:
@@ -109,8 +112,14 @@ def epochs_done(run: Path) -> int:
     return sum(1 for line in log.open() if line.strip()) if log.is_file() else 0
 
 
-def report_status(name: str, argv: list[str]) -> list[str]:
-    """The finished runs of a report step, by model, and the hours the others will take."""
+def report_status(
+    name: str, argv: list[str], other: dict[str, float] | None = None
+) -> tuple[list[str], dict[str, float]]:
+    """The finished runs of a report step, by model, and the hours the others will take; and
+    each model's mean seconds per finished run. A model with no finished run here is timed,
+    in order, by its best tuning trial (on the tuning's own data), or by its mean in
+    ``other`` (another report's) times the median ratio between the two reports over the
+    trained models finished in both."""
     import json
     from collections import defaultdict
 
@@ -136,12 +145,20 @@ def report_status(name: str, argv: list[str]) -> list[str]:
                 )
     models = sorted(set(finished) | set(waiting))
     done = sum(len(v) for v in finished.values())
+    means = {m: sum(v) / len(v) for m, v in finished.items()}
     # on the tuning's own data, a model's best trial times a run until one of its own has
     tuned_here = Path(plan.spec.data).resolve() == (ROOT / "data/ml-100k").resolve()
-    hours, unknown, lines = 0.0, [], []
+    ratios = sorted(
+        means[m] / other[m] for m in means if other and m in other and m not in CLOSED_FORM
+    )  # fmt: skip
+    ratio = ratios[len(ratios) // 2] if ratios else None
+    hours, scaled, unknown, lines = 0.0, [], [], []
     for m in models:
         secs = finished.get(m, [])
-        each = sum(secs) / len(secs) if secs else best_trial_seconds(m) if tuned_here else None
+        each = means.get(m) or (best_trial_seconds(m) if tuned_here else None)
+        if each is None and ratio is not None and other and m in other:
+            each = other[m] * ratio
+            scaled.append(m)
         if waiting[m] and each is not None:
             hours += waiting[m] * each / 3600
         elif waiting[m]:
@@ -150,10 +167,13 @@ def report_status(name: str, argv: list[str]) -> list[str]:
     left = (
         "no run to time yet" if len(unknown) == len(models) else
         f"about {hours:.1f} one-thread hours left"
-        + (f", and {', '.join(unknown)} with no run to time yet" if unknown else "")
+        + (f"; {len(scaled)} model(s) timed by their other-report runs x {ratio:.1f}, the median "
+           f"ratio of {len(ratios)} models run in both ({ratios[0]:.1f}-{ratios[-1]:.1f})"
+           if scaled and ratio else "")
+        + (f"; {', '.join(unknown)} with no run to time yet" if unknown else "")
     )  # fmt: skip
     now = [f"  under way: {', '.join(started)}"] if started else []
-    return [f"{name}: {done} of {len(plan.jobs)} runs finished ({left})", *now, *lines]
+    return [f"{name}: {done} of {len(plan.jobs)} runs finished ({left})", *now, *lines], means
 
 
 def best_trial_seconds(model: str) -> float | None:
@@ -178,9 +198,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.status:
         lines = study_status()
-        for name in ("ml-100k", "ml-1m"):
-            if tuned_dirs():
-                lines += report_status(name, steps()[name])
+        if tuned_dirs():
+            small, means = report_status("ml-100k", steps()["ml-100k"])
+            lines += small + report_status("ml-1m", steps()["ml-1m"], means)[0]
         compared = ROOT / steps()["compare"][-1]
         lines.append(f"compare: {compared.relative_to(ROOT)} " + (
             "written" if compared.is_file() else "not written yet"))  # fmt: skip
