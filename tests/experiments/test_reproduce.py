@@ -417,7 +417,18 @@ def test_quick_end_to_end_then_resume_trains_nothing(tiny_dir: Path, tmp_path: P
     assert results["entries"]["aft/no-mask"]["seeds"]["0"]["ok"]
     # G's health: the rows with a generator, not the one without (- generator) nor pop
     health = text.split("## Generator health")[1].split("## Wall time")[0]
-    assert "| `aft` | 1 |" in health and "`aft/no-generator`" not in health
+    assert "`aft/no-generator`" not in health
+    lines = [line for line in health.splitlines() if line.startswith("| `")]
+    aft = next(line for line in lines if line.startswith("| `aft` "))
+    assert aft.split(" | ")[1] == "1"  # one run: seed 0, shared with the sweeps' defaults
+    # rows computed from the same runs share a line ("`aft` = `aft/mask-0.15` = ..."), and
+    # no run set has two
+    assert " = `aft/" in aft
+    runs_of = {k: {s["run"] for s in e["seeds"].values()} for k, e in results["entries"].items()}
+    for row in results["health"]:
+        assert all(runs_of[k] == runs_of[row["entry"]] for k in row["same_as"])
+    sets = [frozenset(runs_of[row["entry"]]) for row in results["health"]]
+    assert len(sets) == len(set(sets))
     assert "`pop`" not in health and "`two-tower`" not in health
     rows = {r["entry"]: r for r in results["health"]}
     assert 0 < rows["aft"]["share_min"] <= 1 and rows["aft"]["advantage_abs"] >= 0

@@ -416,12 +416,17 @@ def health_rows(results: Results) -> list[dict[str, Any]]:
     were fakes in any epoch, and at each run's best epoch the mean of the other diagnostics."""
     from aftrec.training.rundir import best_epoch_time, epoch_log
 
-    rows = []
+    rows: list[dict[str, Any]] = []
+    seen: dict[frozenset[Path], dict[str, Any]] = {}  # the runs a row was computed from
     for key, entry in results.entries.items():
         runs = [o.run for o in entry.outcomes.values() if o.ok]
         logs = [(run, [e for e in epoch_log(run) if "health" in e]) for run in runs]
         logs = [(run, entries) for run, entries in logs if entries]
         if not logs:
+            continue
+        same = seen.get(frozenset(run for run, _ in logs))
+        if same is not None:  # a sweep point that is an ablation's runs, or another point's
+            same["same_as"].append(key)
             continue
         at_best = []
         for run, entries in logs:
@@ -436,6 +441,7 @@ def health_rows(results: Results) -> list[dict[str, Any]]:
         rows.append(
             {
                 "entry": key,
+                "same_as": [],
                 "runs": len(logs),
                 "share_min": min(float(h["distinct_share_min"]) for h in every),
                 "share_best": mean("distinct_share_min"),
@@ -449,6 +455,7 @@ def health_rows(results: Results) -> list[dict[str, Any]]:
                 "top10": mean("top10_in_d_top50"),
             }
         )
+        seen[frozenset(run for run, _ in logs)] = rows[-1]
     return rows
 
 
@@ -479,14 +486,16 @@ def health_section(results: Results) -> list[str]:
         "mean |Q - b| that REINFORCE multiplies the log-probability with (its minimum over "
         "epochs beside it; 0 = no signal), the share of fakes that are the user's validation "
         "clicks against the same share for random unclicked items, and the share of D's top-50 "
-        "slots held by the epoch's 10 most frequent fakes.",
+        "slots held by the epoch's 10 most frequent fakes. Rows computed from the same runs "
+        "(an ablation that is also a sweep point) share a line.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
     for r in rows:
+        label = " = ".join(f"`{k}`" for k in [r["entry"], *r["same_as"]])
         out.append(
-            f"| `{r['entry']}` | {r['runs']} | {r['share_min']:.3f} | {r['share_best']:.3f} | "
+            f"| {label} | {r['runs']} | {r['share_min']:.3f} | {r['share_best']:.3f} | "
             f"{r['pop_pct']:.1f} | {r['reward_mean']:.3f} ± {r['reward_std']:.3f} | "
             f"{r['advantage_abs']:.2e} | {r['advantage_abs_min']:.2e} | "
             f"{r['fn_rate']:.4f} / {r['fn_rate_random']:.4f} | {r['top10']:.3f} |"
