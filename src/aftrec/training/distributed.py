@@ -76,13 +76,6 @@ class Context:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return tuple(bool(v) for v in t.tolist())
 
-    def sum(self, value: int) -> int:
-        if not self.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.long)
-        dist.all_reduce(t)
-        return int(t.item())
-
 
 SINGLE = Context()
 

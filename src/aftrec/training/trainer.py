@@ -218,9 +218,8 @@ def _train(
                 epoch += 1
                 entry, epoch_examples = _epoch_entry(epoch, totals, model, ctx)
                 examples += epoch_examples
-                if (
-                    not ctx.main
-                ):  # rank 0 validates and checkpoints; the others wait for its verdict
+                # rank 0 validates and checkpoints; the others wait for its verdict
+                if not ctx.main:
                     stopped_early = ctx.broadcast(None)
                     if stopped_early:
                         break
@@ -453,7 +452,7 @@ def train_epoch(
         leave=False,
     )
     every = None if checkpoint_minutes is None or save is None else 60.0 * checkpoint_minutes
-    saved = time.perf_counter()
+    saved, halt = time.perf_counter(), False
     for batch in bar:
         losses = step(batch if device == "cpu" else batch.to(device))
         if not all(np.isfinite(v) for v in losses.values()):
@@ -472,11 +471,11 @@ def train_epoch(
             seconds = before + time.perf_counter() - t0
             save(EpochTotals(dict(totals), n_batches, n_examples, seconds))
             saved = time.perf_counter()
-        if halt:
+        if halt:  # the checkpoint above holds this batch
             bar.close()
-            seconds = before + time.perf_counter() - t0
-            return EpochTotals(totals, n_batches, n_examples, seconds, stopped=True)
-    return EpochTotals(totals, n_batches, n_examples, before + time.perf_counter() - t0)
+            break
+    seconds = before + time.perf_counter() - t0
+    return EpochTotals(totals, n_batches, n_examples, seconds, stopped=halt)
 
 
 def _epoch_entry(
