@@ -424,7 +424,8 @@ def health_rows(results: Results) -> list[dict[str, Any]]:
         logs = [(run, entries) for run, entries in logs if entries]
         if not logs:
             continue
-        same = seen.get(frozenset(run for run, _ in logs))
+        run_set = frozenset(run for run, _ in logs)
+        same = seen.get(run_set)
         if same is not None:  # a sweep point that is an ablation's runs, or another point's
             same["same_as"].append(key)
             continue
@@ -455,7 +456,7 @@ def health_rows(results: Results) -> list[dict[str, Any]]:
                 "top10": mean("top10_in_d_top50"),
             }
         )
-        seen[frozenset(run for run, _ in logs)] = rows[-1]
+        seen[run_set] = rows[-1]
     return rows
 
 
