@@ -1,4 +1,4 @@
-"""The ML-1M ranking of an ``aftrec reproduce`` report against the paper's published rankings.
+"""The ranking of an ``aftrec reproduce`` report against the paper's published rankings.
 
 The paper's numbers are those printed in "Adversarial Feature Translation for Multi-domain
 Recommendation" (Hao et al., KDD 2021): Table 3 (Netflix, Romance and History, Recall@20 and
@@ -8,7 +8,8 @@ our report's average is the unweighted mean over domains.
 
 For the 14 rows the paper and the report share, the script ranks them by average Recall@50 on
 each side and gives Spearman's rho and Kendall's tau between the rankings, and checks the
-paper's qualitative claims one by one (true or false on ML-1M, with the two values).
+paper's qualitative claims one by one (true or false on the report's dataset, with the two
+values). The dataset is named after the report's data directory (``data/ml-1m``: ML-1M).
 
 With ``--before OTHER_REPORT`` (e.g. the budgeted report a converged one replaces) it also
 ranks every main row the two reports share, on each side, and gives how far each row moved
@@ -100,7 +101,13 @@ def ranks(values: dict[str, float]) -> dict[str, int]:
     return {k: i + 1 for i, k in enumerate(order)}
 
 
+def dataset_label(results: dict) -> str:
+    """The report's dataset as the tables name it: its data directory, upper case (ML-1M)."""
+    return Path(results["data"]).name.upper()
+
+
 def compare(results: dict) -> list[str]:
+    ours = dataset_label(results)
     per_seed = ours_r50(results)
     shared = [k for k in NETFLIX_R50 if k in per_seed]
     if len(shared) < 3:
@@ -113,7 +120,7 @@ def compare(results: dict) -> list[str]:
         f"Average Recall@50 of the {len(shared)} rows shared with the paper, rank in brackets "
         "(1 = best among these rows).",
         "",
-        "| row | paper, Netflix | paper, MDR-5B | ours, ML-1M |",
+        f"| row | paper, Netflix | paper, MDR-5B | ours, {ours} |",
         "|---|---|---|---|",
     ]
     for k in sorted(shared, key=lambda k: ro[k]):
@@ -122,7 +129,7 @@ def compare(results: dict) -> list[str]:
             f"{mine[k]:.4f} ({ro[k]}) |"
         )
     lines += ["", "| rankings compared | Spearman rho (p) | Kendall tau (p) |", "|---|---|---|"]
-    pairs = [("ML-1M vs Netflix", mine, netflix), ("ML-1M vs MDR-5B", mine, mdr)]
+    pairs = [(f"{ours} vs Netflix", mine, netflix), (f"{ours} vs MDR-5B", mine, mdr)]
     pairs.append(("Netflix vs MDR-5B (the paper's two)", netflix, mdr))
     for name, a, b in pairs:
         x, y = [a[k] for k in shared], [b[k] for k in shared]
@@ -136,7 +143,7 @@ def compare(results: dict) -> list[str]:
         "A claim holds when the first row's mean is higher; 'within the spread' marks a",
         "difference smaller than the larger of the two seed standard deviations.",
         "",
-        "| the paper's claim | where | holds on ML-1M | ML-1M values |",
+        f"| the paper's claim | where | holds on {ours} | {ours} values |",
         "|---|---|---|---|",
     ]
     for better, worse, where in CLAIMS:
