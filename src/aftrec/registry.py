@@ -58,8 +58,9 @@ class Registration:
     paper_row: int | None = None
     #: ``aftrec reproduce --quick``: model-config overrides that make the model tiny
     quick: Mapping[str, str] = field(default_factory=dict)
-    #: model keys this registration never reads (e.g. G's keys for a model without G): a saved
-    #: run whose config differs only in them is the same run
+    #: model keys that do not change what this registration computes: never read (G's keys for
+    #: a model without G) or read for memory only (a scoring block's size): a saved run whose
+    #: config differs only in them is the same run
     inert_keys: tuple[str, ...] = ()
     #: ``aftrec tune``: the model's own tuned settings (config key -> range), searched beside
     #: :data:`TRAINED` for a trainable model (:attr:`search_space`)

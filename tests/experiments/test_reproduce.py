@@ -756,3 +756,18 @@ def test_workers_die_with_a_parent_killed_outright(tiny_dir: Path, tmp_path: Pat
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(w) for w in workers), "a worker outlived the killed parent"
+
+
+@pytest.mark.parametrize("name", ["afm-single", "afm-multi", "autoint-single", "autoint-multi"])
+def test_a_scoring_block_size_is_the_same_run(name: str) -> None:
+    """``chunk_floats`` bounds a full-ranking block's memory and leaves the scores as they are
+    (``test_chunking_does_not_change_scores``): a run saved with another block size is the same
+    run, so a report resumes it; a key that changes the scores still makes another run."""
+    from aftrec.config import resolve
+
+    base = resolve(name).to_dict()
+    saved = resolve(name, overrides=["model.chunk_floats=16777216"]).to_dict()
+    other = resolve(name, overrides=["model.dim=32"]).to_dict()
+    assert saved["model"]["chunk_floats"] != base["model"]["chunk_floats"]
+    assert pl._identity(saved) == pl._identity(base)
+    assert pl._identity(other) != pl._identity(base)

@@ -52,7 +52,9 @@ class AFMConfig(Checked):
     dropout: Rate = 0.1  # on the attention-pooled interaction vector
     user_field: bool = False  # add the user id as a field (keyed by (user, domain) if single)
     loss: Loss = "bce"  # "bce" (a CTR model) or "softmax" over [positive, negatives]
-    chunk_floats: Count = 1 << 24  # bound on the largest tensors of one scoring block (64 MB)
+    #: bound on the largest tensors of one scoring block (4 MB); the scores do not depend on
+    #: it, the speed does: 4 MB blocks score about 2x faster than 64 MB ones on a 2-core EPYC
+    chunk_floats: Count = 1 << 20
 
 
 class AFM(CandidateScorer):
@@ -117,4 +119,6 @@ class AFM(CandidateScorer):
         return score_in_chunks(block, len(batch), hi - lo, per_pair, self.cfg.chunk_floats)
 
 
-AFMSingle, AFMMulti = single_and_multi(AFM, AFMConfig, "afm", "AFM", (2, 6), QUICK, tune=DROPOUT)
+AFMSingle, AFMMulti = single_and_multi(
+    AFM, AFMConfig, "afm", "AFM", (2, 6), QUICK, tune=DROPOUT, inert_keys=("chunk_floats",)
+)

@@ -58,7 +58,9 @@ class AutoIntConfig(Checked):
     head_dim: Count = 32  # d', the attention size of one head
     user_field: bool = False  # add the user id as a field (keyed by (user, domain) if single)
     loss: Loss = "bce"  # "bce" (a CTR model) or "softmax" over [positive, negatives]
-    chunk_floats: Count = 1 << 24  # bound on the largest tensor of one scoring block (64 MB)
+    #: bound on the largest tensor of one scoring block (4 MB); the scores do not depend on
+    #: it, the speed does: 4 MB blocks score about 2x faster than 64 MB ones on a 2-core EPYC
+    chunk_floats: Count = 1 << 20
 
 
 class InteractingLayer(nn.Module):
@@ -167,5 +169,5 @@ class AutoInt(CandidateScorer):
 
 
 AutoIntSingle, AutoIntMulti = single_and_multi(
-    AutoInt, AutoIntConfig, "autoint", "AutoInt", (3, 7), QUICK
+    AutoInt, AutoIntConfig, "autoint", "AutoInt", (3, 7), QUICK, inert_keys=("chunk_floats",)
 )

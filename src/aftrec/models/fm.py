@@ -147,11 +147,13 @@ def single_and_multi(
     rows: tuple[int, int],
     quick: Any,
     tune: Mapping[str, Range] | None = None,
+    inert_keys: tuple[str, ...] = (),
 ) -> tuple[type[F], type[F]]:
     """Register the two variants of a field model (section 5.2 of the AFT paper): ``NAME-single``
     sees the target domain's behaviours only, ``NAME-multi`` every domain's (``multi_domain``);
     ``rows`` are their rows in the paper's Tables 2 and 3; ``tune``: the model's own tuned
-    settings (:attr:`aftrec.registry.Registration.tune`)."""
+    settings (:attr:`aftrec.registry.Registration.tune`); ``inert_keys``: config keys that do
+    not change what it computes (:attr:`aftrec.registry.Registration.inert_keys`)."""
     out = []
     for variant, multi, row in (("single", False, rows[0]), ("multi", True, rows[1])):
         cls_name = f"{base.__name__}{variant.title()}"
@@ -164,6 +166,7 @@ def single_and_multi(
             paper_row=row,
             quick=quick,
             tune=tune,
+            inert_keys=inert_keys,
         )
         out.append(register(cls))
     return out[0], out[1]
