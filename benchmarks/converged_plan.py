@@ -23,7 +23,9 @@ median ML-1M / ML-100K ratio of the models finished in both).
 
 Every step is resumable (a finished study trains nothing; ``aftrec reproduce`` reuses finished
 runs and resumes half-trained ones), so the same command, run again in a later sitting, passes
-quickly over the finished steps and goes on where the last one stopped, and the machine never
+over the finished steps (every study complete; every run of a report finished and its report
+written after them: not run again, so a report keeps the header of the invocation that
+finished it) and goes on where the last one stopped, and the machine never
 waits for someone to start the next step. A report step starts only once every study is
 complete (the tune step before it returned), and its ``--tuned`` list is read then. Two
 runs at a time with one torch thread each, as on this project's 2-core machine. A step that
@@ -38,6 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 TUNED = Path("results/ml-100k-tuned")
@@ -84,6 +87,18 @@ def steps() -> dict[str, list[str]]:
 
 def study_status() -> list[str]:
     """One line per tuning study of :data:`tune_preset.ORDER`: finished trials of the budget."""
+    lines, complete, total = studies()
+    return [f"tune: {complete} of {total} studies complete", *lines]
+
+
+def studies_complete() -> bool:
+    """Every study of :data:`tune_preset.ORDER` has its budget of finished trials."""
+    _, complete, total = studies()
+    return complete == total
+
+
+def studies() -> tuple[list[str], int, int]:
+    """Each study's line for :func:`study_status`, the complete studies and all of them."""
     import csv
     import json
 
@@ -103,13 +118,37 @@ def study_status() -> list[str]:
             under_way = sorted((folder / "trials").glob("[0-9][0-9][0-9]"))[done:]
             now = "".join(f", trial {t.name} at epoch {epochs_done(t)}" for t in under_way)
         lines.append(f"  {model}: {done} of {want} trial(s){now}")
-    return [f"tune: {complete} of {len(ORDER)} studies complete", *lines]
+    return lines, complete, len(ORDER)
 
 
 def epochs_done(run: Path) -> int:
     """The epochs a run has logged (``log.jsonl`` lines)."""
     log = run / "log.jsonl"
     return sum(1 for line in log.open() if line.strip()) if log.is_file() else 0
+
+
+def plan_of(argv: list[str]) -> Any:
+    """The :class:`aftrec.experiments.plan.Plan` a report step's command line makes."""
+    from aftrec.experiments.plan import make_plan
+    from aftrec.experiments.reproduce import add_parser, spec_from_args
+
+    parser = argparse.ArgumentParser(prog="aftrec")
+    add_parser(parser.add_subparsers())
+    return make_plan(spec_from_args(parser.parse_args(argv[3:])))  # after "PY -m aftrec"
+
+
+def report_complete(argv: list[str]) -> bool:
+    """Every run of a report step finished and its ``report.md`` written after the last of
+    them: the step is done, and running it again would only rewrite the report's header with
+    an invocation that trained nothing."""
+    from aftrec.experiments.execute import is_finished
+
+    plan = plan_of(argv)
+    report = Path(plan.spec.out) / "report.md"
+    if not report.is_file() or not all(is_finished(job.run) for job in plan.jobs.values()):
+        return False
+    last = max((job.run / "metrics.json").stat().st_mtime for job in plan.jobs.values())
+    return report.stat().st_mtime >= last
 
 
 def report_status(
@@ -124,12 +163,8 @@ def report_status(
     from collections import defaultdict
 
     from aftrec.experiments.execute import is_finished
-    from aftrec.experiments.plan import make_plan
-    from aftrec.experiments.reproduce import add_parser, spec_from_args
 
-    parser = argparse.ArgumentParser(prog="aftrec")
-    add_parser(parser.add_subparsers())
-    plan = make_plan(spec_from_args(parser.parse_args(argv[3:])))  # after "PY -m aftrec"
+    plan = plan_of(argv)
     finished: dict[str, list[float]] = defaultdict(list)
     waiting: dict[str, int] = defaultdict(int)
     started: list[str] = []
@@ -213,6 +248,11 @@ def main() -> None:
             continue
         if name != "tune" and not tuned_dirs():
             sys.exit(f"step {name}: no tuning study in {TUNED}")
+        if (name == "tune" and studies_complete()) or (
+            name in ("ml-100k", "ml-1m") and report_complete(argv)
+        ):
+            print(f"{time.strftime('%H:%M:%S')} step {name} complete: passed over", flush=True)
+            continue
         t0 = time.time()
         code = subprocess.run(argv, cwd=ROOT, check=False).returncode
         if code != 0:
