@@ -106,37 +106,51 @@ def test_score_matches_training_path(
         torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-10)
 
 
+def assert_same_function(
+    got: torch.Tensor, want: torch.Tensor, params: list[torch.nn.Parameter]
+) -> None:
+    """Equal logits, and equal gradients of every parameter for a loss that weighs each logit
+    differently (a parameter neither path reads has no gradient in either)."""
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    weights = torch.randn_like(want)
+    g_want = torch.autograd.grad((want * weights).sum(), params, allow_unused=True)
+    g_got = torch.autograd.grad((got * weights).sum(), params, allow_unused=True)
+    for a, b in zip(g_got, g_want, strict=True):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            assert a is not None
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+#: dropout on where the model has it, so that the two paths must draw the same masks
+TRAINING = {"afm": ["model.dropout=0.3"], "autoint": []}
+
+
 @pytest.mark.parametrize("user_field", [False, True])
-@pytest.mark.parametrize("name", ["autoint-single", "autoint-multi"])
-def test_autoint_training_path_is_eq_5_to_8_on_every_field(
+@pytest.mark.parametrize("name", ["afm-single", "afm-multi", "autoint-single", "autoint-multi"])
+def test_training_path_is_the_paper_equations_as_written(
     name: str, user_field: bool, tiny: Dataset, index: HistoryIndex
 ) -> None:
-    """``score_items`` projects each user's fields once and splits the first layer's softmax
-    (``attend_candidates`` with per-user candidates); the reference is the first layer's plain
-    self-attention over the (B, C, F, d) grid of every (user, candidate) pair. Same logits and
-    same gradient of every parameter, float64, random weights."""
+    """``score_items`` computes what does not depend on the candidate once per user (AFM: the
+    user fields' pairs and their attention logits; AutoInt: the first layer's projections and
+    F_u x F_u attention); ``reference_items`` is the paper's equations over the fields of every
+    (user, candidate). Same logits and same gradient of every parameter, float64, random
+    weights, training mode."""
     torch.manual_seed(0)
-    model = randomise(build(name, tiny, f"model.user_field={str(user_field).lower()}"))
+    extra = TRAINING[name.split("-")[0]]
+    model = randomise(build(name, tiny, *extra, f"model.user_field={str(user_field).lower()}"))
     model = model.double().train()
     params = [p for p in model.parameters() if p.requires_grad]
     for d in range(tiny.info.n_domains):
         batch = domain_batch(tiny, index, d)
         assert batch.pos is not None and batch.neg is not None
         items = torch.cat([batch.pos.unsqueeze(1), batch.neg], dim=1)  # (B, 1 + K)
-        fields = model.fields  # type: ignore[attr-defined]
-        grid = fields.with_candidates(fields.user_fields(batch, batch.domain), items)
-        want = model._top(model.first(grid))  # type: ignore[attr-defined, operator]
+        torch.manual_seed(d)
+        want = model.reference_items(batch, items)  # type: ignore[operator]
+        torch.manual_seed(d)
         got = model.score_items(batch, items)  # type: ignore[operator]
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-        weights = torch.randn_like(want)  # a loss that reads every logit differently
-        g_want = torch.autograd.grad((want * weights).sum(), params, allow_unused=True)
-        g_got = torch.autograd.grad((got * weights).sum(), params, allow_unused=True)
-        for a, b in zip(g_got, g_want, strict=True):
-            if b is None:
-                assert a is None or not a.any()
-            else:
-                assert a is not None
-                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+        assert_same_function(got, want, params)
 
 
 def other_domain_changed(tiny: Dataset, batch: Batch, d: int) -> Batch:

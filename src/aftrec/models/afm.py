@@ -22,7 +22,9 @@ pairs. :meth:`AFM.score` avoids materialising the (users x items x pairs x d) pr
   product with the domain's item table, and ``p^T (u * v) = (p * u)^T v`` another;
 
 the (users x items) grid is scored in blocks bounded by ``chunk_floats``.
-:meth:`AFM.score_items` is Eq. 2-5 as written, used in training; the two agree (tested).
+:meth:`AFM.score_items`, the training path, computes the pairs of two user fields and their
+attention logits once per user as well, and the pairs with the candidate per (user,
+candidate). Both agree with Eq. 2-5 as written (:meth:`AFM.reference_items`; tested).
 """
 
 from __future__ import annotations
@@ -81,7 +83,31 @@ class AFM(CandidateScorer):
         return F.relu(self.attention(products)) @ self.h
 
     def score_items(self, batch: Batch, items: torch.Tensor) -> torch.Tensor:
-        """(B, C) logits of candidates ``items`` (B, C): Eq. 2-5 as written (the training path)."""
+        """(B, C) logits of candidates ``items`` (B, C): Eq. 2-5, the training path.
+
+        The P_u pairs of two candidate-free fields and their attention logits are computed
+        once per user, the F_u pairs with the candidate per (user, candidate); the softmax
+        runs over both, and the pooled vector is ``sum_uu a e + v * (sum_f a_fv u_f)``. The
+        same function as :meth:`reference_items` (Eq. 2-5 over all P pairs of every
+        candidate's fields; tested, with gradients and dropout's draws)."""
+        u = self.fields.user_fields(batch, batch.domain)  # (B, F_u, d)
+        v = self.fields.item_emb(items)  # (B, C, d)
+        n_user = u.shape[1]
+        rows, cols = self.pair_rows, self.pair_cols
+        user_pairs = cols < n_user  # the pairs of two user fields, in the pair order
+        uu = u[:, rows[user_pairs]] * u[:, cols[user_pairs]]  # (B, P_u, d), Eq. 2
+        uv = u.unsqueeze(1) * v.unsqueeze(2)  # (B, C, F_u, d): each user field with v, Eq. 2
+        logits = torch.cat(
+            [self._logits(uu).unsqueeze(1).expand(-1, v.shape[1], -1), self._logits(uv)], dim=2
+        )  # (B, C, P_u + F_u), Eq. 4
+        a_uu, a_uv = torch.softmax(logits, dim=2).split([uu.shape[1], n_user], dim=2)
+        pooled = self.dropout(a_uu @ uu + v * (a_uv @ u))  # (B, C, d): sum_ij a_ij e_ij
+        first = self.fields.user_linear(batch, batch.domain).unsqueeze(1)  # (B, 1)
+        return first + self.fields.item_linear(items) + pooled @ self.p  # Eq. 5
+
+    def reference_items(self, batch: Batch, items: torch.Tensor) -> torch.Tensor:
+        """:meth:`score_items` as Eq. 2-5 are written: all P pairs of each (user, candidate)'s
+        fields, (B, C, P, d) products (the tests' reference)."""
         e = self.fields.with_candidates(self.fields.user_fields(batch, batch.domain), items)
         products = e[:, :, self.pair_rows] * e[:, :, self.pair_cols]  # (B, C, P, d), Eq. 2
         a = torch.softmax(self._logits(products), dim=2)  # (B, C, P), Eq. 4
