@@ -1,6 +1,6 @@
 """``aftrec tune``: a seeded Optuna TPE search over one model's settings, on validation only.
 
-Issue 17, point 1: each model's settings are chosen on the validation split, never on test.
+Each model's settings are chosen on the validation split, never on test.
 The searched settings and their ranges are declared in the model's registration
 (:attr:`aftrec.registry.Registration.search_space`: the learning rate and weight decay of every
 trainable model, the dropout where the config has one, the model's own key knobs). Each trial
