@@ -40,7 +40,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aftrec.experiments.plan import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
 TUNED = Path("results/ml-100k-tuned")
@@ -127,7 +130,7 @@ def epochs_done(run: Path) -> int:
     return sum(1 for line in log.open() if line.strip()) if log.is_file() else 0
 
 
-def plan_of(argv: list[str]) -> Any:
+def plan_of(argv: list[str]) -> Plan:
     """The :class:`aftrec.experiments.plan.Plan` a report step's command line makes."""
     from aftrec.experiments.plan import make_plan
     from aftrec.experiments.reproduce import add_parser, spec_from_args

@@ -65,6 +65,8 @@ class AFM(CandidateScorer):
     multi_domain: ClassVar[bool] = False
     pair_rows: torch.Tensor
     pair_cols: torch.Tensor
+    user_pair_rows: torch.Tensor
+    user_pair_cols: torch.Tensor
 
     def __init__(self, cfg: AFMConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)
@@ -77,6 +79,10 @@ class AFM(CandidateScorer):
         rows, cols = torch.triu_indices(n_fields, n_fields, offset=1)
         self.register_buffer("pair_rows", rows, persistent=False)
         self.register_buffer("pair_cols", cols, persistent=False)
+        # the pairs of two candidate-free fields (the candidate is the last field)
+        users = cols < n_fields - 1
+        self.register_buffer("user_pair_rows", rows[users], persistent=False)
+        self.register_buffer("user_pair_cols", cols[users], persistent=False)
 
     def _logits(self, products: torch.Tensor) -> torch.Tensor:
         """a'_ij of Eq. 4 for pair products (..., d) -> (...)."""
@@ -93,9 +99,7 @@ class AFM(CandidateScorer):
         u = self.fields.user_fields(batch, batch.domain)  # (B, F_u, d)
         v = self.fields.item_emb(items)  # (B, C, d)
         n_user = u.shape[1]
-        rows, cols = self.pair_rows, self.pair_cols
-        user_pairs = cols < n_user  # the pairs of two user fields, in the pair order
-        uu = u[:, rows[user_pairs]] * u[:, cols[user_pairs]]  # (B, P_u, d), Eq. 2
+        uu = u[:, self.user_pair_rows] * u[:, self.user_pair_cols]  # (B, P_u, d), Eq. 2
         uv = u.unsqueeze(1) * v.unsqueeze(2)  # (B, C, F_u, d): each user field with v, Eq. 2
         logits = torch.cat(
             [self._logits(uu).unsqueeze(1).expand(-1, v.shape[1], -1), self._logits(uv)], dim=2
@@ -124,8 +128,7 @@ class AFM(CandidateScorer):
         item_first = self.fields.item_w.weight[lo:hi, 0]  # (n,)
         n_user = u.shape[1]
         # pairs of two candidate-free fields: once per user
-        rows, cols = torch.triu_indices(n_user, n_user, offset=1, device=u.device)
-        uu = u[:, rows] * u[:, cols]  # (B, P_u, d)
+        uu = u[:, self.user_pair_rows] * u[:, self.user_pair_cols]  # (B, P_u, d)
         uu_logit, uu_value = self._logits(uu), uu @ self.p  # (B, P_u), (B, P_u)
         # W (u_f * v) = (W diag(u_f)) v: the per-field matrices, (B, F_u, d, t)
         w_u = u.unsqueeze(-1) * self.attention.weight.T
