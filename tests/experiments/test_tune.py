@@ -295,8 +295,11 @@ def test_reproduce_applies_best_json_and_reports_the_study(
     text = (out / "report.md").read_text()
     setup = text.split("## Setup")[1].split("## Recall@N")[0]
     assert "Tuned on validation" in setup
-    assert "`two-tower`: 3 trial(s) (3 finished), seed 0, best valid recall@50" in setup
-    assert "`pop`: 1 trial(s) (1 finished), seed 0" in setup and "nothing to tune" in setup
+    won = tw["best_trial"]
+    how = "random start" if won < 2 else "TPE"
+    assert (f"`two-tower`: 3 trial(s) (3 finished; 2 random start, 1 TPE), seed 0, won by "
+            f"trial {won} ({how}), best valid recall@50") in setup  # fmt: skip
+    assert "`pop`: 1 trial(s), valid recall@50" in setup and "nothing to tune" in setup
     assert "--tuned" in setup
     assert "![each tuned model's trials and the best so far](tuning.png)" in setup
     assert (out / "tuning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -327,3 +330,38 @@ def test_reproduce_refuses_tuned_studies_of_models_not_run(
     assert main([*base, "--models", "two-tower", "--tuned", str(tmp_path / "tw"),
                  str(tmp_path / "tw2")]) == 2  # fmt: skip
     assert main([*base, "--models", "pop", "--tuned", str(tmp_path / "none")]) == 2
+
+
+def _tuned(model: str, overrides: tuple[str, ...], best_trial: int) -> tn.Tuned:
+    return tn.Tuned(model, Path(f"{model}/best.json"), "data", overrides, trials=12,
+                    complete=12, seed=0, metric="valid recall@50", best_value=0.8,
+                    best_trial=best_trial, startup_trials=10)  # fmt: skip
+
+
+def test_the_report_names_models_that_one_start_draw_won() -> None:
+    from aftrec.experiments.report import shared_start_lines
+
+    same = ("train.lr=0.002", "model.dropout=0.1")
+    tuned = {
+        "a": _tuned("a", same, 8),
+        "b": _tuned("b", (*same, "model.lambda_m=0.3"), 8),  # a wider space, the same draw
+        "c": _tuned("c", ("train.lr=0.003",), 8),  # trial 8 of another space
+        "e": _tuned("e", ("model.l2=900",), 8),  # no key in common with the others
+        "d": _tuned("d", same, 11),  # TPE's draw: equal settings would be a coincidence
+        "f": _tuned("f", same[:1], 2),
+        "g": _tuned("g", same[:1], 2),
+        "pop": _tuned("pop", (), 0),  # nothing tuned
+    }
+    lines = shared_start_lines(["a", "b", "c", "e", "d", "f", "g", "pop"], tuned)
+    assert len(lines) == 1
+    assert "won for `a`, `b` (trial 8); `f`, `g` (trial 2):" in lines[0]
+    assert shared_start_lines(["a", "c", "e", "d", "f"], tuned) == []
+    assert tuned["a"].best_from_start and not tuned["d"].best_from_start
+
+
+def test_an_older_best_json_without_the_winner_still_reads(tmp_path: Path) -> None:
+    obj = {"model": "two-tower", "data": "d", "overrides": ["train.lr=0.01"], "trials": 3,
+           "complete": 3, "seed": 0, "metric": "valid recall@50", "best_value": 0.5}  # fmt: skip
+    (tmp_path / "best.json").write_text(json.dumps(obj))
+    best = read_best(tmp_path)
+    assert (best.best_trial, best.startup_trials, best.best_from_start) == (-1, 0, False)

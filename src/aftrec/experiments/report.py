@@ -18,7 +18,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aftrec.experiments.plan import NS, PRIMARY, Plan
 from aftrec.experiments.results import (
@@ -32,6 +32,9 @@ from aftrec.experiments.results import (
 from aftrec.experiments.stats import Significance
 from aftrec.outputs import atomic_write_text, write_png
 from aftrec.registry import Registration, available_models, registration
+
+if TYPE_CHECKING:
+    from aftrec.experiments.tune import Tuned
 
 DECIMALS = 4
 USERS_MARK = "†"  # aft significantly better than the column's best competitor, over users
@@ -593,12 +596,58 @@ def tuned_lines(plan: Plan) -> list[str]:
         if t is None:
             out.append(f"  - `{m}`: not tuned (defaults)")
             continue
-        pairs = " ".join(f"`{p}`" for p in t.overrides) or "nothing to tune"
+        if not t.overrides:
+            out.append(f"  - `{m}`: {t.trials} trial(s), {t.metric} {t.best_value:.4f}: "
+                       "nothing to tune")  # fmt: skip
+            continue
+        pairs = " ".join(f"`{p}`" for p in t.overrides)
+        start = min(t.startup_trials, t.trials)
+        budget = f"{t.trials} trial(s) ({t.complete} finished"
+        budget += f"; {start} random start, {t.trials - start} TPE)" if start else ")"
+        won = ""
+        if t.best_trial >= 0:
+            won = f", won by trial {t.best_trial}"
+            won += " (random start)" if t.best_from_start else " (TPE)" if start else ""
         out.append(
-            f"  - `{m}`: {t.trials} trial(s) ({t.complete} finished), seed {t.seed}, best "
-            f"{t.metric} {t.best_value:.4f}: {pairs}"
+            f"  - `{m}`: {budget}, seed {t.seed}{won}, best {t.metric} {t.best_value:.4f}: {pairs}"
         )
-    return out
+    return out + shared_start_lines(plan.models, plan.tuned)
+
+
+def shared_start_lines(models: Sequence[str], tuned: Mapping[str, Tuned]) -> list[str]:
+    """A note on models won by the same random-start draw. Studies with the same seed draw
+    the same random start wherever their search spaces agree (a common set of candidates
+    for every model), so one start trial can win for several models, whose settings then
+    agree on every key they share."""
+
+    def pairs(t: Tuned) -> dict[str, str]:
+        return dict(p.split("=", 1) for p in t.overrides)
+
+    groups: list[tuple[int, list[str]]] = []
+    for m in models:
+        t = tuned.get(m)
+        if t is None or not t.overrides or not t.best_from_start:
+            continue
+        mine = pairs(t)
+        for trial, members in groups:
+            theirs = pairs(tuned[members[0]])
+            common = mine.keys() & theirs.keys()
+            if trial == t.best_trial and common and all(mine[k] == theirs[k] for k in common):
+                members.append(m)
+                break
+        else:
+            groups.append((t.best_trial, [m]))
+    shared = [(trial, ms) for trial, ms in groups if len(ms) > 1]
+    if not shared:
+        return []
+    said = "; ".join(f"{', '.join(f'`{m}`' for m in ms)} (trial {trial})" for trial, ms in shared)
+    return [
+        "- Studies with the same seed draw the same random start wherever their search spaces "
+        "agree, so every model is offered the same candidate settings first, and one start "
+        f"trial can win for several models. Here the same start trial won for {said}: their "
+        "settings agree on every key their search spaces share. That is the same draw winning "
+        "each study, not settings copied from one model to another."
+    ]
 
 
 def tuning_plot(plan: Plan, path: Path) -> bool:

@@ -524,6 +524,13 @@ class Tuned:
     seed: int
     metric: str
     best_value: float
+    best_trial: int = -1  # the winning trial's number; -1 where best.json does not say
+    startup_trials: int = 0  # trials drawn at random before TPE; 0 where not recorded
+
+    @property
+    def best_from_start(self) -> bool:
+        """Whether the winning trial was one of the random start's draws."""
+        return 0 <= self.best_trial < self.startup_trials
 
 
 def read_best(path: Path) -> Tuned:
@@ -542,6 +549,8 @@ def read_best(path: Path) -> Tuned:
             seed=int(obj["seed"]),
             metric=str(obj["metric"]),
             best_value=float(obj["best_value"]),
+            best_trial=int(obj.get("best_trial", -1)),
+            startup_trials=int(obj.get("startup_trials", 0)),
         )
     except OSError as exc:
         raise ConfigError(f"--tuned {path}: no {BEST} there ({exc.strerror})") from exc
