@@ -165,7 +165,7 @@ def report_status(
     import json
     from collections import defaultdict
 
-    from aftrec.experiments.execute import is_finished
+    from aftrec.experiments.execute import is_finished, train_seconds
 
     plan = plan_of(argv)
     finished: dict[str, list[float]] = defaultdict(list)
@@ -174,7 +174,8 @@ def report_status(
     for job in plan.jobs.values():
         if is_finished(job.run):
             meta = json.loads((job.run / "reproduce.json").read_text())
-            finished[job.model].append(meta["train_seconds"] + meta["eval_seconds"])
+            trained = train_seconds(job.run, meta["train_seconds"]) or 0.0
+            finished[job.model].append(trained + meta["eval_seconds"])
         else:
             waiting[job.model] += 1
             if (job.run / "log.jsonl").is_file() or (job.run / "last.pt").is_file():

@@ -739,6 +739,20 @@ def test_sigint_stops_a_serial_reproduce_in_one_line(tiny_dir: Path, tmp_path: P
     )
     assert all(line.startswith("epoch ") for line in lines[:-1]), err
     assert not (run / "metrics.json").exists() and not (out / "report.md").exists()
+    # the stopped invocation's time is recorded, so the report's cost counts it
+    assert json.loads((run / "reproduce.json").read_text())["train_seconds"] > 0
+
+
+def test_a_runs_train_time_counts_epochs_logged_before_a_stop(tmp_path: Path) -> None:
+    from aftrec.experiments.execute import train_seconds
+
+    epochs = [{"epoch": 1, "train_seconds": 40.0, "valid_seconds": 2.0},
+              {"epoch": 2, "train_seconds": 50.0, "valid_seconds": 3.0}]  # fmt: skip
+    assert train_seconds(tmp_path, None) is None and train_seconds(tmp_path, 7.5) == 7.5
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+    assert train_seconds(tmp_path, 60.0) == 95.0  # an invocation stopped before recording
+    assert train_seconds(tmp_path, 99.0) == 99.0  # recorded: setup time included
+    assert train_seconds(tmp_path, None) == 95.0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")

@@ -59,10 +59,24 @@ def _load_outcome(run: Path) -> RunOutcome:
         run,
         True,
         metrics=read_json(run / "metrics.json"),
-        train_seconds=meta.get("train_seconds"),
+        train_seconds=train_seconds(run, meta.get("train_seconds")),
         eval_seconds=meta.get("eval_seconds"),
         resumed=bool(meta.get("resumed", False)),
     )
+
+
+def train_seconds(run: Path, recorded: float | None) -> float | None:
+    """A run's training wall seconds over all its invocations: the larger of the sum its
+    invocations recorded (``reproduce.json``; setup included, but an invocation killed
+    before it could record adds nothing) and the sum of its logged epochs' training and
+    validation seconds (``log.jsonl``; an epoch stopped part-way and resumed logs both
+    parts). None when neither holds a time."""
+    from aftrec.training.rundir import epoch_log
+
+    logged = sum(e.get("train_seconds", 0.0) + e.get("valid_seconds", 0.0) for e in epoch_log(run))
+    if recorded is None:
+        return logged or None
+    return max(float(recorded), logged)
 
 
 def run_job(job: Job, data_dir: Path) -> RunOutcome:
@@ -86,9 +100,11 @@ def run_job(job: Job, data_dir: Path) -> RunOutcome:
     atomic_write_text(run / "reproduce.json", json.dumps(meta, indent=2) + "\n")
 
     t0 = time.perf_counter()
-    train(data_dir, None if resume else job.cfg, run, resume=resume, progress=False)
-    meta["train_seconds"] = float(meta["train_seconds"]) + time.perf_counter() - t0
-    atomic_write_text(run / "reproduce.json", json.dumps(meta, indent=2) + "\n")
+    try:
+        train(data_dir, None if resume else job.cfg, run, resume=resume, progress=False)
+    finally:  # a stopped or failed invocation's time counts too
+        meta["train_seconds"] = float(meta["train_seconds"]) + time.perf_counter() - t0
+        atomic_write_text(run / "reproduce.json", json.dumps(meta, indent=2) + "\n")
 
     t1 = time.perf_counter()
     cfg, data, model = rundir.load_run(run, "best")
@@ -103,7 +119,7 @@ def run_job(job: Job, data_dir: Path) -> RunOutcome:
         run,
         True,
         metrics=res.to_json(),
-        train_seconds=meta["train_seconds"],
+        train_seconds=train_seconds(run, meta["train_seconds"]),
         eval_seconds=meta["eval_seconds"],
         trained_now=True,
         resumed=bool(meta["resumed"]),

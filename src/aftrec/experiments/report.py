@@ -869,8 +869,11 @@ def render(results: Results) -> str:
     w(
         "Per row, summed over its runs (train, including validation each epoch, + test "
         "evaluation); a run shared by two rows counts for the first. Runs reused from an "
-        "earlier invocation keep the times recorded then; a resumed run counts only the "
-        "invocations that finished a phase. Best epoch: the mean over runs of the validation "
+        "earlier invocation keep the times recorded then. A run stopped and resumed counts "
+        "every invocation: its train time is the larger of what its invocations recorded and "
+        "the sum of its logged epochs' training and validation (`log.jsonl`, which keeps an "
+        "epoch's time across a stop), so a stop that could not record its time still counts "
+        "up to the last checkpoint. Best epoch: the mean over runs of the validation "
         "epoch kept; to best epoch: the mean wall time of training and validation up to it "
         "(from each run's `log.jsonl`; – where a log predates these timings)."
     )
