@@ -28,6 +28,7 @@ from pathlib import Path
 from scipy.stats import kendalltau, spearmanr
 
 from _common import RESULTS
+from aftrec.errors import AftrecError
 from aftrec.experiments.results import finished, is_variant, load_results
 
 # Table 3 (Netflix): (Romance r@50, History r@50); Table 2 (MDR-5B): average r@50.
@@ -199,12 +200,15 @@ def main() -> None:
         "--before", type=Path, help="another report (e.g. the budgeted one) to compare ranks with"
     )
     args = parser.parse_args()
-    results = load_results(args.report_dir)
+    try:
+        results = load_results(args.report_dir)
+        before = None if args.before is None else load_results(args.before)
+    except AftrecError as exc:
+        parser.error(str(exc))
     command = f"python benchmarks/compare_paper.py {args.report_dir}"
     sections = compare(results)
-    if args.before is not None:
+    if before is not None:
         command += f" --before {args.before}"
-        before = load_results(args.before)
         sections += ["", *moved(before, results, str(args.before), str(args.report_dir))]
     text = "\n".join([f"`{command}`", "", *sections])
     print(text)

@@ -23,6 +23,7 @@ import statistics
 from pathlib import Path
 
 from _common import RESULTS
+from aftrec.errors import AftrecError
 from aftrec.experiments.report import format_cell
 from aftrec.experiments.results import Cell, finished, is_variant, load_results
 from aftrec.training.rundir import best_epoch_time, epoch_log
@@ -107,7 +108,10 @@ def main() -> None:
         help="add best epochs, wall time to the best epoch and its ratio to the two-tower's",
     )
     args = ap.parse_args()
-    results = load_results(args.report_dir)
+    try:
+        results = load_results(args.report_dir)
+    except AftrecError as exc:
+        ap.error(str(exc))
     text = "\n".join(
         [
             f"`{results['command']}` (rows by average Recall@50)",

@@ -785,3 +785,23 @@ def test_a_scoring_block_size_is_the_same_run(name: str) -> None:
     assert saved["model"]["chunk_floats"] != base["model"]["chunk_floats"]
     assert pl._identity(saved) == pl._identity(base)
     assert pl._identity(other) != pl._identity(base)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no results.json of `aftrec reproduce` there"),
+        ("{not json", "is not JSON"),
+        ("[1, 2]", "is not a results.json of `aftrec reproduce`"),
+    ],
+)
+def test_reading_a_report_that_is_not_one_names_it(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    from aftrec.errors import ConfigError
+    from aftrec.experiments.results import load_results
+
+    if content is not None:
+        (tmp_path / "results.json").write_text(content)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_results(tmp_path)

@@ -149,8 +149,22 @@ def auc_columns(domains: Sequence[str]) -> list[Column]:
 
 
 def load_results(report_dir: Path) -> dict[str, Any]:
-    """``REPORT_DIR/results.json`` as written by ``aftrec reproduce``."""
-    data: dict[str, Any] = json.loads((Path(report_dir) / "results.json").read_text())
+    """``REPORT_DIR/results.json`` as written by ``aftrec reproduce``; a
+    :class:`~aftrec.errors.ConfigError` naming the directory when there is none or it is not
+    one."""
+    from aftrec.errors import ConfigError
+
+    path = Path(report_dir) / "results.json"
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(
+            f"{report_dir}: no results.json of `aftrec reproduce` there ({exc.strerror})"
+        ) from exc
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not JSON: {exc}") from exc
+    if not isinstance(data, dict) or "entries" not in data:
+        raise ConfigError(f"{path} is not a results.json of `aftrec reproduce`")
     return data
 
 
