@@ -145,6 +145,49 @@ def test_significance_against_the_best_competitor_per_column() -> None:
     assert marks == {("`aft`", cols[0]): "†‡"}
 
 
+def test_ablation_tests_pair_aft_with_each_variant_on_their_shared_seeds() -> None:
+    from aftrec.experiments.stats import ablation_tests
+
+    col = Column("average", "recall@50")
+    gap = [0.020, 0.024, 0.018]  # the part helps on every seed
+    wobble = [0.0005, -0.0005, 0.0005]  # this one does nothing
+    # aft has five seeds; the variants three: the tests use seeds 0-2 only
+    results = {
+        "aft": _entry("aft", [{"recall@50": 0.60 + 0.01 * s} for s in range(5)]),
+        "aft/no-x": _entry(
+            "aft/no-x", [{"recall@50": 0.60 + 0.01 * s - g} for s, g in enumerate(gap)]
+        ),
+        "aft/no-y": _entry(
+            "aft/no-y", [{"recall@50": 0.60 + 0.01 * s + w} for s, w in enumerate(wobble)]
+        ),
+    }
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0.3, 0.7, size=(1, 300))
+    seen: list[tuple[str, tuple[int, ...]]] = []
+
+    def per_user(key: str, seeds: list[int]) -> pd.DataFrame:
+        seen.append((key, tuple(seeds)))
+        shift = 0.03 if key == "aft/no-x" else 0.0
+        return _per_user(base - shift + rng.normal(0, 0.01, base.shape), "recall@50", ("a",))
+
+    tests = ablation_tests(results, ["aft", "aft/no-x", "aft/no-y"], [col], per_user)
+    assert [t.variant for t in tests] == ["aft/no-x", "aft/no-y"]
+    assert all(seeds == (0, 1, 2) for _, seeds in seen)
+    x, y = tests
+    assert x.seeds_used == (0, 1, 2) and x.full.n == 3
+    assert x.full.mean == pytest.approx(0.61)  # aft on seeds 0-2, not its five-seed mean
+    assert x.seeds.significant(0.01) and x.users.significant(0.01)
+    assert x.verdict(0.01) == "helps (over users and seeds)"
+    assert y.verdict(0.01) == "–"
+    hurt = dataclasses.replace(y, users=PairedTest(1e-5, 300, -0.01))
+    assert hurt.verdict(0.01) == "hurts (over users)"
+    split = dataclasses.replace(x, users=PairedTest(1e-5, 300, -0.01))
+    assert split.verdict(0.01) == "hurts over users; helps over seeds"
+    # no shared seed: no row
+    lone = {"aft": results["aft"], "aft/no-z": _entry("aft/no-z", [])}
+    assert ablation_tests(lone, ["aft/no-z"], [col], per_user) == []
+
+
 def test_significance_without_primary_or_competitors_is_empty() -> None:
     one = {"aft": _entry("aft", [{"recall@20": 0.5}])}
     assert significance(one, ["aft"], [Column("a", "recall@20")], lambda k: None) == {}
@@ -415,6 +458,13 @@ def test_quick_end_to_end_then_resume_trains_nothing(tiny_dir: Path, tmp_path: P
             assert means[domain] == pytest.approx(part["recall@50"], abs=1e-6)
     results = json.loads((out / "results.json").read_text())
     assert results["entries"]["aft/no-mask"]["seeds"]["0"]["ok"]
+    # aft against each ablated row: one seed, so the seed test has nothing to say
+    assert "Does each part help?" in text and "| - generator | average r@50 | 0 |" in text
+    tests = results["ablation_tests"]
+    variants = {"aft/no-generator", "aft/no-mask", "aft/no-translation", "aft/no-dissimilarity"}
+    assert {t["variant"] for t in tests} == variants
+    assert len(tests) == 4 * 3 and all(t["seeds"] == [0] for t in tests)
+    assert all(t["seeds_test"]["p"] is None for t in tests)  # nan, written as null
     # G's health: the rows with a generator, not the one without (- generator) nor pop
     health = text.split("## Generator health")[1].split("## Wall time")[0]
     assert "`aft/no-generator`" not in health

@@ -839,6 +839,7 @@ def render(results: Results) -> str:
         w("")
         w(metric_table(_rows(results, plan.ablations, rcols), rcols, first="variant"))
         w("")
+        out += ablation_section(results, alpha)
 
     if plan.mask_points or plan.fake_points:
         w("## Model analyses (Fig. 3)")
@@ -937,6 +938,42 @@ def render(results: Results) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def ablation_section(results: Results, alpha: float) -> list[str]:
+    """Does each part help? ``aft`` against each ablated row, paired on the seeds both have."""
+    tests = results.ablation_tests
+    if not tests:
+        return []
+    head = ["variant", "column", "seeds", f"`{PRIMARY}`", "variant's", f"Δ (`{PRIMARY}` - variant)",
+            "users: Wilcoxon p", "seeds: t-test p", "the part"]  # fmt: skip
+    lines = [
+        f"Does each part help? `{PRIMARY}` against each row above, on the seeds both have "
+        f"(so `{PRIMARY}`'s value here can differ from its row's): over users, Wilcoxon "
+        "signed-rank test on the per-user values averaged over those seeds; over seeds, paired "
+        f"t-test. The part helps (or hurts) where p < {alpha:g} and `{PRIMARY}` is above (or "
+        "below) the row without it. The two ask different questions: over users, whether these "
+        "trained models differ across the test users; over seeds, whether the difference "
+        "survives training again, which is the stronger claim and, with few seeds, the test "
+        "with little power.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for t in tests:
+        cells = [
+            results.entries[t.variant].entry.label,
+            t.column.label,
+            ", ".join(map(str, t.seeds_used)),
+            format_cell(t.full),
+            format_cell(t.ablated),
+            f"{t.full.mean - t.ablated.mean:+.{DECIMALS}f}",
+            _p(t.users.p),
+            _p(t.seeds.p),
+            t.verdict(alpha),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _legend(alpha: float) -> str:
     return (
         "Mean ± std over seeds; per column **best**, <u>second</u>. "
@@ -996,6 +1033,29 @@ def results_json(results: Results) -> dict[str, Any]:
         "wall_seconds": results.wall_seconds,
         "entries": entries,
         "significance": sig,
+        "ablation_tests": [
+            {
+                "variant": t.variant,
+                "column": t.column.label,
+                "seeds": list(t.seeds_used),
+                "full": t.full.mean,
+                "ablated": t.ablated.mean,
+                "users": {
+                    "test": "wilcoxon",
+                    "p": t.users.p,
+                    "n": t.users.n,
+                    "diff": t.users.mean_diff,
+                },
+                "seeds_test": {
+                    "test": "ttest_rel",
+                    "p": t.seeds.p,
+                    "n": t.seeds.n,
+                    "diff": t.seeds.mean_diff,
+                },
+                "verdict": t.verdict(spec.alpha),
+            }
+            for t in results.ablation_tests
+        ],
         "tuned": {
             m: {**dataclasses.asdict(t), "path": str(t.path)} for m, t in results.plan.tuned.items()
         },

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ from aftrec.experiments.results import (
     auc_columns,
     recall_columns,
 )
-from aftrec.experiments.stats import seed_averaged_per_user, significance
+from aftrec.experiments.stats import ablation_tests, seed_averaged_per_user, significance
 from aftrec.outputs import held
 
 if TYPE_CHECKING:
@@ -99,8 +100,15 @@ def _report(
             cache[key] = seed_averaged_per_user(frames) if frames else None
         return cache[key]
 
+    def per_user_on(key: str, seeds: Sequence[int]) -> pd.DataFrame | None:
+        runs = sorted({entries[key].outcomes[s].run for s in seeds})
+        frames = [pd.read_parquet(run / "per_user.parquet") for run in runs]
+        return seed_averaged_per_user(frames) if frames else None
+
     columns = [*recall_columns(data.info.domains), *auc_columns(data.info.domains)]
     sig = significance(entries, main_rows, columns, per_user)
+    averages = [c for c in columns if c.domain == "average"]
+    ablated = ablation_tests(entries, plan.ablations, averages, per_user_on)
     fresh = [o for o in outcomes.values() if o.trained_now]
     waiting = sum(o.pending for o in outcomes.values())
     results = Results(
@@ -115,6 +123,7 @@ def _report(
         reused=len(outcomes) - len(fresh) - waiting,
         failed=sum(not o.ok and not o.pending for o in outcomes.values()),
         pending=waiting,
+        ablation_tests=ablated,
     )
     report = write_report(results)
     return Summary(

@@ -17,14 +17,14 @@ import json
 import math
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from aftrec.data.dataset import Dataset
     from aftrec.experiments.plan import Entry, Plan
-    from aftrec.experiments.stats import Significance
+    from aftrec.experiments.stats import AblationTest, Significance
 
 METRIC_NAMES = {"auc": "AUC"}
 
@@ -128,6 +128,7 @@ class Results:
     reused: int  # finished runs read from REPORT_DIR
     failed: int
     pending: int = 0  # not run yet (--report-only)
+    ablation_tests: list[AblationTest] = field(default_factory=list)  # aft against each
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,10 @@ For each column (domain, metric), ``aft`` against the best other row by mean ove
 
 A test is significant when ``p < alpha`` (0.01, as in the paper) and the mean paired
 difference favours ``aft``; no correction for the number of columns (the paper makes none).
+
+Ablations (Table 6): ``aft`` against each row with one part switched off, with the same two
+tests restricted to the seeds both rows have, so that each difference is paired by seed and
+the per-user values are averaged over the same seeds on both sides.
 """
 
 from __future__ import annotations
@@ -63,6 +67,13 @@ def user_test(a: pd.DataFrame, b: pd.DataFrame, col: Column) -> PairedTest:
         return PairedTest(1.0, len(diff), mean_diff)
     res = wilcoxon(diff, zero_method="wilcox", alternative="two-sided")
     return PairedTest(float(res.pvalue), len(diff), mean_diff)
+
+
+def _user_test_of(a: pd.DataFrame | None, b: pd.DataFrame | None, col: Column) -> PairedTest:
+    """:func:`user_test`, or no test (p nan, no pairs) when a side has no per-user values."""
+    if a is None or b is None:
+        return PairedTest(float("nan"), 0, float("nan"))
+    return user_test(a, b, col)
 
 
 def seed_test(a: dict[int, float], b: dict[int, float]) -> PairedTest:
@@ -134,12 +145,67 @@ def significance(
             continue
         theirs = results[other].cell(col)
         assert theirs is not None
-        a, b = per_user(primary), per_user(other)
-        users = (
-            user_test(a, b, col)
-            if a is not None and b is not None
-            else PairedTest(float("nan"), 0, float("nan"))
-        )
+        users = _user_test_of(per_user(primary), per_user(other), col)
         seeds = seed_test(results[primary].values(col), results[other].values(col))
         out[col] = Significance(col, other, mine, theirs, users, seeds)
+    return out
+
+
+@dataclass(frozen=True)
+class AblationTest:
+    """``primary`` against one ablated row in one column, on the seeds both have."""
+
+    variant: str
+    column: Column
+    seeds_used: tuple[int, ...]
+    full: Cell  # ``primary`` on those seeds
+    ablated: Cell
+    users: PairedTest  # mean_diff: full - ablated
+    seeds: PairedTest
+
+    def verdict(self, alpha: float) -> str:
+        """ "helps" (the part raises the column), "hurts", or "–": by the tests with
+        ``p < alpha``, each named by its mark (``users``, ``seeds``)."""
+        said = []
+        for name, test in (("users", self.users), ("seeds", self.seeds)):
+            if math.isfinite(test.p) and test.p < alpha and test.mean_diff != 0:
+                said.append((name, "helps" if test.mean_diff > 0 else "hurts"))
+        if not said:
+            return "–"
+        kinds = {v for _, v in said}
+        if len(kinds) > 1:  # the two tests disagree in sign: say both
+            return "; ".join(f"{v} over {n}" for n, v in said)
+        return f"{kinds.pop()} (over {' and '.join(n for n, _ in said)})"
+
+
+def ablation_tests(
+    results: dict[str, EntryResult],
+    variants: Sequence[str],
+    columns: Sequence[Column],
+    per_user: Any,
+    primary: str = PRIMARY,
+) -> list[AblationTest]:
+    """``primary`` against every row of ``variants`` in every column, on the seeds both rows
+    finished: a paired t-test over those seeds and a Wilcoxon signed-rank test over users on
+    the per-user values averaged over them. ``per_user(key, seeds)`` returns that frame (or
+    ``None``). Rows without a shared seed are left out."""
+    out: list[AblationTest] = []
+    if primary not in results:
+        return out
+    for key in variants:
+        if key == primary or key not in results:
+            continue
+        shared = sorted(set(results[primary].ok()) & set(results[key].ok()))
+        if not shared:
+            continue
+        a, b = per_user(primary, shared), per_user(key, shared)
+        for col in columns:
+            mine = {s: v for s, v in results[primary].values(col).items() if s in shared}
+            theirs = {s: v for s, v in results[key].values(col).items() if s in shared}
+            full, ablated = Cell.of(mine.values()), Cell.of(theirs.values())
+            if full is None or ablated is None:
+                continue
+            users = _user_test_of(a, b, col)
+            seeds = seed_test(mine, theirs)
+            out.append(AblationTest(key, col, tuple(shared), full, ablated, users, seeds))
     return out
