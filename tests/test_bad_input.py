@@ -444,8 +444,28 @@ def test_unknown_model(capsys: pytest.CaptureFixture[str], tmp_path: Path, prepa
         (["train.epochs=ten"], "train.epochs"),
         (["train.lr"], "train.lr"),
         (["train.seed=-1"], "train.seed"),  # numpy refuses it: one line, no half-made run
+        (["train.lr=["], "not valid YAML"),
+        (["train.lr=.nan"], "train.lr"),  # NaN passes every comparison: refused as such
+        (["train.lr=.inf"], "train.lr"),
+        (["model.dropout=.nan"], "model.dropout"),
+        (["train.valid_metric=recall@0"], "train.valid_metric"),
+        (["runtime.device=bogus"], "runtime.device"),
+        (["runtime.device=cpu:1"], "runtime.device"),
     ],
-    ids=["unknown-key", "unknown-section", "wrong-type", "no-value", "negative-seed"],
+    ids=[
+        "unknown-key",
+        "unknown-section",
+        "wrong-type",
+        "no-value",
+        "negative-seed",
+        "yaml",
+        "nan",
+        "inf",
+        "nan-rate",
+        "recall-at-0",
+        "device",
+        "cpu-index",
+    ],
 )
 def test_bad_set_override(
     capsys: pytest.CaptureFixture[str],
@@ -477,6 +497,29 @@ def test_bad_yaml_config(
     yaml.write_text(text)
     argv = train_argv(prepared, tmp_path / "run", "--config", str(yaml))
     fails_cleanly(capsys, argv, needle.format(yaml=yaml), roots=(tmp_path, prepared))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_device_this_torch_cannot_use(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, prepared: Path
+) -> None:
+    argv = train_argv(prepared, tmp_path / "run", "--model", "two-tower", "--quiet")
+    fails_cleanly(capsys, [*argv, "--set", "runtime.device=cuda"], "runtime.device=cuda",
+                  "no usable CUDA device", roots=(tmp_path, prepared))  # fmt: skip
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, prepared: Path
+) -> None:
+    from aftrec.training import rundir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (rundir.CONFIG, rundir.META, rundir.LOCK):  # what such a failure leaves
+        (run / name).write_text("")
+    argv = train_argv(prepared, run, "--model", "two-tower", "--quiet")
+    assert main([*argv, "--set", "train.epochs=1", "train.max_batches_per_epoch=2"]) == 0
+    assert (run / rundir.BEST).is_file()
 
 
 def test_zero_batch_size(
@@ -681,3 +724,137 @@ def test_a_diverging_loss_is_one_error_line(
     lines = capsys.readouterr().err.splitlines()
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: non-finite loss at epoch 1"), lines
+
+
+# --------------------------------------------------------------------------- found by probing
+
+
+def _edit_meta(dataset: Path, edit: object) -> None:
+    import json
+
+    meta = json.loads((dataset / "meta.json").read_text())
+    edit(meta)  # type: ignore[operator]
+    (dataset / "meta.json").write_text(json.dumps(meta))
+
+
+META_EDITS = {
+    "n-items": (lambda m: m.update(n_items=10), "domain_offsets"),
+    "one-domain": (lambda m: m.update(domains=["A"]), "domain_offsets"),
+    "no-counts": (lambda m: m.pop("counts"), "counts: Field required"),
+    "offsets-down": (
+        lambda m: m["domain_offsets"].__setitem__(1, m["n_items"] + 5),
+        "domain_offsets must increase",
+    ),
+    "format-99": (lambda m: m.update(format=99), "format"),
+}
+
+
+@pytest.mark.parametrize("edit", list(META_EDITS))
+def test_a_meta_json_the_readers_cannot_rely_on_is_named(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, prepared: Path, edit: str
+) -> None:
+    data = Path(shutil.copytree(prepared, tmp_path / "data"))
+    change, needle = META_EDITS[edit]
+    _edit_meta(data, change)
+    argv = train_argv(data, tmp_path / "run", "--model", "two-tower", "--quiet")
+    fails_cleanly(capsys, argv, f"{data / 'meta.json'} is not a valid prepared dataset", needle,
+                  roots=(tmp_path,))  # fmt: skip
+
+
+def test_an_items_table_shorter_than_meta_json_says(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, prepared: Path
+) -> None:
+    data = Path(shutil.copytree(prepared, tmp_path / "data"))
+    items = pd.read_parquet(data / "items.parquet")
+    items.iloc[:-1].to_parquet(data / "items.parquet")
+    argv = train_argv(data, tmp_path / "run", "--model", "two-tower", "--quiet")
+    fails_cleanly(capsys, argv, "items.parquet holds", roots=(tmp_path,))
+
+
+def test_more_domains_than_the_format_holds() -> None:
+    from aftrec.data.prepared import MAX_DOMAINS, encode_items
+    from aftrec.errors import DataError
+
+    domains = [f"d{i}" for i in range(MAX_DOMAINS + 1)]
+    items = pd.DataFrame({"item": range(len(domains)), "domain": domains})
+    with pytest.raises(DataError, match="32,768 domains; aftrec handles at most 32,767"):
+        encode_items(items, domains)
+
+
+def test_a_truncated_parquet_log_when_streaming(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    inter, items = make_log()
+    ip, mp = write(inter, tmp_path / "i.parquet"), write(items, tmp_path / "m.csv")
+    _truncate(ip)
+    argv = [*prepare_argv(ip, mp, tmp_path / "out"), "--streaming"]
+    fails_cleanly(capsys, argv, f"{ip}: cannot be read as Parquet", roots=(tmp_path,))
+
+
+def test_a_nan_rating_threshold(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    inter, items = make_log()
+    ip, mp = write(inter, tmp_path / "i.csv"), write(items, tmp_path / "m.csv")
+    argv = [*prepare_argv(ip, mp, tmp_path / "out"), "--rating-threshold", "nan"]
+    fails_cleanly(capsys, argv, "--rating-threshold must be a number", roots=(tmp_path,))
+
+
+def test_resume_refuses_other_data_than_the_run_trained_on(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, run_copy: Path, prepared: Path
+) -> None:
+    other = Path(shutil.copytree(prepared, tmp_path / "other"))
+    argv = ["train", "--out", str(run_copy), "--resume", "--data", str(other), "--quiet",
+            "--set", "train.epochs=9"]  # fmt: skip
+    fails_cleanly(capsys, argv, "--resume goes on with the same data", roots=(tmp_path,))
+
+
+@pytest.mark.parametrize("where", ["run", "dataset"])
+def test_reproduce_writes_no_report_into_a_run_or_a_dataset(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, run_copy: Path, prepared: Path,
+    where: str,
+) -> None:  # fmt: skip
+    data = Path(shutil.copytree(prepared, tmp_path / "data"))
+    out = run_copy if where == "run" else data
+    argv = ["reproduce", "--data", str(data), "--out", str(out), "--models", "pop",
+            "--skip", "ablations", "sweeps", "--quiet"]  # fmt: skip
+    fails_cleanly(capsys, argv, "not a report directory", roots=(tmp_path,))
+
+
+def test_the_demo_checks_its_arguments_before_preparing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = ["demo", "--out", str(tmp_path / "demo"), "--jobs", "0"]
+    fails_cleanly(capsys, argv, "--jobs must be at least 1", roots=(tmp_path,))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError("Unable to allocate 191. GiB for an array with shape (100000000, 256)"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:119] . DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 25600000000 bytes."
+        ),
+    ],
+    ids=["numpy", "torch"],
+)
+def test_out_of_memory_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    prepared: Path, error: BaseException,
+) -> None:  # fmt: skip
+    from aftrec import api
+
+    def too_big(*args: object, **kw: object) -> None:
+        raise error
+
+    monkeypatch.setattr(api, "train", too_big)
+    argv = train_argv(prepared, tmp_path / "run", "--model", "two-tower", "--quiet")
+    line = fails_cleanly(capsys, argv, "error: out of memory (", "lower the sizes",
+                         roots=(tmp_path,))  # fmt: skip
+    assert "Traceback" not in line
+
+
+def test_two_sources_at_once(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    inter, items = make_log()
+    ip, mp = write(inter, tmp_path / "i.csv"), write(items, tmp_path / "m.csv")
+    argv = [*prepare_argv(ip, mp, tmp_path / "out"), "--dataset", "ml-1m"]
+    fails_cleanly(capsys, argv, "--dataset and --interactions name two sources", roots=(tmp_path,))

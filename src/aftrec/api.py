@@ -92,6 +92,7 @@ def prepare(
         dataset, p(path), p(domains), p(interactions), p(items), p(train), p(valid), p(test),
         synthetic,
     )  # fmt: skip
+    _one_source(src)
     split = split if split is not None else SplitConfig()
     if streaming:
         return _prepare_streaming(src, Path(out), split, partition_rows, force, progress)
@@ -101,6 +102,22 @@ def prepare(
     return write_prepared(
         loaded.raw, Path(out), split, source=loaded.source, force=force, presplit=loaded.presplit
     )
+
+
+def _one_source(src: Source) -> None:
+    """A :class:`DataError` when the arguments name two sources: a ``--dataset`` with files,
+    or a generic log with pre-split files (one of them would be ignored)."""
+    named = [
+        name
+        for name, given in (
+            ("--dataset", src.dataset is not None),
+            ("--interactions", src.interactions is not None),
+            ("--train/--test", src.train is not None or src.test is not None),
+        )
+        if given
+    ]
+    if len(named) > 1:
+        raise DataError(f"{' and '.join(named)} name two sources; give one")
 
 
 def _source(src: Source) -> _Loaded:
@@ -238,6 +255,8 @@ def train(
             "--resume continues with the run's saved config; drop --model/--config/--set "
             "(only --set train.epochs=N, to train longer, is allowed)"
         )
+    if resume and data is not None:
+        _check_same_data(out, Path(data))
     data_dir = Path(data) if data is not None else run_data_dir(out)
     run_cfg = cfg if cfg is not None else load_run_config(out)
     ctx = distributed.init(run_cfg.runtime.device)  # torchrun: join the process group
@@ -253,16 +272,32 @@ def train(
     return dataclasses.replace(res, rank=ctx.rank, world=ctx.world)
 
 
+def _check_same_data(run: Path, data: Path) -> None:
+    """``--resume --data DIR``: only the dataset the run trained on, found where it was or at
+    ``DIR`` after a move. Refused when the recorded dataset is still in its place and ``DIR``
+    is another folder: the run would go on with other data than ``run.json`` names."""
+    from aftrec.training.rundir import run_data_dir
+
+    recorded = run_data_dir(run)
+    if recorded.is_dir() and recorded.resolve() != data.resolve():
+        raise ConfigError(
+            f"{run} was trained on {recorded}; --resume goes on with the same data, so drop "
+            f"--data {data}"
+        )
+
+
 def _check_new_run_dir(out: Path) -> None:
     """``train`` without ``resume``: a new or empty folder, or a run killed before its first
-    checkpoint (config.yaml, run.json, a tracker's folder, temporaries); a finished or
+    checkpoint (config.yaml, run.json, a tracker's folder, its lock, temporaries); a finished or
     interrupted run is refused by :func:`~aftrec.training.trainer.train` itself."""
     from aftrec.training import rundir
 
     check_writable(out, folder=True)
     if not out.is_dir() or (out / rundir.LAST).exists() or (out / rundir.BEST).exists():
         return
-    left = (rundir.CONFIG, rundir.META, rundir.TENSORBOARD, rundir.MLFLOW)
+    # what a run that failed or was killed before its first checkpoint leaves (its lock too:
+    # a live lock is refused by the trainer, which holds it while it trains)
+    left = (rundir.CONFIG, rundir.META, rundir.TENSORBOARD, rundir.MLFLOW, rundir.LOCK)
     if any(p.name not in left and p.suffix != ".tmp" for p in out.iterdir()):
         raise ConfigError(f"{out} is not empty and not a run; choose a new or empty --out")
 

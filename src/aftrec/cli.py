@@ -3,7 +3,7 @@ tune, demo.
 
 This is the only module that reads ``sys.argv``. Every error the library raises on purpose
 (:class:`aftrec.errors.AftrecError`) ends the command with one ``error: ...`` line on stderr
-and exit code 2.
+and exit code 2 (1 for a reproduction whose runs partly failed).
 """
 
 from __future__ import annotations
@@ -148,7 +148,9 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aftrec", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="aftrec", description=" ".join(__doc__.split("\n\n")[0].split())
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"aftrec {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -310,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(_LogFormat())
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
+    if not args.verbose:  # FAISS says at INFO which of its builds it loaded: not the user's news
+        logging.getLogger("faiss").setLevel(logging.WARNING)
     try:
         args.func(args)
     except AftrecError as exc:
@@ -322,7 +326,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError as exc:  # numpy's too-large arrays included
+        print(f"error: {_out_of_memory(exc)}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # torch's allocator says so in a RuntimeError
+        if "can't allocate memory" not in str(exc):
+            raise
+        print(f"error: {_out_of_memory(exc)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _out_of_memory(exc: BaseException) -> str:
+    """One line for an allocation this machine could not make: usually a size in the
+    config (``model.dim``, ``data.history_len``, ``data.n_negatives``) or the data."""
+    said = " ".join(str(exc).split())
+    said = said[said.find("DefaultCPUAllocator") :] if "DefaultCPUAllocator" in said else said
+    return (
+        f"out of memory ({said[:200]}); lower the sizes in the config or the data, or use a "
+        "machine with more memory"
+    )
 
 
 if __name__ == "__main__":

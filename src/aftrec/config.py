@@ -18,6 +18,7 @@ for a key that does not exist. The resolved config is written into every run dir
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -51,6 +52,8 @@ Loss = Literal["softmax", "bce"]
 #: where a run's config and epoch figures are also sent (:mod:`aftrec.training.tracking`)
 TrackerKind = Literal["none", "tensorboard", "mlflow"]
 Precision = Literal["fp32", "bf16"]
+#: the device kinds a run may ask for (``cuda:N`` for one of several GPUs)
+DEVICES = ("cpu", "cuda", "mps")
 
 
 def check_fields(cfg: Any, section: str) -> None:
@@ -134,7 +137,7 @@ class TrainConfig(Checked):
     def valid_metric_n(self) -> tuple[str, int]:
         """``valid_metric`` (``recall@50``, ``ndcg@20``) and its cut-off N."""
         name, _, n = self.valid_metric.partition("@")
-        if name not in ("recall", "ndcg") or not n.isdigit():
+        if name not in ("recall", "ndcg") or not n.isdigit() or int(n) < 1:
             raise ConfigError(
                 f"train.valid_metric must look like recall@50 or ndcg@20, got {self.valid_metric!r}"
             )
@@ -155,6 +158,13 @@ class RuntimeConfig(Checked):
     # a mid-epoch last.pt after this many minutes of an epoch's training (every rank's part
     # under torchrun): a killed run loses at most that much; None = at epoch ends only
     checkpoint_minutes: Positive | None = 10.0
+
+    def validate(self) -> None:
+        kind, _, index = self.device.partition(":")
+        if kind not in DEVICES or (index and (kind == "cpu" or not index.isdigit())):
+            raise ConfigError(
+                f"runtime.device must be cpu, cuda, cuda:N or mps, got {self.device!r}"
+            )
 
 
 #: the runtime keys, also accepted under ``train`` where they used to be (saved runs,
@@ -209,6 +219,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # NaN passes every bound check: refuse it here
+                raise ConfigError(f"config key {key!r}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
     if tp is str:
@@ -245,7 +257,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not name:
             raise ConfigError(f"override {pair!r} must look like section.key=value")
-        out.setdefault(section, {})[name] = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"override {pair!r}: the value is not valid YAML ({said})") from exc
+        out.setdefault(section, {})[name] = value
     return out
 
 

@@ -34,6 +34,7 @@ from aftrec.errors import ConfigError
 if TYPE_CHECKING:
     from aftrec.data.dataset import Dataset
     from aftrec.data.sources.synthetic import SyntheticConfig
+    from aftrec.experiments.plan import ReproduceSpec
 
 #: trained in this order, the longest first, so that the two workers finish together
 MODELS = ("aft", "aft-d", "two-tower", "ease", "pop")
@@ -120,6 +121,7 @@ def run_demo(spec: DemoSpec, echo: Callable[[str], None] = print) -> DemoResult:
     if spec.dataset not in DATASETS:
         raise ConfigError(f"demo dataset {spec.dataset!r}: choose one of {', '.join(DATASETS)}")
     out = spec.folder
+    _check_before_preparing(spec, out)
     steps = _Steps(7, echo)
     with _quiet():
         with steps.step("prepare") as lines:
@@ -135,6 +137,26 @@ def run_demo(spec: DemoSpec, echo: Callable[[str], None] = print) -> DemoResult:
         result = DemoResult(rows, report, chart, bundle, served)
         _serve_and_ask(spec, data_dir, bundle, served, steps, result)
     return result
+
+
+def _reproduce_spec(spec: DemoSpec, data_dir: Path, out: Path) -> ReproduceSpec:
+    """Step 2's reproduction: one seed of the demo's models, ``out`` its report directory."""
+    from aftrec.experiments.plan import ReproduceSpec
+
+    return ReproduceSpec(
+        data=data_dir, out=out, seeds=1, models=spec.models, overrides=spec.overrides,
+        ablations=False, sweeps=False, progress=spec.progress, jobs=spec.jobs,
+    )  # fmt: skip
+
+
+def _check_before_preparing(spec: DemoSpec, out: Path) -> None:
+    """What step 2 would refuse (``--jobs``, ``--set``, an ``--out`` that is a run, a dataset
+    or a bundle) is refused before step 1 writes the data into ``out``."""
+    from aftrec.experiments.plan import make_plan
+    from aftrec.experiments.reproduce import check_report_dir
+
+    check_report_dir(out)
+    make_plan(_reproduce_spec(spec, out / "data", out))
 
 
 # --------------------------------------------------------------------------- 1. prepare
@@ -166,15 +188,12 @@ def _prepare(spec: DemoSpec, data_dir: Path, lines: list[str]) -> Path:
 def _train(
     spec: DemoSpec, data_dir: Path, out: Path, lines: list[str]
 ) -> tuple[Path, dict[str, Path]]:
-    from aftrec.experiments.plan import ReproduceSpec, make_plan, read_json
+    from aftrec.experiments.plan import make_plan, read_json
     from aftrec.experiments.reproduce import reproduce
     from aftrec.registry import registration
     from aftrec.training.rundir import epoch_log
 
-    rspec = ReproduceSpec(
-        data=data_dir, out=out, seeds=1, models=spec.models, overrides=spec.overrides,
-        ablations=False, sweeps=False, progress=spec.progress, jobs=spec.jobs,
-    )  # fmt: skip
+    rspec = _reproduce_spec(spec, data_dir, out)
     runs = {m: make_plan(rspec).runs[(m, 0)] for m in spec.models}
     summary = reproduce(rspec)
     epochs = []

@@ -564,6 +564,36 @@ def test_failures_are_reported_and_half_trained_runs_resume(
     assert re.search(r"\| `two-tower` \| 2/2 \| 1 \|", text)  # one resumed run
 
 
+def test_failed_runs_exit_1_and_a_run_that_never_trained_takes_another_config(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from aftrec.cli import main
+    from aftrec.training import trainer
+
+    out = tmp_path / "report"
+    real_train = trainer.train
+
+    def broken(*args: Any, **kw: Any) -> Any:
+        raise RuntimeError("diverged before the first checkpoint")
+
+    monkeypatch.setattr(trainer, "train", broken)
+    argv = [*_quick(tiny_dir, out, "--models", "two-tower", "--skip", "ablations", "sweeps"),
+            "--set", *THREADS]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 1  # the report is written, and the exit code says it is not whole
+    err = capsys.readouterr().err.splitlines()
+    # the failure as it happened, then the one error line
+    assert err[0] == "two-tower/seed0 failed: RuntimeError: diverged before the first checkpoint"
+    assert len(err) == 2 and err[1].startswith("error: 1 run(s) failed; "), err
+    assert "## Failures" in (out / "report.md").read_text()
+    # the run never checkpointed, so another config may take its folder over
+    monkeypatch.setattr(trainer, "train", real_train)
+    assert main([*argv, "two-tower:train.lr=0.002"]) == 0
+    saved = json.loads((out / "runs" / "two-tower" / "seed0" / "reproduce.json").read_text())
+    assert saved["config"]["train"]["lr"] == 0.002
+
+
 def test_report_only_trains_nothing_and_lists_the_runs_not_run(
     tiny_dir: Path, tmp_path: Path
 ) -> None:

@@ -118,6 +118,12 @@ def test_a_second_call_continues_to_the_new_budget(
     assert tune(_spec(tiny_dir, tmp_path / "twice", 4)).ran == 0  # the budget is spent
     with pytest.raises(tn.ConfigError, match="another seed"):
         tune(_spec(tiny_dir, tmp_path / "twice", 8, seed=3))
+    # a runtime key (threads) changes how trials run, not what they compute: allowed
+    spec = _spec(tiny_dir, tmp_path / "twice", 7)
+    more = tune(dataclasses.replace(spec, overrides=(*spec.overrides, "train.threads=1")))
+    assert more.ran == 1
+    with pytest.raises(tn.ConfigError, match="another set"):
+        tune(dataclasses.replace(spec, overrides=(*spec.overrides, "train.patience=7")))
 
 
 def test_a_killed_call_leaves_a_study_the_next_call_finishes(

@@ -87,6 +87,14 @@ def test_fixed_search_param_is_kept() -> None:
     assert built.params["search_param"] == 3 and built.index.index.nprobe == 3
 
 
+def test_a_fixed_search_param_above_what_the_index_can_use_is_lowered_to_it() -> None:
+    x, q = clustered(600, 16, seed=4)
+    ivf = build_index(x, IndexSpec(kind="ivf", nlist=16, search_param=10**8), q)
+    assert ivf.params["search_param"] == 16 and ivf.index.index.nprobe == 16  # every cell
+    hnsw = build_index(x, IndexSpec(kind="hnsw", search_param=10**8), q)
+    assert hnsw.params["search_param"] == 600 and hnsw.params["recall"] == 1.0
+
+
 def test_kind_chosen_by_size_and_overridable() -> None:
     spec = IndexSpec(exact_max=100)
     assert spec.kind_for(100) == "flat" and spec.kind_for(101) == "ivf"

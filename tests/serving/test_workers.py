@@ -23,6 +23,15 @@ from aftrec.serving.recommender import Recommender  # noqa: E402
     ("flags", "env", "message"),
     [
         (["--workers", "0"], {}, "--workers must be an integer in [1, 64], got 0"),
+        # the OS would take 70000 modulo 65536 and listen on 4464 under the announced 70000
+        (["--port", "70000"], {}, "--port must be in [0, 65535], got 70000"),
+        (["--port", "-1"], {}, "--port must be in [0, 65535], got -1"),
+        (
+            ["--host", "999.1.1.1"],
+            {},
+            "--host '999.1.1.1' is not an address this machine can listen on",
+        ),
+        (["--torch-threads", "0"], {}, "--torch-threads must be an integer in [1, 1024], got 0"),
         (
             ["--workers", "2"],
             {"AFTREC_ADMIN_TOKEN": "secret"},

@@ -101,6 +101,11 @@ class Dataset:
             self.users = self._read_users()
         except (OSError, ValueError, KeyError) as exc:
             raise DataError(f"{self.path}: prepared dataset is unreadable: {exc}") from exc
+        if len(self.items) != self.meta["n_items"]:
+            raise DataError(
+                f"{self.path}: items.parquet holds {len(self.items):,} items, meta.json says "
+                f"{self.meta['n_items']:,}; prepare the dataset again"
+            )
         self.parts: Mapping[str, Interactions] = _LazyParts(self)
         self.info = DataInfo(
             n_users=int(self.meta["n_users"]),

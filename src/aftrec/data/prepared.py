@@ -24,14 +24,24 @@ dataset.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from aftrec.data.split import PART_NAMES, SplitConfig
 from aftrec.errors import DataError
@@ -54,7 +64,55 @@ def read_meta(path: Path) -> dict[str, Any]:
         meta: dict[str, Any] = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: prepared dataset is unreadable: {exc}") from exc
+    check_meta(meta, meta_path)
     return meta
+
+
+#: the most domains a dataset may have: domain indexes are stored as int16
+MAX_DOMAINS = 2**15 - 1
+
+
+class _Meta(BaseModel):
+    """What the readers rely on in ``meta.json``; other keys pass through."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    format: Literal[1, 2]
+    domains: list[StrictStr] = Field(min_length=1, max_length=MAX_DOMAINS)
+    domain_offsets: list[StrictInt]
+    n_users: StrictInt = Field(ge=0)
+    n_items: StrictInt = Field(ge=1)
+    counts: dict[Literal["train", "valid", "test"], dict[StrictStr, StrictInt]]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _Meta:
+        off, n = self.domain_offsets, len(self.domains)
+        if len(off) != n + 1 or off[0] != 0 or off[-1] != self.n_items:
+            raise ValueError(
+                f"domain_offsets must have {n + 1} entries from 0 to n_items ({self.n_items})"
+            )
+        if any(b <= a for a, b in itertools.pairwise(off)):
+            raise ValueError("domain_offsets must increase: every domain has items")
+        if len(set(self.domains)) != n:
+            raise ValueError("domains must be distinct")
+        for part, per_domain in self.counts.items():
+            if set(per_domain) != set(self.domains):
+                raise ValueError(f"counts.{part} must have one count per domain")
+        return self
+
+
+def check_meta(meta: dict[str, Any], where: Path) -> None:
+    """A :class:`DataError` naming ``where`` and the first thing in ``meta`` the readers cannot
+    rely on (a field missing or of the wrong type, offsets that do not cut ``n_items`` into
+    the domains, counts of other domains, a format this version does not read)."""
+    try:
+        _Meta.model_validate(meta)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(x) for x in first["loc"]) or "meta.json"
+        raise DataError(
+            f"{where} is not a valid prepared dataset description: {field}: {first['msg']}"
+        ) from exc
 
 
 PARTITIONED = "partitioned"  # meta["layout"] of format 2 (aftrec.data.stream)
@@ -67,6 +125,10 @@ def partition_file(path: Path, kind: str, p: int) -> Path:
 
 def encode_items(items: pd.DataFrame, domains: list[str]) -> pd.DataFrame:
     """Number items domain by domain (domain order, then original id) -> contiguous ranges."""
+    if len(domains) > MAX_DOMAINS:
+        raise DataError(
+            f"the catalogue has {len(domains):,} domains; aftrec handles at most {MAX_DOMAINS:,}"
+        )
     frame = items.assign(
         domain_idx=pd.Categorical(items["domain"], categories=domains).codes.astype(np.int16)
     )

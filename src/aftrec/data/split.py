@@ -11,6 +11,7 @@ Every positive lands in exactly one of train, valid and test.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,8 @@ class SplitConfig:
             raise ConfigError(f"split.valid_ratio must be in [0, 1), got {self.valid_ratio}")
         if self.min_positives < 1:
             raise ConfigError(f"split.min_positives must be >= 1, got {self.min_positives}")
+        if not math.isfinite(self.rating_threshold):
+            raise ConfigError(f"--rating-threshold must be a number, got {self.rating_threshold}")
 
 
 def chronological_order(user: np.ndarray, timestamp: np.ndarray, item: np.ndarray) -> np.ndarray:

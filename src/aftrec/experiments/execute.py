@@ -87,12 +87,11 @@ def run_job(job: Job, data_dir: Path) -> RunOutcome:
 
     run = job.run
     run.mkdir(parents=True, exist_ok=True)
-    meta = read_json(run / "reproduce.json") or {
-        "config": plain_json(job.cfg.to_dict()),
-        "train_seconds": 0.0,
-        "resumed": False,
-    }
     resume = (run / rundir.LAST).exists()
+    fresh = {"config": plain_json(job.cfg.to_dict()), "train_seconds": 0.0, "resumed": False}
+    saved = read_json(run / "reproduce.json")
+    # a saved record counts unless it was another config's, which never checkpointed
+    meta = saved if saved and (resume or saved.get("config") == fresh["config"]) else fresh
     if resume:
         meta["resumed"] = meta["resumed"] or not checkpoint.load(run / rundir.LAST).get("done")
     else:  # nothing to resume: clear what a run killed in its first epoch may have left

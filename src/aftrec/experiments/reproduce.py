@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aftrec.errors import AftrecError, ConfigError
 from aftrec.experiments.execute import _fmt_duration, execute
 from aftrec.experiments.plan import ALPHA, DEFAULT_SEEDS, Plan, ReproduceSpec, make_plan
 from aftrec.experiments.results import (
@@ -69,11 +70,29 @@ def reproduce(spec: ReproduceSpec) -> Summary:
     t0 = time.perf_counter()
     data = Dataset(Path(spec.data))  # fails up front on a bad --data
     plan = make_plan(spec)
+    check_report_dir(Path(spec.out))
     Path(spec.out).mkdir(parents=True, exist_ok=True)
     env = environment()  # before training: the load average of the machine we were given
     busy = f"{spec.out}: another `aftrec reproduce` is working on this report"
     with held(Path(spec.out), LOCK, busy):  # one at a time: both would train the same runs
         return _report(spec, data, plan, env, started_wall, t0)
+
+
+#: files that mark a folder as another command's output: a prepared dataset, a run, a
+#: bundle, a tuning study; a report directory holds them only below ``runs/``
+FOREIGN = {"meta.json": "a prepared dataset", "run.json": "a run", "manifest.json": "a bundle",
+           "study.db": "a tuning study"}  # fmt: skip
+
+
+def check_report_dir(out: Path) -> None:
+    """``--out`` is new, empty or a report directory; a dataset, run, bundle or study is
+    refused before anything is written into it."""
+    from aftrec.outputs import check_writable
+
+    check_writable(out, folder=True)
+    for marker, kind in FOREIGN.items():
+        if (out / marker).is_file():
+            raise ConfigError(f"{out} is {kind}, not a report directory; choose another --out")
 
 
 def _report(
@@ -158,6 +177,12 @@ def spec_from_args(args: argparse.Namespace) -> ReproduceSpec:
     )
 
 
+class RunsFailed(AftrecError):
+    """Some runs of a reproduction failed (the report was written all the same)."""
+
+    exit_code = 1
+
+
 def _run(args: argparse.Namespace) -> None:
     res = reproduce(spec_from_args(args))
     print(
@@ -166,6 +191,11 @@ def _run(args: argparse.Namespace) -> None:
         + (f", {res.pending} not run yet" if res.pending else "")
         + f", {_fmt_duration(res.seconds)}"
     )
+    if res.failed:  # the report is written; the exit code says it is not whole
+        raise RunsFailed(
+            f"{res.failed} run(s) failed; {res.report} lists them under Failures, and the same "
+            "command retries them"
+        )
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -192,7 +192,9 @@ def _open_study(spec: TuneSpec, space: Mapping[str, Range]) -> optuna.Study:
         for key, value in attrs.items():
             study.set_user_attr(key, value)
         return study
-    differ = [k for k in attrs if json.dumps(saved.get(k)) != json.dumps(attrs[k])]
+    differ = [
+        k for k in attrs if json.dumps(_same(k, saved.get(k))) != json.dumps(_same(k, attrs[k]))
+    ]
     if differ:
         said = ", ".join(f"{k} {saved.get(k)!r}" for k in differ)
         raise ConfigError(
@@ -200,6 +202,20 @@ def _open_study(spec: TuneSpec, space: Mapping[str, Range]) -> optuna.Study:
             "change between calls; choose another --out"
         )
     return study
+
+
+def _same(key: str, value: Any) -> Any:
+    """A study attribute as compared between calls: ``set`` without its runtime keys
+    (threads, device, ...), which change how a trial runs, not what it computes."""
+    if key != "set" or not isinstance(value, list):
+        return value
+    from aftrec.config import RUNTIME_KEYS
+
+    def runtime(pair: str) -> bool:
+        name = pair.split("=", 1)[0].split(":")[-1]
+        return name.partition(".")[2] in RUNTIME_KEYS and name.split(".")[0] in ("train", "runtime")
+
+    return [p for p in value if not runtime(str(p))]
 
 
 def _sampler(seed: int, number: int, startup: int) -> optuna.samplers.BaseSampler:

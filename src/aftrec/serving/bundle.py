@@ -69,7 +69,7 @@ from aftrec.data.dataset import DataInfo, Dataset
 from aftrec.data.histories import HistoryIndex
 from aftrec.data.loader import Batch, make_batch
 from aftrec.environment import versions
-from aftrec.errors import CheckpointError
+from aftrec.errors import CheckpointError, ConfigError
 from aftrec.models.base import RetrievalModel
 from aftrec.outputs import atomic_directory, check_replaceable, check_writable, unfinished
 from aftrec.serving.index import BuiltIndex, FaissIndex, IndexSpec, build_index, faiss_module
@@ -491,6 +491,8 @@ def write_bundle(
     """Build the indexes and write the bundle atomically to ``out``; returns the manifest."""
     spec = spec or IndexSpec()
     out = Path(out)
+    if isinstance(threads, bool) or threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0: all cores), got {threads}")
     _validate_contents(contents)
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; pass --force to replace it")

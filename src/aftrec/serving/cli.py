@@ -63,6 +63,19 @@ def _export(args: argparse.Namespace) -> None:
             print(f"  {channel} {ix['domain']}: {ix['kind']} over {ix['n']} items, {how}")
 
 
+def check_address(host: str, port: int) -> None:
+    """A :class:`ConfigError` for a port outside [0, 65535] (the OS would take it modulo
+    65536) or a host that does not resolve, before anything is loaded or announced."""
+    import socket
+
+    if isinstance(port, bool) or not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {port}")
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"--host {host!r} is not an address this machine can listen on") from exc
+
+
 @subnormals_flushed()  # for the server's life; its threads inherit the mode (aftrec.numerics)
 def serve_bundle(
     bundle: Path,
@@ -96,6 +109,9 @@ def serve_bundle(
     ``serve`` extra installs them)."""
     import uvicorn
 
+    check_address(host, port)
+    if isinstance(torch_threads, bool) or not 1 <= torch_threads <= 1024:
+        raise ConfigError(f"--torch-threads must be an integer in [1, 1024], got {torch_threads}")
     if isinstance(workers, bool) or not 1 <= workers <= 64:
         raise ConfigError(f"--workers must be an integer in [1, 64], got {workers}")
     if workers > 1 and admin_token is not None:

@@ -218,6 +218,7 @@ def build_index(
         raw.add(x)
         params["nlist"] = int(nlist)
         candidates = _powers_of_two(nlist)
+        cap = int(nlist)  # nprobe above nlist probes the same cells
     else:  # hnsw
         raw = faiss.IndexHNSWFlat(dim, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         raw.hnsw.efConstruction = spec.hnsw_ef_construction
@@ -225,8 +226,9 @@ def build_index(
         params.update(hnsw_m=spec.hnsw_m, ef_construction=spec.hnsw_ef_construction)
         k = min(spec.recall_k, n)
         candidates = [max(k, e) for e in (k, 2 * k, 4 * k, 8 * k, 16 * k)]
+        cap = max(int(n), k)  # an efSearch above n visits no more of the graph
     index = FaissIndex(raw, kind)
-    chosen, recall, m = _tune(index, x, spec, queries, candidates)
+    chosen, recall, m = _tune(index, x, spec, queries, candidates, cap)
     index.set_search_param(chosen)
     params.update(search_param=int(chosen), recall=recall, recall_queries=m)
     return BuiltIndex(index, params)
@@ -246,16 +248,19 @@ def _tune(
     spec: IndexSpec,
     queries: np.ndarray | None,
     candidates: list[int],
+    cap: int,
 ) -> tuple[int, float | None, int]:
     """(search param, recall@k it reaches, number of queries); the smallest candidate whose
-    recall reaches ``spec.target_recall`` (the largest if none does)."""
+    recall reaches ``spec.target_recall`` (the largest if none does). A fixed
+    ``spec.search_param`` is lowered to ``cap``, above which the index searches the same."""
+    given = None if spec.search_param is None else min(spec.search_param, cap)
     if queries is None or len(queries) == 0:
-        fixed = spec.search_param or candidates[min(len(candidates) - 1, len(candidates) // 2)]
+        fixed = given or candidates[min(len(candidates) - 1, len(candidates) // 2)]
         return fixed, None, 0
     k = min(spec.recall_k, index.size)
     q = np.ascontiguousarray(queries, dtype=np.float32)
     _, truth = ExactIndex(vectors).search(q, k)
-    tried = [spec.search_param] if spec.search_param is not None else candidates
+    tried = [given] if given is not None else candidates
     recall = 0.0
     for value in tried:
         index.set_search_param(value)

@@ -132,6 +132,7 @@ def _train(
     n_shards = tc.data_shards or ctx.world
     local = load_shards(Path(data_dir), n_shards, shards_of(ctx, n_shards))
     model = create_model(cfg.model_name, cfg.model, local.info, cfg.data.history_len)
+    check_device(rt.device)
     model.to(rt.device)
     # rank 0 validates. With train.valid_users it samples the users of its own partitions
     # (whose histories it holds), so no rank reads the whole log; else it reads everything.
@@ -344,6 +345,18 @@ def _own_partial(
             f"from there: resume it with {how}" + (" (without torchrun)" if written == 1 else "")
         )
     return partial["ranks"][ctx.rank] if "ranks" in partial else partial
+
+
+def check_device(device: str) -> None:
+    """A :class:`~aftrec.errors.ConfigError` when this torch cannot use ``runtime.device``."""
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (index and int(index) >= count):
+            have = f"{count} CUDA device(s)" if count else "no usable CUDA device"
+            raise ConfigError(f"runtime.device={device}: this torch build sees {have}")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"runtime.device={device}: MPS is not available here")
 
 
 class _StopRequest:

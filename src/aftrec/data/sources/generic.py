@@ -75,7 +75,12 @@ def header(path: Path) -> list[str]:
     path = Path(path)
     if path.is_dir() or path.suffix.lower() in PARQUET_SUFFIXES:
         files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-        return list(pq.read_schema(files[0]).names) if files else []
+        if not files:
+            return []
+        try:
+            return list(pq.read_schema(files[0]).names)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{files[0]}: cannot be read as Parquet: {exc}") from exc
     with open(path, newline="", encoding="utf-8", errors="replace") as fh:
         for record in csv.reader(fh):
             if record:
