@@ -234,6 +234,75 @@ def test_admin_token(bundle: Path) -> None:
             ok.status_code == 200
             and ok.json()["model_version"] == app.state.serving.recommender.model_version
         )
+        # without the token, nothing is said about the body
+        for body in (b"{", b'{"x": 1}'):
+            r = c.post("/admin/reload", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 403, r.text
+        bad = c.post("/admin/reload", content=b"{", headers={"authorization": "Bearer s3cret"})
+        assert bad.status_code == 400 and bad.json()["detail"].startswith("malformed JSON")
+        empty = c.post("/admin/reload", headers={"authorization": "Bearer s3cret"})
+        assert empty.status_code == 200  # no body: the current bundle
+        # an HTTP reload to a path leaves SIGHUP's bundle (the one served first) as it was
+        home = app.state.serving.home
+        named = c.post("/admin/reload", json={"path": bundle.name},
+                       headers={"authorization": "Bearer s3cret"})  # fmt: skip
+        assert named.status_code == 200 and app.state.serving.home == home
+
+
+def _raw(url: str, data: bytes, wait: float = 5.0) -> bytes:
+    """Send raw bytes on a fresh connection; what the server answers before it closes."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_a_head_above_16_kib_gets_431_and_a_slow_request_408(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aftrec.serving.protocol import MAX_HEAD, GuardedHttpToolsProtocol
+
+    big = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * MAX_HEAD + b"\r\n\r\n"
+    answer = _raw(url, big)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert b'"detail": "request line and headers above 16384 bytes"' in answer
+    # a request whose head never ends: refused after request_timeout, not held forever
+    monkeypatch.setattr(GuardedHttpToolsProtocol, "request_timeout", 0.3)
+    t0 = time.monotonic()
+    answer = _raw(url, b"POST /recommend HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 4, answer[:200]
+    # a body that never comes in full: the same
+    answer = _raw(url, b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    # a bad Content-Length: JSON like every other error
+    answer = _raw(url, b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400") and b'{"detail": "invalid HTTP request"}' in answer
+    with httpx.Client(base_url=url, timeout=5) as c:  # and the server goes on serving
+        assert c.get("/health").status_code == 200
+
+
+def test_what_probing_found_in_the_http_surface(client: httpx.Client) -> None:
+    # no redirect built from the client's Host header
+    r = client.get("/health/", headers={"host": "evil.example.com"})
+    assert r.status_code == 404 and "location" not in r.headers
+    # an id or a domain name above 256 characters: 422, the value not echoed in full
+    for body in ({"user": "u" * 900_000}, {"behaviours": {"D" * 300: ["1"]}}):
+        r = client.post("/recommend", json=body)
+        assert r.status_code == 422 and len(r.content) < 2_000, r.text[:300]
+
+
+def test_methods_the_app_does_not_serve_are_one_series_in_metrics(bundle: Path) -> None:
+    # h11 hands any method to the app (httptools refuses unknown ones itself)
+    app = create_app(Recommender.load(bundle))
+    with running(app, http="h11") as base, httpx.Client(base_url=base, timeout=5) as c:
+        for i in range(3):
+            assert c.request(f"BREW{i}", "/health").status_code == 405
+        text = c.get("/metrics").text
+    assert "BREW" not in text
+    assert 'aftrec_http_requests_total{method="other",route="/health",status="405"} 3.0' in text
 
 
 DRIVER = """

@@ -53,7 +53,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import orjson
@@ -68,7 +68,16 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+    ValidationError,
+)
 
 from aftrec import __version__
 from aftrec.errors import AftrecError
@@ -83,6 +92,10 @@ REQUEST_ID = "aftrec.request_id"  # the scope key holding a request's id
 _CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 RELOAD_REFUSED = "no loadable bundle at that path inside the bundle root"
 CLIENT_GONE = 499  # the status /metrics counts for a client that left before its answer
+#: methods /metrics names; any other a client sends is counted as "other" (one series each
+#: would let clients grow the registry without bound)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+MAX_ID = 256  # characters of an id or a domain name in a request
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -92,7 +105,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 # --- schema --------------------------------------------------------------------------------
-Id = StrictStr | StrictInt
+Name = Annotated[StrictStr, StringConstraints(max_length=MAX_ID)]
+Id = Name | StrictInt
 
 
 class RecommendRequest(BaseModel):
@@ -101,11 +115,11 @@ class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user: Id | None = Field(None, description="original user id known to the bundle")
-    behaviours: dict[str, list[Id]] | None = Field(
+    behaviours: dict[Name, list[Id]] | None = Field(
         None,
         description=f"{{domain: [item ids, oldest first]}}; at most {MAX_BEHAVIOURS} in all",
     )
-    domain: StrictStr | None = Field(None, description="target domain; every domain if absent")
+    domain: Name | None = Field(None, description="target domain; every domain if absent")
     n: StrictInt = Field(200, ge=1, le=MAX_N, description="items per domain")
     exclude_seen: StrictBool = Field(True, description="leave out the user's behaviours")
     trial: StrictBool = Field(
@@ -223,7 +237,8 @@ class MetricsMiddleware:
             if status is None:  # no response was sent: the client left first
                 m.aborted.labels(route).inc()
             else:
-                m.requests.labels(scope["method"], route, str(status)).inc()
+                method = scope["method"] if scope["method"] in METHODS else "other"
+                m.requests.labels(method, route, str(status)).inc()
                 m.latency.labels(route).observe(time.perf_counter() - start)
                 if status >= 400:
                     m.errors.labels(route, str(status)).inc()
@@ -362,6 +377,7 @@ class ServingState:
         self.metrics = metrics
         self.batcher = Batcher(batching, on_batch=lambda size, _: metrics.batch_size.observe(size))
         self._reload_lock = asyncio.Lock()
+        self.home = recommender.path  # the bundle as first given (a symlink stays one)
         metrics.serving(recommender)
 
     async def reload(self, path: Path | None) -> tuple[Recommender, Recommender]:
@@ -455,8 +471,8 @@ def create_app(
 
             def on_hup() -> None:
                 async def run() -> None:
-                    try:
-                        await state.reload(None)
+                    try:  # the --bundle path, whatever an HTTP reload named since
+                        await state.reload(state.home)
                     except AftrecError as exc:
                         log.error("SIGHUP reload failed, still serving the old bundle: %s", exc)
 
@@ -477,6 +493,7 @@ def create_app(
             "Top-N retrieval per domain from an aftrec bundle (AFT, KDD 2021, section 4.1)."
         ),
         lifespan=lifespan,
+        redirect_slashes=False,  # "/health/" -> 404, not a redirect built from the Host header
     )
     app.state.serving = state
 
@@ -543,8 +560,14 @@ def create_app(
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/admin/reload", responses={**errors, 403: {"model": ErrorResponse}})
-    async def reload(request: Request, req: ReloadRequest | None = None) -> JSONResponse:
+    reload_body = {"content": {"application/json": {"schema": ReloadRequest.model_json_schema()}}}
+
+    @app.post(
+        "/admin/reload",
+        responses={**errors, 403: {"model": ErrorResponse}},
+        openapi_extra={"requestBody": {**reload_body, "required": False}},
+    )
+    async def reload(request: Request) -> JSONResponse:
         if admin_token is None:
             return JSONResponse(
                 {"detail": "reload over HTTP is disabled: the server has no admin token"},
@@ -553,6 +576,12 @@ def create_app(
         auth = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(auth, f"Bearer {admin_token}".encode()):
             return JSONResponse({"detail": "admin token required"}, status_code=403)
+        # the body is read only once the token holds: no answer about it to anyone else
+        raw = await request.body()
+        try:
+            req = ReloadRequest.model_validate_json(raw) if raw.strip() else None
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False)) from exc
         rid = request_id(request)
         try:
             target = reload_target(req.path if req is not None else None)
@@ -586,8 +615,10 @@ def serving_in_thread(
     with socket.socket() as s:
         s.bind((host, 0))
         port = s.getsockname()[1]
+    from aftrec.serving.protocol import http_protocol
+
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="error", access_log=False, http=http
+        app, host=host, port=port, log_level="error", access_log=False, http=http_protocol(http)
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="aftrec-serve", daemon=True)

@@ -109,6 +109,8 @@ def serve_bundle(
     ``serve`` extra installs them)."""
     import uvicorn
 
+    from aftrec.serving.protocol import http_protocol
+
     check_address(host, port)
     if isinstance(torch_threads, bool) or not 1 <= torch_threads <= 1024:
         raise ConfigError(f"--torch-threads must be an integer in [1, 1024], got {torch_threads}")
@@ -159,7 +161,7 @@ def serve_bundle(
         access_log=access_log,
         proxy_headers=proxy_headers,
         forwarded_allow_ips=forwarded_allow_ips if proxy_headers else None,
-        http=http,
+        http=http_protocol(http),  # httptools with a head limit and a request timeout
         loop=loop,
     )
 
