@@ -308,3 +308,23 @@ def test_every_response_has_a_request_id(url: str) -> None:
     assert mine.headers["x-request-id"] == "abc-123"
     assert re.fullmatch(r"[0-9a-f]{16}", evil.headers["x-request-id"])
     assert json.loads(bad.text)["detail"].startswith("malformed JSON")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_bundle_file_that_is_a_fifo_or_a_device_is_refused_not_waited_for(
+    bundle: Path, tmp_path: Path
+) -> None:
+    from aftrec.serving.bundle import BundleError, load_bundle
+
+    copy = Path(shutil.copytree(bundle, tmp_path / "fifo"))
+    victim = next((copy / "items").glob("vectors_*.npy"))
+    victim.unlink()
+    os.mkfifo(victim)  # no writer: reading it would block for ever
+    t0 = time.monotonic()
+    with pytest.raises(BundleError, match="is not a regular file"):
+        load_bundle(copy)
+    assert time.monotonic() - t0 < 10
+    victim.unlink()
+    victim.symlink_to("/dev/zero")  # would never end
+    with pytest.raises(BundleError, match="is not a regular file"):
+        load_bundle(copy)

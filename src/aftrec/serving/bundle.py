@@ -51,6 +51,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -77,6 +78,7 @@ from aftrec.serving.index import BuiltIndex, FaissIndex, IndexSpec, build_index,
 FORMAT = "aftrec-bundle"
 FORMAT_VERSION = 2  # 2: manifest.sha256 covers the manifest
 MANIFEST = "manifest.json"
+MAX_MANIFEST = 64 << 20  # bytes read of a manifest at most: a bundle's is kilobytes
 DIGEST = "manifest.sha256"  # `sha256sum -c manifest.sha256` checks the manifest by hand
 #: users whose vectors tune each approximate index and check the traced encoder
 SAMPLE_USERS = 512
@@ -653,7 +655,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not mpath.is_file():
         raise BundleError(f"{path}: not a bundle (no {MANIFEST}); write one with `aftrec export`")
     try:
-        raw = mpath.read_bytes()
+        raw = read_regular(mpath, MAX_MANIFEST)
         manifest = json.loads(raw)
     except (OSError, ValueError) as exc:
         raise BundleError(f"{mpath}: unreadable manifest ({exc})") from exc
@@ -665,8 +667,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"format {FORMAT_VERSION}; export the run again"
         )
     try:
-        want = (path / DIGEST).read_text().split()[0]
-    except (OSError, ValueError, IndexError):
+        want = read_regular(path / DIGEST, 4096).decode().split()[0]
+    except (OSError, ValueError, IndexError, BundleError):
         raise BundleError(f"{path}: {DIGEST} is missing or unreadable; export it again") from None
     if _sha256_bytes(raw) != want:
         raise BundleError(
@@ -686,8 +688,10 @@ def read_checked(path: Path, manifest: dict[str, Any], rel: str, verify: bool = 
     meta = manifest["files"].get(rel)
     if not isinstance(meta, dict):
         raise BundleError(f"{path}: the manifest does not list {rel}; the bundle is incomplete")
+    size = meta.get("bytes")
+    limit = size + 1 if isinstance(size, int) and size >= 0 else None
     try:
-        data = (Path(path) / rel).read_bytes()
+        data = read_regular(Path(path) / rel, limit)
     except FileNotFoundError:
         raise BundleError(f"{path}: {rel} is missing; the bundle is incomplete") from None
     except OSError as exc:
@@ -706,6 +710,21 @@ def read_checked(path: Path, manifest: dict[str, Any], rel: str, verify: bool = 
                 "after export; export it again"
             )
     return data
+
+
+def read_regular(file: Path, limit: int | None = None) -> bytes:
+    """The bytes of ``file`` (at most ``limit``), refused with :class:`BundleError` unless it
+    is a regular file: a FIFO or a device (``/dev/zero`` behind a symlink) would block a
+    reload, or never end. Opened without blocking, so a FIFO is seen before it is read."""
+    fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BundleError(f"{file} is not a regular file")
+        os.set_blocking(fd, True)
+        with open(fd, "rb", closefd=False) as fh:
+            return fh.read(-1 if limit is None else limit)
+    finally:
+        os.close(fd)
 
 
 def _npy(data: bytes) -> np.ndarray:
