@@ -275,7 +275,8 @@ def test_a_head_above_16_kib_gets_431_and_a_slow_request_408(
     answer = _raw(url, b"POST /recommend HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 4, answer[:200]
     # a body that never comes in full: the same
-    answer = _raw(url, b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    head = b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    answer = _raw(url, head + b"Content-Length: 100\r\n\r\n{")
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     # a bad Content-Length: JSON like every other error
     answer = _raw(url, b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
@@ -285,6 +286,10 @@ def test_a_head_above_16_kib_gets_431_and_a_slow_request_408(
 
 
 def test_what_probing_found_in_the_http_surface(client: httpx.Client) -> None:
+    # a body not declared as JSON: 415 with what to send, not a confusing 422
+    r = client.post("/recommend", content=b'{"user": "1"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["detail"]
+    assert client.head("/health").status_code == 200
     # no redirect built from the client's Host header
     r = client.get("/health/", headers={"host": "evil.example.com"})
     assert r.status_code == 404 and "location" not in r.headers

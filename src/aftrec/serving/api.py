@@ -303,12 +303,23 @@ def request_id(request: Request) -> str:
     return str(request.scope.get(REQUEST_ID, "-"))
 
 
+def _is_json(headers: Any) -> bool:
+    """Whether a request declares a JSON body (``application/json``, or ``+json``)."""
+    for key, value in headers:
+        if key.lower() == b"content-type":
+            kind = value.split(b";", 1)[0].strip().lower()
+            return kind == b"application/json" or kind.endswith(b"+json")
+    return False
+
+
 class BodyLimitMiddleware:
     """Reads a request body completely, counting the bytes received, before the app sees it.
 
     Refused before reading: ``Content-Length`` together with ``Transfer-Encoding`` (400,
     RFC 9112 section 6.3: the two framings disagree, a request-smuggling sign), no
-    ``Content-Length`` (411), one that is not a single number (400) or over ``limit`` (413).
+    ``Content-Length`` (411), one that is not a single number (400) or over ``limit`` (413),
+    a ``/recommend`` body not declared as JSON (415; ``/admin/reload`` answers nothing
+    before its token holds).
     While reading, more than ``limit`` bytes received is a 413 whatever the headers said. A
     client that leaves before its body is complete gets nothing and the app is not called."""
 
@@ -331,6 +342,8 @@ class BodyLimitMiddleware:
             problem = (400, "Content-Length must be one decimal number")
         elif int(next(iter(lengths))) > self.limit:
             problem = (413, f"request body over {self.limit} bytes")
+        elif scope["path"] == "/recommend" and not _is_json(scope["headers"]):
+            problem = (415, "send the body as JSON, with Content-Type: application/json")
         body = bytearray()
         while problem is None:
             message = await receive()
@@ -543,6 +556,7 @@ def create_app(
             headers={"Server-Timing": server_timing, "X-Model-Version": result.model_version},
         )
 
+    @app.head("/health", include_in_schema=False)  # load balancers' probes
     @app.get("/health")
     async def health() -> dict[str, Any]:
         rec = state.recommender
