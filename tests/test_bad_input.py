@@ -654,8 +654,13 @@ def test_resume_something_that_is_not_a_run(
 
 @pytest.mark.parametrize(
     "flags",
-    [["--n", "0"], ["--n", "20", "-5"], ["--sampled-negatives", "-3"]],
-    ids=["n-zero", "n-negative", "sampled-negative"],
+    [
+        ["--n", "0"],
+        ["--n", "20", "-5"],
+        ["--sampled-negatives", "-3"],
+        ["--sampled-negatives", "100000000"],
+    ],
+    ids=["n-zero", "n-negative", "sampled-negative", "sampled-above-the-catalogue"],
 )
 def test_evaluate_bad_numbers(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, run_copy: Path, flags: list[str]

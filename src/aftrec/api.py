@@ -340,6 +340,12 @@ def evaluate(
     if which not in ("best", "last"):
         raise DataError(f"--which must be best or last, got {which!r}")
     cfg, data, model = load_run(Path(run), which)
+    largest = max(data.info.domain_size(d) for d in range(data.info.n_domains))
+    if sampled_negatives is not None and sampled_negatives >= largest:
+        raise DataError(
+            f"--sampled-negatives {sampled_negatives}: every domain has fewer items than that "
+            f"(the largest {largest:,}); rank against all items instead (leave it out)"
+        )
     res = Evaluator(data, cfg.data.history_len, cfg.runtime.eval_batch_size).evaluate(
         model, split, ns, sampled_negatives=sampled_negatives, seed=cfg.train.seed,
         progress=progress,
