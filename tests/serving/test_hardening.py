@@ -328,3 +328,26 @@ def test_a_bundle_file_that_is_a_fifo_or_a_device_is_refused_not_waited_for(
     victim.symlink_to("/dev/zero")  # would never end
     with pytest.raises(BundleError, match="is not a regular file"):
         load_bundle(copy)
+
+
+def test_a_client_gone_while_its_answer_is_written_is_not_a_server_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from aftrec.serving.api import RequestContextMiddleware
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def send(message: Any) -> None:  # uvloop's transport, closed by the client
+        if message["type"] == "http.response.body":
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+    async def receive() -> Any:
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "headers": [], "method": "POST", "path": "/recommend"}
+    with caplog.at_level("INFO", logger="aftrec.serving.api"):
+        asyncio.run(RequestContextMiddleware(app)(scope, receive, send))
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert any("the client left during the response" in r.getMessage() for r in caplog.records)

@@ -271,19 +271,26 @@ class RequestContextMiddleware:
         else:
             rid = f"{self._prefix}{next(self._count) & 0xFFFFFFFF:08x}"
         scope[REQUEST_ID] = rid
-        started = False
+        started = gone = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started
+            nonlocal started, gone
             if message["type"] == "http.response.start":
                 started = True
                 headers = [*message.get("headers", []), (b"x-request-id", rid.encode())]
                 message = {**message, "headers": headers}
-            await send(message)
+            try:
+                await send(message)
+            except (OSError, RuntimeError):  # the transport closed under the write
+                gone = True
+                raise
 
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
+            if gone:  # the client left while its answer was written: not a server error
+                log.info("request %s: the client left during the response", rid)
+                return
             log.error(
                 "request %s: %s %r failed: %s: %s",
                 rid,
