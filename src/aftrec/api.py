@@ -92,10 +92,10 @@ def prepare(
         dataset, p(path), p(domains), p(interactions), p(items), p(train), p(valid), p(test),
         synthetic,
     )  # fmt: skip
-    _one_source(src)
     split = split if split is not None else SplitConfig()
-    if streaming:
+    if streaming:  # which takes --interactions/--items only, and says so
         return _prepare_streaming(src, Path(out), split, partition_rows, force, progress)
+    _one_source(src)
     if partition_rows is not None:
         raise DataError("--partition-rows goes with --streaming")
     loaded = _source(src)
