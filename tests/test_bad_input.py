@@ -451,6 +451,9 @@ def test_unknown_model(capsys: pytest.CaptureFixture[str], tmp_path: Path, prepa
         (["train.valid_metric=recall@0"], "train.valid_metric"),
         (["runtime.device=bogus"], "runtime.device"),
         (["runtime.device=cpu:1"], "runtime.device"),
+        (["runtime.device=cuda:"], "runtime.device"),
+        (["runtime.device=cuda:²"], "runtime.device"),
+        (["train.valid_metric=recall@²"], "train.valid_metric"),
     ],
     ids=[
         "unknown-key",
@@ -465,6 +468,9 @@ def test_unknown_model(capsys: pytest.CaptureFixture[str], tmp_path: Path, prepa
         "recall-at-0",
         "device",
         "cpu-index",
+        "cuda-colon",
+        "cuda-superscript",
+        "recall-superscript",
     ],
 )
 def test_bad_set_override(

@@ -343,7 +343,7 @@ def evaluate(
     largest = max(data.info.domain_size(d) for d in range(data.info.n_domains))
     if sampled_negatives is not None and sampled_negatives >= largest:
         raise DataError(
-            f"--sampled-negatives {sampled_negatives}: every domain has fewer items than that "
+            f"--sampled-negatives {sampled_negatives}: no domain has more items than that "
             f"(the largest {largest:,}); rank against all items instead (leave it out)"
         )
     res = Evaluator(data, cfg.data.history_len, cfg.runtime.eval_batch_size).evaluate(

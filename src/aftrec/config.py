@@ -137,7 +137,7 @@ class TrainConfig(Checked):
     def valid_metric_n(self) -> tuple[str, int]:
         """``valid_metric`` (``recall@50``, ``ndcg@20``) and its cut-off N."""
         name, _, n = self.valid_metric.partition("@")
-        if name not in ("recall", "ndcg") or not n.isdigit() or int(n) < 1:
+        if name not in ("recall", "ndcg") or not (n.isascii() and n.isdecimal()) or int(n) < 1:
             raise ConfigError(
                 f"train.valid_metric must look like recall@50 or ndcg@20, got {self.valid_metric!r}"
             )
@@ -160,8 +160,9 @@ class RuntimeConfig(Checked):
     checkpoint_minutes: Positive | None = 10.0
 
     def validate(self) -> None:
-        kind, _, index = self.device.partition(":")
-        if kind not in DEVICES or (index and (kind == "cpu" or not index.isdigit())):
+        kind, colon, index = self.device.partition(":")
+        number = index.isascii() and index.isdecimal()
+        if kind not in DEVICES or (colon and (kind == "cpu" or not number)):
             raise ConfigError(
                 f"runtime.device must be cpu, cuda, cuda:N or mps, got {self.device!r}"
             )

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from aftrec.environment import usable_cores
 from aftrec.errors import Stopped
-from aftrec.experiments.plan import NS, Job, Plan, plain_json, read_json
+from aftrec.experiments.plan import NS, Job, Plan, _identity, plain_json, read_json
 from aftrec.experiments.results import RunOutcome
 from aftrec.outputs import atomic_write_bytes, atomic_write_text
 
@@ -91,7 +91,8 @@ def run_job(job: Job, data_dir: Path) -> RunOutcome:
     fresh = {"config": plain_json(job.cfg.to_dict()), "train_seconds": 0.0, "resumed": False}
     saved = read_json(run / "reproduce.json")
     # a saved record counts unless it was another config's, which never checkpointed
-    meta = saved if saved and (resume or saved.get("config") == fresh["config"]) else fresh
+    same = saved is not None and _identity(saved.get("config") or {}) == _identity(fresh["config"])
+    meta = saved if saved and (resume or same) else fresh
     if resume:
         meta["resumed"] = meta["resumed"] or not checkpoint.load(run / rundir.LAST).get("done")
     else:  # nothing to resume: clear what a run killed in its first epoch may have left

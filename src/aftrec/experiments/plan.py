@@ -418,16 +418,16 @@ def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
     return {**plain, "model": model, "train": train}
 
 
-#: a run directory with none of these never trained (it failed or was killed before its
+#: a run directory holding none of these never trained (it failed or was killed before its
 #: first checkpoint), so another config may take it over
-NEVER_TRAINED = ("last.pt", "best.pt", "metrics.json")
+TRAINED_MARKERS = ("last.pt", "best.pt", "metrics.json")
 
 
 def _check_existing(job: Job) -> None:
     run = job.run
     if not run.exists() or not any(run.iterdir()):
         return
-    if not any((run / name).exists() for name in NEVER_TRAINED):
+    if not any((run / name).exists() for name in TRAINED_MARKERS):
         return  # failed or killed before its first checkpoint: run_job starts it afresh
     saved = read_json(run / "reproduce.json")
     if saved is None:

@@ -281,8 +281,11 @@ class RequestContextMiddleware:
                 message = {**message, "headers": headers}
             try:
                 await send(message)
-            except (OSError, RuntimeError):  # the transport closed under the write
+            except OSError:
                 gone = True
+                raise
+            except RuntimeError as exc:  # uvloop: "unable to perform operation on <TCPTransport
+                gone = "closed=True" in str(exc)  # closed=True ...>"; else an app bug
                 raise
 
         try:
@@ -600,7 +603,11 @@ def create_app(
         # the body is read only once the token holds: no answer about it to anyone else
         raw = await request.body()
         try:
-            req = ReloadRequest.model_validate_json(raw) if raw.strip() else None
+            req = (
+                ReloadRequest.model_validate_json(raw)
+                if raw.strip() not in (b"", b"null")
+                else None
+            )
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_url=False)) from exc
         rid = request_id(request)

@@ -716,11 +716,13 @@ def read_regular(file: Path, limit: int | None = None) -> bytes:
     """The bytes of ``file`` (at most ``limit``), refused with :class:`BundleError` unless it
     is a regular file: a FIFO or a device (``/dev/zero`` behind a symlink) would block a
     reload, or never end. Opened without blocking, so a FIFO is seen before it is read."""
-    fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    nonblock = getattr(os, "O_NONBLOCK", 0)  # POSIX; Windows has no FIFOs to fear
+    fd = os.open(file, os.O_RDONLY | nonblock | getattr(os, "O_BINARY", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise BundleError(f"{file} is not a regular file")
-        os.set_blocking(fd, True)
+        if nonblock:
+            os.set_blocking(fd, True)
         with open(fd, "rb", closefd=False) as fh:
             return fh.read(-1 if limit is None else limit)
     finally:

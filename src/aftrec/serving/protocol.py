@@ -10,7 +10,10 @@ memory with endless headers, or connections with requests it never finishes. Her
   and the connection is closed;
 * a request not received in full within ``request_timeout`` seconds of its first byte (or
   of the connection, for the first request) gets ``408`` and the connection is closed; the
-  time the server then takes to answer does not count;
+  time the server takes to answer does not count (a request pipelined behind one being
+  answered waits without a deadline);
+* the head is counted as bytes arrive, not only as the parser completes headers (it hands
+  one over only when the next begins), so one endless header is refused as well;
 * a request the parser refuses gets its ``400`` as JSON, like every other error.
 
 :func:`http_protocol` picks the class for ``--http``; uvicorn takes a protocol class where
@@ -44,7 +47,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     (module level, so that ``--workers`` can send it to its worker processes)."""
 
     request_timeout = REQUEST_TIMEOUT
-    _head = 0
+    _head = 0  # bytes received while the current request's head is not complete
+    _parts = 0  # bytes of the head's parts the parser has completed
+    _heading = False  # between a request's first byte and the end of its headers
     _refused: bytes | None = None
     _deadline: asyncio.TimerHandle | None = None
 
@@ -60,6 +65,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused is not None:
             return
         super().data_received(data)
+        # the parser hands a header over only once it ends: count the bytes received while
+        # a head is open instead, so that one endless header is stopped too
+        if self._heading and self._refused is None:
+            self._head += len(data)
+            if self._head > MAX_HEAD:
+                self._refuse_head()
+                self.transport.write(self._refused or b"")
+                self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         refused = self._refused or _response(400, "Bad Request", "invalid HTTP request")
@@ -70,7 +83,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._head = 0
+        self._head, self._parts, self._heading = 0, 0, True
         self._arm()
 
     def on_url(self, url: bytes) -> None:
@@ -81,18 +94,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._count(len(name) + len(value) + 4)
         super().on_header(name, value)
 
+    def on_headers_complete(self) -> None:
+        self._heading = False
+        super().on_headers_complete()
+
     def on_message_complete(self) -> None:
         self._disarm()
         super().on_message_complete()
 
     def _count(self, n: int) -> None:
-        self._head += n
-        if self._head > MAX_HEAD:
-            self._refused = _response(
-                431, "Request Header Fields Too Large",
-                f"request line and headers above {MAX_HEAD} bytes",
-            )  # fmt: skip
+        """The head's parts as the parser completes them (a head that arrives whole in one
+        chunk is never open between chunks)."""
+        self._parts += n
+        if self._parts > MAX_HEAD:
+            self._refuse_head()
             raise ValueError("request head too large")  # the parser stops: a 400 path
+
+    def _refuse_head(self) -> None:
+        self._disarm()
+        self._refused = _response(
+            431, "Request Header Fields Too Large",
+            f"request line and headers above {MAX_HEAD} bytes",
+        )  # fmt: skip
 
     def _arm(self) -> None:
         self._disarm()
@@ -108,7 +131,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         cycle = self.cycle
-        if cycle is None or not cycle.response_started:
+        if cycle is not None and not cycle.more_body and not cycle.response_complete:
+            # the server is still answering a request it has in full (a request pipelined
+            # behind it waits for that): the clock runs against clients, not against us
+            self._arm()
+            return
+        if cycle is None or cycle.response_complete or not cycle.response_started:
             self._refused = _response(
                 408, "Request Timeout", f"request not received within {self.request_timeout:g} s"
             )
