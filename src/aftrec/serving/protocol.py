@@ -71,14 +71,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head += len(data)
             if self._head > MAX_HEAD:
                 self._refuse_head()
-                self.transport.write(self._refused or b"")
-                self.transport.close()
+                self._close_with(self._refused)
 
     def send_400_response(self, msg: str) -> None:
-        refused = self._refused or _response(400, "Bad Request", "invalid HTTP request")
-        self._refused = refused
+        self._refused = self._refused or _response(400, "Bad Request", "invalid HTTP request")
+        self._close_with(self._refused)
+
+    def _close_with(self, answer: bytes | None) -> None:
+        """Write ``answer`` (if any) and close: the end of every refused request."""
         self._disarm()
-        self.transport.write(refused)
+        if answer is not None:
+            self.transport.write(answer)
         self.transport.close()
 
     def on_message_begin(self) -> None:
@@ -140,8 +143,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refused = _response(
                 408, "Request Timeout", f"request not received within {self.request_timeout:g} s"
             )
-            self.transport.write(self._refused)
-        self.transport.close()
+        self._close_with(self._refused)
 
 
 def http_protocol(http: str) -> Any:
