@@ -9,6 +9,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -161,15 +162,16 @@ def test_a_second_call_on_a_busy_directory_is_refused(
     assert tune(_spec(tiny_dir, out, 1)).ran == 1  # the lock file alone is no obstacle
 
 
+def _diverges_at_001(data: Path, cfg: RunConfig, run: Path) -> TrialOutcome:
+    if run.name == "001":
+        raise TrainingError("non-finite loss at epoch 1: {'loss': nan}")
+    return TrialOutcome(_score(cfg), 1, 1, False, 0.0)
+
+
 def test_a_diverging_trial_fails_and_the_study_goes_on(
     tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def diverges_at_001(data: Path, cfg: RunConfig, run: Path) -> TrialOutcome:
-        if run.name == "001":
-            raise TrainingError("non-finite loss at epoch 1: {'loss': nan}")
-        return TrialOutcome(_score(cfg), 1, 1, False, 0.0)
-
-    monkeypatch.setattr(tn, "_train_trial", diverges_at_001)
+    monkeypatch.setattr(tn, "_train_trial", _diverges_at_001)
     res = tune(_spec(tiny_dir, tmp_path / "t", 3))
     trials = pd.read_csv(tmp_path / "t" / "trials.csv")
     assert list(trials["state"]) == ["complete", "fail", "complete"]
@@ -179,6 +181,32 @@ def test_a_diverging_trial_fails_and_the_study_goes_on(
     assert tn.trial_points(tmp_path / "t") == [(0, values[0]), (1, None), (2, values[2])]
     assert tn.study_startup(tmp_path / "t") == 2  # _spec's, from best.json
     assert (tmp_path / "t" / tn.TRIALS_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failed_start_trial_lengthens_the_random_start_as_tpe_does(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import optuna
+
+    by_tpe: set[int] = set()
+    model_based = optuna.samplers.TPESampler._sample
+
+    def spy(self: Any, study: Any, trial: Any, space: Any) -> Any:
+        by_tpe.add(trial.number)
+        return model_based(self, study, trial, space)
+
+    monkeypatch.setattr(optuna.samplers.TPESampler, "_sample", spy)
+    monkeypatch.setattr(tn, "_train_trial", _diverges_at_001)
+    tune(_spec(tiny_dir, tmp_path / "t", 5))  # 2 random-start trials, as TPE counts them
+    assert by_tpe == {3, 4}  # trial 1 failed, so trial 2 was still drawn at random
+    points = tn.trial_points(tmp_path / "t")
+    assert tn.drawn_at_random(points, 2) == {0, 1, 2}
+    best = tn.read_best(tmp_path / "t")
+    assert best.at_random == {0, 1, 2} and best.random_start == 3
+    assert best.best_from_start == (best.best_trial in {0, 1, 2})
+    # without a failure it is the first ``startup`` trials; with none finished, all of them
+    assert tn.drawn_at_random([(0, 0.1), (1, 0.2), (2, 0.3)], 2) == {0, 1}
+    assert tn.drawn_at_random([(0, None), (1, None)], 1) == {0, 1}
 
 
 def test_best_so_far_steps_up_only_on_a_better_finished_trial() -> None:

@@ -601,7 +601,7 @@ def tuned_lines(plan: Plan) -> list[str]:
                        "nothing to tune")  # fmt: skip
             continue
         pairs = " ".join(f"`{p}`" for p in t.overrides)
-        start = min(t.startup_trials, t.trials)
+        start = t.random_start
         budget = f"{t.trials} trial(s) ({t.complete} finished"
         budget += f"; {start} random start, {t.trials - start} TPE)" if start else ")"
         won = ""

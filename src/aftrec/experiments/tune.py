@@ -413,6 +413,7 @@ def write_outputs(study: optuna.Study, st: _Study) -> dict[str, Any] | None:
         "set": list(spec.overrides),
         "space": space_json(space),
         "startup_trials": spec.startup_trials,
+        "drawn_at_random": sorted(drawn_at_random(points, spec.startup_trials)),
         "sampler": f"TPE (optuna {optuna.__version__}), {spec.startup_trials} random startup "
         "trials, trial n seeded from (seed, n)",
     }
@@ -453,6 +454,21 @@ def best_so_far(points: Sequence[TrialPoint]) -> list[tuple[int, float]]:
     return steps
 
 
+def drawn_at_random(points: Sequence[TrialPoint], startup: int) -> frozenset[int]:
+    """The trials TPE drew at random: trial n is one when fewer than ``startup`` trials before
+    it finished (TPE counts finished trials, so a failed start trial makes the random start
+    one trial longer).
+
+    With f(n) = |{m < n : trial m finished}|, the set is {n : f(n) < startup}."""
+    out: set[int] = set()
+    finished = 0
+    for n, v in sorted(points):
+        if finished < startup:
+            out.add(n)
+        finished += v is not None
+    return frozenset(out)
+
+
 def study_startup(study_dir: Path) -> int:
     """The random-start trials of the study in ``study_dir`` (its ``best.json``; studies
     written before it recorded them ran with the default)."""
@@ -470,8 +486,8 @@ def study_plot(
     path: Path,
 ) -> bool:
     """One panel per study: each trial's value by trial number (hollow: the first
-    ``startup`` trials, drawn at random, one count for all or one per study; filled: drawn by
-    TPE), the best so far as a step line,
+    trials until ``startup`` of them finished, drawn at random (:func:`drawn_at_random`), one
+    count for all or one per study; filled: drawn by TPE), the best so far as a step line,
     and a failed trial as a cross on the panel's floor. A panel's floor is 0.08 below its
     best value or its lowest value, whichever is higher, so that the top trials stay
     readable; a trial below the floor is a triangle on it. Written atomically as PNG. False
@@ -487,14 +503,14 @@ def study_plot(
     fig = Figure(figsize=(3.2 * cols, 2.5 * rows), dpi=110)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (name, pts) in zip(axes, shown.items(), strict=False):
-        random_start_trials = startup if isinstance(startup, int) else startup[name]
+        at_random = drawn_at_random(pts, startup if isinstance(startup, int) else startup[name])
         values = [v for _, v in pts if v is not None]
         best = max(values)
         floor = max(min(values), best - 0.08)
         pad = 0.05 * ((best - floor) or 0.01)
         for random_start in (True, False):
             shown_pts = [(n, v) for n, v in pts if v is not None and v >= floor]
-            mine = [(n, v) for n, v in shown_pts if (n < random_start_trials) == random_start]
+            mine = [(n, v) for n, v in shown_pts if (n in at_random) == random_start]
             if mine:
                 ax.scatter(
                     *zip(*mine, strict=True), s=22, edgecolors="C0",
@@ -542,11 +558,25 @@ class Tuned:
     best_value: float
     best_trial: int = -1  # the winning trial's number; -1 where best.json does not say
     startup_trials: int = 0  # trials drawn at random before TPE; 0 where not recorded
+    #: the trials drawn at random (:func:`drawn_at_random`); None where best.json does not say
+    at_random: frozenset[int] | None = None
+
+    @property
+    def random_start(self) -> int:
+        """How many trials were drawn at random (before best.json listed them: the first
+        ``startup_trials``, which holds while no start trial failed)."""
+        if self.at_random is not None:
+            return len(self.at_random)
+        return min(self.startup_trials, self.trials)
 
     @property
     def best_from_start(self) -> bool:
         """Whether the winning trial was one of the random start's draws."""
-        return 0 <= self.best_trial < self.startup_trials
+        if self.best_trial < 0:
+            return False
+        if self.at_random is not None:
+            return self.best_trial in self.at_random
+        return self.best_trial < self.startup_trials
 
 
 def read_best(path: Path) -> Tuned:
@@ -567,6 +597,11 @@ def read_best(path: Path) -> Tuned:
             best_value=float(obj["best_value"]),
             best_trial=int(obj.get("best_trial", -1)),
             startup_trials=int(obj.get("startup_trials", 0)),
+            at_random=(
+                frozenset(int(n) for n in obj["drawn_at_random"])
+                if "drawn_at_random" in obj
+                else None
+            ),
         )
     except OSError as exc:
         raise ConfigError(f"--tuned {path}: no {BEST} there ({exc.strerror})") from exc
