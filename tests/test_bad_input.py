@@ -9,6 +9,7 @@ as line 1, so data row ``i`` (0-based) is on line ``i + 2``; Parquet rows are re
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -816,6 +817,37 @@ def test_resume_refuses_other_data_than_the_run_trained_on(
     argv = ["train", "--out", str(run_copy), "--resume", "--data", str(other), "--quiet",
             "--set", "train.epochs=9"]  # fmt: skip
     fails_cleanly(capsys, argv, "--resume goes on with the same data", roots=(tmp_path,))
+
+
+def test_a_run_whose_dataset_moved_says_how_to_find_it_and_resume_records_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, run_copy: Path, prepared: Path
+) -> None:
+    data = Path(shutil.copytree(prepared, tmp_path / "data"))
+    meta = json.loads((run_copy / "run.json").read_text())
+    (run_copy / "run.json").write_text(json.dumps({**meta, "data": str(data)}))
+    moved = data.rename(tmp_path / "moved")
+    evaluate = ["evaluate", "--run", str(run_copy), "--quiet"]
+    fails_cleanly(capsys, evaluate, "which is not a prepared dataset now; if it moved",
+                  roots=(tmp_path,))  # fmt: skip
+    # the finished run trains nothing more; run.json names the new place from now on
+    resume = ["train", "--out", str(run_copy), "--resume", "--data", str(moved), "--quiet"]
+    assert main(resume) == 0
+    assert json.loads((run_copy / "run.json").read_text()) == {**meta, "data": str(moved)}
+    assert main(evaluate) == 0
+
+
+def test_resume_does_not_record_a_dataset_the_run_does_not_fit(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, run_copy: Path
+) -> None:
+    other = tmp_path / "other"
+    assert main(["prepare", "--dataset", "synthetic", "--out", str(other)]) == 0
+    meta = json.loads((run_copy / "run.json").read_text())
+    (run_copy / "run.json").write_text(json.dumps({**meta, "data": str(tmp_path / "gone")}))
+    before = (run_copy / "run.json").read_text()
+    capsys.readouterr()
+    argv = ["train", "--out", str(run_copy), "--resume", "--data", str(other), "--quiet"]
+    fails_cleanly(capsys, argv, "does not fit this run", roots=(tmp_path,))
+    assert (run_copy / "run.json").read_text() == before
 
 
 @pytest.mark.parametrize("where", ["run", "dataset"])

@@ -18,6 +18,7 @@ The trainer writes it (:mod:`aftrec.training.trainer`); ``aftrec evaluate``, ``r
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ from aftrec.numerics import zero_subnormals
 from aftrec.outputs import atomic_write_text
 from aftrec.registry import create_model
 from aftrec.training import checkpoint
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 META = "run.json"
@@ -69,13 +72,41 @@ def write_meta(run: Path, data_dir: Path, model: str) -> None:
 
 def run_data_dir(run: Path) -> Path:
     """The prepared dataset a run was trained on, from ``RUN/run.json``."""
+    return Path(_read_meta(run)["data"])
+
+
+def _read_meta(run: Path) -> dict[str, Any]:
     path = Path(run) / META
     try:
-        return Path(json.loads(path.read_text())["data"])
+        meta = json.loads(path.read_text())
+        str(meta["data"])
     except FileNotFoundError as exc:
         raise CheckpointError(f"{run} is not a run directory (no run.json)") from exc
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: unreadable run description ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: unreadable run description (not an object)")
+    return meta
+
+
+def record_data(run: Path, data_dir: Path) -> bool:
+    """``--resume --data DIR`` after the dataset moved: ``run.json`` names ``DIR`` from now
+    on, so that ``evaluate``, ``export`` and a later resume find it. True when it changed."""
+    meta = _read_meta(run)
+    where = str(Path(data_dir).resolve())
+    if meta["data"] == where:
+        return False
+    log.info("%s: run.json now names %s as its dataset (it named %s)", run, where, meta["data"])
+    atomic_write_text(Path(run) / META, json.dumps({**meta, "data": where}, indent=2) + "\n")
+    return True
+
+
+def _missing_data(run: Path, data_dir: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{run} was trained on {data_dir}, which is not a prepared dataset now; if it moved, "
+        f"`aftrec train --resume --out {run} --data NEW_PLACE` records where it is (a finished "
+        "run trains nothing more)"
+    )
 
 
 def load_run(run: Path, which: str = "best") -> tuple[RunConfig, Dataset, RetrievalModel]:
@@ -84,7 +115,10 @@ def load_run(run: Path, which: str = "best") -> tuple[RunConfig, Dataset, Retrie
     otherwise make its evaluation, recommendations and exported bundle slow."""
     run = Path(run)
     cfg = load_run_config(run)
-    data = Dataset(run_data_dir(run))
+    data_dir = run_data_dir(run)
+    if not (data_dir / "meta.json").is_file():
+        raise _missing_data(run, data_dir)
+    data = Dataset(data_dir)
     model = create_model(cfg.model_name, cfg.model, data.info, cfg.data.history_len)
     state = checkpoint.load(run / f"{which}.pt")
     try:

@@ -148,6 +148,9 @@ def _train(
 
     if not model.trainable:
         if state is not None and state.get("done"):
+            _restore_weights(out, state, model)
+            if ctx.main:
+                rundir.record_data(out, Path(data_dir))
             log.info("run %s already finished", out)
             return TrainResult(out, 0, float(state["metric"]), 0, 0.0, 0.0, False)
         result = None
@@ -166,13 +169,15 @@ def _train(
     epoch, stopper = 0, EarlyStopping(tc.patience)
     partial: dict[str, Any] | None = None
     if state is not None:
+        epoch = _restore(out, state, model, step, stopper)
+        if ctx.main:  # the checkpoint fits this dataset: run.json names where it is now
+            rundir.record_data(out, Path(data_dir))
         if state.get("done") and (state.get("stopped_early") or state["epoch"] >= tc.epochs):
             log.info("run %s already finished", out)
             return TrainResult(
                 out, state["best_epoch"], state["best_metric"], state["epoch"], 0.0, 0.0,
                 state.get("stopped_early", False),
             )  # fmt: skip
-        epoch = _restore(out, state, model, step, stopper)
         partial = _own_partial(out, state.get("partial"), epoch, ctx)
         if partial is not None:
             log.info(
@@ -320,13 +325,20 @@ def _restore(
     out: Path, state: dict[str, Any], model: RetrievalModel, step: Step, stopper: EarlyStopping
 ) -> int:
     """Load a resumed run's model, step and early-stopping state; returns the epochs done."""
+    _restore_weights(out, state, model)
     try:
-        model.load_state_dict(state["model"])
         step.load_state_dict(state["step"])
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{out / rundir.LAST}: does not fit this run: {exc}") from exc
     stopper.load_state_dict(state)
     return int(state["epoch"])
+
+
+def _restore_weights(out: Path, state: dict[str, Any], model: RetrievalModel) -> None:
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{out / rundir.LAST}: does not fit this run: {exc}") from exc
 
 
 def _own_partial(
