@@ -280,3 +280,20 @@ def test_bad_shard_settings_are_config_errors(tiny: Dataset, tiny_dir: Path) -> 
     with pytest.raises(ConfigError, match="batch_size=64 must be a multiple"):
         ShardedLoader(local.shards, tiny.info, 8, 64, 4, 3, local.n_examples, seed=0)
     assert np.all(np.diff(local.train.user) >= 0)
+
+
+def test_a_rank_without_its_cuda_device_is_a_config_error_before_nccl(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aftrec.training import distributed
+
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**env, "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one device: rank 1 has none
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    joined: list[str] = []
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: joined.append("x"))
+    with pytest.raises(ConfigError, match="rank 1 needs CUDA device 1 .* sees 1"):
+        distributed.init("cuda")
+    assert joined == []  # refused before any process group was asked for

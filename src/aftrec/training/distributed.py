@@ -96,6 +96,15 @@ def init(device: str = "cpu", timeout_minutes: float = 60.0) -> Context:
             )
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.startswith("cuda")
+    if cuda:  # before NCCL is asked for: each rank needs a device of its own
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if local >= count:
+            raise ConfigError(
+                f"runtime.device={device} under torchrun: rank {rank} needs CUDA device {local} "
+                f"(LOCAL_RANK), and this torch build sees {count}"
+            )
+        if not dist.is_nccl_available():
+            raise ConfigError(f"runtime.device={device} under torchrun: this torch has no NCCL")
     if not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if cuda else "gloo",
@@ -104,6 +113,18 @@ def init(device: str = "cpu", timeout_minutes: float = 60.0) -> Context:
     if cuda:
         torch.cuda.set_device(local)
     return Context(rank=rank, world=world, local_rank=local)
+
+
+def check_device(device: str) -> None:
+    """A :class:`~aftrec.errors.ConfigError` when this torch cannot use ``runtime.device``."""
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (index and int(index) >= count):
+            have = f"{count} CUDA device(s)" if count else "no usable CUDA device"
+            raise ConfigError(f"runtime.device={device}: this torch build sees {have}")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"runtime.device={device}: MPS is not available here")
 
 
 def shutdown(ctx: Context, clean: bool = True) -> None:

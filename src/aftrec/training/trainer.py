@@ -48,7 +48,7 @@ from aftrec.numerics import subnormals_flushed
 from aftrec.outputs import held, make_dirs
 from aftrec.registry import create_model
 from aftrec.training import checkpoint, rundir, tracking
-from aftrec.training.distributed import SINGLE, Context, peak_rss_mib, shards_of
+from aftrec.training.distributed import SINGLE, Context, check_device, peak_rss_mib, shards_of
 from aftrec.training.optim import use_sparse_embeddings
 from aftrec.training.steps import Step, make_step
 
@@ -357,18 +357,6 @@ def _own_partial(
             f"from there: resume it with {how}" + (" (without torchrun)" if written == 1 else "")
         )
     return partial["ranks"][ctx.rank] if "ranks" in partial else partial
-
-
-def check_device(device: str) -> None:
-    """A :class:`~aftrec.errors.ConfigError` when this torch cannot use ``runtime.device``."""
-    kind, _, index = device.partition(":")
-    if kind == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (index and int(index) >= count):
-            have = f"{count} CUDA device(s)" if count else "no usable CUDA device"
-            raise ConfigError(f"runtime.device={device}: this torch build sees {have}")
-    elif kind == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"runtime.device={device}: MPS is not available here")
 
 
 class _StopRequest:
