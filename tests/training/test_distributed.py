@@ -294,6 +294,7 @@ def test_a_rank_without_its_cuda_device_is_a_config_error_before_nccl(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     joined: list[str] = []
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: joined.append("x"))
-    with pytest.raises(ConfigError, match="rank 1 needs CUDA device 1 .* sees 1"):
+    said = r"rank 1 needs CUDA device 1 \(LOCAL_RANK\), and this torch build sees 1"
+    with pytest.raises(ConfigError, match=said):
         distributed.init("cuda")
     assert joined == []  # refused before any process group was asked for
