@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -306,6 +307,35 @@ def test_a_head_above_16_kib_gets_431_and_a_slow_request_408(
         assert c.get("/health").status_code == 200
 
 
+def test_the_time_the_server_takes_to_answer_is_not_the_clients(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer that takes longer than ``request_timeout``, and a request pipelined behind
+    it, complete in full: the deadline runs only while a request is being received."""
+    from aftrec.serving.protocol import GuardedHttpToolsProtocol
+
+    monkeypatch.setattr(GuardedHttpToolsProtocol, "request_timeout", 0.3)
+    rec = Recommender.load(bundle)
+    computed = rec.recommend_many
+
+    def slow(queries: Any) -> Any:
+        time.sleep(1.0)  # three deadlines long
+        return computed(queries)
+
+    monkeypatch.setattr(rec, "recommend_many", slow)
+    body = b'{"user": "2", "n": 5}'
+    slow_post = (
+        b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    last = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with running(create_app(rec), http="httptools") as base:
+        got = _raw(base, slow_post + slow_post + last, wait=15)
+    answers = re.findall(rb"HTTP/1\.1 (\d{3})", got)
+    assert answers == [b"200", b"200", b"200"], got[-400:]
+    assert got.count(b'"results"') == 2
+
+
 def test_what_probing_found_in_the_http_surface(client: httpx.Client) -> None:
     # a body not declared as JSON: 415 with what to send, not a confusing 422
     r = client.post("/recommend", content=b'{"user": "1"}', headers={"content-type": "text/plain"})
@@ -342,12 +372,15 @@ args.func(args)
 
 
 def test_serve_command_reloads_on_sighup(root: Path, tiny_dir: Path, tmp_path: Path) -> None:
-    """``aftrec serve`` in its own process: point --bundle at a symlink, flip it, SIGHUP."""
+    """``aftrec serve`` in its own process: point --bundle at a symlink, flip it, SIGHUP; after
+    an HTTP reload of another bundle, SIGHUP goes back to the --bundle path."""
     a, b = exported(root, tiny_dir), exported(root, tiny_dir, exact_max=10)
+    a_here = Path(shutil.copytree(a, tmp_path / "a"))  # inside the bundle root, for HTTP
     link = tmp_path / "current"
     link.symlink_to(a)
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    env["AFTREC_ADMIN_TOKEN"] = "s3cret"
     cmd = [sys.executable, "-c", DRIVER, "serve", "--bundle", str(link), "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
@@ -374,9 +407,15 @@ def test_serve_command_reloads_on_sighup(root: Path, tiny_dir: Path, tmp_path: P
         tmp.symlink_to(b)
         tmp.replace(link)  # atomic flip
         proc.send_signal(signal.SIGHUP)
-        assert wait_for(Recommender.load(b, verify=False).model_version) != first
+        second = Recommender.load(b, verify=False).model_version
+        assert wait_for(second) == second != first
         r = httpx.post(f"{base}/recommend", json={"user": "2", "n": 5})
         assert r.status_code == 200 and json.loads(r.text)["results"]
+        admin = {"authorization": "Bearer s3cret"}
+        r = httpx.post(f"{base}/admin/reload", json={"path": a_here.name}, headers=admin)
+        assert r.status_code == 200 and r.json()["model_version"] == first, r.text
+        proc.send_signal(signal.SIGHUP)  # the --bundle path (b), not the bundle HTTP named
+        assert wait_for(second) == second
     finally:
         proc.terminate()
         out = proc.communicate(timeout=20)[0].decode()
