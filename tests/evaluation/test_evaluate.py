@@ -98,6 +98,16 @@ def test_perfect_scorer_gets_recall_one_and_auc_one(tiny: Dataset) -> None:
     assert res.average["recall@200"] == pytest.approx(1.0)
 
 
+def test_the_protocol_names_what_each_split_excludes(tiny: Dataset) -> None:
+    table = np.random.default_rng(0).normal(size=(tiny.info.n_users, tiny.info.n_items))
+    scorer, ev = TableScorer(table.astype(np.float32), tiny), Evaluator(tiny, 5)
+    test = ev.evaluate(scorer, "test", (10,), progress=False)
+    valid = ev.evaluate(scorer, "valid", (10,), progress=False)
+    assert test.protocol.endswith("the user's training and validation positives excluded")
+    assert valid.protocol.endswith("the user's training positives excluded")
+    assert test.to_json()["protocol"] == test.protocol and test.protocol in test.table()
+
+
 def test_sampled_metrics_are_labelled(tiny: Dataset) -> None:
     table = np.random.default_rng(0).normal(size=(tiny.info.n_users, tiny.info.n_items))
     res = Evaluator(tiny, 5).evaluate(

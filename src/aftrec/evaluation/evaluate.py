@@ -28,7 +28,12 @@ from aftrec.evaluation.ranking import dense_mask, rank_domain
 from aftrec.models.base import RetrievalModel
 from aftrec.outputs import atomic_write_text
 
-FULL = "full ranking over every item of the domain, training positives excluded"
+
+def full_protocol(split: str) -> str:
+    """What a full-ranking result says it measured: the items excluded are the behaviours
+    the model may see for ``split`` (:meth:`Dataset.fit_and_targets`)."""
+    seen = "training and validation" if split == "test" else "training"
+    return f"full ranking over every item of the domain, the user's {seen} positives excluded"
 
 
 @dataclass
@@ -38,8 +43,11 @@ class EvalResult:
     domains: dict[str, dict[str, float]]
     average: dict[str, float]
     users: dict[str, int]
-    protocol: str = FULL
+    protocol: str = ""  # empty: full ranking on ``split`` (:func:`full_protocol`)
     per_user: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    def __post_init__(self) -> None:
+        self.protocol = self.protocol or full_protocol(self.split)
 
     def to_json(self) -> dict[str, Any]:
         """``metrics.json``: every field but the cut-offs (in the metric names) and the
@@ -156,7 +164,7 @@ class Evaluator:
         keys = list(next(iter(domains.values())))
         average = {key: float(np.nanmean([domains[n][key] for n in domains])) for key in keys}
         protocol = (
-            FULL
+            full_protocol(split)
             if sampled_negatives is None
             else (
                 f"SAMPLED metrics: each held-out positive ranked among {sampled_negatives} sampled "
