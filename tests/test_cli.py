@@ -9,9 +9,12 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from aftrec import api
 from aftrec.cli import main
 from aftrec.config import resolve
 from tests.inputs import write
@@ -438,6 +442,56 @@ def test_recommend_does_not_replace_a_file_of_a_dataset_or_a_run(
         assert main(argv) == 2
         assert "writing there would replace it" in capsys.readouterr().err
         assert hashlib.sha256(out.read_bytes()).hexdigest() == before
+
+
+def test_no_file_output_replaces_one_inside_a_bundle_study_or_run(
+    pipeline: Pipeline, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The nearest folder aftrec marks owns what lies below it: a bundle's ``ids/``, a
+    study's ``trials.csv``, a run's other metrics files; a new file beside a run is fine."""
+    bundle, study = tmp_path / "bundle", tmp_path / "study"
+    (bundle / "ids").mkdir(parents=True)
+    (bundle / "manifest.json").write_text("{}")
+    (bundle / "ids" / "items.parquet").write_bytes(b"ids")
+    study.mkdir()
+    (study / "study.db").write_bytes(b"")
+    (study / "trials.csv").write_text("trial\n")
+    (pipeline.two_tower / "per_user_valid.parquet").write_bytes(b"mine")
+    owned = [bundle / "ids" / "items.parquet", study / "trials.csv",
+             pipeline.two_tower / "per_user_valid.parquet"]  # fmt: skip
+    for out in owned:
+        before = out.read_bytes()
+        argv = ["recommend", "--run", str(pipeline.two_tower), "--n", "5", "--out", str(out)]
+        assert main(argv) == 2
+        assert "writing there would replace it" in capsys.readouterr().err
+        assert out.read_bytes() == before
+    (pipeline.two_tower / "per_user_valid.parquet").unlink()
+    mine = pipeline.two_tower / "recs.csv"
+    argv = ["recommend", "--run", str(pipeline.two_tower), "--n", "2", "--out", str(mine)]
+    assert main(argv) == 0 and main(argv) == 0  # written, then replaced: the user's own file
+    mine.unlink()
+
+
+def test_sigterm_ends_a_command_through_its_cleanup(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """SIGTERM during an output being built: exit 143, one line, no temporary folder left,
+    and the process's own handler back afterwards."""
+    from aftrec.outputs import atomic_directory
+
+    def killed(out: Path, **kwargs: object) -> Path:
+        with atomic_directory(Path(out)) as tmp:
+            (tmp / "part").write_bytes(b"x" * 1000)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("not stopped")
+
+    monkeypatch.setattr(api, "prepare", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["prepare", "--dataset", "synthetic", "--out", str(tmp_path / "d")]) == 143
+    assert capsys.readouterr().err.strip() == "stopped by SIGTERM"
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_recommend_selected_users_and_domains(pipeline: Pipeline, tmp_path: Path) -> None:

@@ -260,3 +260,19 @@ def test_force_replaces_a_prepared_dataset_not_any_folder(
     assert main([*prepare_argv(ip, mp, out), *flag]) == 0
     assert main([*prepare_argv(ip, mp, out), "--force", *flag]) == 0
     assert read_meta(out)["counts"]
+
+
+def test_force_does_not_delete_what_others_wrote_into_a_dataset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``prepare --force`` replaces a prepared dataset, files and partitions it wrote; a study
+    or recommendations someone wrote into its folder make it refuse instead of deleting them."""
+    out = tmp_path / "syn"
+    argv = ["prepare", "--dataset", "synthetic", "--out", str(out), "--force", "--users", "300"]
+    assert main(argv) == 0
+    assert main(argv) == 0  # its own files only: replaced
+    (out / "study").mkdir()
+    (out / "recs.csv").write_text("user,item\n")
+    fails_cleanly(capsys, argv, "holds recs.csv, study, which a prepared dataset does not",
+                  roots=(tmp_path,))  # fmt: skip
+    assert (out / "recs.csv").is_file() and (out / "study").is_dir()

@@ -12,11 +12,13 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aftrec import __version__, api
 from aftrec.errors import AftrecError, Stopped, TrainingError
@@ -314,6 +316,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     if not args.verbose:  # FAISS says at INFO which of its builds it loaded: not the user's news
         logging.getLogger("faiss").setLevel(logging.WARNING)
+    # SIGTERM ends a command as Ctrl-C does, through its cleanup (an unfinished bundle or
+    # dataset folder is deleted); train and reproduce put their own handler on top, and
+    # serve leaves shutdown to uvicorn
+    terminate = args.command != "serve" and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if terminate and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
+    else:
+        terminate = False
     try:
         args.func(args)
     except AftrecError as exc:
@@ -334,7 +344,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {_out_of_memory(exc)}", file=sys.stderr)
         return 2
+    finally:
+        if terminate:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 0
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise Stopped(signum)
 
 
 def _out_of_memory(exc: BaseException) -> str:

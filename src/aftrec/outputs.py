@@ -23,13 +23,14 @@ renamed. Readers see the old output or the new one, never half of one.
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import io
 import os
 import re
 import secrets
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -57,17 +58,32 @@ def output_error(out: Path, exc: OSError) -> OutputError:
     return OutputError(f"cannot write {out}: {_reason(exc)}{where}")
 
 
-def check_replaceable(out: Path, marker: str, kind: str) -> None:
+def check_replaceable(
+    out: Path, marker: str, kind: str, writes: Collection[str] | None = None
+) -> None:
     """With ``--force``, an existing ``out`` is replaced, that is deleted: allow it only for
     a ``kind`` (a folder holding ``marker``, e.g. a bundle's ``manifest.json``) or an empty
     folder. Anything else, a run, a folder of datasets or runs, a home directory, a file, is
     refused with :class:`OutputError`: ``aftrec export --run runs/tt --out runs --force``
-    would otherwise delete every run, the exported one included."""
+    would otherwise delete every run, the exported one included. ``writes``: the names a
+    ``kind`` holds; a ``kind`` holding anything else (a study or recommendations someone
+    wrote into it) is refused too, as deleting it would lose that."""
     out = Path(out)
     if not (out.exists() or out.is_symlink()):
         return
     folder = out.is_dir() and not out.is_symlink()
-    if folder and ((out / marker).is_file() or not any(out.iterdir())):
+    if folder and (out / marker).is_file():
+        foreign = sorted(
+            p.name for p in out.iterdir() if writes is not None and p.name not in writes
+        )
+        if foreign:
+            raise OutputError(
+                f"{out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
+                f"which a {kind} does not: --force would delete it; move it out or choose "
+                "another --out"
+            )
+        return
+    if folder and not any(out.iterdir()):
         return
     raise OutputError(
         f"{out} exists and is not a {kind}: --force replaces a {kind} (or an empty folder) "
@@ -76,12 +92,13 @@ def check_replaceable(out: Path, marker: str, kind: str) -> None:
 
 
 #: folders aftrec writes and reads back, by the file that marks them, and the files in them
-#: that a file output must not replace (None: every file of such a folder)
+#: that a file output must not replace (None: every file of such a folder), as name patterns
 OWNED: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "meta.json": ("prepared dataset", None),
     "manifest.json": ("bundle", None),
     "run.json": ("run", ("config.yaml", "run.json", "last.pt", "best.pt", "log.jsonl",
-                         "metrics.json", "per_user.parquet", "reproduce.json")),
+                         "metrics*.json", "per_user*.parquet", "reproduce.json")),
+    "study.db": ("tuning study", ("study.db", "best.json", "trials.csv", "trials.png")),
 }  # fmt: skip
 
 
@@ -92,12 +109,19 @@ def check_not_owned(out: Path) -> None:
     out = Path(out)
     if not out.exists():
         return
-    for marker, (kind, files) in OWNED.items():
-        if (out.parent / marker).is_file() and (files is None or out.name in files):
-            raise OutputError(
-                f"{out} is a file of the {kind} in {out.parent}: writing there would replace "
-                "it; choose another --out"
-            )
+    # the nearest folder above that aftrec marks decides: its own files, or anything in a
+    # folder below it (a bundle's ids/, a partitioned dataset's train/, a run's tensorboard/)
+    for depth, folder in enumerate([out.parent, *out.parent.parents]):
+        marks = [(m, owned) for m, owned in OWNED.items() if (folder / m).is_file()]
+        if not marks:
+            continue
+        for _, (kind, files) in marks:
+            if depth or files is None or any(fnmatch.fnmatchcase(out.name, f) for f in files):
+                raise OutputError(
+                    f"{out} is a file of the {kind} in {folder}: writing there would replace "
+                    "it; choose another --out"
+                )
+        return
 
 
 @contextmanager

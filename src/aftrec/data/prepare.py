@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from aftrec.data.prepared import (
+    WRITES,
     check_domains,
     count_parts,
     describe,
@@ -86,7 +87,7 @@ def prepare(
     if out.exists() and not force:
         raise DataError(f"{out} already exists; pass --force to replace it")
     check_writable(out, folder=True)
-    check_replaceable(out, "meta.json", "prepared dataset")
+    check_replaceable(out, "meta.json", "prepared dataset", WRITES)
     started = time.perf_counter()
     raw = validate(raw)
     domains = [str(d) for d in (raw.domains or [])]

@@ -116,6 +116,12 @@ def check_meta(meta: dict[str, Any], where: Path) -> None:
 
 
 PARTITIONED = "partitioned"  # meta["layout"] of format 2 (aftrec.data.stream)
+#: every name a prepared dataset holds, in either format
+WRITES = frozenset(
+    {"meta.json", "items.parquet", "users.parquet", "users"}
+    | {f"{part}.parquet" for part in PART_NAMES}
+    | set(PART_NAMES)
+)
 
 
 def partition_file(path: Path, kind: str, p: int) -> Path:

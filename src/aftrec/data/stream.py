@@ -63,6 +63,7 @@ from tqdm import tqdm
 from aftrec.data.prepared import (
     FORMAT_PARTITIONED,
     PARTITIONED,
+    WRITES,
     check_domains,
     count_parts,
     describe,
@@ -512,7 +513,7 @@ def prepare_streaming(
     if out.exists() and not force:
         raise DataError(f"{out} already exists; pass --force to replace it")
     check_writable(out, folder=True)
-    check_replaceable(out, "meta.json", "prepared dataset")
+    check_replaceable(out, "meta.json", "prepared dataset", WRITES)
     started = time.perf_counter()
     files, kind = _list_files(Path(interactions))  # read in the in-memory path's order
     cat, mo = read_table(items)

@@ -80,6 +80,8 @@ FORMAT_VERSION = 2  # 2: manifest.sha256 covers the manifest
 MANIFEST = "manifest.json"
 MAX_MANIFEST = 64 << 20  # bytes read of a manifest at most: a bundle's is kilobytes
 DIGEST = "manifest.sha256"  # `sha256sum -c manifest.sha256` checks the manifest by hand
+#: every name a bundle holds
+WRITES = frozenset({MANIFEST, DIGEST, "encoder", "items", "index", "ids", "history", "popularity"})
 #: users whose vectors tune each approximate index and check the traced encoder
 SAMPLE_USERS = 512
 CHECK_USERS = 32
@@ -498,7 +500,7 @@ def write_bundle(
     _validate_contents(contents)
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; pass --force to replace it")
-    check_replaceable(out, MANIFEST, "bundle")
+    check_replaceable(out, MANIFEST, "bundle", WRITES)
     with atomic_directory(out) as tmp:
         return _write_files(contents, tmp, spec, threads)
 
@@ -607,7 +609,7 @@ def export_run(
     if Path(out).exists() and not force:
         raise BundleError(f"{out} already exists; pass --force to replace it")
     check_writable(Path(out), folder=True)
-    check_replaceable(Path(out), MANIFEST, "bundle")
+    check_replaceable(Path(out), MANIFEST, "bundle", WRITES)
     cfg, data, model = load_run(Path(run), which)
     weights = Path(run) / f"{which}.pt"
     info = {
