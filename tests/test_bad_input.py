@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -848,6 +849,55 @@ def test_resume_does_not_record_a_dataset_the_run_does_not_fit(
     argv = ["train", "--out", str(run_copy), "--resume", "--data", str(other), "--quiet"]
     fails_cleanly(capsys, argv, "does not fit this run", roots=(tmp_path,))
     assert (run_copy / "run.json").read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda run: (run / "run.json").write_text('{"data": null}'), "unreadable run"),
+        (lambda run: (run / "run.json").write_text('{"data": 5}'), "unreadable run"),
+        (lambda run: (run / "config.yaml").write_bytes(b"\xff\xfe\x00garbage"), "not UTF-8"),
+        (lambda run: (run / "config.yaml").write_text("1: 2\nfoo: 3\n"), "keys are names"),
+        (lambda run: (run / "config.yaml").write_text("model:\n  name: [a]\n"), "model.name"),
+        (lambda run: torch.save({"model": 5}, run / "best.pt"), "not an aftrec checkpoint"),
+    ],
+    ids=["data-null", "data-int", "config-binary", "config-int-key", "name-list", "model-int"],
+)
+def test_a_damaged_run_is_one_error_line_for_evaluate(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, run_copy: Path, damage: Any, said: str
+) -> None:
+    damage(run_copy)
+    fails_cleanly(capsys, ["evaluate", "--run", str(run_copy), "--quiet"], said,
+                  roots=(tmp_path,))  # fmt: skip
+
+
+def test_a_torn_log_line_is_left_out_and_the_next_entry_gets_a_line_of_its_own(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from aftrec.training import rundir
+
+    rundir.append_log(tmp_path, {"epoch": 1, "loss": 0.5})
+    with open(tmp_path / rundir.LOG, "a") as fh:
+        fh.write('{"epoch": 2, "lo')  # a process killed mid-write
+    rundir.append_log(tmp_path, {"epoch": 2, "loss": 0.4})
+    assert [e["epoch"] for e in rundir.epoch_log(tmp_path)] == [1, 2]
+    assert "left out 1 line(s)" in caplog.text
+    assert rundir.best_epoch_time(tmp_path, "loss") == (1, None)
+
+
+def test_a_closed_form_model_without_a_validation_part(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    argv = ["prepare", "--dataset", "synthetic", "--out", str(data), "--users", "300",
+            "--valid-ratio", "0"]  # fmt: skip
+    assert main(argv) == 0
+    assert main(train_argv(data, tmp_path / "pop", "--model", "pop", "--quiet")) == 0
+    fails_cleanly(capsys, train_argv(data, tmp_path / "ease", "--model", "ease", "--quiet"),
+                  "ease picks among", "validation part", roots=(tmp_path,))  # fmt: skip
+    one = train_argv(data, tmp_path / "ease", "--model", "ease", "--quiet", "--set",
+                     "model.l2_grid=[]", "model.l2=100")  # fmt: skip
+    assert main(one) == 0
 
 
 @pytest.mark.parametrize("where", ["run", "dataset"])

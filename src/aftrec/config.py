@@ -272,12 +272,19 @@ def read_yaml(path: Path) -> dict[str, Any]:
         loaded = yaml.safe_load(Path(path).read_text())
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a YAML text file (not UTF-8: {exc.reason})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections")
+    for section, values in loaded.items():
+        names = [section, *(values if isinstance(values, dict) else ())]
+        odd = next((k for k in names if not isinstance(k, str)), None)
+        if odd is not None:
+            raise ConfigError(f"{path}: config keys are names, got {odd!r}")
     return loaded
 
 
@@ -318,6 +325,8 @@ def resolve(
     name = model_name or name
     if not name:
         raise ConfigError("no model given: pass --model NAME or set model.name in the config")
+    if not isinstance(name, str):
+        raise ConfigError(f"model.name must be a model's name, got {name!r}")
     return RunConfig(
         model_name=name,
         model=build(model_config_class(name), model_section, "model"),

@@ -35,6 +35,6 @@ def load(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: checkpoint is corrupt or unreadable ({type(exc).__name__}: {reason})"
         ) from exc
-    if not isinstance(obj, dict) or "model" not in obj:
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         raise CheckpointError(f"{path}: not an aftrec checkpoint")
     return obj

@@ -79,7 +79,8 @@ def _read_meta(run: Path) -> dict[str, Any]:
     path = Path(run) / META
     try:
         meta = json.loads(path.read_text())
-        str(meta["data"])
+        if not isinstance(meta["data"], str):
+            raise TypeError(f'"data" is {meta["data"]!r}, not a path')
     except FileNotFoundError as exc:
         raise CheckpointError(f"{run} is not a run directory (no run.json)") from exc
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -123,7 +124,7 @@ def load_run(run: Path, which: str = "best") -> tuple[RunConfig, Dataset, Retrie
     state = checkpoint.load(run / f"{which}.pt")
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError as exc:
+    except (RuntimeError, KeyError, TypeError, AttributeError) as exc:  # not a state dict
         raise CheckpointError(
             f"{run / f'{which}.pt'}: does not fit model {cfg.model_name!r}: {exc}"
         ) from exc
@@ -147,18 +148,34 @@ def remove_temporaries(run: Path) -> None:
 
 
 def append_log(run: Path, entry: dict[str, Any]) -> None:
-    """One epoch's line of ``log.jsonl``."""
-    with open(Path(run) / LOG, "a") as fh:
-        fh.write(json.dumps(entry) + "\n")
+    """One epoch's line of ``log.jsonl``, on a line of its own even after a line that a
+    killed process left half-written."""
+    with open(Path(run) / LOG, "a+b") as fh:
+        torn = fh.tell() > 0 and (fh.seek(-1, 2), fh.read(1))[1] != b"\n"
+        fh.write((b"\n" if torn else b"") + json.dumps(entry).encode() + b"\n")
 
 
 def epoch_log(run: Path) -> list[dict[str, Any]]:
-    """The entries of a run's ``log.jsonl``, one per epoch; empty without a log."""
+    """The entries of a run's ``log.jsonl``, one per epoch; empty without a log. A line that
+    is not an epoch's entry (half-written by a killed process) is left out, with a warning."""
+    path = Path(run) / LOG
     try:
-        lines = (Path(run) / LOG).read_text().splitlines()
+        lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return []
-    return [json.loads(x) for x in lines if x.strip()]
+    entries, bad = [], 0
+    for line in filter(str.strip, lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if isinstance(entry, dict) and isinstance(entry.get("epoch"), int):
+            entries.append(entry)
+        else:
+            bad += 1
+    if bad:
+        log.warning("%s: left out %d line(s) that are not an epoch's entry", path, bad)
+    return entries
 
 
 def best_epoch_time(run: Path, metric: str = "valid_recall@50") -> tuple[int, float | None]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shutil
 import signal
 import threading
@@ -141,6 +142,13 @@ def _train(
     evaluator = Evaluator(full, cfg.data.history_len, rt.eval_batch_size)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
+    has_valid = int(sum(local.dataset.meta["counts"]["valid"].values())) > 0
+    if not model.trainable and not has_valid and len(model.search_space()) > 1:
+        raise ConfigError(
+            f"{cfg.model_name} picks among {len(model.search_space())} settings on the "
+            f"validation part, and {data_dir} has none: give it one setting (for EASE, "
+            "--set model.l2_grid=[] model.l2=X) or prepare the data with a validation part"
+        )
     if not resume and ctx.main:
         rundir.write_config(out, cfg)
         rundir.write_meta(out, data_dir, cfg.model_name)
@@ -155,7 +163,8 @@ def _train(
             return TrainResult(out, 0, float(state["metric"]), 0, 0.0, 0.0, False)
         result = None
         if ctx.main:  # closed form: one process fits, the others wait
-            result = _fit_closed_form(cfg, full, evaluator, out, metric, metric_n, started)
+            scored = evaluator if has_valid else None
+            result = _fit_closed_form(cfg, full, scored, out, metric, metric_n, started)
         return ctx.broadcast(result)
 
     if tc.sparse_embeddings:
@@ -199,7 +208,6 @@ def _train(
             ranks = {"ranks": parts}
             _save_last(out, model, step, epoch, stopper, done=False, partial=ranks)
 
-    has_valid = int(sum(local.dataset.meta["counts"]["valid"].values())) > 0
     examples, train_seconds, stopped_early = 0, 0.0, False
     tracker = tracking.start(rt.tracker, out, cfg, resume) if ctx.main else tracking.Tracker()
     ok = False
@@ -328,7 +336,7 @@ def _restore(
     _restore_weights(out, state, model)
     try:
         step.load_state_dict(state["step"])
-    except (RuntimeError, KeyError, ValueError) as exc:
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{out / rundir.LAST}: does not fit this run: {exc}") from exc
     stopper.load_state_dict(state)
     return int(state["epoch"])
@@ -337,7 +345,7 @@ def _restore(
 def _restore_weights(out: Path, state: dict[str, Any], model: RetrievalModel) -> None:
     try:
         model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError, ValueError) as exc:
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{out / rundir.LAST}: does not fit this run: {exc}") from exc
 
 
@@ -595,20 +603,25 @@ def _num(value: float) -> str:
 def _fit_closed_form(
     cfg: RunConfig,
     data: Dataset,
-    evaluator: Evaluator,
+    evaluator: Evaluator | None,
     out: Path,
     metric: str,
     metric_n: int,
     started: float,
 ) -> TrainResult:
-    """Fit every point of the model's search space, keep the best on validation."""
+    """Fit every point of the model's search space, keep the best on validation (without a
+    validation part, ``evaluator`` is None and the one point is kept, its value NaN)."""
     best: tuple[float, RetrievalModel, Any] | None = None
     model = create_model(cfg.model_name, cfg.model, data.info, cfg.data.history_len)
     for params in model.search_space():
         model_cfg = dataclasses.replace(cfg.model, **params)
         model = create_model(cfg.model_name, model_cfg, data.info, cfg.data.history_len)
         model.fit(data.train)
-        value = evaluator.evaluate(model, "valid", ns=(metric_n,), progress=False).average[metric]
+        value = (
+            evaluator.evaluate(model, "valid", ns=(metric_n,), progress=False).average[metric]
+            if evaluator is not None
+            else math.nan
+        )
         rundir.append_log(out, {"epoch": 0, **params, f"valid_{metric}": value})
         if best is None or value > best[0]:
             best = (value, model, model_cfg)
