@@ -10,25 +10,60 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Callable, Mapping, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from aftrec.errors import ConfigError, DataError
+from aftrec.errors import CheckpointError, ConfigError, DataError
 from aftrec.outputs import check_not_owned, check_writable
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from aftrec.config import RunConfig
+    from aftrec.data.dataset import Dataset
     from aftrec.data.schema import RawLog
     from aftrec.data.sources.synthetic import SyntheticConfig
     from aftrec.data.split import SplitConfig
     from aftrec.evaluation.evaluate import EvalResult
+    from aftrec.models.base import RetrievalModel
     from aftrec.serving.index import IndexSpec
     from aftrec.training.trainer import TrainResult
 
 PathLike = str | Path
+
+#: ``export(threads=...)``: 0 (all cores) up to this; OpenMP overflows far above it
+MAX_THREADS = 1024
+
+
+def _count(name: str, value: object, least: int = 1, most: int | None = None) -> int:
+    """``value`` as an ``int`` in [``least``, ``most``], else one :class:`ConfigError` naming
+    ``name``: Python and NumPy integers, not bools, floats or strings."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    number = int(value)
+    if number < least or (most is not None and number > most):
+        bound = f"at least {least}" if most is None else f"in [{least}, {most}]"
+        raise ConfigError(f"{name} must be {bound}, got {number}")
+    return number
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{name} must be {' or '.join(choices)}, got {value!r}")
+    return value
+
+
+def _ids(name: str, value: Iterable[str] | None) -> list[str] | None:
+    """``users`` / ``domains`` as a list; a single string is refused, not read as its
+    characters (``users="12"`` was users "1" and "2")."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigError(f"{name} takes a sequence of ids, e.g. [{value!r}]; got {value!r}")
+    return list(value)
 
 
 # --------------------------------------------------------------------------- prepare
@@ -327,19 +362,17 @@ def evaluate(
     ``which`` checkpoint on ``split``, written to :func:`metrics_path` (and the per-user
     values beside it) and returned (``.average``, ``.domains``, ``.table()``)."""
     from aftrec.evaluation.evaluate import Evaluator
-    from aftrec.outputs import atomic_write_bytes
-    from aftrec.training.rundir import load_run
+    from aftrec.outputs import atomic_file
 
-    ns = list(n)
-    if not ns or min(ns) < 1:
-        raise DataError(f"--n must be at least 1, got {min(ns, default=0)}")
-    if sampled_negatives is not None and sampled_negatives < 1:
-        raise DataError(f"--sampled-negatives must be at least 1, got {sampled_negatives}")
-    if split not in ("test", "valid"):
-        raise DataError(f"--split must be test or valid, got {split!r}")
-    if which not in ("best", "last"):
-        raise DataError(f"--which must be best or last, got {which!r}")
-    cfg, data, model = load_run(Path(run), which)
+    if isinstance(n, (str, bytes)) or not isinstance(n, Iterable):
+        raise ConfigError(f"--n takes a sequence of cut-offs, e.g. [20, 50]; got {n!r}")
+    ns = [_count("--n", k) for k in n]
+    if not ns:
+        raise ConfigError("--n needs at least one cut-off")
+    if sampled_negatives is not None:
+        sampled_negatives = _count("--sampled-negatives", sampled_negatives)
+    split = _choice("--split", split, ("test", "valid"))
+    cfg, data, model = _load(run, _choice("--which", which, ("best", "last")))
     largest = max(data.info.domain_size(d) for d in range(data.info.n_domains))
     if sampled_negatives is not None and sampled_negatives >= largest:
         raise DataError(
@@ -350,7 +383,6 @@ def evaluate(
         model, split, ns, sampled_negatives=sampled_negatives, seed=cfg.train.seed,
         progress=progress,
     )  # fmt: skip
-    res.write(metrics_path(run, split, sampled_negatives))
     frame = res.per_user
     if len(frame):
         users = data.users["user"].to_numpy()[frame["user_idx"].to_numpy()]
@@ -358,8 +390,30 @@ def evaluate(
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False)
     per_user = Path(run) / f"per_user{_suffix(split, sampled_negatives)}.parquet"
-    atomic_write_bytes(per_user, buf.getvalue())
+    # both written before either is renamed, metrics.json last: a failure leaves the old pair
+    with atomic_file(metrics_path(run, split, sampled_negatives)) as metrics:
+        metrics.write(res.json_text().encode())
+        metrics.flush()
+        with atomic_file(per_user) as fh:
+            fh.write(buf.getvalue())
     return res
+
+
+def _load(run: PathLike, which: str) -> tuple[RunConfig, Dataset, RetrievalModel]:
+    """:func:`~aftrec.training.rundir.load_run`, refusing a checkpoint with non-finite weights:
+    a diverged model scores NaN, which ranks nothing (and made AUC exceed 1)."""
+    import itertools
+
+    from aftrec.training.rundir import load_run
+
+    cfg, data, model = load_run(Path(run), which)
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    if not all(bool(t.isfinite().all()) for t in tensors if t.is_floating_point()):
+        raise CheckpointError(
+            f"{Path(run) / f'{which}.pt'}: its weights hold NaN or infinite values (training "
+            "diverged); it cannot rank items"
+        )
+    return cfg, data, model
 
 
 # --------------------------------------------------------------------------- recommend
@@ -376,16 +430,15 @@ def recommend(
     user, ``domains`` each user's test domains. Written to ``out`` (CSV or Parquet) if given."""
     from aftrec.evaluation.topn_table import recommend as top_n
     from aftrec.evaluation.topn_table import write_table
-    from aftrec.training.rundir import load_run
 
+    n = _count("--n", n)
+    chosen_users, chosen_domains = _ids("--users", users), _ids("--domains", domains)
     if out is not None:  # before the ranking, which can take long
         check_writable(Path(out))
         check_not_owned(Path(out))
-    cfg, data, model = load_run(Path(run), "best")
+    cfg, data, model = _load(run, "best")
     frame = top_n(
-        model, data, cfg.data.history_len, n,
-        users=None if users is None else list(users),
-        domains=None if domains is None else list(domains),
+        model, data, cfg.data.history_len, n, users=chosen_users, domains=chosen_domains,
         batch_size=cfg.runtime.eval_batch_size,
     )  # fmt: skip
     if out is not None:
@@ -407,7 +460,12 @@ def export(
     :meth:`aftrec.Recommender.load` and ``aftrec serve``); returns its manifest. ``spec``: the
     nearest-neighbour index per domain (default: exact up to 50,000 items)."""
     from aftrec.serving.bundle import export_run
+    from aftrec.serving.index import IndexSpec
 
+    if spec is not None and not isinstance(spec, IndexSpec):
+        raise ConfigError(f"spec must be an aftrec.serving.index.IndexSpec or None, got {spec!r}")
+    which = _choice("--which", which, ("best", "last"))
+    threads = _count("--threads", threads, 0, MAX_THREADS)
     return export_run(Path(run), Path(out), spec, which=which, force=force, threads=threads)
 
 

@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from aftrec.data.dataset import Dataset
 from aftrec.data.loader import Batch
-from aftrec.evaluation.evaluate import Evaluator
+from aftrec.evaluation.evaluate import EvalResult, Evaluator
 from aftrec.models.base import RetrievalModel
 
 
@@ -124,3 +124,19 @@ def test_sampled_metrics_are_labelled(tiny: Dataset) -> None:
         TableScorer(table.astype(np.float32), tiny), "test", (10,), progress=False
     )
     assert res.average["sampled_recall@10"] > full.average["recall@10"]
+
+
+def test_table_headers_never_run_together() -> None:
+    keys = ["sampled_recall@20", "sampled_ndcg@20", "recall@99999999999", "auc"]
+    domains = {"d0": dict.fromkeys(keys, 0.5), "a-long-domain-name": dict.fromkeys(keys, 1.0)}
+    res = EvalResult(
+        "test", (20,), domains, dict.fromkeys(keys, 0.75), {"d0": 3, "a-long-domain-name": 4}
+    )
+    lines = res.table().splitlines()
+    assert lines[1].split() == ["domain", *keys, "users"]
+    rows = lines[3:]
+    assert [r.split()[0] for r in rows] == ["d0", "a-long-domain-name", "average"]
+    assert {len(r) for r in rows} == {len(lines[1])}  # every cell under its header
+    for key in keys:  # each value ends where its header ends
+        end = lines[1].index(key) + len(key)
+        assert all(r[end - 1] != " " and (end == len(r) or r[end] == " ") for r in rows)

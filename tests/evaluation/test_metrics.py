@@ -87,3 +87,30 @@ def test_auc_batched_matches_per_user_sklearn() -> None:
         sel = (pos[b] | neg[b]).numpy()
         want = roc_auc_score(pos[b].numpy()[sel], scores[b].numpy()[sel])
         assert got[b].item() == pytest.approx(want, abs=1e-9)
+
+
+def test_auc_of_nan_scores_is_nan_never_above_one() -> None:
+    # a NaN positive sorted past the masked-out negatives: it counted them and gave 1.25
+    nan = float("nan")
+    pos = torch.tensor([[nan], [0.5]])
+    neg = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.1, nan, 0.3, 0.9]])
+    neg_mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    out = auc(pos, torch.ones(2, 1, dtype=torch.bool), neg, neg_mask)
+    assert torch.isnan(out).all()
+    # a NaN outside the masks is no score of the user's
+    neg_mask[1, 1] = False
+    assert auc(pos[1:], torch.ones(1, 1, dtype=torch.bool), neg[1:], neg_mask[1:]).item() == (
+        pytest.approx(2 / 3)
+    )
+
+
+def test_auc_with_infinite_scores_matches_sklearn() -> None:
+    inf = float("inf")
+    pos = torch.tensor([[inf, 0.5, -inf]])
+    neg = torch.tensor([[inf, 0.2, -inf, 0.7, 5.0]])
+    neg_mask = torch.tensor([[True, True, True, True, False]])  # one masked out
+    got = auc(pos, torch.ones(1, 3, dtype=torch.bool), neg, neg_mask).item()
+    big = 1e30  # the same order with finite stand-ins for +-inf
+    p = [big, 0.5, -big]
+    m = [big, 0.2, -big, 0.7]
+    assert got == pytest.approx(roc_auc_score([1] * 3 + [0] * 4, p + m))

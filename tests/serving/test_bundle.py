@@ -23,6 +23,7 @@ from aftrec.config import resolve
 from aftrec.data.dataset import Dataset
 from aftrec.data.histories import HistoryIndex
 from aftrec.data.loader import Batch, make_batch
+from aftrec.errors import ConfigError
 from aftrec.evaluation.ranking import rank_domain
 from aftrec.models.two_tower import TwoTower, TwoTowerConfig
 from aftrec.registry import available_models, create_model, model_config_class
@@ -321,6 +322,12 @@ def test_export_command(
     assert all(ix["recall"] >= 0.97 for ix in m["indexes"])
     serve = parser.parse_args(["serve", "--bundle", "b", "--port", "8123"])
     assert serve.port == 8123 and serve.host == "127.0.0.1"
+    huge = parser.parse_args(
+        ["export", "--run", str(run), "--out", str(tmp_path / "c"), "--threads", "99999999999"]
+    )
+    with pytest.raises(ConfigError, match=r"--threads must be an integer in \[0, 1024\]"):
+        huge.func(huge)  # OpenMP's int would overflow
+    assert not (tmp_path / "c").exists()
 
 
 #: exported in the default run: the paper's model, the reference, and a model that trims

@@ -54,19 +54,23 @@ class EvalResult:
         per-user frame (written apart)."""
         return {k: getattr(self, k) for k in ("split", "protocol", "domains", "average", "users")}
 
+    def json_text(self) -> str:
+        return json.dumps(self.to_json(), indent=2) + "\n"
+
     def write(self, path: Path) -> None:
-        atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+        atomic_write_text(path, self.json_text())
 
     def table(self) -> str:
         keys = list(self.average)
         names = [*self.domains, "average"]
-        width = max(len(n) for n in names) + 2
-        head = "domain".ljust(width) + "".join(k.rjust(12) for k in keys) + "users".rjust(9)
+        width = max(len(n) for n in ["domain", *names]) + 2
+        cols = {k: max(12, len(k) + 1) for k in keys}  # a header never runs into the next
+        head = "domain".ljust(width) + "".join(k.rjust(cols[k]) for k in keys) + "users".rjust(9)
         lines = [f"[{self.split}] {self.protocol}", head, "-" * len(head)]
         for name in names:
             row = self.domains.get(name, self.average)
             n = self.users.get(name, sum(self.users.values()))
-            cells = "".join(f"{row[k]:12.4f}" for k in keys)
+            cells = "".join(f"{row[k]:{cols[k]}.4f}" for k in keys)
             lines.append(name.ljust(width) + cells + str(n).rjust(9))
         return "\n".join(lines)
 

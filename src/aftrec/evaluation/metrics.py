@@ -53,16 +53,19 @@ def auc(
     each positive, the negatives below it with two searchsorted calls: O((P + M) log M).
 
     pos_scores: (B, P) float, pos_mask: (B, P) bool; neg_scores: (B, M) float,
-    neg_mask: (B, M) bool. Scores must be finite. Returns (B,) float64, NaN where |P_u| or
-    |N_u| is 0.
+    neg_mask: (B, M) bool. Scores may be infinite. Returns (B,) float64, NaN where |P_u| or
+    |N_u| is 0 or one of the user's scores is NaN (NaN has no order, so no AUC).
     """
     inf = torch.tensor(float("inf"), dtype=neg_scores.dtype, device=neg_scores.device)
     neg_sorted, _ = torch.sort(torch.where(neg_mask, neg_scores, inf), dim=1)
     pos = pos_scores.contiguous()
-    below = torch.searchsorted(neg_sorted, pos, right=False)  # negatives with s_m < s_p
-    below_or_tied = torch.searchsorted(neg_sorted, pos, right=True)  # s_m <= s_p
+    n_m = neg_mask.sum(dim=1, keepdim=True)
+    # masked-out negatives sort last as +inf: only a +inf positive reaches them, so cap at |N_u|
+    below = torch.searchsorted(neg_sorted, pos, right=False).minimum(n_m)  # s_m < s_p
+    below_or_tied = torch.searchsorted(neg_sorted, pos, right=True).minimum(n_m)  # s_m <= s_p
     wins = below.to(torch.float64) + 0.5 * (below_or_tied - below).to(torch.float64)
     wins = torch.where(pos_mask, wins, torch.zeros_like(wins))
     n_p = pos_mask.sum(dim=1).to(torch.float64)
-    n_m = neg_mask.sum(dim=1).to(torch.float64)
-    return wins.sum(dim=1) / (n_p * n_m)
+    out = wins.sum(dim=1) / (n_p * n_m.squeeze(1).to(torch.float64))
+    nan = (pos_scores.isnan() & pos_mask).any(dim=1) | (neg_scores.isnan() & neg_mask).any(dim=1)
+    return out.masked_fill(nan, float("nan"))

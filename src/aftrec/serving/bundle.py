@@ -495,8 +495,10 @@ def write_bundle(
     """Build the indexes and write the bundle atomically to ``out``; returns the manifest."""
     spec = spec or IndexSpec()
     out = Path(out)
-    if isinstance(threads, bool) or threads < 0:
-        raise ConfigError(f"--threads must be >= 0 (0: all cores), got {threads}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= 1024:
+        raise ConfigError(
+            f"--threads must be an integer in [0, 1024] (0: all cores), got {threads!r}"
+        )
     _validate_contents(contents)
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; pass --force to replace it")

@@ -32,9 +32,10 @@ generator (``trial_vectors``) have it.
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +353,8 @@ class Recommender:
         ``n`` outside its own exclusions. A request the bundle cannot answer gets its
         :class:`RequestError` in its slot and the others are answered; anything else (a bug)
         raises for the whole batch."""
+        if isinstance(queries, (str, bytes)) or not isinstance(queries, Sequence):
+            raise RequestError(f"queries must be a list of Query, got {type(queries).__name__}")
         t0 = time.perf_counter()
         timings = {"encode": 0.0, "search": 0.0}
         out: list[Recommendation | RequestError] = []
@@ -381,9 +384,13 @@ class Recommender:
 
     def _plan(self, q: Query) -> _Plan:
         """Check one request and work out, per target domain, its path and exclusions."""
+        if not isinstance(q, Query):
+            raise RequestError(f"a request must be a Query, got {type(q).__name__}")
         n = q.n
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_N:
             raise RequestError(f"n must be an integer in [1, {MAX_N}], got {n!r}")
+        if type(n) is not int:  # NumPy's too: the search does int arithmetic
+            q = replace(q, n=int(n))
         if q.user is None and q.behaviours is None:
             raise RequestError("give a known `user`, explicit `behaviours`, or both")
         if q.trial and not self.has_trial:

@@ -1,0 +1,159 @@
+"""Bad arguments to the Python API (``aftrec.evaluate``, ``recommend``, ``export`` and
+``Recommender``): one error of the project naming the argument, and nothing written."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from aftrec import api
+from aftrec.errors import CheckpointError, ConfigError, OutputError
+from aftrec.training import checkpoint
+from tests.inputs import snapshot
+
+
+def _ids(value: object) -> str | None:
+    return repr(value) if isinstance(value, dict) else None
+
+
+@pytest.fixture
+def run_copy(trained: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained run, free to be written and damaged."""
+    return Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+# --------------------------------------------------------------------------- evaluate
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"n": 20}, "--n takes a sequence"),
+        ({"n": "20"}, "--n takes a sequence"),
+        ({"n": []}, "--n needs at least one"),
+        ({"n": [20.5]}, "--n must be an integer, got 20.5"),
+        ({"n": [math.nan]}, "--n must be an integer, got nan"),
+        ({"n": [True]}, "--n must be an integer, got True"),
+        ({"n": [0]}, "--n must be at least 1, got 0"),
+        ({"sampled_negatives": "5"}, "--sampled-negatives must be an integer, got '5'"),
+        ({"sampled_negatives": 5.5}, "--sampled-negatives must be an integer, got 5.5"),
+        ({"split": None}, "--split must be test or valid, got None"),
+        ({"which": None}, "--which must be best or last, got None"),
+    ],
+    ids=_ids,
+)
+def test_evaluate_refuses_bad_arguments(trained: Path, kwargs: dict[str, Any], needle: str) -> None:
+    before = snapshot(trained)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        api.evaluate(trained, progress=False, **kwargs)
+    assert snapshot(trained) == before
+
+
+def test_evaluate_takes_numpy_integers(run_copy: Path) -> None:
+    res = api.evaluate(run_copy, n=np.array([3, 5]), sampled_negatives=np.int64(4), progress=False)
+    assert res.ns == (3, 5)
+    assert api.metrics_path(run_copy, "test", 4).is_file()
+
+
+def test_evaluate_leaves_the_old_pair_when_a_write_fails(run_copy: Path) -> None:
+    api.evaluate(run_copy, n=[5], progress=False)
+    metrics = run_copy / "metrics.json"
+    old = metrics.read_bytes()
+    (run_copy / "per_user.parquet").unlink()
+    (run_copy / "per_user.parquet").mkdir()  # the per-user file cannot be replaced
+    with pytest.raises(OutputError, match=r"per_user\.parquet"):
+        api.evaluate(run_copy, n=[3], progress=False)
+    assert metrics.read_bytes() == old
+    assert not [p for p in run_copy.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_weights_are_refused(run_copy: Path, value: float) -> None:
+    best = run_copy / "best.pt"
+    state = checkpoint.load(best)
+    name = next(k for k, t in state["model"].items() if t.is_floating_point())
+    state["model"][name] = torch.full_like(state["model"][name], value)
+    checkpoint.save(state, best)
+    before = snapshot(run_copy)
+    for call in (
+        lambda: api.evaluate(run_copy, progress=False),
+        lambda: api.recommend(run_copy, n=3),
+    ):
+        with pytest.raises(CheckpointError, match=r"best\.pt: its weights hold NaN or infinite"):
+            call()
+    assert snapshot(run_copy) == before
+
+
+# --------------------------------------------------------------------------- recommend
+@pytest.mark.parametrize(
+    ("call", "kwargs", "needle"),
+    [
+        ("recommend", {"users": "u12"}, "--users takes a sequence of ids, e.g. ['u12']"),
+        ("recommend", {"domains": "movie"}, "--domains takes a sequence of ids, e.g. ['movie']"),
+        ("recommend", {"users": 12}, "--users takes a sequence of ids"),
+        ("recommend", {"n": None}, "--n must be an integer, got None"),
+        ("recommend", {"n": "5"}, "--n must be an integer, got '5'"),
+        ("recommend", {"n": 5.5}, "--n must be an integer, got 5.5"),
+        ("recommend", {"n": False}, "--n must be an integer, got False"),
+        ("recommend", {"n": 0}, "--n must be at least 1, got 0"),
+        ("export", {"threads": "1"}, "--threads must be an integer, got '1'"),
+        ("export", {"threads": 1.0}, "--threads must be an integer, got 1.0"),
+        ("export", {"threads": 99_999_999_999}, "--threads must be in [0, 1024], got 99999999999"),
+        ("export", {"threads": -1}, "--threads must be in [0, 1024], got -1"),
+        (
+            "export",
+            {"spec": {"kind": "flat"}},
+            "spec must be an aftrec.serving.index.IndexSpec or None",
+        ),
+        ("export", {"which": None}, "--which must be best or last, got None"),
+        ("export", {"which": "worst"}, "--which must be best or last, got 'worst'"),
+    ],
+    ids=_ids,
+)
+def test_recommend_and_export_refuse_bad_arguments(
+    trained: Path, tmp_path: Path, call: str, kwargs: dict[str, Any], needle: str
+) -> None:
+    out = tmp_path / ("recs.csv" if call == "recommend" else "bundle")
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        if call == "recommend":
+            api.recommend(trained, out=out, **kwargs)
+        else:
+            api.export(trained, out, **kwargs)
+    assert not out.exists()
+
+
+def test_recommend_takes_numpy_integers_and_id_lists(trained: Path) -> None:
+    frame = api.recommend(trained, n=np.int64(2), users=np.array(["u1", "u2"]), domains=("movie",))
+    assert sorted(set(frame["user"])) == ["u1", "u2"]
+    assert set(frame["domain"]) == {"movie"} and set(frame["rank"]) == {1, 2}
+
+
+# --------------------------------------------------------------------------- Recommender
+@pytest.fixture(scope="module")
+def rec(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Any:
+    pytest.importorskip("faiss")
+    from aftrec.serving.recommender import Recommender
+    from tests.serving import exported
+
+    return Recommender.load(exported(tmp_path_factory.getbasetemp() / "serving", tiny_dir))
+
+
+def test_recommend_many_refuses_what_is_not_a_list_of_queries(rec: Any) -> None:
+    from aftrec.serving.recommender import Query, Recommendation, RequestError
+
+    with pytest.raises(RequestError, match="queries must be a list of Query, got int"):
+        rec.recommend_many(5)
+    bad, good = rec.recommend_many([{"user": "0", "n": 3}, Query(user="0", n=3)])
+    assert isinstance(bad, RequestError) and "a request must be a Query, got dict" in str(bad)
+    assert isinstance(good, Recommendation)
+
+
+def test_recommender_takes_a_numpy_n(rec: Any) -> None:
+    res = rec.recommend(user="0", domain="d0", n=np.int64(3))
+    assert len(res.results[0].items) == 3
+    assert res.to_dict() == rec.recommend(user="0", domain="d0", n=3).to_dict()
