@@ -276,3 +276,22 @@ def test_force_does_not_delete_what_others_wrote_into_a_dataset(
     fails_cleanly(capsys, argv, "holds recs.csv, study, which a prepared dataset does not",
                   roots=(tmp_path,))  # fmt: skip
     assert (out / "recs.csv").is_file() and (out / "study").is_dir()
+
+
+def test_an_output_another_process_wrote_meanwhile_is_not_replaced_without_force(
+    tmp_path: Path,
+) -> None:
+    from aftrec.errors import OutputError
+    from aftrec.outputs import atomic_directory
+
+    out = tmp_path / "bundle"
+    refused = pytest.raises(OutputError, match="written by another process meanwhile")
+    with refused, atomic_directory(out, replace=False) as tmp:
+        (tmp / "mine").write_text("mine")
+        out.mkdir()  # the other export, finished first
+        (out / "theirs").write_text("theirs")
+    assert [p.name for p in out.iterdir()] == ["theirs"]
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no temporary left
+    with atomic_directory(out) as tmp:  # --force: replaced
+        (tmp / "mine").write_text("mine")
+    assert [p.name for p in out.iterdir()] == ["mine"]

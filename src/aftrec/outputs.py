@@ -253,12 +253,13 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(out: Path) -> Iterator[Path]:
+def atomic_directory(out: Path, replace: bool = True) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``out`` (holding only the :data:`INCOMPLETE`
     marker); when the block ends, its files are fsynced, the marker removed and the folder
     renamed to ``out`` (an existing ``out`` is moved aside and deleted after). On any error
     or interrupt the temporary folder is deleted. The caller decides whether an existing
-    ``out`` may be replaced."""
+    ``out`` may be replaced; with ``replace=False`` (no ``--force``), an ``out`` that another
+    process created in the meantime is left as it is and :class:`OutputError` raised."""
     out = Path(out)
     make_dirs(out.parent, out)
     remove_stale(out)
@@ -276,6 +277,11 @@ def atomic_directory(out: Path) -> Iterator[Path]:
         _fsync_tree(tmp)
         (tmp / INCOMPLETE).unlink()
         _fsync(tmp, directory=True)
+        if not replace and (out.exists() or out.is_symlink()):
+            raise OutputError(
+                f"{out} was written by another process meanwhile; it is left as it is (pass "
+                "--force to replace it)"
+            )
         if out.exists() or out.is_symlink():
             trash = _owned_name(out, "old")
             os.replace(out, trash)

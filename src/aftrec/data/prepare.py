@@ -146,7 +146,7 @@ def prepare(
         source,
         started,
     )
-    _write_atomically(out, items, user_index, rows, part, meta)
+    _write_atomically(out, items, user_index, rows, part, meta, force)
     return out
 
 
@@ -157,8 +157,9 @@ def _write_atomically(
     rows: dict[str, np.ndarray],
     part: np.ndarray,
     meta: dict[str, Any],
+    force: bool,
 ) -> None:
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, replace=force) as tmp:
         write_items(tmp / "items.parquet", items)
         write_users(tmp / "users.parquet", user_index.to_numpy())
         write_parts({name: tmp / f"{name}.parquet" for name in PART_NAMES}, rows, part)

@@ -529,7 +529,7 @@ def prepare_streaming(
             f"{n_partitions} partitions, more than {MAX_PARTITIONS}; raise --partition-rows"
         )
 
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, replace=force) as tmp:
         scratch = tmp / "_buckets"
         for folder in ("users", *PART_NAMES, "_buckets"):
             (tmp / folder).mkdir()

@@ -503,7 +503,7 @@ def write_bundle(
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; pass --force to replace it")
     check_replaceable(out, MANIFEST, "bundle", WRITES)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, replace=force) as tmp:
         return _write_files(contents, tmp, spec, threads)
 
 
