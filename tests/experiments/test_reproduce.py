@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -340,6 +341,8 @@ def test_some_rows_on_more_seeds(tmp_path: Path) -> None:
     for bad, match in [
         (("aft",), "expected MODEL=S"),
         (("aft=x",), "expected MODEL=S"),
+        (("aft=²",), "expected MODEL=S"),  # str.isdigit takes it, int does not
+        (("aft=٣",), "expected MODEL=S"),  # ASCII digits only
         (("aft=0",), "at least 1"),
         (("pop=3",), "'pop' is not among the models run"),
         (("aft=3", "aft=4"), "given twice"),
@@ -616,6 +619,94 @@ def test_report_only_trains_nothing_and_lists_the_runs_not_run(
     assert "**Partial report**: 1 of 3 runs" in text
     assert re.search(r"\| `two-tower` \| 1/2 \| (<u>|\*\*)?0\.\d{4}", text)
     assert "| `pop` | 1 run (deterministic) |" in text
+
+
+def test_a_folder_of_the_users_is_not_taken_for_a_report(tiny_dir: Path, tmp_path: Path) -> None:
+    from aftrec.experiments.reproduce import check_report_dir
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "report.md").write_text("mine\n")
+    spec = ReproduceSpec(tiny_dir, notes, quick=True, models=("pop",), ablations=False,
+                         sweeps=False, overrides=tuple(THREADS), progress=False,
+                         report_only=True)  # fmt: skip
+    with pytest.raises(ConfigError, match="notes is not empty and is not a report directory"):
+        reproduce(spec)
+    assert [p.name for p in notes.iterdir()] == ["report.md"]
+    assert (notes / "report.md").read_text() == "mine\n"
+    # a report of a version before reproduce.lock: report.md, results.json and runs/
+    (notes / "results.json").write_text("{}")
+    (notes / "runs").mkdir()
+    check_report_dir(notes)
+    for name in ("results.json", "runs"):
+        (notes / name).rename(tmp_path / name)
+    (notes / LOCK).touch()  # this version's, killed before it wrote anything else
+    check_report_dir(notes)
+
+
+@pytest.fixture(scope="module")
+def finished_report(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished ``--quick`` report of aft and pop (pop's per-user values are read: the
+    significance tests compare aft with it)."""
+    out = tmp_path_factory.mktemp("finished") / "report"
+    summary = reproduce(ReproduceSpec(tiny_dir, out, quick=True, models=("aft", "pop"),
+                                      ablations=False, sweeps=False, overrides=tuple(THREADS),
+                                      progress=False))  # fmt: skip
+    assert summary.trained == 2 and summary.failed == 0
+    return out
+
+
+def _json_edit(path: Path, edit: Any) -> None:
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj))
+
+
+#: damage to a finished run (runs/pop/seed0) and the error it gives; None: the run counts as
+#: not finished (its metrics.json as if missing), and the next call evaluates it again
+DAMAGE: list[tuple[str, Any, str | None]] = [
+    ("metrics.json", lambda m: m.update(average=5), None),
+    ("metrics.json", lambda m: m["average"].update({"auc": "abc"}), None),
+    ("metrics.json", lambda m: next(iter(m["domains"].values())).update(auc="abc"), None),
+    ("metrics.json", lambda m: m.pop("domains"), None),
+    ("reproduce.json", lambda m: m.update(train_seconds="abc"), "is not a reproduce.json"),
+    ("reproduce.json", lambda m: m.update(eval_seconds=[1]), "is not a reproduce.json"),
+    ("reproduce.json", lambda m: m.update(config=[1]), "is not a reproduce.json"),
+    ("reproduce.json", lambda m: m.update(config={"model": 5}), "is not a reproduce.json"),
+    ("seed0", None, "seed0 is a file where a run folder of `aftrec reproduce` goes"),
+    ("per_user.parquet", None, "per_user.parquet: cannot read the run's test values per user"),
+]
+
+
+@pytest.mark.parametrize(("name", "edit", "message"), DAMAGE)
+def test_a_damaged_run_of_a_report_is_one_error_or_not_finished(
+    tiny_dir: Path, finished_report: Path, tmp_path: Path, name: str, edit: Any,
+    message: str | None,
+) -> None:  # fmt: skip
+    from aftrec.errors import CheckpointError
+
+    out = tmp_path / "report"
+    shutil.copytree(finished_report, out)
+    run = out / "runs" / "pop" / "seed0"
+    if name == "seed0":
+        shutil.rmtree(run)
+        run.write_text("")
+    elif name == "per_user.parquet":
+        (run / name).write_bytes(b"not parquet")
+    else:
+        _json_edit(run / name, edit)
+    spec = ReproduceSpec(tiny_dir, out, quick=True, models=("aft", "pop"), ablations=False,
+                         sweeps=False, overrides=tuple(THREADS), progress=False,
+                         report_only=True)  # fmt: skip
+    if message is not None:
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            reproduce(spec)
+        return
+    summary = reproduce(spec)
+    assert (summary.reused, summary.pending) == (1, 1)
+    again = reproduce(dataclasses.replace(spec, report_only=False))
+    assert (again.trained, again.reused, again.failed) == (1, 1, 0)
+    assert ex.is_finished(run)
 
 
 def test_one_call_at_a_time_works_on_a_report(tiny_dir: Path, tmp_path: Path) -> None:

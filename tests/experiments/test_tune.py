@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,65 @@ def test_a_second_call_on_a_busy_directory_is_refused(
     with held(out, tn.LOCK, "held"), pytest.raises(OutputError, match="another `aftrec tune`"):
         tune(_spec(tiny_dir, out, 1))
     assert tune(_spec(tiny_dir, out, 1)).ran == 1  # the lock file alone is no obstacle
+
+
+@pytest.mark.parametrize("name", ["st?a", "tu%41b", "h#x y", "é{x}"])
+def test_the_study_lives_in_out_whatever_its_name_holds(
+    tiny_dir: Path, tmp_path: Path, standin: list[str], name: str
+) -> None:
+    out = tmp_path / name
+    assert tune(_spec(tiny_dir, out, 2)).ran == 2
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # nothing beside it
+    assert (out / tn.STUDY_DB).is_file()
+    assert tune(_spec(tiny_dir, out, 3)).ran == 1  # and the next call finds it there
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "a folder"])
+def test_a_damaged_study_is_one_error_line(
+    tiny_dir: Path, tmp_path: Path, standin: list[str], capsys: pytest.CaptureFixture[str],
+    damage: str,
+) -> None:  # fmt: skip
+    out = tmp_path / "study"
+    db = out / tn.STUDY_DB
+    tune(_spec(tiny_dir, out, 1))
+    if damage == "random bytes":
+        db.write_bytes(bytes(range(256)) * 64)
+    elif damage == "truncated":
+        os.truncate(db, 8192)
+    else:
+        db.unlink()
+        db.mkdir()
+    argv = ["tune", "--data", str(tiny_dir), "--model", "two-tower", "--out", str(out),
+            "--trials", "2"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"error: {db} is not a readable study" in err[0], err
+    assert standin == ["000"]  # no trial ran
+
+
+def test_a_trial_folder_of_another_study_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    """A study.db emptied (or replaced) under old trials: trial 000 draws new settings, and
+    resuming the old run would record its value under them."""
+    spec = TuneSpec(tiny_dir, "two-tower", tmp_path / "a", 1, overrides=(*FAST, "train.epochs=1"))
+    tune(spec)
+    for name in ("same", "other"):
+        shutil.copytree(tmp_path / "a", tmp_path / name)
+        (tmp_path / name / tn.STUDY_DB).write_bytes(b"")  # an empty SQLite database
+    # the same seed draws the same settings: the finished run is taken as it is
+    last = tmp_path / "same" / "trials" / "000" / "last.pt"
+    before = last.stat().st_mtime_ns
+    assert tune(dataclasses.replace(spec, out=tmp_path / "same")).ran == 1
+    assert last.stat().st_mtime_ns == before
+    other = dataclasses.replace(spec, out=tmp_path / "other", seed=7)
+    config = tmp_path / "other" / "trials" / "000" / "config.yaml"
+    saved = config.read_text()
+    with pytest.raises(tn.ConfigError, match=r"trials/000 holds a run trained with other setti"):
+        tune(other)
+    assert config.read_text() == saved  # nothing removed or rewritten
+    shutil.rmtree(config.parent)  # the trial left running is trained once its folder is gone
+    assert tune(other).ran == 1
+    assert load_run_config(config.parent).train.seed == 7
 
 
 def _diverges_at_001(data: Path, cfg: RunConfig, run: Path) -> TrialOutcome:
@@ -364,6 +425,43 @@ def test_reproduce_refuses_tuned_studies_of_models_not_run(
     assert main([*base, "--models", "two-tower", "--tuned", str(tmp_path / "tw"),
                  str(tmp_path / "tw2")]) == 2  # fmt: skip
     assert main([*base, "--models", "pop", "--tuned", str(tmp_path / "none")]) == 2
+
+
+@pytest.mark.parametrize(
+    ("file", "key", "value", "message"),
+    [
+        ("trials.csv", "trial", None, "trials.csv: not a trials.csv of `aftrec tune` (no 'trial'"),
+        ("trials.csv", "trial", "x", "trials.csv: not a trials.csv of `aftrec tune`"),
+        ("trials.csv", "trial", 0.5, "trials.csv: not a trials.csv of `aftrec tune`"),
+        ("best.json", "trials", "1e400", "is not a best.json of `aftrec tune` (bad trials)"),
+        ("best.json", "overrides", '"abc"', "(bad overrides)"),  # not split into characters
+        ("best.json", "seed", "true", "(bad seed)"),
+    ],
+)
+def test_reproduce_refuses_a_damaged_study_up_front(
+    tiny_dir: Path, tmp_path: Path, standin: list[str], file: str, key: str, value: Any,
+    message: str,
+) -> None:  # fmt: skip
+    from aftrec.experiments.plan import ReproduceSpec, make_plan
+
+    study = tmp_path / "tw"
+    tune(_spec(tiny_dir, study, 2))
+    if file == "trials.csv":
+        frame = pd.read_csv(study / file)
+        if value is None:
+            frame = frame.drop(columns=[key])
+        else:
+            frame[key] = frame[key].astype(object)
+            frame.loc[0, key] = value
+        frame.to_csv(study / file, index=False)
+    else:  # value: JSON text
+        best = json.loads((study / file).read_text())
+        (study / file).write_text(json.dumps({**best, key: "@"}).replace('"@"', value))
+    spec = ReproduceSpec(tiny_dir, tmp_path / "r", quick=True, models=("two-tower",),
+                         tuned=(study,))  # fmt: skip
+    with pytest.raises(tn.ConfigError, match=re.escape(message)):
+        make_plan(spec)
+    assert not (tmp_path / "r").exists()
 
 
 def _tuned(model: str, overrides: tuple[str, ...], best_trial: int) -> tn.Tuned:

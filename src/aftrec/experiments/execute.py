@@ -31,7 +31,16 @@ from typing import TYPE_CHECKING, Any
 
 from aftrec.environment import usable_cores
 from aftrec.errors import Stopped
-from aftrec.experiments.plan import NS, Job, Plan, _identity, plain_json, read_json
+from aftrec.experiments.plan import (
+    NS,
+    Job,
+    Plan,
+    _identity,
+    is_number,
+    plain_json,
+    read_json,
+    read_record,
+)
 from aftrec.experiments.results import RunOutcome
 from aftrec.outputs import atomic_write_bytes, atomic_write_text
 
@@ -46,15 +55,23 @@ REQUIRED = (*(f"recall@{n}" for n in NS), "auc")
 
 
 def is_finished(run: Path) -> bool:
+    """Whether the run's test values are there: ``per_user.parquet`` and a ``metrics.json``
+    with every :data:`REQUIRED` average and every value a number. A damaged ``metrics.json``
+    counts as missing, so the run is evaluated again (from its checkpoint)."""
     metrics = read_json(run / "metrics.json")
     if metrics is None or not (run / "per_user.parquet").is_file():
         return False
-    average = metrics.get("average", {})
-    return all(k in average for k in REQUIRED)
+    average, domains = metrics.get("average"), metrics.get("domains")
+    if not isinstance(average, dict) or not isinstance(domains, dict):
+        return False
+    return all(k in average for k in REQUIRED) and all(
+        isinstance(part, dict) and all(map(is_number, part.values()))
+        for part in (average, *domains.values())
+    )
 
 
 def _load_outcome(run: Path) -> RunOutcome:
-    meta = read_json(run / "reproduce.json") or {}
+    meta = read_record(run) or {}
     return RunOutcome(
         run,
         True,
@@ -89,10 +106,10 @@ def run_job(job: Job, data_dir: Path) -> RunOutcome:
     run.mkdir(parents=True, exist_ok=True)
     resume = (run / rundir.LAST).exists()
     fresh = {"config": plain_json(job.cfg.to_dict()), "train_seconds": 0.0, "resumed": False}
-    saved = read_json(run / "reproduce.json")
+    saved = read_record(run)
     # a saved record counts unless it was another config's, which never checkpointed
-    same = saved is not None and _identity(saved.get("config") or {}) == _identity(fresh["config"])
-    meta = saved if saved and (resume or same) else fresh
+    same = saved is not None and _identity(saved["config"]) == _identity(fresh["config"])
+    meta = {**fresh, **saved} if saved and (resume or same) else fresh
     if resume:
         meta["resumed"] = meta["resumed"] or not checkpoint.load(run / rundir.LAST).get("done")
     else:  # nothing to resume: clear what a run killed in its first epoch may have left
@@ -103,7 +120,7 @@ def run_job(job: Job, data_dir: Path) -> RunOutcome:
     try:
         train(data_dir, None if resume else job.cfg, run, resume=resume, progress=False)
     finally:  # a stopped or failed invocation's time counts too
-        meta["train_seconds"] = float(meta["train_seconds"]) + time.perf_counter() - t0
+        meta["train_seconds"] = float(meta["train_seconds"] or 0.0) + time.perf_counter() - t0
         atomic_write_text(run / "reproduce.json", json.dumps(meta, indent=2) + "\n")
 
     t1 = time.perf_counter()

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aftrec.errors import ConfigError
+from aftrec.errors import CheckpointError, ConfigError
 from aftrec.experiments.results import variant_key
 from aftrec.registry import available_models, model_config_class, registration
 
@@ -255,8 +256,8 @@ def parse_model_seeds(pairs: Sequence[str], models: Sequence[str]) -> dict[str, 
     out: dict[str, int] = {}
     for pair in pairs:
         model, sep, count = pair.partition("=")
-        model = model.strip()
-        if not sep or not count.strip().isdigit():
+        model, count = model.strip(), count.strip()
+        if not sep or not (count.isascii() and count.isdigit()):  # isdigit alone takes "²"
             raise ConfigError(f"--model-seeds {pair}: expected MODEL=S, e.g. aft=5")
         if model not in models:
             raise ConfigError(f"--model-seeds {pair}: {model!r} is not among the models run")
@@ -353,7 +354,7 @@ def make_plan(spec: ReproduceSpec) -> Plan:
             jobs[run].entries.append((key, seed))
             runs[(key, seed)] = run
     for job in jobs.values():
-        _check_existing(job)
+        _check_existing(job, root)
     return Plan(
         spec,
         models,
@@ -376,11 +377,13 @@ def read_tuned(
 ) -> dict[str, Tuned]:
     """``--tuned``: each model's best.json (``aftrec tune``), at most one per model, for models
     this command runs; a study on another dataset is noted in the report."""
-    from aftrec.experiments.tune import read_best
+    from aftrec.experiments.tune import TRIALS_CSV, read_best, trial_points
 
     out: dict[str, Tuned] = {}
     for path in paths:
         best = read_best(path)
+        if (best.path.parent / TRIALS_CSV).is_file():  # the report plots it: read it now
+            trial_points(best.path.parent)
         if best.model not in models:
             raise ConfigError(f"--tuned {path}: {best.model!r} is not among the models run")
         if best.model in out:
@@ -423,13 +426,23 @@ def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
 TRAINED_MARKERS = ("last.pt", "best.pt", "metrics.json")
 
 
-def _check_existing(job: Job) -> None:
+def _check_existing(job: Job, root: Path) -> None:
+    """Refuse a run folder (below ``root``, REPORT_DIR/runs) this command cannot take: one
+    that is a file, one made by something else or with another config."""
     run = job.run
+    for path in (run, *run.parents):
+        if path.exists() and not path.is_dir():
+            raise CheckpointError(
+                f"{path} is a file where a run folder of `aftrec reproduce` goes; choose "
+                "another --out or remove it"
+            )
+        if path == root:
+            break
     if not run.exists() or not any(run.iterdir()):
         return
+    saved = read_record(run)
     if not any((run / name).exists() for name in TRAINED_MARKERS):
         return  # failed or killed before its first checkpoint: run_job starts it afresh
-    saved = read_json(run / "reproduce.json")
     if saved is None:
         raise ConfigError(
             f"{run} holds files but no reproduce.json (not made by `aftrec reproduce`); "
@@ -441,6 +454,34 @@ def _check_existing(job: Job) -> None:
             "(different --quick or --set?); choose another --out or remove it; "
             f"the saved one is in {run / 'reproduce.json'}"
         )
+
+
+def is_number(value: Any) -> bool:
+    """A JSON number (``true`` is not one)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def read_record(run: Path) -> dict[str, Any] | None:
+    """``RUN/reproduce.json`` (None where there is none), checked as every reader uses it: a
+    ``config`` of sections, wall seconds that are finite numbers, ``resumed`` a bool; a
+    damaged one is a :class:`CheckpointError` naming it."""
+    path = run / "reproduce.json"
+    if not path.exists():
+        return None
+    obj = read_json(path) or {}
+    config = obj.get("config")
+    seconds = [obj.get(k) for k in ("train_seconds", "eval_seconds")]
+    if (
+        not isinstance(config, dict)
+        or not all(isinstance(section, dict) for section in config.values())
+        or not all(s is None or (is_number(s) and math.isfinite(s)) for s in seconds)
+        or not isinstance(obj.get("resumed", False), bool)
+    ):
+        raise CheckpointError(
+            f"{path} is not a reproduce.json of `aftrec reproduce` (damaged?); choose another "
+            f"--out or remove {run}"
+        )
+    return obj
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

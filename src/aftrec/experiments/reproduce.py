@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aftrec.errors import AftrecError, ConfigError
+from aftrec.errors import AftrecError, CheckpointError, ConfigError
 from aftrec.experiments.execute import _fmt_duration, execute
 from aftrec.experiments.plan import ALPHA, DEFAULT_SEEDS, Plan, ReproduceSpec, make_plan
 from aftrec.experiments.results import (
@@ -40,6 +40,8 @@ from aftrec.experiments.stats import ablation_tests, seed_averaged_per_user, sig
 from aftrec.outputs import held
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from aftrec.data.dataset import Dataset
 
 # Only the standard library at import time: ``aftrec --help`` builds this command's parser.
@@ -78,6 +80,10 @@ def reproduce(spec: ReproduceSpec) -> Summary:
         return _report(spec, data, plan, env, started_wall, t0)
 
 
+#: what ``aftrec reproduce`` writes into a report directory: the lock before anything else
+#: (reports of versions before the lock hold the other two)
+REPORT_MARKERS = (LOCK, "results.json", "runs")
+
 #: files that mark a folder as another command's output: a prepared dataset, a run, a
 #: bundle, a tuning study; a report directory holds them only below ``runs/``
 FOREIGN = {"meta.json": "a prepared dataset", "run.json": "a run", "manifest.json": "a bundle",
@@ -85,14 +91,23 @@ FOREIGN = {"meta.json": "a prepared dataset", "run.json": "a run", "manifest.jso
 
 
 def check_report_dir(out: Path) -> None:
-    """``--out`` is new, empty or a report directory; a dataset, run, bundle or study is
-    refused before anything is written into it."""
+    """``--out`` is new, empty or a report directory; a dataset, run, bundle or study, or any
+    other folder with files in it, is refused before anything is written into it."""
     from aftrec.outputs import check_writable
 
     check_writable(out, folder=True)
     for marker, kind in FOREIGN.items():
         if (out / marker).is_file():
             raise ConfigError(f"{out} is {kind}, not a report directory; choose another --out")
+    if (
+        out.is_dir()
+        and any(out.iterdir())
+        and not any((out / name).exists() for name in REPORT_MARKERS)
+    ):
+        raise ConfigError(
+            f"{out} is not empty and is not a report directory (no {LOCK}, results.json or "
+            "runs/ there); choose a new or empty --out"
+        )
 
 
 def _report(
@@ -104,8 +119,6 @@ def _report(
     t0: float,
 ) -> Summary:
     """Train what the plan still needs, then write the report (under the report's lock)."""
-    import pandas as pd
-
     from aftrec.experiments.report import write_report
 
     outcomes = execute(plan)
@@ -115,13 +128,13 @@ def _report(
 
     def per_user(key: str) -> pd.DataFrame | None:
         if key not in cache:
-            frames = [pd.read_parquet(run / "per_user.parquet") for run in entries[key].runs()]
+            frames = [read_per_user(run) for run in entries[key].runs()]
             cache[key] = seed_averaged_per_user(frames) if frames else None
         return cache[key]
 
     def per_user_on(key: str, seeds: Sequence[int]) -> pd.DataFrame | None:
         runs = sorted({entries[key].outcomes[s].run for s in seeds})
-        frames = [pd.read_parquet(run / "per_user.parquet") for run in runs]
+        frames = [read_per_user(run) for run in runs]
         return seed_averaged_per_user(frames) if frames else None
 
     columns = [*recall_columns(data.info.domains), *auc_columns(data.info.domains)]
@@ -152,6 +165,25 @@ def _report(
         results.failed,
         results.wall_seconds,
         results.pending,
+    )
+
+
+def read_per_user(run: Path) -> pd.DataFrame:
+    """A finished run's ``per_user.parquet``; a damaged one is one error naming it."""
+    import pandas as pd
+
+    path = run / "per_user.parquet"
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:  # pyarrow's errors are both
+        reason = " ".join(str(exc).split())
+    else:
+        if {"user_idx", "domain"} <= set(frame.columns):
+            return frame
+        reason = "no user_idx and domain columns"
+    raise CheckpointError(
+        f"{path}: cannot read the run's test values per user ({reason}); remove it and run "
+        "the same command: it evaluates the run again"
     )
 
 

@@ -33,13 +33,14 @@ import io
 import json
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aftrec.errors import ConfigError, DataError, TrainingError
+from aftrec.errors import CheckpointError, ConfigError, DataError, TrainingError
 from aftrec.outputs import atomic_write_text, check_writable, held, write_png
 from aftrec.registry import Range, registration
 
@@ -181,13 +182,26 @@ def _study_attrs(spec: TuneSpec, space: Mapping[str, Range]) -> dict[str, Any]:
 
 def _open_study(spec: TuneSpec, space: Mapping[str, Range]) -> optuna.Study:
     optuna = _optuna()
+    from sqlalchemy.exc import SQLAlchemyError
+
     out = Path(spec.out)
     attrs = _study_attrs(spec, space)
-    storage = f"sqlite:///{(out / STUDY_DB).resolve()}"
-    study = optuna.create_study(
-        study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True
-    )
-    saved = study.user_attrs
+    db = (out / STUDY_DB).resolve()
+    try:
+        # sqlite opens the path itself: in a URL, a "?", "%" or "#" of the path would be syntax
+        storage = optuna.storages.RDBStorage(
+            "sqlite://", engine_kwargs={"creator": lambda: sqlite3.connect(db)}
+        )
+        study = optuna.create_study(
+            study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True
+        )
+        saved = study.user_attrs
+    except SQLAlchemyError as exc:  # random bytes, a truncated file, a folder
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        raise CheckpointError(
+            f"{out / STUDY_DB} is not a readable study of `aftrec tune` ({reason}); "
+            "choose another --out or remove it"
+        ) from exc
     if not saved:  # a new study, or one killed before its attributes were written
         for key, value in attrs.items():
             study.set_user_attr(key, value)
@@ -243,6 +257,33 @@ def trial_dir(out: Path, number: int) -> Path:
     return Path(out) / TRIALS / _name(number)
 
 
+def _check_trial_dir(run: Path, cfg: RunConfig, number: int) -> None:
+    """Refuse a trial directory trained with other settings than trial ``number`` drew (the
+    trials of an older study under a new ``study.db``): resuming it would record its value
+    under this trial's settings."""
+    from aftrec.training import rundir
+
+    if not (run / rundir.CONFIG).exists():
+        return
+    # the runtime section says how a run used the machine, not what it computed
+    saved, asked = (
+        {k: v for k, v in c.to_dict().items() if k != "runtime"}
+        for c in (rundir.load_run_config(run), cfg)
+    )
+    differ = sorted(
+        f"{section}.{key}"
+        for section in saved.keys() | asked.keys()
+        for key in saved.get(section, {}).keys() | asked.get(section, {}).keys()
+        if saved.get(section, {}).get(key) != asked.get(section, {}).get(key)
+    )
+    if differ:
+        raise ConfigError(
+            f"{run} holds a run trained with other settings than trial {_name(number)} drew "
+            f"({', '.join(differ)} differ; its config is {run / rundir.CONFIG}): it is not this "
+            "study's trial; choose another --out or remove it"
+        )
+
+
 def _train_trial(data: Path, cfg: RunConfig, run: Path) -> TrialOutcome:
     """Train one trial's run to early stopping (resuming a killed one); its best validation
     value is the trial's score."""
@@ -282,6 +323,7 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, st: _Study, budget: int
     pairs = [*st.fixed, *(f"{k}={format_value(v)}" for k, v in params.items())]
     cfg = resolve(spec.model, overrides=[*pairs, f"train.seed={spec.seed}"])
     run = trial_dir(Path(spec.out), trial.number)
+    _check_trial_dir(run, cfg, trial.number)
     t0 = time.perf_counter()
     try:
         outcome = _train_trial(Path(spec.data), cfg, run)
@@ -436,11 +478,18 @@ def trial_points(study_dir: Path) -> list[TrialPoint]:
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read the study's trials ({e})") from e
     points: list[TrialPoint] = []
-    for number, state, value in zip(rows["trial"], rows["state"], rows["value"], strict=True):
-        if state == "complete":
-            points.append((int(number), float(value)))
-        elif state == "fail":
-            points.append((int(number), None))
+    try:
+        for number, state, value in zip(rows["trial"], rows["state"], rows["value"], strict=True):
+            if float(number) != int(number):
+                raise ValueError(f"trial number {number}")
+            if state == "complete":
+                points.append((int(number), float(value)))
+            elif state == "fail":
+                points.append((int(number), None))
+    except KeyError as e:
+        raise ConfigError(f"{path}: not a trials.csv of `aftrec tune` (no {e} column)") from e
+    except (ValueError, TypeError, OverflowError) as e:
+        raise ConfigError(f"{path}: not a trials.csv of `aftrec tune` ({e})") from e
     return sorted(points)
 
 
@@ -585,28 +634,52 @@ def read_best(path: Path) -> Tuned:
     file = path / BEST if path.is_dir() else path
     try:
         obj = json.loads(file.read_text())
-        return Tuned(
-            model=str(obj["model"]),
-            path=file,
-            data=str(obj["data"]),
-            overrides=tuple(str(p) for p in obj["overrides"]),
-            trials=int(obj["trials"]),
-            complete=int(obj["complete"]),
-            seed=int(obj["seed"]),
-            metric=str(obj["metric"]),
-            best_value=float(obj["best_value"]),
-            best_trial=int(obj.get("best_trial", -1)),
-            startup_trials=int(obj.get("startup_trials", 0)),
-            at_random=(
-                frozenset(int(n) for n in obj["drawn_at_random"])
-                if "drawn_at_random" in obj
-                else None
-            ),
-        )
     except OSError as exc:
         raise ConfigError(f"--tuned {path}: no {BEST} there ({exc.strerror})") from exc
-    except (ValueError, KeyError, TypeError) as exc:
+    except ValueError as exc:
         raise ConfigError(f"--tuned {path}: {file} is not a best.json of `aftrec tune`") from exc
+    bad = _bad_best(obj) if isinstance(obj, dict) else ["not a JSON object"]
+    if bad:
+        raise ConfigError(
+            f"--tuned {path}: {file} is not a best.json of `aftrec tune` ({', '.join(bad)})"
+        )
+    return Tuned(
+        model=obj["model"],
+        path=file,
+        data=obj["data"],
+        overrides=tuple(obj["overrides"]),
+        trials=obj["trials"],
+        complete=obj["complete"],
+        seed=obj["seed"],
+        metric=obj["metric"],
+        best_value=float(obj["best_value"]),
+        best_trial=obj.get("best_trial", -1),
+        startup_trials=obj.get("startup_trials", 0),
+        at_random=frozenset(obj["drawn_at_random"]) if "drawn_at_random" in obj else None,
+    )
+
+
+def _bad_best(obj: dict[str, Any]) -> list[str]:
+    """What is wrong with a ``best.json``: the keys missing, or holding another type than
+    :func:`write_outputs` writes."""
+
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def strings(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(p, str) for p in v)
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    need = {"model": lambda v: isinstance(v, str), "data": lambda v: isinstance(v, str),
+            "metric": lambda v: isinstance(v, str), "overrides": strings, "trials": integer,
+            "complete": integer, "seed": integer, "best_value": number}  # fmt: skip
+    may = {"best_trial": integer, "startup_trials": integer,
+           "drawn_at_random": lambda v: isinstance(v, list) and all(map(integer, v))}  # fmt: skip
+    return [f"no {k}" for k in need if k not in obj] + [
+        f"bad {k}" for k, ok in {**need, **may}.items() if k in obj and not ok(obj[k])
+    ]
 
 
 __all__ = ["TuneResult", "TuneSpec", "Tuned", "read_best", "tune"]
