@@ -859,9 +859,18 @@ def test_resume_does_not_record_a_dataset_the_run_does_not_fit(
         (lambda run: (run / "config.yaml").write_bytes(b"\xff\xfe\x00garbage"), "not UTF-8"),
         (lambda run: (run / "config.yaml").write_text("1: 2\nfoo: 3\n"), "keys are names"),
         (lambda run: (run / "config.yaml").write_text("model:\n  name: [a]\n"), "model.name"),
+        (lambda run: (run / "config.yaml").write_text("model: 5\n"), "must be a mapping"),
         (lambda run: torch.save({"model": 5}, run / "best.pt"), "not an aftrec checkpoint"),
     ],
-    ids=["data-null", "data-int", "config-binary", "config-int-key", "name-list", "model-int"],
+    ids=[
+        "data-null",
+        "data-int",
+        "config-binary",
+        "config-int-key",
+        "name-list",
+        "section-int",
+        "model-int",
+    ],
 )
 def test_a_damaged_run_is_one_error_line_for_evaluate(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, run_copy: Path, damage: Any, said: str
@@ -880,8 +889,9 @@ def test_a_torn_log_line_is_left_out_and_the_next_entry_gets_a_line_of_its_own(
     with open(tmp_path / rundir.LOG, "a") as fh:
         fh.write('{"epoch": 2, "lo')  # a process killed mid-write
     rundir.append_log(tmp_path, {"epoch": 2, "loss": 0.4})
+    rundir.append_log(tmp_path, {"epoch": 3, "loss": 0.3, "train_seconds": "abc"})
     assert [e["epoch"] for e in rundir.epoch_log(tmp_path)] == [1, 2]
-    assert "left out 1 line(s)" in caplog.text
+    assert "left out 2 line(s)" in caplog.text
     assert rundir.best_epoch_time(tmp_path, "loss") == (1, None)
 
 

@@ -285,6 +285,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
         odd = next((k for k in names if not isinstance(k, str)), None)
         if odd is not None:
             raise ConfigError(f"{path}: config keys are names, got {odd!r}")
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(
+                f"{path}: config section {section!r} must be a mapping, got {values!r}"
+            )
     return loaded
 
 

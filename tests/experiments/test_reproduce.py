@@ -343,12 +343,15 @@ def test_some_rows_on_more_seeds(tmp_path: Path) -> None:
         (("aft=x",), "expected MODEL=S"),
         (("aft=²",), "expected MODEL=S"),  # str.isdigit takes it, int does not
         (("aft=٣",), "expected MODEL=S"),  # ASCII digits only
-        (("aft=0",), "at least 1"),
+        (("aft=0",), r"must be in \[1, 1000\]"),
+        (("aft=99999999999",), r"must be in \[1, 1000\]"),
         (("pop=3",), "'pop' is not among the models run"),
         (("aft=3", "aft=4"), "given twice"),
     ]:
         with pytest.raises(ConfigError, match=match):
             make_plan(dataclasses.replace(spec, model_seeds=bad))
+    with pytest.raises(ConfigError, match=r"--seeds must be in \[1, 1000\], got 1001"):
+        make_plan(dataclasses.replace(spec, seeds=1001))
     assert not (tmp_path / "r").exists()
 
 

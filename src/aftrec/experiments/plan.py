@@ -250,6 +250,10 @@ def _check_user_overrides(user: Sequence[tuple[str | None, str]], models: Sequen
             raise ConfigError(f"--set {pair}: no model run has a config key model.{name}")
 
 
+#: seeds per row; a report of more runs than this would not finish on any machine
+MAX_SEEDS = 1000
+
+
 def parse_model_seeds(pairs: Sequence[str], models: Sequence[str]) -> dict[str, int]:
     """``--model-seeds MODEL=S ...`` -> {model: S}: main rows trained on seeds 0..S-1 instead
     of ``--seeds`` (e.g. the AFT rows on more seeds than the others)."""
@@ -264,8 +268,8 @@ def parse_model_seeds(pairs: Sequence[str], models: Sequence[str]) -> dict[str, 
         if model in out:
             raise ConfigError(f"--model-seeds: {model!r} is given twice")
         n = int(count)
-        if n < 1:
-            raise ConfigError(f"--model-seeds {pair}: the seed count must be at least 1")
+        if not 1 <= n <= MAX_SEEDS:
+            raise ConfigError(f"--model-seeds {pair}: the seed count must be in [1, {MAX_SEEDS}]")
         out[model] = n
     return out
 
@@ -278,14 +282,13 @@ def make_plan(spec: ReproduceSpec) -> Plan:
     """Resolve every run's config and check existing run directories, before training."""
     from aftrec.config import resolve
 
-    if spec.n_seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {spec.n_seeds}")
     for flag, value in (
+        ("--seeds", spec.n_seeds),
         ("--sweep-seeds", spec.sweep_seeds),
         ("--ablation-seeds", spec.ablation_seeds),
     ):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be at least 1, got {value}")
+        if value is not None and not 1 <= value <= MAX_SEEDS:
+            raise ConfigError(f"{flag} must be in [1, {MAX_SEEDS}], got {value}")
     if not 0 < spec.alpha < 1:
         raise ConfigError(f"--alpha must be in (0, 1), got {spec.alpha}")
     if spec.jobs < 1:

@@ -169,13 +169,25 @@ def epoch_log(run: Path) -> list[dict[str, Any]]:
             entry = json.loads(line)
         except ValueError:
             entry = None
-        if isinstance(entry, dict) and isinstance(entry.get("epoch"), int):
+        if isinstance(entry, dict) and _is_entry(entry):
             entries.append(entry)
         else:
             bad += 1
     if bad:
         log.warning("%s: left out %d line(s) that are not an epoch's entry", path, bad)
     return entries
+
+
+def _is_entry(entry: dict[str, Any]) -> bool:
+    """An epoch's entry: an integer epoch, and numbers wherever the readers add or compare
+    (the wall seconds and the validation values)."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    summed = [v for k, v in entry.items() if k.endswith("_seconds") or k.startswith("valid_")]
+    epoch = entry.get("epoch")
+    return isinstance(epoch, int) and not isinstance(epoch, bool) and all(map(number, summed))
 
 
 def best_epoch_time(run: Path, metric: str = "valid_recall@50") -> tuple[int, float | None]:
