@@ -398,8 +398,11 @@ def test_prepare_force_replaces_a_good_directory(
     assert main(prepare_argv(ip, mp, out)) == 0
     (out / "stale.txt").write_text("from before")
     fewer = write(inter[inter["user"] != "u0"], tmp_path / "fewer.csv")
+    # a file prepare did not write would be deleted with the rest: refused, then replaced
+    fails_cleanly(capsys, [*prepare_argv(fewer, mp, out), "--force"], "holds stale.txt",
+                  roots=(tmp_path,))  # fmt: skip
+    (out / "stale.txt").unlink()
     assert main([*prepare_argv(fewer, mp, out), "--force"]) == 0
-    assert not (out / "stale.txt").exists()
     assert "u0" not in set(pd.read_parquet(out / "users.parquet")["user"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fewer.csv", "i.csv", "m.csv", "out"]
 

@@ -81,8 +81,9 @@ def reproduce(spec: ReproduceSpec) -> Summary:
 
 
 #: what ``aftrec reproduce`` writes into a report directory: the lock before anything else
-#: (reports of versions before the lock hold the other two)
-REPORT_MARKERS = (LOCK, "results.json", "runs")
+#: (reports of versions before the lock hold the other two); and ``aftrec demo``'s folder,
+#: which holds its prepared dataset in ``data/`` before its report
+REPORT_MARKERS = (LOCK, "results.json", "runs", "data/meta.json")
 
 #: files that mark a folder as another command's output: a prepared dataset, a run, a
 #: bundle, a tuning study; a report directory holds them only below ``runs/``
@@ -106,7 +107,7 @@ def check_report_dir(out: Path) -> None:
     ):
         raise ConfigError(
             f"{out} is not empty and is not a report directory (no {LOCK}, results.json or "
-            "runs/ there); choose a new or empty --out"
+            "runs/ there, nor a demo's data/); choose a new or empty --out"
         )
 
 
