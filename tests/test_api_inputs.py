@@ -83,10 +83,11 @@ def test_non_finite_weights_are_refused(run_copy: Path, value: float) -> None:
     for call in (
         lambda: api.evaluate(run_copy, progress=False),
         lambda: api.recommend(run_copy, n=3),
+        lambda: api.export(run_copy, run_copy.parent / "bundle"),
     ):
         with pytest.raises(CheckpointError, match=r"best\.pt: its weights hold NaN or infinite"):
             call()
-    assert snapshot(run_copy) == before
+    assert snapshot(run_copy) == before and not (run_copy.parent / "bundle").exists()
 
 
 # --------------------------------------------------------------------------- recommend

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -445,7 +446,10 @@ def test_recommend_does_not_replace_a_file_of_a_dataset_or_a_run(
 
 
 def test_no_file_output_replaces_one_inside_a_bundle_study_or_run(
-    pipeline: Pipeline, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    pipeline: Pipeline,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The nearest folder aftrec marks owns what lies below it: a bundle's ``ids/``, a
     study's ``trials.csv``, a run's other metrics files; a new file beside a run is fine."""
@@ -466,10 +470,22 @@ def test_no_file_output_replaces_one_inside_a_bundle_study_or_run(
         assert "writing there would replace it" in capsys.readouterr().err
         assert out.read_bytes() == before
     (pipeline.two_tower / "per_user_valid.parquet").unlink()
-    mine = pipeline.two_tower / "recs.csv"
-    argv = ["recommend", "--run", str(pipeline.two_tower), "--n", "2", "--out", str(mine)]
-    assert main(argv) == 0 and main(argv) == 0  # written, then replaced: the user's own file
-    mine.unlink()
+    # a run's own subfolder, named from inside it: refused as well
+    board = pipeline.two_tower / "tensorboard"
+    made = not board.exists()
+    board.mkdir(exist_ok=True)
+    events = board / "events.csv"
+    events.write_text("mine")
+    monkeypatch.chdir(events.parent)
+    argv = ["recommend", "--run", str(pipeline.two_tower), "--n", "5", "--out", "events.csv"]
+    assert main(argv) == 2 and events.read_text() == "mine"
+    events.unlink()
+    if made:
+        board.rmdir()
+    for mine in (pipeline.two_tower / "recs.csv", pipeline.two_tower / "recs" / "top.csv"):
+        argv = ["recommend", "--run", str(pipeline.two_tower), "--n", "2", "--out", str(mine)]
+        assert main(argv) == 0 and main(argv) == 0  # written, then replaced: the user's own
+        mine.unlink()
 
 
 def test_sigterm_ends_a_command_through_its_cleanup(
@@ -509,3 +525,22 @@ def test_recommend_selected_users_and_domains(pipeline: Pipeline, tmp_path: Path
     recs = read_recs(out)
     assert set(recs["domain"]) == {"book"}
     assert set(recs["user"]) == set(parts(pipeline.data)["test"]["user"])
+
+
+def test_a_torchrun_rank_keeps_the_default_sigterm(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Under torchrun a Python handler would wait for the C++ call under way (a rank waiting
+    for its peers would never stop); the rank keeps SIGTERM's default action."""
+    seen: list[Any] = []
+
+    def look(out: Path, **kwargs: object) -> Path:
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return Path(out)
+
+    monkeypatch.setattr(api, "prepare", look)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    main(["prepare", "--dataset", "synthetic", "--out", str(tmp_path / "d")])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    main(["prepare", "--dataset", "synthetic", "--out", str(tmp_path / "d")])
+    assert seen[0] == signal.SIG_DFL and seen[1] not in (signal.SIG_DFL, None)

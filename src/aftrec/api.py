@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from aftrec.errors import CheckpointError, ConfigError, DataError
+from aftrec.errors import ConfigError, DataError
 from aftrec.outputs import check_not_owned, check_writable
 
 if TYPE_CHECKING:
@@ -390,7 +390,8 @@ def evaluate(
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False)
     per_user = Path(run) / f"per_user{_suffix(split, sampled_negatives)}.parquet"
-    # both written before either is renamed, metrics.json last: a failure leaves the old pair
+    # per_user is renamed first and metrics.json last: a failure while either is written
+    # leaves the old pair (only one between the two renames would not)
     with atomic_file(metrics_path(run, split, sampled_negatives)) as metrics:
         metrics.write(res.json_text().encode())
         metrics.flush()
@@ -400,20 +401,9 @@ def evaluate(
 
 
 def _load(run: PathLike, which: str) -> tuple[RunConfig, Dataset, RetrievalModel]:
-    """:func:`~aftrec.training.rundir.load_run`, refusing a checkpoint with non-finite weights:
-    a diverged model scores NaN, which ranks nothing (and made AUC exceed 1)."""
-    import itertools
-
     from aftrec.training.rundir import load_run
 
-    cfg, data, model = load_run(Path(run), which)
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    if not all(bool(t.isfinite().all()) for t in tensors if t.is_floating_point()):
-        raise CheckpointError(
-            f"{Path(run) / f'{which}.pt'}: its weights hold NaN or infinite values (training "
-            "diverged); it cannot rank items"
-        )
-    return cfg, data, model
+    return load_run(Path(run), which)
 
 
 # --------------------------------------------------------------------------- recommend

@@ -317,9 +317,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # FAISS says at INFO which of its builds it loaded: not the user's news
         logging.getLogger("faiss").setLevel(logging.WARNING)
     # SIGTERM ends a command as Ctrl-C does, through its cleanup (an unfinished bundle or
-    # dataset folder is deleted); train and reproduce put their own handler on top, and
-    # serve leaves shutdown to uvicorn
-    terminate = args.command != "serve" and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    # dataset folder is deleted); train and reproduce put their own handler on top, serve
+    # leaves shutdown to uvicorn, and a torchrun rank keeps the default: a Python handler
+    # waits for the C++ call under way, and a rank waiting for its peers would not stop
+    terminate = (
+        args.command != "serve"
+        and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    )
     if terminate and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop)
     else:

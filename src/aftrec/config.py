@@ -18,6 +18,7 @@ for a key that does not exist. The resolved config is written into every run dir
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -359,3 +360,30 @@ def dump(cfg: RunConfig) -> str:
     plain = cfg.to_dict()
     runtime = plain.pop("runtime")
     return yaml.safe_dump({**plain, "train": {**plain["train"], **runtime}}, sort_keys=False)
+
+
+def plain_json(obj: Any) -> Any:
+    """JSON round trip: tuples become lists, so saved and fresh configs compare equal."""
+    return json.loads(json.dumps(obj))
+
+
+def run_identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A run config (:meth:`RunConfig.to_dict`, or a saved one) without its ``runtime``
+    section (how the run used the machine; saved runs of earlier versions hold those keys
+    under ``train``) and without the model keys its registration declares inert
+    (``inert_keys``, e.g. G's keys for ``aft-d``), for "same run?" comparisons."""
+    from aftrec.registry import available_models, registration
+
+    plain = plain_json(runtime_moved(cfg))
+    plain.pop("runtime", None)
+    model = plain.get("model", {})
+    name = model.get("name")
+    if name in available_models():
+        reg = registration(name)
+        # a key the config gained later: a run saved before had the value that keeps what
+        # it computed (``LEGACY_VALUES`` on the config class, e.g. AFT's generator switches)
+        legacy = getattr(reg.config, "LEGACY_VALUES", {})
+        model = {**legacy, **model}
+        model = {k: v for k, v in model.items() if k not in reg.inert_keys}
+    train = {**TrainConfig.LEGACY_VALUES, **plain.get("train", {})}
+    return {**plain, "model": model, "train": train}

@@ -91,14 +91,17 @@ def check_replaceable(
     )
 
 
-#: folders aftrec writes and reads back, by the file that marks them, and the files in them
-#: that a file output must not replace (None: every file of such a folder), as name patterns
-OWNED: dict[str, tuple[str, tuple[str, ...] | None]] = {
-    "meta.json": ("prepared dataset", None),
-    "manifest.json": ("bundle", None),
+#: folders aftrec writes and reads back, by the file that marks them: their kind, the files
+#: in them that a file output must not replace (name patterns; None: every file of such a
+#: folder, at any depth) and their own subfolders, every file of which is theirs
+OWNED: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
+    "meta.json": ("prepared dataset", None, ()),
+    "manifest.json": ("bundle", None, ()),
     "run.json": ("run", ("config.yaml", "run.json", "last.pt", "best.pt", "log.jsonl",
-                         "metrics*.json", "per_user*.parquet", "reproduce.json")),
-    "study.db": ("tuning study", ("study.db", "best.json", "trials.csv", "trials.png")),
+                         "metrics*.json", "per_user*.parquet", "reproduce.json"),
+                 ("tensorboard", "mlruns")),
+    "study.db": ("tuning study", ("study.db", "best.json", "trials.csv", "trials.png"),
+                 ("trials",)),
 }  # fmt: skip
 
 
@@ -109,14 +112,20 @@ def check_not_owned(out: Path) -> None:
     out = Path(out)
     if not out.exists():
         return
-    # the nearest folder above that aftrec marks decides: its own files, or anything in a
-    # folder below it (a bundle's ids/, a partitioned dataset's train/, a run's tensorboard/)
-    for depth, folder in enumerate([out.parent, *out.parent.parents]):
-        marks = [(m, owned) for m, owned in OWNED.items() if (folder / m).is_file()]
+    # the nearest folder above that aftrec marks decides: its own files, or anything in its
+    # own subfolders (a bundle's ids/, a partitioned dataset's train/, a run's tensorboard/)
+    where = out.absolute()
+    for folder in where.parents:
+        marks = [owned for m, owned in OWNED.items() if (folder / m).is_file()]
         if not marks:
             continue
-        for _, (kind, files) in marks:
-            if depth or files is None or any(fnmatch.fnmatchcase(out.name, f) for f in files):
+        inside = where.relative_to(folder).parts
+        for kind, files, subfolders in marks:
+            if (
+                files is None
+                or (len(inside) == 1 and any(fnmatch.fnmatchcase(out.name, f) for f in files))
+                or (len(inside) > 1 and inside[0] in subfolders)
+            ):
                 raise OutputError(
                     f"{out} is a file of the {kind} in {folder}: writing there would replace "
                     "it; choose another --out"
@@ -206,6 +215,14 @@ def remove_stale(out: Path) -> list[Path]:
             p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether ``path`` is a temporary of an output beside it (``.<name>.<...>``, as
+    :func:`atomic_directory` and :func:`atomic_file` name them)."""
+    name = Path(path).name
+    dots = [i for i, c in enumerate(name) if c == "."]
+    return name.startswith(".") and any(_OWNED.fullmatch(name[i + 1 :]) for i in dots[1:])
 
 
 def _owned_name(out: Path, kind: str) -> Path:

@@ -276,13 +276,13 @@ def test_keys_a_model_never_reads_do_not_make_another_run() -> None:
     fresh = resolve("aft-d").to_dict()
     saved = json.loads(json.dumps(fresh))
     saved["model"].update(lambda_m=1.0, reinforce="log", fake_sampling="topk")
-    assert pl._identity(saved) == pl._identity(fresh)
+    assert pl.run_identity(saved) == pl.run_identity(fresh)
     saved["model"]["d_heads"] = 8
-    assert pl._identity(saved) != pl._identity(fresh)
+    assert pl.run_identity(saved) != pl.run_identity(fresh)
     aft = resolve("aft").to_dict()
     changed = json.loads(json.dumps(aft))
     changed["model"]["fake_sampling"] = "topk"
-    assert pl._identity(changed) != pl._identity(aft)
+    assert pl.run_identity(changed) != pl.run_identity(aft)
 
 
 def test_a_run_saved_before_g_had_its_switches_is_g_as_printed() -> None:
@@ -297,8 +297,8 @@ def test_a_run_saved_before_g_had_its_switches_is_g_as_printed() -> None:
     for key in ("mmd_form", "fake_sampling", "g_temperature", "g_supervised", "fake_weight",
                 "fake_drop_above_pos"):  # fmt: skip
         del saved["model"][key]
-    assert pl._identity(saved) == pl._identity(old)
-    assert pl._identity(saved) != pl._identity(resolve("aft").to_dict())
+    assert pl.run_identity(saved) == pl.run_identity(old)
+    assert pl.run_identity(saved) != pl.run_identity(resolve("aft").to_dict())
 
 
 def test_a_run_saved_before_train_precision_is_an_fp32_run() -> None:
@@ -307,8 +307,8 @@ def test_a_run_saved_before_train_precision_is_an_fp32_run() -> None:
     fresh = resolve("two-tower").to_dict()
     saved = json.loads(json.dumps(fresh))
     del saved["train"]["precision"]
-    assert pl._identity(saved) == pl._identity(fresh)
-    assert pl._identity(saved) != pl._identity(
+    assert pl.run_identity(saved) == pl.run_identity(fresh)
+    assert pl.run_identity(saved) != pl.run_identity(
         resolve("two-tower", overrides=["train.precision=bf16"]).to_dict()
     )
 
@@ -645,6 +645,10 @@ def test_a_folder_of_the_users_is_not_taken_for_a_report(tiny_dir: Path, tmp_pat
         (notes / name).rename(tmp_path / name)
     (notes / LOCK).touch()  # this version's, killed before it wrote anything else
     check_report_dir(notes)
+    # a demo killed (kill -9) while preparing its data leaves only that temporary
+    demo = tmp_path / "demo"
+    (demo / ".data.tmp-host-999999-abcdef12").mkdir(parents=True)
+    check_report_dir(demo)
 
 
 @pytest.fixture(scope="module")
@@ -957,8 +961,8 @@ def test_a_scoring_block_size_is_the_same_run(name: str) -> None:
     saved = resolve(name, overrides=["model.chunk_floats=16777216"]).to_dict()
     other = resolve(name, overrides=["model.dim=32"]).to_dict()
     assert saved["model"]["chunk_floats"] != base["model"]["chunk_floats"]
-    assert pl._identity(saved) == pl._identity(base)
-    assert pl._identity(other) != pl._identity(base)
+    assert pl.run_identity(saved) == pl.run_identity(base)
+    assert pl.run_identity(other) != pl.run_identity(base)
 
 
 @pytest.mark.parametrize(

@@ -223,6 +223,27 @@ def test_a_trial_folder_of_another_study_is_refused(tiny_dir: Path, tmp_path: Pa
     assert load_run_config(config.parent).train.seed == 7
 
 
+def test_a_trial_folder_differing_in_what_it_does_not_compute_is_taken(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """An inert key (AFM's chunk size, whose default changed) or a folder without a
+    checkpoint (the trial starts it afresh) is no reason to refuse."""
+    from aftrec.config import dump
+
+    spec = TuneSpec(tiny_dir, "afm-multi", tmp_path / "a", 1, overrides=(*FAST, "train.epochs=1"))
+    tune(spec)
+    run = tmp_path / "a" / "trials" / "000"
+    cfg = load_run_config(run)
+    inert = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, chunk_floats=1 << 24))
+    (run / "config.yaml").write_text(dump(inert))
+    tn._check_trial_dir(run, cfg, 0)
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.train.lr * 2))
+    with pytest.raises(tn.ConfigError, match=r"train\.lr differ"):
+        tn._check_trial_dir(run, other, 0)
+    (run / "last.pt").unlink()
+    tn._check_trial_dir(run, other, 0)  # never checkpointed: started afresh, nothing lost
+
+
 def _diverges_at_001(data: Path, cfg: RunConfig, run: Path) -> TrialOutcome:
     if run.name == "001":
         raise TrainingError("non-finite loss at epoch 1: {'loss': nan}")

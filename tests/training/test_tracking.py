@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from aftrec.config import dump, resolve
+from aftrec.config import dump, resolve, run_identity
 from aftrec.errors import ConfigError
-from aftrec.experiments.plan import _identity
 from aftrec.training.rundir import MLFLOW, TENSORBOARD
 from aftrec.training.tracking import scalars
 from aftrec.training.trainer import train
@@ -128,4 +127,4 @@ def test_tracker_is_checked_and_is_not_part_of_the_run() -> None:
         resolve("pop", overrides=["train.tracker=wandb"])
     plain, tracked = resolve("pop"), resolve("pop", overrides=["train.tracker=mlflow"])
     assert tracked.runtime.tracker == "mlflow" and "tracker: mlflow" in dump(tracked)
-    assert _identity(plain.to_dict()) == _identity(tracked.to_dict())  # reproduce: same run
+    assert run_identity(plain.to_dict()) == run_identity(tracked.to_dict())  # reproduce: same run

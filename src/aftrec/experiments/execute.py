@@ -29,15 +29,14 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aftrec.config import plain_json, run_identity
 from aftrec.environment import usable_cores
 from aftrec.errors import Stopped
 from aftrec.experiments.plan import (
     NS,
     Job,
     Plan,
-    _identity,
     is_number,
-    plain_json,
     read_json,
     read_record,
 )
@@ -108,7 +107,7 @@ def run_job(job: Job, data_dir: Path) -> RunOutcome:
     fresh = {"config": plain_json(job.cfg.to_dict()), "train_seconds": 0.0, "resumed": False}
     saved = read_record(run)
     # a saved record counts unless it was another config's, which never checkpointed
-    same = saved is not None and _identity(saved["config"]) == _identity(fresh["config"])
+    same = saved is not None and run_identity(saved["config"]) == run_identity(fresh["config"])
     meta = {**fresh, **saved} if saved and (resume or same) else fresh
     if resume:
         meta["resumed"] = meta["resumed"] or not checkpoint.load(run / rundir.LAST).get("done")

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aftrec.config import run_identity
 from aftrec.errors import CheckpointError, ConfigError
 from aftrec.experiments.results import variant_key
 from aftrec.registry import available_models, model_config_class, registration
@@ -348,7 +349,7 @@ def make_plan(spec: ReproduceSpec) -> Plan:
                 cfg = resolve(entry.model, overrides=pairs)
             except ConfigError as exc:
                 raise ConfigError(f"{key}: {exc}") from exc
-            ident = json.dumps(_identity(cfg.to_dict()), sort_keys=True)
+            ident = json.dumps(run_identity(cfg.to_dict()), sort_keys=True)
             if ident not in by_config:
                 run = root / key / f"seed{run_seed}"
                 by_config[ident] = run
@@ -397,33 +398,6 @@ def read_tuned(
     return out
 
 
-def plain_json(obj: Any) -> Any:
-    """JSON round trip: tuples become lists, so saved and fresh configs compare equal."""
-    return json.loads(json.dumps(obj))
-
-
-def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A run config without its ``runtime`` section (how the run used the machine; saved runs
-    of earlier versions hold those keys under ``train``) and without the model keys its
-    registration declares inert (``inert_keys``, e.g. G's keys for ``aft-d``), for "same run?"
-    comparisons."""
-    from aftrec.config import TrainConfig, runtime_moved
-
-    plain = plain_json(runtime_moved(cfg))
-    plain.pop("runtime", None)
-    model = plain.get("model", {})
-    name = model.get("name")
-    if name in available_models():
-        reg = registration(name)
-        # a key the config gained later: a run saved before had the value that keeps what
-        # it computed (``LEGACY_VALUES`` on the config class, e.g. AFT's generator switches)
-        legacy = getattr(reg.config, "LEGACY_VALUES", {})
-        model = {**legacy, **model}
-        model = {k: v for k, v in model.items() if k not in reg.inert_keys}
-    train = {**TrainConfig.LEGACY_VALUES, **plain.get("train", {})}
-    return {**plain, "model": model, "train": train}
-
-
 #: a run directory holding none of these never trained (it failed or was killed before its
 #: first checkpoint), so another config may take it over
 TRAINED_MARKERS = ("last.pt", "best.pt", "metrics.json")
@@ -451,7 +425,7 @@ def _check_existing(job: Job, root: Path) -> None:
             f"{run} holds files but no reproduce.json (not made by `aftrec reproduce`); "
             "choose another --out or remove it"
         )
-    if _identity(saved.get("config") or {}) != _identity(job.cfg.to_dict()):
+    if run_identity(saved.get("config") or {}) != run_identity(job.cfg.to_dict()):
         raise ConfigError(
             f"{run} was trained with another config than this command asks for "
             "(different --quick or --set?); choose another --out or remove it; "

@@ -94,7 +94,7 @@ FOREIGN = {"meta.json": "a prepared dataset", "run.json": "a run", "manifest.jso
 def check_report_dir(out: Path) -> None:
     """``--out`` is new, empty or a report directory; a dataset, run, bundle or study, or any
     other folder with files in it, is refused before anything is written into it."""
-    from aftrec.outputs import check_writable
+    from aftrec.outputs import check_writable, is_temporary
 
     check_writable(out, folder=True)
     for marker, kind in FOREIGN.items():
@@ -102,7 +102,7 @@ def check_report_dir(out: Path) -> None:
             raise ConfigError(f"{out} is {kind}, not a report directory; choose another --out")
     if (
         out.is_dir()
-        and any(out.iterdir())
+        and any(not is_temporary(p) for p in out.iterdir())  # a killed writer's are deleted
         and not any((out / name).exists() for name in REPORT_MARKERS)
     ):
         raise ConfigError(

@@ -261,15 +261,13 @@ def _check_trial_dir(run: Path, cfg: RunConfig, number: int) -> None:
     """Refuse a trial directory trained with other settings than trial ``number`` drew (the
     trials of an older study under a new ``study.db``): resuming it would record its value
     under this trial's settings."""
+    from aftrec.config import run_identity
     from aftrec.training import rundir
 
-    if not (run / rundir.CONFIG).exists():
+    if not (run / rundir.LAST).exists():  # never checkpointed: the trial starts it afresh
         return
-    # the runtime section says how a run used the machine, not what it computed
-    saved, asked = (
-        {k: v for k, v in c.to_dict().items() if k != "runtime"}
-        for c in (rundir.load_run_config(run), cfg)
-    )
+    # what the run computes: no runtime section, no inert keys, earlier versions' defaults
+    saved, asked = (run_identity(c.to_dict()) for c in (rundir.load_run_config(run), cfg))
     differ = sorted(
         f"{section}.{key}"
         for section in saved.keys() | asked.keys()

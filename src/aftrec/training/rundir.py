@@ -17,6 +17,7 @@ The trainer writes it (:mod:`aftrec.training.trainer`); ``aftrec evaluate``, ``r
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -128,6 +129,12 @@ def load_run(run: Path, which: str = "best") -> tuple[RunConfig, Dataset, Retrie
         raise CheckpointError(
             f"{run / f'{which}.pt'}: does not fit model {cfg.model_name!r}: {exc}"
         ) from exc
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    if not all(bool(t.isfinite().all()) for t in tensors if t.is_floating_point()):
+        raise CheckpointError(  # a diverged model scores NaN, which ranks nothing
+            f"{run / f'{which}.pt'}: its weights hold NaN or infinite values (training "
+            "diverged); it cannot rank items"
+        )
     zero_subnormals(model)
     model.eval()
     return cfg, data, model
