@@ -158,3 +158,16 @@ def test_recommender_takes_a_numpy_n(rec: Any) -> None:
     res = rec.recommend(user="0", domain="d0", n=np.int64(3))
     assert len(res.results[0].items) == 3
     assert res.to_dict() == rec.recommend(user="0", domain="d0", n=3).to_dict()
+
+
+def test_a_path_that_is_not_one_is_a_config_error(trained: Path, tmp_path: Path) -> None:
+    for call in (
+        lambda: api.evaluate(None, progress=False),  # type: ignore[arg-type]
+        lambda: api.recommend(None, n=3),  # type: ignore[arg-type]
+        lambda: api.recommend(trained, n=3, out=5),  # type: ignore[arg-type]
+        lambda: api.export(None, tmp_path / "b"),  # type: ignore[arg-type]
+        lambda: api.export(trained, ""),
+    ):
+        with pytest.raises(ConfigError, match=r"(run|out) must be a path, got"):
+            call()
+    assert not (tmp_path / "b").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import numbers
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,13 @@ def _count(name: str, value: object, least: int = 1, most: int | None = None) ->
         bound = f"at least {least}" if most is None else f"in [{least}, {most}]"
         raise ConfigError(f"{name} must be {bound}, got {number}")
     return number
+
+
+def _path(name: str, value: object) -> Path:
+    """``value`` as a path: a ``str`` or an ``os.PathLike``, else one :class:`ConfigError`."""
+    if not isinstance(value, str | os.PathLike) or not os.fspath(value):
+        raise ConfigError(f"{name} must be a path, got {value!r}")
+    return Path(value)
 
 
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> str:
@@ -403,7 +411,7 @@ def evaluate(
 def _load(run: PathLike, which: str) -> tuple[RunConfig, Dataset, RetrievalModel]:
     from aftrec.training.rundir import load_run
 
-    return load_run(Path(run), which)
+    return load_run(_path("run", run), which)
 
 
 # --------------------------------------------------------------------------- recommend
@@ -424,8 +432,9 @@ def recommend(
     n = _count("--n", n)
     chosen_users, chosen_domains = _ids("--users", users), _ids("--domains", domains)
     if out is not None:  # before the ranking, which can take long
-        check_writable(Path(out))
-        check_not_owned(Path(out))
+        out = _path("out", out)
+        check_writable(out)
+        check_not_owned(out)
     cfg, data, model = _load(run, "best")
     frame = top_n(
         model, data, cfg.data.history_len, n, users=chosen_users, domains=chosen_domains,
@@ -456,7 +465,8 @@ def export(
         raise ConfigError(f"spec must be an aftrec.serving.index.IndexSpec or None, got {spec!r}")
     which = _choice("--which", which, ("best", "last"))
     threads = _count("--threads", threads, 0, MAX_THREADS)
-    return export_run(Path(run), Path(out), spec, which=which, force=force, threads=threads)
+    run, out = _path("run", run), _path("out", out)
+    return export_run(run, out, spec, which=which, force=force, threads=threads)
 
 
 __all__ = ["DATASETS", "evaluate", "export", "metrics_path", "prepare", "recommend", "train"]
