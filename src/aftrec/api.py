@@ -35,9 +35,6 @@ if TYPE_CHECKING:
 
 PathLike = str | Path
 
-#: ``export(threads=...)``: 0 (all cores) up to this; OpenMP overflows far above it
-MAX_THREADS = 1024
-
 
 def _count(name: str, value: object, least: int = 1, most: int | None = None) -> int:
     """``value`` as an ``int`` in [``least``, ``most``], else one :class:`ConfigError` naming
@@ -458,7 +455,7 @@ def export(
     """``aftrec export``: a self-contained serving bundle of a run (for
     :meth:`aftrec.Recommender.load` and ``aftrec serve``); returns its manifest. ``spec``: the
     nearest-neighbour index per domain (default: exact up to 50,000 items)."""
-    from aftrec.serving.bundle import export_run
+    from aftrec.serving.bundle import MAX_THREADS, export_run
     from aftrec.serving.index import IndexSpec
 
     if spec is not None and not isinstance(spec, IndexSpec):

@@ -80,6 +80,8 @@ FORMAT_VERSION = 2  # 2: manifest.sha256 covers the manifest
 MANIFEST = "manifest.json"
 MAX_MANIFEST = 64 << 20  # bytes read of a manifest at most: a bundle's is kilobytes
 DIGEST = "manifest.sha256"  # `sha256sum -c manifest.sha256` checks the manifest by hand
+#: ``--threads``: 0 (all cores) up to this; OpenMP's int overflows far above it
+MAX_THREADS = 1024
 #: every name a bundle holds
 WRITES = frozenset({MANIFEST, DIGEST, "encoder", "items", "index", "ids", "history", "popularity"})
 #: users whose vectors tune each approximate index and check the traced encoder
@@ -495,9 +497,9 @@ def write_bundle(
     """Build the indexes and write the bundle atomically to ``out``; returns the manifest."""
     spec = spec or IndexSpec()
     out = Path(out)
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= 1024:
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS:
         raise ConfigError(
-            f"--threads must be an integer in [0, 1024] (0: all cores), got {threads!r}"
+            f"--threads must be an integer in [0, {MAX_THREADS}] (0: all cores), got {threads!r}"
         )
     _validate_contents(contents)
     if out.exists() and not force:
