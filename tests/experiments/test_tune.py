@@ -10,6 +10,8 @@ import math
 import os
 import re
 import shutil
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +177,7 @@ def test_the_study_lives_in_out_whatever_its_name_holds(
     assert tune(_spec(tiny_dir, out, 3)).ran == 1  # and the next call finds it there
 
 
-@pytest.mark.parametrize("damage", ["random bytes", "truncated", "a folder"])
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "a folder", "another schema"])
 def test_a_damaged_study_is_one_error_line(
     tiny_dir: Path, tmp_path: Path, standin: list[str], capsys: pytest.CaptureFixture[str],
     damage: str,
@@ -187,6 +189,9 @@ def test_a_damaged_study_is_one_error_line(
         db.write_bytes(bytes(range(256)) * 64)
     elif damage == "truncated":
         os.truncate(db, 8192)
+    elif damage == "another schema":  # written by an Optuna whose tables differ from ours
+        with closing(sqlite3.connect(db)) as con, con:
+            con.execute("UPDATE alembic_version SET version_num = 'v99.0.0.a'")
     else:
         db.unlink()
         db.mkdir()

@@ -196,7 +196,8 @@ def _open_study(spec: TuneSpec, space: Mapping[str, Range]) -> optuna.Study:
             study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True
         )
         saved = study.user_attrs
-    except SQLAlchemyError as exc:  # random bytes, a truncated file, a folder
+    except (SQLAlchemyError, RuntimeError) as exc:  # random bytes, truncated, a folder
+        # (a RuntimeError: tables of another Optuna version, which Optuna names)
         reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
         raise CheckpointError(
             f"{out / STUDY_DB} is not a readable study of `aftrec tune` ({reason}); "
