@@ -24,11 +24,12 @@ median ML-1M / ML-100K ratio of the models finished in both).
 
 Every step is resumable (a finished study trains nothing; ``aftrec reproduce`` reuses finished
 runs and resumes half-trained ones), so the same command, run again in a later sitting, passes
-over the finished steps (every study complete; every run of a report finished and its report
-written after them: not run again, so a report keeps the header of the invocation that
-finished it) and goes on where the last one stopped, and the machine never
-waits for someone to start the next step. A report step starts only once every study is
-complete (the tune step before it returned), and its ``--tuned`` list is read then. Two
+over the finished steps (every study complete; every run of a report finished and its
+``results.json`` holding each run's metrics as its ``metrics.json`` has them: not run again,
+so a report keeps the header of the invocation that finished it) and goes on where the last
+one stopped, and the machine never waits for someone to start the next step. A report step
+starts only once every study is complete (the tune step before it returned), and its
+``--tuned`` list is read then. Two
 runs at a time with one torch thread each, as on this project's 2-core machine. A step that
 fails stops the plan with one line and a non-zero exit.
 """
@@ -36,6 +37,7 @@ fails stops the plan with one line and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
@@ -142,17 +144,29 @@ def plan_of(argv: list[str]) -> Plan:
 
 
 def report_complete(argv: list[str]) -> bool:
-    """Every run of a report step finished and its ``report.md`` written after the last of
-    them: the step is done, and running it again would only rewrite the report's header with
-    an invocation that trained nothing."""
+    """Every run of a report step finished and its ``results.json`` written from them (each
+    run's recorded metrics equal its ``metrics.json``): the step is done, and running it
+    again would only rewrite the report's header with an invocation that trained nothing.
+    Compared by content, not by file times, which a fresh checkout sets in any order."""
     from aftrec.experiments.execute import is_finished
 
     plan = plan_of(argv)
-    report = Path(plan.spec.out) / "report.md"
-    if not report.is_file() or not all(is_finished(job.run) for job in plan.jobs.values()):
+    results = Path(plan.spec.out) / "results.json"
+    if not results.is_file() or not all(is_finished(job.run) for job in plan.jobs.values()):
         return False
-    last = max((job.run / "metrics.json").stat().st_mtime for job in plan.jobs.values())
-    return report.stat().st_mtime >= last
+    try:
+        entries = json.loads(results.read_text())["entries"].values()
+        recorded = {
+            str(Path(seed["run"])): seed["metrics"]
+            for entry in entries
+            for seed in entry["seeds"].values()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return all(
+        recorded.get(str(job.run)) == json.loads((job.run / "metrics.json").read_text())
+        for job in plan.jobs.values()
+    )
 
 
 def report_status(
