@@ -28,7 +28,13 @@ pytest.importorskip("httpx")
 import httpx
 
 from aftrec.errors import ConfigError
-from aftrec.serving.api import MAX_BODY, RELOAD_REFUSED, BodyLimitMiddleware, create_app
+from aftrec.serving.api import (
+    MAX_BODY,
+    RELOAD_REFUSED,
+    BodyLimitMiddleware,
+    create_app,
+    repeated_name,
+)
 from aftrec.serving.cli import add_parsers, admin_token_from
 from aftrec.serving.recommender import Recommender
 from tests.serving import exported, free_port, running, trained_run
@@ -308,6 +314,29 @@ def test_every_response_has_a_request_id(url: str) -> None:
     assert mine.headers["x-request-id"] == "abc-123"
     assert re.fullmatch(r"[0-9a-f]{16}", evil.headers["x-request-id"])
     assert json.loads(bad.text)["detail"].startswith("malformed JSON")
+
+
+@pytest.mark.parametrize(
+    ("body", "name"),
+    [
+        (b'{"user": "u1", "n": 5, "user": "u2"}', "user"),
+        (b'{"behaviours": {"D0": ["i1"], "D0": ["i2"]}, "domain": "D1"}', "D0"),
+    ],
+)
+def test_a_name_given_twice_is_refused_not_guessed(url: str, body: bytes, name: str) -> None:
+    """Parsers differ on which value of a repeated name wins (RFC 8259, section 4): the first
+    for some proxies and logs, the last for Python's json, so neither is served."""
+    with httpx.Client(base_url=url) as c:
+        r = c.post("/recommend", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == f"malformed JSON: the name '{name}' appears twice in one object"
+
+
+def test_a_repeated_name_is_found_at_any_depth_and_only_then() -> None:
+    assert repeated_name(b'{"a": [{"b": 1, "c": {"d": 2, "d": 3}}]}') == "d"
+    assert repeated_name(b'{"a": {"x": 1}, "b": {"x": 1}}') is None  # one per object is fine
+    assert repeated_name(b"{") is None  # not JSON: the app's parser answers it
+    assert repeated_name(b"[" * 100_000) is None  # nesting too deep to parse: the same
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")

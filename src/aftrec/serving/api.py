@@ -24,16 +24,17 @@ its request waits is noticed: the request leaves the queue uncomputed and ``/met
 it with status 499. Responses are serialised with orjson.
 
 Every failure the client caused is a 4xx with ``{"detail": "<what is wrong>"}``: malformed
-JSON, a ``Content-Length`` that is not one number, or both ``Content-Length`` and
-``Transfer-Encoding`` (RFC 9112, section 6.3) 400, a body without length 411 or over
-``max_body`` 413 (bytes received are counted, whatever the headers say), unknown user 404,
-everything else (unknown domain or item ids, ``n`` out of range, too many behaviours, wrong
-types, ``trial`` without a generator) 422. Every response carries ``X-Request-ID``; an
-unexpected error is a 500 with ``{"detail": ..., "request_id": ...}``, one log line with that
-id (the traceback at debug level), and the connection stays open. Each ``/recommend``
-response carries ``Server-Timing`` with the milliseconds spent encoding, searching and
-serialising, and ``batch;desc=N``: the number of requests computed together with it. Nothing
-in a response names a file or folder of the server.
+JSON (a name given twice in one object included), a ``Content-Length`` that is not one
+number, or both ``Content-Length`` and ``Transfer-Encoding`` (RFC 9112, section 6.3) 400, a
+body without length 411 or over ``max_body`` 413 (bytes received are counted, whatever the
+headers say), unknown user 404, everything else (unknown domain or item ids, ``n`` out of
+range, too many behaviours, wrong types, ``trial`` without a generator) 422. Every response
+carries ``X-Request-ID``; an unexpected error is a 500 with
+``{"detail": ..., "request_id": ...}``, one log line with that id (the traceback at debug
+level), and the connection stays open. Each ``/recommend`` response carries ``Server-Timing``
+with the milliseconds spent encoding, searching and serialising, and ``batch;desc=N``: the
+number of requests computed together with it. Nothing in a response names a file or folder
+of the server.
 """
 
 from __future__ import annotations
@@ -322,6 +323,30 @@ def _is_json(headers: Any) -> bool:
     return False
 
 
+def repeated_name(body: bytes) -> str | None:
+    """The first name that one object of a JSON ``body`` holds twice, or None (also for a body
+    that is not JSON, which the app's own parser then answers).
+
+    RFC 8259 (section 4) says names SHOULD be unique and that parsers differ on which value
+    of a repeated name they keep; this one would keep the last, another before it (a proxy, a
+    log) may have read the first. Such a body is refused rather than guessed at."""
+    repeated: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> None:  # the values are not needed
+        seen: set[str] = set()
+        for name, _ in items:
+            if name in seen:
+                repeated.append(name)
+                return
+            seen.add(name)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return None
+    return repeated[0] if repeated else None
+
+
 class BodyLimitMiddleware:
     """Reads a request body completely, counting the bytes received, before the app sees it.
 
@@ -331,7 +356,9 @@ class BodyLimitMiddleware:
     a ``/recommend`` body not declared as JSON (415; ``/admin/reload`` answers nothing
     before its token holds).
     While reading, more than ``limit`` bytes received is a 413 whatever the headers said. A
-    client that leaves before its body is complete gets nothing and the app is not called."""
+    client that leaves before its body is complete gets nothing and the app is not called.
+    A ``/recommend`` body with a name repeated in one object is a 400 (:func:`repeated_name`).
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -364,6 +391,9 @@ class BodyLimitMiddleware:
                 problem = (413, f"request body over {self.limit} bytes")
             elif not message.get("more_body", False):
                 break
+        repeated = None if problem or scope["path"] != "/recommend" else repeated_name(bytes(body))
+        if repeated is not None:
+            problem = (400, f"malformed JSON: the name {repeated!r} appears twice in one object")
         if problem is not None:
             response = JSONResponse({"detail": problem[1]}, status_code=problem[0])
             await response(scope, receive, send)
