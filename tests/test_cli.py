@@ -165,6 +165,21 @@ def test_python_dash_m_exits_with_the_commands_status(module: str, tmp_path: Pat
     assert ok.returncode == 0
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["prepare"], ["train"], ["evaluate"], ["recommend"], ["export"], ["serve"],
+     ["reproduce"], ["tune"], ["demo"], ["models"]],
+)  # fmt: skip
+def test_help_is_plain_text(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """No reStructuredText markup of the docstrings leaks into ``--help``."""
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: aftrec" in text
+    assert not any(mark in text for mark in ("``", ":class:", ":func:", ":mod:")), text
+
+
 def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
     import aftrec
 

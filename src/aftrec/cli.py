@@ -151,7 +151,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="aftrec", description=" ".join(__doc__.split("\n\n")[0].split())
+        prog="aftrec", description=" ".join(__doc__.split("\n\n")[0].split()).replace("``", "")
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"aftrec {__version__}")
