@@ -5,6 +5,7 @@ original ids. Also pre-split input, Parquet input and the label / rating positiv
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import io
@@ -25,7 +26,7 @@ import pytest
 import yaml
 
 from aftrec import api
-from aftrec.cli import main
+from aftrec.cli import build_parser, main
 from aftrec.config import resolve
 from tests.inputs import write
 
@@ -178,6 +179,18 @@ def test_help_is_plain_text(argv: list[str], capsys: pytest.CaptureFixture[str])
     text = capsys.readouterr().out
     assert "usage: aftrec" in text
     assert not any(mark in text for mark in ("``", ":class:", ":func:", ":mod:")), text
+
+
+def test_every_option_says_what_it_is() -> None:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    silent = [
+        f"{name} {action.option_strings[-1] if action.option_strings else action.dest}"
+        for name, command in commands.choices.items()
+        for action in command._actions
+        if not action.help and not isinstance(action, argparse._HelpAction)
+    ]
+    assert silent == []
 
 
 def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -158,7 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pp = sub.add_parser("prepare", help="turn raw data into a prepared dataset directory")
-    pp.add_argument("--dataset", choices=list(api.DATASETS))
+    pp.add_argument(
+        "--dataset", choices=list(api.DATASETS),
+        help="a known dataset (MovieLens: downloaded unless --path; netflix: --path and "
+        "--domains); without it, --interactions [--items] or --train/--test",
+    )  # fmt: skip
     pp.add_argument("--path", type=Path, help="local folder with the raw files")
     pp.add_argument("--domains", type=Path, help="Netflix item-to-domain map (CSV: item,domain)")
     pp.add_argument("--interactions", type=Path, help="generic log (CSV or Parquet)")
@@ -166,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--train", type=Path, help="pre-split training log")
     pp.add_argument("--valid", type=Path, help="pre-split validation log (optional)")
     pp.add_argument("--test", type=Path, help="pre-split test log")
-    pp.add_argument("--out", type=Path, required=True)
+    pp.add_argument("--out", type=Path, required=True, help="the prepared dataset folder to write")
     pp.add_argument(
         "--force", action="store_true",
         help="replace --out if it is a prepared dataset (or an empty folder)",
@@ -177,9 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         help="positives are ratings >= this (default 3)",
     )
-    pp.add_argument("--test-ratio", type=float, default=0.2)
-    pp.add_argument("--valid-ratio", type=float, default=0.2)
-    pp.add_argument("--min-positives", type=int, default=5)
+    pp.add_argument(
+        "--test-ratio", type=float, default=0.2,
+        help="the last share of each user's positives, by time, that is test (default 0.2)",
+    )  # fmt: skip
+    pp.add_argument(
+        "--valid-ratio", type=float, default=0.2,
+        help="the last share of what is left that is validation (default 0.2; 0: none)",
+    )  # fmt: skip
+    pp.add_argument(
+        "--min-positives", type=int, default=5,
+        help="users with fewer positives are dropped (default 5)",
+    )  # fmt: skip
     st = pp.add_argument_group("streaming (logs larger than memory; see docs/scale.md)")
     st.add_argument(
         "--streaming",
@@ -194,15 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows of the log per partition with --streaming (default 4000000)",
     )
     g = pp.add_argument_group("synthetic")
-    g.add_argument("--users", type=int, default=2000)
-    g.add_argument("--n-domains", type=int, default=3)
-    g.add_argument("--items-per-domain", type=int, default=500)
-    g.add_argument("--interactions-count", type=int, default=60_000)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--users", type=int, default=2000, help="users (default 2000)")
+    g.add_argument("--n-domains", type=int, default=3, help="domains (default 3)")
+    g.add_argument(
+        "--items-per-domain", type=int, default=500, help="items in each domain (default 500)"
+    )
+    g.add_argument(
+        "--interactions-count", type=int, default=60_000,
+        help="interactions drawn (default 60000)",
+    )  # fmt: skip
+    g.add_argument("--seed", type=int, default=0, help="seeds the draws (default 0)")
     pp.set_defaults(func=_prepare)
 
     pt = sub.add_parser("train", help="train a model on a prepared dataset")
-    pt.add_argument("--data", type=Path)
+    pt.add_argument(
+        "--data", type=Path,
+        help="a prepared dataset directory (with --resume: the run's own, unless it moved)",
+    )  # fmt: skip
     pt.add_argument("--model", help="model name (see `aftrec models`)")
     pt.add_argument("--out", type=Path, required=True, help="run directory")
     pt.add_argument("--config", type=Path, help="YAML with model/data/train sections")
@@ -218,10 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(func=_train)
 
     pe = sub.add_parser("evaluate", help="full-ranking Recall@N / NDCG@N / AUC per domain")
-    pe.add_argument("--run", type=Path, required=True)
-    pe.add_argument("--n", type=int, nargs="+", default=[20, 50, 200])
-    pe.add_argument("--split", choices=["test", "valid"], default="test")
-    pe.add_argument("--which", choices=["best", "last"], default="best")
+    pe.add_argument("--run", type=Path, required=True, help="run directory")
+    pe.add_argument(
+        "--n", type=int, nargs="+", default=[20, 50, 200],
+        help="cut-offs of Recall@N and NDCG@N (default 20 50 200)",
+    )  # fmt: skip
+    pe.add_argument(
+        "--split", choices=["test", "valid"], default="test", help="the part ranked (default test)"
+    )
+    pe.add_argument(
+        "--which", choices=["best", "last"], default="best",
+        help="checkpoint: the best validation epoch's or the last (default best)",
+    )  # fmt: skip
     pe.add_argument(
         "--sampled-negatives",
         type=int,
@@ -229,12 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="ALSO NOT full ranking: rank positives among K sampled unclicked items",
     )
-    pe.add_argument("--quiet", action="store_true")
+    pe.add_argument("--quiet", action="store_true", help="no progress bar")
     pe.set_defaults(func=_evaluate)
 
     pr = sub.add_parser("recommend", help="top-N per (user, domain) to CSV or Parquet")
-    pr.add_argument("--run", type=Path, required=True)
-    pr.add_argument("--n", type=int, default=50)
+    pr.add_argument("--run", type=Path, required=True, help="run directory")
+    pr.add_argument("--n", type=int, default=50, help="items per (user, domain) (default 50)")
     pr.add_argument("--out", type=Path, required=True, help="FILE.csv or FILE.parquet")
     pr.add_argument("--users", nargs="+", help="original user ids (default: every test user)")
     pr.add_argument("--domains", nargs="+", help="domain names (default: each user's test domains)")
@@ -257,7 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pu.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
     pu.add_argument("--model", required=True, help="model name (see `aftrec models`)")
-    pu.add_argument("--out", type=Path, required=True, metavar="DIR")
+    pu.add_argument(
+        "--out", type=Path, required=True, metavar="DIR",
+        help="the study's folder: new, empty, or one this command wrote (it continues)",
+    )  # fmt: skip
     pu.add_argument("--trials", type=int, required=True, help="the trial budget of the study")
     pu.add_argument("--seed", type=int, default=0, help="seeds the search and every trial's run")
     pu.add_argument(
@@ -277,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
         "per-domain Recall@50 table and write a bar chart; export the best dot-product model, "
         "serve it on a free loopback port and ask it for a known user and a new one.",
     )
-    pd.add_argument("--dataset", choices=["ml-100k", "ml-1m"], default="ml-100k")
+    pd.add_argument(
+        "--dataset", choices=["ml-100k", "ml-1m"], default="ml-100k",
+        help="the MovieLens set it runs on (default ml-100k)",
+    )  # fmt: skip
     pd.add_argument("--out", type=Path, help="the demo's folder (default runs/demo/DATASET)")
     pd.add_argument("--jobs", type=int, default=2, metavar="J", help="runs trained at once")
     pd.add_argument(

@@ -243,7 +243,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
-    p.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR")
+    p.add_argument(
+        "--out", type=Path, required=True, metavar="REPORT_DIR",
+        help="the report's folder: new, empty, or one this command wrote (it goes on)",
+    )  # fmt: skip
     p.add_argument(
         "--seeds", type=int, default=None, help=f"seeds 0..S-1 (default {DEFAULT_SEEDS}; quick: 1)"
     )

@@ -263,14 +263,20 @@ def add_parsers(sub: Any) -> None:
     )
     px.add_argument("--run", type=Path, required=True, help="run directory")
     px.add_argument("--out", type=Path, required=True, help="bundle folder to write")
-    px.add_argument("--which", choices=["best", "last"], default="best")
+    px.add_argument(
+        "--which", choices=["best", "last"], default="best",
+        help="checkpoint: the best validation epoch's or the last (default best)",
+    )  # fmt: skip
     px.add_argument(
         "--index",
         choices=KINDS,
         default="auto",
         help="index per domain: auto = flat (exact) up to --exact-max items, ivf above",
     )
-    px.add_argument("--exact-max", type=int, default=50_000, metavar="N")
+    px.add_argument(
+        "--exact-max", type=int, default=50_000, metavar="N",
+        help="with --index auto, domains of at most N items get an exact index (default 50000)",
+    )  # fmt: skip
     px.add_argument("--nlist", type=int, default=None, help="IVF cells (default ~4 sqrt(n))")
     px.add_argument(
         "--search-param",
@@ -290,9 +296,11 @@ def add_parsers(sub: Any) -> None:
     ps = sub.add_parser(
         "serve", help="answer recommendations from a bundle over HTTP", allow_abbrev=False
     )
-    ps.add_argument("--bundle", type=Path, required=True)
-    ps.add_argument("--host", default="127.0.0.1")
-    ps.add_argument("--port", type=int, default=8000)
+    ps.add_argument("--bundle", type=Path, required=True, help="a folder `aftrec export` wrote")
+    ps.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine)"
+    )
+    ps.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     ps.add_argument(
         "--threads",
         type=int,
@@ -360,6 +368,9 @@ def add_parsers(sub: Any) -> None:
         default="auto",
         help="event loop: uvloop or asyncio; auto: uvloop if installed",
     )
-    ps.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    ps.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+        help="server log level (default warning)",
+    )  # fmt: skip
     ps.add_argument("--access-log", action="store_true", help="log every request")
     ps.set_defaults(func=_serve)
