@@ -691,7 +691,10 @@ def test_evaluate_bad_numbers(
     ("flags", "needles"),
     [
         (["--domains", "movie", "film"], ("unknown domain(s) ['film']", "'movie'")),
-        (["--users", "u3", "nobody"], ("unknown user id(s) ['nobody']",)),
+        (
+            ["--users", "u3", "nobody"],
+            ("unknown user id(s) ['nobody'] (this dataset's look like 'u",),
+        ),
         (["--n", "0"], ("--n must be at least 1",)),
     ],
     ids=["domain", "user", "n"],

@@ -231,5 +231,6 @@ def _lookup(column: pd.Series, ids: list[str], what: str) -> np.ndarray:
     idx = index.get_indexer(pd.Index([str(i) for i in ids]))
     if (idx < 0).any():
         bad = [ids[i] for i in np.flatnonzero(idx < 0)[:5]]
-        raise DataError(f"unknown {what} id(s) {bad}")
+        known = ", ".join(repr(v) for v in index[:3])
+        raise DataError(f"unknown {what} id(s) {bad} (this dataset's look like {known}, ...)")
     return idx.astype(np.int64)
