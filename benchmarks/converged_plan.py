@@ -249,7 +249,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run none")
     parser.add_argument("--status", action="store_true", help="where the plan stands; run none")
+    parser.add_argument(
+        "--hours", type=float, default=None, metavar="H",
+        help="the time this sitting has: the report steps start only runs expected to end "
+        "within it (`aftrec reproduce --hours`), and the plan stops when none fits",
+    )  # fmt: skip
     args = parser.parse_args()
+    deadline = None if args.hours is None else time.time() + args.hours * 3600
     if args.status:
         lines = study_status()
         if tuned_dirs():
@@ -273,9 +279,15 @@ def main() -> None:
             print(f"{time.strftime('%H:%M:%S')} step {name} complete: passed over", flush=True)
             continue
         t0 = time.time()
+        limited = deadline is not None and name in ("ml-100k", "ml-1m")
+        if limited:
+            assert deadline is not None
+            argv = [*argv, "--hours", f"{max(deadline - t0, 1.0) / 3600:.4f}"]
         code = subprocess.run(argv, cwd=ROOT, check=False).returncode
         if code != 0:
             sys.exit(f"step {name} failed (exit {code}); run this command again to resume it")
+        if limited and not report_complete(argv):
+            sys.exit(f"step {name}: --hours left runs for a later sitting; run this again then")
         print(f"{time.strftime('%H:%M:%S')} step {name} done ({(time.time() - t0) / 60:.1f} min)")
 
 

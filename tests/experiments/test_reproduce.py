@@ -774,6 +774,48 @@ def test_parallel_jobs_give_the_serial_results(tiny_dir: Path, tmp_path: Path) -
     assert "--jobs 2" in text
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_hours_starts_only_runs_expected_to_end_in_time(
+    tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, jobs: int
+) -> None:
+    """--hours: a run starts only if its model's longest finished run fits the time left; a
+    model with no finished run waits. What did not start is "not run yet", not a failure."""
+    out = tmp_path / "report"
+    spec = dict(quick=True, ablations=False, sweeps=False, overrides=tuple(THREADS),
+                progress=False, jobs=jobs)  # fmt: skip
+    first = reproduce(
+        ReproduceSpec(tiny_dir, out, seeds=1, models=("two-tower", "fm-single"), **spec)
+    )  # type: ignore[arg-type]
+    assert first.trained == 2
+    log = out / "runs" / "fm-single" / "seed0" / rundir.LOG
+    epochs = [json.loads(line) for line in log.read_text().splitlines()]
+    seconds = 4000.0 / len(epochs)  # so fm-single's next run is expected to take over 1 h
+    log.write_text("".join(json.dumps({**e, "train_seconds": seconds}) + "\n" for e in epochs))
+
+    caplog.set_level("INFO", logger="aftrec.experiments.execute")
+    models = ("two-tower", "fm-single", "mmoe")  # mmoe: no finished run to go by
+    limited = reproduce(ReproduceSpec(tiny_dir, out, seeds=2, models=models, hours=1.0, **spec))  # type: ignore[arg-type]
+    assert (limited.trained, limited.failed, limited.pending) == (1, 0, 3)
+    assert (out / "runs" / "two-tower" / "seed1" / "metrics.json").is_file()
+    for run in ("fm-single/seed1", "mmoe/seed0", "mmoe/seed1"):
+        assert not (out / "runs" / run).exists(), run
+    assert "3 run(s) not started, 1 expected to outlast the time left and 2 of models" in (
+        caplog.text
+    )
+    text = (out / "report.md").read_text()
+    assert "**Partial report**: 3 of 6 runs have not run yet" in text
+    assert "--hours" not in text  # the command a reader would rerun: every run, in any time
+
+    rest = reproduce(ReproduceSpec(tiny_dir, out, seeds=2, models=models, **spec))  # type: ignore[arg-type]
+    assert (rest.trained, rest.reused, rest.pending) == (3, 3, 0)
+
+
+@pytest.mark.parametrize("hours", [0.0, -1.0, math.nan, math.inf])
+def test_hours_must_be_a_positive_number(tmp_path: Path, hours: float) -> None:
+    with pytest.raises(ConfigError, match="--hours must be a positive number of hours"):
+        make_plan(ReproduceSpec(Path("unused"), tmp_path / "r", models=("pop",), hours=hours))
+
+
 def test_jobs_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--jobs must be at least 1"):
         make_plan(ReproduceSpec(Path("unused"), tmp_path / "r", models=("pop",), jobs=0))

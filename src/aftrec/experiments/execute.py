@@ -87,12 +87,18 @@ def train_seconds(run: Path, recorded: float | None) -> float | None:
     before it could record adds nothing) and the sum of its logged epochs' training and
     validation seconds (``log.jsonl``; an epoch stopped part-way and resumed logs both
     parts). None when neither holds a time."""
-    from aftrec.training.rundir import epoch_log
-
-    logged = sum(e.get("train_seconds", 0.0) + e.get("valid_seconds", 0.0) for e in epoch_log(run))
+    logged = logged_seconds(run)
     if recorded is None:
         return logged or None
     return max(float(recorded), logged)
+
+
+def logged_seconds(run: Path) -> float:
+    """The training and validation seconds of the epochs in a run's ``log.jsonl`` (0 without
+    one)."""
+    from aftrec.training.rundir import epoch_log
+
+    return sum(e.get("train_seconds", 0.0) + e.get("valid_seconds", 0.0) for e in epoch_log(run))
 
 
 def run_job(job: Job, data_dir: Path) -> RunOutcome:
@@ -166,15 +172,30 @@ def _one_line(exc: BaseException) -> str:
 
 
 class _Eta:
-    """Time left: the mean wall time of finished runs of the same model, else of any run."""
+    """Time left: the mean wall time of finished runs of the same model, else of any run;
+    and, for ``--hours``, the longest a finished run of a model worked (:meth:`needs`)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, list[float]] = {}
+        self.longest: dict[str, float] = {}
 
     def add(self, model: str, outcome: RunOutcome) -> None:
         if outcome.ok and outcome.train_seconds is not None:
             total = outcome.train_seconds + (outcome.eval_seconds or 0.0)
             self.seconds.setdefault(model, []).append(total)
+        if outcome.ok:
+            # the epochs it logged, not its invocations' sum: time lost to a stop that could
+            # not resume (a checkpoint gone) is no part of what another run will need
+            worked = logged_seconds(outcome.run) + (outcome.eval_seconds or 0.0)
+            if worked > 0:
+                self.longest[model] = max(self.longest.get(model, 0.0), worked)
+
+    def needs(self, job: Job) -> float | None:
+        """Seconds ``job`` is expected to take at most: the longest finished run of its
+        model, less what the job's own log already holds. None: no run of it has finished."""
+        if job.model not in self.longest:
+            return None
+        return max(0.0, self.longest[job.model] - logged_seconds(job.run))
 
     def left(self, models: Iterable[str]) -> float | None:
         every = [s for v in self.seconds.values() for s in v]
@@ -266,6 +287,16 @@ def execute(plan: Plan) -> dict[Path, RunOutcome]:
         return outcomes
     pending = [_with_threads(job, plan.spec.jobs) for job in _seed_order(pending)]
     data_dir = Path(plan.spec.data)
+    hours = plan.spec.hours
+    deadline = None if hours is None else time.monotonic() + hours * 3600
+
+    def fits(job: Job) -> bool:
+        """Whether ``job`` is expected to end before ``--hours`` is up (always without it)."""
+        if deadline is None:
+            return True
+        need = eta.needs(job)
+        return need is not None and time.monotonic() + need <= deadline
+
     root = Path(plan.spec.out) / "runs"
     bar = tqdm(
         total=len(pending),
@@ -298,7 +329,11 @@ def execute(plan: Plan) -> dict[Path, RunOutcome]:
     try:
         with logging_redirect_tqdm(), _stop_on_signals():
             if plan.spec.jobs == 1:
+                held = []
                 for i, job in enumerate(pending):
+                    if not fits(job):
+                        held.append(job)
+                        continue
                     running[job.run] = job
                     show(pending[i:])
                     try:
@@ -308,8 +343,18 @@ def execute(plan: Plan) -> dict[Path, RunOutcome]:
                         outcome = RunOutcome(job.run, False, error=_one_line(exc), trained_now=True)
                     finish(job, outcome)
             else:
-                _execute_parallel(pending, data_dir, plan.spec.jobs, running, show, finish)
-            bar.set_description("done")
+                held = _execute_parallel(
+                    pending, data_dir, plan.spec.jobs, running, show, finish, fits
+                )
+            outcomes.update({job.run: RunOutcome(job.run, False, pending=True) for job in held})
+            if held:
+                unknown = sum(eta.needs(job) is None for job in held)
+                log.info(
+                    "--hours %g: %d run(s) not started, %d expected to outlast the time left and "
+                    "%d of models with no finished run to go by; run the same command again",
+                    hours, len(held), len(held) - unknown, unknown,
+                )  # fmt: skip
+            bar.set_description("time limit" if held else "done")
             bar.set_postfix_str(f"{failed} failed" if failed else "")
     except Stopped as exc:
         # drop the frames that hold the pool: its queues' semaphores are released when it is
@@ -334,8 +379,10 @@ def _execute_parallel(
     running: dict[Path, Job],
     show: Any,
     finish: Any,
-) -> None:
-    """Keep ``jobs`` worker processes busy, submitting in order as runs finish."""
+    fits: Any,
+) -> list[Job]:
+    """Keep ``jobs`` worker processes busy, submitting in order as runs finish: the first
+    waiting job that ``fits``. Returns the jobs never submitted (none fitted any more)."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
@@ -348,10 +395,15 @@ def _execute_parallel(
     ) as pool:
         try:
             while queue or futures:
-                while queue and len(futures) < jobs:
-                    job = queue.pop(0)
+                while len(futures) < jobs:
+                    job = next((j for j in queue if fits(j)), None)
+                    if job is None:
+                        break
+                    queue.remove(job)
                     futures[pool.submit(_run_job_caught, job, data_dir)] = job
                     running[job.run] = job
+                if not futures:
+                    break  # nothing runs and nothing left fits the time
                 show([*running.values(), *queue])
                 done, _ = wait(futures, return_when=FIRST_COMPLETED)
                 for fut in done:
@@ -365,6 +417,7 @@ def _execute_parallel(
             pool.shutdown(wait=False, cancel_futures=True)
             _stop_workers(multiprocessing.active_children())
             raise
+    return queue
 
 
 def _worker_init(parent: int) -> None:

@@ -92,6 +92,7 @@ class ReproduceSpec:
     report_only: bool = False  # train nothing; report the finished runs
     tuned: tuple[Path, ...] = ()  # `aftrec tune` directories (or their best.json), one per model
     model_seeds: tuple[str, ...] = ()  # "MODEL=S": that main row on seeds 0..S-1, not --seeds
+    hours: float | None = None  # start only runs expected to end within this many hours
 
     @property
     def n_seeds(self) -> int:
@@ -106,7 +107,8 @@ class ReproduceSpec:
         return min(self.ablation_seeds or self.n_seeds, self.n_seeds)
 
     def command(self) -> str:
-        """An ``aftrec reproduce`` command line equivalent to this spec."""
+        """An ``aftrec reproduce`` command line equivalent to this spec (without ``--quiet``
+        and ``--hours``, which change when runs happen, not what they compute)."""
         argv = ["aftrec", "reproduce", "--data", str(self.data), "--out", str(self.out)]
         if self.seeds is not None:
             argv += ["--seeds", str(self.seeds)]
@@ -294,6 +296,8 @@ def make_plan(spec: ReproduceSpec) -> Plan:
         raise ConfigError(f"--alpha must be in (0, 1), got {spec.alpha}")
     if spec.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {spec.jobs}")
+    if spec.hours is not None and not 0 < spec.hours < math.inf:
+        raise ConfigError(f"--hours must be a positive number of hours, got {spec.hours}")
     models = check_models(spec.models) if spec.models else default_models()
     user = _parse_overrides(spec.overrides)
     _check_user_overrides(user, models)

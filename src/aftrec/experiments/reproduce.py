@@ -207,6 +207,7 @@ def spec_from_args(args: argparse.Namespace) -> ReproduceSpec:
         report_only=args.report_only,
         tuned=tuple(args.tuned),
         model_seeds=tuple(args.model_seeds),
+        hours=args.hours,
     )
 
 
@@ -319,6 +320,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="train nothing: write the report from the finished runs, list the others",
     )
+    p.add_argument(
+        "--hours", type=float, default=None, metavar="H",
+        help="start only runs expected to end within H hours (each model's longest finished "
+        "run in REPORT_DIR, less what the run has logged; a model with none waits): for a "
+        "sitting of known length, so that nothing is cut part-way",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
     return p
