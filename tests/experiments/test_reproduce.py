@@ -810,6 +810,25 @@ def test_hours_starts_only_runs_expected_to_end_in_time(
     assert (rest.trained, rest.reused, rest.pending) == (3, 3, 0)
 
 
+def test_a_half_trained_run_of_a_model_none_finished_is_timed_by_its_epochs(
+    tmp_path: Path,
+) -> None:
+    plan = make_plan(ReproduceSpec(Path("unused"), tmp_path / "r", models=("two-tower",),
+                                   seeds=1, overrides=("train.epochs=10",)))  # fmt: skip
+    job = next(iter(plan.jobs.values()))
+    eta = ex._Eta()
+    assert eta.needs(job) is None  # nothing to go by: it waits
+    job.run.mkdir(parents=True)
+    epochs = [{"epoch": e, "train_seconds": 50.0, "valid_seconds": 10.0} for e in (1, 2, 3, 4)]
+    (job.run / rundir.LOG).write_text("".join(json.dumps(e) + "\n" for e in epochs))
+    assert eta.needs(job) == pytest.approx(60.0 * 6)  # 6 epochs to the cap of 10, 60 s each
+    longest = job.run.parent / "seed9"
+    longest.mkdir()
+    (longest / rundir.LOG).write_text(json.dumps({"epoch": 1, "train_seconds": 1000.0}) + "\n")
+    eta.add("two-tower", RunOutcome(longest, True, train_seconds=1e6, eval_seconds=5.0))
+    assert eta.needs(job) == pytest.approx(1005.0 - 240.0)  # its logged epochs, not 1e6
+
+
 @pytest.mark.parametrize("hours", [0.0, -1.0, math.nan, math.inf])
 def test_hours_must_be_a_positive_number(tmp_path: Path, hours: float) -> None:
     with pytest.raises(ConfigError, match="--hours must be a positive number of hours"):

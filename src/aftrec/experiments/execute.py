@@ -192,10 +192,18 @@ class _Eta:
 
     def needs(self, job: Job) -> float | None:
         """Seconds ``job`` is expected to take at most: the longest finished run of its
-        model, less what the job's own log already holds. None: no run of it has finished."""
-        if job.model not in self.longest:
+        model, less what the job's own log already holds; for a half-trained run of a model
+        with none finished, its mean epoch so far times the epochs left to the cap. None: no
+        run of the model has finished and this one has logged no epoch."""
+        from aftrec.training.rundir import epoch_log
+
+        done = logged_seconds(job.run)
+        if job.model in self.longest:
+            return max(0.0, self.longest[job.model] - done)
+        epochs = max((int(e.get("epoch", 0)) for e in epoch_log(job.run)), default=0)
+        if epochs == 0:
             return None
-        return max(0.0, self.longest[job.model] - logged_seconds(job.run))
+        return done / epochs * max(0, job.cfg.train.epochs - epochs)
 
     def left(self, models: Iterable[str]) -> float | None:
         every = [s for v in self.seconds.values() for s in v]

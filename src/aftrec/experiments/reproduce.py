@@ -323,7 +323,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--hours", type=float, default=None, metavar="H",
         help="start only runs expected to end within H hours (each model's longest finished "
-        "run in REPORT_DIR, less what the run has logged; a model with none waits): for a "
+        "run in REPORT_DIR, less what the run has logged; with none finished, a half-trained "
+        "run's mean epoch times the epochs left to the cap, and a new run waits): for a "
         "sitting of known length, so that nothing is cut part-way",
     )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
