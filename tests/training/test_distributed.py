@@ -7,6 +7,7 @@ steps as a single process that builds each global batch from the same two shards
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -132,11 +133,16 @@ def test_resume_on_another_number_of_ranks(tiny_dir: Path, tmp_path: Path) -> No
     run([sys.executable, "-m", "aftrec.cli", "train", "--out", str(split), "--resume", "--quiet",
          "--set", "train.epochs=2"])  # fmt: skip
     assert_same_weights(straight, split)
+    # and it did resume: epoch 1 is the two ranks', epoch 2 the one process's (a run trained
+    # again from the start would give the same weights, seeded as it is)
+    log = [json.loads(line) for line in (split / "log.jsonl").read_text().splitlines()]
+    assert [(e["epoch"], e["ranks"]) for e in log] == [(1, 2), (2, 1)]
 
 
 #: ``aftrec.cli`` with every training step counted and ACTION taken at step STOP of the
 #: process: ``raise SystemExit(3)`` stops it as a kill would (each rank at the same batch)
 STOPPING_CLI = """
+import json
 import os
 import signal
 import sys
