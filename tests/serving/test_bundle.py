@@ -330,6 +330,42 @@ def test_export_command(
     assert not (tmp_path / "c").exists()
 
 
+def _two_tower_whose_user_vectors(tiny: Dataset, change: Callable[..., torch.Tensor]) -> TwoTower:
+    """A two-tower model whose ``user_vectors`` is passed through ``change(batch, u)``."""
+    torch.manual_seed(0)
+    model = create_model("two-tower", resolve("two-tower", None, ["model.dim=16"]).model,
+                         tiny.info, 4)  # fmt: skip
+    plain = model.user_vectors
+    model.user_vectors = lambda batch, domain: change(batch, plain(batch, domain))  # type: ignore[method-assign]
+    assert isinstance(model, TwoTower)
+    return model
+
+
+def test_an_encoder_that_traced_one_branch_of_its_data_is_refused(tiny: Dataset) -> None:
+    """The trace example is a full history, so a branch on "is the history full?" is frozen
+    on its first arm; real and cold-start users take the other, and export says so."""
+    pad = tiny.info.pad
+
+    def branchy(batch: Batch, u: torch.Tensor) -> torch.Tensor:
+        return 2 * u if bool((batch.history != pad).all()) else u
+
+    model = _two_tower_whose_user_vectors(tiny, branchy)
+    with pytest.raises(BundleError, match=r"does not reproduce TwoTower\.user_vectors"):
+        contents_from_model(model, tiny, 4, sample_users=16)
+
+
+def test_an_encoder_with_its_batch_size_frozen_is_refused(tiny: Dataset) -> None:
+    """A size taken from the one-user trace example (``len(batch)``) becomes a constant: the
+    encoder then answers one user at a time only, which a batching server cannot use."""
+
+    def one_at_a_time(batch: Batch, u: torch.Tensor) -> torch.Tensor:
+        return u.reshape(len(batch), -1)
+
+    model = _two_tower_whose_user_vectors(tiny, one_at_a_time)
+    with pytest.raises(BundleError, match="answers one user at a time only"):
+        contents_from_model(model, tiny, 4, sample_users=16)
+
+
 #: exported in the default run: the paper's model, the reference, and a model that trims
 #: padding to the longest history (traced on a full one); the rest of the registry is slow
 QUICK = ("aft", "two-tower", "sasrec")
