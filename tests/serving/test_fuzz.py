@@ -228,15 +228,19 @@ def test_a_big_body_does_not_grow_the_server(server: tuple[str, int]) -> None:
     before = max(memory_mib(pid, "VmRSS"), memory_mib(pid, "VmHWM"))
     body = b" " * (128 << 20)
     chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
-    for request in (
-        b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n"
-        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked,
-        b"POST /recommend HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-        b"Connection: close\r\n\r\n" + chunked,
-        b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
-        b"Connection: close\r\n\r\n" % len(body) + body,
-    ):
+    for request, refusal in (
+        (b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n"
+         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked, 400),
+        (b"POST /recommend HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+         b"Connection: close\r\n\r\n" + chunked, 411),
+        (b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+         b"Connection: close\r\n\r\n" % len(body) + body, 413),
+    ):  # fmt: skip
+        # sent whole, the server may reset the connection before the client reads its answer
         statuses, _ = exchange(base, request, short=False)
         assert all(400 <= s < 500 for s in statuses), statuses
+        # the head alone: the server answers it before any body byte, with this refusal
+        head = request[: request.index(b"\r\n\r\n") + 4]
+        assert exchange(base, head, short=False)[0] == [refusal], refusal
     assert httpx.get(f"{base}/health", timeout=10).status_code == 200
     assert memory_mib(pid, "VmHWM") - before < 64
