@@ -336,16 +336,20 @@ def test_trials_train_to_early_stopping_and_never_read_the_test_split(
 
     monkeypatch.setattr(Dataset, "_read_part", spy)
     out = tmp_path / "tune"
-    sets = [*FAST, "train.epochs=3", "train.patience=1"]
+    sets = [*FAST, "train.epochs=30", "train.patience=1"]
     code = main(["tune", "--data", str(data), "--model", "two-tower", "--out", str(out),
                  "--trials", "2", "--set", *sets])  # fmt: skip
     assert code == 0
     assert "test" not in read and {"train", "valid"} <= set(read)
     trials = pd.read_csv(out / "trials.csv")
     assert list(trials["state"]) == ["complete", "complete"]
-    for n in ("000", "001"):
+    # each stopped at its first epoch without a better validation value, well inside the cap
+    assert list(trials["stopped_early"]) == [True, True]
+    for n, row in zip(("000", "001"), trials.itertuples(), strict=True):
         log = [json.loads(line) for line in (out / "trials" / n / "log.jsonl").open()]
-        assert 1 <= len(log) <= 3 and "valid_recall@50" in log[0]
+        assert len(log) == row.best_epoch + 1 < 30 and "valid_recall@50" in log[0]
+        values = [e["valid_recall@50"] for e in log]
+        assert values[-1] <= max(values) == values[row.best_epoch - 1]
     best = read_best(out)
     assert best.model == "two-tower" and best.trials == 2 and best.seed == 0
     assert len(best.overrides) == 3
