@@ -274,9 +274,8 @@ def test_a_head_above_16_kib_gets_431_and_a_slow_request_408(
     assert b'"detail": "request line and headers above 16384 bytes"' in answer
     # a request whose head never ends: refused after request_timeout, not held forever
     monkeypatch.setattr(GuardedHttpToolsProtocol, "request_timeout", 0.3)
-    t0 = time.monotonic()
     answer = _raw(url, b"POST /recommend HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-    assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 4, answer[:200]
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]  # before _raw's own 5 s timeout
     # a body that never comes in full: the same
     head = b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     answer = _raw(url, head + b"Content-Length: 100\r\n\r\n{")

@@ -107,7 +107,8 @@ def test_kind_chosen_by_size_and_overridable() -> None:
     [{"kind": "annoy"}, {"exact_max": -1}, {"target_recall": 1.5}, {"nlist": 0}, {"hnsw_m": 1}],
 )
 def test_bad_index_spec_is_refused(bad: dict[str, object]) -> None:
-    with pytest.raises(ConfigError):
+    (field,) = bad
+    with pytest.raises(ConfigError, match=field):
         IndexSpec(**bad)  # type: ignore[arg-type]
 
 
