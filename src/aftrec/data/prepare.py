@@ -95,6 +95,7 @@ def prepare(
     item_index = pd.Index(items["item"])
     item_domain = items["domain_idx"].to_numpy()
 
+    repeats: list[str] = []  # pre-split: later parts' pairs already in an earlier part
     if presplit is None:
         frame = _positive_frame(raw, split.rating_threshold)
         _, user_ids = pd.factorize(frame["user"], sort=True)
@@ -108,8 +109,15 @@ def prepare(
         all_users = pd.concat([f["user"] for f in frames.values()], ignore_index=True)
         user_index = pd.Index(pd.unique(all_users)).sort_values()
         chunks, part_chunks = [], []
+        earlier = np.empty(0, dtype=np.int64)  # (user, item) keys of the parts before
         for name, frame in frames.items():
             r = first_click_only(_index_rows(frame, item_index, user_index, item_domain))
+            key = r["user_idx"].astype(np.int64) * len(item_index) + r["item_idx"]
+            again = np.isin(key, earlier)
+            if again.any():  # as within one log: the first click of a pair, not a repeat
+                repeats.append(f"{int(again.sum())} {name} positive(s)")
+                r, key = {k: v[~again] for k, v in r.items()}, key[~again]
+            earlier = np.concatenate([earlier, key])
             chunks.append(r)
             if name == "train" and "valid" not in frames:
                 part_chunks.append(carve_validation(r["user_idx"], split.valid_ratio))
@@ -134,6 +142,14 @@ def prepare(
         raise no_test_error(inter_name, split.min_positives, dropped)
     if presplit is None:  # logged once the data is known to be good: an error is one line
         log.info("dropped %d users with fewer than %d positives", n_dropped, split.min_positives)
+    if repeats:
+        log.info(
+            "dropped %s whose (user, item) is already in an earlier part (train, then "
+            "valid): a pair counts once, at its first click",
+            " and ".join(repeats),
+        )
+    if presplit is not None:
+        _note_time_order(rows, part)
 
     meta = describe(
         domains,
@@ -148,6 +164,24 @@ def prepare(
     )
     _write_atomically(out, items, user_index, rows, part, meta, force)
     return out
+
+
+def _note_time_order(rows: dict[str, np.ndarray], part: np.ndarray) -> None:
+    """A pre-split is used as given; say so when users' test clicks come before their last
+    training click (the split is then not chronological)."""
+    user, ts = rows["user_idx"], rows["timestamp"]
+    n_users = int(user.max(initial=-1)) + 1
+    last_train = np.full(n_users, -np.inf)
+    np.maximum.at(last_train, user[part == TRAIN], ts[part == TRAIN].astype(np.float64))
+    first_test = np.full(n_users, np.inf)
+    np.minimum.at(first_test, user[part == TEST], ts[part == TEST].astype(np.float64))
+    early = int((first_test < last_train).sum())
+    if early:
+        log.warning(
+            "%d user(s) have a test click before their last training click: the pre-split "
+            "is used as given, so their test is not their most recent behaviour",
+            early,
+        )
 
 
 def _write_atomically(

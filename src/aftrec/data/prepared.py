@@ -144,7 +144,10 @@ def encode_items(items: pd.DataFrame, domains: list[str]) -> pd.DataFrame:
 
 
 def is_integral(ts: np.ndarray) -> bool:
-    return bool(np.all(np.mod(ts, 1) == 0))
+    """Whether every value is a whole number that int64 holds (1e300 is whole, but not one)."""
+    if ts.dtype.kind in "iu":
+        return True
+    return bool(np.all(np.mod(ts, 1) == 0) and np.all(np.abs(ts) < 2.0**63))
 
 
 def timestamps(ts: np.ndarray) -> np.ndarray:
@@ -204,6 +207,10 @@ def describe(
 ) -> dict[str, Any]:
     """meta.json's keys common to every layout; ``counts`` is :func:`count_parts`'s table."""
     offsets = np.r_[0, np.cumsum(np.bincount(item_domain, minlength=len(domains)))]
+    # a pre-split uses only the threshold and, with no validation file, the valid ratio
+    used: dict[str, Any] = {**asdict(split), "presplit": presplit}
+    if presplit:
+        used = {k: used[k] for k in ("rating_threshold", "valid_ratio", "presplit")}
     return {
         "format": FORMAT_VERSION,
         "domains": domains,
@@ -215,7 +222,7 @@ def describe(
             for p, name in enumerate(PART_NAMES)
         },
         "users_dropped": int(n_dropped),
-        "split": {**asdict(split), "presplit": presplit},
+        "split": used,
         "source": source or {},
         "seconds": round(time.perf_counter() - started, 3),
     }

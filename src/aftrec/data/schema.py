@@ -94,17 +94,24 @@ def harmonise_ids(a: pd.Series, b: pd.Series) -> tuple[pd.Series, pd.Series]:
 
 
 def _numeric(series: pd.Series, column: str, origin: Origin, scope: str = IN_ALL) -> np.ndarray:
+    """``series`` as numbers: float64, or int64 for an integer column (an int64 above 2**53
+    is not exact as a float: nanosecond clocks keep their order). Dates and times become
+    seconds since the epoch, UTC for a time with a zone, their fraction kept."""
     if pd.api.types.is_datetime64_any_dtype(series):
-        values = series.to_numpy()
-        nat = pd.isna(values)
+        nat = series.isna().to_numpy()
         if nat.any():
             i = _first_bad(nat)
             raise DataError(
                 f"{origin.row(i)}: missing value in column {column!r} "
                 f"({int(nat.sum())} bad row(s) {scope})"
             )
+        if isinstance(series.dtype, pd.DatetimeTZDtype):
+            series = series.dt.tz_convert("UTC").dt.tz_localize(None)
         as_ns = series.astype("datetime64[ns]").to_numpy().astype(np.int64)
-        return (as_ns // 1_000_000_000).astype(np.float64)
+        whole, part = np.divmod(as_ns, 1_000_000_000)
+        return whole.astype(np.float64) + part / 1e9  # whole seconds stay whole
+    if pd.api.types.is_integer_dtype(series) and not series.isna().any():
+        return series.to_numpy(dtype=np.int64)
     converted = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(converted)
     if bad.any():

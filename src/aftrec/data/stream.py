@@ -91,7 +91,14 @@ from aftrec.data.schema import (
     require_columns,
     require_unique_columns,
 )
-from aftrec.data.sources.generic import PARQUET_SUFFIXES, CsvOrigin, header, read_table
+from aftrec.data.sources.generic import (
+    ID_COLUMNS,
+    PARQUET_SUFFIXES,
+    CsvOrigin,
+    header,
+    read_table,
+    same_columns,
+)
 from aftrec.data.split import (
     PART_NAMES,
     TEST,
@@ -104,6 +111,9 @@ from aftrec.errors import DataError
 from aftrec.outputs import atomic_directory, check_replaceable, check_writable
 
 log = logging.getLogger(__name__)
+
+#: integers above this are not all exact as float64
+FLOAT_EXACT = 2**53
 
 DEFAULT_PARTITION_ROWS = 4_000_000  # rows of the log per partition: bounds pass 2's memory
 MAX_PARTITIONS = 1000  # one open bucket file each in pass 1
@@ -149,7 +159,7 @@ class _Log:
 
     def empty_frame(self) -> pd.DataFrame:
         """No rows, the columns' pandas types: what the batches will look like."""
-        return self.dataset.schema.empty_table().to_pandas()
+        return self._as_read_in_memory(self.dataset.schema.empty_table()).to_pandas()
 
     def estimate_rows(self) -> int:
         """Rows in the log: exact for Parquet (file footers), from file sizes for CSV."""
@@ -198,8 +208,14 @@ class _Log:
             yield pa.Table.from_batches(pending)
 
     def _as_read_in_memory(self, table: pa.Table) -> pa.Table:
-        """pyarrow parses ISO dates in a CSV, pandas does not: such timestamps go back to text,
-        so that they are refused as in memory (timestamps are numbers)."""
+        """Ids as text, as :func:`~aftrec.data.sources.generic.read_table` reads them (a
+        whole float as an integer: pyarrow writes 1.0 as "1"); and pyarrow parses ISO dates in
+        a CSV, pandas does not: such timestamps go back to text, so that they are refused as
+        in memory (timestamps are numbers)."""
+        for name in ID_COLUMNS:
+            index = table.schema.get_field_index(name)
+            if index >= 0 and not pa.types.is_string(table.schema.field(index).type):
+                table = table.set_column(index, name, table.column(index).cast(pa.string()))
         column = table.column("timestamp")
         if self.kind != "CSV" or not pa.types.is_temporal(column.type):
             return table
@@ -235,7 +251,12 @@ def _open_log(path: Path, files: list[Path], kind: str) -> _Log:
     else:
         fmt = pads.CsvFileFormat(
             parse_options=pacsv.ParseOptions(newlines_in_values=True),  # quoted line breaks
-            convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
+            # ids as written ("007"), and only an empty field missing, as read_table reads them
+            convert_options=pacsv.ConvertOptions(
+                column_types=dict.fromkeys(ID_COLUMNS, pa.string()),
+                strings_can_be_null=True,
+                null_values=[""],
+            ),
             read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
         )
         origins = [CsvOrigin(str(f), 2, f) for f in files]
@@ -251,6 +272,15 @@ def _open_log(path: Path, files: list[Path], kind: str) -> _Log:
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"{file}: cannot be read as {kind}: {exc}") from exc
         require_columns(schema.empty_table().to_pandas(), INTERACTION_COLUMNS, origin)
+    if kind == "Parquet":
+        same_columns(files)
+    else:
+        for file in files[1:]:
+            if header(file) != header(files[0]):
+                raise DataError(
+                    f"{file}: its columns {header(file)} differ from those of {files[0]} "
+                    f"{header(files[0])}; give every part the same columns"
+                )
     names = dataset.schema.names
     columns = [*INTERACTION_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in names)]
     return _Log(Path(path), kind, files, dataset, columns, origins)
@@ -357,7 +387,15 @@ def _scatter(
             positive = positive_mask(frame, split.rating_threshold)
             if positive is None:
                 positive = np.ones(n, dtype=bool)
-            timestamp = frame["timestamp"].to_numpy(np.float64)
+            exact = frame["timestamp"].to_numpy()
+            if exact.dtype.kind == "i" and len(exact) and np.abs(exact).max() > FLOAT_EXACT:
+                i = int(np.argmax(np.abs(exact) > FLOAT_EXACT))
+                raise DataError(
+                    f"{origin.row(i)}: timestamp {int(exact[i])} is above 2**53, where the "
+                    "float64 timestamps of --streaming lose their order; give them in a coarser "
+                    "unit (seconds), or prepare without --streaming"
+                )
+            timestamp = exact.astype(np.float64)
             integral = integral and is_integral(timestamp[positive])
             users = _user_array(frame["user"], kind, origin)
             bucket = _bucket_of(users, n_buckets)

@@ -9,9 +9,12 @@ anything else is read as CSV with a header line.
 from __future__ import annotations
 
 import csv
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,6 +23,8 @@ from aftrec.data.schema import Origin, RawLog, require_unique_columns
 from aftrec.errors import DataError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
+#: columns read as text whatever the file's type for them (ids and domain names)
+ID_COLUMNS = ("user", "item", "domain")
 
 
 @dataclass
@@ -56,17 +61,80 @@ def _csv_line(path: Path, index: int) -> int | None:
 
 
 def read_table(path: Path) -> tuple[pd.DataFrame, Origin]:
-    """Read one CSV or Parquet table; the :class:`Origin` lets messages name its lines."""
+    """Read one CSV or Parquet table; the :class:`Origin` lets messages name its lines.
+
+    Ids are text as written (:data:`ID_COLUMNS`): "007" and "7" stay two users, and a
+    Parquet file's integer ids meet a CSV file's as the same strings. In a CSV file only an
+    empty field is missing ("NA" is a name like any other), and a row with more fields than
+    the header is an error, not a shift of its columns."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
     try:
-        require_unique_columns(header(path), str(path))
+        names = header(path)
+        require_unique_columns(names, str(path))
         if path.is_dir() or path.suffix.lower() in PARQUET_SUFFIXES:
-            return pd.read_parquet(path), Origin(str(path), None)
-        return pd.read_csv(path, low_memory=False), CsvOrigin(str(path), 2, path)
+            if path.is_dir():
+                same_columns(sorted(path.rglob("*.parquet")))
+            return ids_as_text(pd.read_parquet(path)), Origin(str(path), None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(
+                path, low_memory=False, index_col=False, keep_default_na=False, na_values=[""],
+                dtype={c: str for c in ID_COLUMNS},
+            )  # fmt: skip
+        return ids_as_text(frame), CsvOrigin(str(path), 2, path)
+    except pd.errors.ParserWarning as exc:
+        raise DataError(
+            f"{path}: cannot be read as CSV: a row has more fields than the {len(names)} of the "
+            "header"
+        ) from exc
     except (OSError, ValueError, pd.errors.ParserError, pa.ArrowException) as exc:
         raise DataError(f"{path}: cannot be read as {_kind(path)}: {exc}") from exc
+
+
+def ids_as_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """The :data:`ID_COLUMNS` of ``frame`` as text (object columns of str, missing values
+    NaN): integers as written in decimal, whole floats (integer ids a null made floats) as
+    integers."""
+    for col in ID_COLUMNS:
+        if col not in frame.columns:
+            continue
+        values = frame[col]
+        if pd.api.types.is_float_dtype(values):
+            finite = values.dropna()
+            if len(finite) and (finite % 1 == 0).all():
+                values = values.astype("Int64")
+        text = values.astype("string")
+        frame[col] = text.astype(object).where(text.notna(), np.nan)
+    return frame
+
+
+def same_columns(files: Sequence[Path]) -> None:
+    """Refuse a folder of Parquet parts whose columns differ, by name or by type: a reader
+    takes the first part's schema, so another part's column would be dropped or its values
+    reinterpreted (a datetime read as microseconds). Id columns may differ in type (they
+    are read as text)."""
+    if len(files) < 2:
+        return
+    try:
+        first = pq.read_schema(files[0])
+        for file in files[1:]:
+            schema = pq.read_schema(file)
+            if schema.names != first.names:
+                raise DataError(
+                    f"{file}: its columns {schema.names} differ from those of {files[0]} "
+                    f"{first.names}; give every part the same columns"
+                )
+            for name in first.names:
+                a, b = first.field(name).type, schema.field(name).type
+                if a != b and name not in ID_COLUMNS:
+                    raise DataError(
+                        f"{file}: column {name!r} is {b} here and {a} in {files[0]}; "
+                        "give every part the same column types"
+                    )
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{files[0]}: cannot be read as Parquet: {exc}") from exc
 
 
 def header(path: Path) -> list[str]:

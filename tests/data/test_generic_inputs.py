@@ -1,0 +1,165 @@
+"""Generic logs as people write them: ids with leading zeros or of another type in another
+file, dates with fractions and zones, nanosecond clocks, folders of parts that disagree,
+pre-split parts that overlap. Each is read as written, in memory and with ``--streaming``,
+or refused in one line; none is silently changed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from aftrec.cli import main
+from tests.inputs import fails_cleanly, write
+from tests.test_prepare_stream import rows
+
+ITEMS = pd.DataFrame({"item": [f"i{k}" for k in range(6)], "domain": ["A"] * 3 + ["B"] * 3})
+
+
+def _clicks(users: list[str], start: int = 100) -> pd.DataFrame:
+    """Every user clicks i0..i5 in order, one second apart."""
+    return pd.DataFrame(
+        [(u, f"i{k}", start + 10 * n + k) for n, u in enumerate(users) for k in range(6)],
+        columns=["user", "item", "timestamp"],
+    )
+
+
+def _prepare(tmp_path: Path, log: Path, items: Path, name: str, *flags: str) -> Path:
+    out = tmp_path / name
+    argv = ["prepare", "--interactions", str(log), "--items", str(items), "--out", str(out),
+            "--min-positives", "1", "--valid-ratio", "0", *flags]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+def test_ids_are_text_as_written(tmp_path: Path, streaming: bool) -> None:
+    """'007' and '7' are two users, 'NA' is a user's name, and the ids are stored as such."""
+    log = write(_clicks(["007", "7", "NA"]), tmp_path / "log.csv")
+    items = write(ITEMS, tmp_path / "items.csv")
+    out = _prepare(tmp_path, log, items, "out", *(["--streaming"] if streaming else []))
+    got = rows(out)
+    assert sorted(got["user"].unique()) == ["007", "7", "NA"]
+    assert len(got) == 18  # nothing merged, nothing dropped
+
+
+def test_presplit_parts_of_other_id_types_meet_as_text(tmp_path: Path) -> None:
+    """A CSV train file's integer ids and a Parquet test file's string ids are the same
+    users and items: no unknown index written, no traceback."""
+    items = write(pd.DataFrame({"item": range(1, 7), "domain": ["A"] * 3 + ["B"] * 3}),
+                  tmp_path / "items.csv")  # fmt: skip
+    train = pd.DataFrame({"user": [1] * 5 + [2] * 5, "item": list(range(1, 6)) * 2,
+                          "timestamp": range(10)})  # fmt: skip
+    test = pd.DataFrame({"user": ["1", "x7"], "item": ["6", "6"], "timestamp": [20, 21]})
+    out = tmp_path / "out"
+    argv = ["prepare", "--train", str(write(train, tmp_path / "train.csv")),
+            "--test", str(write(test, tmp_path / "test.parquet")), "--items", str(items),
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    got = rows(out)
+    assert got[got["part"] == "test"][["user", "item"]].to_numpy().tolist() == [
+        ["1", "6"], ["x7", "6"],
+    ]  # fmt: skip
+    assert (pd.read_parquet(out / "test.parquet")["item_idx"] >= 0).all()
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+def test_dates_keep_their_fraction_and_zone(tmp_path: Path, streaming: bool) -> None:
+    """Clicks milliseconds apart keep their order; a time with a zone is read in UTC."""
+    base = pd.Timestamp("2020-09-13 12:26:40", tz="Europe/Paris")
+    offsets = [5, 1, 4, 0, 3, 2]  # i0 is clicked 5 ms after the start, i1 1 ms, ...
+    log = pd.DataFrame({
+        "user": ["u"] * 6, "item": [f"i{k}" for k in range(6)],
+        "timestamp": [base + pd.Timedelta(milliseconds=ms) for ms in offsets],
+    })  # fmt: skip
+    out = _prepare(tmp_path, write(log, tmp_path / "log.parquet"),
+                   write(ITEMS, tmp_path / "items.csv"), "out",
+                   *(["--streaming"] if streaming else []))  # fmt: skip
+    got = rows(out)
+    test = got[got["part"] == "test"]
+    assert test["item"].tolist() == ["i0"]  # the last click, 5 ms in
+    assert test["timestamp"].iloc[0] == pytest.approx(base.timestamp() + 0.005, abs=1e-6)
+
+
+def test_nanosecond_clocks_keep_their_order_in_memory_and_are_refused_streaming(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    log = _clicks(["u"])
+    log["timestamp"] = 1_600_000_000_000_000_000 + np.array([0, 1, 2, 3, 5, 4]) * 100
+    path, items = write(log, tmp_path / "log.csv"), write(ITEMS, tmp_path / "items.csv")
+    out = _prepare(tmp_path, path, items, "out")
+    test = pd.read_parquet(out / "test.parquet")
+    assert test["timestamp"].tolist() == [1_600_000_000_000_000_500]  # i4, exactly
+    fails_cleanly(capsys, ["prepare", "--interactions", str(path), "--items", str(items),
+                           "--out", str(tmp_path / "s"), "--streaming"],
+                  "is above 2**53", roots=(tmp_path,))  # fmt: skip
+
+
+def test_timestamps_beyond_int64_stay_floats(tmp_path: Path) -> None:
+    log = _clicks(["u"])
+    log["timestamp"] = [float(k) * 1e300 for k in range(1, 7)]
+    out = _prepare(tmp_path, write(log, tmp_path / "log.csv"), write(ITEMS, tmp_path / "i.csv"),
+                   "out")  # fmt: skip
+    assert pd.read_parquet(out / "test.parquet")["timestamp"].tolist() == [6e300]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+@pytest.mark.parametrize("change", ["types", "columns"])
+def test_parts_that_disagree_are_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, streaming: bool, change: str
+) -> None:
+    """A reader takes the first part's schema: a datetime part read as microseconds, or a
+    later part's rating column dropped, would change the data without a word."""
+    first, second = _clicks(["u1"]), _clicks(["u2"], start=200)
+    if change == "types":
+        second["timestamp"] = pd.to_datetime(second["timestamp"], unit="s")
+        needle = "column 'timestamp' is timestamp"
+    else:
+        second["rating"] = 1
+        needle = "differ from those of"
+    folder = tmp_path / "log"
+    write(first, folder / "part-0.parquet")
+    write(second, folder / "part-1.parquet")
+    items = write(ITEMS, tmp_path / "items.csv")
+    argv = ["prepare", "--interactions", str(folder), "--items", str(items),
+            "--out", str(tmp_path / "out"), *(["--streaming"] if streaming else [])]  # fmt: skip
+    fails_cleanly(capsys, argv, "part-1.parquet", needle, roots=(tmp_path,))
+
+
+def test_a_row_longer_than_the_header_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("user,item,timestamp\nu1,i0,100,7\nu1,i1,101\n")
+    items = write(ITEMS, tmp_path / "items.csv")
+    fails_cleanly(capsys, ["prepare", "--interactions", str(path), "--items", str(items),
+                           "--out", str(tmp_path / "out")],
+                  "a row has more fields than the 3 of the header", roots=(tmp_path,))  # fmt: skip
+
+
+def test_presplit_pairs_already_in_train_count_once(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """A test click of a (user, item) already in train is dropped with a note, as a repeat is
+    within one log; options a pre-split does not use are not recorded as applied."""
+    train = _clicks(["u1", "u2"])
+    test = pd.DataFrame({"user": ["u1", "u2", "u2"], "item": ["i0", "i1", "i2"],
+                         "timestamp": [300, 301, 5]})  # fmt: skip
+    caplog.set_level("INFO", logger="aftrec.data.prepare")
+    out = tmp_path / "out"
+    argv = ["prepare", "--train", str(write(train.drop(index=8), tmp_path / "train.csv")),
+            "--test", str(write(test, tmp_path / "test.csv")),
+            "--items", str(write(ITEMS, tmp_path / "items.csv")), "--out", str(out),
+            "--test-ratio", "0.5"]  # fmt: skip
+    assert main(argv) == 0
+    got = rows(out)
+    assert got[got["part"] == "test"][["user", "item"]].to_numpy().tolist() == [["u2", "i2"]]
+    assert "dropped 2 test positive(s) whose (user, item) is already in an earlier part" in (
+        caplog.text
+    )
+    assert "1 user(s) have a test click before their last training click" in caplog.text
+    split = json.loads((out / "meta.json").read_text())["split"]
+    assert split == {"rating_threshold": 3.0, "valid_ratio": 0.2, "presplit": True}
