@@ -132,6 +132,7 @@ def prepare(
         dataset, p(path), p(domains), p(interactions), p(items), p(train), p(valid), p(test),
         synthetic,
     )  # fmt: skip
+    out = _path("out", out)
     split = split if split is not None else SplitConfig()
     if streaming:  # which takes --interactions/--items only, and says so
         return _prepare_streaming(src, Path(out), split, partition_rows, force, progress)

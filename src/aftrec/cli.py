@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from aftrec import __version__, api
 from aftrec.errors import AftrecError, Stopped, TrainingError
+from aftrec.outputs import path_argument
 
 log = logging.getLogger("aftrec")
 T = TypeVar("T")
@@ -163,14 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="a known dataset (MovieLens: downloaded unless --path; netflix: --path and "
         "--domains); without it, --interactions [--items] or --train/--test",
     )  # fmt: skip
-    pp.add_argument("--path", type=Path, help="local folder with the raw files")
-    pp.add_argument("--domains", type=Path, help="Netflix item-to-domain map (CSV: item,domain)")
-    pp.add_argument("--interactions", type=Path, help="generic log (CSV or Parquet)")
-    pp.add_argument("--items", type=Path, help="item catalogue (CSV or Parquet: item, domain)")
-    pp.add_argument("--train", type=Path, help="pre-split training log")
-    pp.add_argument("--valid", type=Path, help="pre-split validation log (optional)")
-    pp.add_argument("--test", type=Path, help="pre-split test log")
-    pp.add_argument("--out", type=Path, required=True, help="the prepared dataset folder to write")
+    pp.add_argument("--path", type=path_argument, help="local folder with the raw files")
+    pp.add_argument(
+        "--domains", type=path_argument, help="Netflix item-to-domain map (CSV: item,domain)"
+    )
+    pp.add_argument("--interactions", type=path_argument, help="generic log (CSV or Parquet)")
+    pp.add_argument(
+        "--items", type=path_argument, help="item catalogue (CSV or Parquet: item, domain)"
+    )
+    pp.add_argument("--train", type=path_argument, help="pre-split training log")
+    pp.add_argument("--valid", type=path_argument, help="pre-split validation log (optional)")
+    pp.add_argument("--test", type=path_argument, help="pre-split test log")
+    pp.add_argument(
+        "--out", type=path_argument, required=True, help="the prepared dataset folder to write"
+    )
     pp.add_argument(
         "--force", action="store_true",
         help="replace --out if it is a prepared dataset (or an empty folder)",
@@ -221,12 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser("train", help="train a model on a prepared dataset")
     pt.add_argument(
-        "--data", type=Path,
+        "--data", type=path_argument,
         help="a prepared dataset directory (with --resume: the run's own, unless it moved)",
     )  # fmt: skip
     pt.add_argument("--model", help="model name (see `aftrec models`)")
-    pt.add_argument("--out", type=Path, required=True, help="run directory")
-    pt.add_argument("--config", type=Path, help="YAML with model/data/train sections")
+    pt.add_argument("--out", type=path_argument, required=True, help="run directory")
+    pt.add_argument("--config", type=path_argument, help="YAML with model/data/train sections")
     pt.add_argument(
         "--set",
         nargs="*",
@@ -239,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(func=_train)
 
     pe = sub.add_parser("evaluate", help="full-ranking Recall@N / NDCG@N / AUC per domain")
-    pe.add_argument("--run", type=Path, required=True, help="run directory")
+    pe.add_argument("--run", type=path_argument, required=True, help="run directory")
     pe.add_argument(
         "--n", type=int, nargs="+", default=[20, 50, 200],
         help="cut-offs of Recall@N and NDCG@N (default 20 50 200)",
@@ -262,9 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     pe.set_defaults(func=_evaluate)
 
     pr = sub.add_parser("recommend", help="top-N per (user, domain) to CSV or Parquet")
-    pr.add_argument("--run", type=Path, required=True, help="run directory")
+    pr.add_argument("--run", type=path_argument, required=True, help="run directory")
     pr.add_argument("--n", type=int, default=50, help="items per (user, domain) (default 50)")
-    pr.add_argument("--out", type=Path, required=True, help="FILE.csv or FILE.parquet")
+    pr.add_argument("--out", type=path_argument, required=True, help="FILE.csv or FILE.parquet")
     pr.add_argument("--users", nargs="+", help="original user ids (default: every test user)")
     pr.add_argument("--domains", nargs="+", help="domain names (default: each user's test domains)")
     pr.set_defaults(func=_recommend)
@@ -284,10 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         "split (the test split is never read). DIR/study.db holds the study: run the command "
         "again with a larger --trials to continue it. Writes DIR/best.json and DIR/trials.csv.",
     )
-    pu.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
+    pu.add_argument(
+        "--data", type=path_argument, required=True, help="a prepared dataset directory"
+    )
     pu.add_argument("--model", required=True, help="model name (see `aftrec models`)")
     pu.add_argument(
-        "--out", type=Path, required=True, metavar="DIR",
+        "--out", type=path_argument, required=True, metavar="DIR",
         help="the study's folder: new, empty, or one this command wrote (it continues)",
     )  # fmt: skip
     pu.add_argument("--trials", type=int, required=True, help="the trial budget of the study")
@@ -313,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset", choices=["ml-100k", "ml-1m"], default="ml-100k",
         help="the MovieLens set it runs on (default ml-100k)",
     )  # fmt: skip
-    pd.add_argument("--out", type=Path, help="the demo's folder (default runs/demo/DATASET)")
+    pd.add_argument(
+        "--out", type=path_argument, help="the demo's folder (default runs/demo/DATASET)"
+    )
     pd.add_argument("--jobs", type=int, default=2, metavar="J", help="runs trained at once")
     pd.add_argument(
         "--set", nargs="*", default=[], metavar="[MODEL:]KEY=VALUE",

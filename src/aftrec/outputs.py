@@ -359,6 +359,16 @@ def write_png(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def path_argument(text: str) -> Path:
+    """An ``argparse`` type for paths: an empty string is refused (``Path("")`` would be the
+    working directory, so ``--out ""`` would aim at ``.``)."""
+    if not text:
+        import argparse
+
+        raise argparse.ArgumentTypeError("an empty path; name a file or folder")
+    return Path(text)
+
+
 __all__ = [
     "INCOMPLETE",
     "atomic_directory",

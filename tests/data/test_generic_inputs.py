@@ -163,3 +163,36 @@ def test_presplit_pairs_already_in_train_count_once(
     assert "1 user(s) have a test click before their last training click" in caplog.text
     split = json.loads((out / "meta.json").read_text())["split"]
     assert split == {"rating_threshold": 3.0, "valid_ratio": 0.2, "presplit": True}
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+def test_a_log_without_positives_says_so(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, streaming: bool
+) -> None:
+    log = _clicks(["u1"]).assign(rating=1.0)
+    path, items = write(log, tmp_path / "log.csv"), write(ITEMS, tmp_path / "items.csv")
+    argv = ["prepare", "--interactions", str(path), "--items", str(items),
+            "--out", str(tmp_path / "out"), *(["--streaming"] if streaming else [])]  # fmt: skip
+    fails_cleanly(capsys, argv, "no positive interactions in its 6 row(s)",
+                  "positives are ratings >= 3 (--rating-threshold)", roots=(tmp_path,))  # fmt: skip
+
+
+def test_a_folder_of_csv_parts_asks_for_streaming(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    write(_clicks(["u1"]), tmp_path / "log" / "a.csv")
+    items = write(ITEMS, tmp_path / "items.csv")
+    argv = ["prepare", "--interactions", str(tmp_path / "log"), "--items", str(items),
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    fails_cleanly(capsys, argv, "a folder of CSV parts is read with --streaming",
+                  roots=(tmp_path,))  # fmt: skip
+
+
+def test_an_empty_out_is_refused_not_taken_for_the_working_directory(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    items = write(ITEMS, tmp_path / "items.csv")
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "--interactions", str(items), "--items", str(items), "--out", ""])
+    assert exit_.value.code == 2
+    assert "argument --out: an empty path" in capsys.readouterr().err

@@ -33,7 +33,7 @@ from aftrec.data.prepared import (
     write_parts,
     write_users,
 )
-from aftrec.data.schema import RawLog, positives, validate
+from aftrec.data.schema import RawLog, positives, positives_rule, validate
 from aftrec.data.split import (
     PART_NAMES,
     TEST,
@@ -52,6 +52,12 @@ log = logging.getLogger(__name__)
 
 def _positive_frame(log_: RawLog, rating_threshold: float) -> pd.DataFrame:
     pos = positives(log_.interactions, rating_threshold)
+    if len(pos) == 0:
+        rows = len(log_.interactions)
+        raise DataError(
+            f"{log_.interactions_origin.name}: no positive interactions in its {rows} row(s); "
+            + positives_rule(log_.interactions, rating_threshold)
+        )
     return pos.loc[:, ["user", "item", "timestamp"]]
 
 

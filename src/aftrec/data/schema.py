@@ -122,7 +122,7 @@ def _numeric(series: pd.Series, column: str, origin: Origin, scope: str = IN_ALL
         elif np.isnan(converted[i]):
             what = f"non-numeric value {value!r} in"
         else:
-            what = f"non-finite value {value!r} in"
+            what = f"non-finite value {_show(value)} in"
         raise DataError(
             f"{origin.row(i)}: {what} column {column!r} ({int(bad.sum())} bad row(s) {scope})"
         )
@@ -264,6 +264,15 @@ def positive_mask(inter: pd.DataFrame, rating_threshold: float = 3.0) -> np.ndar
     if "rating" in inter.columns:
         return inter["rating"].to_numpy() >= rating_threshold
     return None
+
+
+def positives_rule(inter: pd.DataFrame, rating_threshold: float = 3.0) -> str:
+    """The rule :func:`positives` applies to ``inter``, in words."""
+    if "label" in inter.columns:
+        return "positives are rows with label > 0"
+    if "rating" in inter.columns:
+        return f"positives are ratings >= {rating_threshold:g} (--rating-threshold)"
+    return "every row is a positive"
 
 
 def positives(inter: pd.DataFrame, rating_threshold: float = 3.0) -> pd.DataFrame:

@@ -32,11 +32,17 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.test_ratio < 1.0:
-            raise ConfigError(f"split.test_ratio must be in (0, 1), got {self.test_ratio}")
+            raise ConfigError(
+                f"split.test_ratio (--test-ratio) must be in (0, 1), got {self.test_ratio}"
+            )
         if not 0.0 <= self.valid_ratio < 1.0:
-            raise ConfigError(f"split.valid_ratio must be in [0, 1), got {self.valid_ratio}")
+            raise ConfigError(
+                f"split.valid_ratio (--valid-ratio) must be in [0, 1), got {self.valid_ratio}"
+            )
         if self.min_positives < 1:
-            raise ConfigError(f"split.min_positives must be >= 1, got {self.min_positives}")
+            raise ConfigError(
+                f"split.min_positives (--min-positives) must be >= 1, got {self.min_positives}"
+            )
         if not math.isfinite(self.rating_threshold):
             raise ConfigError(f"--rating-threshold must be a number, got {self.rating_threshold}")
 

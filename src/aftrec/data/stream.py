@@ -88,6 +88,7 @@ from aftrec.data.schema import (
     harmonise_ids,
     locate_items,
     positive_mask,
+    positives_rule,
     require_columns,
     require_unique_columns,
 )
@@ -365,12 +366,13 @@ def _scatter(
     split: SplitConfig,
     estimate: int,
     progress: bool,
-) -> bool:
-    """Pass 1 into the ``buckets`` files; whether every positive's timestamp is whole."""
+) -> tuple[bool, int, int]:
+    """Pass 1 into the ``buckets`` files; whether every positive's timestamp is whole, and
+    the rows and positives read."""
     kind = _user_kind(log_.empty_frame()["user"])
     schema = _bucket_schema(kind)
     n_buckets = len(buckets)
-    integral = True
+    integral, n_rows, n_positive = True, 0, 0
     with ExitStack() as stack:
         writers = [stack.enter_context(pa.ipc.new_stream(str(b), schema)) for b in buckets]
         bar = stack.enter_context(
@@ -397,6 +399,7 @@ def _scatter(
                 )
             timestamp = exact.astype(np.float64)
             integral = integral and is_integral(timestamp[positive])
+            n_rows, n_positive = n_rows + n, n_positive + int(positive.sum())
             users = _user_array(frame["user"], kind, origin)
             bucket = _bucket_of(users, n_buckets)
             order = np.argsort(bucket, kind="stable")
@@ -410,7 +413,7 @@ def _scatter(
                 lo, hi = int(bounds[b]), int(bounds[b + 1])
                 writers[b].write_table(scattered.slice(lo, hi - lo))
             bar.update(n)
-    return integral
+    return integral, n_rows, n_positive
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,7 +575,12 @@ def prepare_streaming(
         for folder in ("users", *PART_NAMES, "_buckets"):
             (tmp / folder).mkdir()
         buckets = [scratch / f"bucket-{p:05d}.arrow" for p in range(n_partitions)]
-        integral = _scatter(log_, catalogue, buckets, split, estimate, progress)
+        integral, n_rows, n_positive = _scatter(log_, catalogue, buckets, split, estimate, progress)
+        if n_positive == 0:  # as in memory
+            raise DataError(
+                f"{log_.name}: no positive interactions in its {n_rows} row(s); "
+                + positives_rule(log_.empty_frame(), split.rating_threshold)
+            )
         totals = _Totals(np.zeros((len(PART_NAMES), len(domains)), dtype=np.int64))
         for p in tqdm(range(n_partitions), desc="split", unit="part", disable=not progress):
             _split_bucket(p, _read_bucket(buckets[p]), catalogue, split, tmp, integral, totals)

@@ -37,7 +37,7 @@ from aftrec.experiments.results import (
     recall_columns,
 )
 from aftrec.experiments.stats import ablation_tests, seed_averaged_per_user, significance
-from aftrec.outputs import held
+from aftrec.outputs import held, path_argument
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -243,9 +243,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "half-trained ones resumed."
         ),
     )
-    p.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
+    p.add_argument("--data", type=path_argument, required=True, help="a prepared dataset directory")
     p.add_argument(
-        "--out", type=Path, required=True, metavar="REPORT_DIR",
+        "--out", type=path_argument, required=True, metavar="REPORT_DIR",
         help="the report's folder: new, empty, or one this command wrote (it goes on)",
     )  # fmt: skip
     p.add_argument(
@@ -270,7 +270,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--tuned",
         nargs="+",
-        type=Path,
+        type=path_argument,
         default=[],
         metavar="DIR",
         help="`aftrec tune` directories (or their best.json), one per model: each model's "

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aftrec.errors import ConfigError
 from aftrec.numerics import subnormals_flushed
+from aftrec.outputs import path_argument
 from aftrec.serving.batching import MAX_BATCH, THREADS, WAIT_MS, BatchSettings
 from aftrec.serving.index import KINDS
 
@@ -261,8 +262,8 @@ def add_parsers(sub: Any) -> None:
     px = sub.add_parser(
         "export", help="write a retrieval bundle (encoder, indexes, ids) from a run"
     )
-    px.add_argument("--run", type=Path, required=True, help="run directory")
-    px.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    px.add_argument("--run", type=path_argument, required=True, help="run directory")
+    px.add_argument("--out", type=path_argument, required=True, help="bundle folder to write")
     px.add_argument(
         "--which", choices=["best", "last"], default="best",
         help="checkpoint: the best validation epoch's or the last (default best)",
@@ -296,7 +297,9 @@ def add_parsers(sub: Any) -> None:
     ps = sub.add_parser(
         "serve", help="answer recommendations from a bundle over HTTP", allow_abbrev=False
     )
-    ps.add_argument("--bundle", type=Path, required=True, help="a folder `aftrec export` wrote")
+    ps.add_argument(
+        "--bundle", type=path_argument, required=True, help="a folder `aftrec export` wrote"
+    )
     ps.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine)"
     )
@@ -332,7 +335,7 @@ def add_parsers(sub: Any) -> None:
     )
     ps.add_argument(
         "--admin-token-file",
-        type=Path,
+        type=path_argument,
         default=None,
         metavar="FILE",
         help=f"file holding the bearer token for /admin/reload (default ${TOKEN_ENV}; with "
@@ -340,7 +343,7 @@ def add_parsers(sub: Any) -> None:
     )
     ps.add_argument(
         "--bundle-root",
-        type=Path,
+        type=path_argument,
         default=None,
         metavar="DIR",
         help="/admin/reload loads bundles inside DIR only (default: the folder of --bundle)",

@@ -75,7 +75,13 @@ def read_table(path: Path) -> tuple[pd.DataFrame, Origin]:
         require_unique_columns(names, str(path))
         if path.is_dir() or path.suffix.lower() in PARQUET_SUFFIXES:
             if path.is_dir():
-                same_columns(sorted(path.rglob("*.parquet")))
+                parts = sorted(path.rglob("*.parquet"))
+                if not parts and any(path.rglob("*.csv")):
+                    raise DataError(
+                        f"{path}: a folder of CSV parts is read with --streaming; pass it, or "
+                        "give one CSV file"
+                    )
+                same_columns(parts)
             return ids_as_text(pd.read_parquet(path)), Origin(str(path), None)
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
