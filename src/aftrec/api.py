@@ -133,6 +133,18 @@ def prepare(
         synthetic,
     )  # fmt: skip
     out = _path("out", out)
+    for flag, given in (
+        ("--path", src.path),
+        ("--interactions", src.interactions),
+        ("--train", src.train),
+        ("--valid", src.valid),
+        ("--test", src.test),
+    ):
+        if given is not None and given.is_dir() and out.resolve().is_relative_to(given.resolve()):
+            raise DataError(
+                f"--out {out} is inside the {flag} folder {given}: its files would be read as "
+                "parts of the log next time; choose a folder outside it"
+            )  # fmt: skip
     split = split if split is not None else SplitConfig()
     if streaming:  # which takes --interactions/--items only, and says so
         return _prepare_streaming(src, Path(out), split, partition_rows, force, progress)

@@ -5,6 +5,7 @@ or refused in one line; none is silently changed."""
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -196,3 +197,29 @@ def test_an_empty_out_is_refused_not_taken_for_the_working_directory(
         main(["prepare", "--interactions", str(items), "--items", str(items), "--out", ""])
     assert exit_.value.code == 2
     assert "argument --out: an empty path" in capsys.readouterr().err
+
+
+def test_dates_without_times_are_dates_and_true_false_is_no_time(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    log = _clicks(["u"])
+    log["timestamp"] = [datetime.date(2020, 1, 1 + k) for k in (0, 1, 2, 3, 5, 4)]
+    items = write(ITEMS, tmp_path / "items.csv")
+    out = _prepare(tmp_path, write(log, tmp_path / "log.parquet"), items, "out")  # date32
+    assert pd.read_parquet(out / "test.parquet")["item_idx"].tolist() == [4]  # Jan 6th
+    log["timestamp"] = [True, False] * 3
+    path = write(log, tmp_path / "bools.parquet")
+    fails_cleanly(capsys, ["prepare", "--interactions", str(path), "--items", str(items),
+                           "--out", str(tmp_path / "o2")],
+                  "column 'timestamp' holds true/false values", roots=(tmp_path,))  # fmt: skip
+
+
+def test_out_inside_the_input_folder_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    folder = tmp_path / "log"
+    write(_clicks(["u1"]), folder / "part-0.parquet")
+    items = write(ITEMS, tmp_path / "items.csv")
+    fails_cleanly(capsys, ["prepare", "--interactions", str(folder), "--items", str(items),
+                           "--out", str(folder / "data")],
+                  "is inside the --interactions folder", roots=(tmp_path,))  # fmt: skip

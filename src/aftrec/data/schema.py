@@ -13,6 +13,7 @@ items: ``item``, ``domain``; each item belongs to exactly one domain.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -110,6 +111,13 @@ def _numeric(series: pd.Series, column: str, origin: Origin, scope: str = IN_ALL
         as_ns = series.astype("datetime64[ns]").to_numpy().astype(np.int64)
         whole, part = np.divmod(as_ns, 1_000_000_000)
         return whole.astype(np.float64) + part / 1e9  # whole seconds stay whole
+    if column == "timestamp" and pd.api.types.is_bool_dtype(series):  # (a label may be)
+        raise DataError(
+            f"{origin.name}: column 'timestamp' holds true/false values; it needs numbers or "
+            "dates and times"
+        )
+    if series.dtype == object and len(series) and isinstance(series.iloc[0], datetime.date):
+        return _numeric(pd.to_datetime(series), column, origin, scope)  # Parquet's date32
     if pd.api.types.is_integer_dtype(series) and not series.isna().any():
         return series.to_numpy(dtype=np.int64)
     converted = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
