@@ -120,7 +120,7 @@ def test_missing_file_names_folder_and_file(tmp_path: Path) -> None:
     "bad, message",
     [
         ("2::3::x::978300275", r"ratings\.dat, line 4: bad or missing rating"),
-        ("2::3::4", r"ratings\.dat, line 4: bad or missing timestamp"),
+        ("2::3::4", r"ratings\.dat, line 4: bad, missing or out-of-range timestamp \(empty\)"),
         ("2::3::4::978300275::9", r"ratings\.dat, line 4: too many fields"),
         (
             "2::99::4::978300275",
@@ -135,6 +135,34 @@ def test_bad_ratings_line_is_named(tmp_path: Path, bad: str, message: str) -> No
     (folder / "ratings.dat").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=message):
         load_movielens("ml-1m", path=folder)
+
+
+@pytest.mark.parametrize("name", ["ml-1m", "ml-100k"])
+def test_a_field_more_on_every_line_is_refused_not_shifted(tmp_path: Path, name: str) -> None:
+    """pandas takes the first of one field too many per line for a row label: users would
+    become the items, items the ratings and so on, without a word."""
+    folder = write_ml1m(tmp_path) if name == "ml-1m" else write_ml100k(tmp_path)
+    file, sep = ("ratings.dat", "::") if name == "ml-1m" else ("u.data", "\t")
+    lines = (folder / file).read_text().splitlines()
+    (folder / file).write_text("".join(f"{line}{sep}7\n" for line in lines))
+    with pytest.raises(DataError, match="every line has more fields than expected"):
+        load_movielens(name, path=folder)
+
+
+def test_ids_beyond_int64_are_refused_not_merged(tmp_path: Path) -> None:
+    folder = write_ml1m(tmp_path)
+    with (folder / "ratings.dat").open("a") as fh:
+        fh.write("99999999999999999999::1::4::978300001\n88888888888888888888::1::4::978300002\n")
+    with pytest.raises(DataError, match="out-of-range user 99999999999999999999"):
+        load_movielens("ml-1m", path=folder)
+
+
+def test_blank_lines_at_the_end_are_no_rows(tmp_path: Path) -> None:
+    plain = load_movielens("ml-1m", path=write_ml1m(tmp_path / "a")).interactions
+    folder = write_ml1m(tmp_path / "b")
+    with (folder / "ratings.dat").open("a") as fh:
+        fh.write("\n\n")
+    pd.testing.assert_frame_equal(load_movielens("ml-1m", path=folder).interactions, plain)
 
 
 def test_line_numbers_count_dropped_movies(tmp_path: Path) -> None:

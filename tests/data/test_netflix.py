@@ -99,6 +99,19 @@ def test_reads_whichever_parts_exist(tmp_path: Path) -> None:
         ("1:\n1x0,3,2005-09-06\n", r"combined_data_1\.txt, line 2: .* lacks a valid CustomerID"),
         ("1:\nx:\n", r"combined_data_1\.txt, line 2: .* lacks a MovieID"),
         ("1:,4\n", r"combined_data_1\.txt, line 1: .* with more fields"),
+        ("1:\n10,9,2005-09-06\n", r"line 2: '10,9,2005-09-06' lacks a valid Rating \(1 to 5\)"),
+        ("1:\n10,3.5,2005-09-06\n", r"line 2: .* lacks a valid Rating \(1 to 5\)"),
+        ("1:\n99999999999999999999,3,2005-09-06\n", r"line 2: .* lacks a valid CustomerID"),
+        (
+            "1:\n10,3,2005-09-06\n2:\n11,3,2005-09-06\n1:\n12,3,2005-09-06\n",
+            r"MovieID 1 heads two blocks \(.*line 1; .*line 5\)",
+        ),
+        # "2:" missing: movie 2's ratings would join movie 1's, and customer 10 twice
+        (
+            "1:\n10,3,2005-09-06\n11,5,2005-05-13\n10,4,2004-01-01\n",
+            r"customer 10 rates movie 1 twice \(1 such rating\(s\)\).*'MovieID:' line missing",
+        ),
+        ("3:\n14,3,2005-09-06\n", r"MovieID 3 heads a block in both .*_1\.txt and .*_2\.txt"),
     ],
 )
 def test_bad_line_is_named(tmp_path: Path, part_1: str, message: str) -> None:

@@ -56,6 +56,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -218,20 +219,25 @@ def _bad_fields(err: pd.errors.ParserError, origin: Origin, expected: str) -> Da
 
 
 def _integers(df: pd.DataFrame, columns: Sequence[str], origin: Origin, expected: str) -> None:
-    """Convert ``columns`` to int64 in place, naming the first line that does not parse."""
+    """Convert ``columns`` to int64 in place, naming the first line that does not parse or
+    holds a number int64 cannot (ids above 2**63 would wrap and merge into one)."""
     for col in columns:
-        if pd.api.types.is_integer_dtype(df[col]):
+        if pd.api.types.is_signed_integer_dtype(df[col]):
             df[col] = df[col].astype(np.int64)
             continue
-        values = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(values)
-        bad[~bad] = values[~bad] != np.round(values[~bad])
+        if pd.api.types.is_unsigned_integer_dtype(df[col]):
+            bad = df[col].to_numpy() >= 2**63
+        else:  # text, or floats: a float above 2**53 may already stand for another integer
+            values = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
+            bad = ~np.isfinite(values)
+            bad[~bad] = (values[~bad] != np.round(values[~bad])) | (np.abs(values[~bad]) >= 2**53)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise DataError(
-                f"{origin.row(i)}: bad or missing {col} {df[col].iloc[i]!r}; expected {expected}"
+                f"{origin.row(i)}: bad, missing or out-of-range {col} "
+                f"{_shown(df[col].iloc[i])}; expected {expected}"
             )
-        df[col] = values.astype(np.int64)
+        df[col] = df[col].to_numpy().astype(np.int64) if len(df) else df[col].astype(np.int64)
 
 
 def _floats(df: pd.DataFrame, col: str, origin: Origin, expected: str) -> None:
@@ -244,9 +250,37 @@ def _floats(df: pd.DataFrame, col: str, origin: Origin, expected: str) -> None:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise DataError(
-            f"{origin.row(i)}: bad or missing {col} {df[col].iloc[i]!r}; expected {expected}"
+            f"{origin.row(i)}: bad or missing {col} {_shown(df[col].iloc[i])}; expected {expected}"
         )
     df[col] = values
+
+
+def _shown(value: object) -> str:
+    """A field as a person wrote it: an empty one as such, a number without numpy's repr."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "(empty)"
+    item = getattr(value, "item", None)
+    return repr(item() if callable(item) else value)
+
+
+def _read_fields(file: Path, origin: Origin, expected: str, **options: Any) -> pd.DataFrame:
+    """``pd.read_csv`` of a headerless file of known fields: a line with more fields than
+    those is an error (without ``index_col=False`` pandas would take the first field of every
+    line for a row label and shift the others one place left)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(file, index_col=False, **options)
+        # blank lines at the end of the file (an editor's last newline or two) are no rows
+        empty = (df.isna() | (df == "")).all(axis=1).to_numpy()
+        last = len(df) - int(np.argmin(empty[::-1])) if not empty.all() else 0
+        return df.iloc[:last] if last < len(df) else df
+    except pd.errors.ParserWarning as err:
+        raise DataError(
+            f"{origin.name}: every line has more fields than expected: {expected}"
+        ) from err
+    except pd.errors.ParserError as err:
+        raise _bad_fields(err, origin, expected) from err
 
 
 # ---------------------------------------------------------------------- GroupLens files
@@ -283,12 +317,10 @@ def _read_ratings_dat(file: Path) -> tuple[pd.DataFrame, Origin]:
     expected = "UserID::MovieID::Rating::Timestamp"
     # "::" splits on ":" into 7 fields with empty ones between; the C parser stays fast.
     names = ["user", "_a", "item", "_b", "rating", "_c", "timestamp"]
-    try:
-        df = pd.read_csv(
-            file, sep=":", header=None, names=names, skip_blank_lines=False, encoding="latin-1"
-        )
-    except pd.errors.ParserError as err:
-        raise _bad_fields(err, origin, expected) from err
+    df = _read_fields(
+        file, origin, expected, sep=":", header=None, names=names, skip_blank_lines=False,
+        encoding="latin-1",
+    )  # fmt: skip
     filled = df[["_a", "_b", "_c"]].notna().any(axis=1).to_numpy()
     if filled.any():
         i = int(np.flatnonzero(filled)[0])
@@ -314,17 +346,10 @@ def _read_movies_dat(file: Path) -> tuple[pd.DataFrame, Origin]:
 def _read_u_data(file: Path) -> tuple[pd.DataFrame, Origin]:
     origin = Origin(str(file), line_base=1)
     expected = "tab-separated user, item, rating, timestamp"
-    try:
-        df = pd.read_csv(
-            file,
-            sep="\t",
-            header=None,
-            names=["user", "item", "rating", "timestamp"],
-            skip_blank_lines=False,
-            encoding="latin-1",
-        )
-    except pd.errors.ParserError as err:
-        raise _bad_fields(err, origin, expected) from err
+    df = _read_fields(
+        file, origin, expected, sep="\t", header=None,
+        names=["user", "item", "rating", "timestamp"], skip_blank_lines=False, encoding="latin-1",
+    )  # fmt: skip
     return _ratings(df, origin, expected), origin
 
 
@@ -344,10 +369,9 @@ def _read_u_item(file: Path) -> tuple[pd.DataFrame, Origin]:
     n_fields = 5 + len(ML100K_GENRES)
     expected = f"{n_fields} '|'-separated fields (id, title, dates, URL, 19 genre flags)"
     names = ["item", "title", "release", "video_release", "url", *ML100K_GENRES]
-    try:
-        df = pd.read_csv(file, sep="|", names=names, dtype=str, encoding="latin-1", **AS_WRITTEN)
-    except pd.errors.ParserError as err:
-        raise _bad_fields(err, origin, expected) from err
+    df = _read_fields(
+        file, origin, expected, sep="|", names=names, dtype=str, encoding="latin-1", **AS_WRITTEN
+    )
     _integers(df, ["item", *ML100K_GENRES], origin, expected)
     genres = pd.Series("|", index=df.index, dtype=str)
     for genre in ML100K_GENRES:

@@ -79,15 +79,23 @@ def load_netflix(path: Path, domain_map: Path) -> RawLog:
     tables = []
     n_read = 0
     dropped_movies: set[int] = set()
+    headed: dict[int, Path] = {}  # MovieID -> the file whose block it heads
     for part in parts:
         ratings = _read_combined(part)
         n_read += len(ratings)
+        for movie in unique(ratings["item"].to_numpy()).tolist():
+            if headed.setdefault(movie, part) != part:
+                raise DataError(
+                    f"MovieID {movie} heads a block in both {headed[movie]} and {part}; "
+                    "each movie's ratings are in one block"
+                )
         keep = np.isin(ratings["item"].to_numpy(), mapped)
         if not keep.all():
             dropped_movies.update(unique(ratings["item"].to_numpy()[~keep]).tolist())
             ratings = ratings.loc[keep]
         tables.append(ratings)
     inter = pd.concat(tables, ignore_index=True)
+    _refuse_repeated_pairs(inter, folder)
     if len(inter) < n_read:
         logger.info(
             "%s: dropped %d of %d ratings, on %d movie(s) absent from the domain map %s",
@@ -100,6 +108,27 @@ def load_netflix(path: Path, domain_map: Path) -> RawLog:
     inter_origin = Origin(f"{folder}/combined_data_*.txt, rating rows of mapped movies")
     domains = list(pd.unique(items["domain"]))
     return RawLog(inter, items, inter_origin, items_origin, domains)
+
+
+def _refuse_repeated_pairs(inter: pd.DataFrame, folder: Path) -> None:
+    """The Netflix Prize data rates a movie once per customer: a (CustomerID, MovieID) pair
+    twice means a "MovieID:" line went missing (the next block's ratings joined the one
+    before) or a line was repeated."""
+    user, item = inter["user"].to_numpy(), inter["item"].to_numpy()
+    span = int(item.max(initial=0)) + 1
+    key = user.astype(np.int64) * span + item if user.max(initial=0) < 2**62 // span else None
+    twice = (
+        pd.Series(key).duplicated().to_numpy()
+        if key is not None
+        else inter.duplicated(["user", "item"]).to_numpy()
+    )
+    if twice.any():
+        i = int(np.flatnonzero(twice)[0])
+        raise DataError(
+            f"{folder}: customer {int(user[i])} rates movie {int(item[i])} twice "
+            f"({int(twice.sum())} such rating(s)); the Netflix Prize data rates a movie once per "
+            "customer: is a 'MovieID:' line missing, or a line repeated?"
+        )
 
 
 def _read_titles(file: Path) -> pd.Series:
@@ -184,6 +213,11 @@ def _read_combined(file: Path) -> pd.DataFrame:
     bad_movie = ~np.isfinite(movie_at) | (movie_at != np.round(movie_at))
     if bad_movie.any():
         _fail(origin, df, int(at[np.flatnonzero(bad_movie)[0]]), "a MovieID before ':'")
+    _, first_at, seen = np.unique(movie_at, return_index=True, return_counts=True)
+    if (seen > 1).any():  # a block repeated: its ratings would count twice
+        twice = int(movie_at[first_at[np.flatnonzero(seen > 1)[0]]])
+        lines = [origin.row(int(i)) for i in at[movie_at == twice][:2]]
+        raise DataError(f"MovieID {twice} heads two blocks ({lines[0]}; {lines[1]})")
     block = np.cumsum(header) - 1  # index into `at` of the block each line belongs to
     body = ~header
     orphan = body & (block < 0)
@@ -195,7 +229,10 @@ def _read_combined(file: Path) -> pd.DataFrame:
     rating = _floats(df["b"])
     codes, dates = pd.factorize(df["c"])  # a few thousand distinct dates: parse each once
     stamp = np.append(_unix_seconds(pd.Series(dates, dtype=str)), np.nan)[codes]
-    for values, what in ((user, "CustomerID"), (rating, "Rating"), (stamp, "Date")):
+    # ids above 2**53 are not exact as float64; ratings are the integers 1 to 5
+    user = np.where(np.abs(user) >= 2**53, np.nan, user)
+    rating = np.where((rating != np.round(rating)) | (rating < 1) | (rating > 5), np.nan, rating)
+    for values, what in ((user, "CustomerID"), (rating, "Rating (1 to 5)"), (stamp, "Date")):
         bad = body & ~np.isfinite(values)
         if bad.any():
             _fail(origin, df, int(np.flatnonzero(bad)[0]), f"a valid {what}")
