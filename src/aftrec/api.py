@@ -122,6 +122,7 @@ def prepare(
     (CSV or Parquet; ``streaming`` for logs larger than memory, ``partition_rows`` rows per
     partition); else pre-split ``train``, ``test``, ``items`` and optionally ``valid``.
     ``split``: the split rules (default :class:`~aftrec.data.split.SplitConfig`)."""
+    from aftrec.data.prepare import check_out
     from aftrec.data.prepare import prepare as write_prepared
     from aftrec.data.split import SplitConfig
 
@@ -146,6 +147,7 @@ def prepare(
                 "parts of the log next time; choose a folder outside it"
             )  # fmt: skip
     split = split if split is not None else SplitConfig()
+    check_out(out, force)  # before a download or minutes of reading
     if streaming:  # which takes --interactions/--items only, and says so
         return _prepare_streaming(src, Path(out), split, partition_rows, force, progress)
     _one_source(src)

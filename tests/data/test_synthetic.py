@@ -239,6 +239,9 @@ def test_catalogue_ground_truth() -> None:
         {"domain_presence": 0.0},
         {"span_seconds": 0},
         {"seed": -1},
+        {"n_domains": 10**20},  # beyond the int32 item numbers of a prepared dataset
+        {"items_per_domain": 2**31},
+        {"n_interactions": 10**20},  # numpy's sizes would overflow before memory ran out
     ],
 )
 def test_bad_config_raises(change: dict[str, Any]) -> None:

@@ -74,6 +74,15 @@ def _index_rows(
     }
 
 
+def check_out(out: Path, force: bool) -> None:
+    """``out`` may receive a prepared dataset: new, or (with ``force``) one to replace; called
+    before a source is read, so that a refusal comes before minutes of reading."""
+    if out.exists() and not force:
+        raise DataError(f"{out} already exists; pass --force to replace it")
+    check_writable(out, folder=True)
+    check_replaceable(out, "meta.json", "prepared dataset", WRITES)
+
+
 def prepare(
     raw: RawLog,
     out: Path,
@@ -90,10 +99,7 @@ def prepare(
     """
     out = Path(out)
     split = split or SplitConfig()
-    if out.exists() and not force:
-        raise DataError(f"{out} already exists; pass --force to replace it")
-    check_writable(out, folder=True)
-    check_replaceable(out, "meta.json", "prepared dataset", WRITES)
+    check_out(out, force)
     started = time.perf_counter()
     raw = validate(raw)
     domains = [str(d) for d in (raw.domains or [])]

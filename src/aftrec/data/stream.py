@@ -60,10 +60,10 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 from tqdm import tqdm
 
+from aftrec.data.prepare import check_out
 from aftrec.data.prepared import (
     FORMAT_PARTITIONED,
     PARTITIONED,
-    WRITES,
     check_domains,
     count_parts,
     describe,
@@ -109,7 +109,7 @@ from aftrec.data.split import (
     split_positives,
 )
 from aftrec.errors import DataError
-from aftrec.outputs import atomic_directory, check_replaceable, check_writable
+from aftrec.outputs import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -551,10 +551,7 @@ def prepare_streaming(
     split = split or SplitConfig()
     if partition_rows < 1:
         raise DataError(f"--partition-rows must be at least 1, got {partition_rows}")
-    if out.exists() and not force:
-        raise DataError(f"{out} already exists; pass --force to replace it")
-    check_writable(out, folder=True)
-    check_replaceable(out, "meta.json", "prepared dataset", WRITES)
+    check_out(out, force)
     started = time.perf_counter()
     files, kind = _list_files(Path(interactions))  # read in the in-memory path's order
     cat, mo = read_table(items)

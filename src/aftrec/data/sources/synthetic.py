@@ -88,6 +88,11 @@ _OVERSAMPLE = 0.25  # extra draws, as a fraction of the request, before de-dupli
 _REPAIR_ROUNDS = 3  # further draws for users still short of their request
 
 
+INT32_MAX = 2**31 - 1
+#: more interactions than any machine holds; above it numpy's sizes overflow before memory runs out
+INT64_ROWS = 2**40
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Size and shape of a synthetic log; see the module docstring for the model."""
@@ -128,6 +133,13 @@ class SyntheticConfig:
             (self.activity_sigma >= 0, "activity_sigma must be >= 0"),
             (self.span_seconds >= 1, "span_seconds must be >= 1"),
             (self.seed >= 0, "seed must be >= 0"),
+            # prepared datasets number users and items in int32
+            (self.n_users <= INT32_MAX, f"n_users must be <= {INT32_MAX}"),
+            (
+                self.n_domains * self.items_per_domain <= INT32_MAX,
+                f"n_domains * items_per_domain (the items) must be <= {INT32_MAX}",
+            ),
+            (self.n_interactions <= INT64_ROWS, f"n_interactions must be <= {INT64_ROWS}"),
         ]
         for ok, message in checks:
             if not ok:
