@@ -645,6 +645,16 @@ def test_a_folder_of_the_users_is_not_taken_for_a_report(tiny_dir: Path, tmp_pat
         (notes / name).rename(tmp_path / name)
     (notes / LOCK).touch()  # this version's, killed before it wrote anything else
     check_report_dir(notes)
+    # a runs/ folder is no report by its name (TensorBoard's is called that); a report's
+    # runs/MODEL/seedN/reproduce.json is
+    (notes / LOCK).unlink()
+    (notes / "runs" / "exp1").mkdir(parents=True)
+    (notes / "runs" / "exp1" / "events.out").write_text("tb")
+    with pytest.raises(ConfigError, match="notes is not empty and is not a report directory"):
+        check_report_dir(notes)
+    (notes / "runs" / "pop" / "seed0").mkdir(parents=True)
+    (notes / "runs" / "pop" / "seed0" / "reproduce.json").write_text("{}")
+    check_report_dir(notes)
     # a demo killed (kill -9) while preparing its data leaves only that temporary
     demo = tmp_path / "demo"
     (demo / ".data.tmp-host-999999-abcdef12").mkdir(parents=True)

@@ -83,12 +83,23 @@ def reproduce(spec: ReproduceSpec) -> Summary:
 #: what ``aftrec reproduce`` writes into a report directory: the lock before anything else
 #: (reports of versions before the lock hold the other two); and ``aftrec demo``'s folder,
 #: which holds its prepared dataset in ``data/`` before its report
-REPORT_MARKERS = (LOCK, "results.json", "runs", "data/meta.json")
+REPORT_MARKERS = (LOCK, "results.json", "data/meta.json")
 
 #: files that mark a folder as another command's output: a prepared dataset, a run, a
 #: bundle, a tuning study; a report directory holds them only below ``runs/``
 FOREIGN = {"meta.json": "a prepared dataset", "run.json": "a run", "manifest.json": "a bundle",
            "study.db": "a tuning study"}  # fmt: skip
+
+
+def _holds_report_runs(out: Path) -> bool:
+    """Whether ``out/runs`` holds a run of a report (``runs/MODEL[/VARIANT]/seedN`` with its
+    ``reproduce.json``, written before it trains): a report of a version before the lock,
+    killed before its results. Not any ``runs/`` (TensorBoard's folder has that name)."""
+    runs = out / "runs"
+    return runs.is_dir() and any(
+        next(runs.glob(pattern), None) is not None
+        for pattern in ("*/seed*/reproduce.json", "*/*/seed*/reproduce.json")
+    )
 
 
 def check_report_dir(out: Path) -> None:
@@ -104,10 +115,11 @@ def check_report_dir(out: Path) -> None:
         out.is_dir()
         and any(not is_temporary(p) for p in out.iterdir())  # a killed writer's are deleted
         and not any((out / name).exists() for name in REPORT_MARKERS)
+        and not _holds_report_runs(out)
     ):
         raise ConfigError(
             f"{out} is not empty and is not a report directory (no {LOCK}, results.json or "
-            "runs/ there, nor a demo's data/); choose a new or empty --out"
+            "report runs in runs/ there, nor a demo's data/); choose a new or empty --out"
         )
 
 
