@@ -134,6 +134,8 @@ def prepare(
         synthetic,
     )  # fmt: skip
     out = _path("out", out)
+    if not streaming:  # which takes --interactions/--items only, and says so
+        _one_source(src)
     for flag, given in (
         ("--path", src.path),
         ("--interactions", src.interactions),
@@ -150,7 +152,6 @@ def prepare(
     check_out(out, force)  # before a download or minutes of reading
     if streaming:  # which takes --interactions/--items only, and says so
         return _prepare_streaming(src, Path(out), split, partition_rows, force, progress)
-    _one_source(src)
     if partition_rows is not None:
         raise DataError("--partition-rows goes with --streaming")
     loaded = _source(src)
@@ -173,6 +174,22 @@ def _one_source(src: Source) -> None:
     ]
     if len(named) > 1:
         raise DataError(f"{' and '.join(named)} name two sources; give one")
+    # an option the chosen source does not read would be ignored without a word
+    used = {
+        "ml-1m": {"--path"}, "ml-100k": {"--path"}, "netflix": {"--path", "--domains"},
+        "synthetic": set(), None: {"--items", "--valid"},
+    }.get(src.dataset, {"--path", "--domains"})  # fmt: skip
+    options = (("--path", src.path), ("--domains", src.domains), ("--items", src.items),
+               ("--valid", src.valid))  # fmt: skip
+    given = [flag for flag, value in options if value]
+    stray = [flag for flag in given if flag not in used]
+    if stray and src.dataset is not None:
+        raise DataError(f"{', '.join(stray)}: not read with --dataset {src.dataset}; drop it")
+    if stray and src.dataset is None and {"--path", "--domains"} & set(stray):
+        raise DataError(
+            f"{', '.join(f for f in stray if f in ('--path', '--domains'))}: for a --dataset "
+            "(MovieLens or netflix) only; drop it"
+        )
 
 
 def _source(src: Source) -> _Loaded:

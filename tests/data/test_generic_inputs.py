@@ -223,3 +223,20 @@ def test_out_inside_the_input_folder_is_refused(
     fails_cleanly(capsys, ["prepare", "--interactions", str(folder), "--items", str(items),
                            "--out", str(folder / "data")],
                   "is inside the --interactions folder", roots=(tmp_path,))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--dataset", "ml-1m", "--domains", "map.csv"], "--domains: not read with --dataset"),
+        (["--dataset", "synthetic", "--path", "raw"], "--path: not read with --dataset synthetic"),
+        (["--dataset", "ml-100k", "--items", "items.csv"], "--items: not read with --dataset"),
+        (["--interactions", "log.csv", "--items", "items.csv", "--path", "raw"],
+         "--path: for a --dataset (MovieLens or netflix) only"),
+    ],
+)  # fmt: skip
+def test_an_option_the_source_does_not_read_is_refused_not_ignored(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: list[str], needle: str
+) -> None:
+    argv = ["prepare", *flags, "--out", str(tmp_path / "out")]
+    fails_cleanly(capsys, argv, needle, roots=(tmp_path,))
