@@ -136,6 +136,8 @@ def prepare(
     out = _path("out", out)
     if not streaming:  # which takes --interactions/--items only, and says so
         _one_source(src)
+    elif src.dataset is None:
+        _unread_options(src)
     for flag, given in (
         ("--path", src.path),
         ("--interactions", src.interactions),
@@ -174,7 +176,12 @@ def _one_source(src: Source) -> None:
     ]
     if len(named) > 1:
         raise DataError(f"{' and '.join(named)} name two sources; give one")
-    # an option the chosen source does not read would be ignored without a word
+    _unread_options(src)
+
+
+def _unread_options(src: Source) -> None:
+    """A :class:`DataError` for an option the chosen source does not read, which would be
+    ignored without a word (``--domains`` with MovieLens, ``--path`` with a generic log)."""
     used = {
         "ml-1m": {"--path"}, "ml-100k": {"--path"}, "netflix": {"--path", "--domains"},
         "synthetic": set(), None: {"--items", "--valid"},

@@ -240,3 +240,83 @@ def test_an_option_the_source_does_not_read_is_refused_not_ignored(
 ) -> None:
     argv = ["prepare", *flags, "--out", str(tmp_path / "out")]
     fails_cleanly(capsys, argv, needle, roots=(tmp_path,))
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+def test_pq_parts_are_parts_and_are_checked_alike(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, streaming: bool
+) -> None:
+    second = _clicks(["u2"], start=200)
+    second["timestamp"] = pd.to_datetime(second["timestamp"], unit="s")
+    (tmp_path / "log").mkdir()
+    _clicks(["u1"]).to_parquet(tmp_path / "log" / "part-0.pq", index=False)
+    second.to_parquet(tmp_path / "log" / "part-1.PQ", index=False)
+    argv = ["prepare", "--interactions", str(tmp_path / "log"),
+            "--items", str(write(ITEMS, tmp_path / "items.csv")), "--out", str(tmp_path / "o"),
+            *(["--streaming"] if streaming else [])]  # fmt: skip
+    fails_cleanly(capsys, argv, "part-1.PQ: column 'timestamp' is timestamp", roots=(tmp_path,))
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+@pytest.mark.parametrize(
+    ("users", "outcome"),
+    [([1.0, 2.0, 3.0], ["1", "2", "3"]), ([1.0, 1.5, 3.0], "holds the number 1.5"),
+     ([1.0, 1e20, 3.0], "holds the number 1e+20")],
+)  # fmt: skip
+def test_float_ids_are_integers_or_refused_alike(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, streaming: bool,
+    users: list[float], outcome: list[str] | str,
+) -> None:  # fmt: skip
+    """Integer ids stored as floats read as those integers; a float that is no integer, or
+    one above 2**53, is refused, in memory as with --streaming."""
+    log = pd.concat([_clicks(["a"]), _clicks(["b"]), _clicks(["c"])], ignore_index=True)
+    log["user"] = np.repeat(users, 6)
+    path = write(log, tmp_path / "log.parquet")
+    items = write(ITEMS, tmp_path / "items.csv")
+    flags = ["--streaming"] if streaming else []
+    if isinstance(outcome, str):
+        argv = ["prepare", "--interactions", str(path), "--items", str(items),
+                "--out", str(tmp_path / "o"), *flags]  # fmt: skip
+        fails_cleanly(capsys, argv, outcome, roots=(tmp_path,))
+        return
+    got = rows(_prepare(tmp_path, path, items, "o", *flags))
+    assert sorted(got["user"].unique()) == outcome
+
+
+def test_unsigned_timestamps_beyond_int64_are_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("user,item,timestamp\n" + "".join(
+        f"u,i{k},{9223372036854775000 + 500 * k}\n" for k in range(6)))  # fmt: skip
+    items = write(ITEMS, tmp_path / "items.csv")
+    fails_cleanly(capsys, ["prepare", "--interactions", str(path), "--items", str(items),
+                           "--out", str(tmp_path / "o")],
+                  "is beyond int64", roots=(tmp_path,))  # fmt: skip
+
+
+def test_parts_with_ids_of_other_types_are_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    first = _clicks(["u1"]).assign(user=1)
+    write(first, tmp_path / "log" / "part-0.parquet")
+    write(_clicks(["x"], start=200), tmp_path / "log" / "part-1.parquet")
+    argv = ["prepare", "--interactions", str(tmp_path / "log"),
+            "--items", str(write(ITEMS, tmp_path / "items.csv")),
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    fails_cleanly(capsys, argv, "part-1.parquet: column 'user' is", "string here and int64",
+                  roots=(tmp_path,))  # fmt: skip
+
+
+def test_a_presplit_test_part_emptied_by_repeats_says_so(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    train = _clicks(["u1"])
+    test = pd.DataFrame({"user": ["u1"], "item": ["i0"], "timestamp": [300]})
+    argv = ["prepare", "--train", str(write(train, tmp_path / "train.csv")),
+            "--test", str(write(test, tmp_path / "test.csv")),
+            "--items", str(write(ITEMS, tmp_path / "items.csv")),
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    fails_cleanly(capsys, argv, "the test part is empty",
+                  "once 1 test positive(s) already in an earlier part are dropped",
+                  roots=(tmp_path,))  # fmt: skip

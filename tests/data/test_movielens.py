@@ -145,7 +145,7 @@ def test_a_field_more_on_every_line_is_refused_not_shifted(tmp_path: Path, name:
     file, sep = ("ratings.dat", "::") if name == "ml-1m" else ("u.data", "\t")
     lines = (folder / file).read_text().splitlines()
     (folder / file).write_text("".join(f"{line}{sep}7\n" for line in lines))
-    with pytest.raises(DataError, match="every line has more fields than expected"):
+    with pytest.raises(DataError, match="line 1: more fields than expected"):
         load_movielens(name, path=folder)
 
 

@@ -809,9 +809,10 @@ def test_hours_starts_only_runs_expected_to_end_in_time(
     assert (out / "runs" / "two-tower" / "seed1" / "metrics.json").is_file()
     for run in ("fm-single/seed1", "mmoe/seed0", "mmoe/seed1"):
         assert not (out / "runs" / run).exists(), run
-    assert "3 run(s) not started, 1 expected to outlast the time left and 2 of models" in (
+    assert "3 run(s) not started: 1 expected to outlast the time left (run the same command " in (
         caplog.text
     )
+    assert "and 2 of models with no run finished or under way to go by" in caplog.text
     text = (out / "report.md").read_text()
     assert "**Partial report**: 3 of 6 runs have not run yet" in text
     assert "--hours" not in text  # the command a reader would rerun: every run, in any time
@@ -837,6 +838,31 @@ def test_a_half_trained_run_of_a_model_none_finished_is_timed_by_its_epochs(
     (longest / rundir.LOG).write_text(json.dumps({"epoch": 1, "train_seconds": 1000.0}) + "\n")
     eta.add("two-tower", RunOutcome(longest, True, train_seconds=1e6, eval_seconds=5.0))
     assert eta.needs(job) == pytest.approx(1005.0 - 240.0)  # its logged epochs, not 1e6
+
+
+def test_hours_one_job_at_a_time_starts_a_run_once_its_model_has_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seed 0 is new (no time to go by), seed 1 half-trained (timed by its epochs): seed 1
+    runs first, and its time then lets seed 0 start, serially as in parallel."""
+    plan = make_plan(ReproduceSpec(Path("unused"), tmp_path / "r", models=("two-tower",),
+                                   seeds=2, hours=1.0, progress=False,
+                                   overrides=("train.epochs=10",)))  # fmt: skip
+    _, seed1 = sorted(plan.jobs.values(), key=lambda j: j.run.name)
+    seed1.run.mkdir(parents=True)
+    epochs = [{"epoch": e, "train_seconds": 10.0, "valid_seconds": 1.0} for e in (1, 2, 3)]
+    (seed1.run / rundir.LOG).write_text("".join(json.dumps(e) + "\n" for e in epochs))
+    started: list[str] = []
+
+    def fake_run(job: pl.Job, data_dir: Path) -> RunOutcome:
+        started.append(job.run.name)
+        return RunOutcome(job.run, True, metrics={}, train_seconds=33.0, eval_seconds=1.0,
+                          trained_now=True)  # fmt: skip
+
+    monkeypatch.setattr(ex, "run_job", fake_run)
+    outcomes = ex.execute(plan)
+    assert started == ["seed1", "seed0"]
+    assert not any(o.pending for o in outcomes.values())
 
 
 @pytest.mark.parametrize("hours", [0.0, -1.0, math.nan, math.inf])

@@ -147,9 +147,11 @@ def prepare(
     check_domains(domains, n_items, counts[TRAIN], raw.items_origin.name, inter_name, dropped)
     if not counts[TEST].any():
         if presplit is not None:
+            gone = " and ".join(repeats)  # e.g. "2 test positive(s)"
             raise DataError(
                 f"{presplit['test'].interactions_origin.name}: the test part is empty: "
                 "no positive interactions"
+                + (f" once {gone} already in an earlier part are dropped" if gone else "")
             )
         raise no_test_error(inter_name, split.min_positives, dropped)
     if presplit is None:  # logged once the data is known to be good: an error is one line

@@ -118,6 +118,14 @@ def _numeric(series: pd.Series, column: str, origin: Origin, scope: str = IN_ALL
         )
     if series.dtype == object and len(series) and isinstance(series.iloc[0], datetime.date):
         return _numeric(pd.to_datetime(series), column, origin, scope)  # Parquet's date32
+    if pd.api.types.is_unsigned_integer_dtype(series) and len(series):
+        values = series.to_numpy()
+        if values.max() >= 2**63:
+            i = int(np.argmax(values >= 2**63))
+            raise DataError(
+                f"{origin.row(i)}: {column} {int(values[i])} is beyond int64 "
+                f"({int((values >= 2**63).sum())} such row(s) {scope})"
+            )
     if pd.api.types.is_integer_dtype(series) and not series.isna().any():
         return series.to_numpy(dtype=np.int64)
     converted = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)

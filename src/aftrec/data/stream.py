@@ -96,6 +96,7 @@ from aftrec.data.sources.generic import (
     ID_COLUMNS,
     PARQUET_SUFFIXES,
     CsvOrigin,
+    check_float_ids,
     header,
     read_table,
     same_columns,
@@ -215,8 +216,13 @@ class _Log:
         in memory (timestamps are numbers)."""
         for name in ID_COLUMNS:
             index = table.schema.get_field_index(name)
-            if index >= 0 and not pa.types.is_string(table.schema.field(index).type):
-                table = table.set_column(index, name, table.column(index).cast(pa.string()))
+            if index < 0 or pa.types.is_string(table.schema.field(index).type):
+                continue
+            column = table.column(index)
+            if pa.types.is_floating(column.type):  # the in-memory rule, then as integers
+                check_float_ids(column.to_numpy(zero_copy_only=False), name, str(self.path))
+                column = column.cast(pa.int64())
+            table = table.set_column(index, name, column.cast(pa.string()))
         column = table.column("timestamp")
         if self.kind != "CSV" or not pa.types.is_temporal(column.type):
             return table
@@ -390,7 +396,7 @@ def _scatter(
             if positive is None:
                 positive = np.ones(n, dtype=bool)
             exact = frame["timestamp"].to_numpy()
-            if exact.dtype.kind == "i" and len(exact) and np.abs(exact).max() > FLOAT_EXACT:
+            if exact.dtype.kind in "iu" and len(exact) and np.abs(exact).max() > FLOAT_EXACT:
                 i = int(np.argmax(np.abs(exact) > FLOAT_EXACT))
                 raise DataError(
                     f"{origin.row(i)}: timestamp {int(exact[i])} is above 2**53, where the "

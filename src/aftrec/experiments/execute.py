@@ -337,19 +337,19 @@ def execute(plan: Plan) -> dict[Path, RunOutcome]:
     try:
         with logging_redirect_tqdm(), _stop_on_signals():
             if plan.spec.jobs == 1:
-                held = []
-                for i, job in enumerate(pending):
-                    if not fits(job):
-                        held.append(job)
-                        continue
-                    running[job.run] = job
-                    show(pending[i:])
+                held = list(pending)
+                # in order, the first that fits; again after each run, whose time may let a
+                # run held for want of an estimate start
+                while (now := next((j for j in held if fits(j)), None)) is not None:
+                    held.remove(now)
+                    running[now.run] = now
+                    show([now, *held])
                     try:
-                        outcome = run_job(job, data_dir)
+                        outcome = run_job(now, data_dir)
                     except Exception as exc:  # a failing model is reported, the others run
                         log.debug("traceback", exc_info=True)
-                        outcome = RunOutcome(job.run, False, error=_one_line(exc), trained_now=True)
-                    finish(job, outcome)
+                        outcome = RunOutcome(now.run, False, error=_one_line(exc), trained_now=True)
+                    finish(now, outcome)
             else:
                 held = _execute_parallel(
                     pending, data_dir, plan.spec.jobs, running, show, finish, fits
@@ -358,8 +358,9 @@ def execute(plan: Plan) -> dict[Path, RunOutcome]:
             if held:
                 unknown = sum(eta.needs(job) is None for job in held)
                 log.info(
-                    "--hours %g: %d run(s) not started, %d expected to outlast the time left and "
-                    "%d of models with no finished run to go by; run the same command again",
+                    "--hours %g: %d run(s) not started: %d expected to outlast the time left "
+                    "(run the same command again later) and %d of models with no run finished "
+                    "or under way to go by (run those once without --hours)",
                     hours, len(held), len(held) - unknown, unknown,
                 )  # fmt: skip
             bar.set_description("time limit" if held else "done")

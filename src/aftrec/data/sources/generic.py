@@ -74,22 +74,25 @@ def read_table(path: Path) -> tuple[pd.DataFrame, Origin]:
         names = header(path)
         require_unique_columns(names, str(path))
         if path.is_dir() or path.suffix.lower() in PARQUET_SUFFIXES:
-            if path.is_dir():
-                parts = sorted(path.rglob("*.parquet"))
-                if not parts and any(path.rglob("*.csv")):
+            parts = parquet_parts(path) if path.is_dir() else [path]
+            if path.is_dir() and not parts:
+                if any(p.suffix.lower() == ".csv" for p in path.rglob("*")):
                     raise DataError(
                         f"{path}: a folder of CSV parts is read with --streaming; pass it, or "
                         "give one CSV file"
                     )
-                same_columns(parts)
-            return ids_as_text(pd.read_parquet(path)), Origin(str(path), None)
+                raise DataError(f"{path}: no Parquet (.parquet, .pq) parts in this folder")
+            same_columns(parts)
+            table = pq.read_table([str(p) for p in parts]) if len(parts) > 1 else None
+            frame = table.to_pandas() if table is not None else pd.read_parquet(parts[0])
+            return ids_as_text(frame, str(path)), Origin(str(path), None)
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
             frame = pd.read_csv(
                 path, low_memory=False, index_col=False, keep_default_na=False, na_values=[""],
                 dtype={c: str for c in ID_COLUMNS},
             )  # fmt: skip
-        return ids_as_text(frame), CsvOrigin(str(path), 2, path)
+        return ids_as_text(frame, str(path)), CsvOrigin(str(path), 2, path)
     except pd.errors.ParserWarning as exc:
         raise DataError(
             f"{path}: cannot be read as CSV: a row has more fields than the {len(names)} of the "
@@ -99,28 +102,61 @@ def read_table(path: Path) -> tuple[pd.DataFrame, Origin]:
         raise DataError(f"{path}: cannot be read as {_kind(path)}: {exc}") from exc
 
 
-def ids_as_text(frame: pd.DataFrame) -> pd.DataFrame:
-    """The :data:`ID_COLUMNS` of ``frame`` as text (object columns of str, missing values
-    NaN): integers as written in decimal, whole floats (integer ids a null made floats) as
-    integers."""
+def ids_as_text(frame: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The :data:`ID_COLUMNS` of ``frame`` (read from ``name``) as text (object columns of
+    str, missing values NaN): integers as written in decimal, float ids (integers a null made
+    floats) as those integers (:func:`check_float_ids`)."""
     for col in ID_COLUMNS:
         if col not in frame.columns:
             continue
         values = frame[col]
         if pd.api.types.is_float_dtype(values):
-            finite = values.dropna()
-            if len(finite) and (finite % 1 == 0).all():
-                values = values.astype("Int64")
+            check_float_ids(values.to_numpy(dtype=np.float64, na_value=np.nan), col, name)
+            values = values.astype("Int64")
         text = values.astype("string")
         frame[col] = text.astype(object).where(text.notna(), np.nan)
     return frame
 
 
+def check_float_ids(values: np.ndarray, column: str, name: str) -> None:
+    """Float ids are integers a missing value made floats: each must be whole and exact
+    (below 2**53), so that it reads as one integer, the same in memory and with
+    ``--streaming``."""
+    finite = values[~np.isnan(values)]
+    bad = (finite != np.round(finite)) | (np.abs(finite) >= 2**53)
+    if bad.any():
+        number = float(finite[np.argmax(bad)])
+        raise DataError(
+            f"{name}: column {column!r} holds the number {number!r}; ids are text or integers "
+            "(below 2**53 when stored as floats)"
+        )
+
+
+def parquet_parts(folder: Path) -> list[Path]:
+    """The Parquet parts of a folder (``.parquet`` or ``.pq``, any case), in name order; names
+    starting with ``.`` or ``_`` (Spark's ``_SUCCESS``, a writer's temporary) are skipped."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in PARQUET_SUFFIXES
+        and not any(s.startswith((".", "_")) for s in p.relative_to(folder).parts)
+    )
+
+
+def _text(kind: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or (pa.types.is_dictionary(kind) and _text(kind.value_type))
+    )
+
+
 def same_columns(files: Sequence[Path]) -> None:
     """Refuse a folder of Parquet parts whose columns differ, by name or by type: a reader
     takes the first part's schema, so another part's column would be dropped or its values
-    reinterpreted (a datetime read as microseconds). Id columns may differ in type (they
-    are read as text)."""
+    reinterpreted (a datetime read as microseconds). Text columns may differ in how they
+    store text (plain, large or dictionary strings)."""
     if len(files) < 2:
         return
     try:
@@ -134,7 +170,7 @@ def same_columns(files: Sequence[Path]) -> None:
                 )
             for name in first.names:
                 a, b = first.field(name).type, schema.field(name).type
-                if a != b and name not in ID_COLUMNS:
+                if a != b and not (_text(a) and _text(b)):
                     raise DataError(
                         f"{file}: column {name!r} is {b} here and {a} in {files[0]}; "
                         "give every part the same column types"
@@ -148,7 +184,7 @@ def header(path: Path) -> list[str]:
     file's first non-blank line, or a Parquet file's (or folder's first file's) schema."""
     path = Path(path)
     if path.is_dir() or path.suffix.lower() in PARQUET_SUFFIXES:
-        files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+        files = parquet_parts(path) if path.is_dir() else [path]
         if not files:
             return []
         try:

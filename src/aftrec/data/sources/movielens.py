@@ -226,7 +226,8 @@ def _integers(df: pd.DataFrame, columns: Sequence[str], origin: Origin, expected
             df[col] = df[col].astype(np.int64)
             continue
         if pd.api.types.is_unsigned_integer_dtype(df[col]):
-            bad = df[col].to_numpy() >= 2**63
+            values = df[col].to_numpy()
+            bad = values >= 2**63
         else:  # text, or floats: a float above 2**53 may already stand for another integer
             values = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
             bad = ~np.isfinite(values)
@@ -237,7 +238,7 @@ def _integers(df: pd.DataFrame, columns: Sequence[str], origin: Origin, expected
                 f"{origin.row(i)}: bad, missing or out-of-range {col} "
                 f"{_shown(df[col].iloc[i])}; expected {expected}"
             )
-        df[col] = df[col].to_numpy().astype(np.int64) if len(df) else df[col].astype(np.int64)
+        df[col] = values.astype(np.int64)  # checked: "1.0" in a text column is 1
 
 
 def _floats(df: pd.DataFrame, col: str, origin: Origin, expected: str) -> None:
@@ -277,7 +278,7 @@ def _read_fields(file: Path, origin: Origin, expected: str, **options: Any) -> p
         return df.iloc[:last] if last < len(df) else df
     except pd.errors.ParserWarning as err:
         raise DataError(
-            f"{origin.name}: every line has more fields than expected: {expected}"
+            f"{origin.name}, line 1: more fields than expected; expected {expected}"
         ) from err
     except pd.errors.ParserError as err:
         raise _bad_fields(err, origin, expected) from err
