@@ -36,6 +36,16 @@ def _prepare(tmp_path: Path, log: Path, items: Path, name: str, *flags: str) -> 
     return out
 
 
+def _refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, log: Path, items: Path, *needles: str,
+    flags: tuple[str, ...] = (),
+) -> None:  # fmt: skip
+    """prepare LOG with ITEMS fails in one line holding ``needles``, writing nothing."""
+    argv = ["prepare", "--interactions", str(log), "--items", str(items),
+            "--out", str(tmp_path / "refused"), *flags]  # fmt: skip
+    fails_cleanly(capsys, argv, *needles, roots=(tmp_path,))
+
+
 @pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
 def test_ids_are_text_as_written(tmp_path: Path, streaming: bool) -> None:
     """'007' and '7' are two users, 'NA' is a user's name, and the ids are stored as such."""
@@ -136,9 +146,7 @@ def test_a_row_longer_than_the_header_is_refused(
     path = tmp_path / "log.csv"
     path.write_text("user,item,timestamp\nu1,i0,100,7\nu1,i1,101\n")
     items = write(ITEMS, tmp_path / "items.csv")
-    fails_cleanly(capsys, ["prepare", "--interactions", str(path), "--items", str(items),
-                           "--out", str(tmp_path / "out")],
-                  "a row has more fields than the 3 of the header", roots=(tmp_path,))  # fmt: skip
+    _refused(capsys, tmp_path, path, items, "a row has more fields than the 3 of the header")
 
 
 def test_presplit_pairs_already_in_train_count_once(
@@ -209,9 +217,7 @@ def test_dates_without_times_are_dates_and_true_false_is_no_time(
     assert pd.read_parquet(out / "test.parquet")["item_idx"].tolist() == [4]  # Jan 6th
     log["timestamp"] = [True, False] * 3
     path = write(log, tmp_path / "bools.parquet")
-    fails_cleanly(capsys, ["prepare", "--interactions", str(path), "--items", str(items),
-                           "--out", str(tmp_path / "o2")],
-                  "column 'timestamp' holds true/false values", roots=(tmp_path,))  # fmt: skip
+    _refused(capsys, tmp_path, path, items, "column 'timestamp' holds true/false values")
 
 
 def test_out_inside_the_input_folder_is_refused(
@@ -290,9 +296,7 @@ def test_unsigned_timestamps_beyond_int64_are_refused(
     path.write_text("user,item,timestamp\n" + "".join(
         f"u,i{k},{9223372036854775000 + 500 * k}\n" for k in range(6)))  # fmt: skip
     items = write(ITEMS, tmp_path / "items.csv")
-    fails_cleanly(capsys, ["prepare", "--interactions", str(path), "--items", str(items),
-                           "--out", str(tmp_path / "o")],
-                  "is beyond int64", roots=(tmp_path,))  # fmt: skip
+    _refused(capsys, tmp_path, path, items, "is beyond int64")
 
 
 def test_parts_with_ids_of_other_types_are_refused(
