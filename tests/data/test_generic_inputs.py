@@ -15,7 +15,7 @@ import pytest
 
 from aftrec.cli import main
 from tests.inputs import fails_cleanly, write
-from tests.test_prepare_stream import rows
+from tests.test_prepare_stream import files, rows
 
 ITEMS = pd.DataFrame({"item": [f"i{k}" for k in range(6)], "domain": ["A"] * 3 + ["B"] * 3})
 
@@ -266,12 +266,12 @@ def test_pq_parts_are_parts_and_are_checked_alike(
 @pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
 @pytest.mark.parametrize(
     ("users", "outcome"),
-    [([1.0, 2.0, 3.0], ["1", "2", "3"]), ([1.0, 1.5, 3.0], "holds the number 1.5"),
+    [([1.0, 2.0, 3.0], [1, 2, 3]), ([1.0, 1.5, 3.0], "holds the number 1.5"),
      ([1.0, 1e20, 3.0], "holds the number 1e+20")],
 )  # fmt: skip
 def test_float_ids_are_integers_or_refused_alike(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, streaming: bool,
-    users: list[float], outcome: list[str] | str,
+    users: list[float], outcome: list[int] | str,
 ) -> None:  # fmt: skip
     """Integer ids stored as floats read as those integers; a float that is no integer, or
     one above 2**53, is refused, in memory as with --streaming."""
@@ -324,3 +324,15 @@ def test_a_presplit_test_part_emptied_by_repeats_says_so(
     fails_cleanly(capsys, argv, "the test part is empty",
                   "once 1 test positive(s) already in an earlier part are dropped",
                   roots=(tmp_path,))  # fmt: skip
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+def test_parquet_integer_ids_stay_integers(tmp_path: Path, streaming: bool) -> None:
+    """No digit of an integer is lost, so a Parquet file's integer ids are kept as such (text
+    ids cost time and memory on large logs); the catalogue's text ids meet them as text."""
+    log = _clicks(["u"]).assign(user=7)
+    out = _prepare(tmp_path, write(log, tmp_path / "log.parquet"),
+                   write(ITEMS, tmp_path / "items.csv"), "out",
+                   *(["--streaming"] if streaming else []))  # fmt: skip
+    users = pd.concat([pd.read_parquet(f) for f in files(out, "users")])
+    assert users["user"].tolist() == [7] and users["user"].dtype == np.int64

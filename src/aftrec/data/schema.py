@@ -86,12 +86,27 @@ def _first_bad(mask: np.ndarray) -> int:
 
 
 def harmonise_ids(a: pd.Series, b: pd.Series) -> tuple[pd.Series, pd.Series]:
-    """Make item ids comparable across the two tables (ints stay ints when both are ints)."""
+    """Make item ids comparable across the two tables: ints stay ints when both are ints, or
+    when the text side writes every id as an integer would be written ("12", not "012" or
+    "+12": then no two texts become one integer); otherwise both are compared as text."""
     if a.dtype == b.dtype and a.dtype != object:
         return a, b
     if pd.api.types.is_integer_dtype(a) and pd.api.types.is_integer_dtype(b):
         return a.astype(np.int64), b.astype(np.int64)
+    if pd.api.types.is_integer_dtype(a) and _written_integers(b):
+        return a.astype(np.int64), b.astype(np.int64)
+    if pd.api.types.is_integer_dtype(b) and _written_integers(a):
+        return a.astype(np.int64), b.astype(np.int64)
     return a.astype(str), b.astype(str)
+
+
+def _written_integers(text: pd.Series) -> bool:
+    """Whether every value is a str that is an int64 written plainly (no leading zero, sign
+    only for a negative)."""
+    if text.dtype != object or text.isna().any() or len(text) == 0:
+        return False
+    # 18 digits at most: every such number fits int64
+    return bool(text.astype("string").str.fullmatch(r"-?(0|[1-9][0-9]{0,17})").all())
 
 
 def _numeric(series: pd.Series, column: str, origin: Origin, scope: str = IN_ALL) -> np.ndarray:

@@ -214,14 +214,19 @@ class _Log:
         whole float as an integer: pyarrow writes 1.0 as "1"); and pyarrow parses ISO dates in
         a CSV, pandas does not: such timestamps go back to text, so that they are refused as
         in memory (timestamps are numbers)."""
-        for name in ID_COLUMNS:
+        for name in ID_COLUMNS:  # as read_table reads them (ids_as_read)
             index = table.schema.get_field_index(name)
             if index < 0 or pa.types.is_string(table.schema.field(index).type):
                 continue
             column = table.column(index)
-            if pa.types.is_floating(column.type):  # the in-memory rule, then as integers
+            if name != "domain" and pa.types.is_signed_integer(column.type):
+                table = table.set_column(index, name, column.cast(pa.int64()))
+                continue
+            if name != "domain" and pa.types.is_floating(column.type):
+                # the integers they stand for (a missing one is reported as such)
                 check_float_ids(column.to_numpy(zero_copy_only=False), name, str(self.path))
-                column = column.cast(pa.int64())
+                table = table.set_column(index, name, column.cast(pa.int64()))
+                continue
             table = table.set_column(index, name, column.cast(pa.string()))
         column = table.column("timestamp")
         if self.kind != "CSV" or not pa.types.is_temporal(column.type):

@@ -63,8 +63,8 @@ def _csv_line(path: Path, index: int) -> int | None:
 def read_table(path: Path) -> tuple[pd.DataFrame, Origin]:
     """Read one CSV or Parquet table; the :class:`Origin` lets messages name its lines.
 
-    Ids are text as written (:data:`ID_COLUMNS`): "007" and "7" stay two users, and a
-    Parquet file's integer ids meet a CSV file's as the same strings. In a CSV file only an
+    Ids are read as written (:func:`ids_as_read`): a CSV file's as text, so "007" and "7"
+    stay two users; a Parquet file's integers as integers. In a CSV file only an
     empty field is missing ("NA" is a name like any other), and a row with more fields than
     the header is an error, not a shift of its columns."""
     path = Path(path)
@@ -85,14 +85,14 @@ def read_table(path: Path) -> tuple[pd.DataFrame, Origin]:
             same_columns(parts)
             table = pq.read_table([str(p) for p in parts]) if len(parts) > 1 else None
             frame = table.to_pandas() if table is not None else pd.read_parquet(parts[0])
-            return ids_as_text(frame, str(path)), Origin(str(path), None)
+            return ids_as_read(frame, str(path)), Origin(str(path), None)
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
             frame = pd.read_csv(
                 path, low_memory=False, index_col=False, keep_default_na=False, na_values=[""],
                 dtype={c: str for c in ID_COLUMNS},
             )  # fmt: skip
-        return ids_as_text(frame, str(path)), CsvOrigin(str(path), 2, path)
+        return ids_as_read(frame, str(path)), CsvOrigin(str(path), 2, path)
     except pd.errors.ParserWarning as exc:
         raise DataError(
             f"{path}: cannot be read as CSV: a row has more fields than the {len(names)} of the "
@@ -102,20 +102,46 @@ def read_table(path: Path) -> tuple[pd.DataFrame, Origin]:
         raise DataError(f"{path}: cannot be read as {_kind(path)}: {exc}") from exc
 
 
-def ids_as_text(frame: pd.DataFrame, name: str) -> pd.DataFrame:
-    """The :data:`ID_COLUMNS` of ``frame`` (read from ``name``) as text (object columns of
-    str, missing values NaN): integers as written in decimal, float ids (integers a null made
-    floats) as those integers (:func:`check_float_ids`)."""
+def ids_as_read(frame: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The :data:`ID_COLUMNS` of ``frame`` (read from ``name``) as they were written: integer
+    columns stay int64 (a Parquet file's; no digit of theirs is lost), float ids become the
+    integers they stand for (:func:`check_float_ids`), and anything else is text (object
+    columns of str, missing values NaN): a CSV file's ids, so that "007" and "7" stay two.
+    Domain names are always text. Tables whose ids differ in type are compared as text
+    (:func:`~aftrec.data.schema.harmonise_ids`, :func:`same_id_types`)."""
     for col in ID_COLUMNS:
         if col not in frame.columns:
             continue
         values = frame[col]
-        if pd.api.types.is_float_dtype(values):
+        if col != "domain" and pd.api.types.is_signed_integer_dtype(values):
+            frame[col] = values.astype(np.int64)
+            continue
+        if col != "domain" and pd.api.types.is_float_dtype(values):
             check_float_ids(values.to_numpy(dtype=np.float64, na_value=np.nan), col, name)
+            if not values.isna().any():  # a missing id is reported as such later
+                frame[col] = values.astype(np.int64)
+                continue
             values = values.astype("Int64")
-        text = values.astype("string")
-        frame[col] = text.astype(object).where(text.notna(), np.nan)
+        frame[col] = as_text(values)
     return frame
+
+
+def as_text(values: pd.Series) -> pd.Series:
+    """``values`` as an object column of str, missing values NaN."""
+    text = values.astype("string")
+    return text.astype(object).where(text.notna(), np.nan)
+
+
+def same_id_types(frames: Sequence[pd.DataFrame]) -> None:
+    """Tables that are read together (pre-split parts and their catalogue): an id column
+    that is integer in every table stays so; otherwise it is text in all of them, so that a
+    CSV file's "6" meets a Parquet file's 6."""
+    for col in ("user", "item"):
+        having = [f for f in frames if col in f.columns]
+        if not all(pd.api.types.is_integer_dtype(f[col]) for f in having):
+            for f in having:
+                if pd.api.types.is_integer_dtype(f[col]):
+                    f[col] = as_text(f[col])
 
 
 def check_float_ids(values: np.ndarray, column: str, name: str) -> None:
@@ -220,4 +246,5 @@ def load_presplit(
         if path is not None:
             inter, io = read_table(path)
             parts[name] = RawLog(inter, cat, io, mo)
+    same_id_types([cat, *(part.interactions for part in parts.values())])
     return parts
