@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from _common import write
 
 #: the child: prepare, then print seconds and peak RSS (MiB)
