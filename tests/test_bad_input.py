@@ -498,8 +498,17 @@ def test_bad_set_override(
         ("model:\n  name: two-tower\ntrain:\n  lr: [0.1]\n", "train.lr"),
         ("model:\n  name: two-tower\ntrain: [epochs\n", "{yaml}"),  # not YAML: file named
         ("model:\n  name: nope\n", "unknown model 'nope'"),
+        ("model:\n  name: pop\n  dim: 3\n", "model.dim; 'model' has no settings here"),
     ],
-    ids=["unknown-key", "unknown-model-key", "wrong-type", "list-for-number", "bad-yaml", "model"],
+    ids=[
+        "unknown-key",
+        "unknown-model-key",
+        "wrong-type",
+        "list-for-number",
+        "bad-yaml",
+        "model",
+        "a-model-without-settings",
+    ],  # fmt: skip
 )
 def test_bad_yaml_config(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, prepared: Path, text: str, needle: str

@@ -240,9 +240,13 @@ def build(cls: type[T], values: dict[str, Any], section: str) -> T:
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+        valid = (
             f"valid keys in {section!r}: {', '.join(sorted(known))}"
+            if known
+            else f"{section!r} has no settings here"
+        )
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(f'{section}.{k}' for k in unknown)}; {valid}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
     try:

@@ -143,3 +143,10 @@ def test_missing_titles_file(tmp_path: Path) -> None:
     (folder / "movie_titles.csv").unlink()
     with pytest.raises(DataError, match=r"has no movie_titles\.csv"):
         load_netflix(folder, mapping)
+
+
+def test_a_domain_map_that_is_a_folder_is_named_so(tmp_path: Path) -> None:
+    folder, _ = write(tmp_path / "nf")
+    (tmp_path / "map").mkdir()
+    with pytest.raises(DataError, match=r"domain map .*map is a folder; it is a CSV file"):
+        load_netflix(folder, tmp_path / "map")

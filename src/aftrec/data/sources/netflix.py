@@ -148,7 +148,8 @@ def _read_titles(file: Path) -> pd.Series:
 def _read_domain_map(file: Path, titled: pd.Series) -> tuple[pd.DataFrame, Origin]:
     origin = Origin(str(file), line_base=2)
     if not file.is_file():
-        raise DataError(f"domain map {file} does not exist (a CSV with columns item,domain)")
+        what = "is a folder" if file.is_dir() else "does not exist"
+        raise DataError(f"domain map {file} {what}; it is a CSV file with columns item,domain")
     try:
         df = pd.read_csv(file, dtype=str, keep_default_na=False, skip_blank_lines=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
