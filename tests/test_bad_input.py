@@ -508,7 +508,7 @@ def test_bad_set_override(
         "bad-yaml",
         "model",
         "a-model-without-settings",
-    ],  # fmt: skip
+    ],
 )
 def test_bad_yaml_config(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, prepared: Path, text: str, needle: str
