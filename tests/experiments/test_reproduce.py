@@ -832,6 +832,8 @@ def test_a_half_trained_run_of_a_model_none_finished_is_timed_by_its_epochs(
     job.run.mkdir(parents=True)
     epochs = [{"epoch": e, "train_seconds": 50.0, "valid_seconds": 10.0} for e in (1, 2, 3, 4)]
     (job.run / rundir.LOG).write_text("".join(json.dumps(e) + "\n" for e in epochs))
+    assert eta.needs(job) is None  # no checkpoint (a new checkout): it would start again
+    (job.run / rundir.LAST).write_bytes(b"")
     assert eta.needs(job) == pytest.approx(60.0 * 6)  # 6 epochs to the cap of 10, 60 s each
     longest = job.run.parent / "seed9"
     longest.mkdir()
@@ -852,6 +854,7 @@ def test_hours_one_job_at_a_time_starts_a_run_once_its_model_has_a_time(
     seed1.run.mkdir(parents=True)
     epochs = [{"epoch": e, "train_seconds": 10.0, "valid_seconds": 1.0} for e in (1, 2, 3)]
     (seed1.run / rundir.LOG).write_text("".join(json.dumps(e) + "\n" for e in epochs))
+    (seed1.run / rundir.LAST).write_bytes(b"")  # half-trained: it resumes from here
     started: list[str] = []
 
     def fake_run(job: pl.Job, data_dir: Path) -> RunOutcome:

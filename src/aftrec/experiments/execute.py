@@ -195,13 +195,14 @@ class _Eta:
         model, less what the job's own log already holds; for a half-trained run of a model
         with none finished, its mean epoch so far times the epochs left to the cap. None: no
         run of the model has finished and this one has logged no epoch."""
-        from aftrec.training.rundir import epoch_log
+        from aftrec.training import rundir
 
-        done = logged_seconds(job.run)
+        # without its checkpoint (a new checkout), a run starts again: its log counts for nothing
+        done = logged_seconds(job.run) if (job.run / rundir.LAST).exists() else 0.0
         if job.model in self.longest:
             return max(0.0, self.longest[job.model] - done)
-        epochs = max((int(e.get("epoch", 0)) for e in epoch_log(job.run)), default=0)
-        if epochs == 0:
+        epochs = max((int(e.get("epoch", 0)) for e in rundir.epoch_log(job.run)), default=0)
+        if epochs == 0 or done == 0.0:
             return None
         return done / epochs * max(0, job.cfg.train.epochs - epochs)
 
