@@ -157,6 +157,14 @@ def _numeric(series: pd.Series, column: str, origin: Origin, scope: str = IN_ALL
         raise DataError(
             f"{origin.row(i)}: {what} column {column!r} ({int(bad.sum())} bad row(s) {scope})"
         )
+    if column == "timestamp":  # as the unsigned case above, however the reader typed it
+        beyond = np.abs(converted) >= 2.0**63
+        if beyond.any():
+            i = _first_bad(beyond)
+            raise DataError(
+                f"{origin.row(i)}: {column} {series.iloc[i]} is beyond int64 "
+                f"({int(beyond.sum())} such row(s) {scope}); give it in a coarser unit"
+            )
     return converted
 
 
