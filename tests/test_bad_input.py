@@ -937,6 +937,25 @@ def test_reproduce_writes_no_report_into_a_run_or_a_dataset(
     fails_cleanly(capsys, argv, "not a report directory", roots=(tmp_path,))
 
 
+def test_reproduce_refuses_a_domain_named_average(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The report's columns name the mean over domains "average"; such a domain's column
+    would read the mean's values."""
+    inter, items = make_log()
+    renamed = {DOMAINS[0]: "average"}
+    inter["domain"], items["domain"] = (
+        inter["domain"].replace(renamed),
+        items["domain"].replace(renamed),
+    )
+    data = tmp_path / "data"
+    argv = prepare_argv(write(inter, tmp_path / "i.csv"), write(items, tmp_path / "m.csv"), data)
+    assert main(argv) == 0
+    argv = ["reproduce", "--data", str(data), "--out", str(tmp_path / "r"), "--models", "pop",
+            "--skip", "ablations", "sweeps", "--quiet"]  # fmt: skip
+    fails_cleanly(capsys, argv, "a domain is named 'average'", roots=(tmp_path,))
+
+
 def test_the_demo_checks_its_arguments_before_preparing(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -140,3 +140,113 @@ def test_table_headers_never_run_together() -> None:
     for key in keys:  # each value ends where its header ends
         end = lines[1].index(key) + len(key)
         assert all(r[end - 1] != " " and (end == len(r) or r[end] == " ") for r in rows)
+
+
+@pytest.fixture(scope="module")
+def early_domain(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    """Domains A, B, C: every user clicks B's items first, so the per-user time split leaves
+    B without a validation or test click."""
+    import pandas as pd
+
+    from aftrec.cli import main
+
+    rng, rows = np.random.default_rng(0), []
+    for u in range(60):
+        t = 0
+        for i in rng.choice(10, 4, replace=False):
+            rows.append((f"u{u}", f"B{i}", t))
+            t += 1
+        for x, y in zip(
+            rng.choice(10, 6, replace=False), rng.choice(10, 6, replace=False), strict=True
+        ):
+            rows += [(f"u{u}", f"A{x}", 100 + t), (f"u{u}", f"C{y}", 101 + t)]
+            t += 2
+    root = tmp_path_factory.mktemp("early")
+    pd.DataFrame(rows, columns=["user", "item", "timestamp"]).to_csv(root / "log.csv", index=False)
+    items = pd.DataFrame({"item": [f"{d}{i}" for d in "ABC" for i in range(10)]})
+    items.assign(domain=items["item"].str[0]).to_csv(root / "items.csv", index=False)
+    argv = ["prepare", "--interactions", str(root / "log.csv"), "--items",
+            str(root / "items.csv"), "--out", str(root / "data")]  # fmt: skip
+    assert main(argv) == 0
+    return Dataset(root / "data")
+
+
+def test_a_domain_without_held_out_users_is_nan_and_left_out_of_the_average(
+    early_domain: Dataset,
+) -> None:
+    """It was a KeyError (or, as the first domain, an empty average) in evaluate and in every
+    epoch's validation."""
+    data = early_domain
+    table = np.random.default_rng(0).normal(size=(data.info.n_users, data.info.n_items))
+    res = Evaluator(data, 5).evaluate(
+        TableScorer(table.astype(np.float32), data), "test", (5,), progress=False
+    )
+    assert res.users["B"] == 0 and res.users["A"] > 0 and res.users["C"] > 0
+    assert all(math.isnan(v) for v in res.domains["B"].values())
+    assert list(res.domains["B"]) == list(res.average) == ["recall@5", "ndcg@5", "auc"]
+    for key in res.average:
+        assert res.average[key] == pytest.approx(
+            (res.domains["A"][key] + res.domains["C"][key]) / 2
+        )
+    assert res.table().splitlines()[-1].split()[0] == "average"
+
+
+def test_a_split_without_held_out_positives_is_an_error(tiny: Dataset, monkeypatch) -> None:
+    from aftrec.errors import DataError
+
+    fit, targets = tiny.fit_and_targets("valid")
+    empty = targets.__class__(**{k: v[:0] for k, v in vars(targets).items()})
+    monkeypatch.setattr(tiny, "fit_and_targets", lambda split: (fit, empty))
+    table = np.zeros((tiny.info.n_users, tiny.info.n_items), dtype=np.float32)
+    with pytest.raises(DataError, match="the valid part holds no held-out positive"):
+        Evaluator(tiny, 5).evaluate(TableScorer(table, tiny), "valid", (5,), progress=False)
+
+
+def test_nan_scores_are_refused(tiny: Dataset) -> None:
+    """torch.topk ranks NaN first: a diverged model scored like a constant one, its AUC NaN
+    and left out of the mean while its users were counted."""
+    from aftrec.errors import TrainingError
+
+    table = np.random.default_rng(0).normal(size=(tiny.info.n_users, tiny.info.n_items))
+    table[:, 5] = np.nan  # one item, for every user
+    with pytest.raises(TrainingError, match=r"scores NaN for \d+ of \d+ users in domain"):
+        Evaluator(tiny, 5).evaluate(
+            TableScorer(table.astype(np.float32), tiny), "test", (5,), progress=False
+        )
+
+
+def test_an_unseen_item_scored_minus_inf_still_ranks_above_the_seen_ones(tiny: Dataset) -> None:
+    """Seen items are masked to -inf: a held-out item the model scores -inf tied with them
+    and could lose its place in a short domain to an item the user had seen."""
+    from aftrec.data.histories import HistoryIndex
+    from aftrec.evaluation.ranking import rank_domain
+
+    fit, _ = tiny.fit_and_targets("test")
+    history = HistoryIndex(fit, tiny.info)
+    d = 0
+    lo, hi = tiny.info.domain_range(d)
+    users = np.unique(fit.user[fit.domain == d])[:20]
+    table = np.full((tiny.info.n_users, tiny.info.n_items), -np.inf, dtype=np.float32)
+    table[:, lo] = np.inf  # a genuine +inf is ranked first, not dropped
+    k = hi - lo
+    for rb in rank_domain(TableScorer(table, tiny), tiny.info, history, users, d, k, 7, 5):
+        unseen = ~rb.seen
+        n_unseen = unseen.sum(1)
+        top = rb.top_unseen()
+        # every unseen item comes before every seen one, whatever its score
+        assert (top.sum(1) == n_unseen).all()
+        assert all(bool(row[:n].all()) for row, n in zip(top, n_unseen.tolist(), strict=True))
+        first = rb.top_items[:, 0]
+        assert ((first == 0) | rb.seen[:, 0]).all()
+        assert torch.equal(rb.top_scores, rb.scores.gather(1, rb.top_items))
+
+
+def test_a_domain_named_average_keeps_its_row(tiny: Dataset) -> None:
+    keys = ["recall@5"]
+    res = EvalResult(
+        "test", (5,), {"average": {"recall@5": 0.2}, "b": {"recall@5": 0.6}},
+        {"recall@5": 0.4}, {"average": 3, "b": 4},
+    )  # fmt: skip
+    rows = [r.split() for r in res.table().splitlines()[3:]]
+    assert rows == [["average", "0.2000", "3"], ["b", "0.6000", "4"], ["(average)", "0.4000", "7"]]
+    assert keys == list(res.average)

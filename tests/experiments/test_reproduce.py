@@ -25,7 +25,13 @@ from aftrec.experiments.plan import Entry, ReproduceSpec, make_plan, model_overr
 from aftrec.experiments.report import Row, format_cell, metric_table, rank_marks
 from aftrec.experiments.reproduce import LOCK, add_parser, reproduce
 from aftrec.experiments.results import Cell, Column, EntryResult, RunOutcome, finished
-from aftrec.experiments.stats import PairedTest, seed_test, significance, user_test
+from aftrec.experiments.stats import (
+    PairedTest,
+    seed_averaged_per_user,
+    seed_test,
+    significance,
+    user_test,
+)
 from aftrec.outputs import held
 from aftrec.registry import available_models
 from aftrec.training import checkpoint, rundir
@@ -93,6 +99,33 @@ def test_user_test_finds_a_known_shift_and_nothing_in_noise() -> None:
     assert same.p == 1.0 and not same.significant(0.01)
 
 
+def test_user_test_takes_its_direction_from_the_ranks() -> None:
+    """Many small losses and a few large wins: the mean favours aft, the signed ranks (what
+    the Wilcoxon test rejects on) do not, so no mark and the ablation verdict says "hurts"."""
+    b = np.full((1, 88), 0.5)
+    a = b + np.r_[np.full(80, -0.02), np.full(8, 0.45)][None]
+    col = Column("a", "recall@50")
+    res = user_test(_per_user(a, "recall@50", ("a",)), _per_user(b, "recall@50", ("a",)), col)
+    assert res.p < 1e-6 and res.mean_diff > 0
+    assert res.sign < 0 and not res.significant(0.01)
+    flipped = user_test(_per_user(b, "recall@50", ("a",)), _per_user(a, "recall@50", ("a",)), col)
+    assert flipped.sign > 0 and flipped.significant(0.01)
+
+
+def test_seed_averages_do_not_depend_on_the_seed_order() -> None:
+    """Two rows with the same per-user values on other seeds average to the same bits, so the
+    signed-rank test sees zero differences rather than 1e-17 ones."""
+    rng = np.random.default_rng(1)
+    values = rng.integers(0, 30, (5, 2000)) / rng.integers(1, 30, (1, 2000))  # recalls: k / n
+    frames = [_per_user(v[None], "recall@50", ("a",)) for v in values]
+    one = seed_averaged_per_user(frames)
+    other = seed_averaged_per_user([frames[i] for i in (3, 0, 4, 1, 2)])
+    assert (one["recall@50"].to_numpy() == other["recall@50"].to_numpy()).all()
+    assert one["recall@50"].to_numpy() == pytest.approx(values.mean(0))
+    col = Column("a", "recall@50")
+    assert user_test(one, other, col).p == 1.0
+
+
 def test_seed_test_is_a_paired_t_test() -> None:
     from scipy.stats import ttest_rel
 
@@ -104,6 +137,8 @@ def test_seed_test_is_a_paired_t_test() -> None:
     # across seeds the competitor moves with aft: an unpaired test would see nothing
     assert not seed_test({0: 0.5}, {0: 0.1}).significant(0.01)  # one seed: no test
     assert math.isnan(seed_test({0: 0.5, 1: 0.6}, {0: 0.4, 1: 0.5}).p)  # no variance
+    # a constant difference up to rounding (np.std 1e-17) is no variance either
+    assert math.isnan(seed_test({0: 0.41, 1: 0.21, 2: 1.08}, {0: 0.28, 1: 0.08, 2: 0.95}).p)
     assert seed_test({0: 0.5, 2: 0.6}, {0: 0.4, 1: 0.5}).n == 1  # paired by seed only
 
 
@@ -117,6 +152,17 @@ def _entry(key: str, per_seed: list[dict[str, float]], deterministic: bool = Fal
         for s, vals in enumerate(per_seed)
     }
     return EntryResult(Entry(key, key, key), deterministic, outcomes)
+
+
+def test_a_deterministic_row_counts_its_one_run_once() -> None:
+    """Its one run stands under every seed (for the tests paired by seed), but its cell is
+    the run's value alone, not a mean of copies with a std of 0."""
+    run = RunOutcome(Path("runs/pop/seed0"), True, metrics={"domains": {}, "average": {"m": 0.4}})
+    entry = EntryResult(Entry("pop", "pop", "pop"), True, dict.fromkeys(range(3), run))
+    col = Column("average", "m")
+    assert entry.values(col) == {0: 0.4, 1: 0.4, 2: 0.4}
+    cell = entry.cell(col)
+    assert cell is not None and cell.mean == 0.4 and cell.n == 1 and math.isnan(cell.std)
 
 
 def test_significance_against_the_best_competitor_per_column() -> None:

@@ -4,7 +4,10 @@ For each domain, every user with at least one held-out positive there is ranked 
 of the domain's items, the user's visible positives (train, plus validation when testing)
 excluded. Reported per domain, averaged over those users: Recall@N, NDCG@N (see
 :mod:`aftrec.evaluation.metrics`) and the exact AUC of the held-out positives against every
-item of the domain the user never clicked. ``average`` is the unweighted mean over domains.
+item of the domain the user never clicked (in the parts up to ``split``: validation does not
+read the test part, so a later test click counts as a negative there). ``average`` is the
+unweighted mean over the domains with users; a domain without any has NaN metrics and 0
+users, and a split without any held-out positive is an error.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tqdm.auto import tqdm
 from aftrec.arrays import unique
 from aftrec.data.dataset import Dataset
 from aftrec.data.histories import HistoryIndex
+from aftrec.errors import DataError
 from aftrec.evaluation.metrics import auc, ndcg_at_n, recall_at_n
 from aftrec.evaluation.ranking import dense_mask, rank_domain
 from aftrec.models.base import RetrievalModel
@@ -62,14 +66,17 @@ class EvalResult:
 
     def table(self) -> str:
         keys = list(self.average)
-        names = [*self.domains, "average"]
-        width = max(len(n) for n in ["domain", *names]) + 2
+        # the average's row is told apart from a domain that happens to be named "average"
+        avg = "(average)" if "average" in self.domains else "average"
+        rows = [
+            *((name, row, self.users[name]) for name, row in self.domains.items()),
+            (avg, self.average, sum(self.users.values())),
+        ]
+        width = max(len(n) for n in ["domain", *(r[0] for r in rows)]) + 2
         cols = {k: max(12, len(k) + 1) for k in keys}  # a header never runs into the next
         head = "domain".ljust(width) + "".join(k.rjust(cols[k]) for k in keys) + "users".rjust(9)
         lines = [f"[{self.split}] {self.protocol}", head, "-" * len(head)]
-        for name in names:
-            row = self.domains.get(name, self.average)
-            n = self.users.get(name, sum(self.users.values()))
+        for name, row, n in rows:
             cells = "".join(f"{row[k]:{cols[k]}.4f}" for k in keys)
             lines.append(name.ljust(width) + cells + str(n).rjust(9))
         return "\n".join(lines)
@@ -115,6 +122,7 @@ class Evaluator:
         users_per_domain: dict[str, int] = {}
         per_user: list[pd.DataFrame] = []
         prefix = "" if sampled_negatives is None else "sampled_"
+        keys = [f"{prefix}{m}@{n}" for n in ns for m in ("recall", "ndcg")] + ["auc"]
         chosen = [
             _sample(unique(target_parts.user[target_parts.domain == d]), max_users, seed + d)
             for d in range(info.n_domains)
@@ -161,12 +169,19 @@ class Evaluator:
                     )
                 )
                 bar.update(len(rb.users))
-            cat = {key: torch.cat(v) for key, v in sums.items()}
-            domains[name] = {key: float(_nanmean(v)) for key, v in cat.items()}
-            users_per_domain[name] = int(next(iter(cat.values())).numel()) if cat else 0
+            cat = {key: torch.cat(sums[key]) if key in sums else torch.empty(0) for key in keys}
+            domains[name] = {key: _nanmean(v) for key, v in cat.items()}  # nan: no users
+            users_per_domain[name] = int(cat[keys[0]].numel())
         bar.close()
-        keys = list(next(iter(domains.values())))
-        average = {key: float(np.nanmean([domains[n][key] for n in domains])) for key in keys}
+        if not any(users_per_domain.values()):
+            raise DataError(
+                f"the {split} part holds no held-out positive in any domain: nothing to rank"
+                + (" (prepared with --valid-ratio 0?)" if split == "valid" else "")
+            )
+        average = {  # over the domains with users
+            key: _nanmean(torch.tensor([domains[n][key] for n in domains], dtype=torch.float64))
+            for key in keys
+        }
         protocol = (
             full_protocol(split)
             if sampled_negatives is None

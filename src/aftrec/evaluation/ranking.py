@@ -2,8 +2,9 @@
 
 For a batch of users the model scores every item of the target domain, the items the user
 already clicked in the behaviours it may see are masked out, and the top ``k`` are taken with
-one ``torch.topk``. Batches are sized so that a (users x items) score matrix stays within a
-fixed number of elements, whatever the catalogue size.
+one ``torch.topk``. A NaN score is refused (a diverged model); an infinite one ranks as such.
+Batches are sized so that a (users x items) score matrix stays within a fixed number of
+elements, whatever the catalogue size.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from aftrec.data.dataset import DataInfo
 from aftrec.data.histories import HistoryIndex
 from aftrec.data.loader import make_batch
+from aftrec.errors import TrainingError
 from aftrec.models.base import RetrievalModel
 
 MAX_SCORE_ELEMENTS = 1 << 24  # ~16M scores per batch (64 MB in float32)
@@ -28,8 +30,13 @@ class RankedBatch:
     users: np.ndarray  # (B,) user indices
     scores: torch.Tensor  # (B, n_d) raw scores of every item of the domain
     seen: torch.Tensor  # (B, n_d) bool, clicked in the visible history (masked out)
-    top_items: torch.Tensor  # (B, k) positions inside the domain, best first
-    top_scores: torch.Tensor  # (B, k)
+    top_items: torch.Tensor  # (B, k) positions inside the domain, best first (seen items
+    # last, where the domain has fewer than k unseen ones)
+    top_scores: torch.Tensor  # (B, k) their scores, as the model gave them
+
+    def top_unseen(self) -> torch.Tensor:
+        """(B, k) bool: which of ``top_items`` the user has not seen (the list proper)."""
+        return ~self.seen.gather(1, self.top_items)
 
 
 def dense_mask(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
@@ -67,6 +74,17 @@ def rank_domain(
             domains = np.full(len(u), domain, dtype=np.int64)
             batch = make_batch(info, history, u, domains, history_len).to(device)
             scores = model.score(batch, domain).float().cpu()  # (B, n_d)
+            nan = torch.isnan(scores).any(dim=1)
+            if nan.any():  # topk would rank NaN first; a mean would quietly skip the users
+                raise TrainingError(
+                    f"the model scores NaN for {int(nan.sum())} of {len(u)} users in domain "
+                    f"{info.domains[domain]!r} (user index {int(u[int(nan.int().argmax())])} "
+                    "first): its weights diverged; nothing was ranked"
+                )
             seen = dense_mask(*history.seen_mask(u, domain), (len(u), n_d))
-            top_scores, top_items = torch.topk(scores.masked_fill(seen, float("-inf")), k, dim=1)
-            yield RankedBatch(u, scores, seen, top_items, top_scores)
+            # -inf marks the seen items only: an unseen item the model scores -inf still ranks
+            # above them (it is lifted to the lowest finite score for the ranking alone)
+            lowest = torch.finfo(scores.dtype).min
+            ranked = scores.clamp(min=lowest).masked_fill(seen, float("-inf"))
+            top_items = torch.topk(ranked, k, dim=1).indices
+            yield RankedBatch(u, scores, seen, top_items, scores.gather(1, top_items))

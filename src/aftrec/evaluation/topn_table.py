@@ -55,7 +55,7 @@ def recommend(
         lo, _ = info.domain_range(d)
         for rb in rank_domain(model, info, history, u, d, n, batch_size, history_len):
             k = rb.top_items.shape[1]
-            ok = np.isfinite(rb.top_scores.numpy()).ravel()  # fewer unseen items than n
+            ok = rb.top_unseen().numpy().ravel()  # fewer unseen items than n
             frames.append(
                 pd.DataFrame(
                     {

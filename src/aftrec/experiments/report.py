@@ -819,8 +819,9 @@ def render(results: Results) -> str:
             "over seeds (pairs: the (user, domain) test cases of the column's domain, every one "
             f"for the average column; zero differences dropped). {SEEDS_MARK}: over seeds, "
             "paired t-test on the per-seed values (paired by seed; deterministic models repeat "
-            "their one run). A mark needs p < alpha and a mean difference in "
-            f"`{PRIMARY}`'s favour."
+            "their one run). A mark needs p < alpha and the test's own direction in "
+            f"`{PRIMARY}`'s favour: the mean difference for the t-test, the signed-rank sum "
+            "W+ - W- for the Wilcoxon test."
         )
         w("")
         w(significance_table(sig, PRIMARY, alpha))
@@ -1011,6 +1012,7 @@ def results_json(results: Results) -> dict[str, Any]:
                 "p": s.users.p,
                 "n": s.users.n,
                 "diff": s.users.mean_diff,
+                "signed_ranks": s.users.direction,
             },
             "seeds": {
                 "test": "ttest_rel",
@@ -1045,6 +1047,7 @@ def results_json(results: Results) -> dict[str, Any]:
                     "p": t.users.p,
                     "n": t.users.n,
                     "diff": t.users.mean_diff,
+                    "signed_ranks": t.users.direction,
                 },
                 "seeds_test": {
                     "test": "ttest_rel",

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aftrec.errors import AftrecError, CheckpointError, ConfigError
+from aftrec.errors import AftrecError, CheckpointError, ConfigError, DataError
 from aftrec.experiments.execute import _fmt_duration, execute
 from aftrec.experiments.plan import ALPHA, DEFAULT_SEEDS, Plan, ReproduceSpec, make_plan
 from aftrec.experiments.results import (
@@ -71,6 +71,11 @@ def reproduce(spec: ReproduceSpec) -> Summary:
     started_wall = time.strftime("%Y-%m-%d %H:%M:%S %z")
     t0 = time.perf_counter()
     data = Dataset(Path(spec.data))  # fails up front on a bad --data
+    if "average" in data.info.domains:  # the report's columns name it for the mean
+        raise DataError(
+            f"{spec.data}: a domain is named 'average', the name of the report's mean over "
+            "domains; prepare the data again with that domain renamed"
+        )
     plan = make_plan(spec)
     check_report_dir(Path(spec.out))
     Path(spec.out).mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,10 @@ class EntryResult:
         return {s: value(m, col) for s, m in self.ok().items()}
 
     def cell(self, col: Column) -> Cell | None:
-        return Cell.of(self.values(col).values())
+        """Mean and std over the seeds; a deterministic row's one run counts once (its
+        :meth:`values` repeat it under every seed, for the tests paired by seed)."""
+        values = list(self.values(col).values())
+        return Cell.of(values[:1] if self.deterministic else values)
 
     def runs(self) -> list[Path]:
         return sorted({o.run for s, o in self.outcomes.items() if o.ok})

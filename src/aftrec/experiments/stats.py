@@ -9,8 +9,11 @@ For each column (domain, metric), ``aft`` against the best other row by mean ove
 * over seeds: paired t-test (``scipy.stats.ttest_rel``) on the per-seed column values,
   paired by seed; needs two seeds or more.
 
-A test is significant when ``p < alpha`` (0.01, as in the paper) and the mean paired
-difference favours ``aft``; no correction for the number of columns (the paper makes none).
+A test is significant when ``p < alpha`` (0.01, as in the paper) and the test's own
+direction favours ``aft``: the mean paired difference for the t-test, the signed-rank sum
+``W+ - W-`` for the Wilcoxon test (many small losses and a few large wins can give a positive
+mean while the ranks say aft is worse); no correction for the number of columns (the paper
+makes none).
 
 Ablations (Table 6): ``aft`` against each row with one part switched off, with the same two
 tests restricted to the seeds both rows have, so that each difference is paired by seed and
@@ -38,19 +41,29 @@ class PairedTest:
     p: float  # nan: not computable (too few pairs, no variance)
     n: int  # pairs used
     mean_diff: float  # mean of (aft - competitor) over the pairs
+    #: the direction the test itself found (its sign is what counts): ``W+ - W-`` for the
+    #: signed-rank test; None: the mean difference (the t-test's)
+    direction: float | None = None
+
+    @property
+    def sign(self) -> float:
+        """> 0 when the test finds ``aft`` ahead, < 0 behind."""
+        return self.mean_diff if self.direction is None else self.direction
 
     def significant(self, alpha: float) -> bool:
-        return math.isfinite(self.p) and self.p < alpha and self.mean_diff > 0
+        return math.isfinite(self.p) and self.p < alpha and self.sign > 0
 
 
 def user_test(a: pd.DataFrame, b: pd.DataFrame, col: Column) -> PairedTest:
-    """Wilcoxon signed-rank test over the (user, domain) pairs both frames have.
+    """Wilcoxon signed-rank test over the (user, domain) pairs both frames have, with its
+    direction ``W+ - W-``: the sum of the ranks of ``|d_i|`` (ties averaged) over the nonzero
+    differences ``d_i = a_i - b_i``, each signed as ``d_i``.
 
     ``a``, ``b``: per-user frames (``user_idx``, ``domain``, metric columns), one row per
     (user, domain), e.g. averaged over seeds. ``col.domain == "average"`` uses every domain.
     """
     import numpy as np
-    from scipy.stats import wilcoxon
+    from scipy.stats import rankdata, wilcoxon
 
     keys = ["user_idx", "domain"]
     if col.metric not in a or col.metric not in b:
@@ -66,7 +79,9 @@ def user_test(a: pd.DataFrame, b: pd.DataFrame, col: Column) -> PairedTest:
     if not np.any(diff != 0):
         return PairedTest(1.0, len(diff), mean_diff)
     res = wilcoxon(diff, zero_method="wilcox", alternative="two-sided")
-    return PairedTest(float(res.pvalue), len(diff), mean_diff)
+    nonzero = diff[diff != 0]
+    direction = float((np.sign(nonzero) * rankdata(np.abs(nonzero))).sum())
+    return PairedTest(float(res.pvalue), len(diff), mean_diff, direction)
 
 
 def _user_test_of(a: pd.DataFrame | None, b: pd.DataFrame | None, col: Column) -> PairedTest:
@@ -87,7 +102,8 @@ def seed_test(a: dict[int, float], b: dict[int, float]) -> PairedTest:
     if len(seeds) == 0:
         return PairedTest(float("nan"), 0, float("nan"))
     diff = x - y
-    if len(seeds) < 2 or np.std(diff) == 0:  # no variance: t undefined
+    # no variance: t undefined (a constant difference up to rounding, 0.1 - 0.1e-17, too)
+    if len(seeds) < 2 or np.ptp(diff) <= 1e-12 * np.abs(diff).max():
         return PairedTest(float("nan"), len(seeds), float(diff.mean()))
     return PairedTest(float(ttest_rel(x, y).pvalue), len(seeds), float(diff.mean()))
 
@@ -103,12 +119,19 @@ class Significance:
 
 
 def seed_averaged_per_user(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """Mean over seeds of each (user, domain)'s metrics."""
+    """Mean over seeds of each (user, domain)'s metrics, summed in ascending order of the
+    values: the same values in another seed order give the same mean to the last bit, so
+    that two rows that agree make zero differences (which the signed-rank test drops)."""
     import pandas as pd
 
     frame = pd.concat(frames, ignore_index=True)
-    numeric = [c for c in frame.columns if c not in ("user_idx", "domain")]
-    return frame.groupby(["user_idx", "domain"], as_index=False)[numeric].mean()
+    keys = ["user_idx", "domain"]
+    numeric = [c for c in frame.columns if c not in keys]
+    out = frame.groupby(keys, as_index=False)[numeric].mean()  # the cases, in key order
+    for c in numeric:
+        ordered = frame.sort_values([*keys, c], kind="stable")
+        out[c] = ordered.groupby(keys)[c].mean().to_numpy()
+    return out
 
 
 def best_competitor(
@@ -168,8 +191,8 @@ class AblationTest:
         ``p < alpha``, each named by its mark (``users``, ``seeds``)."""
         said = []
         for name, test in (("users", self.users), ("seeds", self.seeds)):
-            if math.isfinite(test.p) and test.p < alpha and test.mean_diff != 0:
-                said.append((name, "helps" if test.mean_diff > 0 else "hurts"))
+            if math.isfinite(test.p) and test.p < alpha and test.sign != 0:
+                said.append((name, "helps" if test.sign > 0 else "hurts"))
         if not said:
             return "–"
         kinds = {v for _, v in said}
