@@ -995,3 +995,88 @@ def test_two_sources_at_once(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     ip, mp = write(inter, tmp_path / "i.csv"), write(items, tmp_path / "m.csv")
     argv = [*prepare_argv(ip, mp, tmp_path / "out"), "--dataset", "ml-1m"]
     fails_cleanly(capsys, argv, "--dataset and --interactions name two sources", roots=(tmp_path,))
+
+
+# --------------------------------------------------------------------------- found by a probe
+
+
+@pytest.mark.parametrize(
+    ("model", "setting", "said"),
+    [
+        ("two-tower", "data.n_negatives=0", "data.n_negatives must be at least 1"),
+        ("ease", "model.l2=0", "model.l2 must be > 0"),
+        ("ease", "model.l2_grid=[0.0, 50.0]", "must hold values > 0"),
+        ("aft", "model.conve_kernel=63", "at most 31"),
+    ],
+)
+def test_settings_a_model_cannot_train_with_are_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, prepared: Path, model: str,
+    setting: str, said: str,
+) -> None:  # fmt: skip
+    """Each was an AssertionError or LinAlgError traceback, or (a ConvE filter of 63) an
+    epoch of 181 s on 210 examples, instead of one line."""
+    argv = train_argv(prepared, tmp_path / "run", "--model", model, "--quiet",
+                      "--set", "train.epochs=1", setting)  # fmt: skip
+    fails_cleanly(capsys, argv, said, roots=(tmp_path,))
+
+
+def test_a_float_in_e_notation_is_a_number() -> None:
+    from aftrec.config import parse_overrides
+
+    got = parse_overrides(["train.lr=1e-3", "train.x=2E+4", "train.y=.5e-1", "train.n=10"])
+    assert got == {"train": {"lr": 0.001, "x": 20000.0, "y": 0.05, "n": 10}}
+    assert isinstance(got["train"]["n"], int)
+
+
+def test_without_a_validation_part_every_epoch_trains_and_the_last_is_kept(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The stand-in value was -epoch: epoch 1 stayed best and training stopped after
+    1 + patience epochs, with 'valid -1.0000' printed."""
+    inter, items = make_log()
+    ip, mp = write(inter, tmp_path / "i.csv"), write(items, tmp_path / "m.csv")
+    data = tmp_path / "data"
+    assert main([*prepare_argv(ip, mp, data), "--valid-ratio", "0"]) == 0
+    run = tmp_path / "run"
+    argv = train_argv(data, run, "--model", "two-tower", "--quiet", *TINY_TRAIN,
+                      "--set", "train.epochs=4", "train.patience=1")  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "best epoch 4, no validation part: the last epoch kept, 4 epoch(s)" in out
+    assert "stopped early" not in out and "-1.0" not in out
+    assert torch.load(run / "best.pt", weights_only=False)["epoch"] == 4
+    # its metrics.json is standard JSON: a NaN would be written NaN, which JSON has not
+    assert main(["evaluate", "--run", str(run), "--quiet"]) == 0
+    text = (run / "metrics.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
+
+
+def test_resume_may_change_the_runtime_keys(
+    capsys: pytest.CaptureFixture[str], run_copy: Path
+) -> None:
+    """They change nothing a run computes (RuntimeConfig); --resume refused them all."""
+    argv = ["train", "--resume", "--out", str(run_copy), "--quiet",
+            "--set", "train.threads=1", "runtime.eval_batch_size=64"]  # fmt: skip
+    assert main(argv) == 0
+    refused = ["train", "--resume", "--out", str(run_copy), "--quiet", "--set", "model.dim=4"]
+    fails_cleanly(capsys, refused, "drop --model/--config/--set", roots=(run_copy,))
+
+
+def test_resume_refuses_another_dataset_of_the_same_shape_after_a_move(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, run_copy: Path, prepared: Path
+) -> None:
+    """The checkpoint fitting was the only check once the recorded folder was gone: a run
+    went on with other data of the same shape (and run.json named it from then on)."""
+    meta = json.loads((run_copy / "run.json").read_text())
+    assert meta["data_fingerprint"]
+    (run_copy / "run.json").write_text(json.dumps({**meta, "data": str(tmp_path / "gone")}))
+    inter, items = make_log(seed=1)  # the same users, items and domains; other clicks
+    ip, mp = write(inter, tmp_path / "i.csv"), write(items, tmp_path / "m.csv")
+    other = tmp_path / "other"
+    assert main(prepare_argv(ip, mp, other)) == 0
+    argv = ["train", "--out", str(run_copy), "--resume", "--data", str(other), "--quiet"]
+    fails_cleanly(capsys, argv, "is not the dataset", roots=(tmp_path,))
+    # the same preparation elsewhere is the same dataset
+    same = Path(shutil.copytree(prepared, tmp_path / "moved"))
+    assert main(["train", "--out", str(run_copy), "--resume", "--data", str(same), "--quiet"]) == 0

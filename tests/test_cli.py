@@ -193,6 +193,30 @@ def test_every_option_says_what_it_is() -> None:
     assert silent == []
 
 
+@pytest.mark.parametrize(
+    ("argv", "dest", "want"),
+    [
+        (["train", "--out", "r", "--set", "train.epochs=1", "--set", "train.lr=0.1"], "set",
+         ["train.epochs=1", "train.lr=0.1"]),
+        (["tune", "--data", "d", "--model", "pop", "--out", "o", "--trials", "1",
+          "--set", "a=1", "--set", "b=2"], "set", ["a=1", "b=2"]),
+        (["demo", "--set", "a=1", "--set", "b=2"], "set", ["a=1", "b=2"]),
+        (["reproduce", "--data", "d", "--out", "o", "--set", "a=1", "--set", "b=2",
+          "--models", "pop", "--models", "ease"], "set", ["a=1", "b=2"]),
+        (["reproduce", "--data", "d", "--out", "o", "--models", "pop", "--models", "ease"],
+         "models", ["pop", "ease"]),
+        (["evaluate", "--run", "r", "--n", "5", "--n", "10"], "n", [5, 10]),
+        (["evaluate", "--run", "r"], "n", None),  # the command's default: 20 50 200
+        (["recommend", "--run", "r", "--out", "x.csv", "--users", "a", "--users", "b"], "users",
+         ["a", "b"]),
+    ],
+)  # fmt: skip
+def test_a_repeated_list_option_adds_to_the_first(argv: list[str], dest: str, want: object) -> None:
+    """`--set a=1 --set b=2` kept only b=2: a training ran 20 epochs on 2 threads when the
+    first --set said 1 and 1."""
+    assert getattr(build_parser().parse_args(argv), dest) == want
+
+
 def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
     import aftrec
 

@@ -329,10 +329,11 @@ def train(
         base = dict(config) if isinstance(config, Mapping) else None
         cfg = resolve(model, yaml_path, sets, base)
         _check_new_run_dir(out)
-    elif config or model or any(not o.startswith("train.epochs=") for o in sets):
+    elif config or model or not all(_resumable(o) for o in sets):
         raise ConfigError(
             "--resume continues with the run's saved config; drop --model/--config/--set "
-            "(only --set train.epochs=N, to train longer, is allowed)"
+            "(only --set train.epochs=N, to train longer, and the runtime keys, which change "
+            "nothing a run computes, are allowed)"
         )
     if resume and data is not None:
         _check_same_data(out, Path(data))
@@ -355,7 +356,7 @@ def _check_same_data(run: Path, data: Path) -> None:
     """``--resume --data DIR``: only the dataset the run trained on, found where it was or at
     ``DIR`` after a move. Refused when the recorded dataset is still in its place and ``DIR``
     is another folder: the run would go on with other data than ``run.json`` names."""
-    from aftrec.training.rundir import run_data_dir
+    from aftrec.training.rundir import data_fingerprint, recorded_fingerprint, run_data_dir
 
     recorded = run_data_dir(run)
     if recorded.is_dir() and recorded.resolve() != data.resolve():
@@ -363,6 +364,18 @@ def _check_same_data(run: Path, data: Path) -> None:
             f"{run} was trained on {recorded}; --resume goes on with the same data, so drop "
             f"--data {data}"
         )
+    fingerprint = recorded_fingerprint(run)  # a run started by an older version has none
+    if fingerprint is not None and (data / "meta.json").is_file():
+        try:
+            same = data_fingerprint(data) == fingerprint
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{data}: cannot read its meta.json ({exc})") from exc
+        if not same:
+            raise ConfigError(
+                f"{data} is not the dataset {run} was trained on (other counts, settings or "
+                f"file sizes than {recorded} had when the run started); --resume goes on "
+                "with the same data"
+            )
 
 
 def _check_new_run_dir(out: Path) -> None:
@@ -442,6 +455,16 @@ def evaluate(
         with atomic_file(per_user) as fh:
             fh.write(buf.getvalue())
     return res
+
+
+def _resumable(override: str) -> bool:
+    """Whether ``--resume --set`` may change this key: ``train.epochs`` (to train longer) and
+    the runtime keys (threads, device, ...; also under ``train``, as when a run is started)."""
+    from aftrec.config import RUNTIME_KEYS
+
+    key = override.partition("=")[0].strip()
+    section, _, name = key.partition(".")
+    return key == "train.epochs" or (section in ("runtime", "train") and name in RUNTIME_KEYS)
 
 
 def _load(run: PathLike, which: str) -> tuple[RunConfig, Dataset, RetrievalModel]:

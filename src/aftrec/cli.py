@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import signal
 import sys
@@ -84,8 +85,13 @@ def _train(args: argparse.Namespace) -> None:
     )  # fmt: skip
     if res.rank == 0:
         memory = f", peak memory per rank {res.peak_rss_mib} MiB" if res.world > 1 else ""
+        valid = (
+            f"valid {res.best_metric:.4f}"
+            if math.isfinite(res.best_metric)
+            else "no validation part: the last epoch kept"
+        )
         print(
-            f"trained {res.run}: best epoch {res.best_epoch}, valid {res.best_metric:.4f}, "
+            f"trained {res.run}: best epoch {res.best_epoch}, {valid}, "
             f"{res.epochs_run} epoch(s), {res.seconds:.1f}s, "
             f"{res.examples_per_second:.0f} examples/s"
             + (" (stopped early)" if res.stopped_early else "")
@@ -103,7 +109,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     res = api.evaluate(
-        args.run, n=args.n, split=args.split, which=args.which,
+        args.run, n=args.n or [20, 50, 200], split=args.split, which=args.which,
         sampled_negatives=args.sampled_negatives, progress=not args.quiet,
     )  # fmt: skip
     print(res.table())
@@ -237,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument(
         "--set",
         nargs="*",
+        action="extend",  # a second --set adds to the first
         default=[],
         metavar="KEY=VALUE",
         help="override config keys, e.g. train.lr=0.01 model.dim=32",
@@ -248,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe = sub.add_parser("evaluate", help="full-ranking Recall@N / NDCG@N / AUC per domain")
     pe.add_argument("--run", type=path_argument, required=True, help="run directory")
     pe.add_argument(
-        "--n", type=int, nargs="+", default=[20, 50, 200],
+        "--n", type=int, nargs="+", action="extend", default=None,
         help="cut-offs of Recall@N and NDCG@N (default 20 50 200)",
     )  # fmt: skip
     pe.add_argument(
@@ -272,8 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--run", type=path_argument, required=True, help="run directory")
     pr.add_argument("--n", type=int, default=50, help="items per (user, domain) (default 50)")
     pr.add_argument("--out", type=path_argument, required=True, help="FILE.csv or FILE.parquet")
-    pr.add_argument("--users", nargs="+", help="original user ids (default: every test user)")
-    pr.add_argument("--domains", nargs="+", help="domain names (default: each user's test domains)")
+    pr.add_argument(
+        "--users", nargs="+", action="extend", help="original user ids (default: every test user)"
+    )
+    pr.add_argument(
+        "--domains", nargs="+", action="extend",
+        help="domain names (default: each user's test domains)",
+    )  # fmt: skip
     pr.set_defaults(func=_recommend)
 
     from aftrec.serving.cli import add_parsers as add_serving_parsers
@@ -302,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--trials", type=int, required=True, help="the trial budget of the study")
     pu.add_argument("--seed", type=int, default=0, help="seeds the search and every trial's run")
     pu.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE",
+        "--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
         help="config overrides every trial trains with (not tuned), e.g. train.threads=1",
     )  # fmt: skip
     pu.add_argument(
@@ -327,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pd.add_argument("--jobs", type=int, default=2, metavar="J", help="runs trained at once")
     pd.add_argument(
-        "--set", nargs="*", default=[], metavar="[MODEL:]KEY=VALUE",
+        "--set", nargs="*", action="extend", default=[], metavar="[MODEL:]KEY=VALUE",
         help="config overrides, as for `aftrec reproduce`",
     )  # fmt: skip
     pd.set_defaults(func=_demo)

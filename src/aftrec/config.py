@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -255,6 +256,22 @@ def build(cls: type[T], values: dict[str, Any], section: str) -> T:
         raise ConfigError(f"config section {section!r}: {exc}") from exc
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as the number YAML 1.2 and every other config
+    language make of it (YAML 1.1 wants ``1.0e-3``, and reads ``1e-3`` as text)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
     """``["train.lr=0.01"]`` -> ``{"train": {"lr": 0.01}}``; values are parsed as YAML."""
     out: dict[str, dict[str, Any]] = {}
@@ -264,7 +281,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
         if not sep or not dot or not name:
             raise ConfigError(f"override {pair!r} must look like section.key=value")
         try:
-            value = yaml.safe_load(raw)
+            value = _load_yaml(raw)
         except yaml.YAMLError as exc:
             said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(f"override {pair!r}: the value is not valid YAML ({said})") from exc
@@ -274,7 +291,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        loaded = yaml.safe_load(Path(path).read_text())
+        loaded = _load_yaml(Path(path).read_text())
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc}") from exc
     except UnicodeDecodeError as exc:

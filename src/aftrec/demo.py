@@ -216,6 +216,7 @@ def _train(
 
 # --------------------------------------------------------------------------- 3. compare
 def _compare(runs: dict[str, Path], lines: list[str]) -> list[tuple[str, dict[str, float]]]:
+    from aftrec.evaluation.evaluate import metric_value
     from aftrec.experiments.plan import read_json
 
     rows = []
@@ -223,8 +224,8 @@ def _compare(runs: dict[str, Path], lines: list[str]) -> list[tuple[str, dict[st
         metrics = read_json(run / "metrics.json")
         if metrics is None:  # failed: the report says why
             continue
-        per = {d: float(v[METRIC]) for d, v in metrics["domains"].items()}
-        rows.append((model, {**per, "average": float(metrics["average"][METRIC])}))
+        per = {d: metric_value(v[METRIC]) for d, v in metrics["domains"].items()}
+        rows.append((model, {**per, "average": metric_value(metrics["average"][METRIC])}))
     if not rows:
         raise ConfigError("no model finished training; see the report for the failures")
     rows.sort(key=lambda row: -row[1]["average"])

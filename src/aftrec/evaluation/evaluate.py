@@ -13,6 +13,7 @@ users, and a split without any held-out positive is an error.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,9 @@ class EvalResult:
         return {k: getattr(self, k) for k in ("split", "protocol", "domains", "average", "users")}
 
     def json_text(self) -> str:
-        return json.dumps(self.to_json(), indent=2) + "\n"
+        """Standard JSON: a NaN (a domain without users, an AUC without negatives) is
+        ``null``, which every JSON reader takes (``NaN`` is Python's extension)."""
+        return json.dumps(_nan_to_none(self.to_json()), indent=2, allow_nan=False) + "\n"
 
     def write(self, path: Path) -> None:
         atomic_write_text(path, self.json_text())
@@ -192,6 +195,19 @@ class Evaluator:
         )
         frame = pd.concat(per_user, ignore_index=True) if per_user else pd.DataFrame()
         return EvalResult(split, ns, domains, average, users_per_domain, protocol, frame)
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def metric_value(value: Any) -> float:
+    """A value of ``metrics.json`` as a float: ``null`` is NaN (:meth:`EvalResult.json_text`)."""
+    return math.nan if value is None else float(value)
 
 
 def _sample(users: np.ndarray, max_users: int | None, seed: int) -> np.ndarray:

@@ -55,8 +55,8 @@ REQUIRED = (*(f"recall@{n}" for n in NS), "auc")
 
 def is_finished(run: Path) -> bool:
     """Whether the run's test values are there: ``per_user.parquet`` and a ``metrics.json``
-    with every :data:`REQUIRED` average and every value a number. A damaged ``metrics.json``
-    counts as missing, so the run is evaluated again (from its checkpoint)."""
+    with every :data:`REQUIRED` average and every value a number (or null: NaN). A damaged
+    ``metrics.json`` counts as missing, so the run is evaluated again (from its checkpoint)."""
     metrics = read_json(run / "metrics.json")
     if metrics is None or not (run / "per_user.parquet").is_file():
         return False
@@ -64,9 +64,9 @@ def is_finished(run: Path) -> bool:
     if not isinstance(average, dict) or not isinstance(domains, dict):
         return False
     return all(k in average for k in REQUIRED) and all(
-        isinstance(part, dict) and all(map(is_number, part.values()))
+        isinstance(part, dict) and all(v is None or is_number(v) for v in part.values())
         for part in (average, *domains.values())
-    )
+    )  # a null is a NaN (a domain without test users)
 
 
 def _load_outcome(run: Path) -> RunOutcome:

@@ -269,7 +269,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--seeds", type=int, default=None, help=f"seeds 0..S-1 (default {DEFAULT_SEEDS}; quick: 1)"
     )
     p.add_argument(
-        "--models", nargs="+", metavar="MODEL", help="default: every registered model, aft first"
+        "--models",
+        nargs="+",
+        action="extend",
+        metavar="MODEL",
+        help="default: every registered model, aft first",
     )
     p.add_argument(
         "--quick",
@@ -279,6 +283,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--set",
         nargs="*",
+        action="extend",
         default=[],
         metavar="[MODEL:]KEY=VALUE",
         help="config overrides for every model (model.* keys: models that have the key), "
@@ -287,6 +292,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--tuned",
         nargs="+",
+        action="extend",
         type=path_argument,
         default=[],
         metavar="DIR",
@@ -297,6 +303,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--model-seeds",
         nargs="+",
+        action="extend",
         default=[],
         metavar="MODEL=S",
         help="a main row on seeds 0..S-1 instead of --seeds, e.g. aft=5 aft-d=5 "
@@ -305,6 +312,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--skip",
         nargs="+",
+        action="extend",
         default=[],
         choices=["ablations", "sweeps"],
         help="leave out Table 6 and/or Fig. 3",

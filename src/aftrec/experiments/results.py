@@ -111,7 +111,7 @@ class EntryResult:
 
 def value(metrics: dict[str, Any], col: Column) -> float:
     part = metrics["average"] if col.domain == "average" else metrics["domains"].get(col.domain)
-    if part is None or col.metric not in part:
+    if part is None or col.metric not in part or part[col.metric] is None:  # null: NaN
         return float("nan")
     return float(part[col.metric])
 

@@ -67,6 +67,8 @@ class RetrievalModel(nn.Module):
     dot_product: ClassVar[bool] = True
     #: the optimisation step this model trains with, by name (see the module docstring)
     training_step: ClassVar[str] = "supervised"
+    #: True when its loss needs the loader's sampled negatives (``data.n_negatives`` > 0)
+    needs_negatives: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, info: DataInfo, history_len: int) -> None:
         super().__init__()
@@ -139,6 +141,7 @@ class UserTowerModel(RetrievalModel):
     :meth:`user_tower` and whose items are rows of ``self.item_emb``; trained with the shared
     sampled loss (``cfg.loss``) on the loader's positive and negatives."""
 
+    needs_negatives = True
     item_emb: nn.Embedding
 
     def user_tower(self, batch: Batch, domain: torch.Tensor) -> torch.Tensor:
@@ -167,6 +170,7 @@ class CandidateScorer(RetrievalModel):
     also a dot-product one (FM is: its pairwise term splits into user and item vectors)."""
 
     dot_product = False
+    needs_negatives = True
 
     def score_items(self, batch: Batch, items: torch.Tensor) -> torch.Tensor:
         """(B, C) logits of the candidates ``items`` (B, C, global item ids)."""

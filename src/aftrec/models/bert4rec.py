@@ -71,6 +71,8 @@ class BERT4RecConfig(Checked):
     tune=DROPOUT,
 )
 class BERT4Rec(RetrievalModel):
+    needs_negatives = True  # the sampled loss on the loader's negatives
+
     def __init__(self, cfg: BERT4RecConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)
         d = cfg.dim

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aftrec.config import Checked, Weight
+from aftrec.config import Checked, Positive
 from aftrec.data.dataset import DataInfo, Interactions
 from aftrec.data.loader import Batch
 from aftrec.errors import ConfigError
@@ -32,13 +32,13 @@ MAX_ITEMS = 40_000  # B is n_items x n_items float32: 6.4 GB at this size
 
 @dataclass(frozen=True)
 class EaseConfig(Checked):
-    l2: Weight = 500.0
+    l2: Positive = 500.0  # 0 leaves the Gram matrix singular when an item has no click
     #: values of l2 tried on validation; empty = use ``l2`` as given
     l2_grid: tuple[float, ...] = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
 
     def validate(self) -> None:
-        if any(v < 0 for v in self.l2_grid):
-            raise ConfigError(f"config key model.l2_grid must hold values >= 0, got {self.l2_grid}")
+        if any(not v > 0 for v in self.l2_grid):  # as l2: a 0 can leave G singular
+            raise ConfigError(f"config key model.l2_grid must hold values > 0, got {self.l2_grid}")
 
 
 # aftrec tune draws the L2 weight itself: no grid, the drawn value is fitted

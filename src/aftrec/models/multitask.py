@@ -94,6 +94,8 @@ class MultiTask(RetrievalModel):
     add regularisers in :meth:`penalties`.
     """
 
+    needs_negatives = True  # the sampled loss on the loader's negatives
+
     def __init__(self, cfg: SharedBottomConfig, info: DataInfo, history_len: int) -> None:
         super().__init__(cfg, info, history_len)
         d, n_dom = cfg.dim, info.n_domains

@@ -133,6 +133,10 @@ def _train(
     n_shards = tc.data_shards or ctx.world
     local = load_shards(Path(data_dir), n_shards, shards_of(ctx, n_shards))
     model = create_model(cfg.model_name, cfg.model, local.info, cfg.data.history_len)
+    if model.needs_negatives and cfg.data.n_negatives == 0:
+        raise ConfigError(
+            f"{cfg.model_name} trains on sampled negatives: data.n_negatives must be at least 1"
+        )
     check_device(rt.device)
     model.to(rt.device)
     # rank 0 validates. With train.valid_users it samples the users of its own partitions
@@ -301,7 +305,8 @@ def _config_and_state(
 
 class EarlyStopping:
     """The best validation value so far, its epoch, and the epochs since it improved; stops
-    after ``patience`` epochs without improvement."""
+    after ``patience`` epochs without improvement. Without a validation part every value is
+    NaN: each epoch then counts as the best, so the last one is kept and nothing stops early."""
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
@@ -309,7 +314,7 @@ class EarlyStopping:
 
     def update(self, epoch: int, value: float) -> bool:
         """Record ``epoch``'s value; True when it is the best so far."""
-        if value > self.best:
+        if value > self.best or math.isnan(value):
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
             return True
         self.bad_epochs += 1
@@ -532,8 +537,8 @@ def _validate(
     """Rank 0's validation of an epoch (``train.valid_metric``), recorded in ``entry`` with the
     throughput over every rank's ``examples`` and the wall times of the epoch's training and
     validation (summed up to the best epoch: the time to the best validation epoch, resumed
-    runs included). Without a validation part (``evaluator`` None) the last epoch is the
-    best."""
+    runs included). Without a validation part (``evaluator`` None) the value is NaN, and
+    :class:`EarlyStopping` keeps the last epoch."""
     metric, metric_n = cfg.train.valid_metric_n()
     t_valid = time.perf_counter()
     if evaluator is not None:
@@ -541,7 +546,7 @@ def _validate(
             model, "valid", ns=(metric_n,), progress=False, max_users=cfg.train.valid_users
         ).average[metric]
     else:
-        value = -float(epoch)
+        value = math.nan
     entry[f"valid_{metric}"] = value
     entry["examples_per_second"] = examples / max(totals.seconds, 1e-9)
     entry["train_seconds"] = round(totals.seconds, 3)

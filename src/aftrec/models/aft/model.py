@@ -125,6 +125,15 @@ class AFTConfig(Checked):
                 )
         if self.conve_kernel % 2 == 0:
             raise ConfigError(f"model.conve_kernel must be odd, got {self.conve_kernel}")
+        # ConvE's image is (2 conve_rows) x (dim / conve_rows): from any pixel a filter of
+        # 2 * side - 1 reaches every other one, and its further taps would see only padding
+        widest = 2 * max(2 * self.conve_rows, self.dim // self.conve_rows) - 1
+        if self.conve_kernel > widest:
+            raise ConfigError(
+                f"model.conve_kernel={self.conve_kernel} is wider than ConvE's "
+                f"{2 * self.conve_rows} x {self.dim // self.conve_rows} image needs: at most "
+                f"{widest} (taps beyond it see only zero padding)"
+            )
         if self.hnm_band > 1:
             raise ConfigError("model.hnm_skip must be in [0, 1) and model.hnm_band in (0, 1]")
 
