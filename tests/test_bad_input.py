@@ -858,6 +858,7 @@ def test_resume_does_not_record_a_dataset_the_run_does_not_fit(
     other = tmp_path / "other"
     assert main(["prepare", "--dataset", "synthetic", "--out", str(other)]) == 0
     meta = json.loads((run_copy / "run.json").read_text())
+    del meta["data_fingerprint"]  # a run of an older version: only the checkpoint can tell
     (run_copy / "run.json").write_text(json.dumps({**meta, "data": str(tmp_path / "gone")}))
     before = (run_copy / "run.json").read_text()
     capsys.readouterr()
@@ -1004,17 +1005,18 @@ def test_two_sources_at_once(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     ("model", "setting", "said"),
     [
         ("two-tower", "data.n_negatives=0", "data.n_negatives must be at least 1"),
+        ("aft-d", "data.n_negatives=0", "data.n_negatives must be at least 1"),
         ("ease", "model.l2=0", "model.l2 must be > 0"),
         ("ease", "model.l2_grid=[0.0, 50.0]", "must hold values > 0"),
-        ("aft", "model.conve_kernel=63", "at most 31"),
+        ("aft", "model.conve_kernel=129", "at most 127"),
     ],
 )
 def test_settings_a_model_cannot_train_with_are_refused(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, prepared: Path, model: str,
     setting: str, said: str,
 ) -> None:  # fmt: skip
-    """Each was an AssertionError or LinAlgError traceback, or (a ConvE filter of 63) an
-    epoch of 181 s on 210 examples, instead of one line."""
+    """Each was an AssertionError or LinAlgError traceback, or (a ConvE filter wider than
+    its images) minutes an epoch on a few hundred examples, instead of one line."""
     argv = train_argv(prepared, tmp_path / "run", "--model", model, "--quiet",
                       "--set", "train.epochs=1", setting)  # fmt: skip
     fails_cleanly(capsys, argv, said, roots=(tmp_path,))
@@ -1026,6 +1028,7 @@ def test_a_float_in_e_notation_is_a_number() -> None:
     got = parse_overrides(["train.lr=1e-3", "train.x=2E+4", "train.y=.5e-1", "train.n=10"])
     assert got == {"train": {"lr": 0.001, "x": 20000.0, "y": 0.05, "n": 10}}
     assert isinstance(got["train"]["n"], int)
+    assert parse_overrides(["train.s=._e1"]) == {"train": {"s": "._e1"}}  # no digit: text
 
 
 def test_without_a_validation_part_every_epoch_trains_and_the_last_is_kept(
@@ -1046,6 +1049,9 @@ def test_without_a_validation_part_every_epoch_trains_and_the_last_is_kept(
     assert "best epoch 4, no validation part: the last epoch kept, 4 epoch(s)" in out
     assert "stopped early" not in out and "-1.0" not in out
     assert torch.load(run / "best.pt", weights_only=False)["epoch"] == 4
+    from aftrec.training.rundir import best_epoch_time
+
+    assert best_epoch_time(run)[0] == 4  # as the report's convergence table reads it
     # its metrics.json is standard JSON: a NaN would be written NaN, which JSON has not
     assert main(["evaluate", "--run", str(run), "--quiet"]) == 0
     text = (run / "metrics.json").read_text()
@@ -1056,9 +1062,13 @@ def test_resume_may_change_the_runtime_keys(
     capsys: pytest.CaptureFixture[str], run_copy: Path
 ) -> None:
     """They change nothing a run computes (RuntimeConfig); --resume refused them all."""
+    from aftrec.training.rundir import load_run_config
+
     argv = ["train", "--resume", "--out", str(run_copy), "--quiet",
             "--set", "train.threads=1", "runtime.eval_batch_size=64"]  # fmt: skip
     assert main(argv) == 0
+    runtime = load_run_config(run_copy).runtime
+    assert runtime.threads == 1 and runtime.eval_batch_size == 64
     refused = ["train", "--resume", "--out", str(run_copy), "--quiet", "--set", "model.dim=4"]
     fails_cleanly(capsys, refused, "drop --model/--config/--set", roots=(run_copy,))
 
@@ -1080,3 +1090,26 @@ def test_resume_refuses_another_dataset_of_the_same_shape_after_a_move(
     # the same preparation elsewhere is the same dataset
     same = Path(shutil.copytree(prepared, tmp_path / "moved"))
     assert main(["train", "--out", str(run_copy), "--resume", "--data", str(same), "--quiet"]) == 0
+
+
+def test_the_fingerprint_is_the_prepared_files_and_is_checked_on_every_resume_and_load(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, run_copy: Path, prepared: Path
+) -> None:
+    """Files beside a dataset's own (recommendations, notes) do not change it; the dataset
+    prepared again in place from another log does, and a plain --resume or evaluate saw
+    nothing then."""
+    data = Path(shutil.copytree(prepared, tmp_path / "data"))
+    meta = json.loads((run_copy / "run.json").read_text())
+    (run_copy / "run.json").write_text(json.dumps({**meta, "data": str(data)}))
+    (data / "NOTES.txt").write_text("mine")
+    (data / "recs").mkdir()
+    (data / "recs" / "top.csv").write_text("user,item\n")
+    assert main(["evaluate", "--run", str(run_copy), "--quiet"]) == 0
+    shutil.rmtree(data / "recs")  # prepare --force replaces only what it wrote
+    (data / "NOTES.txt").unlink()
+    inter, items = make_log(seed=1)
+    ip, mp = write(inter, tmp_path / "i.csv"), write(items, tmp_path / "m.csv")
+    assert main([*prepare_argv(ip, mp, data), "--force"]) == 0
+    for argv in (["train", "--out", str(run_copy), "--resume", "--quiet"],
+                 ["evaluate", "--run", str(run_copy), "--quiet"]):  # fmt: skip
+        fails_cleanly(capsys, argv, "is not the dataset", roots=(run_copy,))

@@ -316,7 +316,7 @@ def train(
     overridden). Under torchrun each rank calls it and trains its part (DDP)."""
     from aftrec.config import resolve
     from aftrec.training import distributed
-    from aftrec.training.rundir import load_run_config, run_data_dir
+    from aftrec.training.rundir import check_data, load_run_config, run_data_dir
     from aftrec.training.trainer import train as run_training
 
     out = Path(out)
@@ -338,7 +338,9 @@ def train(
     if resume and data is not None:
         _check_same_data(out, Path(data))
     data_dir = Path(data) if data is not None else run_data_dir(out)
-    run_cfg = cfg if cfg is not None else load_run_config(out)
+    if resume:  # the dataset it started on, wherever it lies now (run.json's fingerprint)
+        check_data(out, data_dir)
+    run_cfg = cfg if cfg is not None else load_run_config(out, sets)  # runtime keys too
     ctx = distributed.init(run_cfg.runtime.device)  # torchrun: join the process group
     clean = False
     try:
@@ -356,7 +358,7 @@ def _check_same_data(run: Path, data: Path) -> None:
     """``--resume --data DIR``: only the dataset the run trained on, found where it was or at
     ``DIR`` after a move. Refused when the recorded dataset is still in its place and ``DIR``
     is another folder: the run would go on with other data than ``run.json`` names."""
-    from aftrec.training.rundir import data_fingerprint, recorded_fingerprint, run_data_dir
+    from aftrec.training.rundir import run_data_dir
 
     recorded = run_data_dir(run)
     if recorded.is_dir() and recorded.resolve() != data.resolve():
@@ -364,18 +366,6 @@ def _check_same_data(run: Path, data: Path) -> None:
             f"{run} was trained on {recorded}; --resume goes on with the same data, so drop "
             f"--data {data}"
         )
-    fingerprint = recorded_fingerprint(run)  # a run started by an older version has none
-    if fingerprint is not None and (data / "meta.json").is_file():
-        try:
-            same = data_fingerprint(data) == fingerprint
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{data}: cannot read its meta.json ({exc})") from exc
-        if not same:
-            raise ConfigError(
-                f"{data} is not the dataset {run} was trained on (other counts, settings or "
-                f"file sizes than {recorded} had when the run started); --resume goes on "
-                "with the same data"
-            )
 
 
 def _check_new_run_dir(out: Path) -> None:

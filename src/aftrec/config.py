@@ -263,7 +263,7 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
 )
 
@@ -282,7 +282,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"override {pair!r} must look like section.key=value")
         try:
             value = _load_yaml(raw)
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError) as exc:
             said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ConfigError(f"override {pair!r}: the value is not valid YAML ({said})") from exc
         out.setdefault(section, {})[name] = value
@@ -296,7 +296,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read config: {exc}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a YAML text file (not UTF-8: {exc.reason})") from exc
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     if loaded is None:
         return {}
@@ -373,6 +373,13 @@ def runtime_moved(layer: dict[str, Any]) -> dict[str, Any]:
     runtime = {**moved, **runtime} if isinstance(runtime, dict) else moved
     rest = {k: v for k, v in train.items() if k not in RUNTIME_KEYS}
     return {**layer, "train": rest, "runtime": runtime}
+
+
+def runtime_overrides(cfg: RunConfig) -> list[str]:
+    """``cfg``'s runtime keys as ``--set`` pairs: what a resumed run takes from the command
+    that resumes it (``aftrec reproduce`` and ``aftrec tune`` resume their runs with them)."""
+    runtime = dataclasses.asdict(cfg.runtime)
+    return [f"runtime.{k}={json.dumps(runtime[k])}" for k in RUNTIME_KEYS]
 
 
 def dump(cfg: RunConfig) -> str:

@@ -250,3 +250,20 @@ def test_a_domain_named_average_keeps_its_row(tiny: Dataset) -> None:
     rows = [r.split() for r in res.table().splitlines()[3:]]
     assert rows == [["average", "0.2000", "3"], ["b", "0.6000", "4"], ["(average)", "0.4000", "7"]]
     assert keys == list(res.average)
+
+
+def test_sampled_metrics_rank_an_item_scored_minus_inf_among_the_candidates(
+    tiny: Dataset,
+) -> None:
+    """The sampled ranking masked the non-candidates to -inf too, and counted only finite
+    scores as hits: a held-out item scored -inf was a miss, one scored -1e30 a hit."""
+    _, targets = tiny.fit_and_targets("test")
+    table = np.random.default_rng(0).normal(size=(tiny.info.n_users, tiny.info.n_items))
+    ev = Evaluator(tiny, 5)
+    got = {}
+    for low in (-1e30, -np.inf):
+        t = table.astype(np.float32)
+        t[targets.user, targets.item] = low
+        res = ev.evaluate(TableScorer(t, tiny), "test", (50,), sampled_negatives=5, progress=False)
+        got[low] = res.average["sampled_recall@50"]
+    assert got[-np.inf] == got[-1e30] == pytest.approx(1.0)  # 5 negatives + positives < 50

@@ -139,6 +139,8 @@ def test_seed_test_is_a_paired_t_test() -> None:
     assert math.isnan(seed_test({0: 0.5, 1: 0.6}, {0: 0.4, 1: 0.5}).p)  # no variance
     # a constant difference up to rounding (np.std 1e-17) is no variance either
     assert math.isnan(seed_test({0: 0.41, 1: 0.21, 2: 1.08}, {0: 0.28, 1: 0.08, 2: 0.95}).p)
+    x = {0: 0.41, 1: 0.21, 2: 1.08}  # however small the constant difference
+    assert math.isnan(seed_test(x, {k: v - 1e-5 for k, v in x.items()}).p)
     assert seed_test({0: 0.5, 2: 0.6}, {0: 0.4, 1: 0.5}).n == 1  # paired by seed only
 
 

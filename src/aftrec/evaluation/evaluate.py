@@ -244,6 +244,7 @@ def _sampled_hits(
     cand = target.clone()
     cand.scatter_(1, picked, True)
     cand &= target | never
-    ranked = torch.topk(scores.masked_fill(~cand, float("-inf")), min(k, scores.shape[1]), dim=1)
-    hits = target.gather(1, ranked.indices) & torch.isfinite(ranked.values)
-    return hits
+    # -inf marks the items outside the candidates only (as in rank_domain)
+    lifted = scores.clamp(min=torch.finfo(scores.dtype).min).masked_fill(~cand, float("-inf"))
+    top = torch.topk(lifted, min(k, scores.shape[1]), dim=1).indices
+    return target.gather(1, top) & cand.gather(1, top)

@@ -29,7 +29,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aftrec.config import plain_json, run_identity
+from aftrec.config import plain_json, run_identity, runtime_overrides
 from aftrec.environment import usable_cores
 from aftrec.errors import Stopped
 from aftrec.experiments.plan import (
@@ -123,7 +123,10 @@ def run_job(job: Job, data_dir: Path) -> RunOutcome:
 
     t0 = time.perf_counter()
     try:
-        train(data_dir, None if resume else job.cfg, run, resume=resume, progress=False)
+        train(
+            data_dir, None if resume else job.cfg, run, resume=resume, progress=False,
+            resume_set=runtime_overrides(job.cfg) if resume else None,  # this call's machine
+        )  # fmt: skip
     finally:  # a stopped or failed invocation's time counts too
         meta["train_seconds"] = float(meta["train_seconds"] or 0.0) + time.perf_counter() - t0
         atomic_write_text(run / "reproduce.json", json.dumps(meta, indent=2) + "\n")

@@ -950,8 +950,9 @@ def ablation_section(results: Results, alpha: float) -> list[str]:
         f"Does each part help? `{PRIMARY}` against each row above, on the seeds both have "
         f"(so `{PRIMARY}`'s value here can differ from its row's): over users, Wilcoxon "
         "signed-rank test on the per-user values averaged over those seeds; over seeds, paired "
-        f"t-test. The part helps (or hurts) where p < {alpha:g} and `{PRIMARY}` is above (or "
-        "below) the row without it. The two ask different questions: over users, whether these "
+        f"t-test. The part helps (or hurts) where p < {alpha:g} and the test finds `{PRIMARY}` "
+        "above (or below) the row without it: by the mean over seeds, by the signed ranks "
+        "(W+ - W-) over users. The two ask different questions: over users, whether these "
         "trained models differ across the test users; over seeds, whether the difference "
         "survives training again, which is the stronger claim and, with few seeds, the test "
         "with little power.",

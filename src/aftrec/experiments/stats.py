@@ -102,8 +102,10 @@ def seed_test(a: dict[int, float], b: dict[int, float]) -> PairedTest:
     if len(seeds) == 0:
         return PairedTest(float("nan"), 0, float("nan"))
     diff = x - y
-    # no variance: t undefined (a constant difference up to rounding, 0.1 - 0.1e-17, too)
-    if len(seeds) < 2 or np.ptp(diff) <= 1e-12 * np.abs(diff).max():
+    # no variance: t undefined; so is a constant difference up to the rounding of the values
+    # (a few ulps of them, whatever the size of the difference)
+    rounding = 16 * np.finfo(np.float64).eps * max(np.abs(x).max(), np.abs(y).max())
+    if len(seeds) < 2 or np.ptp(diff) <= rounding:
         return PairedTest(float("nan"), len(seeds), float(diff.mean()))
     return PairedTest(float(ttest_rel(x, y).pvalue), len(seeds), float(diff.mean()))
 

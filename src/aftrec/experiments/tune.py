@@ -286,6 +286,7 @@ def _check_trial_dir(run: Path, cfg: RunConfig, number: int) -> None:
 def _train_trial(data: Path, cfg: RunConfig, run: Path) -> TrialOutcome:
     """Train one trial's run to early stopping (resuming a killed one); its best validation
     value is the trial's score."""
+    from aftrec.config import runtime_overrides
     from aftrec.training import rundir
     from aftrec.training.trainer import train
 
@@ -293,7 +294,10 @@ def _train_trial(data: Path, cfg: RunConfig, run: Path) -> TrialOutcome:
     if not resume:  # nothing to resume: clear what a run killed in its first epoch left
         run.mkdir(parents=True, exist_ok=True)
         rundir.clear(run)
-    res = train(data, None if resume else cfg, run, resume=resume, progress=False)
+    res = train(
+        data, None if resume else cfg, run, resume=resume, progress=False,
+        resume_set=runtime_overrides(cfg) if resume else None,  # this call's machine
+    )  # fmt: skip
     if not math.isfinite(res.best_metric):
         raise TrainingError(f"trial run {run} has no finite validation value")
     # the epochs' wall times over every call that trained the run (a killed one included)

@@ -67,8 +67,9 @@ class RetrievalModel(nn.Module):
     dot_product: ClassVar[bool] = True
     #: the optimisation step this model trains with, by name (see the module docstring)
     training_step: ClassVar[str] = "supervised"
-    #: True when its loss needs the loader's sampled negatives (``data.n_negatives`` > 0)
-    needs_negatives: ClassVar[bool] = False
+    #: True when its loss needs the loader's sampled negatives (``data.n_negatives`` > 0); a
+    #: model whose config decides it sets it per instance (AFT)
+    needs_negatives: bool = False
 
     def __init__(self, cfg: Any, info: DataInfo, history_len: int) -> None:
         super().__init__()

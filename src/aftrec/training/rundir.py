@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 from aftrec.config import RunConfig, dump, resolve
 from aftrec.data.dataset import Dataset
 from aftrec.environment import versions
-from aftrec.errors import CheckpointError
+from aftrec.errors import CheckpointError, DataError
 from aftrec.models.base import RetrievalModel
 from aftrec.numerics import zero_subnormals
 from aftrec.outputs import atomic_write_text
@@ -62,10 +63,14 @@ def load_run_config(run: Path, overrides: list[str] | None = None) -> RunConfig:
 
 def data_fingerprint(data_dir: Path) -> str:
     """What tells one prepared dataset from another without reading its rows: the sha256 of
-    its ``meta.json`` (less the preparation's duration and the raw files' path) and of every
-    other file's path and size. The same preparation gives the same fingerprint wherever the
-    folder lies; another log of the same shape does not (its counts or its files' sizes)."""
+    its ``meta.json`` (less the preparation's duration and the raw files' path) and of the
+    path and size of every file the prepared format owns (:data:`~aftrec.data.prepared.WRITES`;
+    not what else lies in the folder: recommendations, runs, notes). The same preparation
+    gives the same fingerprint wherever the folder lies; another log of the same shape does
+    not (its counts or its files' sizes)."""
     import hashlib
+
+    from aftrec.data.prepared import WRITES
 
     folder = Path(data_dir)
     meta = json.loads((folder / "meta.json").read_text())
@@ -73,10 +78,30 @@ def data_fingerprint(data_dir: Path) -> str:
     if isinstance(meta.get("source"), dict):
         meta["source"] = {k: v for k, v in meta["source"].items() if k != "path"}
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != "meta.json":
+    for name in sorted(WRITES - {"meta.json"}):
+        path = folder / name
+        owned = sorted(path.glob("part-*.parquet")) if path.is_dir() else [path]
+        for p in (p for p in owned if p.is_file()):
             digest.update(f"{p.relative_to(folder).as_posix()}\0{p.stat().st_size}\0".encode())
     return digest.hexdigest()
+
+
+def check_data(run: Path, data_dir: Path) -> None:
+    """Refuse ``data_dir`` when ``run.json`` recorded another dataset's fingerprint (a run
+    started by an older version records none: nothing to compare)."""
+    recorded = recorded_fingerprint(run)
+    if recorded is None or not (Path(data_dir) / "meta.json").is_file():
+        return
+    try:
+        same = data_fingerprint(data_dir) == recorded
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{data_dir}: cannot read its meta.json ({exc})") from exc
+    if not same:
+        raise DataError(
+            f"{data_dir} is not the dataset {run} was trained on: its counts, settings or "
+            "files' sizes differ from those recorded when the run started (prepared again, "
+            "or another dataset of the same shape)"
+        )
 
 
 def recorded_fingerprint(run: Path) -> str | None:
@@ -147,6 +172,7 @@ def load_run(run: Path, which: str = "best") -> tuple[RunConfig, Dataset, Retrie
     data_dir = run_data_dir(run)
     if not (data_dir / "meta.json").is_file():
         raise _missing_data(run, data_dir)
+    check_data(run, data_dir)
     data = Dataset(data_dir)
     model = create_model(cfg.model_name, cfg.model, data.info, cfg.data.history_len)
     state = checkpoint.load(run / f"{which}.pt")
@@ -226,14 +252,18 @@ def _is_entry(entry: dict[str, Any]) -> bool:
 
 def best_epoch_time(run: Path, metric: str = "valid_recall@50") -> tuple[int, float | None]:
     """The best validation epoch of a run (the first with the highest ``metric``, as the
-    trainer keeps it) and the wall seconds of training and validation up to and including
-    it, from ``log.jsonl``; ``(0, None)`` without a log, seconds ``None`` for logs written
-    before the trainer recorded them."""
+    trainer keeps it; the last epoch when every value is NaN, a run without a validation
+    part) and the wall seconds of training and validation up to and including it, from
+    ``log.jsonl``; ``(0, None)`` without a log, seconds ``None`` for logs written before the
+    trainer recorded them."""
     entries = epoch_log(run)
     scored = [e for e in entries if metric in e]
     if not scored:
         return 0, None
-    best = max(scored, key=lambda e: e[metric])  # max keeps the first of equal values
+    if all(math.isnan(e[metric]) for e in scored):
+        best = scored[-1]
+    else:  # max keeps the first of equal values; a NaN is never above a number
+        best = max(scored, key=lambda e: -math.inf if math.isnan(e[metric]) else e[metric])
     upto = [e for e in entries if e["epoch"] <= best["epoch"]]
     if not all("train_seconds" in e and "valid_seconds" in e for e in upto):
         return int(best["epoch"]), None

@@ -125,14 +125,15 @@ class AFTConfig(Checked):
                 )
         if self.conve_kernel % 2 == 0:
             raise ConfigError(f"model.conve_kernel must be odd, got {self.conve_kernel}")
-        # ConvE's image is (2 conve_rows) x (dim / conve_rows): from any pixel a filter of
-        # 2 * side - 1 reaches every other one, and its further taps would see only padding
-        widest = 2 * max(2 * self.conve_rows, self.dim // self.conve_rows) - 1
+        # the two ConvE images are (2 n_domains) x dim (Eq. 10) and (2 conve_rows) x
+        # (dim / conve_rows) (Eq. 11): from any pixel a filter of 2 * side - 1 reaches every
+        # other one, and its further taps would see only padding (with at most dim / 2 domains)
+        widest = 2 * max(self.dim, 2 * self.conve_rows) - 1
         if self.conve_kernel > widest:
             raise ConfigError(
-                f"model.conve_kernel={self.conve_kernel} is wider than ConvE's "
-                f"{2 * self.conve_rows} x {self.dim // self.conve_rows} image needs: at most "
-                f"{widest} (taps beyond it see only zero padding)"
+                f"model.conve_kernel={self.conve_kernel} is wider than ConvE's images need: "
+                f"at most {widest} for model.dim={self.dim} (taps beyond it see only zero "
+                "padding)"
             )
         if self.hnm_band > 1:
             raise ConfigError("model.hnm_skip must be in [0, 1) and model.hnm_band in (0, 1]")
@@ -301,6 +302,8 @@ class AFT(RetrievalModel):
         if cfg.negatives == "generator":
             self.generator = Generator(cfg, info)
         self.register_buffer("offsets", torch.tensor(info.offsets), persistent=False)
+        # D's only negatives without G or mining, and during the warm-up (Eq. 13)
+        self.needs_negatives = cfg.negatives == "random" or cfg.warmup_steps > 0
         self.clicks: ClickIndex | None = None
         self.health: FakeHealth | None = None
 
