@@ -596,3 +596,26 @@ def test_a_torchrun_rank_keeps_the_default_sigterm(
     monkeypatch.setenv("WORLD_SIZE", "1")
     main(["prepare", "--dataset", "synthetic", "--out", str(tmp_path / "d")])
     assert seen[0] == signal.SIG_DFL and seen[1] not in (signal.SIG_DFL, None)
+
+
+def test_ctrl_c_inside_a_first_import_is_an_interrupt(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C inside a C extension's init (matplotlib's, as a report draws its first plot)
+    surfaces as an ImportError whose context is the KeyboardInterrupt: a traceback before."""
+    import aftrec.cli as cli
+
+    def interrupted_import(args: argparse.Namespace) -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed") from None
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser.set_defaults(func=interrupted_import)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            action.choices["models"].set_defaults(func=interrupted_import)
+    assert cli.main(["models"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

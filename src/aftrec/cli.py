@@ -367,8 +367,11 @@ class _LogFormat(logging.Formatter):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the commands' modules load
+        print("interrupted", file=sys.stderr)
+        return 130
     handler = logging.StreamHandler()
     handler.setFormatter(_LogFormat())
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
@@ -397,6 +400,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stopped {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except ImportError as exc:
+        # Ctrl-C inside a C extension's first import (matplotlib's, for a report's plots)
+        # surfaces as the import failing, with the interrupt as its context
+        if not isinstance(exc.__context__, KeyboardInterrupt):
+            raise
         print("interrupted", file=sys.stderr)
         return 130
     except MemoryError as exc:  # numpy's too-large arrays included

@@ -1131,3 +1131,36 @@ def test_reading_a_report_that_is_not_one_names_it(
         (tmp_path / "results.json").write_text(content)
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_results(tmp_path)
+
+
+def test_a_report_refuses_runs_of_another_dataset_and_runs_it_did_not_evaluate(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """Runs trained on another dataset were reused (the report's numbers were the other
+    data's); a run `aftrec evaluate` had written metrics.json into was taken as finished."""
+    from aftrec.cli import main
+
+    out = tmp_path / "report"
+    argv = ["reproduce", "--out", str(out), "--quick", "--quiet", "--models", "pop",
+            "two-tower", "--skip", "ablations", "sweeps", "--set", "train.threads=1"]  # fmt: skip
+    assert main([*argv[:1], "--data", str(tiny_dir), *argv[1:]]) == 0
+    text = (out / "report.md").read_text()
+    assert "Best validation epoch (Recall@50) of each run." in text
+    # an evaluation that is not the report's own does not finish a run
+    run = out / "runs" / "two-tower" / "seed0"
+    record = json.loads((run / "reproduce.json").read_text())
+    del record["eval_seconds"]
+    (run / "reproduce.json").write_text(json.dumps(record))
+    assert not ex.is_finished(run)
+    assert main([*argv[:1], "--data", str(tiny_dir), *argv[1:]]) == 0
+    assert ex.is_finished(run)
+    # another dataset of the same shape: refused before anything runs
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dir, other)
+    meta = json.loads((other / "meta.json").read_text())
+    meta["users_dropped"] = 1 + meta.get("users_dropped", 0)
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="trained on another dataset than --data"):
+        reproduce(ReproduceSpec(other, out, quick=True, models=("pop", "two-tower"),
+                                ablations=False, sweeps=False, progress=False,
+                                overrides=("train.threads=1",)))  # fmt: skip

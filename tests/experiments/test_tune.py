@@ -21,7 +21,7 @@ import pytest
 from aftrec.cli import main
 from aftrec.config import RunConfig, parse_overrides, resolve
 from aftrec.data.dataset import Dataset
-from aftrec.errors import OutputError, TrainingError
+from aftrec.errors import ConfigError, OutputError, TrainingError
 from aftrec.experiments import tune as tn
 from aftrec.experiments.tune import TrialOutcome, TuneSpec, read_best, tune
 from aftrec.outputs import held
@@ -527,3 +527,15 @@ def test_an_older_best_json_without_the_winner_still_reads(tmp_path: Path) -> No
     (tmp_path / "best.json").write_text(json.dumps(obj))
     best = read_best(tmp_path)
     assert (best.best_trial, best.startup_trials, best.best_from_start) == (-1, 0, False)
+
+
+def test_a_study_refuses_its_dataset_prepared_again(tiny_dir: Path, tmp_path: Path) -> None:
+    """The same folder prepared again from another log went on with the old trials."""
+    data = Path(shutil.copytree(tiny_dir, tmp_path / "data"))
+    out = tmp_path / "study"
+    tune(TuneSpec(data, "pop", out, 1))
+    meta = json.loads((data / "meta.json").read_text())
+    meta["users_dropped"] = 1 + meta.get("users_dropped", 0)
+    (data / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="data_fingerprint"):
+        tune(TuneSpec(data, "pop", out, 2))

@@ -55,11 +55,16 @@ REQUIRED = (*(f"recall@{n}" for n in NS), "auc")
 
 def is_finished(run: Path) -> bool:
     """Whether the run's test values are there: ``per_user.parquet`` and a ``metrics.json``
-    with every :data:`REQUIRED` average and every value a number (or null: NaN). A damaged
-    ``metrics.json`` counts as missing, so the run is evaluated again (from its checkpoint)."""
+    with every :data:`REQUIRED` average and every value a number (or null: NaN), written by
+    this command's evaluation (``reproduce.json`` holds its ``eval_seconds``: an ``aftrec
+    evaluate`` of a run under way or stopped does not finish it). A damaged ``metrics.json``
+    counts as missing, so the run is evaluated again (from its checkpoint)."""
     metrics = read_json(run / "metrics.json")
     if metrics is None or not (run / "per_user.parquet").is_file():
         return False
+    record = read_record(run)
+    if record is not None and not is_number(record.get("eval_seconds")):
+        return False  # not this command's evaluation: `aftrec evaluate` of a run under way
     average, domains = metrics.get("average"), metrics.get("domains")
     if not isinstance(average, dict) or not isinstance(domains, dict):
         return False

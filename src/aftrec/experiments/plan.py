@@ -361,8 +361,13 @@ def make_plan(spec: ReproduceSpec) -> Plan:
             run = by_config[ident]
             jobs[run].entries.append((key, seed))
             runs[(key, seed)] = run
+    from aftrec.training.rundir import data_fingerprint
+
+    # (a plan made without the data, to list what it would run, compares none)
+    meta = Path(spec.data) / "meta.json"
+    fingerprint = data_fingerprint(Path(spec.data)) if meta.is_file() else None
     for job in jobs.values():
-        _check_existing(job, root)
+        _check_existing(job, root, fingerprint)
     return Plan(
         spec,
         models,
@@ -407,9 +412,10 @@ def read_tuned(
 TRAINED_MARKERS = ("last.pt", "best.pt", "metrics.json")
 
 
-def _check_existing(job: Job, root: Path) -> None:
+def _check_existing(job: Job, root: Path, fingerprint: str | None) -> None:
     """Refuse a run folder (below ``root``, REPORT_DIR/runs) this command cannot take: one
-    that is a file, one made by something else or with another config."""
+    that is a file, one made by something else, with another config or on another dataset
+    (its ``run.json`` fingerprint, where it has one, against ``fingerprint``)."""
     run = job.run
     for path in (run, *run.parents):
         if path.exists() and not path.is_dir():
@@ -434,6 +440,18 @@ def _check_existing(job: Job, root: Path) -> None:
             f"{run} was trained with another config than this command asks for "
             "(different --quick or --set?); choose another --out or remove it; "
             f"the saved one is in {run / 'reproduce.json'}"
+        )
+    from aftrec.training.rundir import recorded_fingerprint
+
+    try:
+        recorded = recorded_fingerprint(run) if (run / "run.json").is_file() else None
+    except CheckpointError:  # a damaged run.json: the run fails and the report lists it
+        recorded = None
+    if fingerprint is not None and recorded not in (None, fingerprint):
+        raise ConfigError(
+            f"{run} was trained on another dataset than --data (its run.json records another "
+            "fingerprint: other counts, settings or files); choose another --out, or give the "
+            "dataset the report was made on"
         )
 
 

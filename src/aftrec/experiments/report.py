@@ -314,6 +314,26 @@ def validation_curves(results: Results, keys: Sequence[str], path: Path) -> bool
     return True
 
 
+def _run_threads(run: Path, plan: Plan) -> int | None:
+    """The torch threads a run trained with: its saved config's, else what the plan asks."""
+    from aftrec.errors import AftrecError
+    from aftrec.training.rundir import load_run_config
+
+    try:
+        return load_run_config(run).runtime.threads
+    except (AftrecError, OSError):
+        return plan.jobs[run].cfg.runtime.threads
+
+
+def _metric_names(plan: Plan) -> set[str]:
+    """The validation metrics the runs stop on, as the report writes them (Recall@50)."""
+    names = set()
+    for job in plan.jobs.values():
+        metric, n = job.cfg.train.valid_metric_n()
+        names.add(f"{'Recall' if metric.startswith('recall') else 'NDCG'}@{n}")
+    return names
+
+
 def _budget(plan: Plan) -> str:
     """How long the trainable runs were allowed to train, in words."""
     trains = {
@@ -384,10 +404,11 @@ def _timings(results: Results) -> list[dict[str, Any]]:
         ok = [o for o in outs if o.ok and o.train_seconds is not None]
         train = sum(o.train_seconds or 0.0 for o in ok)
         ev = sum(o.eval_seconds or 0.0 for o in ok)
-        # CPU time: a run's wall time times its torch threads (unset: torch's default)
+        # CPU time: a run's wall time times its torch threads (unset: torch's default), as
+        # the run's own config says (the command rendering the report may ask for others)
         cpu = sum(
             ((o.train_seconds or 0.0) + (o.eval_seconds or 0.0))
-            * (results.plan.jobs[o.run].cfg.runtime.threads or results.environment["torch_threads"])
+            * (_run_threads(o.run, results.plan) or results.environment["torch_threads"])
             for o in ok
         )
         best = [best_epoch_time(o.run) for o in ok]
@@ -738,7 +759,8 @@ def render(results: Results) -> str:
         w(f"> {note}")
         w("")
 
-    asked = sorted({j.cfg.runtime.threads or 0 for j in plan.jobs.values()})
+    ran = [o.run for e in results.entries.values() for o in e.outcomes.values() if o.ok]
+    asked = sorted({_run_threads(r, plan) or 0 for r in ran or plan.jobs})
     threads = ", ".join(str(t) if t else f"torch's default ({env['torch_threads']})" for t in asked)
     w("## Setup")
     w("")
@@ -750,7 +772,12 @@ def render(results: Results) -> str:
     w(
         "- Protocol: test split, full ranking over every item of the target domain (training "
         f"and validation positives excluded), N = {', '.join(map(str, NS))}; a model's average "
-        "is the unweighted mean over domains. Best validation epoch (Recall@50) of each run."
+        "is the unweighted mean over domains. "
+        + (
+            f"Best validation epoch ({', '.join(sorted(_metric_names(plan)))}) of each run."
+            if sum(results.data.meta["counts"]["valid"].values())
+            else "No validation part: the last epoch of each run."
+        )
     )
     w(f"- Training: {_budget(plan)}")
     w(

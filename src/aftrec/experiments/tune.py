@@ -170,9 +170,13 @@ def _check_spec(spec: TuneSpec) -> _Study:
 def _study_attrs(spec: TuneSpec, space: Mapping[str, Range]) -> dict[str, Any]:
     """What a study was started with; a later call must ask for the same (only the budget
     may change)."""
+    from aftrec.training.rundir import data_fingerprint
+
     return {
         "model": spec.model,
         "data": str(Path(spec.data).resolve()),
+        # the same folder prepared again from another log is another dataset
+        "data_fingerprint": data_fingerprint(Path(spec.data)),
         "seed": spec.seed,
         "set": list(spec.overrides),
         "space": space_json(space),
@@ -208,7 +212,10 @@ def _open_study(spec: TuneSpec, space: Mapping[str, Range]) -> optuna.Study:
             study.set_user_attr(key, value)
         return study
     differ = [
-        k for k in attrs if json.dumps(_same(k, saved.get(k))) != json.dumps(_same(k, attrs[k]))
+        k
+        for k in attrs
+        if (k in saved or k != "data_fingerprint")  # a study of an older version has none
+        and json.dumps(_same(k, saved.get(k))) != json.dumps(_same(k, attrs[k]))
     ]
     if differ:
         said = ", ".join(f"{k} {saved.get(k)!r}" for k in differ)
