@@ -372,6 +372,11 @@ def test_ablations_on_fewer_seeds(tmp_path: Path) -> None:
     assert "--ablation-seeds 1" in spec.command()
     with pytest.raises(ConfigError, match="--ablation-seeds"):
         make_plan(dataclasses.replace(spec, ablation_seeds=0))
+    # more than --seeds was cut to it without a word (the rows share the main rows' runs)
+    with pytest.raises(ConfigError, match="--ablation-seeds 4 is more than the 3 seed"):
+        make_plan(dataclasses.replace(spec, ablation_seeds=4))
+    with pytest.raises(ConfigError, match="--sweep-seeds 5 is more than the 3 seed"):
+        make_plan(dataclasses.replace(spec, sweep_seeds=5))
 
 
 def test_some_rows_on_more_seeds(tmp_path: Path) -> None:

@@ -292,6 +292,15 @@ def make_plan(spec: ReproduceSpec) -> Plan:
     ):
         if value is not None and not 1 <= value <= MAX_SEEDS:
             raise ConfigError(f"{flag} must be in [1, {MAX_SEEDS}], got {value}")
+    for flag, value in (
+        ("--sweep-seeds", spec.sweep_seeds),
+        ("--ablation-seeds", spec.ablation_seeds),
+    ):
+        if value is not None and value > spec.n_seeds:  # it was cut to --seeds without a word
+            raise ConfigError(
+                f"{flag} {value} is more than the {spec.n_seeds} seed(s) of the main rows, "
+                "whose runs its rows share; raise --seeds or lower it"
+            )
     if not 0 < spec.alpha < 1:
         raise ConfigError(f"--alpha must be in (0, 1), got {spec.alpha}")
     if spec.jobs < 1:
