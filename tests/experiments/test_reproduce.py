@@ -745,6 +745,9 @@ DAMAGE: list[tuple[str, Any, str | None]] = [
     ("reproduce.json", lambda m: m.update(config={"model": 5}), "is not a reproduce.json"),
     ("seed0", None, "seed0 is a file where a run folder of `aftrec reproduce` goes"),
     ("per_user.parquet", None, "per_user.parquet: cannot read the run's test values per user"),
+    # readable but cut or without a metric: the tests paired fewer users, or none, silently
+    ("per_user.parquet", lambda f: f.head(3), "3 rows where metrics.json counts"),
+    ("per_user.parquet", lambda f: f.drop(columns="auc"), "no auc column(s)"),
 ]
 
 
@@ -761,8 +764,10 @@ def test_a_damaged_run_of_a_report_is_one_error_or_not_finished(
     if name == "seed0":
         shutil.rmtree(run)
         run.write_text("")
-    elif name == "per_user.parquet":
+    elif name == "per_user.parquet" and edit is None:
         (run / name).write_bytes(b"not parquet")
+    elif name == "per_user.parquet":
+        edit(pd.read_parquet(run / name)).to_parquet(run / name)
     else:
         _json_edit(run / name, edit)
     spec = ReproduceSpec(tiny_dir, out, quick=True, models=("aft", "pop"), ablations=False,

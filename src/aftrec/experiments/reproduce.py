@@ -187,18 +187,31 @@ def _report(
 
 
 def read_per_user(run: Path) -> pd.DataFrame:
-    """A finished run's ``per_user.parquet``; a damaged one is one error naming it."""
+    """A finished run's ``per_user.parquet``; a damaged one is one error naming it (one that
+    reads but lacks rows or the metrics of ``metrics.json`` too: its tests would pair fewer
+    users than the tables count, or none)."""
     import pandas as pd
 
+    from aftrec.experiments.plan import read_json
+
     path = run / "per_user.parquet"
+    metrics = read_json(run / "metrics.json") or {}
+    users = metrics.get("users") if isinstance(metrics.get("users"), dict) else {}
+    average = metrics.get("average") if isinstance(metrics.get("average"), dict) else {}
     try:
         frame = pd.read_parquet(path)
     except (OSError, ValueError) as exc:  # pyarrow's errors are both
         reason = " ".join(str(exc).split())
     else:
-        if {"user_idx", "domain"} <= set(frame.columns):
+        kept = [k for k in average if k == "auc" or k.startswith("recall@")]  # as written
+        missing = sorted({"user_idx", "domain", *kept} - set(frame.columns))
+        rows = sum(v for v in users.values() if isinstance(v, int))
+        if missing:
+            reason = f"no {', '.join(missing)} column(s)"
+        elif users and len(frame) != rows:
+            reason = f"{len(frame)} rows where metrics.json counts {rows} (user, domain) cases"
+        else:
             return frame
-        reason = "no user_idx and domain columns"
     raise CheckpointError(
         f"{path}: cannot read the run's test values per user ({reason}); remove it and run "
         "the same command: it evaluates the run again"
