@@ -466,6 +466,8 @@ def test_reproduce_refuses_tuned_studies_of_models_not_run(
         ("best.json", "trials", "1e400", "is not a best.json of `aftrec tune` (bad trials)"),
         ("best.json", "overrides", '"abc"', "(bad overrides)"),  # not split into characters
         ("best.json", "seed", "true", "(bad seed)"),
+        ("best.json", "trials", "-3", "(bad trials)"),  # a type alone let these through
+        ("best.json", "complete", "-1", "(bad complete)"),
     ],
 )
 def test_reproduce_refuses_a_damaged_study_up_front(

@@ -670,8 +670,8 @@ def read_best(path: Path) -> Tuned:
 
 
 def _bad_best(obj: dict[str, Any]) -> list[str]:
-    """What is wrong with a ``best.json``: the keys missing, or holding another type than
-    :func:`write_outputs` writes."""
+    """What is wrong with a ``best.json``: the keys missing, or holding another type or a
+    value :func:`write_outputs` never writes (a budget below 1, a negative count)."""
 
     def integer(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
@@ -687,9 +687,16 @@ def _bad_best(obj: dict[str, Any]) -> list[str]:
             "complete": integer, "seed": integer, "best_value": number}  # fmt: skip
     may = {"best_trial": integer, "startup_trials": integer,
            "drawn_at_random": lambda v: isinstance(v, list) and all(map(integer, v))}  # fmt: skip
-    return [f"no {k}" for k in need if k not in obj] + [
+    wrong = [f"no {k}" for k in need if k not in obj] + [
         f"bad {k}" for k, ok in {**need, **may}.items() if k in obj and not ok(obj[k])
     ]
+    if wrong:
+        return wrong
+    least = {"trials": 1, "complete": 0, "seed": 0, "startup_trials": 1, "best_trial": 0}
+    low = [f"bad {k}" for k, least_value in least.items() if k in obj and obj[k] < least_value]
+    if any(v < 0 for v in obj.get("drawn_at_random", [])):
+        low.append("bad drawn_at_random")
+    return low
 
 
 __all__ = ["TuneResult", "TuneSpec", "Tuned", "read_best", "tune"]
