@@ -399,7 +399,9 @@ def run_identity(cfg: dict[str, Any]) -> dict[str, Any]:
     """A run config (:meth:`RunConfig.to_dict`, or a saved one) without its ``runtime``
     section (how the run used the machine; saved runs of earlier versions hold those keys
     under ``train``) and without the model keys its registration declares inert
-    (``inert_keys``, e.g. G's keys for ``aft-d``), for "same run?" comparisons."""
+    (``inert_keys``, e.g. G's keys for ``aft-d``), for "same run?" comparisons. A model fitted
+    in closed form (pop, EASE) reads one ``train`` key, the validation metric it picks a
+    setting by: the others (epochs, learning rate, ...) are inert for it."""
     from aftrec.registry import available_models, registration
 
     plain = plain_json(runtime_moved(cfg))
@@ -414,4 +416,6 @@ def run_identity(cfg: dict[str, Any]) -> dict[str, Any]:
         model = {**legacy, **model}
         model = {k: v for k, v in model.items() if k not in reg.inert_keys}
     train = {**TrainConfig.LEGACY_VALUES, **plain.get("train", {})}
+    if name in available_models() and not registration(name).model.trainable:
+        train = {k: v for k, v in train.items() if k == "valid_metric"}
     return {**plain, "model": model, "train": train}

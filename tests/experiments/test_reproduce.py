@@ -331,6 +331,15 @@ def test_keys_a_model_never_reads_do_not_make_another_run() -> None:
     changed = json.loads(json.dumps(aft))
     changed["model"]["fake_sampling"] = "topk"
     assert pl.run_identity(changed) != pl.run_identity(aft)
+    # a closed-form fit reads no train key but the validation metric (EASE's grid choice):
+    # --quick's epochs or a learning rate refused pop's and EASE's finished runs
+    for name in ("pop", "ease"):
+        plain = resolve(name).to_dict()
+        other = json.loads(json.dumps(plain))
+        other["train"].update(lr=0.5, epochs=1, max_batches_per_epoch=4, seed=3)
+        assert pl.run_identity(other) == pl.run_identity(plain)
+        other["train"]["valid_metric"] = "recall@5"
+        assert pl.run_identity(other) != pl.run_identity(plain)
 
 
 def test_a_run_saved_before_g_had_its_switches_is_g_as_printed() -> None:
