@@ -129,6 +129,12 @@ def test_a_second_call_continues_to_the_new_budget(
     assert more.ran == 1
     with pytest.raises(tn.ConfigError, match="another set"):
         tune(dataclasses.replace(spec, overrides=(*spec.overrides, "train.patience=7")))
+    # the same pairs in another order, or one given twice, are the same settings
+    pairs = ("train.patience=2", "data.n_negatives=4")
+    sets = dataclasses.replace(spec, out=tmp_path / "sets", trials=2, overrides=pairs)
+    assert tune(sets).ran == 2
+    same = (*pairs[::-1], pairs[0])
+    assert tune(dataclasses.replace(sets, trials=3, overrides=same)).ran == 1
 
 
 def test_a_killed_call_leaves_a_study_the_next_call_finishes(

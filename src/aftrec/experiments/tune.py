@@ -227,17 +227,23 @@ def _open_study(spec: TuneSpec, space: Mapping[str, Range]) -> optuna.Study:
 
 
 def _same(key: str, value: Any) -> Any:
-    """A study attribute as compared between calls: ``set`` without its runtime keys
-    (threads, device, ...), which change how a trial runs, not what it computes."""
+    """A study attribute as compared between calls: ``set`` as the keys it sets and their
+    values (in any order, a repeated key's last value), without its runtime keys (threads,
+    device, ...), which change how a trial runs, not what it computes."""
     if key != "set" or not isinstance(value, list):
         return value
     from aftrec.config import RUNTIME_KEYS
 
-    def runtime(pair: str) -> bool:
-        name = pair.split("=", 1)[0].split(":")[-1]
+    def runtime(name: str) -> bool:
         return name.partition(".")[2] in RUNTIME_KEYS and name.split(".")[0] in ("train", "runtime")
 
-    return [p for p in value if not runtime(str(p))]
+    pairs = {}
+    for pair in map(str, value):
+        name, _, raw = pair.partition("=")
+        name = name.strip().split(":")[-1]
+        if not runtime(name):
+            pairs[name] = raw.strip()
+    return dict(sorted(pairs.items()))
 
 
 def _sampler(seed: int, number: int, startup: int) -> optuna.samplers.BaseSampler:
