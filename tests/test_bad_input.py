@@ -1113,3 +1113,20 @@ def test_the_fingerprint_is_the_prepared_files_and_is_checked_on_every_resume_an
     for argv in (["train", "--out", str(run_copy), "--resume", "--quiet"],
                  ["evaluate", "--run", str(run_copy), "--quiet"]):  # fmt: skip
         fails_cleanly(capsys, argv, "is not the dataset", roots=(run_copy,))
+
+
+def test_a_validation_metric_that_cannot_tell_epochs_apart_is_named(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, prepared: Path
+) -> None:
+    """Recall@50 over domains of 12 items is 1 at every epoch: the first epoch was kept and
+    training stopped after the patience, without a word."""
+    base = train_argv(prepared, tmp_path / "a", "--model", "two-tower", "--quiet", *TINY_TRAIN)
+    capsys.readouterr()
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert "note: train.valid_metric=recall@50 ranks every item of every domain" in out
+    assert "train.valid_metric=recall@3" in out
+    told = train_argv(prepared, tmp_path / "b", "--model", "two-tower", "--quiet", *TINY_TRAIN,
+                      "--set", "train.valid_metric=recall@3")  # fmt: skip
+    assert main(told) == 0
+    assert "note:" not in capsys.readouterr().out

@@ -351,7 +351,31 @@ def train(
         clean = True
     finally:
         distributed.shutdown(ctx, clean)
-    return dataclasses.replace(res, rank=ctx.rank, world=ctx.world)
+    note = _saturated(load_run_config(out), data_dir) if ctx.rank == 0 else ""
+    return dataclasses.replace(res, rank=ctx.rank, world=ctx.world, note=note)
+
+
+def _saturated(cfg: RunConfig, data_dir: Path) -> str:
+    """A note when the validation metric's N reaches every item of every domain: every epoch
+    (and every point of EASE's grid) then scores 1 and the first is kept, which selects
+    nothing. Empty without a validation part, or for a fit with nothing to select (pop)."""
+    import itertools
+
+    from aftrec.data.prepared import read_meta
+    from aftrec.registry import registration
+
+    meta = read_meta(data_dir)
+    largest = max(b - a for a, b in itertools.pairwise(meta["domain_offsets"]))
+    metric, n = cfg.train.valid_metric_n()
+    grids = [v for k, v in vars(cfg.model).items() if k.endswith("_grid") and len(v) > 1]
+    selects = registration(cfg.model_name).model.trainable or bool(grids)
+    if n < largest or not selects or not sum(meta["counts"]["valid"].values()):
+        return ""
+    return (
+        f"note: train.valid_metric={metric} ranks every item of every domain (the largest has "
+        f"{largest}), so every epoch scores the same and the first is kept; a smaller N "
+        f"(train.valid_metric={metric.partition('@')[0]}@{max(1, largest // 4)}) tells them apart"
+    )
 
 
 def _check_same_data(run: Path, data: Path) -> None:

@@ -97,6 +97,8 @@ def _train(args: argparse.Namespace) -> None:
             + (" (stopped early)" if res.stopped_early else "")
             + memory
         )
+        if res.note:
+            print(res.note)
     if res.world > 1:
         # Every file is written (atomically) and the process group is gone. Leave now:
         # torch's C++ teardown at interpreter exit sometimes aborted a rank of a finished

@@ -68,6 +68,9 @@ class TrainResult:
     peak_rss_mib: list[float] = dataclasses.field(default_factory=list)  # per rank
     rank: int = 0  # this process's rank and the number of ranks (set by aftrec.train)
     world: int = 1
+    #: what the user should know about the result, e.g. a validation metric that cannot tell
+    #: epochs apart (set by aftrec.train; the CLI prints it)
+    note: str = ""
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
