@@ -196,8 +196,10 @@ def read_per_user(run: Path) -> pd.DataFrame:
 
     path = run / "per_user.parquet"
     metrics = read_json(run / "metrics.json") or {}
-    users = metrics.get("users") if isinstance(metrics.get("users"), dict) else {}
-    average = metrics.get("average") if isinstance(metrics.get("average"), dict) else {}
+    users: dict[str, Any] = metrics.get("users") or {}
+    average: dict[str, Any] = metrics.get("average") or {}
+    if not isinstance(users, dict) or not isinstance(average, dict):
+        users, average = {}, {}
     try:
         frame = pd.read_parquet(path)
     except (OSError, ValueError) as exc:  # pyarrow's errors are both
@@ -205,7 +207,7 @@ def read_per_user(run: Path) -> pd.DataFrame:
     else:
         kept = [k for k in average if k == "auc" or k.startswith("recall@")]  # as written
         missing = sorted({"user_idx", "domain", *kept} - set(frame.columns))
-        rows = sum(v for v in users.values() if isinstance(v, int))
+        rows = sum(int(v) for v in users.values() if isinstance(v, int))
         if missing:
             reason = f"no {', '.join(missing)} column(s)"
         elif users and len(frame) != rows:
