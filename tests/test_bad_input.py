@@ -1130,3 +1130,15 @@ def test_a_validation_metric_that_cannot_tell_epochs_apart_is_named(
                       "--set", "train.valid_metric=recall@3")  # fmt: skip
     assert main(told) == 0
     assert "note:" not in capsys.readouterr().out
+
+
+def test_evaluate_names_a_cut_off_that_reaches_every_item(
+    capsys: pytest.CaptureFixture[str], run_copy: Path
+) -> None:
+    """Recall@N for N at least every domain's size is 1 for any model: said, not hidden."""
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run_copy), "--n", "5", "99999", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "note: N = 99999 reaches every item of every domain (the largest has 12)" in out
+    assert main(["evaluate", "--run", str(run_copy), "--n", "5", "--quiet"]) == 0
+    assert "note:" not in capsys.readouterr().out

@@ -355,17 +355,24 @@ def train(
     return dataclasses.replace(res, rank=ctx.rank, world=ctx.world, note=note)
 
 
+def largest_domain(data_dir: Path) -> int:
+    """The item count of a prepared dataset's largest domain (from its meta.json)."""
+    import itertools
+
+    from aftrec.data.prepared import read_meta
+
+    return max(b - a for a, b in itertools.pairwise(read_meta(data_dir)["domain_offsets"]))
+
+
 def _saturated(cfg: RunConfig, data_dir: Path) -> str:
     """A note when the validation metric's N reaches every item of every domain: every epoch
     (and every point of EASE's grid) then scores 1 and the first is kept, which selects
     nothing. Empty without a validation part, or for a fit with nothing to select (pop)."""
-    import itertools
-
     from aftrec.data.prepared import read_meta
     from aftrec.registry import registration
 
     meta = read_meta(data_dir)
-    largest = max(b - a for a, b in itertools.pairwise(meta["domain_offsets"]))
+    largest = largest_domain(data_dir)
     metric, n = cfg.train.valid_metric_n()
     grids = [v for k, v in vars(cfg.model).items() if k.endswith("_grid") and len(v) > 1]
     selects = registration(cfg.model_name).model.trainable or bool(grids)
