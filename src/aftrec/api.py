@@ -357,11 +357,15 @@ def train(
 
 def largest_domain(data_dir: Path) -> int:
     """The item count of a prepared dataset's largest domain (from its meta.json)."""
-    import itertools
-
     from aftrec.data.prepared import read_meta
 
-    return max(b - a for a, b in itertools.pairwise(read_meta(data_dir)["domain_offsets"]))
+    return _largest(read_meta(data_dir))
+
+
+def _largest(meta: dict[str, Any]) -> int:
+    import itertools
+
+    return max(b - a for a, b in itertools.pairwise(meta["domain_offsets"]))
 
 
 def _saturated(cfg: RunConfig, data_dir: Path) -> str:
@@ -372,7 +376,7 @@ def _saturated(cfg: RunConfig, data_dir: Path) -> str:
     from aftrec.registry import registration
 
     meta = read_meta(data_dir)
-    largest = largest_domain(data_dir)
+    largest = _largest(meta)
     metric, n = cfg.train.valid_metric_n()
     grids = [v for k, v in vars(cfg.model).items() if k.endswith("_grid") and len(v) > 1]
     selects = registration(cfg.model_name).model.trainable or bool(grids)

@@ -129,7 +129,7 @@ def seed_averaged_per_user(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     frame = pd.concat(frames, ignore_index=True)
     keys = ["user_idx", "domain"]
     numeric = [c for c in frame.columns if c not in keys]
-    out = frame.groupby(keys, as_index=False)[numeric].mean()  # the cases, in key order
+    out = frame.groupby(keys, as_index=False).size()[keys]  # the cases, in key order
     for c in numeric:
         ordered = frame.sort_values([*keys, c], kind="stable")
         out[c] = ordered.groupby(keys)[c].mean().to_numpy()
