@@ -1142,3 +1142,36 @@ def test_evaluate_names_a_cut_off_that_reaches_every_item(
     assert "note: N = 99999 reaches every item of every domain (the largest has 12)" in out
     assert main(["evaluate", "--run", str(run_copy), "--n", "5", "--quiet"]) == 0
     assert "note:" not in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def bundle(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    assert main(["export", "--run", str(trained), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("command", ["train", "reproduce", "tune", "export", "prepare"])
+@pytest.mark.parametrize("enclosing", ["dataset", "run", "bundle"])
+def test_no_folder_output_goes_inside_a_dataset_a_run_or_a_bundle(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, prepared: Path, run_copy: Path,
+    bundle: Path, command: str, enclosing: str,
+) -> None:  # fmt: skip
+    """A dataset, a run and a bundle own everything in them: a report written into a dataset,
+    or a study into a trial's run, would be deleted or mixed up with what they hold."""
+    data = Path(shutil.copytree(prepared, tmp_path / "data"))
+    where = {"dataset": data, "run": run_copy,
+             "bundle": Path(shutil.copytree(bundle, tmp_path / "bundle"))}[enclosing]  # fmt: skip
+    out = where / "sub" / "out"
+    inter, items = make_log()
+    argv = {
+        "train": train_argv(data, out, "--model", "pop", "--quiet"),
+        "reproduce": ["reproduce", "--data", str(data), "--out", str(out), "--models", "pop",
+                      "--skip", "ablations", "sweeps", "--quiet"],
+        "tune": ["tune", "--data", str(data), "--model", "pop", "--out", str(out), "--trials", "1"],
+        "export": ["export", "--run", str(run_copy), "--out", str(out)],
+        "prepare": prepare_argv(write(inter, tmp_path / "i.csv"), write(items, tmp_path / "m.csv"),
+                                out),
+    }[command]  # fmt: skip
+    kind = "prepared dataset" if enclosing == "dataset" else enclosing
+    fails_cleanly(capsys, argv, f"is inside the {kind} in {where}", roots=(tmp_path,))

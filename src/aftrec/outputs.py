@@ -155,13 +155,40 @@ def held(folder: Path, name: str, busy: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+#: folders that own everything below them, by the two files that mark them: a folder output
+#: (a run, a report, a study, a bundle, a dataset) is not created inside one of them
+ENCLOSING: dict[tuple[str, str], str] = {
+    ("meta.json", "items.parquet"): "prepared dataset",
+    ("manifest.json", "ids"): "bundle",
+    ("run.json", "config.yaml"): "run",
+}
+
+
+def check_not_inside(out: Path) -> None:
+    """Refuse a folder output inside a prepared dataset, a bundle or a run
+    (:data:`ENCLOSING`): ``aftrec reproduce --out data/ml-100k/report`` filled a dataset
+    with runs, and ``aftrec tune --out study/trials/003/again`` put a study inside a trial's
+    run, which its study replaces when the trial is run again. Runs inside a report's
+    ``runs/`` or a study's ``trials/`` are where those commands put them, and are allowed."""
+    for folder in Path(out).resolve().parents:
+        for (first, second), kind in ENCLOSING.items():
+            if (folder / first).is_file() and (folder / second).exists():
+                raise OutputError(
+                    f"cannot write {out}: it is inside the {kind} in {folder}, which owns "
+                    "everything in it; choose an --out outside it"
+                )
+
+
 def check_writable(out: Path, folder: bool = False) -> None:
     """Refuse early (before a long computation) an ``out`` that cannot be created: its
     nearest existing ancestor must be a folder this process can write into (and, with
-    ``folder``, an existing ``out`` must be a folder)."""
+    ``folder``, an existing ``out`` must be a folder, not inside a dataset, bundle or run:
+    :func:`check_not_inside`)."""
     out = Path(out)
     if folder and out.exists() and not out.is_dir():
         raise OutputError(f"cannot write {out}: it is a file, not a folder")
+    if folder:
+        check_not_inside(out)
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -375,6 +402,7 @@ __all__ = [
     "atomic_file",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_not_inside",
     "check_writable",
     "make_dirs",
     "output_error",
