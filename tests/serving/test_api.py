@@ -250,6 +250,10 @@ def test_admin_token(bundle: Path) -> None:
         assert empty.status_code == 200  # no body: the current bundle
         null = c.post("/admin/reload", content=b"null", headers={"authorization": "Bearer s3cret"})
         assert null.status_code == 200  # null, as before: the current bundle
+        # neither Content-Length nor Transfer-Encoding (`curl -X POST`): an empty body, RFC 9112
+        bare = b"POST /admin/reload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+        answer = _raw(base, bare + b"Connection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
 
 
 def _raw(url: str, data: bytes, wait: float = 5.0) -> bytes:
@@ -310,14 +314,38 @@ def test_a_head_above_16_kib_gets_431_and_a_slow_request_408(
         assert c.get("/health").status_code == 200
 
 
+def test_h11_has_the_request_deadline_too(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn's h11 protocol stops its keep-alive timer at a request's first byte, and held
+    an unfinished request until the client closed."""
+    from aftrec.serving.protocol import GuardedH11Protocol
+
+    monkeypatch.setattr(GuardedH11Protocol, "request_timeout", 0.3)
+    with running(create_app(Recommender.load(bundle)), http="h11") as base:
+        for stalled in (
+            b"",  # a connection that never sends a request
+            b"POST /recommend HTTP/1.1\r\nHost: x\r\nX-Slow: ",  # a head that never ends
+            b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{",  # a body that never comes in full
+        ):
+            answer = _raw(base, stalled)  # before _raw's own 5 s timeout
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        # after a complete request and answer, a second request that stalls gets its 408 too
+        got = _raw(base, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHo")
+        assert got.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in got, got[-300:]
+        with httpx.Client(base_url=base, timeout=5) as c:  # and the server goes on serving
+            assert c.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
 def test_the_time_the_server_takes_to_answer_is_not_the_clients(
-    bundle: Path, monkeypatch: pytest.MonkeyPatch
+    bundle: Path, monkeypatch: pytest.MonkeyPatch, http: str
 ) -> None:
     """An answer that takes longer than ``request_timeout``, and a request pipelined behind
     it, complete in full: the deadline runs only while a request is being received."""
-    from aftrec.serving.protocol import GuardedHttpToolsProtocol
+    from aftrec.serving.protocol import GuardedH11Protocol, GuardedHttpToolsProtocol
 
     monkeypatch.setattr(GuardedHttpToolsProtocol, "request_timeout", 0.3)
+    monkeypatch.setattr(GuardedH11Protocol, "request_timeout", 0.3)
     rec = Recommender.load(bundle)
     computed = rec.recommend_many
 
@@ -332,7 +360,7 @@ def test_the_time_the_server_takes_to_answer_is_not_the_clients(
         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
     last = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    with running(create_app(rec), http="httptools") as base:
+    with running(create_app(rec), http=http) as base:
         got = _raw(base, slow_post + slow_post + last, wait=15)
     answers = re.findall(rb"HTTP/1\.1 (\d{3})", got)
     assert answers == [b"200", b"200", b"200"], got[-400:]

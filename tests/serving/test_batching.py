@@ -366,10 +366,10 @@ def test_http_parser_and_event_loop_reach_uvicorn(
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: runs.append(kw))
     assert main(["serve", "--bundle", "b", "--http", "h11", "--loop", "asyncio"]) == 0
     assert main(["serve", "--bundle", "b"]) == 0
-    from aftrec.serving.protocol import http_protocol
+    from aftrec.serving.protocol import GuardedH11Protocol, GuardedHttpToolsProtocol
 
-    # httptools (auto's choice where installed) comes as the guarded protocol class
-    want = [("h11", "asyncio"), (http_protocol("auto"), "auto")]
+    # each parser comes as its guarded protocol class (auto: httptools, installed here)
+    want = [(GuardedH11Protocol, "asyncio"), (GuardedHttpToolsProtocol, "auto")]
     assert [(r["http"], r["loop"]) for r in runs] == want
     capsys.readouterr()
     # a parser or loop asked for by name but not installed: one line, before loading anything

@@ -26,9 +26,10 @@ it with status 499. Responses are serialised with orjson.
 Every failure the client caused is a 4xx with ``{"detail": "<what is wrong>"}``: malformed
 JSON (a name given twice in one object included), a ``Content-Length`` that is not one
 number, or both ``Content-Length`` and ``Transfer-Encoding`` (RFC 9112, section 6.3) 400, a
-body without length 411 or over ``max_body`` 413 (bytes received are counted, whatever the
-headers say), unknown user 404, everything else (unknown domain or item ids, ``n`` out of
-range, too many behaviours, wrong types, ``trial`` without a generator) 422. Every response
+chunked body (no ``Content-Length``) 411 or over ``max_body`` 413 (bytes received are
+counted, whatever the headers say), unknown user 404, everything else (unknown domain or
+item ids, ``n`` out of range, too many behaviours, wrong types, ``trial`` without a
+generator) 422. Every response
 carries ``X-Request-ID``; an unexpected error is a 500 with
 ``{"detail": ..., "request_id": ...}``, one log line with that id (the traceback at debug
 level), and the connection stays open. Each ``/recommend`` response carries ``Server-Timing``
@@ -351,8 +352,10 @@ class BodyLimitMiddleware:
     """Reads a request body completely, counting the bytes received, before the app sees it.
 
     Refused before reading: ``Content-Length`` together with ``Transfer-Encoding`` (400,
-    RFC 9112 section 6.3: the two framings disagree, a request-smuggling sign), no
-    ``Content-Length`` (411), one that is not a single number (400) or over ``limit`` (413),
+    RFC 9112 section 6.3: the two framings disagree, a request-smuggling sign), a chunked
+    body (``Transfer-Encoding`` without ``Content-Length``: 411), a ``Content-Length`` that is
+    not a single number (400) or over ``limit`` (413); with neither header the body is empty
+    (RFC 9112 section 6.3: ``curl -X POST`` sends no ``Content-Length``),
     a ``/recommend`` body not declared as JSON (415; ``/admin/reload`` answers nothing
     before its token holds).
     While reading, more than ``limit`` bytes received is a 413 whatever the headers said. A
@@ -371,13 +374,14 @@ class BodyLimitMiddleware:
         names = [k.lower() for k, _ in scope["headers"]]
         lengths = {v.strip() for k, v in scope["headers"] if k.lower() == b"content-length"}
         problem = None
-        if lengths and b"transfer-encoding" in names:
+        chunked = b"transfer-encoding" in names
+        if lengths and chunked:
             problem = (400, "send either Content-Length or Transfer-Encoding, not both")
-        elif not lengths:
+        elif chunked:
             problem = (411, "send the request body with a Content-Length header")
-        elif len(lengths) > 1 or not next(iter(lengths)).isdigit():
+        elif len(lengths) > 1 or (lengths and not next(iter(lengths)).isdigit()):
             problem = (400, "Content-Length must be one decimal number")
-        elif int(next(iter(lengths))) > self.limit:
+        elif lengths and int(next(iter(lengths))) > self.limit:
             problem = (413, f"request body over {self.limit} bytes")
         elif scope["path"] == "/recommend" and not _is_json(scope["headers"]):
             problem = (415, "send the body as JSON, with Content-Type: application/json")

@@ -162,7 +162,7 @@ def serve_bundle(
         access_log=access_log,
         proxy_headers=proxy_headers,
         forwarded_allow_ips=forwarded_allow_ips if proxy_headers else None,
-        http=http_protocol(http),  # httptools with a head limit and a request timeout
+        http=http_protocol(http),  # with a head limit and a request deadline
         loop=loop,
     )
 
@@ -286,7 +286,12 @@ def add_parsers(sub: Any) -> None:
         metavar="K",
         help="fix IVF nprobe / HNSW efSearch instead of tuning it to --target-recall",
     )
-    px.add_argument("--target-recall", type=float, default=0.97, help="recall@200 vs exact")
+    px.add_argument(
+        "--target-recall",
+        type=float,
+        default=0.97,
+        help="recall@200 against exact search the index must reach (default 0.97)",
+    )
     px.add_argument("--threads", type=int, default=0, help="FAISS build threads (0: all)")
     px.add_argument(
         "--force", action="store_true", help="replace --out if it is a bundle (or an empty folder)"
@@ -324,7 +329,9 @@ def add_parsers(sub: Any) -> None:
         metavar="MS",
         help="under load, how long a batch waits to fill (default 1; an idle server never waits)",
     )
-    ps.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per batch")
+    ps.add_argument(
+        "--torch-threads", type=int, default=1, help="torch intra-op threads per batch (default 1)"
+    )
     ps.add_argument(
         "--workers",
         type=int,
@@ -375,5 +382,9 @@ def add_parsers(sub: Any) -> None:
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
         help="server log level (default warning)",
     )  # fmt: skip
-    ps.add_argument("--access-log", action="store_true", help="log every request")
+    ps.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log every request (uvicorn's access log; off by default)",
+    )
     ps.set_defaults(func=_serve)

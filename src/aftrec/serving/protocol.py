@@ -16,8 +16,11 @@ memory with endless headers, or connections with requests it never finishes. Her
   one over only when the next begins), so one endless header is refused as well;
 * a request the parser refuses gets its ``400`` as JSON, like every other error.
 
+:class:`GuardedH11Protocol` gives uvicorn's h11 protocol, the one ``--http h11`` takes, the
+same request deadline (h11 refuses a head above 16 KiB itself).
+
 :func:`http_protocol` picks the class for ``--http``; uvicorn takes a protocol class where
-it takes ``"httptools"``.
+it takes ``"httptools"`` or ``"h11"``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import importlib.util
 import json
 from typing import Any
 
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD = 16 * 1024  # bytes of request line and headers, as h11's default limit
@@ -42,24 +47,69 @@ def _response(status: int, reason: str, detail: str) -> bytes:
     return head.encode("ascii") + body
 
 
-class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with :data:`MAX_HEAD` and :data:`REQUEST_TIMEOUT`
-    (module level, so that ``--workers`` can send it to its worker processes)."""
+class _Deadline(asyncio.Protocol):
+    """The request clock of both guarded protocols: ``_arm`` starts it, ``_disarm`` stops it;
+    when it runs out, the client gets ``408`` (if no answer has started) and the connection
+    is closed, unless the server is still answering (:meth:`_answering`)."""
 
     request_timeout = REQUEST_TIMEOUT
-    _head = 0  # bytes received while the current request's head is not complete
-    _parts = 0  # bytes of the head's parts the parser has completed
-    _heading = False  # between a request's first byte and the end of its headers
-    _refused: bytes | None = None
     _deadline: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # uvicorn's protocol, next in the class order
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        me: Any = self  # uvicorn's protocol, which this class is mixed into
+        self._deadline = me.loop.call_later(self.request_timeout, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _answering(self) -> bool:
+        """Whether the server is answering a request it has in full (the clock runs against
+        clients, not against the server)."""
+        return False
+
+    def _close_with(self, answer: bytes | None) -> None:
+        """Write ``answer`` (if any) and close: the end of every refused request."""
+        self._disarm()
+        me: Any = self
+        if answer is not None:
+            me.transport.write(answer)
+        me.transport.close()
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        me: Any = self
+        if me.transport.is_closing():
+            return
+        if self._answering():
+            self._arm()
+            return
+        cycle = me.cycle
+        answer = None
+        if cycle is None or cycle.response_complete or not cycle.response_started:
+            detail = f"request not received within {self.request_timeout:g} s"
+            answer = _response(408, "Request Timeout", detail)
+        self._close_with(answer)
+
+
+class GuardedHttpToolsProtocol(_Deadline, HttpToolsProtocol):
+    """uvicorn's httptools protocol with :data:`MAX_HEAD` and :data:`REQUEST_TIMEOUT`
+    (module level, so that ``--workers`` can send it to its worker processes)."""
+
+    _head = 0  # bytes received while the current request's head is not complete
+    _parts = 0  # bytes of the head's parts the parser has completed
+    _heading = False  # between a request's first byte and the end of its headers
+    _refused: bytes | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._refused is not None:
@@ -78,11 +128,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._close_with(self._refused)
 
     def _close_with(self, answer: bytes | None) -> None:
-        """Write ``answer`` (if any) and close: the end of every refused request."""
-        self._disarm()
-        if answer is not None:
-            self.transport.write(answer)
-        self.transport.close()
+        self._refused = self._refused or answer  # what follows on the connection is ignored
+        super()._close_with(answer)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -120,36 +167,46 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             f"request line and headers above {MAX_HEAD} bytes",
         )  # fmt: skip
 
-    def _arm(self) -> None:
-        self._disarm()
-        self._deadline = self.loop.call_later(self.request_timeout, self._timed_out)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _timed_out(self) -> None:
-        self._deadline = None
-        if self.transport.is_closing():
-            return
+    def _answering(self) -> bool:
+        # a request pipelined behind the one being answered waits for that without a clock
         cycle = self.cycle
-        if cycle is not None and not cycle.more_body and not cycle.response_complete:
-            # the server is still answering a request it has in full (a request pipelined
-            # behind it waits for that): the clock runs against clients, not against us
+        return cycle is not None and not cycle.more_body and not cycle.response_complete
+
+
+class GuardedH11Protocol(_Deadline, H11Protocol):
+    """uvicorn's h11 protocol with :data:`REQUEST_TIMEOUT` (h11 limits the head itself, to
+    16 KiB). Its keep-alive timer closes a connection that sends nothing after an answer, but
+    one byte of a next request stops that timer, and the request could then take forever.
+    Here a request's clock runs from the connection (the first request) or from the first
+    byte of the request (the next ones) until h11 has it in full; the time the server takes
+    to answer does not count."""
+
+    _answered = False  # a request of this connection was answered
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._follow()
+
+    def on_response_complete(self) -> None:
+        self._answered = True
+        super().on_response_complete()  # may take a request pipelined behind this one
+        self._follow()
+
+    def _follow(self) -> None:
+        """Arm the deadline while a request is being received, disarm it otherwise."""
+        state = self.conn.their_state
+        receiving = state is h11.SEND_BODY or (
+            state is h11.IDLE and (bool(self.conn.trailing_data[0]) or not self._answered)
+        )
+        if self.transport.is_closing() or not receiving:
+            self._disarm()  # answering, closing, or idle between requests (keep-alive's)
+        elif self._deadline is None:
             self._arm()
-            return
-        if cycle is None or cycle.response_complete or not cycle.response_started:
-            self._refused = _response(
-                408, "Request Timeout", f"request not received within {self.request_timeout:g} s"
-            )
-        self._close_with(self._refused)
 
 
 def http_protocol(http: str) -> Any:
     """What to give uvicorn for ``--http``: the guarded protocol class for ``httptools`` (and
-    for ``auto`` where httptools is installed), else the name as given (``h11``: uvicorn's own,
-    which limits the head itself)."""
+    for ``auto`` where httptools is installed), else the guarded h11 class."""
     if http == "httptools" or (http == "auto" and importlib.util.find_spec("httptools")):
         return GuardedHttpToolsProtocol
-    return http
+    return GuardedH11Protocol
