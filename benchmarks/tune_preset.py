@@ -77,7 +77,7 @@ def report(out: Path, budget: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--data", type=Path, help="the prepared dataset (not with --summary)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
@@ -89,6 +89,8 @@ def main() -> None:
     if args.summary:
         report(args.out, args.trials)
         return
+    if args.data is None:
+        parser.error("--data is required to run the studies (--summary alone reads OUT)")
     if not (args.data / "meta.json").is_file():
         sys.exit(f"error: {args.data} is not a prepared dataset (no meta.json)")
     args.out.mkdir(parents=True, exist_ok=True)

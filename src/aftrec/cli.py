@@ -248,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     pt.add_argument("--model", help="model name (see `aftrec models`)")
     pt.add_argument("--out", type=path_argument, required=True, help="run directory")
-    pt.add_argument("--config", type=path_argument, help="YAML with model/data/train sections")
+    pt.add_argument(
+        "--config", type=path_argument, help="YAML with model, data, train and runtime sections"
+    )
     pt.add_argument(
         "--set",
         nargs="*",
@@ -279,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="K",
-        help="ALSO NOT full ranking: rank positives among K sampled unclicked items",
+        help=(
+            "NOT full ranking: rank each positive among K sampled unclicked items instead, "
+            "written to metrics_sampledK.json (AUC is exact either way)"
+        ),
     )
     pe.add_argument("--quiet", action="store_true", help="no progress bar")
     pe.set_defaults(func=_evaluate)
@@ -321,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the study's folder: new, empty, or one this command wrote (it continues)",
     )  # fmt: skip
     pu.add_argument("--trials", type=int, required=True, help="the trial budget of the study")
-    pu.add_argument("--seed", type=int, default=0, help="seeds the search and every trial's run")
+    pu.add_argument(
+        "--seed", type=int, default=0, help="seeds the search and every trial's run (default 0)"
+    )
     pu.add_argument(
         "--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
         help="config overrides every trial trains with (not tuned), e.g. train.threads=1",
@@ -346,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument(
         "--out", type=path_argument, help="the demo's folder (default runs/demo/DATASET)"
     )
-    pd.add_argument("--jobs", type=int, default=2, metavar="J", help="runs trained at once")
+    pd.add_argument(
+        "--jobs", type=int, default=2, metavar="J", help="runs trained at once (default 2)"
+    )
     pd.add_argument(
         "--set", nargs="*", action="extend", default=[], metavar="[MODEL:]KEY=VALUE",
         help="config overrides, as for `aftrec reproduce`",

@@ -5,9 +5,11 @@ A run's config has four sections::
     model:   {name: two-tower, dim: 64, ...}   # keys of the model's own config dataclass
     data:    {history_len: 50, n_negatives: 8}
     train:   {epochs: 20, batch_size: 256, lr: 0.001, ...}
-    runtime: {threads: null, device: cpu, eval_batch_size: 1024, tracker: none}  # not the result
+    runtime: {threads: null, device: cpu, eval_batch_size: 1024, tracker: none,
+              checkpoint_minutes: 10}  # how it runs, not what it computes
 
-The runtime keys (``threads``, ``device``, ``eval_batch_size``, ``tracker``) are also accepted
+The runtime keys (``threads``, ``device``, ``eval_batch_size``, ``tracker``,
+``checkpoint_minutes``) are also accepted
 under ``train``, where earlier versions kept them and where ``RUN/config.yaml`` still holds
 them (:func:`dump`).
 

@@ -8,10 +8,13 @@ Zhang and Lin, KDD 2021), Fig. 2 (a):
   inference are untouched;
 * Eq. 2, per-domain average pooling ``f_i`` of the item embeddings;
 * Eq. 3, a Transformer over the n domain features ``f~_i``;
-* Eq. 4, domain-specific attention ``alpha_i = softmax(f~_i . (f_t + d_t))`` and a two-layer MLP
-  giving the user's aggregated preference ``h_t``;
-* Eq. 5, ``p_g(e | u) = sigmoid(h_t . e)``; the fake clicked items are G's top-k items of the
-  target domain, the user's own clicks excluded (section 3.4).
+* Eq. 4, domain-specific attention ``alpha_i = softmax(f~_i . (f_t + d_t) / sqrt(dim))`` (the
+  scale is this project's, docs/aft.md) and a two-layer MLP giving the user's aggregated
+  preference ``h_t``;
+* Eq. 5, ``p_g(e | u) = sigmoid(h_t . e)``; the fake clicked items are items of the target
+  domain, the user's own clicks excluded (section 3.4): k draws from ``softmax(h_t . e / tau)``
+  by default, G's top-k as printed (:class:`~aftrec.models.aft.model.AFTConfig`'s
+  ``fake_sampling``).
 
 Choices where the paper is silent are listed in docs/aft.md.
 """

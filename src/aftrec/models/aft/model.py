@@ -1,25 +1,30 @@
 """AFT: Adversarial Feature Translation for multi-domain recommendation.
 
 "Adversarial Feature Translation for Multi-domain Recommendation" (Hao, Liu, Xie, Ge, Tang,
-Zhang and Lin, KDD 2021). The generator G (:mod:`.generator`, Eqs. 1-5) proposes its top-k
-items of the target domain as fake clicks; the discriminator D (:mod:`.discriminator`,
-Eqs. 6-12) learns to tell real clicks from unclicked and fake ones, and its user vector u_t is
-what the model serves. The losses of section 3.4 live here:
+Zhang and Lin, KDD 2021). The generator G (:mod:`.generator`, Eqs. 1-5) proposes items of the
+target domain as fake clicks (by default k draws from its softmax at temperature
+``g_temperature``; its top-k as printed, ``fake_sampling=topk``); the discriminator D
+(:mod:`.discriminator`, Eqs. 6-12) learns to tell real clicks from unclicked and fake ones,
+and its user vector u_t is what the model serves. The losses of section 3.4 live here:
 
 * Eq. 13, ``L_D``: binary cross-entropy over the positives (label 1), the sampled unclicked
   items of the target domain and G's fakes (label 0);
 * Eq. 14, ``L_G``: REINFORCE on G's fakes with the reward ``Q = p_d`` (no gradient into D);
-* Eq. 15, ``L_MMD``: minus the Gaussian-kernel MMD between the fake and the real clicked items
-  of each (user, target domain), so minimising it pushes the fakes away from the clicks;
+  by default on the log-probability of the policy that drew them (``reinforce``);
+* Eq. 15, ``L_MMD``: by default (``mmd_form=cross``) minus the cross term of the Gaussian-kernel
+  MMD between the fake and the real clicked items of each (user, target domain), so
+  minimising it pushes the fakes away from the clicks; ``mmd_form=full``: minus the whole
+  MMD^2, as printed;
 * Eq. 16, ``L = lambda_D L_D + lambda_G L_G + lambda_M L_MMD``.
 
 The alternating optimisation (two Adam optimisers, warm-up, D:G ratio) is
 :class:`aftrec.training.adversarial.AdversarialStep`, which the training package gives every
 model that declares ``training_step = "adversarial"``.
 
-Registered variants (section 5.2): ``aft`` (D+G), ``aft-d`` (D with random unclicked negatives
-only) and ``aft-hnm`` (D with hard negatives mined from its own ranking, after "Embedding-based
-Retrieval in Facebook Search", Huang et al., KDD 2020). Table 6 ablations are config switches:
+Registered variants (section 5.2): ``aft`` (D+G), ``aft-paper`` (D+G with G trained as
+section 3 prints it), ``aft-d`` (D with random unclicked negatives only) and ``aft-hnm`` (D
+with hard negatives mined from its own ranking, after "Embedding-based Retrieval in Facebook
+Search", Huang et al., KDD 2020). Table 6 ablations are config switches:
 ``negatives=random`` (no generator), ``mask_ratio=0`` (no domain-specific mask),
 ``translation=attention`` (no feature translation), ``lambda_m=0`` (no dissimilarity loss).
 Every choice the paper leaves open is in docs/aft.md.
