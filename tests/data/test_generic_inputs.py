@@ -57,6 +57,20 @@ def test_ids_are_text_as_written(tmp_path: Path, streaming: bool) -> None:
     assert len(got) == 18  # nothing merged, nothing dropped
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+def test_minus_zero_is_not_the_integer_item_0(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, streaming: bool
+) -> None:
+    """A CSV log's item ids meet a Parquet catalogue's integers as integers only when each is
+    written as that integer would be: "-0" would otherwise become item 0."""
+    items = write(pd.DataFrame({"item": range(6), "domain": ["A"] * 3 + ["B"] * 3}),
+                  tmp_path / "items.parquet")  # fmt: skip
+    log = _clicks(["u1", "u2"])
+    log["item"] = log["item"].str.removeprefix("i").replace({"0": "-0"})
+    _refused(capsys, tmp_path, write(log, tmp_path / "log.csv"), items, "'-0'",
+             flags=("--streaming",) if streaming else ())  # fmt: skip
+
+
 def test_presplit_parts_of_other_id_types_meet_as_text(tmp_path: Path) -> None:
     """A CSV train file's integer ids and a Parquet test file's string ids are the same
     users and items: no unknown index written, no traceback."""

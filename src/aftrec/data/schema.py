@@ -102,11 +102,11 @@ def harmonise_ids(a: pd.Series, b: pd.Series) -> tuple[pd.Series, pd.Series]:
 
 def _written_integers(text: pd.Series) -> bool:
     """Whether every value is a str that is an int64 written plainly (no leading zero, sign
-    only for a negative)."""
+    only for a negative: "-0" is not 0, or it would become the same item as "0")."""
     if text.dtype != object or text.isna().any() or len(text) == 0:
         return False
     # 18 digits at most: every such number fits int64
-    return bool(text.astype("string").str.fullmatch(r"-?(0|[1-9][0-9]{0,17})").all())
+    return bool(text.astype("string").str.fullmatch(r"0|-?[1-9][0-9]{0,17}").all())
 
 
 def _numeric(series: pd.Series, column: str, origin: Origin, scope: str = IN_ALL) -> np.ndarray:
