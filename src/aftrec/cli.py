@@ -431,6 +431,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {_out_of_memory(exc)}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # torch's allocator says so in a RuntimeError
+        if _peer_failed(exc):
+            rank = os.environ.get("RANK", "?")
+            print(
+                f"error: rank {rank}: another rank of this torchrun job failed or was stopped "
+                "(its own message says why), so this one stops too",
+                file=sys.stderr,
+            )
+            return 1
         if "can't allocate memory" not in str(exc):
             raise
         print(f"error: {_out_of_memory(exc)}", file=sys.stderr)
@@ -439,6 +447,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if terminate:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 0
+
+
+def _peer_failed(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is a collective of a torchrun rank that failed because a peer left
+    (gloo's "Connection closed by peer", torch's ``DistError``): the peer prints the cause."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return False
+    dist = sys.modules.get("torch.distributed")
+    dist_error = getattr(dist, "DistError", None)
+    if isinstance(dist_error, type) and isinstance(exc, dist_error):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer"))
 
 
 def _stop(signum: int, frame: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -251,12 +252,28 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_batch(
     _resume_on_two_ranks_as(straight, cut)
 
 
-def test_aft_trains_on_two_ranks(tiny_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("schedule", ["", "model.g_every=2", "model.d_every=2"])
+def test_aft_trains_on_two_ranks(tiny_dir: Path, tmp_path: Path, schedule: str) -> None:
+    """Sparse item tables too, when one network trains alone on some batches (DDP's reducer
+    failed on the other network's table, left without a gradient)."""
     out = tmp_path / "aft"
     sets = [*COMMON, "train.epochs=1", "model.g_layers=1", "train.sparse_embeddings=true"]
-    train(tiny_dir, out, "aft", sets, ranks=2)
+    train(tiny_dir, out, "aft", [*sets, *filter(None, [schedule])], ranks=2)
     state = checkpoint.load(out / "best.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_aft_d_on_two_ranks_matches_one_process_batch_norm_included(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """ConvE's batch norm takes the global batch's statistics on two ranks, as one process
+    does over the same global batch: the weights and the running statistics agree."""
+    sets = [*COMMON, "train.epochs=1", "model.dropout=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(tiny_dir, one, "aft-d", sets, ranks=1)
+    train(tiny_dir, two, "aft-d", sets, ranks=2)
+    assert any("running_var" in k for k in weights(two))
+    assert_same_weights(one, two)
 
 
 def test_shards_split_users_and_batches_concatenate(tiny: Dataset, tiny_dir: Path) -> None:
@@ -304,3 +321,112 @@ def test_a_rank_without_its_cuda_device_is_a_config_error_before_nccl(
     with pytest.raises(ConfigError, match=said):
         distributed.init("cuda")
     assert joined == []  # refused before any process group was asked for
+
+
+FAILING_RANK_CLI = """
+import os
+import signal
+import sys
+from aftrec.cli import main
+from aftrec.training import trainer
+
+argv = sys.argv[1:]
+CHANGE
+sys.exit(main(argv))
+"""
+
+
+def _torchrun_script(
+    tmp_path: Path, change: str, args: list[str]
+) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "cli.py"
+    script.write_text(FAILING_RANK_CLI.replace("CHANGE", change))
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(script), *args],
+        capture_output=True, text=True, timeout=600, env=ENV,
+    )  # fmt: skip
+
+
+def _ranks_said(stderr: str) -> list[str]:
+    """The ``error:`` and ``stopped`` lines the ranks wrote (two ranks' lines may run into
+    one another) and the tracebacks torchrun relays from them (``[rankN]: Traceback``); not
+    torchrun's own report."""
+    said = re.findall(r"(?:error: |stopped by ).*?(?=error: |stopped by |$)", stderr, re.M)
+    return said + re.findall(r"\[rank\d+\]: Traceback", stderr)
+
+
+def test_ranks_started_with_other_configs_are_refused_in_one_line(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """A rank given another --set trained other steps, saved as rank 0's, or hung."""
+    change = 'if os.environ["RANK"] == "1":\n    argv += ["--set", "train.lr=0.05"]'
+    args = ["train", "--data", str(tiny_dir), "--model", "two-tower", "--out",
+            str(tmp_path / "run"), "--quiet", "--set", *COMMON]  # fmt: skip
+    done = _torchrun_script(tmp_path, change, args)
+    assert done.returncode != 0
+    said = _ranks_said(done.stderr)
+    refusal = ("error: rank 1 was started with another config than rank 0 (train.lr differ): "
+               "start every rank with the same config and --set")  # fmt: skip
+    assert said == [refusal] * 2, said
+
+
+def test_a_rank_that_dies_leaves_the_others_one_line(tiny_dir: Path, tmp_path: Path) -> None:
+    """The surviving rank's collective fails on the closed connection: one line, not gloo's
+    traceback."""
+    change = (
+        "step = trainer.make_step\n"
+        "def dying(*a, **kw):\n"
+        "    inner = step(*a, **kw)\n"
+        "    def call(batch):\n"
+        '        if os.environ["RANK"] == "1":\n'
+        "            os._exit(3)\n"
+        "        return inner(batch)\n"
+        "    call.state_dict, call.load_state_dict = inner.state_dict, inner.load_state_dict\n"
+        "    return call\n"
+        "trainer.make_step = dying"
+    )
+    args = ["train", "--data", str(tiny_dir), "--model", "two-tower", "--out",
+            str(tmp_path / "run"), "--quiet", "--set", *COMMON]  # fmt: skip
+    done = _torchrun_script(tmp_path, change, args)
+    assert done.returncode != 0
+    assert _ranks_said(done.stderr) == [
+        "error: rank 0: another rank of this torchrun job failed or was stopped (its own "
+        "message says why), so this one stops too"
+    ], done.stderr[-3000:]
+    assert "pair.cc" not in done.stderr
+
+
+def test_a_signal_during_the_last_validation_completes_every_rank(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """SIGTERM to rank 0 while it validates the last epoch: the run is complete, and every
+    rank says so (the others waited at a barrier rank 0 never reached, and failed)."""
+    change = (
+        "validate = trainer._validate\n"
+        "def signalled(*a, **kw):\n"
+        '    if a[3] == 2 and os.environ["RANK"] == "0":\n'
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return validate(*a, **kw)\n"
+        "trainer._validate = signalled"
+    )
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tiny_dir), "--model", "two-tower", "--out", str(out),
+            "--quiet", "--set", *COMMON]  # fmt: skip
+    done = _torchrun_script(tmp_path, change, args)
+    said = _ranks_said(done.stderr)
+    assert said == [f"stopped by SIGTERM after its last epoch: {out} is complete"] * 2, done.stderr[
+        -3000:
+    ]
+
+
+def test_a_table_used_densely_is_one_line_on_two_ranks(tiny_dir: Path, tmp_path: Path) -> None:
+    """DDP's reducer finds it in the backward pass, before the optimiser that says so."""
+    args = ["train", "--data", str(tiny_dir), "--model", "atrank", "--out",
+            str(tmp_path / "run"), "--quiet", "--set", *COMMON,
+            "train.sparse_embeddings=true"]  # fmt: skip
+    done = _torchrun_script(tmp_path, "", args)
+    said = _ranks_said(done.stderr)
+    assert len(said) == 2 and all("uses an embedding table densely" in s for s in said), (
+        done.stderr[-3000:]
+    )

@@ -28,7 +28,7 @@ import torch
 from aftrec.config import TrainConfig
 from aftrec.data.loader import Batch
 from aftrec.training.distributed import SINGLE, Context, loss_forward
-from aftrec.training.optim import MixedAdam, adam
+from aftrec.training.optim import MixedAdam, adam, backward
 from aftrec.training.precision import precision_context
 
 if TYPE_CHECKING:
@@ -40,6 +40,12 @@ class AdversarialStep:
         mc = model.cfg
         self.model = model
         self.forward = loss_forward(model, "losses", ctx)  # DDP across ranks
+        # a step that trains one network alone reduces that network's gradients only: DDP's
+        # reducer refuses a sparse table left without a gradient (the other network's)
+        self.forward_d, self.forward_g = self.forward, self.forward
+        if ctx.distributed and model.generator is not None:
+            self.forward_d = loss_forward(model, "losses", ctx, owner=model.discriminator)
+            self.forward_g = loss_forward(model, "losses", ctx, owner=model.generator)
         self.d_every, self.g_every, self.warmup = mc.d_every, mc.g_every, mc.warmup_steps
         d_lr = cfg.lr if mc.d_lr is None else mc.d_lr
         self.d_opt = adam(model.discriminator, d_lr, cfg.weight_decay)
@@ -56,12 +62,17 @@ class AdversarialStep:
         train_g = self.g_opt is not None and (warmup or self.batches % self.g_every == 0)
         self.model.train()
         with precision_context(self.precision, self.model):
-            losses = self.forward(batch, train_d=train_d, train_g=train_g, warmup=warmup)
+            forward = (
+                self.forward
+                if train_d == train_g
+                else (self.forward_d if train_d else self.forward_g)
+            )
+            losses = forward(batch, train_d=train_d, train_g=train_g, warmup=warmup)
         self.d_opt.zero_grad(set_to_none=True)
         if self.g_opt is not None:
             self.g_opt.zero_grad(set_to_none=True)
         if train_d or train_g:
-            losses["loss"].backward()
+            backward(losses["loss"])
         if train_d:
             self.d_opt.step()
         if train_g and self.g_opt is not None:

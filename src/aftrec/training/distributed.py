@@ -152,23 +152,42 @@ class LossForward(torch.nn.Module):
 
     DDP all-reduces gradients from hooks it arms in ``forward``; the models compute their
     losses in ``loss`` / ``losses``, so the step calls this wrapper (itself wrapped by DDP
-    when distributed) instead of the method.
+    when distributed) instead of the method. ``owner``: the module whose parameters DDP
+    reduces (the model's, by default); ``sync``: batch norm's statistics over the global
+    batch (:func:`~aftrec.models.layers.synced_batch_statistics`).
     """
 
-    def __init__(self, model: torch.nn.Module, method: str) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        method: str,
+        owner: torch.nn.Module | None = None,
+        sync: bool = False,
+    ) -> None:
         super().__init__()
-        self.model = model
-        self.method = method
+        self.owner = model if owner is None else owner  # registered: DDP sees its parameters
+        self.loss = getattr(model, method)  # a bound method: the model is not registered twice
+        self.sync = sync
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.model, self.method)(*args, **kwargs)
+        if not self.sync:
+            return self.loss(*args, **kwargs)
+        from aftrec.models.layers import synced_batch_statistics
+
+        with synced_batch_statistics():
+            return self.loss(*args, **kwargs)
 
 
-def loss_forward(model: torch.nn.Module, method: str, ctx: Context) -> torch.nn.Module:
+def loss_forward(
+    model: torch.nn.Module, method: str, ctx: Context, owner: torch.nn.Module | None = None
+) -> torch.nn.Module:
     """The module a step calls to get ``model.<method>(...)``: plain in one process, under
-    DistributedDataParallel across ranks (parameters a step leaves unused, as AFT's warm-up
-    and D:G schedule do, are allowed)."""
-    module = LossForward(model, method)
+    DistributedDataParallel across ranks, with batch norm over the global batch. DDP reduces
+    the gradients of ``owner``'s parameters (the model's by default); parameters a step
+    leaves unused, as AFT's warm-up does, are allowed, except sparse ones (an unused sparse
+    table is an error of DDP's reducer): a step that trains only part of a model gives that
+    part as ``owner``."""
+    module = LossForward(model, method, owner, sync=ctx.distributed)
     if not ctx.distributed:
         return module
     from torch.nn.parallel import DistributedDataParallel

@@ -20,6 +20,22 @@ from torch import nn
 
 from aftrec.errors import ConfigError
 
+DENSE_USE = (
+    "train.sparse_embeddings: this model uses an embedding table densely (e.g. a full softmax "
+    "over the items); train it without sparse embeddings"
+)
+
+
+def backward(loss: torch.Tensor) -> None:
+    """``loss.backward()``; under DDP, whose reducer finds a table used densely before the
+    optimiser does (:class:`MixedAdam`), that is the same one-line :data:`DENSE_USE`."""
+    try:
+        loss.backward()
+    except RuntimeError as exc:
+        if "to have sparse gradient" not in str(exc):
+            raise
+        raise ConfigError(DENSE_USE) from exc
+
 
 def use_sparse_embeddings(model: nn.Module, min_rows: int) -> None:
     """Switch the embedding tables of ``model`` with at least ``min_rows`` rows to sparse
@@ -54,10 +70,7 @@ class MixedAdam:
         except RuntimeError as exc:
             if "dense" not in str(exc):
                 raise
-            raise ConfigError(
-                "train.sparse_embeddings: this model uses an embedding table densely "
-                "(e.g. a full softmax over the items); train it without sparse embeddings"
-            ) from exc
+            raise ConfigError(DENSE_USE) from exc
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -22,7 +22,7 @@ from aftrec.errors import ConfigError
 from aftrec.models.base import RetrievalModel
 from aftrec.training.adversarial import AdversarialStep
 from aftrec.training.distributed import SINGLE, Context, loss_forward
-from aftrec.training.optim import adam
+from aftrec.training.optim import adam, backward
 from aftrec.training.precision import precision_context
 
 
@@ -46,7 +46,7 @@ class SupervisedStep:
         with precision_context(self.precision, self.model):
             losses = self.forward(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        backward(losses["loss"])
         self.optimizer.step()
         return {k: float(v.detach()) for k, v in losses.items()}
 

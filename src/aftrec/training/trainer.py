@@ -124,6 +124,7 @@ def _train(
 ) -> TrainResult:
     progress = progress and ctx.main
     cfg, state = _config_and_state(cfg, out, resume, resume_set, ctx)
+    _check_same_config(cfg, ctx)
     if ctx.main:  # a tracker's missing package stops the run before it writes anything
         tracking.check(cfg.runtime.tracker)
     metric, metric_n = cfg.train.valid_metric_n()
@@ -270,12 +271,34 @@ def _train(
         seconds = time.perf_counter() - started
         best_epoch, best = ctx.broadcast((stopper.best_epoch, stopper.best))
         peaks = [round(p, 1) for p in ctx.gather(peak_rss_mib())]
-        if request.pending():  # came during the last validation: the run is complete
+        if ctx.any((request.pending(),))[0]:  # during the last validation: the run is complete
             request.stop(out, "after its last epoch", complete=True)
     return TrainResult(
         out, best_epoch, best, epoch, seconds, examples / max(train_seconds, 1e-9),
         stopped_early, peaks,
     )  # fmt: skip
+
+
+def _check_same_config(cfg: RunConfig, ctx: Context) -> None:
+    """Every rank trains what rank 0 trains: a rank started with another config (another
+    node's file, another ``--set``) would take other steps, saved as if they were the same,
+    or wait forever in collectives that do not match. The runtime keys may differ."""
+    if not ctx.distributed:
+        return
+    mine = {k: v for k, v in cfg.to_dict().items() if k != "runtime"}
+    theirs = ctx.broadcast(mine)
+    differ = [
+        f"{section}.{key}"
+        for section, values in mine.items()
+        for key in sorted(set(values) | set(theirs.get(section, {})))
+        if values.get(key) != theirs.get(section, {}).get(key)
+    ]
+    for rank, keys in enumerate(ctx.gather(differ)):
+        if keys:
+            raise ConfigError(
+                f"rank {rank} was started with another config than rank 0 ({', '.join(keys)} "
+                "differ): start every rank with the same config and --set"
+            )
 
 
 def _config_and_state(

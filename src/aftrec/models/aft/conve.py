@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aftrec.models.layers import batch_statistics_synced, batch_sum
+
 
 def interleave_rows(head: torch.Tensor, rel: torch.Tensor, rows: int) -> torch.Tensor:
     """(B, rows*cols) head and relation -> (B, 1, 2*rows, cols) image, rows alternating."""
@@ -87,16 +89,22 @@ class ConvE(nn.Module):
         conv, proj, bn = self.conv, self.proj, self.bn_conv
         channels, k = conv.out_channels, conv.kernel_size[0]
         hw = height * width
-        x = self.bn_in(image)[:, 0]  # (B, H, W)
+        x = self._normalise_image(image)  # (B, H, W)
         pad = F.pad(x, (k // 2, k // 2, k // 2, k // 2))  # (B, H + k - 1, W + k - 1)
         shifted = [pad[:, i : i + height, j : j + width] for i in range(k) for j in range(k)]
         patches = torch.stack(shifted, dim=1).view(b, k * k, hw)  # (B, k^2, HW): P_b
         weight, bias = conv.weight.view(channels, k * k), conv.bias  # (C, k^2), (C,)
         assert bias is not None, "ConvE's filter has a bias"
         if bn.training or bn.running_mean is None or bn.running_var is None:
-            n = b * hw
-            mu = patches.sum((0, 2)) / n  # (k^2,)
-            second = torch.bmm(patches, patches.mT).sum(0) / n  # (k^2, k^2)
+            n = float(b * hw)
+            sum_p = patches.sum((0, 2))  # (k^2,)
+            sum_pp = torch.bmm(patches, patches.mT).sum(0)  # (k^2, k^2)
+            if batch_statistics_synced():  # over the global batch of a data-parallel step
+                sums = batch_sum(torch.cat([sum_p, sum_pp.flatten()]))
+                sum_p, sum_pp = sums[: k * k], sums[k * k :].view(k * k, k * k)
+                n = _global_count(n, patches.device)
+            mu = sum_p / n  # (k^2,)
+            second = sum_pp / n  # (k^2, k^2)
             cov = second - mu[:, None] * mu[None, :]  # S
             mean = weight @ mu + bias  # (C,)  m_c
             var = ((weight @ cov) * weight).sum(1).clamp(min=0.0)  # (C,)  w_c^T S w_c
@@ -121,13 +129,38 @@ class ConvE(nn.Module):
         y = F.relu_(y)  # baddbmm keeps no output for its backward: in place is safe
         return proj(y.view(b, channels * hw))  # (B, out_dim): Flatten W_c
 
-    @torch.no_grad()
+    def _normalise_image(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) -> (B, H, W): ``bn_in``; in a data-parallel step, with the statistics
+        of the global batch (:func:`~aftrec.models.layers.batch_sum`), as one process
+        computes them over it."""
+        bn = self.bn_in
+        if not (bn.training and batch_statistics_synced()):
+            return bn(image)[:, 0]
+        sums = batch_sum(torch.stack([image.sum(), (image * image).sum()]))
+        n = _global_count(float(image.numel()), image.device)
+        mean = sums[0] / n
+        var = (sums[1] / n - mean * mean).clamp(min=0.0)
+        _update_running(bn, mean.detach().view(1), var.detach().view(1) * n / max(n - 1, 1))
+        y = (image - mean) * torch.rsqrt(var + bn.eps)
+        if bn.weight is not None and bn.bias is not None:
+            y = y * bn.weight + bn.bias
+        return y[:, 0]
+
     def _update_running(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
-        """``BatchNorm2d``'s update of its running statistics from one training batch."""
-        bn = self.bn_conv
-        assert bn.running_mean is not None and bn.running_var is not None
-        assert bn.num_batches_tracked is not None
-        bn.num_batches_tracked.add_(1)
-        m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        bn.running_mean.mul_(1 - m).add_(mean, alpha=m)
-        bn.running_var.mul_(1 - m).add_(unbiased_var, alpha=m)
+        _update_running(self.bn_conv, mean, unbiased_var)
+
+
+def _global_count(n: float, device: torch.device) -> float:
+    """``n`` summed over the ranks of a data-parallel step (in float64: exact)."""
+    return float(batch_sum(torch.tensor([n], dtype=torch.float64, device=device)).item())
+
+
+@torch.no_grad()
+def _update_running(bn: nn.BatchNorm2d, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+    """``BatchNorm2d``'s update of its running statistics from one training batch."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    assert bn.num_batches_tracked is not None
+    bn.num_batches_tracked.add_(1)
+    m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    bn.running_mean.mul_(1 - m).add_(mean, alpha=m)
+    bn.running_var.mul_(1 - m).add_(unbiased_var, alpha=m)
