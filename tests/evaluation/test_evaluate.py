@@ -267,3 +267,19 @@ def test_sampled_metrics_rank_an_item_scored_minus_inf_among_the_candidates(
         res = ev.evaluate(TableScorer(t, tiny), "test", (50,), sampled_negatives=5, progress=False)
         got[low] = res.average["sampled_recall@50"]
     assert got[-np.inf] == got[-1e30] == pytest.approx(1.0)  # 5 negatives + positives < 50
+
+
+def test_ties_rank_by_position_at_the_cut_too() -> None:
+    """``torch.topk`` leaves tied scores in an order of its own, which changed with k and n;
+    the ranking takes the lower position first, as the serving indexes do."""
+    from aftrec.evaluation.ranking import top_k
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        n = int(rng.integers(1, 2000))
+        scores = rng.integers(0, 6, (3, n)).astype(np.float32)
+        scores[0, rng.integers(0, n)] = -np.inf
+        want = np.lexsort((np.arange(n)[None].repeat(3, 0), -scores), axis=1)
+        for k in sorted({1, min(10, n), min(200, n), n}):
+            got = top_k(torch.from_numpy(scores), k).numpy()
+            np.testing.assert_array_equal(got, want[:, :k])

@@ -30,7 +30,8 @@ def trained_run(root: Path, data_dir: Path, model: str = "two-tower") -> Path:
     key = f"run:{model}"
     if key not in _CACHE:
         out = root / f"run-{model}"
-        train(data_dir, resolve(model, None, FAST), out, progress=False)
+        sets = FAST if model != "pop" else [s for s in FAST if not s.startswith("model.")]
+        train(data_dir, resolve(model, None, sets), out, progress=False)
         _CACHE[key] = out
     return _CACHE[key]
 

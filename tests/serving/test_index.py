@@ -57,6 +57,39 @@ def test_faiss_flat_equals_exact() -> None:
     torch.testing.assert_close(torch.from_numpy(scores), torch.from_numpy(want_scores))
 
 
+def test_ties_are_settled_by_position_as_in_the_evaluator() -> None:
+    """Tied scores (popularity, EASE's never-clicked items, equal vectors) are ordered by
+    position, at the cut too, by the exact and the flat index alike: FAISS's heap left them
+    in another order, so a bundle's top n differed from `aftrec recommend`'s as a set."""
+    rng = np.random.default_rng(4)
+    levels = rng.integers(0, 6, 400).astype(np.float32)  # 6 distinct scores over 400 items
+    x = np.stack([levels, np.zeros_like(levels)], axis=1)
+    q = np.array([[1.0, 0.0], [2.0, 5.0]], np.float32)
+    want = torch.topk(torch.from_numpy(q @ x.T), 400, dim=1, sorted=True)
+    # the order torch.topk gives, made explicit: by score, then by position
+    order = np.lexsort((np.arange(400)[None].repeat(2, 0), -(q @ x.T)), axis=1)
+    np.testing.assert_array_equal(np.sort(want.values.numpy(), 1)[:, ::-1], (q @ x.T)[
+        np.arange(2)[:, None], order])  # fmt: skip
+    flat = build_index(x, IndexSpec(kind="flat")).index
+    for k in (1, 10, 67, 200, 399, 400):
+        for index in (ExactIndex(x), flat):
+            scores, pos = index.search(q, k)
+            np.testing.assert_array_equal(pos, order[:, :k], err_msg=f"{index.kind} k={k}")
+            np.testing.assert_array_equal(scores, (q @ x.T)[np.arange(2)[:, None], order[:, :k]])
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_an_approximate_index_never_returns_a_short_list(kind: str) -> None:
+    """IVF cells (or an HNSW walk) holding fewer than k items left the list short, though
+    the domain had k items: those rows are answered exactly."""
+    x, q = clustered(2000, 16, seed=5)
+    built = build_index(x, IndexSpec(kind=kind, search_param=1, nlist=64))
+    for k in (500, 1999, 2000):
+        scores, pos = built.index.search(q[:20], k)
+        assert (pos >= 0).all() and np.isfinite(scores).all(), k
+        assert all(len(set(row)) == k for row in pos.tolist())
+
+
 def test_ivf_recall_against_exact_reaches_the_target() -> None:
     x, q = clustered(20_000, 32, seed=2)
     tune, held_out = q[:50], q[50:]

@@ -29,7 +29,7 @@ from aftrec.data.dataset import Dataset
 from aftrec.data.histories import HistoryIndex
 from aftrec.errors import DataError
 from aftrec.evaluation.metrics import auc, ndcg_at_n, recall_at_n
-from aftrec.evaluation.ranking import dense_mask, rank_domain
+from aftrec.evaluation.ranking import dense_mask, rank_domain, top_k
 from aftrec.models.base import RetrievalModel
 from aftrec.outputs import atomic_write_text
 
@@ -246,5 +246,5 @@ def _sampled_hits(
     cand &= target | never
     # -inf marks the items outside the candidates only (as in rank_domain)
     lifted = scores.clamp(min=torch.finfo(scores.dtype).min).masked_fill(~cand, float("-inf"))
-    top = torch.topk(lifted, min(k, scores.shape[1]), dim=1).indices
+    top = top_k(lifted, min(k, scores.shape[1]))
     return target.gather(1, top) & cand.gather(1, top)

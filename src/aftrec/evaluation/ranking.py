@@ -2,9 +2,9 @@
 
 For a batch of users the model scores every item of the target domain, the items the user
 already clicked in the behaviours it may see are masked out, and the top ``k`` are taken with
-one ``torch.topk``. A NaN score is refused (a diverged model); an infinite one ranks as such.
-Batches are sized so that a (users x items) score matrix stays within a fixed number of
-elements, whatever the catalogue size.
+one ``torch.topk``, ties by position (:func:`top_k`). A NaN score is refused (a diverged
+model); an infinite one ranks as such. Batches are sized so that a (users x items) score
+matrix stays within a fixed number of elements, whatever the catalogue size.
 """
 
 from __future__ import annotations
@@ -23,6 +23,31 @@ from aftrec.errors import TrainingError
 from aftrec.models.base import RetrievalModel
 
 MAX_SCORE_ELEMENTS = 1 << 24  # ~16M scores per batch (64 MB in float32)
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, n) -> (B, k) positions of the ``k`` best scores, best first, ties by the lower
+    position, at the cut too: a defined order (``torch.topk`` leaves tied scores in an order
+    of its own, which changes with ``k`` and ``n``), which the serving indexes follow
+    (:func:`aftrec.serving.index.exact_top_k`), so that a tie decides alike in evaluation,
+    ``aftrec recommend`` and a bundle. One ``topk``, then two passes over the rows whose
+    ties reach past the cut (popularity's equal counts, say)."""
+    values, idx = torch.topk(scores, k, dim=1)
+    if k == 0:
+        return idx
+    kth = values[:, -1:]  # (B, 1)
+    tied = scores == kth  # (B, n)
+    room = k - (scores > kth).sum(1, keepdim=True)  # tied items that fit
+    cut = tied.sum(1, keepdim=True) > room  # (B, 1) some tied item is left out
+    if bool(cut.any()):
+        rows = cut[:, 0]
+        keep = (scores[rows] > kth[rows]) | (tied[rows] & (tied[rows].cumsum(1) <= room[rows]))
+        idx = idx.clone()
+        idx[rows] = keep.nonzero()[:, 1].view(-1, k)  # ascending positions
+    # by score, ties by position: sort by position, then stably by score
+    idx = idx.sort(dim=1).values
+    order = scores.gather(1, idx).sort(dim=1, descending=True, stable=True).indices
+    return idx.gather(1, order)
 
 
 @dataclass
@@ -86,5 +111,5 @@ def rank_domain(
             # above them (it is lifted to the lowest finite score for the ranking alone)
             lowest = torch.finfo(scores.dtype).min
             ranked = scores.clamp(min=lowest).masked_fill(seen, float("-inf"))
-            top_items = torch.topk(ranked, k, dim=1).indices
+            top_items = top_k(ranked, k)
             yield RankedBatch(u, scores, seen, top_items, scores.gather(1, top_items))

@@ -24,6 +24,7 @@ user vectors: the smallest value whose recall@200 against :class:`ExactIndex` re
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -73,26 +74,48 @@ class ExactIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32)  # (B, dim)
-        n = self.size
-        kk = min(k, n)
-        scores = q @ self.vectors.T  # (B, n)
-        if kk < n:
-            part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]  # (B, kk) unordered
-        else:
-            part = np.broadcast_to(np.arange(n), (len(q), n))
-        part_scores = np.take_along_axis(scores, part, axis=1)
-        order = np.lexsort((part, -part_scores), axis=1)  # by score, ties by position
-        pos = np.take_along_axis(part, order, axis=1).astype(np.int64)
-        top = np.take_along_axis(part_scores, order, axis=1).astype(np.float32)
+        top, pos = exact_top_k(q @ self.vectors.T, min(k, self.size))
         return _pad(top, pos, k)
 
 
+def exact_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, n) scores -> their top ``k`` (B, k) scores and positions, best first, ties by the
+    lower position, at the cut too: of the items tied with the k-th score, the lowest
+    positions are in (the order of ``torch.topk`` in the evaluator, and of a sort)."""
+    b, n = scores.shape
+    if k <= 0 or n == 0:
+        return np.zeros((b, 0), np.float32), np.zeros((b, 0), np.int64)
+    kth = np.partition(scores, n - k, axis=1)[:, n - k : n - k + 1]  # (B, 1) the k-th best
+    above = scores > kth
+    tied = scores == kth
+    room = k - above.sum(axis=1, keepdims=True)  # tied items that fit, lowest positions first
+    chosen = above | (tied & (np.cumsum(tied, axis=1) <= room))
+    part = np.nonzero(chosen)[1].reshape(b, k)  # (B, k) positions, ascending
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -part_scores), axis=1)  # by score, ties by position
+    pos = np.take_along_axis(part, order, axis=1).astype(np.int64)
+    return np.take_along_axis(part_scores, order, axis=1).astype(np.float32), pos
+
+
+#: extra results a flat search asks for, to see past the items tied with the k-th score
+TIE_MARGIN = 8
+
+
 class FaissIndex:
-    """A FAISS inner-product index whose ids are the positions inside the domain."""
+    """A FAISS inner-product index whose ids are the positions inside the domain.
+
+    What it returns is what :class:`ExactIndex` returns for a flat index, ties included
+    (FAISS orders tied scores as its heap leaves them; the items tied at the cut are then
+    settled by position, from a search ``TIE_MARGIN`` deeper or, past that, exactly). An
+    approximate index that returns fewer than ``k`` items (IVF cells or an HNSW walk holding
+    fewer, as for a ``k`` near the domain's size) is answered exactly for those rows, so a
+    list is never shorter than the domain allows."""
 
     def __init__(self, index: Any, kind: str) -> None:
         self.index = index
         self.kind = kind
+        self._vectors: np.ndarray | None = None
+        self._lock = threading.Lock()
 
     @property
     def size(self) -> int:
@@ -100,10 +123,35 @@ class FaissIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        kk = min(k, self.size)
-        scores, pos = self.index.search(q, kk)  # (B, kk); FAISS pads with -1 itself
+        n, kk = self.size, min(k, self.size)
+        if kk == 0:
+            return _pad(np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64), k)
+        deeper = min(kk + TIE_MARGIN, n) if self.kind == "flat" else kk
+        scores, pos = self.index.search(q, deeper)  # (B, deeper); FAISS pads with -1 itself
         scores = np.where(pos < 0, -np.inf, scores).astype(np.float32)
-        return _pad(scores, pos.astype(np.int64), k)
+        pos = pos.astype(np.int64)
+        if self.kind == "flat":
+            # ties beyond the deeper search's last item: those rows exactly
+            redo = (scores[:, -1] == scores[:, kk - 1]) if deeper < n else np.zeros(len(q), bool)
+            order = np.lexsort((pos, -scores), axis=1)[:, :kk]  # by score, ties by position
+            scores = np.take_along_axis(scores, order, axis=1)
+            pos = np.take_along_axis(pos, order, axis=1)
+        else:
+            redo = pos[:, kk - 1] < 0  # fewer than kk came back
+        if redo.any():
+            exact_scores, exact_pos = exact_top_k(q[redo] @ self.vectors().T, kk)
+            scores, pos = scores.copy(), pos.copy()
+            scores[redo], pos[redo] = exact_scores, exact_pos
+        return _pad(scores, pos, k)
+
+    def vectors(self) -> np.ndarray:
+        """(n, dim) the indexed vectors, read back from the index once, when first needed."""
+        with self._lock:
+            if self._vectors is None:
+                if self.kind == "ivf":  # an IVF index reads vectors back through its id map
+                    faiss_module().extract_index_ivf(self.index).make_direct_map()
+                self._vectors = np.asarray(self.index.reconstruct_n(0, self.size), np.float32)
+            return self._vectors
 
     def set_search_param(self, value: int) -> None:
         """``nprobe`` of an IVF index, ``efSearch`` of an HNSW one; no-op for flat."""

@@ -21,7 +21,7 @@ Per target domain the response says which path served it:
 With ``exclude_seen`` the user's behaviours in the target domain (all of them, not only the
 last L the encoder reads) are left out, as in evaluation. The index is asked for ``n`` plus
 that many items and the seen ones are filtered out, so exact indexes return exactly the
-evaluator's top ``n``.
+evaluator's top ``n``, ties by position included (:func:`aftrec.serving.index.exact_top_k`).
 
 ``trial=True`` answers the recommendation-trial channel of section 5.5.3: the generator's top
 items that the main (discriminator's) top-``n`` list does not contain and that the user has not
