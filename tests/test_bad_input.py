@@ -725,14 +725,16 @@ def test_recommend_bad_selection(
 
 
 def test_recommend_bad_suffix(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, trained: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, run_copy: Path
 ) -> None:
+    """Said before the checkpoint is read (a damaged one too) and anything is ranked."""
     out = tmp_path / "recs.txt"
+    (run_copy / "best.pt").write_bytes(b"damaged")
     fails_cleanly(
         capsys,
-        ["recommend", "--run", str(trained), "--out", str(out), "--n", "3"],
+        ["recommend", "--run", str(run_copy), "--out", str(out), "--n", "3"],
         f"{out}: output must end in .csv or .parquet",
-        roots=(tmp_path, trained),
+        roots=(tmp_path,),
     )
 
 

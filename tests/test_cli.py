@@ -540,6 +540,39 @@ def test_no_file_output_replaces_one_inside_a_bundle_study_or_run(
         mine.unlink()
 
 
+def test_no_new_file_goes_where_a_dataset_or_a_run_would_take_it_for_its_own(
+    pipeline: Pipeline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new ``DATA/train/part-00000.parquet`` became a part of the dataset (and changed its
+    fingerprint, so every run on it was refused); a new ``RUN/per_user_valid.parquet`` or
+    ``RUN/tensorboard/x.csv`` is a name the run writes itself."""
+    for out in (pipeline.data / "train" / "part-00000.parquet",
+                pipeline.two_tower / "per_user_valid.parquet",
+                pipeline.two_tower / "tensorboard" / "x.csv"):  # fmt: skip
+        assert not out.exists()
+        argv = ["recommend", "--run", str(pipeline.two_tower), "--n", "5", "--out", str(out)]
+        assert main(argv) == 2
+        assert "or would be taken for one" in capsys.readouterr().err
+        assert not out.exists()
+    assert not (pipeline.data / "train").exists()
+
+
+def test_export_force_keeps_files_put_into_a_bundles_folders(
+    pipeline: Pipeline, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``--force`` replaces a bundle; a file someone put into its ``ids/`` or ``index/``
+    (not only its top level) is not the bundle's, and was deleted with it."""
+    bundle = tmp_path / "bundle"
+    argv = ["export", "--run", str(pipeline.two_tower), "--out", str(bundle)]
+    assert main(argv) == 0
+    notes = bundle / "index" / "NOTES.txt"
+    notes.write_text("mine")
+    assert main([*argv, "--force"]) == 2
+    assert "index/NOTES.txt" in capsys.readouterr().err and notes.read_text() == "mine"
+    notes.unlink()
+    assert main([*argv, "--force"]) == 0
+
+
 def test_sigterm_ends_a_command_through_its_cleanup(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

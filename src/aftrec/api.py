@@ -510,15 +510,16 @@ def recommend(
     """``aftrec recommend``: the top ``n`` of a run's best checkpoint per (user, domain) with
     columns user, domain, item, rank, score (original ids); ``users`` default every test
     user, ``domains`` each user's test domains. Written to ``out`` (CSV or Parquet) if given."""
+    from aftrec.evaluation.topn_table import check_table_path, write_table
     from aftrec.evaluation.topn_table import recommend as top_n
-    from aftrec.evaluation.topn_table import write_table
 
     n = _count("--n", n)
     chosen_users, chosen_domains = _ids("--users", users), _ids("--domains", domains)
-    if out is not None:  # before the ranking, which can take long
+    if out is not None:  # before the checkpoint is read and the ranking, which can take long
         out = _path("out", out)
         check_writable(out)
         check_not_owned(out)
+        check_table_path(out)
     cfg, data, model = _load(run, "best")
     frame = top_n(
         model, data, cfg.data.history_len, n, users=chosen_users, domains=chosen_domains,

@@ -59,7 +59,11 @@ def output_error(out: Path, exc: OSError) -> OutputError:
 
 
 def check_replaceable(
-    out: Path, marker: str, kind: str, writes: Collection[str] | None = None
+    out: Path,
+    marker: str,
+    kind: str,
+    writes: Collection[str] | None = None,
+    listed: Collection[str] | None = None,
 ) -> None:
     """With ``--force``, an existing ``out`` is replaced, that is deleted: allow it only for
     a ``kind`` (a folder holding ``marker``, e.g. a bundle's ``manifest.json``) or an empty
@@ -67,7 +71,9 @@ def check_replaceable(
     refused with :class:`OutputError`: ``aftrec export --run runs/tt --out runs --force``
     would otherwise delete every run, the exported one included. ``writes``: the names a
     ``kind`` holds; a ``kind`` holding anything else (a study or recommendations someone
-    wrote into it) is refused too, as deleting it would lose that."""
+    wrote into it) is refused too, as deleting it would lose that; ``listed``: every file of
+    such a ``kind`` (relative paths, from its manifest), so that one put into its subfolders
+    is refused as well."""
     out = Path(out)
     if not (out.exists() or out.is_symlink()):
         return
@@ -76,6 +82,13 @@ def check_replaceable(
         foreign = sorted(
             p.name for p in out.iterdir() if writes is not None and p.name not in writes
         )
+        if listed is not None and not foreign:
+            known = {*listed, *(writes or ())}
+            foreign = sorted(
+                str(p.relative_to(out))
+                for p in out.rglob("*")
+                if not p.is_dir() and str(p.relative_to(out)) not in known
+            )
         if foreign:
             raise OutputError(
                 f"{out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
@@ -91,27 +104,32 @@ def check_replaceable(
     )
 
 
-#: folders aftrec writes and reads back, by the file that marks them: their kind, the files
-#: in them that a file output must not replace (name patterns; None: every file of such a
-#: folder, at any depth) and their own subfolders, every file of which is theirs
-OWNED: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...]]] = {
-    "meta.json": ("prepared dataset", None, ()),
-    "manifest.json": ("bundle", None, ()),
+#: folders aftrec writes and reads back, by the file that marks them: their kind, the names
+#: of the files it writes at its top level (patterns), its own subfolders (every file in them,
+#: present or to come, is the kind's), and whether every file already in it, at any depth, is
+#: the kind's (a dataset's and a bundle's are; a run and a study hold their users' files too)
+OWNED: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], bool]] = {
+    "meta.json": ("prepared dataset",
+                  ("meta.json", "items.parquet", "users.parquet", "train.parquet",
+                   "valid.parquet", "test.parquet"),
+                  ("users", "train", "valid", "test"), True),
+    "manifest.json": ("bundle", ("manifest.json", "manifest.sha256"),
+                      ("encoder", "items", "index", "ids", "history", "popularity"), True),
     "run.json": ("run", ("config.yaml", "run.json", "last.pt", "best.pt", "log.jsonl",
                          "metrics*.json", "per_user*.parquet", "reproduce.json"),
-                 ("tensorboard", "mlruns")),
+                 ("tensorboard", "mlruns"), False),
     "study.db": ("tuning study", ("study.db", "best.json", "trials.csv", "trials.png"),
-                 ("trials",)),
+                 ("trials",), False),
 }  # fmt: skip
 
 
 def check_not_owned(out: Path) -> None:
     """Refuse a file output that would replace a file of a prepared dataset, a bundle or a run
-    (:data:`OWNED`): ``aftrec recommend --out data/ml-100k/train.parquet`` replaced the
-    dataset's training part with the recommendations. New files beside them are allowed."""
+    (:data:`OWNED`), or be taken for one: ``aftrec recommend --out data/ml-100k/train.parquet``
+    replaced the dataset's training part with the recommendations, and a new
+    ``data/ml-100k/train/part-00000.parquet`` became a part of the dataset. Other new files
+    beside them are allowed."""
     out = Path(out)
-    if not out.exists():
-        return
     # the nearest folder above that aftrec marks decides: its own files, or anything in its
     # own subfolders (a bundle's ids/, a partitioned dataset's train/, a run's tensorboard/)
     where = out.absolute()
@@ -120,15 +138,15 @@ def check_not_owned(out: Path) -> None:
         if not marks:
             continue
         inside = where.relative_to(folder).parts
-        for kind, files, subfolders in marks:
+        for kind, files, subfolders, every_file in marks:
             if (
-                files is None
+                (every_file and out.exists())
                 or (len(inside) == 1 and any(fnmatch.fnmatchcase(out.name, f) for f in files))
                 or (len(inside) > 1 and inside[0] in subfolders)
             ):
                 raise OutputError(
-                    f"{out} is a file of the {kind} in {folder}: writing there would replace "
-                    "it; choose another --out"
+                    f"{out} is a file of the {kind} in {folder}, or would be taken for one: "
+                    "writing there would replace it or add to it; choose another --out"
                 )
         return
 

@@ -72,14 +72,18 @@ def recommend(
     return pd.concat(frames, ignore_index=True)
 
 
+def check_table_path(path: Path) -> None:
+    """A table's ``path`` ends in .csv, .parquet or .pq (checked before any ranking)."""
+    if Path(path).suffix.lower() not in (".csv", ".parquet", ".pq"):
+        raise DataError(f"{path}: output must end in .csv or .parquet")
+
+
 def write_table(frame: pd.DataFrame, path: Path) -> None:
     """Write CSV or Parquet by suffix, atomically."""
-    suffix = path.suffix.lower()
+    check_table_path(path)
     buf = io.BytesIO()
-    if suffix in (".parquet", ".pq"):
+    if path.suffix.lower() in (".parquet", ".pq"):
         frame.to_parquet(buf, index=False)
-    elif suffix == ".csv":
-        buf.write(frame.to_csv(index=False).encode())
     else:
-        raise DataError(f"{path}: output must end in .csv or .parquet")
+        buf.write(frame.to_csv(index=False).encode())
     atomic_write_bytes(path, buf.getvalue())

@@ -504,7 +504,7 @@ def write_bundle(
     _validate_contents(contents)
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; pass --force to replace it")
-    check_replaceable(out, MANIFEST, "bundle", WRITES)
+    check_replaceable(out, MANIFEST, "bundle", WRITES, _listed(out))
     with atomic_directory(out, replace=force) as tmp:
         return _write_files(contents, tmp, spec, threads)
 
@@ -599,6 +599,16 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode()
 
 
+def _listed(out: Path) -> set[str] | None:
+    """The files the bundle at ``out`` lists in its manifest (None: no readable manifest)."""
+    try:
+        with open(Path(out) / MANIFEST, "rb") as fh:
+            files = json.loads(fh.read(MAX_MANIFEST))["files"]
+        return {MANIFEST, DIGEST, *map(str, files)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def export_run(
     run: Path,
     out: Path,
@@ -613,7 +623,7 @@ def export_run(
     if Path(out).exists() and not force:
         raise BundleError(f"{out} already exists; pass --force to replace it")
     check_writable(Path(out), folder=True)
-    check_replaceable(Path(out), MANIFEST, "bundle", WRITES)
+    check_replaceable(Path(out), MANIFEST, "bundle", WRITES, _listed(Path(out)))
     cfg, data, model = load_run(Path(run), which)
     weights = Path(run) / f"{which}.pt"
     info = {
