@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import shutil
 from collections.abc import Callable
@@ -168,6 +169,58 @@ def test_damaged_bundles_are_refused(
         (b / "manifest.sha256").unlink()
     else:
         manifest.unlink()
+    with pytest.raises(BundleError, match=message):
+        Recommender.load(b)
+
+
+def _replace_file(b: Path, rel: str, data: bytes) -> None:
+    """Put ``data`` at ``rel`` and update the manifest's entry and its digest to match."""
+    (b / rel).write_bytes(data)
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    _rewrite_manifest(b, m)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("swap-indexes", r"indexes\[0\] \(d0\) holds \d+ items, the domain has \d+"),
+        ("kind", r"index/user_0.faiss is not the hnsw index the manifest names"),
+        ("popularity", r"popularity/counts.npy has 3 entries, the manifest says \d+"),
+        ("item-input", r"encoder/item_input.npy holds indices outside"),
+        ("seg-start", r"history/seg_start.npy does not split history/items.npy"),
+    ],
+)
+def test_files_that_do_not_belong_together_are_refused(
+    bundle: Path, tmp_path: Path, edit: str, message: str
+) -> None:
+    """Files whose checksums were updated to match (a hand-made bundle, a bad copy script)
+    but that do not fit one another: loaded before, they served another domain's items, or
+    failed on every request with a 500 or the server with a traceback."""
+    b = _copy(bundle, tmp_path)
+    if edit == "swap-indexes":  # another domain's index: another size
+        faiss = pytest.importorskip("faiss")
+        other = faiss.IndexFlatIP(json.loads((b / "manifest.json").read_text())["encoder"]["dim"])
+        other.add(np.ones((3, other.d), np.float32))
+        _replace_file(b, "index/user_0.faiss", faiss.serialize_index(other).tobytes())
+    elif edit == "kind":
+        m = json.loads((b / "manifest.json").read_text())
+        m["indexes"][0]["kind"], m["indexes"][0]["search_param"] = "hnsw", 16
+        _rewrite_manifest(b, m)
+    elif edit == "popularity":
+        _replace_file(b, "popularity/counts.npy", _npy(np.zeros(3, np.int64)))
+    elif edit == "item-input":
+        items = np.load(b / "encoder" / "item_input.npy")
+        _replace_file(b, "encoder/item_input.npy", _npy(items + 10**6))
+    else:
+        seg = np.load(b / "history" / "seg_start.npy")
+        _replace_file(b, "history/seg_start.npy", _npy(seg[::-1].copy()))
     with pytest.raises(BundleError, match=message):
         Recommender.load(b)
 

@@ -772,8 +772,12 @@ def load_bundle(path: Path, verify: bool = True) -> LoadedBundle:
         except Exception as exc:
             raise BundleError(f"{path}: {rel} is not a loadable TorchScript module") from exc
 
+    kinds = {"flat": faiss.IndexFlat, "ivf": faiss.IndexIVF, "hnsw": faiss.IndexHNSW}
+
     def index(rel: str, params: dict[str, Any]) -> FaissIndex:
         raw = faiss.deserialize_index(np.frombuffer(get(rel), dtype=np.uint8))
+        if not isinstance(raw, kinds[params["kind"]]):
+            raise BundleError(f"{path}: {rel} is not the {params['kind']} index the manifest names")
         out = FaissIndex(raw, params["kind"])
         if params.get("search_param") is not None:
             out.set_search_param(params["search_param"])
@@ -806,11 +810,50 @@ def load_bundle(path: Path, verify: bool = True) -> LoadedBundle:
         )
     except BundleError:
         raise
-    except (KeyError, IndexError, ValueError, RuntimeError) as exc:
+    except (KeyError, IndexError, ValueError, RuntimeError, AttributeError) as exc:
         raise BundleError(f"{path}: bundle is inconsistent or unreadable ({exc})") from exc
-    if (
-        len(bundle.items) != m["n_items"]
-        or len(bundle.history_seg_start) != m["n_users"] * n_dom + 1
-    ):
-        raise BundleError(f"{path}: id maps or histories do not match the manifest")
+    problem = _inconsistency(bundle, m)
+    if problem is not None:
+        raise BundleError(f"{path}: {problem}")
     return bundle
+
+
+def _inconsistency(b: LoadedBundle, m: dict[str, Any]) -> str | None:
+    """What in ``b`` disagrees with its manifest or with itself (None: nothing): files that
+    each pass their checksum but do not belong together (an index of another domain, size or
+    dimension, or kind; arrays of other lengths or out of range) would serve wrong items or
+    fail on requests. Cheap: sizes and ranges, no search."""
+    n_items, n_users, offsets = m["n_items"], m["n_users"], m["offsets"]
+    n_dom, dim, pad = len(m["domains"]), m["encoder"]["dim"], m["encoder"]["pad"]
+    groups = [("indexes", b.indexes)]
+    if b.trial_indexes is not None:
+        groups.append(("trial_indexes", b.trial_indexes))
+    for key, indexes in groups:
+        for d, index in enumerate(indexes):
+            n_d = offsets[d + 1] - offsets[d]
+            where = f"{key}[{d}] ({m['domains'][d]})"
+            if index.size != n_d:
+                return f"{where} holds {index.size} items, the domain has {n_d}"
+            if int(index.index.d) != dim:
+                return f"{where} has dimension {index.index.d}, the encoder {dim}"
+    seg = b.history_seg_start
+    arrays = [
+        ("ids/items.parquet", len(b.items), n_items),
+        ("ids/users.parquet", len(b.users), n_users),
+        ("encoder/item_input.npy", len(b.item_input), n_items),
+        ("popularity/counts.npy", len(b.popularity), n_items),
+        ("history/seg_start.npy", len(seg), n_users * n_dom + 1),
+    ]
+    for rel, got, want in arrays:
+        if got != want:
+            return f"{rel} has {got} entries, the manifest says {want}"
+    if len(b.item_input) and not (b.item_input.min() >= 0 and b.item_input.max() <= pad):
+        return f"encoder/item_input.npy holds indices outside 0..{pad}"
+    if seg[0] != 0 or seg[-1] != len(b.history_items) or (np.diff(seg) < 0).any():
+        return "history/seg_start.npy does not split history/items.npy into segments"
+    hist = b.history_items
+    if len(hist) and not (hist.min() >= 0 and hist.max() < n_items):
+        return f"history/items.npy holds items outside 0..{n_items - 1}"
+    if len(b.popularity) and b.popularity.min() < 0:
+        return "popularity/counts.npy holds negative counts"
+    return None
