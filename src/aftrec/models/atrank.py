@@ -11,7 +11,9 @@ Wang, Yu, Guo, Li, Zhu, Kong, Zhu and Hu, AAAI 2018), section "Proposed Framewor
   per domain), ``u_ij = f_i(b_ij)``, maps the behaviours of every domain into a shared space;
 * self-attention layer: multi-head ("multi-space") self-attention with a point-wise
   feed-forward, residuals and layer norm over the merged sequence of all domains (padding
-  neither attends nor is attended);
+  neither attends nor is attended); the layer norm comes before each sublayer, with a final
+  one (pre-norm, SASRec's blocks: :func:`aftrec.models.sasrec.transformer_encoder`), where
+  the paper adds the residual and then normalises;
 * downstream application network: vanilla attention with the task's query vector. The task is
   "retrieve for target domain t", so the query is a learned embedding of domain t (the AFT
   paper's "target domain as the query"); a zero key lets a user without behaviours attend to

@@ -20,9 +20,12 @@ Training, the Cloze task of section 3.6 in the form the shared loader allows:
 Every prediction (the appended [MASK] and the masked history positions) is scored by the
 shared sampled loss against the example's own sampled negatives (items of the target domain
 the user did not click in training, so also negatives for the masked positions), averaged over
-predictions. Departures from the paper: sampled negatives instead of a full softmax, and no
+predictions. Departures from the paper: sampled negatives instead of a full softmax; no
 output bias ``b^O`` (the score must be an inner product to be served by a nearest-neighbour
-index). The appended [MASK] always attends, so a user without target-domain behaviours still
+index); and pre-norm layers, ``x + Dropout(sublayer(LN(x)))`` with a final layer norm, where
+section 3.3 prints post-norm ``LN(x + Dropout(sublayer(x)))``: the blocks SASRec uses
+(:func:`aftrec.models.sasrec.transformer_encoder`), which train without a learning-rate
+warm-up. The appended [MASK] always attends, so a user without target-domain behaviours still
 gets a finite vector.
 """
 
