@@ -571,6 +571,25 @@ def test_export_force_keeps_files_put_into_a_bundles_folders(
     assert "index/NOTES.txt" in capsys.readouterr().err and notes.read_text() == "mine"
     notes.unlink()
     assert main([*argv, "--force"]) == 0
+    # a bundle whose manifest cannot be read: its own files' names tell them apart
+    (bundle / "manifest.json").write_text("{damaged")
+    notes.write_text("mine")
+    assert main([*argv, "--force"]) == 2
+    assert "index/NOTES.txt" in capsys.readouterr().err and notes.read_text() == "mine"
+    notes.unlink()
+    assert main([*argv, "--force"]) == 0
+
+
+def test_a_link_to_a_datasets_folder_is_the_dataset(
+    pipeline: Pipeline, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    parts = tmp_path / "parts"
+    parts.symlink_to(pipeline.data / "train", target_is_directory=True)
+    out = parts / "part-00001.parquet"
+    argv = ["recommend", "--run", str(pipeline.two_tower), "--n", "5", "--out", str(out)]
+    assert main(argv) == 2
+    assert "or would be taken for one" in capsys.readouterr().err
+    assert not (pipeline.data / "train").exists()
 
 
 def test_sigterm_ends_a_command_through_its_cleanup(

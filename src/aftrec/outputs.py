@@ -132,7 +132,7 @@ def check_not_owned(out: Path) -> None:
     out = Path(out)
     # the nearest folder above that aftrec marks decides: its own files, or anything in its
     # own subfolders (a bundle's ids/, a partitioned dataset's train/, a run's tensorboard/)
-    where = out.absolute()
+    where = out.absolute().parent.resolve() / out.name  # where it lands, through links
     for folder in where.parents:
         marks = [owned for m, owned in OWNED.items() if (folder / m).is_file()]
         if not marks:

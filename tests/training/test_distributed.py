@@ -252,13 +252,15 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_batch(
     _resume_on_two_ranks_as(straight, cut)
 
 
-@pytest.mark.parametrize("schedule", ["", "model.g_every=2", "model.d_every=2"])
+@pytest.mark.parametrize(
+    "schedule", ["", "model.g_every=2", "model.d_every=2", "model.d_every=2 model.g_every=3"]
+)
 def test_aft_trains_on_two_ranks(tiny_dir: Path, tmp_path: Path, schedule: str) -> None:
     """Sparse item tables too, when one network trains alone on some batches (DDP's reducer
     failed on the other network's table, left without a gradient)."""
     out = tmp_path / "aft"
     sets = [*COMMON, "train.epochs=1", "model.g_layers=1", "train.sparse_embeddings=true"]
-    train(tiny_dir, out, "aft", [*sets, *filter(None, [schedule])], ranks=2)
+    train(tiny_dir, out, "aft", [*sets, *schedule.split()], ranks=2)
     state = checkpoint.load(out / "best.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 

@@ -753,8 +753,8 @@ def render(results: Results) -> str:
             0,
             f"**Partial report**: {results.pending} of {len(plan.jobs)} runs have not run yet "
             "(seeds are run in order, so the first seeds of every model come first). Rerun the "
-            "command (without `--report-only` or `--hours`, or with more hours) to finish "
-            "them; finished runs are reused.",
+            "command, without `--report-only` and with time enough for them, to finish them; "
+            "finished runs are reused.",
         )
     for note in notes:
         w(f"> {note}")

@@ -51,6 +51,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import stat
 import time
 import warnings
@@ -599,14 +600,25 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode()
 
 
-def _listed(out: Path) -> set[str] | None:
-    """The files the bundle at ``out`` lists in its manifest (None: no readable manifest)."""
+#: the names of a bundle's files (:func:`_listed`, when its manifest cannot say)
+_BUNDLE_FILE = re.compile(
+    r"encoder/(?:(?:user|trial)_\d+\.pt|item_input\.npy)|items/(?:trial_)?vectors_\d+\.npy"
+    r"|index/(?:user|trial)_\d+\.faiss|ids/(?:items|users)\.parquet"
+    r"|history/(?:items|seg_start)\.npy|popularity/counts\.npy"
+)
+
+
+def _listed(out: Path) -> set[str]:
+    """The files of the bundle at ``out``: those its manifest lists or, when the manifest
+    cannot be read (a damaged bundle, which ``--force`` may replace), those whose names are
+    a bundle's; anything else in it is someone's own, which ``--force`` would delete."""
     try:
         with open(Path(out) / MANIFEST, "rb") as fh:
             files = json.loads(fh.read(MAX_MANIFEST))["files"]
         return {MANIFEST, DIGEST, *map(str, files)}
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        found = (str(p.relative_to(out)) for p in Path(out).rglob("*") if not p.is_dir())
+        return {MANIFEST, DIGEST, *(rel for rel in found if _BUNDLE_FILE.fullmatch(rel))}
 
 
 def export_run(

@@ -85,6 +85,7 @@ def exact_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     b, n = scores.shape
     if k <= 0 or n == 0:
         return np.zeros((b, 0), np.float32), np.zeros((b, 0), np.int64)
+    scores = np.where(np.isnan(scores), -np.inf, scores)  # a NaN score ranks last
     kth = np.partition(scores, n - k, axis=1)[:, n - k : n - k + 1]  # (B, 1) the k-th best
     above = scores > kth
     tied = scores == kth
@@ -121,7 +122,11 @@ class FaissIndex:
     def size(self) -> int:
         return int(self.index.ntotal)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, exact_fallback: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`ItemIndex.search`; ``exact_fallback=False``: the index's own answer, short
+        rows and all (what the tuning of the search knob measures)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         n, kk = self.size, min(k, self.size)
         if kk == 0:
@@ -133,12 +138,13 @@ class FaissIndex:
         if self.kind == "flat":
             # ties beyond the deeper search's last item: those rows exactly
             redo = (scores[:, -1] == scores[:, kk - 1]) if deeper < n else np.zeros(len(q), bool)
-            order = np.lexsort((pos, -scores), axis=1)[:, :kk]  # by score, ties by position
-            scores = np.take_along_axis(scores, order, axis=1)
-            pos = np.take_along_axis(pos, order, axis=1)
         else:
             redo = pos[:, kk - 1] < 0  # fewer than kk came back
-        if redo.any():
+        # by score, ties by position (what came back; -1 padding scores -inf, so it stays last)
+        order = np.lexsort((np.where(pos < 0, n, pos), -scores), axis=1)[:, :kk]
+        scores = np.take_along_axis(scores, order, axis=1)
+        pos = np.take_along_axis(pos, order, axis=1)
+        if exact_fallback and redo.any():
             exact_scores, exact_pos = exact_top_k(q[redo] @ self.vectors().T, kk)
             scores, pos = scores.copy(), pos.copy()
             scores[redo], pos[redo] = exact_scores, exact_pos
@@ -312,7 +318,7 @@ def _tune(
     recall = 0.0
     for value in tried:
         index.set_search_param(value)
-        recall = recall_at_k(index.search(q, k)[1], truth)
+        recall = recall_at_k(index.search(q, k, exact_fallback=False)[1], truth)
         if recall >= spec.target_recall:
             return value, recall, len(q)
     return tried[-1], recall, len(q)

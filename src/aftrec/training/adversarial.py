@@ -67,7 +67,9 @@ class AdversarialStep:
                 if train_d == train_g
                 else (self.forward_d if train_d else self.forward_g)
             )
-            losses = forward(batch, train_d=train_d, train_g=train_g, warmup=warmup)
+            # a batch that trains neither network asks for no backward: DDP would wait for one
+            with torch.set_grad_enabled(train_d or train_g):
+                losses = forward(batch, train_d=train_d, train_g=train_g, warmup=warmup)
         self.d_opt.zero_grad(set_to_none=True)
         if self.g_opt is not None:
             self.g_opt.zero_grad(set_to_none=True)
