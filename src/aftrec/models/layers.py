@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,23 @@ def batch_sum(t: torch.Tensor) -> torch.Tensor:
     the global batch's loss."""
     if not _SYNC_BATCH_STATISTICS.get():
         return t
-    from torch.distributed.nn.functional import all_reduce
-
-    summed: torch.Tensor = all_reduce(t)
+    summed: torch.Tensor = _SumOverRanks.apply(t)
     return summed
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """``sum_r t_r``; its gradient on each rank is ``sum_r g_r``, the sum of every rank's
+    gradient with respect to the sum (torch's ``torch.distributed.nn.functional.all_reduce``
+    does the same and is deprecated in favour of a private module)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        out = t.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(out)
+        return out
