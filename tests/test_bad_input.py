@@ -1177,3 +1177,72 @@ def test_no_folder_output_goes_inside_a_dataset_a_run_or_a_bundle(
     }[command]  # fmt: skip
     kind = "prepared dataset" if enclosing == "dataset" else enclosing
     fails_cleanly(capsys, argv, f"is inside the {kind} in {where}", roots=(tmp_path,))
+
+
+# a 400-byte value that expands to 9**9 strings: each level an anchor of 9 aliases of the last
+BOMB = (
+    "[&a [x, x, x, x, x, x, x, x, x], "
+    + ", ".join(f"&{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8))
+    + "]"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (f"model: {{dim: {BOMB}}}\n", "expected an integer, got [["),
+        ("model: {dim: " + "[" * 5000 + "]" * 5000 + "}\n", "nested too deeply"),
+        ("model: {dim: 8}\n" + "#" * (1 << 20) + "\n", "above 1048576 bytes"),
+        ("model:\n  dim: 8\n  dim: 16\n", "the key 'dim' is given twice"),
+        ("model: {dim: 8}\nmodel: {dim: 16}\n", "the key 'model' is given twice"),
+    ],
+    ids=["alias-bomb", "deep", "huge", "duplicate-key", "duplicate-section"],
+)
+def test_a_config_file_that_would_exhaust_or_mislead_is_one_short_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, prepared: Path, text: str, needle: str
+) -> None:
+    """Aliases expanding a 400-byte file to millions of values were echoed whole (a 39 MB
+    error line, or a MemoryError); nesting thousands deep was a RecursionError; a key given
+    twice kept the last silently."""
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    argv = train_argv(prepared, tmp_path / "run", "--model", "two-tower", "--quiet",
+                      "--config", str(config))  # fmt: skip
+    line = fails_cleanly(capsys, argv, needle, roots=(tmp_path,))
+    assert len(line) < 1000
+
+
+@pytest.mark.parametrize(
+    ("pair", "needle"),
+    [
+        ("model.dim=1:30", "expected an integer, got '1:30'"),  # YAML 1.1: ninety
+        ("train.sparse_embeddings=yes", "expected true or false, got 'yes'"),
+        ("train.lr=1" + "0" * 400, "expected a finite number"),
+        ("model.dim=99999999999999999999999", "must be < 2147483648"),
+        ("runtime.checkpoint_minutes=1e-310", "below the smallest normal number"),
+        ("train.data_shards=3", "must be a multiple of the number of data shards (3)"),
+    ],
+)
+def test_config_values_torch_or_yaml_would_misread_are_refused_and_leave_no_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, prepared: Path, pair: str, needle: str
+) -> None:
+    """Each was a traceback, a value read as another (1:30 as 90, 1e-310 as 0 once training
+    flushed it), or a run folder with a config and no checkpoint."""
+    argv = train_argv(prepared, tmp_path / "run", "--model", "two-tower", "--quiet",
+                      "--set", pair)  # fmt: skip
+    fails_cleanly(capsys, argv, needle, roots=(tmp_path,))
+
+
+def test_yaml_numbers_read_as_yaml_1_2_and_a_metric_with_leading_zeros(
+    tmp_path: Path, prepared: Path
+) -> None:
+    """``010`` is ten, not octal eight; ``recall@0050`` is recall@50 (its key was looked up
+    as written, a KeyError after the run folder was made)."""
+    from aftrec.config import parse_overrides
+
+    assert parse_overrides(["model.dim=010"]) == {"model": {"dim": 10}}
+    out = tmp_path / "run"
+    argv = train_argv(prepared, out, "--model", "two-tower", "--quiet", "--set",
+                      "train.epochs=1", "train.valid_metric=recall@0005")  # fmt: skip
+    assert main(argv) == 0
+    assert "valid_recall@5" in (out / "log.jsonl").read_text()

@@ -23,6 +23,8 @@ import dataclasses
 import json
 import math
 import re
+import reprlib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -48,7 +50,10 @@ class Bound:
 
 #: the usual field types: a count of at least one, a weight of at least zero, a positive
 #: number, a rate in [0, 1) (dropout, mask ratios), and the shared sampled losses
-Count = Annotated[int, Bound(low=1)]
+#: at most 2**31 - 1 of anything a run holds or loops over (a larger count overflowed inside
+#: torch or numpy with a traceback, where the memory needed would be refused anyway)
+MAX_COUNT = 2**31 - 1
+Count = Annotated[int, Bound(low=1, below=MAX_COUNT + 1)]
 Weight = Annotated[float, Bound(low=0.0)]
 Positive = Annotated[float, Bound(above=0)]
 Rate = Annotated[float, Bound(low=0.0, below=1)]
@@ -69,7 +74,7 @@ def check_fields(cfg: Any, section: str) -> None:
         for tp in _alternatives(hints[f.name]):
             if typing.get_origin(tp) is typing.Literal and value not in typing.get_args(tp):
                 choices = ", ".join(map(str, typing.get_args(tp)))
-                raise ConfigError(f"config key {key} must be one of {choices}; got {value!r}")
+                raise ConfigError(f"config key {key} must be one of {choices}; got {_shown(value)}")
             for bound in getattr(tp, "__metadata__", ()):
                 if isinstance(bound, Bound) and value is not None:
                     _check_bound(value, bound, key)
@@ -83,7 +88,7 @@ def _alternatives(tp: Any) -> tuple[Any, ...]:
 
 def _check_bound(value: Any, bound: Bound, key: str) -> None:
     if bound.low is not None and value < bound.low:
-        raise ConfigError(f"config key {key} must be >= {bound.low}, got {value!r}")
+        raise ConfigError(f"config key {key} must be >= {bound.low}, got {_shown(value)}")
     if bound.above is not None and value <= bound.above:
         raise ConfigError(f"config key {key} must be > {bound.above}, got {value}")
     if bound.below is not None and value >= bound.below:
@@ -110,7 +115,9 @@ class Checked:
 class DataConfig(Checked):
     SECTION: ClassVar[str] = "data"
     history_len: Count = 50  # last behaviours per domain (section 5.3)
-    n_negatives: Annotated[int, Bound(low=0)] = 8  # sampled unclicked items per positive
+    n_negatives: Annotated[int, Bound(low=0, below=MAX_COUNT + 1)] = (
+        8  # sampled unclicked items per positive
+    )
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,7 @@ class TrainConfig(Checked):
             raise ConfigError(
                 f"train.valid_metric must look like recall@50 or ndcg@20, got {self.valid_metric!r}"
             )
-        return self.valid_metric, int(n)
+        return f"{name}@{int(n)}", int(n)  # recall@0050 is recall@50, the evaluator's key
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        given = [arg for arg in args if arg is not type(None)]
+        if len(given) == 1:  # X | None: X's own message
+            return _coerce(value, given[0], key)
         for arg in args:
             if arg is type(None):
                 continue
@@ -208,37 +218,48 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"config key {key!r}: {value!r} is not a valid {tp}")
+        raise ConfigError(f"config key {key!r}: {_shown(value)} is not a valid {tp}")
     if origin in (tuple, list):
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+            raise ConfigError(f"config key {key!r}: expected a list, got {_shown(value)}")
         (inner, *_) = typing.get_args(tp) or (Any,)
         return tuple(_coerce(v, inner, key) for v in value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+        raise ConfigError(f"config key {key!r}: expected true or false, got {_shown(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        raise ConfigError(f"config key {key!r}: expected an integer, got {_shown(value)}")
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            if not math.isfinite(value):  # NaN passes every bound check: refuse it here
-                raise ConfigError(f"config key {key!r}: expected a finite number, got {value!r}")
-            return float(value)
-        raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond any float
+                number = math.inf
+            if not math.isfinite(number):  # NaN passes every bound check: refuse it here
+                raise ConfigError(
+                    f"config key {key!r}: expected a finite number, got {_shown(value)}"
+                )
+            if 0 < abs(number) < sys.float_info.min:  # training flushes it to zero
+                raise ConfigError(
+                    f"config key {key!r}: {number!r} is below the smallest normal number "
+                    f"({sys.float_info.min:.1e}), which training reads as 0"
+                )
+            return number
+        raise ConfigError(f"config key {key!r}: expected a number, got {_shown(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+        raise ConfigError(f"config key {key!r}: expected a string, got {_shown(value)}")
     return value
 
 
 def build(cls: type[T], values: dict[str, Any], section: str) -> T:
     """Instantiate a config dataclass from a mapping, rejecting unknown keys."""
     if not isinstance(values, dict):
-        raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+        raise ConfigError(f"config section {section!r} must be a mapping, got {_shown(values)}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - known)
@@ -259,19 +280,75 @@ def build(cls: type[T], values: dict[str, Any], section: str) -> T:
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-3`` as the number YAML 1.2 and every other config
-    language make of it (YAML 1.1 wants ``1.0e-3``, and reads ``1e-3`` as text)."""
+    """PyYAML's safe loader with YAML 1.2's core schema for numbers and booleans, the one
+    every other config language follows: ``1e-3`` is a number (YAML 1.1 wants ``1.0e-3``),
+    ``010`` is ten (1.1: octal eight), ``1:30`` is text (1.1: ninety), and only
+    ``true``/``false`` are booleans (1.1: ``yes``, ``on``, ``off``...). A key given twice in
+    one mapping is refused: which one wins is the kind of question a config must not leave
+    open."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
+_BOOL, _INT, _FLOAT = (f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float"))
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Loader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+_Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
     list("-+0123456789."),
 )
 
 
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node))
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)
+
+
+_Loader.add_constructor(_INT, _construct_int)
+
+#: the most bytes of a config file read (a config is a few hundred)
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut short: an error message quotes a value, not a megabyte of it (nor
+    the exponential expansion of YAML aliases)."""
+    return _REPR.repr(value)
+
+
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple = 2, 4, 4, 4
+_REPR.maxstring, _REPR.maxother = 80, 80
+
+
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects
+    except RecursionError as exc:  # nesting thousands deep
+        raise ValueError("nested too deeply") from exc
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
@@ -293,7 +370,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        loaded = _load_yaml(Path(path).read_text())
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: above {MAX_CONFIG_BYTES} bytes; a config is a few hundred")
+        loaded = _load_yaml(raw.decode())
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc}") from exc
     except UnicodeDecodeError as exc:
@@ -308,10 +389,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
         names = [section, *(values if isinstance(values, dict) else ())]
         odd = next((k for k in names if not isinstance(k, str)), None)
         if odd is not None:
-            raise ConfigError(f"{path}: config keys are names, got {odd!r}")
+            raise ConfigError(f"{path}: config keys are names, got {_shown(odd)}")
         if values is not None and not isinstance(values, dict):
             raise ConfigError(
-                f"{path}: config section {section!r} must be a mapping, got {values!r}"
+                f"{path}: config section {section!r} must be a mapping, got {_shown(values)}"
             )
     return loaded
 

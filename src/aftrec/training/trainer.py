@@ -104,12 +104,30 @@ def train(
         return _train(data_dir, cfg, out, resume, progress, ctx, resume_set)
     created = not out.exists()
     make_dirs(out)
+    before: set[str] | None = None  # the folder's names when this process took the lock
     try:
         with held(out, rundir.LOCK, f"{out}: another process is training this run"):
+            before = {p.name for p in out.iterdir()}
             return _train(data_dir, cfg, out, resume, progress, ctx, resume_set)
     except BaseException:
-        if created and [p.name for p in out.iterdir()] == [rundir.LOCK]:
-            shutil.rmtree(out, ignore_errors=True)  # a run that never started leaves nothing
+        # a new run that failed or stopped before its first checkpoint leaves nothing of its
+        # own (its config and log alone were a folder --resume refused and train wanted
+        # empty); what was there before it stays
+        if (
+            before is not None
+            and not resume
+            and not (out / rundir.LAST).exists()
+            and not (out / rundir.BEST).exists()
+        ):
+            for p in out.iterdir():
+                if p.name in before:
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        if created and [p.name for p in out.iterdir()] in ([], [rundir.LOCK]):
+            shutil.rmtree(out, ignore_errors=True)  # nothing left of it: no folder either
         raise
 
 
