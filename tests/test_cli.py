@@ -671,3 +671,16 @@ def test_ctrl_c_inside_a_first_import_is_an_interrupt(
             action.choices["models"].set_defaults(func=interrupted_import)
     assert cli.main(["models"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_standard_output_that_cannot_be_written_is_one_line() -> None:
+    """``aftrec models > /dev/full`` was an OSError traceback."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "aftrec.cli", "models"],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == "error: cannot write to standard output: No space left on device\n"

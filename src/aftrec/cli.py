@@ -408,8 +408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _stop)
     else:
         terminate = False
+    stdout = sys.stdout
+    sys.stdout = _GuardedStdout(stdout)
     try:
         args.func(args)
+        sys.stdout.flush()  # a full disk or a closed pipe shows here, not at exit
     except AftrecError as exc:
         # one line, even when the message quotes a multi-line error from torch or pandas
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
@@ -427,6 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
+    except _StdoutError as exc:
+        _stdout_to_devnull()
+        if isinstance(exc.__cause__, BrokenPipeError):  # `aftrec models | head`: read enough
+            return 141  # 128 + SIGPIPE, as a shell tool ends
+        print(f"error: cannot write to standard output: {exc}", file=sys.stderr)
+        return 2
     except MemoryError as exc:  # numpy's too-large arrays included
         print(f"error: {_out_of_memory(exc)}", file=sys.stderr)
         return 2
@@ -444,9 +453,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {_out_of_memory(exc)}", file=sys.stderr)
         return 2
     finally:
+        sys.stdout = stdout
         if terminate:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 0
+
+
+class _StdoutError(Exception):
+    """Standard output could not be written (a full disk, ``/dev/full``, a closed pipe)."""
+
+
+class _GuardedStdout:
+    """``sys.stdout`` whose write and flush failures are :class:`_StdoutError`, told apart
+    from the other ``OSError`` a command may meet."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self.stream.write(text))
+        except OSError as exc:
+            raise _StdoutError(exc.strerror or type(exc).__name__) from exc
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as exc:
+            raise _StdoutError(exc.strerror or type(exc).__name__) from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _stdout_to_devnull() -> None:
+    """Point standard output at /dev/null, so that the interpreter's own flush at exit does
+    not fail again with a traceback of its own."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file behind sys.stdout (a test's capture)
+        pass
+    finally:
+        os.close(devnull)
 
 
 def _peer_failed(exc: RuntimeError) -> bool:
