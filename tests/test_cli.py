@@ -684,3 +684,19 @@ def test_a_standard_output_that_cannot_be_written_is_one_line() -> None:
         )  # fmt: skip
     assert done.returncode == 2
     assert done.stderr == "error: cannot write to standard output: No space left on device\n"
+
+
+def test_the_last_checkpoint_is_evaluated_beside_the_best_one(
+    pipeline: Pipeline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--which last`` replaced ``metrics.json``, which reproduce reads as the best
+    checkpoint's."""
+    run = pipeline.two_tower
+    best = (run / "metrics.json").read_bytes() if (run / "metrics.json").exists() else None
+    assert main(["evaluate", "--run", str(run), "--n", "5", "--which", "last"]) == 0
+    assert f"wrote {run / 'metrics_last.json'}" in capsys.readouterr().out
+    assert (run / "per_user_last.parquet").is_file()
+    if best is not None:
+        assert (run / "metrics.json").read_bytes() == best
+    (run / "metrics_last.json").unlink()
+    (run / "per_user_last.parquet").unlink()

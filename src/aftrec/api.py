@@ -420,15 +420,19 @@ def _check_new_run_dir(out: Path) -> None:
 
 
 # --------------------------------------------------------------------------- evaluate
-def metrics_path(run: PathLike, split: str = "test", sampled_negatives: int | None = None) -> Path:
+def metrics_path(
+    run: PathLike, split: str = "test", sampled_negatives: int | None = None, which: str = "best"
+) -> Path:
     """Where :func:`evaluate` writes: ``RUN/metrics.json``, ``metrics_valid.json``,
-    ``metrics_sampled100.json``, ... (``per_user*.parquet`` beside it)."""
-    return Path(run) / f"metrics{_suffix(split, sampled_negatives)}.json"
+    ``metrics_sampled100.json``, ``metrics_last.json`` (the last epoch's weights), ...
+    (``per_user*.parquet`` beside it)."""
+    return Path(run) / f"metrics{_suffix(split, sampled_negatives, which)}.json"
 
 
-def _suffix(split: str, sampled_negatives: int | None) -> str:
+def _suffix(split: str, sampled_negatives: int | None, which: str = "best") -> str:
     suffix = "" if split == "test" else f"_{split}"
-    return suffix + ("" if sampled_negatives is None else f"_sampled{sampled_negatives}")
+    suffix += "" if sampled_negatives is None else f"_sampled{sampled_negatives}"
+    return suffix + ("" if which == "best" else f"_{which}")
 
 
 def evaluate(
@@ -454,7 +458,8 @@ def evaluate(
     if sampled_negatives is not None:
         sampled_negatives = _count("--sampled-negatives", sampled_negatives)
     split = _choice("--split", split, ("test", "valid"))
-    cfg, data, model = _load(run, _choice("--which", which, ("best", "last")))
+    which = _choice("--which", which, ("best", "last"))
+    cfg, data, model = _load(run, which)
     largest = max(data.info.domain_size(d) for d in range(data.info.n_domains))
     if sampled_negatives is not None and sampled_negatives >= largest:
         raise DataError(
@@ -471,10 +476,10 @@ def evaluate(
         frame = frame.assign(user=users)
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False)
-    per_user = Path(run) / f"per_user{_suffix(split, sampled_negatives)}.parquet"
+    per_user = Path(run) / f"per_user{_suffix(split, sampled_negatives, which)}.parquet"
     # per_user is renamed first and metrics.json last: a failure while either is written
     # leaves the old pair (only one between the two renames would not)
-    with atomic_file(metrics_path(run, split, sampled_negatives)) as metrics:
+    with atomic_file(metrics_path(run, split, sampled_negatives, which)) as metrics:
         metrics.write(res.json_text().encode())
         metrics.flush()
         with atomic_file(per_user) as fh:

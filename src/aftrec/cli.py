@@ -122,7 +122,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     if whole and args.sampled_negatives is None:
         print(f"note: N = {', '.join(map(str, whole))} reaches every item of every domain (the "
               f"largest has {largest}): its Recall is 1 by construction")  # fmt: skip
-    print(f"wrote {api.metrics_path(args.run, args.split, args.sampled_negatives)}")
+    print(f"wrote {api.metrics_path(args.run, args.split, args.sampled_negatives, args.which)}")
 
 
 def _recommend(args: argparse.Namespace) -> None:

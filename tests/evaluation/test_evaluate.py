@@ -283,3 +283,14 @@ def test_ties_rank_by_position_at_the_cut_too() -> None:
         for k in sorted({1, min(10, n), min(200, n), n}):
             got = top_k(torch.from_numpy(scores), k).numpy()
             np.testing.assert_array_equal(got, want[:, :k])
+
+
+def test_sampled_metrics_say_which_domains_were_fully_ranked() -> None:
+    """With K at or above a domain's size, that domain's "sampled" numbers were its full
+    ranking's, under a header that said K sampled items."""
+    from aftrec.evaluation.evaluate import sampled_protocol
+
+    said = sampled_protocol({"Action": 500, "Crime": 300, "War": 100}, 300)
+    assert said.endswith("; Crime, War have at most 300 items, so every unclicked item is "
+                         "ranked there, as in full ranking")  # fmt: skip
+    assert "at most" not in sampled_protocol({"Action": 500}, 300)

@@ -188,13 +188,29 @@ class Evaluator:
         protocol = (
             full_protocol(split)
             if sampled_negatives is None
-            else (
-                f"SAMPLED metrics: each held-out positive ranked among {sampled_negatives} sampled "
-                "unclicked items per user, NOT full ranking (AUC is still exact)"
+            else sampled_protocol(
+                {info.domains[d]: info.domain_size(d) for d in range(info.n_domains)},
+                sampled_negatives,
             )
         )
         frame = pd.concat(per_user, ignore_index=True) if per_user else pd.DataFrame()
         return EvalResult(split, ns, domains, average, users_per_domain, protocol, frame)
+
+
+def sampled_protocol(sizes: dict[str, int], k: int) -> str:
+    """The protocol line of sampled metrics over domains of ``sizes`` items; a domain of at
+    most ``k`` items has no more than ``k`` unclicked ones, so it is fully ranked, and says so."""
+    line = (
+        f"SAMPLED metrics: each held-out positive ranked among {k} sampled unclicked items per "
+        "user, NOT full ranking (AUC is still exact)"
+    )
+    small = [name for name, n in sizes.items() if n <= k]
+    if small:
+        line += (
+            f"; {', '.join(small)} ha{'s' if len(small) == 1 else 've'} at most {k} items, so "
+            "every unclicked item is ranked there, as in full ranking"
+        )
+    return line
 
 
 def _nan_to_none(value: Any) -> Any:
