@@ -1246,3 +1246,12 @@ def test_yaml_numbers_read_as_yaml_1_2_and_a_metric_with_leading_zeros(
                       "train.epochs=1", "train.valid_metric=recall@0005")  # fmt: skip
     assert main(argv) == 0
     assert "valid_recall@5" in (out / "log.jsonl").read_text()
+
+
+def test_evaluate_leaves_the_pair_of_files_as_it_was_when_one_cannot_be_written(
+    capsys: pytest.CaptureFixture[str], run_copy: Path, tmp_path: Path
+) -> None:
+    """``metrics.json`` a folder: per_user.parquet was replaced before the error."""
+    (run_copy / "metrics.json").mkdir()
+    fails_cleanly(capsys, ["evaluate", "--run", str(run_copy), "--n", "3"],
+                  "metrics.json: it is a folder", roots=(tmp_path,))  # fmt: skip

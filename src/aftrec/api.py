@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from aftrec.errors import ConfigError, DataError
+from aftrec.errors import ConfigError, DataError, OutputError
 from aftrec.outputs import check_not_owned, check_writable
 
 if TYPE_CHECKING:
@@ -429,6 +429,10 @@ def metrics_path(
     return Path(run) / f"metrics{_suffix(split, sampled_negatives, which)}.json"
 
 
+def _per_user_path(run: PathLike, split: str, sampled_negatives: int | None, which: str) -> Path:
+    return Path(run) / f"per_user{_suffix(split, sampled_negatives, which)}.parquet"
+
+
 def _suffix(split: str, sampled_negatives: int | None, which: str = "best") -> str:
     suffix = "" if split == "test" else f"_{split}"
     suffix += "" if sampled_negatives is None else f"_sampled{sampled_negatives}"
@@ -459,6 +463,13 @@ def evaluate(
         sampled_negatives = _count("--sampled-negatives", sampled_negatives)
     split = _choice("--split", split, ("test", "valid"))
     which = _choice("--which", which, ("best", "last"))
+    targets = (
+        metrics_path(run, split, sampled_negatives, which),
+        _per_user_path(run, split, sampled_negatives, which),
+    )
+    for target in targets:  # a folder was found only at the renames, the other file replaced
+        if target.is_dir():
+            raise OutputError(f"cannot write {target}: it is a folder")
     cfg, data, model = _load(run, which)
     largest = max(data.info.domain_size(d) for d in range(data.info.n_domains))
     if sampled_negatives is not None and sampled_negatives >= largest:
@@ -476,7 +487,7 @@ def evaluate(
         frame = frame.assign(user=users)
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False)
-    per_user = Path(run) / f"per_user{_suffix(split, sampled_negatives, which)}.parquet"
+    per_user = _per_user_path(run, split, sampled_negatives, which)
     # per_user is renamed first and metrics.json last: a failure while either is written
     # leaves the old pair (only one between the two renames would not)
     with atomic_file(metrics_path(run, split, sampled_negatives, which)) as metrics:
