@@ -463,6 +463,7 @@ def evaluate(
         sampled_negatives = _count("--sampled-negatives", sampled_negatives)
     split = _choice("--split", split, ("test", "valid"))
     which = _choice("--which", which, ("best", "last"))
+    run = _path("run", run)
     targets = (
         metrics_path(run, split, sampled_negatives, which),
         _per_user_path(run, split, sampled_negatives, which),
