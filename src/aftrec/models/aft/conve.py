@@ -109,7 +109,7 @@ class ConvE(nn.Module):
             mean = weight @ mu + bias  # (C,)  m_c
             var = ((weight @ cov) * weight).sum(1).clamp(min=0.0)  # (C,)  w_c^T S w_c
             if bn.training and bn.running_mean is not None and bn.running_var is not None:
-                self._update_running(mean.detach(), var.detach() * n / max(n - 1, 1))
+                _update_running(bn, mean.detach(), var.detach() * n / max(n - 1, 1))
         else:
             mean, var = bn.running_mean, bn.running_var
         scale = torch.rsqrt(var + bn.eps)  # (C,)  1 / s_c
@@ -145,9 +145,6 @@ class ConvE(nn.Module):
         if bn.weight is not None and bn.bias is not None:
             y = y * bn.weight + bn.bias
         return y[:, 0]
-
-    def _update_running(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
-        _update_running(self.bn_conv, mean, unbiased_var)
 
 
 def _global_count(n: float, device: torch.device) -> float:
