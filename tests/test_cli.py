@@ -217,6 +217,35 @@ def test_a_repeated_list_option_adds_to_the_first(argv: list[str], dest: str, wa
     assert getattr(build_parser().parse_args(argv), dest) == want
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["train", "--data", "d"], ["nosuch"], ["train", "--data", "d", "--out", "r", "--bogus"],
+     ["serve", "--port", "eighty"], []],
+)  # fmt: skip
+def test_a_bad_command_line_is_one_line(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argparse printed its usage block and then the error; the error is now one line that
+    says where the usage is, as every other error of the command line is one line."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.splitlines()) == 1, captured.err
+    assert "error: " in captured.err and "--help)" in captured.err
+    assert "usage:" not in captured.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "want"),
+    [(["models"], False), (["-v", "models"], True), (["models", "-v"], True),
+     (["train", "--data", "d", "--out", "r", "--verbose"], True)],
+)  # fmt: skip
+def test_verbose_goes_before_or_after_the_command(argv: list[str], want: bool) -> None:
+    assert build_parser().parse_args(argv).verbose is want
+
+
 def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
     import aftrec
 

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from aftrec import __version__, api
 from aftrec.errors import AftrecError, Stopped, TrainingError
@@ -165,11 +165,22 @@ def _demo(args: argparse.Namespace) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a bad command line said in one line, as every other error is: what is
+    wrong and where the usage is, instead of the usage block and then the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+_VERBOSE_HELP = "debug logging"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="aftrec", description=" ".join(__doc__.split("\n\n")[0].split()).replace("``", "")
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     p.add_argument("--version", action="version", version=f"aftrec {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -368,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
             "\n".join(__import__("aftrec.registry", fromlist=["x"]).available_models())
         )
     )
+    for command in sub.choices.values():  # `aftrec train -v ...` as well as `aftrec -v train`
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP
+        )
     return p
 
 
