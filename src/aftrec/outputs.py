@@ -22,6 +22,7 @@ renamed. Readers see the old output or the new one, never half of one.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import fnmatch
 import io
@@ -314,6 +315,12 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+#: errors of a write that no retry in the same place mends: the disk or quota is full, a file
+#: too large, the file system read-only. Other errors inside an output's block may be the
+#: input's, and keep their own message.
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
 @contextmanager
 def atomic_directory(out: Path, replace: bool = True) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``out`` (holding only the :data:`INCOMPLETE`
@@ -332,8 +339,10 @@ def atomic_directory(out: Path, replace: bool = True) -> Iterator[Path]:
         raise output_error(out, exc) from exc
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in _FULL:  # a write into tmp failed
+            raise output_error(out, exc) from exc
         raise
     try:
         _fsync_tree(tmp)

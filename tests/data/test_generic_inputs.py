@@ -120,7 +120,7 @@ def test_nanosecond_clocks_keep_their_order_in_memory_and_are_refused_streaming(
     assert test["timestamp"].tolist() == [1_600_000_000_000_000_500]  # i4, exactly
     fails_cleanly(capsys, ["prepare", "--interactions", str(path), "--items", str(items),
                            "--out", str(tmp_path / "s"), "--streaming"],
-                  "is above 2**53", roots=(tmp_path,))  # fmt: skip
+                  "is beyond +-2**53", roots=(tmp_path,))  # fmt: skip
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
@@ -199,8 +199,8 @@ def test_a_folder_of_csv_parts_asks_for_streaming(
     items = write(ITEMS, tmp_path / "items.csv")
     argv = ["prepare", "--interactions", str(tmp_path / "log"), "--items", str(items),
             "--out", str(tmp_path / "out")]  # fmt: skip
-    fails_cleanly(capsys, argv, "a folder of CSV parts is read with --streaming",
-                  roots=(tmp_path,))  # fmt: skip
+    fails_cleanly(capsys, argv, "a folder of CSV parts is read only as the interactions of "
+                  "`prepare --streaming`", roots=(tmp_path,))  # fmt: skip
 
 
 def test_an_empty_out_is_refused_not_taken_for_the_working_directory(

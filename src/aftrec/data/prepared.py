@@ -235,7 +235,10 @@ def write_items(path: Path, items: pd.DataFrame) -> None:
 def write_users(path: Path, user_ids: np.ndarray, start: int = 0) -> None:
     """Users ``start, start + 1, ...`` with their original ids."""
     idx = np.arange(start, start + len(user_ids), dtype=np.int32)
-    pd.DataFrame({"user_idx": idx, "user": user_ids}).to_parquet(path, index=False)
+    user = pd.Series(user_ids)
+    if user.dtype == object:  # text ids; so typed even with none (an empty partition)
+        user = user.astype("str")
+    pd.DataFrame({"user_idx": idx, "user": user}).to_parquet(path, index=False)
 
 
 def write_parts(paths: dict[str, Path], rows: dict[str, np.ndarray], part: np.ndarray) -> None:

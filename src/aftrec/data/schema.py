@@ -103,10 +103,13 @@ def harmonise_ids(a: pd.Series, b: pd.Series) -> tuple[pd.Series, pd.Series]:
 def _written_integers(text: pd.Series) -> bool:
     """Whether every value is a str that is an int64 written plainly (no leading zero, sign
     only for a negative: "-0" is not 0, or it would become the same item as "0")."""
-    if text.dtype != object or text.isna().any() or len(text) == 0:
-        return False
+    if not pd.api.types.is_string_dtype(text) or text.isna().any() or len(text) == 0:
+        return False  # (object columns of str, as read_table's, or pyarrow's str columns)
     # 18 digits at most: every such number fits int64
     return bool(text.astype("string").str.fullmatch(r"0|-?[1-9][0-9]{0,17}").all())
+
+
+_TICKS_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 
 
 def _numeric(series: pd.Series, column: str, origin: Origin, scope: str = IN_ALL) -> np.ndarray:
@@ -123,9 +126,13 @@ def _numeric(series: pd.Series, column: str, origin: Origin, scope: str = IN_ALL
             )
         if isinstance(series.dtype, pd.DatetimeTZDtype):
             series = series.dt.tz_convert("UTC").dt.tz_localize(None)
-        as_ns = series.astype("datetime64[ns]").to_numpy().astype(np.int64)
-        whole, part = np.divmod(as_ns, 1_000_000_000)
-        return whole.astype(np.float64) + part / 1e9  # whole seconds stay whole
+        # in the series' own unit: nanoseconds end in 2262, a Parquet file's microseconds do not
+        values = series.to_numpy()
+        unit = np.datetime_data(values.dtype)[0]
+        unit = unit if unit in _TICKS_PER_SECOND else "s"
+        ticks = values.astype(f"datetime64[{unit}]").astype(np.int64)
+        whole, part = np.divmod(ticks, _TICKS_PER_SECOND[unit])
+        return whole.astype(np.float64) + part / _TICKS_PER_SECOND[unit]  # whole seconds stay
     if column == "timestamp" and pd.api.types.is_bool_dtype(series):  # (a label may be)
         raise DataError(
             f"{origin.name}: column 'timestamp' holds true/false values; it needs numbers or "

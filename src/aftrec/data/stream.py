@@ -43,6 +43,7 @@ Unlike the in-memory path, a log with several problems reports the first in read
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import shutil
@@ -56,6 +57,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 from tqdm import tqdm
@@ -93,10 +95,12 @@ from aftrec.data.schema import (
     require_unique_columns,
 )
 from aftrec.data.sources.generic import (
+    CSV_COMPRESSION,
     ID_COLUMNS,
     PARQUET_SUFFIXES,
     CsvOrigin,
     check_float_ids,
+    folder_parts,
     header,
     read_table,
     same_columns,
@@ -123,6 +127,8 @@ BATCH_ROWS = 1 << 20  # rows checked and scattered at a time in pass 1
 CSV_BLOCK_BYTES = 1 << 24
 _ROW_BITS = 40  # a row's sequence number: file number << 40 | row in that file
 OPTIONAL_COLUMNS = ("domain", "rating", "label")
+#: a CSV log's columns of numbers, read as text and typed batch by batch (:func:`_as_numbers`)
+NUMBER_COLUMNS = ("timestamp", "rating", "label")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,13 +170,23 @@ class _Log:
         return self._as_read_in_memory(self.dataset.schema.empty_table()).to_pandas()
 
     def estimate_rows(self) -> int:
-        """Rows in the log: exact for Parquet (file footers), from file sizes for CSV."""
+        """Rows in the log: exact for Parquet (file footers); for CSV, from the file sizes and
+        the first file's bytes per line, and a compressed file's lines counted as it is
+        decompressed (its size says little of its rows)."""
         if self.kind == "Parquet":
             return int(self.dataset.count_rows())
-        with open(self.files[0], "rb") as fh:
-            head = fh.read(1 << 20)
-        per_row = len(head) / max(head.count(b"\n"), 1)
-        return math.ceil(sum(f.stat().st_size for f in self.files) / per_row)
+        packed = [f for f in self.files if f.suffix.lower() in CSV_COMPRESSION]
+        plain = [f for f in self.files if f not in packed]
+        rows = 0
+        for file in packed:
+            with CSV_COMPRESSION[file.suffix.lower()](file, "rb") as fh:
+                rows += sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 24), b""))
+        if plain:
+            with open(plain[0], "rb") as fh:
+                head = fh.read(1 << 20)
+            per_row = len(head) / max(head.count(b"\n"), 1)
+            rows += math.ceil(sum(f.stat().st_size for f in plain) / per_row)
+        return rows
 
     def tables(self) -> Iterator[tuple[int, int, pa.Table, str]]:
         """(file number, first row in the file, rows, which rows the "bad row(s)" counts of
@@ -204,16 +220,15 @@ class _Log:
                 if n >= BATCH_ROWS:
                     yield pa.Table.from_batches(pending)
                     pending, n = [], 0
-        except (pa.ArrowException, OSError) as exc:
+        except (pa.ArrowException, OSError, EOFError) as exc:
             raise DataError(f"{self.files[number]}: cannot be read as {self.kind}: {exc}") from exc
         if pending:
             yield pa.Table.from_batches(pending)
 
     def _as_read_in_memory(self, table: pa.Table) -> pa.Table:
         """Ids as text, as :func:`~aftrec.data.sources.generic.read_table` reads them (a
-        whole float as an integer: pyarrow writes 1.0 as "1"); and pyarrow parses ISO dates in
-        a CSV, pandas does not: such timestamps go back to text, so that they are refused as
-        in memory (timestamps are numbers)."""
+        whole float as an integer: pyarrow writes 1.0 as "1"); a CSV log's numbers typed as
+        pandas types them (:func:`_as_numbers`)."""
         for name in ID_COLUMNS:  # as read_table reads them (ids_as_read)
             index = table.schema.get_field_index(name)
             if index < 0 or pa.types.is_string(table.schema.field(index).type):
@@ -225,14 +240,50 @@ class _Log:
             if name != "domain" and pa.types.is_floating(column.type):
                 # the integers they stand for (a missing one is reported as such)
                 check_float_ids(column.to_numpy(zero_copy_only=False), name, str(self.path))
-                table = table.set_column(index, name, column.cast(pa.int64()))
-                continue
+                if not pc.any(pc.is_nan(column)).as_py():
+                    table = table.set_column(index, name, column.cast(pa.int64()))
+                    continue
+                column = pc.if_else(pc.is_nan(column), None, column).cast(pa.int64())
             table = table.set_column(index, name, column.cast(pa.string()))
-        column = table.column("timestamp")
-        if self.kind != "CSV" or not pa.types.is_temporal(column.type):
-            return table
-        index = table.schema.get_field_index("timestamp")
-        return table.set_column(index, "timestamp", column.cast(pa.string()))
+        if self.kind == "CSV":
+            for name in NUMBER_COLUMNS:
+                index = table.schema.get_field_index(name)
+                if index >= 0:
+                    table = table.set_column(index, name, _as_numbers(table.column(index)))
+        return table
+
+
+def _as_numbers(column: pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """A CSV column read as text, typed as pandas' ``read_csv`` types a whole column: int64 if
+    every value is an integer, else float64 or bool, else text, which the checks then refuse as
+    in memory. pyarrow would infer one type from the first block or part and refuse a 4.5 in a
+    later one; here each batch is typed on its own (timestamps meet as float64 in the buckets).
+
+    Integers take pyarrow's cast (it reads hexadecimal, which pandas does not, so text with an
+    x is left to pandas); anything else is parsed by pandas' own reader, each value quoted so
+    that a comma or line break in it stays inside its field."""
+    if not len(column):
+        return column
+    if not pc.any(pc.match_substring(column, "x", ignore_case=True)).as_py():
+        try:
+            return column.cast(pa.int64())
+        except pa.ArrowInvalid:
+            pass
+    quoted = pc.binary_join_element_wise('"', pc.replace_substring(column, '"', '""'), '"', "")
+    flat = pc.fill_null(quoted, "").combine_chunks()
+    whole = pa.ListArray.from_arrays(pa.array([0, len(flat)], pa.int32()), flat)
+    values = pd.read_csv(
+        io.StringIO(pc.binary_join(whole, "\n")[0].as_py()),
+        header=None, names=["v"], keep_default_na=False, na_values=[""],
+        skip_blank_lines=False, low_memory=False,
+    )["v"]  # fmt: skip
+    if values.dtype == "str":
+        values = values.astype(object)
+    try:
+        return pa.array(values, from_pandas=True)
+    except (pa.ArrowException, OverflowError):  # integers beyond int64, as Python ints: the
+        # checks refuse them as in memory, where they are those ints (a rare path, one loop)
+        return pa.array([None if pd.isna(v) else str(v) for v in values], pa.string())
 
 
 def _list_files(path: Path) -> tuple[list[Path], str]:
@@ -241,18 +292,7 @@ def _list_files(path: Path) -> tuple[list[Path], str]:
         raise DataError(f"{path}: no such file")
     if path.is_file():
         return [path], "Parquet" if path.suffix.lower() in PARQUET_SUFFIXES else "CSV"
-    found = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file() and not any(s.startswith((".", "_")) for s in p.relative_to(path).parts)
-    )
-    parquet = [p for p in found if p.suffix.lower() in PARQUET_SUFFIXES]
-    csv = [p for p in found if p.suffix.lower() == ".csv"]
-    if parquet and csv:
-        raise DataError(f"{path}: the folder mixes Parquet and CSV parts; keep one kind")
-    if not parquet and not csv:
-        raise DataError(f"{path}: no Parquet (.parquet, .pq) or CSV (.csv) parts in this folder")
-    return (parquet, "Parquet") if parquet else (csv, "CSV")
+    return folder_parts(path)
 
 
 def _open_log(path: Path, files: list[Path], kind: str) -> _Log:
@@ -265,7 +305,7 @@ def _open_log(path: Path, files: list[Path], kind: str) -> _Log:
             parse_options=pacsv.ParseOptions(newlines_in_values=True),  # quoted line breaks
             # ids as written ("007"), and only an empty field missing, as read_table reads them
             convert_options=pacsv.ConvertOptions(
-                column_types=dict.fromkeys(ID_COLUMNS, pa.string()),
+                column_types=dict.fromkeys((*ID_COLUMNS, *NUMBER_COLUMNS), pa.string()),
                 strings_can_be_null=True,
                 null_values=[""],
             ),
@@ -306,8 +346,15 @@ class _Catalogue:
     """The item catalogue, numbered as format 1 numbers it, with lookups for batches."""
 
     def __init__(self, items: pd.DataFrame, log_items: pd.Series, origin: Origin) -> None:
-        # item ids get the type they would have in memory, where the whole log is one column
-        _, cat_item = harmonise_ids(log_items, items["item"])
+        # item ids get the type they would have in memory, where the whole log is one column.
+        # Text ids in the log against an integer catalogue: in memory, ids all written as
+        # integers are compared as integers, and any other text id matches no catalogue item
+        # (a catalogue integer as text is written plainly), so the integers are kept here and
+        # such an id is reported as unknown by `locate`
+        if pd.api.types.is_string_dtype(log_items) and pd.api.types.is_integer_dtype(items["item"]):
+            cat_item = items["item"].astype(np.int64)
+        else:
+            _, cat_item = harmonise_ids(log_items, items["item"])
         self.domains = [str(d) for d in sorted(items["domain"].unique())]
         self.items = encode_items(items.assign(item=cat_item), self.domains)
         self.index = pd.Index(self.items["item"])
@@ -315,16 +362,22 @@ class _Catalogue:
         self.item_domain = self.items["domain_idx"].to_numpy()
         self.origin = origin
 
-    def ids(self, item: pd.Series, origin: Origin) -> pd.Series:
-        """A batch's item ids in the catalogue's type."""
+    def locate(self, frame: pd.DataFrame, origin: Origin, scope: str) -> np.ndarray:
+        """Each row's ``item_idx`` (:func:`~aftrec.data.schema.locate_items`), the batch's ids
+        taken in the catalogue's type."""
         like = pd.Series([], dtype=self.index.dtype)
-        batch_item, cat_item = harmonise_ids(item, like)
+        batch_item, cat_item = harmonise_ids(frame["item"], like)
+        index = self.index
         if cat_item.dtype != like.dtype:
-            raise DataError(
-                f"{origin.name}: column 'item' holds {item.dtype} ids here, "
-                f"not the {like.dtype} ids of the rest of the log"
-            )
-        return batch_item
+            if like.dtype != np.int64 or not pd.api.types.is_string_dtype(batch_item):
+                raise DataError(
+                    f"{origin.name}: column 'item' holds {frame['item'].dtype} ids here, "
+                    f"not the {like.dtype} ids of the rest of the log"
+                )
+            index = self.index.astype(str)  # a text id that is no plain integer is unknown
+        return locate_items(
+            frame.assign(item=batch_item), index, self.domain_names, origin, self.origin, scope
+        )
 
 
 def _user_kind(users: pd.Series) -> str:
@@ -393,18 +446,16 @@ def _scatter(
             n = table.num_rows
             origin = _ShiftedOrigin(log_.origins[number], offset)
             frame = check_values(table.to_pandas(), origin, scope)
-            frame["item"] = catalogue.ids(frame["item"], origin)
-            item_idx = locate_items(
-                frame, catalogue.index, catalogue.domain_names, origin, catalogue.origin, scope
-            ).astype(np.int32)
+            item_idx = catalogue.locate(frame, origin, scope).astype(np.int32)
             positive = positive_mask(frame, split.rating_threshold)
             if positive is None:
                 positive = np.ones(n, dtype=bool)
             exact = frame["timestamp"].to_numpy()
-            if exact.dtype.kind in "iu" and len(exact) and np.abs(exact).max() > FLOAT_EXACT:
-                i = int(np.argmax(np.abs(exact) > FLOAT_EXACT))
+            far = (exact > FLOAT_EXACT) | (exact < -FLOAT_EXACT)  # not np.abs: -2**63 stays < 0
+            if exact.dtype.kind in "iu" and far.any():
+                i = int(np.argmax(far))
                 raise DataError(
-                    f"{origin.row(i)}: timestamp {int(exact[i])} is above 2**53, where the "
+                    f"{origin.row(i)}: timestamp {int(exact[i])} is beyond +-2**53, where the "
                     "float64 timestamps of --streaming lose their order; give them in a coarser "
                     "unit (seconds), or prepare without --streaming"
                 )

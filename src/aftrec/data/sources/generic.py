@@ -3,16 +3,19 @@
 Interactions: columns ``user``, ``item``, ``timestamp``, optional ``domain`` (checked against
 the catalogue) and optional ``rating`` or ``label``. Items: columns ``item``, ``domain``.
 A file ending in ``.parquet`` / ``.pq`` (or a folder of Parquet parts) is read with pyarrow;
-anything else is read as CSV with a header line.
+anything else is read as CSV with a header line (``.gz`` and ``.bz2`` files decompressed).
 """
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -23,6 +26,9 @@ from aftrec.data.schema import Origin, RawLog, require_unique_columns
 from aftrec.errors import DataError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
+#: compressed CSV files, by suffix: the ones pandas, pyarrow and the standard library all open
+CSV_COMPRESSION: dict[str, Callable[..., IO[Any]]] = {".gz": gzip.open, ".bz2": bz2.open}
+CSV_SUFFIXES = (".csv", *(".csv" + s for s in CSV_COMPRESSION))
 #: columns read as text whatever the file's type for them (ids and domain names)
 ID_COLUMNS = ("user", "item", "domain")
 
@@ -42,10 +48,17 @@ class CsvOrigin(Origin):
         return f"{self.name}, line {index + 2 if line is None else line}"
 
 
+def open_csv_text(path: Path) -> IO[str]:
+    """A CSV file as text, decompressed by its suffix (:data:`CSV_COMPRESSION`), without a
+    UTF-8 byte-order mark (pandas and pyarrow drop it from the first column's name too)."""
+    opener = CSV_COMPRESSION.get(Path(path).suffix.lower(), open)
+    return opener(path, "rt", newline="", encoding="utf-8-sig", errors="replace")
+
+
 def _csv_line(path: Path, index: int) -> int | None:
     """First line of data row ``index`` (0-based, blank lines skipped as pandas does)."""
     try:
-        with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        with open_csv_text(path) as fh:
             reader = csv.reader(fh)
             row = -2  # the header is row -1
             start = 1
@@ -55,7 +68,7 @@ def _csv_line(path: Path, index: int) -> int | None:
                     if row == index:
                         return start
                 start = reader.line_num + 1
-    except (OSError, csv.Error):
+    except (OSError, EOFError, csv.Error):
         return None
     return None
 
@@ -74,14 +87,12 @@ def read_table(path: Path) -> tuple[pd.DataFrame, Origin]:
         names = header(path)
         require_unique_columns(names, str(path))
         if path.is_dir() or path.suffix.lower() in PARQUET_SUFFIXES:
-            parts = parquet_parts(path) if path.is_dir() else [path]
-            if path.is_dir() and not parts:
-                if any(p.suffix.lower() == ".csv" for p in path.rglob("*")):
-                    raise DataError(
-                        f"{path}: a folder of CSV parts is read with --streaming; pass it, or "
-                        "give one CSV file"
-                    )
-                raise DataError(f"{path}: no Parquet (.parquet, .pq) parts in this folder")
+            parts, kind = folder_parts(path) if path.is_dir() else ([path], "Parquet")
+            if kind == "CSV":
+                raise DataError(
+                    f"{path}: a folder of CSV parts is read only as the interactions of "
+                    "`prepare --streaming`; give one CSV file, or Parquet parts"
+                )
             same_columns(parts)
             table = pq.read_table([str(p) for p in parts]) if len(parts) > 1 else None
             frame = table.to_pandas() if table is not None else pd.read_parquet(parts[0])
@@ -158,6 +169,35 @@ def check_float_ids(values: np.ndarray, column: str, name: str) -> None:
         )
 
 
+def folder_parts(folder: Path) -> tuple[list[Path], str]:
+    """A folder's parts in name order and their kind, "Parquet" (``.parquet``, ``.pq``) or
+    "CSV" (:data:`CSV_SUFFIXES`), any case. Names starting with ``.`` or ``_`` (Spark's
+    ``_SUCCESS``, a writer's temporary) are skipped; any other file is refused, not skipped,
+    so that no part is left out of the data unseen."""
+    found = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(s.startswith((".", "_")) for s in p.relative_to(folder).parts)
+    )
+    parquet = [p for p in found if p.suffix.lower() in PARQUET_SUFFIXES]
+    text = [p for p in found if p.name.lower().endswith(CSV_SUFFIXES)]
+    other = [p for p in found if p not in parquet and p not in text]
+    if other:
+        raise DataError(
+            f"{other[0]}: neither a Parquet (.parquet, .pq) nor a CSV ({', '.join(CSV_SUFFIXES)}) "
+            f"part ({len(other)} such file(s) in {folder}); move it out, or give it a name "
+            "starting with '.' or '_' to skip it"
+        )
+    if parquet and text:
+        raise DataError(f"{folder}: the folder mixes Parquet and CSV parts; keep one kind")
+    if not found:
+        raise DataError(
+            f"{folder}: no Parquet (.parquet, .pq) or CSV ({', '.join(CSV_SUFFIXES)}) parts in "
+            "this folder"
+        )
+    return (parquet, "Parquet") if parquet else (text, "CSV")
+
+
 def parquet_parts(folder: Path) -> list[Path]:
     """The Parquet parts of a folder (``.parquet`` or ``.pq``, any case), in name order; names
     starting with ``.`` or ``_`` (Spark's ``_SUCCESS``, a writer's temporary) are skipped."""
@@ -217,10 +257,13 @@ def header(path: Path) -> list[str]:
             return list(pq.read_schema(files[0]).names)
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"{files[0]}: cannot be read as Parquet: {exc}") from exc
-    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-        for record in csv.reader(fh):
-            if record:
-                return record
+    try:
+        with open_csv_text(path) as fh:
+            for record in csv.reader(fh):
+                if record:
+                    return record
+    except (OSError, EOFError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot be read as CSV: {exc}") from exc
     return []
 
 

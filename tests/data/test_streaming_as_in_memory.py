@@ -1,0 +1,238 @@
+"""``prepare --streaming`` reads what the in-memory path reads, the same way, where the log
+is read in pieces: a column's numbers typed per batch rather than by the first block, text ids
+meeting an integer catalogue, compressed parts, a byte-order mark in one part only, dates
+past 2262, empty partitions; and what neither path may do: skip a file of a folder unseen,
+or end a full disk in a traceback."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from aftrec.cli import main
+from aftrec.data import stream
+from aftrec.data.stream import _list_files, _open_log
+from aftrec.errors import OutputError
+from aftrec.outputs import atomic_directory
+from tests.inputs import fails_cleanly, write
+from tests.test_prepare_stream import files, rows
+
+ITEMS = pd.DataFrame({"item": [f"i{k}" for k in range(6)], "domain": ["A"] * 3 + ["B"] * 3})
+
+
+def _log(n_users: int = 20, seed: int = 0) -> pd.DataFrame:
+    """Every user clicks the six items in a random order, with ratings 1..5."""
+    rng = np.random.default_rng(seed)
+    frames = [
+        pd.DataFrame(
+            {
+                "user": f"u{u}",
+                "item": [f"i{k}" for k in rng.permutation(6)],
+                "timestamp": 1_000 + 10 * u + np.arange(6),
+                "rating": rng.integers(1, 6, 6),
+            }
+        )
+        for u in range(n_users)
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _prepare(log: Path, items: Path, out: Path, *flags: str) -> pd.DataFrame:
+    argv = ["prepare", "--interactions", str(log), "--items", str(items), "--out", str(out),
+            "--min-positives", "1", *flags]  # fmt: skip
+    assert main(argv) == 0
+    return rows(out)
+
+
+def _both(log: Path, whole: Path, items: Path, tmp_path: Path) -> None:
+    """``whole`` (one file) in memory and ``log`` streamed give the same rows and items."""
+    memory = _prepare(whole, items, tmp_path / "memory")
+    streamed = _prepare(log, items, tmp_path / "streamed", "--streaming", "--partition-rows", "7")
+    pd.testing.assert_frame_equal(streamed, memory)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "streamed" / "items.parquet"),
+        pd.read_parquet(tmp_path / "memory" / "items.parquet"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("column", "later"),
+    [("timestamp", lambda t: t + 0.5), ("rating", lambda r: r - 0.5),
+     ("label", lambda x: x.astype(float))],
+)  # fmt: skip
+def test_a_later_part_may_hold_other_numbers(
+    tmp_path: Path, column: str, later: Callable[[np.ndarray], np.ndarray]
+) -> None:
+    """pyarrow typed a column from the first part and refused the second's 4.5 (or its
+    fractional times, or labels written 1.0), where pandas reads the file whole."""
+    log = _log()
+    if column == "label":
+        log = log.drop(columns="rating").assign(label=(log["rating"] >= 3).astype(int))
+    first, second = log.iloc[:60].copy(), log.iloc[60:].copy()
+    second[column] = later(second[column].to_numpy())
+    folder = tmp_path / "parts"
+    write(first, folder / "part-0.csv")
+    write(second, folder / "part-1.csv")
+    whole = write(pd.concat([first, second], ignore_index=True), tmp_path / "whole.csv")
+    _both(folder, whole, write(ITEMS, tmp_path / "items.csv"), tmp_path)
+
+
+def test_a_later_block_of_one_file_may_hold_other_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same within one CSV file, past pyarrow's first block."""
+    monkeypatch.setattr(stream, "CSV_BLOCK_BYTES", 512)
+    monkeypatch.setattr(stream, "BATCH_ROWS", 16)
+    log = _log(40).astype({"timestamp": float})
+    log.loc[200:, "timestamp"] += 0.25
+    whole = write(log, tmp_path / "log.csv")
+    _both(whole, whole, write(ITEMS, tmp_path / "items.csv"), tmp_path)
+
+
+def test_text_item_ids_meet_an_integer_catalogue_as_in_memory(tmp_path: Path) -> None:
+    """A CSV log's ids 2, 9, 10 against a Parquet catalogue's integers are those integers, so
+    the items are numbered 2 < 9 < 10 (not as text, "10" < "2"), and ties in time are broken
+    by that numbering alike."""
+    ids = [2, 9, 10, 11, 12, 13]
+    items = write(pd.DataFrame({"item": ids, "domain": ["A"] * 6}), tmp_path / "items.parquet")
+    log = pd.DataFrame({"user": "u1", "item": [str(i) for i in ids], "timestamp": 100})
+    path = write(log, tmp_path / "log.csv")
+    _both(path, path, items, tmp_path)
+    assert pd.read_parquet(tmp_path / "streamed" / "items.parquet")["item"].tolist() == ids
+
+
+def test_a_text_id_that_is_no_plain_integer_is_unknown_to_an_integer_catalogue(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    items = write(pd.DataFrame({"item": range(6), "domain": ["A"] * 6}), tmp_path / "items.parquet")
+    log = pd.DataFrame({"user": "u1", "item": ["1", "2", "007"], "timestamp": [1, 2, 3]})
+    argv = ["prepare", "--interactions", str(write(log, tmp_path / "log.csv")),
+            "--items", str(items), "--out", str(tmp_path / "o"), "--streaming"]  # fmt: skip
+    fails_cleanly(capsys, argv, "item '007' is not in the item catalogue", roots=(tmp_path,))
+
+
+def test_compressed_parts_are_read_and_counted(tmp_path: Path) -> None:
+    """A folder's ``.csv.gz`` part is read, not skipped, and its rows are counted from what
+    it holds (its size would say 1/3 of them, and one partition would take them all)."""
+    log = _log(60)
+    folder = tmp_path / "parts"
+    write(log.iloc[:120], folder / "part-0.csv")
+    with gzip.open(folder / "part-1.csv.gz", "wt", newline="") as fh:
+        log.iloc[120:].to_csv(fh, index=False)
+    whole = write(log, tmp_path / "whole.csv")
+    _both(folder, whole, write(ITEMS, tmp_path / "items.csv"), tmp_path)
+    files_, kind = _list_files(folder)
+    estimate = _open_log(folder, files_, kind).estimate_rows()
+    assert len(log) <= estimate <= len(log) * 1.1
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+def test_a_folder_s_stray_file_is_refused_not_skipped(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, streaming: bool
+) -> None:
+    """A part named ``.txt`` was left out of the data with exit 0."""
+    folder = tmp_path / "parts"
+    log = _log()
+    suffix = ".csv" if streaming else ".parquet"
+    write(log.iloc[:60], folder / f"part-0{suffix}")
+    log.iloc[60:].to_csv(folder / "part-1.txt", index=False)
+    (folder / "_SUCCESS").write_text("")  # a marker, skipped as before
+    argv = ["prepare", "--interactions", str(folder), "--items",
+            str(write(ITEMS, tmp_path / "items.csv")), "--out", str(tmp_path / "o"),
+            *(["--streaming"] if streaming else [])]  # fmt: skip
+    fails_cleanly(capsys, argv, "part-1.txt: neither a Parquet", roots=(tmp_path,))
+
+
+def test_a_byte_order_mark_in_one_part_only(tmp_path: Path) -> None:
+    log = _log()
+    folder = tmp_path / "parts"
+    write(log.iloc[:60], folder / "part-0.csv")
+    text = log.iloc[60:].to_csv(index=False)
+    (folder / "part-1.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    whole = write(log, tmp_path / "whole.csv")
+    _both(folder, whole, write(ITEMS, tmp_path / "items.csv"), tmp_path)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+def test_a_float_id_that_is_nan_is_missing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, streaming: bool
+) -> None:
+    """A NaN (not a null) in a Parquet file's float user ids was a pyarrow traceback."""
+    log = _log().assign(user=lambda f: f["user"].str[1:].astype(float))
+    log.loc[4, "user"] = np.nan
+    table = pa.Table.from_pandas(log, preserve_index=False)
+    nan = pa.array(log["user"].to_numpy(), pa.float64())  # a NaN, where from_pandas writes null
+    table = table.set_column(table.schema.get_field_index("user"), "user", nan)
+    assert pa.compute.sum(pa.compute.is_nan(table["user"])).as_py() == 1
+    pq.write_table(table, tmp_path / "log.parquet")
+    argv = ["prepare", "--interactions", str(tmp_path / "log.parquet"), "--items",
+            str(write(ITEMS, tmp_path / "items.csv")), "--out", str(tmp_path / "o"),
+            *(["--streaming"] if streaming else [])]  # fmt: skip
+    fails_cleanly(capsys, argv, "row 4: missing 'user'", roots=(tmp_path,))
+
+
+def test_dates_past_2262_are_read(tmp_path: Path) -> None:
+    """A Parquet file's microsecond times past the nanosecond clock's end (2262) were a
+    pandas OutOfBoundsDatetime traceback, in memory and streaming."""
+    log = _log()
+    start = np.datetime64("2500-01-01T00:00:00", "us")
+    log["timestamp"] = start + log["timestamp"].to_numpy() * np.timedelta64(1, "s")
+    micro = pa.array(log["timestamp"].to_numpy(), pa.timestamp("us"))
+    table = pa.table({**{c: log[c] for c in ("user", "item", "rating")}, "timestamp": micro})
+    pq.write_table(table, tmp_path / "log.parquet")
+    path = tmp_path / "log.parquet"
+    _both(path, path, write(ITEMS, tmp_path / "items.csv"), tmp_path)
+    seconds = (start - np.datetime64(0, "s")) // np.timedelta64(1, "s")  # 16,725,225,600
+    times = rows(tmp_path / "memory")["timestamp"] - seconds
+    assert times.between(1_000, 1_000 + 10 * 20).all()
+
+
+def test_empty_partitions_keep_the_user_ids_type(tmp_path: Path) -> None:
+    """Most of 60 partitions of 120 rows are empty; their users file had a column of type
+    null, and the users read back as objects, not text."""
+    path = write(_log(), tmp_path / "log.csv")
+    out = tmp_path / "o"
+    items = write(ITEMS, tmp_path / "i.csv")
+    argv = ["prepare", "--interactions", str(path), "--items", str(items), "--out", str(out),
+            "--min-positives", "1", "--streaming", "--partition-rows", "2"]  # fmt: skip
+    assert main(argv) == 0
+    types = {pq.read_schema(f).field("user").type for f in files(out, "users")}
+    assert types == {pa.string()} or types == {pa.large_string()}
+    assert len(files(out, "users")) > 40  # more partitions than users: some are empty
+
+
+def test_the_most_negative_timestamp_is_refused_streaming(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """np.abs(-2**63) is -2**63, which passed the check against 2**53."""
+    log = _log().astype({"timestamp": np.int64})
+    log.loc[3, "timestamp"] = np.iinfo(np.int64).min
+    argv = ["prepare", "--interactions", str(write(log, tmp_path / "log.parquet")), "--items",
+            str(write(ITEMS, tmp_path / "items.csv")), "--out", str(tmp_path / "o"),
+            "--streaming"]  # fmt: skip
+    fails_cleanly(capsys, argv, "beyond +-2**53", roots=(tmp_path,))
+
+
+def test_a_full_disk_is_one_line(tmp_path: Path) -> None:
+    """A write that fails for want of space inside the output's block was a traceback (seven
+    chained ones from --streaming's bucket writers); it is the output's error now, and the
+    temporary folder is gone. Another error keeps its own type: it may be the input's."""
+    out = tmp_path / "out"
+    with (
+        pytest.raises(OutputError, match=r"cannot write .*out: .*No space left"),
+        atomic_directory(out) as tmp,
+    ):
+        (tmp / "a").write_text("x")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError), atomic_directory(out):
+        raise FileNotFoundError(errno.ENOENT, "no such input")
+    assert list(tmp_path.iterdir()) == []
