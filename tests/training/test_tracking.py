@@ -128,3 +128,17 @@ def test_tracker_is_checked_and_is_not_part_of_the_run() -> None:
     plain, tracked = resolve("pop"), resolve("pop", overrides=["train.tracker=mlflow"])
     assert tracked.runtime.tracker == "mlflow" and "tracker: mlflow" in dump(tracked)
     assert run_identity(plain.to_dict()) == run_identity(tracked.to_dict())  # reproduce: same run
+
+
+def test_a_refused_train_leaves_the_folder_as_it_found_it(
+    tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file named as a tracker's folder, and no run: refused, and no run.lock left behind
+    (the trainer takes the lock before it looks)."""
+    run = tmp_path / "d1"
+    run.mkdir()
+    (run / TENSORBOARD).touch()
+    argv = ["train", "--data", str(tiny_dir), "--model", "two-tower", "--out", str(run),
+            "--quiet", "--set", *FAST, "train.tracker=tensorboard"]  # fmt: skip
+    fails_cleanly(capsys, argv, "holds tensorboard but no run", roots=(tmp_path,))
+    assert sorted(p.name for p in run.iterdir()) == [TENSORBOARD]

@@ -98,37 +98,44 @@ def train(
 
     One process at a time trains a run: the main process holds ``out/run.lock`` throughout,
     and a second ``train`` of the same run (a fresh one or ``--resume``) is refused with
-    :class:`~aftrec.errors.OutputError`."""
+    :class:`~aftrec.errors.OutputError`. A command that is refused or fails removes the lock
+    file if it created it."""
     out = Path(out)
     if not ctx.main:  # rank 0 holds the lock for the job
         return _train(data_dir, cfg, out, resume, progress, ctx, resume_set)
     created = not out.exists()
     make_dirs(out)
-    before: set[str] | None = None  # the folder's names when this process took the lock
+    # a command refused or failed leaves no lock file it created: the folder as it found it
+    lock_ours = not (out / rundir.LOCK).exists()
     try:
         with held(out, rundir.LOCK, f"{out}: another process is training this run"):
-            before = {p.name for p in out.iterdir()}
-            return _train(data_dir, cfg, out, resume, progress, ctx, resume_set)
+            before = {p.name for p in out.iterdir()}  # the folder's names under the lock
+            try:
+                return _train(data_dir, cfg, out, resume, progress, ctx, resume_set)
+            except BaseException:
+                _remove_new(out, before, resume)
+                if lock_ours:  # removed while held: no second process takes a lost one
+                    (out / rundir.LOCK).unlink(missing_ok=True)
+                raise
     except BaseException:
-        # a new run that failed or stopped before its first checkpoint leaves nothing of its
-        # own (its config and log alone were a folder --resume refused and train wanted
-        # empty); what was there before it stays
-        if (
-            before is not None
-            and not resume
-            and not (out / rundir.LAST).exists()
-            and not (out / rundir.BEST).exists()
-        ):
-            for p in out.iterdir():
-                if p.name in before:
-                    continue
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
         if created and [p.name for p in out.iterdir()] in ([], [rundir.LOCK]):
             shutil.rmtree(out, ignore_errors=True)  # nothing left of it: no folder either
         raise
+
+
+def _remove_new(out: Path, before: set[str], resume: bool) -> None:
+    """A new run that failed or stopped before its first checkpoint leaves nothing of its
+    own (its config and log alone were a folder --resume refused and train wanted empty);
+    what was there before it (``before``) stays."""
+    if resume or (out / rundir.LAST).exists() or (out / rundir.BEST).exists():
+        return
+    for p in out.iterdir():
+        if p.name in before:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def _train(
