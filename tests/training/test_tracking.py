@@ -142,3 +142,19 @@ def test_a_refused_train_leaves_the_folder_as_it_found_it(
             "--quiet", "--set", *FAST, "train.tracker=tensorboard"]  # fmt: skip
     fails_cleanly(capsys, argv, "holds tensorboard but no run", roots=(tmp_path,))
     assert sorted(p.name for p in run.iterdir()) == [TENSORBOARD]
+
+
+def test_mlflow_file_store_turned_off_in_the_environment_is_one_error_line(
+    tiny_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MLflow 3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE allows it: a user's own
+    ``false`` is kept and refused before the run writes anything, not a 50-line traceback."""
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "false")
+    argv = ["train", "--data", str(tiny_dir), "--model", "two-tower", "--out",
+            str(tmp_path / "r"), "--quiet", "--set", *FAST, "train.tracker=mlflow"]  # fmt: skip
+    fails_cleanly(capsys, argv, "MLFLOW_ALLOW_FILE_STORE='false'", roots=(tmp_path,))
+    assert not (tmp_path / "r").exists()

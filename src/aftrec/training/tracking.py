@@ -8,7 +8,9 @@ directory (:data:`aftrec.training.rundir.TENSORBOARD`, :data:`~aftrec.training.r
 * ``mlflow``: a local MLflow file store, experiment ``aftrec``, one MLflow run per aftrec run
   (``--resume`` continues it); the config as flattened params and the artifact
   ``config.yaml`` (``mlflow ui --backend-store-uri RUN/mlruns``). MLflow 3 keeps the file store
-  behind ``MLFLOW_ALLOW_FILE_STORE``; it is set (if unset) for this process.
+  behind ``MLFLOW_ALLOW_FILE_STORE``: unset, it is set to ``true`` for this process; set to
+  anything else than ``true`` or ``1`` (the user turned the file store off), the run is
+  refused before it writes anything, with one ``error:`` line.
 
 Each epoch's scalars are named ``train/<loss>``, ``valid/<metric>`` (``valid/recall@50``),
 ``health/<figure>`` (``health/distinct_share/<domain>`` for per-domain figures),
@@ -33,6 +35,8 @@ from aftrec.config import RunConfig, TrackerKind, dump
 from aftrec.errors import ConfigError
 
 EXTRA = "pip install 'aftrec[tracking]'"
+#: MLflow 3's switch of its file store (off unless set)
+ALLOW_FILE_STORE = "MLFLOW_ALLOW_FILE_STORE"
 
 
 def scalars(entry: dict[str, Any], losses: Iterable[str], metric: str | None) -> dict[str, float]:
@@ -101,7 +105,7 @@ class MLflowTracker(Tracker):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        os.environ.setdefault(ALLOW_FILE_STORE, "true")  # check() refused any other value
         self.client = MlflowClient(tracking_uri=folder.resolve().as_uri())
         exp = self.client.get_experiment_by_name(self.EXPERIMENT)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(self.EXPERIMENT)
@@ -145,10 +149,19 @@ def _mlflow_name(name: str) -> str:
 
 
 def check(kind: TrackerKind) -> None:
-    """Raise :class:`ConfigError` (one line) when ``kind``'s package is not installed; called
-    before a run writes anything."""
+    """Raise :class:`ConfigError` (one line) when ``kind``'s package is not installed, or, for
+    ``mlflow``, when the environment turns MLflow's file store off; called before a run writes
+    anything."""
     if kind == "none":
         return
+    allow = os.environ.get(ALLOW_FILE_STORE)
+    if kind == "mlflow" and allow is not None and allow.lower() not in ("true", "1"):
+        # the user's own setting is kept: aftrec's MLflow tracker has only the file store
+        raise ConfigError(
+            f"train.tracker=mlflow writes a local MLflow file store, which "
+            f"{ALLOW_FILE_STORE}={allow!r} in the environment turns off: unset it or set it "
+            "to true (or choose another train.tracker)"
+        )
     try:
         if kind == "tensorboard":
             import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
