@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,38 @@ def test_mlflow_file_store_turned_off_in_the_environment_is_one_error_line(
             str(tmp_path / "r"), "--quiet", "--set", *FAST, "train.tracker=mlflow"]  # fmt: skip
     fails_cleanly(capsys, argv, "MLFLOW_ALLOW_FILE_STORE='false'", roots=(tmp_path,))
     assert not (tmp_path / "r").exists()
+
+
+def test_mlflow_names_every_domain_apart(tmp_path: Path) -> None:
+    """Domain names MLflow refuses (``..``, a ``/`` at the end) crashed the run after epoch 1;
+    ``a&b`` and ``a_b`` were one metric, mixing two domains; ``Dráma ü`` lost its letters.
+    Each domain has its own MLflow name, the same in every epoch."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from aftrec.training.tracking import MLflowTracker
+
+    domains = ["a&b", "a_b", "a/b", "a", "..", "Sci-Fi/", "Dráma ü", "Drama", "drama"]
+    tracker = MLflowTracker(tmp_path / MLFLOW, resolve("pop"), resume=False)
+    for epoch in (1, 2):
+        share = {d: epoch + i / 10 for i, d in enumerate(domains)}
+        tracker.log_epoch(epoch, {"health": {"distinct_share": share}}, (), None)
+    tracker.close()
+    client = MlflowClient(tracking_uri=(tmp_path / MLFLOW).resolve().as_uri())
+    (mrun,) = client.search_runs([client.get_experiment_by_name("aftrec").experiment_id])
+    names = sorted(mrun.data.metrics)
+    assert len(names) == len(domains)
+    values = {}
+    for name in names:
+        history = client.get_metric_history(mrun.info.run_id, name)
+        assert [m.step for m in history] == [1, 2]
+        values[round(history[0].value, 6)] = name
+    by_domain = {d: values[round(1 + i / 10, 6)] for i, d in enumerate(domains)}
+    prefix = "health/distinct_share/"
+    assert by_domain["a"] == prefix + "a"
+    assert by_domain[".."] == prefix + "__"
+    assert by_domain["Sci-Fi/"] == prefix + "Sci-Fi_"
+    assert by_domain["Dráma ü"] == prefix + "Dráma ü"
+    for d in ("a&b", "a_b", "a/b"):  # the same once written as MLflow takes it: each apart
+        assert re.fullmatch(prefix + r"a_b_[0-9a-f]{8}", by_domain[d]), by_domain[d]
+    assert by_domain["Drama"].lower() != by_domain["drama"].lower()

@@ -15,8 +15,14 @@ directory (:data:`aftrec.training.rundir.TENSORBOARD`, :data:`~aftrec.training.r
 Each epoch's scalars are named ``train/<loss>``, ``valid/<metric>`` (``valid/recall@50``),
 ``health/<figure>`` (``health/distinct_share/<domain>`` for per-domain figures),
 ``speed/examples_per_second``, ``time/train_seconds``, ``time/valid_seconds`` and
-``memory/peak_rss_mib`` (the largest rank's), with the epoch as the step; MLflow's names
-write ``@`` as ``_at_`` and any other character it refuses as ``_``.
+``memory/peak_rss_mib`` (the largest rank's), with the epoch as the step. MLflow's names are
+the same, part by part (the parts between those ``/``), where MLflow takes them: ``@`` is
+written ``_at_``; any other character but a letter, digit, ``_``, ``-``, ``.`` or space (a ``/``
+inside a domain's name too) is written ``_``; a part of dots alone (``..``), or none, becomes
+underscores, since MLflow keeps a name as a file path; a part over 100 characters is cut. Where
+two parts beside each other would then be the same, or differ in case only (one file on a
+case-insensitive disk), as ``a&b`` and ``a_b``, each gets ``_`` and the first 8 hex digits of
+its own sha1: every domain has its name, the same in every epoch.
 
 The backends are the ``tracking`` extra (``pip install 'aftrec[tracking]'``); a tracker whose
 package is missing stops the run before it starts, with one ``error:`` line.
@@ -24,9 +30,11 @@ package is missing stops the run before it starts, with one ``error:`` line.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,31 +47,41 @@ EXTRA = "pip install 'aftrec[tracking]'"
 ALLOW_FILE_STORE = "MLFLOW_ALLOW_FILE_STORE"
 
 
+#: a scalar's name part by part: ``("health", "distinct_share", "Drama")``; a domain's name
+#: is one part, whatever it holds (a ``/`` too)
+Key = tuple[str, ...]
+
+
 def scalars(entry: dict[str, Any], losses: Iterable[str], metric: str | None) -> dict[str, float]:
     """The scalars of one ``log.jsonl`` entry: its ``losses``, the validation ``metric`` (None:
-    no validation part), speed, seconds, memory and the numbers of its health record."""
-    out = {f"train/{k}": float(entry[k]) for k in losses}
+    no validation part), speed, seconds, memory and the numbers of its health record, named
+    as TensorBoard gets them (the parts of :func:`_items` joined by ``/``)."""
+    return {"/".join(key): value for key, value in _items(entry, losses, metric).items()}
+
+
+def _items(entry: dict[str, Any], losses: Iterable[str], metric: str | None) -> dict[Key, float]:
+    out: dict[Key, float] = {("train", k): float(entry[k]) for k in losses}
     if metric is not None:
-        out[f"valid/{metric}"] = float(entry[f"valid_{metric}"])
+        out["valid", metric] = float(entry[f"valid_{metric}"])
     for key, name in (
-        ("examples_per_second", "speed/examples_per_second"),
-        ("train_seconds", "time/train_seconds"),
-        ("valid_seconds", "time/valid_seconds"),
+        ("examples_per_second", ("speed", "examples_per_second")),
+        ("train_seconds", ("time", "train_seconds")),
+        ("valid_seconds", ("time", "valid_seconds")),
     ):
         if key in entry:
             out[name] = float(entry[key])
     if entry.get("peak_rss_mib"):
-        out["memory/peak_rss_mib"] = float(max(entry["peak_rss_mib"]))
-    out.update(dict(_numbers("health", entry.get("health") or {})))
+        out["memory", "peak_rss_mib"] = float(max(entry["peak_rss_mib"]))
+    out.update(dict(_numbers(("health",), entry.get("health") or {})))
     return out
 
 
-def _numbers(prefix: str, record: dict[str, Any]) -> Iterator[tuple[str, float]]:
+def _numbers(prefix: Key, record: dict[str, Any]) -> Iterator[tuple[Key, float]]:
     for key, value in record.items():
         if isinstance(value, dict):
-            yield from _numbers(f"{prefix}/{key}", value)
+            yield from _numbers((*prefix, str(key)), value)
         elif isinstance(value, int | float) and not isinstance(value, bool):
-            yield f"{prefix}/{key}", float(value)
+            yield (*prefix, str(key)), float(value)
 
 
 class Tracker:
@@ -126,10 +144,9 @@ class MLflowTracker(Tracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [
-            Metric(_mlflow_name(k), v, now, epoch)
-            for k, v in scalars(entry, losses, metric).items()
-        ]
+        values = _items(entry, losses, metric)
+        names = _mlflow_names(values)
+        metrics = [Metric(names[k], v, now, epoch) for k, v in values.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def close(self, ok: bool = True) -> None:
@@ -144,8 +161,58 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield f"{prefix}{key}", value
 
 
-def _mlflow_name(name: str) -> str:
-    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name.replace("@", "_at_"))
+#: what a part of an MLflow name may not hold: MLflow takes word characters (Unicode ones too),
+#: ``-``, ``.``, space and ``/`` between parts, and ``:`` off Windows only (so not here)
+_REFUSED = re.compile(r"[^\w.\- ]")
+_LONGEST_PART = 100
+
+
+def _mlflow_names(keys: Iterable[Key]) -> dict[Key, str]:
+    """The MLflow name of each of ``keys`` (the scalars of one epoch): names MLflow takes, one
+    per key, distinct (the module's docstring says how), and the same for the same keys."""
+    out: dict[Key, str] = {}
+    _name_parts(list(keys), 0, "", out)
+    return out
+
+
+def _name_parts(keys: list[Key], depth: int, prefix: str, out: dict[Key, str]) -> None:
+    """Name part ``depth`` of ``keys`` (which share the parts before it, named ``prefix``).
+    Parts beside each other must differ, in case too: a part is a file or folder of MLflow's
+    file store, and a name and a folder of the same name cannot be one (``True``: the part
+    ends its name)."""
+    groups: dict[tuple[str, bool], list[Key]] = {}
+    for key in keys:
+        groups.setdefault((key[depth], len(key) == depth + 1), []).append(key)
+    wanted = {group: _mlflow_part(group[0]) for group in groups}
+    same = Counter(name.casefold() for name in wanted.values())
+    for digits in (8, 40):  # 40: a suffixed part met another part itself (not seen yet)
+        names = {
+            group: f"{name}_{_sha1(group[0] + ('' if group[1] else '/'))[:digits]}"
+            if same[name.casefold()] > 1
+            else name
+            for group, name in wanted.items()
+        }
+        if len({name.casefold() for name in names.values()}) == len(names):
+            break
+    for (part, last), members in groups.items():
+        name = prefix + names[part, last]
+        if last:
+            out[members[0]] = name
+        else:
+            _name_parts(members, depth + 1, name + "/", out)
+
+
+def _mlflow_part(part: str) -> str:
+    safe = _REFUSED.sub("_", part.replace("@", "_at_"))
+    if not safe.strip("."):  # "", ".", "..": MLflow would resolve it as a path
+        safe = "_" * max(len(safe), 1)
+    if len(safe) > _LONGEST_PART:
+        safe = f"{safe[: _LONGEST_PART - 9]}_{_sha1(part)[:8]}"
+    return safe
+
+
+def _sha1(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
 def check(kind: TrackerKind) -> None:
