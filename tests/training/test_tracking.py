@@ -5,8 +5,13 @@ a runtime key, so it never makes a saved run another run (issue 19, point 5)."""
 from __future__ import annotations
 
 import builtins
+import errno
+import io
 import json
+import logging
 import re
+import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,42 @@ from tests.models.test_aft import SMALL
 
 def _log(run: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A finished two-epoch run per tracker (copy one before changing it)."""
+    runs = {}
+    for kind in ("tensorboard", "mlflow"):
+        run = tmp_path_factory.mktemp("finished") / kind
+        cfg = resolve("two-tower", overrides=[*FAST, f"train.tracker={kind}"])
+        train(tiny_dir, cfg, run, progress=False)
+        runs[kind] = run
+    return runs
+
+
+def _tensorboard_points(folder: Path) -> Counter[tuple[str, int]]:
+    """How often each (tag, step) is in the event files of ``folder``."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    points: Counter[tuple[str, int]] = Counter()
+    for path in sorted(folder.glob("*tfevents*")):
+        for event in EventFileLoader(str(path)).Load():
+            points.update((value.tag, event.step) for value in event.summary.value)
+    return points
+
+
+def _mlflow_points(folder: Path) -> Counter[tuple[str, int]]:
+    """How often each (metric, step) is in the one MLflow run of ``folder``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=folder.resolve().as_uri())
+    (mrun,) = client.search_runs([client.get_experiment_by_name("aftrec").experiment_id])
+    return Counter(
+        (name, m.step)
+        for name in mrun.data.metrics
+        for m in client.get_metric_history(mrun.info.run_id, name)
+    )
 
 
 def test_tensorboard_event_file_holds_the_epochs(tiny_dir: Path, tmp_path: Path) -> None:
@@ -194,3 +235,101 @@ def test_mlflow_names_every_domain_apart(tmp_path: Path) -> None:
     for d in ("a&b", "a_b", "a/b"):  # the same once written as MLflow takes it: each apart
         assert re.fullmatch(prefix + r"a_b_[0-9a-f]{8}", by_domain[d]), by_domain[d]
     assert by_domain["Drama"].lower() != by_domain["drama"].lower()
+
+
+@pytest.mark.parametrize(
+    "kind, damage, needle",
+    [
+        ("tensorboard", "file", "it is a file, not a folder"),
+        ("mlflow", "file", "it is a file, not a folder"),
+        ("mlflow", "meta.yaml", "ParserError"),
+    ],
+)
+def test_a_damaged_tracker_folder_is_one_error_line(
+    kind: str,
+    damage: str,
+    needle: str,
+    finished: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A tracker folder replaced by a file, or an MLflow store with a garbled meta.yaml: the
+    resume is refused in one line naming the folder (it was a traceback), nothing written."""
+    run = tmp_path / "r"
+    shutil.copytree(finished[kind], run)
+    folder = run / (TENSORBOARD if kind == "tensorboard" else MLFLOW)
+    if damage == "file":
+        shutil.rmtree(folder)
+        folder.write_text("not a folder\n")
+    else:
+        (folder / "0" / "meta.yaml").write_text("{{{: :\n")
+    argv = ["train", "--out", str(run), "--resume", "--quiet", "--set", "train.epochs=3"]
+    fails_cleanly(capsys, argv, f"cannot track the run in {folder}", needle, roots=(run,))
+
+
+@pytest.mark.parametrize("kind", ["tensorboard", "mlflow"])
+def test_a_failed_tracker_write_is_a_warning_and_resume_sends_what_it_missed(
+    kind: str,
+    tiny_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A tracker's write fails half-way through epoch 1's scalars, after the epoch was saved:
+    the run trains on (it ended in a traceback, and its tracker never got the epoch, as
+    --resume found the run trained), with one warning. --resume sends the tracker every
+    (scalar, step) it lacks, once: a finished run's, then those of a longer one."""
+    from aftrec.training import rundir
+
+    run = tmp_path / "r"
+    folder = run / (TENSORBOARD if kind == "tensorboard" else MLFLOW)
+    append_log = rundir.append_log
+
+    def damage_after_epoch_1(out: Path, entry: dict[str, Any]) -> None:
+        append_log(out, entry)
+        if entry["epoch"] == 1:  # the tracker's write of the epoch comes next
+            broken.append(True)
+            if kind == "mlflow":  # valid/... can no longer be written, train/loss still can
+                (metrics,) = folder.glob("*/*/metrics")
+                (metrics / "valid").write_text("")
+
+    broken: list[bool] = []
+    monkeypatch.setattr(rundir, "append_log", damage_after_epoch_1)
+    if kind == "tensorboard":  # the epoch's record half-written, then a full disk
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        write = RecordWriter.write
+
+        def half_then_full(self: RecordWriter, data: bytes) -> None:
+            if broken and broken.pop():
+                record = io.BytesIO()
+                write(RecordWriter(record), data)
+                self._writer.write(record.getvalue()[: len(data) // 2])
+                self.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            write(self, data)
+
+        monkeypatch.setattr(RecordWriter, "write", half_then_full)
+    cfg = resolve("two-tower", overrides=[*FAST, f"train.tracker={kind}"])
+    with caplog.at_level(logging.WARNING):
+        assert train(tiny_dir, cfg, run, progress=False).epochs_run == 2
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "tracking stopped" in warning.getMessage() and "--resume" in warning.getMessage()
+    assert "\n" not in warning.getMessage() and warning.exc_info is None
+    monkeypatch.undo()
+    if kind == "mlflow":
+        (folder.glob("*/*/metrics/valid").__next__()).unlink()  # the folder repaired
+        count = _mlflow_points
+    else:
+        count = _tensorboard_points
+    assert max(count(folder).values()) == 1  # what was written before the failure: once
+    for epochs in (2, 3):  # the finished run, then one more epoch
+        train(tiny_dir, None, run, resume=True, progress=False,
+              resume_set=[f"train.epochs={epochs}"])  # fmt: skip
+        points = count(folder)
+        points.pop(("config/text_summary", 0), None)  # the scalars here
+        loss = "train/loss"
+        valid = "valid/recall@50" if kind == "tensorboard" else "valid/recall_at_50"
+        assert {step for name, step in points if name in (loss, valid)} == set(range(1, epochs + 1))
+        assert set(points.values()) == {1}, points  # no step twice
+        assert len({name for name, _ in points}) == len(points) / epochs  # every scalar

@@ -250,6 +250,28 @@ def _is_entry(entry: dict[str, Any]) -> bool:
     return isinstance(epoch, int) and not isinstance(epoch, bool) and all(map(number, summed))
 
 
+#: the fields the trainer writes into an epoch's entry besides the step's losses (and
+#: ``valid_<metric>``)
+_ENTRY_FIELDS = frozenset(
+    {"epoch", "health", "ranks", "peak_rss_mib", "examples_per_second", "train_seconds",
+     "valid_seconds"}
+)  # fmt: skip
+
+
+def entry_losses(entry: dict[str, Any]) -> list[str]:
+    """The loss names of an epoch's entry: the numbers beside the trainer's own fields (a
+    model's losses are its own, ``loss`` or ``loss_d`` and ``loss_g``), for whoever reads the
+    log without the model: a tracker catching up."""
+    return [
+        k
+        for k, v in entry.items()
+        if k not in _ENTRY_FIELDS
+        and not k.startswith("valid_")
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+    ]
+
+
 def best_epoch_time(run: Path, metric: str = "valid_recall@50") -> tuple[int, float | None]:
     """The best validation epoch of a run (the first with the highest ``metric``, as the
     trainer keeps it; the last epoch when every value is NaN, a run without a validation

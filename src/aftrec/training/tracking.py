@@ -3,8 +3,9 @@ metric, throughput, wall seconds, memory and (AFT) G's health figures to TensorB
 MLflow. ``none``, the default, sends nothing. Rank 0 alone tracks. Both write inside the run
 directory (:data:`aftrec.training.rundir.TENSORBOARD`, :data:`~aftrec.training.rundir.MLFLOW`):
 
-* ``tensorboard``: event files written by torch's own ``torch.utils.tensorboard.SummaryWriter``
-  (``tensorboard --logdir RUN/tensorboard``); the config is the text ``config``;
+* ``tensorboard``: event files (``tensorboard --logdir RUN/tensorboard``), one per ``train``
+  or ``--resume``, written by the training process itself (torch's ``SummaryWriter`` writes
+  from a thread, whose failure the run cannot catch); the config is the text ``config``;
 * ``mlflow``: a local MLflow file store, experiment ``aftrec``, one MLflow run per aftrec run
   (``--resume`` continues it); the config as flattened params and the artifact
   ``config.yaml`` (``mlflow ui --backend-store-uri RUN/mlruns``). MLflow 3 keeps the file store
@@ -24,23 +25,37 @@ two parts beside each other would then be the same, or differ in case only (one 
 case-insensitive disk), as ``a&b`` and ``a_b``, each gets ``_`` and the first 8 hex digits of
 its own sha1: every domain has its name, the same in every epoch.
 
+A tracker's folder that cannot be read or written when a run starts or resumes (a file in its
+place, no permission, a damaged MLflow store) stops the command before it trains, with one
+``error:`` line naming it. A write that fails later (a full disk) is one warning: tracking
+stops for the rest of that process, and training goes on, ``log.jsonl`` keeping every epoch.
+``--resume``, of a finished run too, sends the tracker what it has not received of
+``log.jsonl``, each scalar of each epoch once: a tracker repaired, removed (a new one gets
+every epoch) or switched on at the resume catches up.
+
 The backends are the ``tracking`` extra (``pip install 'aftrec[tracking]'``); a tracker whose
 package is missing stops the run before it starts, with one ``error:`` line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import re
+import socket
 import time
+from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from aftrec.config import RunConfig, TrackerKind, dump
-from aftrec.errors import ConfigError
+from aftrec.errors import ConfigError, OutputError
+
+log = logging.getLogger(__name__)
 
 EXTRA = "pip install 'aftrec[tracking]'"
 #: MLflow 3's switch of its file store (off unless set)
@@ -92,31 +107,126 @@ class Tracker:
     ) -> None:
         """Send one epoch's :func:`scalars`, at step ``epoch``."""
 
+    def catch_up(self, entries: Iterable[dict[str, Any]], metric: str | None) -> None:
+        """Send what this tracker has not received of ``entries`` (``log.jsonl``'s, their
+        losses read from them: :func:`~aftrec.training.rundir.entry_losses`), each scalar of
+        each step once: the epochs of a failed write, or of a run tracked from a resume on."""
+
     def close(self, ok: bool = True) -> None:
         """Flush and end; ``ok`` False: the run stopped on an error."""
 
 
-class TensorBoardTracker(Tracker):
-    def __init__(self, folder: Path, cfg: RunConfig) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir=str(folder))
-        # indented four spaces: a code block in TensorBoard's markdown
-        self.writer.add_text("config", "".join(f"    {x}\n" for x in dump(cfg).splitlines()))
-        self.writer.flush()
+class _Backend(Tracker, ABC):
+    """A tracker that writes somewhere: it names the scalars, sends them and says which it
+    holds already."""
 
     def log_epoch(
         self, epoch: int, entry: dict[str, Any], losses: Iterable[str], metric: str | None
     ) -> None:
-        for name, value in scalars(entry, losses, metric).items():
-            self.writer.add_scalar(name, value, epoch)
-        self.writer.flush()  # an epoch is long; a killed run keeps what it logged
+        values = _items(entry, losses, metric)
+        names = self._names(values)
+        self._send(epoch, {names[k]: v for k, v in values.items()})
+
+    def catch_up(self, entries: Iterable[dict[str, Any]], metric: str | None) -> None:
+        from aftrec.training.rundir import entry_losses
+
+        epochs = []
+        for entry in entries:
+            values = _items(entry, entry_losses(entry), metric)
+            names = self._names(values)  # of every scalar of the epoch, as log_epoch names them
+            epochs.append((int(entry["epoch"]), {names[k]: v for k, v in values.items()}))
+        held = self._received({name for _, named in epochs for name in named})
+        for epoch, named in epochs:
+            missing = {name: v for name, v in named.items() if (name, epoch) not in held}
+            if missing:
+                self._send(epoch, missing)
+                held.update((name, epoch) for name in missing)
+
+    def _names(self, keys: Iterable[Key]) -> dict[Key, str]:
+        return {key: "/".join(key) for key in keys}
+
+    @abstractmethod
+    def _received(self, names: set[str]) -> set[tuple[str, int]]:
+        """The (name, step) pairs of ``names`` the tracker holds."""
+
+    @abstractmethod
+    def _send(self, step: int, values: dict[str, float]) -> None:
+        """Write ``values`` (by name) at ``step``."""
+
+    @abstractmethod
+    def abandon(self) -> None:
+        """Let go after a failed write, as far as the backend still can; raises nothing."""
+
+
+class TensorBoardTracker(_Backend):
+    """Event files in TensorBoard's format, written by the training process itself, one file
+    per ``train`` or ``--resume``: torch's ``SummaryWriter`` writes from a thread of its own,
+    whose failed write was a traceback the run could not catch."""
+
+    def __init__(self, folder: Path, cfg: RunConfig) -> None:
+        from tensorboard.summary.writer.record_writer import RecordWriter
+        from torch.utils.tensorboard.summary import text
+
+        self.held = _events(folder)  # what the files of earlier processes hold
+        folder.mkdir(parents=True, exist_ok=True)
+        host = re.sub(r"[^\w.-]", "_", socket.gethostname())
+        name = f"events.out.tfevents.{_stamp(folder):010d}.{host}.{os.getpid()}"
+        self.file = open(folder / name, "xb")  # noqa: SIM115  (open until close)
+        try:
+            self.records = RecordWriter(self.file)
+            self._write(file_version="brain.Event:2")
+            # indented four spaces: a code block in TensorBoard's markdown
+            config = "".join(f"    {x}\n" for x in dump(cfg).splitlines())
+            self._write(step=0, summary=text("config", config))
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _write(self, **fields: Any) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+
+        self.records.write(Event(wall_time=time.time(), **fields).SerializeToString())
+        self.records.flush()  # an epoch is long; a killed run keeps what it logged
+
+    def _received(self, names: set[str]) -> set[tuple[str, int]]:
+        return {(tag, step) for tag, step in self.held if tag in names}
+
+    def _send(self, step: int, values: dict[str, float]) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        scalars = [Summary.Value(tag=name, simple_value=v) for name, v in values.items()]
+        self._write(step=step, summary=Summary(value=scalars))
 
     def close(self, ok: bool = True) -> None:
-        self.writer.close()
+        self.file.close()
+
+    def abandon(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
 
 
-class MLflowTracker(Tracker):
+def _events(folder: Path) -> set[tuple[str, int]]:
+    """The (tag, step) of every value in the event files of ``folder``: none in a new one. A
+    record a killed process left half-written ends its file's reading."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    if not folder.is_dir():
+        return set()
+    held: set[tuple[str, int]] = set()
+    for path in sorted(folder.glob("*tfevents*")):
+        for event in EventFileLoader(str(path)).Load():
+            held.update((value.tag, event.step) for value in event.summary.value)
+    return held
+
+
+def _stamp(folder: Path) -> int:
+    """The seconds in a new event file's name: now, or after the latest file there, since
+    TensorBoard reads a folder's files in the order of their names."""
+    stamps = [p.name.split(".")[3] for p in folder.glob("events.out.tfevents.*")]
+    return max([int(time.time()), *(int(t) + 1 for t in stamps if t.isdigit())])
+
+
+class MLflowTracker(_Backend):
     EXPERIMENT = "aftrec"
 
     def __init__(self, folder: Path, cfg: RunConfig, resume: bool) -> None:
@@ -128,6 +238,7 @@ class MLflowTracker(Tracker):
         exp = self.client.get_experiment_by_name(self.EXPERIMENT)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(self.EXPERIMENT)
         earlier = self.client.search_runs([exp_id], max_results=1) if resume else []
+        self.new = not earlier
         if earlier:  # a resumed run continues its MLflow run (params stay as first logged)
             self.run_id = earlier[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
@@ -138,19 +249,88 @@ class MLflowTracker(Tracker):
                 self.client.log_batch(self.run_id, params=params[i : i + 100])
         self.client.log_text(self.run_id, dump(cfg), "config.yaml")
 
-    def log_epoch(
-        self, epoch: int, entry: dict[str, Any], losses: Iterable[str], metric: str | None
-    ) -> None:
+    def _names(self, keys: Iterable[Key]) -> dict[Key, str]:
+        return _mlflow_names(keys)
+
+    def _received(self, names: set[str]) -> set[tuple[str, int]]:
+        if self.new:
+            return set()
+        history = self.client.get_metric_history
+        return {(name, m.step) for name in names for m in history(self.run_id, name)}
+
+    def _send(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        values = _items(entry, losses, metric)
-        names = _mlflow_names(values)
-        metrics = [Metric(names[k], v, now, epoch) for k, v in values.items()]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        metrics = [Metric(name, v, now, step) for name, v in values.items()]
+        for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
     def close(self, ok: bool = True) -> None:
         self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+
+    def abandon(self) -> None:
+        with contextlib.suppress(Exception):  # the store may be what failed
+            self.client.set_terminated(self.run_id, "FAILED")
+
+
+class _Guarded(Tracker):
+    """A backend whose failure stops tracking with one warning, and not the run: the epoch
+    is in ``last.pt`` and ``log.jsonl`` already, and ``--resume`` sends what it missed."""
+
+    def __init__(self, backend: _Backend, folder: Path, run: Path) -> None:
+        self.backend: _Backend | None = backend
+        self.folder = folder
+        self.run = run
+
+    def log_epoch(
+        self, epoch: int, entry: dict[str, Any], losses: Iterable[str], metric: str | None
+    ) -> None:
+        self._do(lambda backend: backend.log_epoch(epoch, entry, losses, metric))
+
+    def catch_up(self, entries: Iterable[dict[str, Any]], metric: str | None) -> None:
+        self._do(lambda backend: backend.catch_up(entries, metric))
+
+    def close(self, ok: bool = True) -> None:
+        self._do(lambda backend: backend.close(ok))
+        self.backend = None
+
+    def _do(self, call: Callable[[_Backend], None]) -> None:
+        backend = self.backend
+        if backend is None:
+            return
+        try:
+            call(backend)
+        except Exception as exc:
+            from aftrec.training.rundir import LOG
+
+            log.debug("traceback", exc_info=True)
+            log.warning(
+                "%s: tracking stopped, a write failed (%s); the run goes on, %s keeps every "
+                "epoch, and `aftrec train --resume --out %s` sends the tracker what it missed "
+                "once the folder can be written",
+                self.folder, _reason(exc), self.run / LOG, self.run,
+            )  # fmt: skip
+            backend.abandon()
+            self.backend = None
+
+
+def _unusable(folder: Path, why: str) -> OutputError:
+    from aftrec.training.rundir import LOG
+
+    return OutputError(
+        f"cannot track the run in {folder}: {why}; repair the folder or remove it (a resumed "
+        f"run sends a new one every epoch of {LOG})"
+    )
+
+
+def _reason(exc: Exception) -> str:
+    """What went wrong, in one short line (a YAML parser's or MLflow's message spans lines)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 200 else text[:199] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -243,15 +423,29 @@ def check(kind: TrackerKind) -> None:
 
 
 def start(kind: TrackerKind, run: Path, cfg: RunConfig, resume: bool) -> Tracker:
-    """The tracker of a run (its files under ``run``), with the config sent."""
+    """The tracker of a run (its files under ``run``), with the config sent. A folder it
+    cannot read or write (a file in its place, no permission, a damaged MLflow store) raises
+    :class:`OutputError` naming it; a write that fails later is one warning (tracking stops,
+    the run goes on)."""
     from aftrec.training import rundir
 
     check(kind)
-    if kind == "tensorboard":
-        return TensorBoardTracker(Path(run) / rundir.TENSORBOARD, cfg)
-    if kind == "mlflow":
-        return MLflowTracker(Path(run) / rundir.MLFLOW, cfg, resume)
-    return Tracker()
+    if kind == "none":
+        return Tracker()
+    run = Path(run)
+    folder = run / (rundir.TENSORBOARD if kind == "tensorboard" else rundir.MLFLOW)
+    if folder.exists() and not folder.is_dir():
+        raise _unusable(folder, "it is a file, not a folder")
+    try:
+        backend: _Backend = (
+            TensorBoardTracker(folder, cfg)
+            if kind == "tensorboard"
+            else MLflowTracker(folder, cfg, resume)
+        )
+    except Exception as exc:  # OSError, and each backend's own: MLflow's, its YAML parser's
+        log.debug("traceback", exc_info=True)
+        raise _unusable(folder, _reason(exc)) from exc
+    return _Guarded(backend, folder, run)
 
 
 __all__ = ["Tracker", "check", "scalars", "start"]

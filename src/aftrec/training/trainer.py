@@ -22,6 +22,7 @@ writes the log and the checkpoints; the run directory must be on storage every r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import shutil
@@ -176,6 +177,7 @@ def _train(
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
     has_valid = int(sum(local.dataset.meta["counts"]["valid"].values())) > 0
+    shown = metric if has_valid else None  # the validation metric the epochs show and track
     if not model.trainable and not has_valid and len(model.search_space()) > 1:
         raise ConfigError(
             f"{cfg.model_name} picks among {len(model.search_space())} settings on the "
@@ -192,6 +194,8 @@ def _train(
             _restore_weights(out, state, model)
             if ctx.main:
                 rundir.record_data(out, Path(data_dir))
+                fitted = [{"epoch": 0, f"valid_{metric}": float(state["metric"])}]
+                _tracker(cfg, out, metric, resume_set, lambda: fitted).close()
             log.info("run %s already finished", out)
             return TrainResult(out, 0, float(state["metric"]), 0, 0.0, 0.0, False)
         result = None
@@ -215,6 +219,10 @@ def _train(
         if ctx.main:  # the checkpoint fits this dataset: run.json names where it is now
             rundir.record_data(out, Path(data_dir))
         if state.get("done") and (state.get("stopped_early") or state["epoch"] >= tc.epochs):
+            if ctx.main:
+                _tracker(
+                    cfg, out, shown, resume_set, functools.partial(_logged, out, epoch)
+                ).close()
             log.info("run %s already finished", out)
             return TrainResult(
                 out, state["best_epoch"], state["best_metric"], state["epoch"], 0.0, 0.0,
@@ -242,7 +250,8 @@ def _train(
             _save_last(out, model, step, epoch, stopper, done=False, partial=ranks)
 
     examples, train_seconds, stopped_early = 0, 0.0, False
-    tracker = tracking.start(rt.tracker, out, cfg, resume) if ctx.main else tracking.Tracker()
+    logged = functools.partial(_logged, out, epoch) if resume else None
+    tracker = _tracker(cfg, out, shown, resume_set, logged) if ctx.main else tracking.Tracker()
     ok = False
     with _stop_after_batch() as request:
         try:
@@ -284,7 +293,6 @@ def _train(
                     out, model, step, epoch, stopper, done=stopped_early or epoch >= tc.epochs
                 )
                 rundir.append_log(out, entry)
-                shown = metric if has_valid else None
                 log.info(epoch_line(entry, totals.losses, tc.epochs, shown, improved))
                 tracker.log_epoch(epoch, entry, totals.losses, shown)
                 ctx.broadcast(stopped_early)
@@ -302,6 +310,32 @@ def _train(
         out, best_epoch, best, epoch, seconds, examples / max(train_seconds, 1e-9),
         stopped_early, peaks,
     )  # fmt: skip
+
+
+def _tracker(
+    cfg: RunConfig,
+    out: Path,
+    metric: str | None,
+    resume_set: list[str] | None,
+    logged: Callable[[], list[dict[str, Any]]] | None = None,
+) -> tracking.Tracker:
+    """Rank 0's tracker. A resumed run (``logged``: its epochs' entries; None: a new run)
+    first sends it what it has not received of them: the epochs of a write that failed (which
+    stopped tracking, not the run), a finished run's too, or every epoch when the tracker was
+    switched on at the resume. Then a resume's ``--set`` is saved into ``config.yaml``: the
+    tracker's folder is the last thing that can refuse the resume, which then leaves the run
+    as it was."""
+    tracker = tracking.start(cfg.runtime.tracker, out, cfg, logged is not None)
+    if logged is not None and cfg.runtime.tracker != "none":
+        tracker.catch_up(logged(), metric)
+    if resume_set:
+        rundir.write_config(out, cfg)
+    return tracker
+
+
+def _logged(out: Path, epoch: int) -> list[dict[str, Any]]:
+    """The ``log.jsonl`` entries of a run up to its checkpoint's ``epoch``."""
+    return [e for e in rundir.epoch_log(out) if e["epoch"] <= epoch]
 
 
 def _check_same_config(cfg: RunConfig, ctx: Context) -> None:
@@ -347,8 +381,6 @@ def _config_and_state(
         raise ConfigError("--resume continues with the run's saved config; drop --config/--set")
     cfg = rundir.load_run_config(out, resume_set)
     state = checkpoint.load(out / rundir.LAST)
-    if resume_set and ctx.main:
-        rundir.write_config(out, cfg)
     if ctx.main:  # left by a process killed
         rundir.remove_temporaries(out)
     return cfg, state
@@ -683,9 +715,7 @@ def _fit_closed_form(
             best = (value, model, model_cfg)
     assert best is not None
     value, model, model_cfg = best
-    tracker = tracking.start(
-        cfg.runtime.tracker, out, dataclasses.replace(cfg, model=model_cfg), False
-    )
+    tracker = _tracker(dataclasses.replace(cfg, model=model_cfg), out, metric, None)
     tracker.log_epoch(0, {f"valid_{metric}": value}, (), metric)
     tracker.close()
     rundir.write_config(out, dataclasses.replace(cfg, model=model_cfg))
