@@ -405,8 +405,9 @@ def _check_same_data(run: Path, data: Path) -> None:
 
 def _check_new_run_dir(out: Path) -> None:
     """``train`` without ``resume``: a new or empty folder, or a run killed before its first
-    checkpoint (config.yaml, run.json, a tracker's folder, its lock, temporaries); a finished or
-    interrupted run is refused by :func:`~aftrec.training.trainer.train` itself."""
+    checkpoint (config.yaml, run.json, a tracker's folder, its lock, temporaries), which the new
+    run replaces, its tracker folders too; a finished or interrupted run is refused by
+    :func:`~aftrec.training.trainer.train` itself."""
     from aftrec.training import rundir
 
     check_writable(out, folder=True)

@@ -333,3 +333,28 @@ def test_a_failed_tracker_write_is_a_warning_and_resume_sends_what_it_missed(
         assert {step for name, step in points if name in (loss, valid)} == set(range(1, epochs + 1))
         assert set(points.values()) == {1}, points  # no step twice
         assert len({name for name, _ in points}) == len(points) / epochs  # every scalar
+
+
+@pytest.mark.parametrize("kind", ["tensorboard", "mlflow"])
+def test_a_new_run_replaces_a_killed_runs_tracker_folder(
+    kind: str, finished: dict[str, Path], tiny_dir: Path, tmp_path: Path
+) -> None:
+    """A run killed before its first checkpoint (config.yaml, run.json and its tracker's
+    folder left): a new train there added a second MLflow run beside the stale RUNNING one,
+    a second config to TensorBoard's. Now the new run's tracker holds the new run alone."""
+    run = tmp_path / "r"
+    shutil.copytree(finished[kind], run)
+    for name in ("last.pt", "best.pt", "log.jsonl"):
+        (run / name).unlink()
+    cfg = resolve("two-tower", overrides=[*FAST, "model.dim=8", f"train.tracker={kind}"])
+    train(tiny_dir, cfg, run, progress=False)
+    if kind == "mlflow":
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=(run / MLFLOW).resolve().as_uri())
+        (mrun,) = client.search_runs([client.get_experiment_by_name("aftrec").experiment_id])
+        assert mrun.info.status == "FINISHED" and mrun.data.params["model.dim"] == "8"
+    else:
+        points = _tensorboard_points(run / TENSORBOARD)
+        assert points[("config/text_summary", 0)] == 1
+        assert points[("train/loss", 1)] == 1

@@ -32,7 +32,7 @@ from aftrec.environment import versions
 from aftrec.errors import CheckpointError, DataError
 from aftrec.models.base import RetrievalModel
 from aftrec.numerics import zero_subnormals
-from aftrec.outputs import atomic_write_text
+from aftrec.outputs import atomic_write_text, output_error
 from aftrec.registry import create_model
 from aftrec.training import checkpoint
 
@@ -199,6 +199,21 @@ def clear(run: Path) -> None:
         (Path(run) / name).unlink(missing_ok=True)
     for name in (TENSORBOARD, MLFLOW):
         shutil.rmtree(Path(run) / name, ignore_errors=True)
+
+
+def clear_trackers(run: Path) -> None:
+    """Remove the tracker folders a run killed before its first checkpoint left, for the new
+    run that replaces it (the trainer refuses a folder holding a checkpoint): it would add a
+    second MLflow run beside the stale one, a second config to TensorBoard's."""
+    for name in (TENSORBOARD, MLFLOW):
+        path = Path(run) / name
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise output_error(path, exc) from exc
 
 
 def remove_temporaries(run: Path) -> None:

@@ -324,7 +324,10 @@ def _tracker(
     stopped tracking, not the run), a finished run's too, or every epoch when the tracker was
     switched on at the resume. Then a resume's ``--set`` is saved into ``config.yaml``: the
     tracker's folder is the last thing that can refuse the resume, which then leaves the run
-    as it was."""
+    as it was. A new run first removes the tracker folders of the run killed before its first
+    checkpoint that it replaces: one MLflow run per run, one config in TensorBoard."""
+    if logged is None:
+        rundir.clear_trackers(out)
     tracker = tracking.start(cfg.runtime.tracker, out, cfg, logged is not None)
     if logged is not None and cfg.runtime.tracker != "none":
         tracker.catch_up(logged(), metric)
