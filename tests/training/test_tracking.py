@@ -358,3 +358,23 @@ def test_a_new_run_replaces_a_killed_runs_tracker_folder(
         points = _tensorboard_points(run / TENSORBOARD)
         assert points[("config/text_summary", 0)] == 1
         assert points[("train/loss", 1)] == 1
+
+
+def test_trackers_name_the_run_and_send_the_config_once(tiny_dir: Path, tmp_path: Path) -> None:
+    """Every MLflow run of a report was named seed0 (the run folder's own name: name it with
+    the one above, aft/seed0); a resumed TensorBoard run sent the config again at step 0."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    for kind in ("tensorboard", "mlflow"):
+        run = tmp_path / kind / "aft" / "seed0"
+        cfg = resolve("two-tower", overrides=[*FAST, "train.epochs=1", f"train.tracker={kind}"])
+        train(tiny_dir, cfg, run, progress=False)
+        train(tiny_dir, None, run, resume=True, progress=False, resume_set=["train.epochs=2"])
+    points = _tensorboard_points(tmp_path / "tensorboard" / "aft" / "seed0" / TENSORBOARD)
+    assert points[("config/text_summary", 0)] == 1
+    assert points[("train/loss", 2)] == 1
+    store = tmp_path / "mlflow" / "aft" / "seed0" / MLFLOW
+    client = MlflowClient(tracking_uri=store.resolve().as_uri())
+    (mrun,) = client.search_runs([client.get_experiment_by_name("aftrec").experiment_id])
+    assert mrun.info.run_name == "aft/seed0"

@@ -5,13 +5,16 @@ directory (:data:`aftrec.training.rundir.TENSORBOARD`, :data:`~aftrec.training.r
 
 * ``tensorboard``: event files (``tensorboard --logdir RUN/tensorboard``), one per ``train``
   or ``--resume``, written by the training process itself (torch's ``SummaryWriter`` writes
-  from a thread, whose failure the run cannot catch); the config is the text ``config``;
+  from a thread, whose failure the run cannot catch); the config is the text ``config``, sent
+  once, into a new folder;
 * ``mlflow``: a local MLflow file store, experiment ``aftrec``, one MLflow run per aftrec run
-  (``--resume`` continues it); the config as flattened params and the artifact
-  ``config.yaml`` (``mlflow ui --backend-store-uri RUN/mlruns``). MLflow 3 keeps the file store
-  behind ``MLFLOW_ALLOW_FILE_STORE``: unset, it is set to ``true`` for this process; set to
-  anything else than ``true`` or ``1`` (the user turned the file store off), the run is
-  refused before it writes anything, with one ``error:`` line.
+  (``--resume`` continues it), named after the run's folder and the one above it
+  (``aft/seed0`` for a run of ``aftrec reproduce``, ``runs/tt`` for ``--out runs/tt``); the
+  config as flattened params and the artifact ``config.yaml`` (``mlflow ui
+  --backend-store-uri RUN/mlruns``). MLflow 3 keeps the file store behind
+  ``MLFLOW_ALLOW_FILE_STORE``: unset, it is set to ``true`` for this process; set to anything
+  else than ``true`` or ``1`` (the user turned the file store off), the run is refused before
+  it writes anything, with one ``error:`` line.
 
 Each epoch's scalars are named ``train/<loss>``, ``valid/<metric>`` (``valid/recall@50``),
 ``health/<figure>`` (``health/distinct_share/<domain>`` for per-domain figures),
@@ -175,9 +178,10 @@ class TensorBoardTracker(_Backend):
         try:
             self.records = RecordWriter(self.file)
             self._write(file_version="brain.Event:2")
-            # indented four spaces: a code block in TensorBoard's markdown
-            config = "".join(f"    {x}\n" for x in dump(cfg).splitlines())
-            self._write(step=0, summary=text("config", config))
+            if not self.held:  # a new folder: the config once (at step 0, where it belongs)
+                # indented four spaces: a code block in TensorBoard's markdown
+                config = "".join(f"    {x}\n" for x in dump(cfg).splitlines())
+                self._write(step=0, summary=text("config", config))
         except BaseException:
             self.file.close()
             raise
@@ -243,7 +247,10 @@ class MLflowTracker(_Backend):
             self.run_id = earlier[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            self.run_id = self.client.create_run(exp_id, run_name=folder.parent.name).info.run_id
+            # named after the run's folder and the one above it: aft/seed0 in a report
+            run = folder.resolve().parent
+            name = "/".join(p.name for p in (run.parent, run) if p.name)
+            self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
             params = [Param(k, str(v)) for k, v in _flat(cfg.to_dict())]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(self.run_id, params=params[i : i + 100])
