@@ -20,7 +20,7 @@ import pytest
 from aftrec.cli import main
 from aftrec.data import stream
 from aftrec.data.stream import _list_files, _open_log
-from aftrec.errors import OutputError
+from aftrec.errors import DataError, OutputError
 from aftrec.outputs import atomic_directory
 from tests.inputs import fails_cleanly, write
 from tests.test_prepare_stream import files, rows
@@ -236,3 +236,82 @@ def test_a_full_disk_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError), atomic_directory(out):
         raise FileNotFoundError(errno.ENOENT, "no such input")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_true_false_beside_numbers_is_refused_as_in_memory(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Labels 1/0 in one part and True/False in another are text to pandas reading the file
+    whole, and refused; each batch typed alone had accepted them."""
+    log = _log().drop(columns="rating").assign(label=1)
+    first, second = log.iloc[:60], log.iloc[60:].assign(label="True")
+    folder = tmp_path / "parts"
+    write(first, folder / "part-0.csv")
+    write(second, folder / "part-1.csv")
+    items = write(ITEMS, tmp_path / "items.csv")
+    whole = write(pd.concat([first, second]), tmp_path / "whole.csv")
+    for log_path, flags, line in ((whole, (), 62), (folder, ("--streaming",), 2)):
+        argv = ["prepare", "--interactions", str(log_path), "--items", str(items),
+                "--out", str(tmp_path / "o"), *flags]  # fmt: skip
+        fails_cleanly(capsys, argv, f"line {line}: non-numeric value 'True' in column 'label'",
+                      roots=(tmp_path,))  # fmt: skip
+
+
+def test_nineteen_digit_ids_meet_an_integer_catalogue_as_integers(tmp_path: Path) -> None:
+    """18 digits were the longest integer read as one: 1000000000000000005 made the whole
+    catalogue text in memory (numbered "1000..." < "20" < "7") and not streaming."""
+    ids = [7, 20, 1_000_000_000_000_000_005, 2**63 - 1, -(2**63), 3, 4]
+    items = write(pd.DataFrame({"item": ids, "domain": ["A"] * 7}), tmp_path / "items.parquet")
+    log = pd.DataFrame({"user": "u1", "item": [str(i) for i in ids], "timestamp": range(7)})
+    path = write(log, tmp_path / "log.csv")
+    _both(path, path, items, tmp_path)
+    assert pd.read_parquet(tmp_path / "memory" / "items.parquet")["item"].tolist() == sorted(ids)
+
+
+def test_an_upper_case_compressed_suffix_is_named_streaming(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """pyarrow decompresses by a lower-case suffix only: LOG.CSV.GZ was read as text."""
+    path = tmp_path / "log.CSV.GZ"
+    with gzip.open(path, "wt", newline="") as fh:
+        _log().to_csv(fh, index=False)
+    argv = ["prepare", "--interactions", str(path), "--items",
+            str(write(ITEMS, tmp_path / "items.csv")), "--out", str(tmp_path / "o"),
+            "--streaming"]  # fmt: skip
+    fails_cleanly(capsys, argv, "write its suffix in lower case (.gz)", roots=(tmp_path,))
+
+
+def test_a_truncated_compressed_log_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """In memory pandas' EOFError, streaming the row count's, were tracebacks."""
+    path = tmp_path / "log.csv.gz"
+    with gzip.open(path, "wt", newline="") as fh:
+        _log(400).to_csv(fh, index=False)
+    whole = path.read_bytes()
+    files_, kind = _list_files(path)
+    opened = _open_log(path, files_, kind)
+    path.write_bytes(whole[: len(whole) * 3 // 4])
+    with pytest.raises(DataError, match="cannot be read as CSV"):
+        opened.estimate_rows()
+    argv = ["prepare", "--interactions", str(path), "--items",
+            str(write(ITEMS, tmp_path / "items.csv")), "--out", str(tmp_path / "o")]  # fmt: skip
+    fails_cleanly(capsys, argv, "cannot be read as CSV", roots=(tmp_path,))
+
+
+@pytest.mark.parametrize("link", ["broken", "folder"])
+def test_a_part_that_is_no_file_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, link: str
+) -> None:
+    """A broken link, or a link to a folder of parts (not followed), was skipped unseen."""
+    folder = tmp_path / "parts"
+    write(_log(), folder / "part-0.parquet")
+    elsewhere = tmp_path / "elsewhere"
+    write(_log(seed=1), elsewhere / "part-1.parquet")
+    target = elsewhere if link == "folder" else tmp_path / "gone.parquet"
+    (folder / "more").symlink_to(target)
+    for flags in ((), ("--streaming",)):
+        items = write(ITEMS, tmp_path / "items.csv")
+        argv = ["prepare", "--interactions", str(folder), "--items", str(items),
+                "--out", str(tmp_path / "o"), *flags]  # fmt: skip
+        fails_cleanly(capsys, argv, "more: ", roots=(tmp_path,))

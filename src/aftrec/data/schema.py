@@ -105,8 +105,14 @@ def _written_integers(text: pd.Series) -> bool:
     only for a negative: "-0" is not 0, or it would become the same item as "0")."""
     if not pd.api.types.is_string_dtype(text) or text.isna().any() or len(text) == 0:
         return False  # (object columns of str, as read_table's, or pyarrow's str columns)
-    # 18 digits at most: every such number fits int64
-    return bool(text.astype("string").str.fullmatch(r"0|-?[1-9][0-9]{0,17}").all())
+    text = text.astype("string")
+    if not text.str.fullmatch(r"0|-?[1-9][0-9]{0,18}").all():
+        return False
+    # 19 digits: within int64 (strings of one length compare as their numbers do)
+    digits = text.str.removeprefix("-")
+    limit = np.where(text.str.startswith("-").to_numpy(dtype=bool), str(2**63), str(2**63 - 1))
+    long = (digits.str.len() == 19).to_numpy(dtype=bool)
+    return bool((digits.to_numpy(dtype=object)[long] <= limit[long]).all())
 
 
 _TICKS_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}

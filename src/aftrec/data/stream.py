@@ -156,6 +156,8 @@ class _Log:
     dataset: pads.Dataset
     columns: list[str]  # the columns read: required ones plus the optional ones present
     origins: list[Origin] = field(default_factory=list)
+    #: per column of numbers, its first batch of true/false and of numbers (:meth:`_one_kind`)
+    kinds: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -179,8 +181,12 @@ class _Log:
         plain = [f for f in self.files if f not in packed]
         rows = 0
         for file in packed:
-            with CSV_COMPRESSION[file.suffix.lower()](file, "rb") as fh:
-                rows += sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 24), b""))
+            try:
+                with CSV_COMPRESSION[file.suffix.lower()](file, "rb") as fh:
+                    blocks = iter(lambda: fh.read(1 << 24), b"")
+                    rows += sum(block.count(b"\n") for block in blocks)
+            except (OSError, EOFError) as exc:  # truncated, or a bad checksum
+                raise DataError(f"{file}: cannot be read as CSV: {exc}") from exc
         if plain:
             with open(plain[0], "rb") as fh:
                 head = fh.read(1 << 20)
@@ -197,6 +203,7 @@ class _Log:
             offset = 0
             previous: pa.Table | None = None
             for table in map(self._as_read_in_memory, self._fragment_tables(number, fragment)):
+                self._one_kind(number, offset + (previous.num_rows if previous else 0), table)
                 if previous is not None:
                     yield number, offset, previous, f"in this batch of {previous.num_rows} rows"
                     offset += previous.num_rows
@@ -204,6 +211,36 @@ class _Log:
             if previous is not None:
                 last = f"in this batch of {previous.num_rows} rows" if offset else whole
                 yield number, offset, previous, last
+
+    def _one_kind(self, number: int, offset: int, table: pa.Table) -> None:
+        """A CSV column of numbers typed true/false in one batch and numbers in another is
+        text in memory, where pandas reads the file whole, and its first true/false value is
+        refused as non-numeric there: so it is here, once both kinds have been read."""
+        if self.kind != "CSV":
+            return
+        for name in NUMBER_COLUMNS:
+            index = table.schema.get_field_index(name)
+            if index < 0:
+                continue
+            column = table.column(index)
+            if column.null_count == len(column):
+                continue
+            if pa.types.is_boolean(column.type):
+                kind = "bool"
+            elif pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+                kind = "number"
+            else:
+                continue
+            seen = self.kinds.setdefault(name, {})
+            if kind == "bool" and kind not in seen:
+                i = int(pc.index(pc.is_valid(column), True).as_py())
+                where = self.origins[number].row(offset + i)
+                seen[kind] = f"{where}: non-numeric value {str(column[i].as_py())!r}"
+            seen.setdefault(kind, "")
+            if len(seen) == 2:
+                raise DataError(
+                    f"{seen['bool']} in column {name!r} (true/false values beside numbers)"
+                )
 
     def _fragment_tables(self, number: int, fragment: pads.Fragment) -> Iterator[pa.Table]:
         pending: list[pa.RecordBatch] = []
@@ -291,8 +328,16 @@ def _list_files(path: Path) -> tuple[list[Path], str]:
     if not path.exists():
         raise DataError(f"{path}: no such file")
     if path.is_file():
-        return [path], "Parquet" if path.suffix.lower() in PARQUET_SUFFIXES else "CSV"
-    return folder_parts(path)
+        files, kind = [path], "Parquet" if path.suffix.lower() in PARQUET_SUFFIXES else "CSV"
+    else:
+        files, kind = folder_parts(path)
+    for file in files:
+        if file.suffix.lower() in CSV_COMPRESSION and file.suffix not in CSV_COMPRESSION:
+            raise DataError(
+                f"{file}: write its suffix in lower case ({file.suffix.lower()}) for "
+                "--streaming, whose reader decompresses by a lower-case suffix only"
+            )
+    return files, kind
 
 
 def _open_log(path: Path, files: list[Path], kind: str) -> _Log:

@@ -109,7 +109,7 @@ def read_table(path: Path) -> tuple[pd.DataFrame, Origin]:
             f"{path}: cannot be read as CSV: a row has more fields than the {len(names)} of the "
             "header"
         ) from exc
-    except (OSError, ValueError, pd.errors.ParserError, pa.ArrowException) as exc:
+    except (OSError, EOFError, ValueError, pd.errors.ParserError, pa.ArrowException) as exc:
         raise DataError(f"{path}: cannot be read as {_kind(path)}: {exc}") from exc
 
 
@@ -173,12 +173,21 @@ def folder_parts(folder: Path) -> tuple[list[Path], str]:
     """A folder's parts in name order and their kind, "Parquet" (``.parquet``, ``.pq``) or
     "CSV" (:data:`CSV_SUFFIXES`), any case. Names starting with ``.`` or ``_`` (Spark's
     ``_SUCCESS``, a writer's temporary) are skipped; any other file is refused, not skipped,
-    so that no part is left out of the data unseen."""
-    found = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and not any(s.startswith((".", "_")) for s in p.relative_to(folder).parts)
-    )
+    so that no part is left out of the data unseen: so is a link to a folder (not followed)
+    and anything that is no regular file (a broken link, a pipe)."""
+    found = []
+    for p in sorted(folder.rglob("*")):
+        if any(s.startswith((".", "_")) for s in p.relative_to(folder).parts):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            continue
+        if not p.is_file():
+            what = "a link to a folder, which is not followed" if p.is_dir() else "no file"
+            raise DataError(
+                f"{p}: {what}; give the folder's parts as files in it, or a name starting "
+                "with '.' or '_' to skip it"
+            )
+        found.append(p)
     parquet = [p for p in found if p.suffix.lower() in PARQUET_SUFFIXES]
     text = [p for p in found if p.name.lower().endswith(CSV_SUFFIXES)]
     other = [p for p in found if p not in parquet and p not in text]
