@@ -46,6 +46,11 @@ def test_demo_end_to_end_then_resumed(tmp_path: Path) -> None:
     table = lines[lines.index(next(x for x in lines if "model" in x and "average" in x)) + 1 :]
     assert [row.split()[0] for row in table[: len(MODELS)]] == [m for m, _ in res.rows]
     assert res.chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the demo's chart is a file of its own: the report's, which report.md embeds, stays
+    embedded = res.report.parent / "recall50.png"
+    assert "](recall50.png)" in res.report.read_text() and embedded.is_file()
+    assert res.chart.parent == spec.folder and res.chart.read_bytes() != embedded.read_bytes()
+    assert f"chart {res.chart}" in text
     assert (res.report).is_file() and (res.bundle / "manifest.json").is_file()
     assert res.served == res.rows[0][0]  # every model of the demo is a dot-product model
 

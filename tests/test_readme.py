@@ -62,6 +62,7 @@ def test_api_and_cli_write_the_same_files(tmp_path: Path) -> None:
 def test_set_up_is_two_commands_and_the_demo_output_on_one_screen() -> None:
     """README's "Set up": `make demo` and `make test`, then the demo's output as printed (its
     seven steps in order) and nothing more than a screen (issue 19)."""
+    from aftrec.demo import CHART
     from tests.test_demo import STEP
 
     section = README.read_text().split("## Set up", 1)[1].split("\n## ", 1)[0]
@@ -74,3 +75,6 @@ def test_set_up_is_two_commands_and_the_demo_output_on_one_screen() -> None:
     steps = [m.group(2) for m in map(STEP.match, output.splitlines()) if m]
     assert steps == ["prepare", "train", "compare", "export", "serve", "ask", "stop"]
     assert "demo finished in" in output
+    # the chart the demo writes, not the report's recall50.png beside it
+    charts = re.findall(r"chart (\S+\.png)", output)
+    assert charts and all(Path(c).name == CHART for c in charts), charts

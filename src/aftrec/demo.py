@@ -5,7 +5,8 @@
    time: an ``aftrec reproduce`` with one seed and ``OUT`` as its report directory, so a demo
    cut short resumes where it stopped and a finished one reuses its runs;
 3. ``compare``: one per-domain test Recall@50 table of every model, best average first, and
-   the same as a bar chart, ``OUT/recall50.png``;
+   the same as a bar chart, ``OUT/demo_recall50.png`` (:data:`CHART`; the report's own
+   ``OUT/recall50.png``, mean and std over seeds, stays as the report wrote it);
 4. ``export``: the best dot-product model as a serving bundle, ``OUT/bundle``;
 5. ``serve``: the bundle over HTTP on a free loopback port, in a thread;
 6. ``ask``: ``POST /recommend`` for a known user and for a new user given by behaviours in
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 MODELS = ("aft", "aft-d", "two-tower", "ease", "pop")
 DATASETS = ("ml-100k", "ml-1m", "synthetic")
 METRIC = "recall@50"
+#: step 3's chart in OUT: not ``recall50.png``, the report's chart that report.md embeds
+CHART = "demo_recall50.png"
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ def run_demo(spec: DemoSpec, echo: Callable[[str], None] = print) -> DemoResult:
             report, runs = _train(spec, data_dir, out, lines)
         with steps.step("compare") as lines:
             rows = _compare(runs, lines)
-            chart = _chart(rows, out / "recall50.png")
+            chart = _chart(rows, out / CHART)
             lines[0] += f"; chart {chart}"
         with steps.step("export") as lines:
             served, bundle = _export(rows, runs, out / "bundle", lines)
@@ -383,4 +386,4 @@ def _post(url: str, request: dict[str, Any]) -> tuple[dict[str, Any], float]:
     return body, (time.perf_counter() - t0) * 1000
 
 
-__all__ = ["MODELS", "DemoResult", "DemoSpec", "run_demo"]
+__all__ = ["CHART", "MODELS", "DemoResult", "DemoSpec", "run_demo"]
