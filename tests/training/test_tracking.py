@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,27 @@ def test_a_missing_tracker_package_is_one_error_line(
     line = fails_cleanly(capsys, argv, f"train.tracker={kind} needs the", "aftrec[tracking]",
                          roots=(tmp_path,))  # fmt: skip
     assert not (tmp_path / "r").exists(), line
+
+
+@pytest.mark.parametrize("command", ["reproduce", "demo"])
+def test_a_missing_tracker_package_stops_reproduce_and_the_demo_before_they_start(
+    command: str,
+    tiny_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Checked when the plan is made, not by each run in its worker: no data prepared, no
+    run folders, no report of failed runs; one error line."""
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ImportError
+    out = str(tmp_path / "out")
+    where = ["--out", out, "--jobs", "1", "--set", "train.tracker=mlflow"]
+    argv = ["demo", *where]
+    if command == "reproduce":
+        argv = ["reproduce", "--data", str(tiny_dir), *where, "--models", "pop", "two-tower",
+                "--skip", "ablations", "sweeps", "--quiet"]  # fmt: skip
+    fails_cleanly(capsys, argv, "train.tracker=mlflow needs the", "aftrec[tracking]",
+                  roots=(tmp_path,))  # fmt: skip
 
 
 def test_tracker_is_checked_and_is_not_part_of_the_run() -> None:

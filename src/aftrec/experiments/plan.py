@@ -282,7 +282,8 @@ def _fmt_point(x: float) -> str:
 
 
 def make_plan(spec: ReproduceSpec) -> Plan:
-    """Resolve every run's config and check existing run directories, before training."""
+    """Resolve every run's config and check existing run directories and, unless
+    ``--report-only``, the packages of the runs' trackers, before training."""
     from aftrec.config import resolve
 
     for flag, value in (
@@ -377,6 +378,13 @@ def make_plan(spec: ReproduceSpec) -> Plan:
     fingerprint = data_fingerprint(Path(spec.data)) if meta.is_file() else None
     for job in jobs.values():
         _check_existing(job, root, fingerprint)
+    if not spec.report_only:
+        from aftrec.training.tracking import check
+
+        # each run would check its tracker when it starts, in a worker: every run failed,
+        # the report written, and no whole error line before the command began its work
+        for kind in sorted({job.cfg.runtime.tracker for job in jobs.values()}):
+            check(kind)
     return Plan(
         spec,
         models,
