@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,10 +22,14 @@ SYNTHETIC = SyntheticConfig(
     n_users=200, n_domains=3, items_per_domain=150, n_interactions=5000, seed=3
 )
 STEP = re.compile(r"^\[(\d)/7\] (\w+) +[\d.ms]+  ")
+#: two-tower unable to improve (lr 0) with patience 1 stops early, after 2 of its 3 epochs
+STOPS = ("two-tower:train.epochs=3", "two-tower:train.patience=1", "two-tower:train.lr=0")
 
 
 def test_demo_end_to_end_then_resumed(tmp_path: Path) -> None:
-    spec = DemoSpec("synthetic", tmp_path / "demo", jobs=2, overrides=TINY, synthetic=SYNTHETIC)
+    spec = DemoSpec(
+        "synthetic", tmp_path / "demo", jobs=2, overrides=(*TINY, *STOPS), synthetic=SYNTHETIC
+    )
     lines: list[str] = []
     res = run_demo(spec, echo=lines.append)
 
@@ -37,6 +42,10 @@ def test_demo_end_to_end_then_resumed(tmp_path: Path) -> None:
     ], lines
     text = "\n".join(lines)
     assert "5 trained" in text and "reused" not in text
+    # how each run ended, as it recorded: aft and aft-d ran their 2 epochs
+    ended = "1 to early stopping, 2 at the epoch cap, 2 fitted in closed form"
+    assert f"5 models, 2 at a time: {ended} (5 trained) -> " in text, text
+    assert "two-tower 2 epochs" in text
 
     # one table of every model, best average first, as printed
     assert sorted(m for m, _ in res.rows) == sorted(MODELS)
@@ -63,7 +72,28 @@ def test_demo_end_to_end_then_resumed(tmp_path: Path) -> None:
     again: list[str] = []
     run_demo(spec, echo=again.append)
     assert "reused synthetic" in again[0]
-    assert "(0 trained, 5 reused)" in "\n".join(again)
+    assert f"{ended} (0 trained, 5 reused)" in "\n".join(again)
+
+
+def test_demo_does_not_count_a_failed_run_as_trained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aftrec.training import trainer
+
+    real_train = trainer.train
+
+    def failing(data: Path, cfg: Any, run: Path, **kw: Any) -> Any:
+        if run.parent.name == "two-tower":
+            raise RuntimeError("boom")
+        return real_train(data, cfg, run, **kw)
+
+    monkeypatch.setattr(trainer, "train", failing)  # --jobs 1 trains in this process
+    spec = DemoSpec("synthetic", tmp_path / "demo", jobs=1, models=("pop", "two-tower"),
+                    overrides=TINY, synthetic=SYNTHETIC)  # fmt: skip
+    lines: list[str] = []
+    run_demo(spec, echo=lines.append)
+    (train,) = [x for x in lines if STEP.match(x) and " train " in x]
+    assert ": 1 fitted in closed form (1 trained, 1 FAILED (see the report)) -> " in train
 
 
 def test_demo_command_defaults() -> None:

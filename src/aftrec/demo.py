@@ -1,9 +1,10 @@
 """``aftrec demo`` (``make demo``): the whole product end to end, each step one timed line.
 
 1. ``prepare``: MovieLens-100K (``dataset="ml-1m"`` for ML-1M) into ``OUT/data``;
-2. ``train``: ``pop``, EASE, ``two-tower``, ``aft-d`` and ``aft`` to early stopping, two at a
-   time: an ``aftrec reproduce`` with one seed and ``OUT`` as its report directory, so a demo
-   cut short resumes where it stopped and a finished one reuses its runs;
+2. ``train``: ``two-tower``, ``aft-d`` and ``aft`` to early stopping (or the epoch cap),
+   ``pop`` and EASE fitted in closed form, two at a time: an ``aftrec reproduce`` with one
+   seed and ``OUT`` as its report directory, so a demo cut short resumes where it stopped and
+   a finished one reuses its runs; the step's line says how each run ended, as it recorded;
 3. ``compare``: one per-domain test Recall@50 table of every model, best average first, and
    the same as a bar chart, ``OUT/demo_recall50.png`` (:data:`CHART`; the report's own
    ``OUT/recall50.png``, mean and std over seeds, stays as the report wrote it);
@@ -200,21 +201,46 @@ def _train(
     runs = {m: make_plan(rspec).runs[(m, 0)] for m in spec.models}
     summary = reproduce(rspec)
     epochs = []
+    ended = dict.fromkeys(ENDINGS, 0)
     for model, run in runs.items():
+        if read_json(run / "metrics.json") is not None:  # else failed, counted below
+            ended[_ending(model, run)] += 1
         log = epoch_log(run)
         seconds = (read_json(run / "reproduce.json") or {}).get("train_seconds")
         if not registration(model).deterministic and log and seconds is not None:
             plural = "s" if len(log) > 1 else ""
             epochs.append(f"{model} {len(log)} epoch{plural} {_duration(seconds)}")
-    done = f"{summary.trained} trained" + (f", {summary.reused} reused" if summary.reused else "")
-    failed = f", {summary.failed} FAILED (see the report)" if summary.failed else ""
+    # reproduce counts a run that failed as trained now: here it is only FAILED
+    done = f"{summary.trained - summary.failed} trained"
+    done += f", {summary.reused} reused" if summary.reused else ""
+    done += f", {summary.failed} FAILED (see the report)" if summary.failed else ""
+    how = ", ".join(f"{n} {ending}" for ending, n in ended.items() if n)
     lines.append(
-        f"{len(runs)} models to early stopping, {spec.jobs} at a time ({done}{failed}) "
-        f"-> {summary.report}"
-    )
+        f"{len(runs)} models, {spec.jobs} at a time" + (f": {how}" if how else "")
+        + f" ({done}) -> {summary.report}"
+    )  # fmt: skip
     if epochs:
         lines.append("; ".join(epochs))
     return summary.report, runs
+
+
+#: how a finished run of step 2 ended, in the order the step's line counts them
+ENDINGS = ("to early stopping", "at the epoch cap", "fitted in closed form", "finished")
+
+
+def _ending(model: str, run: Path) -> str:
+    """One of :data:`ENDINGS` for a finished run: what its ``last.pt`` recorded, not what the
+    config asked for (``train.epochs=1`` ends every run at the cap); "finished" where no
+    ``last.pt`` says (a report directory copied without its checkpoints)."""
+    from aftrec.registry import registration
+    from aftrec.training.rundir import stopped_early
+
+    if registration(model).deterministic:
+        return "fitted in closed form"
+    early = stopped_early(run)
+    if early is None:
+        return "finished"
+    return "to early stopping" if early else "at the epoch cap"
 
 
 # --------------------------------------------------------------------------- 3. compare

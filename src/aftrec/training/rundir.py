@@ -287,6 +287,20 @@ def entry_losses(entry: dict[str, Any]) -> list[str]:
     ]
 
 
+def stopped_early(run: Path) -> bool | None:
+    """How a trained run ended, as its ``last.pt`` records it: True when early stopping ended
+    it (``train.patience`` epochs without improvement), False when it ran to ``train.epochs``.
+    None when that file cannot say: a run not finished, a closed-form fit (no epochs), no
+    readable ``last.pt`` (a report directory copied without its checkpoints)."""
+    try:
+        state = checkpoint.load(Path(run) / LAST)
+    except CheckpointError:
+        return None
+    if not state.get("done") or "stopped_early" not in state:
+        return None
+    return bool(state["stopped_early"])
+
+
 def best_epoch_time(run: Path, metric: str = "valid_recall@50") -> tuple[int, float | None]:
     """The best validation epoch of a run (the first with the highest ``metric``, as the
     trainer keeps it; the last epoch when every value is NaN, a run without a validation
