@@ -246,6 +246,28 @@ def test_verbose_goes_before_or_after_the_command(argv: list[str], want: bool) -
     assert build_parser().parse_args(argv).verbose is want
 
 
+def test_a_librarys_info_lines_stay_quiet() -> None:
+    """A library's INFO record at exit is not printed (torch's FakeTensor cache statistics
+    came after `interrupted` when Ctrl-C landed while torch imported); aftrec's own INFO
+    lines (the epoch lines) are."""
+    script = """
+import atexit, logging, sys
+from aftrec.cli import main
+
+def at_exit():
+    # a library's logger with no level or handler of its own (torch's, when Ctrl-C stopped
+    # its import before its logging was set up)
+    logging.getLogger("a_library.cache").info("cache stats:")
+    logging.getLogger("aftrec.training.trainer").info("epoch 1/2")
+
+atexit.register(at_exit)
+sys.exit(main(["models"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0 and proc.stderr == "epoch 1/2\n", proc.stderr
+
+
 def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
     import aftrec
 

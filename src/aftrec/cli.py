@@ -399,17 +399,31 @@ class _LogFormat(logging.Formatter):
         return super().format(record)
 
 
+def _own_info(record: logging.LogRecord) -> bool:
+    """Below WARNING, aftrec's own records only: a library's INFO is not the user's news
+    (FAISS says which of its builds it loaded; torch logs FakeTensor cache statistics at exit,
+    printed after ``interrupted`` when Ctrl-C lands while torch imports)."""
+    return record.levelno >= logging.WARNING or record.name.partition(".")[0] == "aftrec"
+
+
+def _log_handler(verbose: bool) -> logging.Handler:
+    """The handler of every command's log lines (on stderr); with ``verbose`` (``-v``) every
+    logger's records down to DEBUG, without it :func:`_own_info`."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormat())
+    if not verbose:
+        handler.addFilter(_own_info)
+    return handler
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except KeyboardInterrupt:  # Ctrl-C while the commands' modules load
         print("interrupted", file=sys.stderr)
         return 130
-    handler = logging.StreamHandler()
-    handler.setFormatter(_LogFormat())
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
-    if not args.verbose:  # FAISS says at INFO which of its builds it loaded: not the user's news
-        logging.getLogger("faiss").setLevel(logging.WARNING)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, handlers=[_log_handler(args.verbose)])
     # SIGTERM ends a command as Ctrl-C does, through its cleanup (an unfinished bundle or
     # dataset folder is deleted); train and reproduce put their own handler on top, serve
     # leaves shutdown to uvicorn, and a torchrun rank keeps the default: a Python handler
