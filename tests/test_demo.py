@@ -96,6 +96,28 @@ def test_demo_does_not_count_a_failed_run_as_trained(
     assert ": 1 fitted in closed form (1 trained, 1 FAILED (see the report)) -> " in train
 
 
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_demo_stopped_while_preparing_leaves_no_folder_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existed: bool
+) -> None:
+    """Ctrl-C while step 1 writes the data: its unfinished copy is deleted, and so is the
+    --out folder (and its parents) that the demo created for it; one that was there stays."""
+    from aftrec import api
+    from aftrec.outputs import atomic_directory
+
+    def interrupted(out: Path, **kw: Any) -> Path:
+        with atomic_directory(out):  # creates the folders above the data, as prepare does
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "prepare", interrupted)
+    out = tmp_path / "runs" / "demo" / "synthetic"
+    if existed:
+        out.mkdir(parents=True)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(DemoSpec("synthetic", out, synthetic=SYNTHETIC), echo=lambda _: None)
+    assert sorted(tmp_path.rglob("*")) == ([tmp_path / "runs", out.parent, out] if existed else [])
+
+
 def test_demo_command_defaults() -> None:
     args = build_parser().parse_args(["demo"])
     assert (args.dataset, args.out, args.jobs) == ("ml-100k", None, 2)

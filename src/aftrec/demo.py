@@ -127,7 +127,7 @@ def run_demo(spec: DemoSpec, echo: Callable[[str], None] = print) -> DemoResult:
     out = spec.folder
     _check_before_preparing(spec, out)
     steps = _Steps(7, echo)
-    with _quiet():
+    with _quiet(), _no_empty_folders(out):
         with steps.step("prepare") as lines:
             data_dir = _prepare(spec, out / "data", lines)
         with steps.step("train") as lines:
@@ -141,6 +141,27 @@ def run_demo(spec: DemoSpec, echo: Callable[[str], None] = print) -> DemoResult:
         result = DemoResult(rows, report, chart, bundle, served)
         _serve_and_ask(spec, data_dir, bundle, served, steps, result)
     return result
+
+
+@contextmanager
+def _no_empty_folders(out: Path) -> Iterator[None]:
+    """A demo stopped (Ctrl-C, SIGTERM) or failed before anything was in ``out`` leaves no
+    folder behind: step 1 creates ``out`` (and its missing parents) when it starts writing
+    the data, whose unfinished copy is deleted. What this call created and is still empty
+    is removed; a folder that was there before stays, and so does one with anything in it
+    (prepared data, runs: what the next call reuses)."""
+    created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()  # only if empty
+            except FileNotFoundError:  # not created yet
+                continue
+            except OSError:  # not empty, and so are the folders above it
+                break
+        raise
 
 
 def _reproduce_spec(spec: DemoSpec, data_dir: Path, out: Path) -> ReproduceSpec:
