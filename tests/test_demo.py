@@ -118,6 +118,23 @@ def test_a_demo_stopped_while_preparing_leaves_no_folder_it_made(
     assert sorted(tmp_path.rglob("*")) == ([tmp_path / "runs", out.parent, out] if existed else [])
 
 
+def test_a_demo_on_a_busy_folder_does_not_blame_a_reproduce(tmp_path: Path) -> None:
+    """Another demo (or a reproduce) holds the folder's report lock: the error says another
+    aftrec process, not necessarily `aftrec reproduce`."""
+    from aftrec.api import prepare
+    from aftrec.errors import OutputError
+    from aftrec.experiments.reproduce import LOCK
+    from aftrec.outputs import held
+
+    out = tmp_path / "demo"
+    prepare(out / "data", dataset="synthetic", synthetic=SYNTHETIC)  # the other one's step 1
+    spec = DemoSpec("synthetic", out, overrides=TINY, synthetic=SYNTHETIC)
+    with held(out, LOCK, "held"), pytest.raises(OutputError) as refused:
+        run_demo(spec, echo=lambda _: None)
+    said = str(refused.value)
+    assert "another aftrec process" in said and "another `aftrec reproduce`" not in said, said
+
+
 def test_demo_command_defaults() -> None:
     args = build_parser().parse_args(["demo"])
     assert (args.dataset, args.out, args.jobs) == ("ml-100k", None, 2)

@@ -800,7 +800,7 @@ def test_one_call_at_a_time_works_on_a_report(tiny_dir: Path, tmp_path: Path) ->
     out.mkdir()
     spec = ReproduceSpec(tiny_dir, out, quick=True, models=("pop",), ablations=False,
                          sweeps=False, overrides=tuple(THREADS), progress=False)  # fmt: skip
-    with held(out, LOCK, "held"), pytest.raises(OutputError, match="another `aftrec repro"):
+    with held(out, LOCK, "held"), pytest.raises(OutputError, match="another aftrec process"):
         reproduce(spec)
     assert not (out / "report.md").exists()
     assert reproduce(spec).trained == 1  # the lock file alone is no obstacle

@@ -80,7 +80,11 @@ def reproduce(spec: ReproduceSpec) -> Summary:
     check_report_dir(Path(spec.out))
     Path(spec.out).mkdir(parents=True, exist_ok=True)
     env = environment()  # before training: the load average of the machine we were given
-    busy = f"{spec.out}: another `aftrec reproduce` is working on this report"
+    # `aftrec demo` works on its folder through this function too: the lock cannot say which
+    busy = (
+        f"{spec.out}: another aftrec process (`aftrec reproduce` or `aftrec demo`) is working "
+        "on this report"
+    )
     with held(Path(spec.out), LOCK, busy):  # one at a time: both would train the same runs
         return _report(spec, data, plan, env, started_wall, t0)
 
