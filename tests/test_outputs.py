@@ -11,17 +11,19 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from aftrec import outputs
 from aftrec.cli import main
 from aftrec.data.dataset import Dataset
 from aftrec.data.prepared import read_meta
-from aftrec.errors import AftrecError
-from aftrec.outputs import _HOST, INCOMPLETE, remove_stale
+from aftrec.errors import AftrecError, OutputError
+from aftrec.outputs import _HOST, INCOMPLETE, held, remove_stale
 from tests.inputs import fails_cleanly, make_log, prepare_argv, write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,3 +297,26 @@ def test_an_output_another_process_wrote_meanwhile_is_not_replaced_without_force
     with atomic_directory(out) as tmp:  # --force: replaced
         (tmp / "mine").write_text("mine")
     assert [p.name for p in out.iterdir()] == ["mine"]
+
+
+def test_a_lock_file_removed_as_it_was_taken_is_no_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holder removes its lock file as it ends (a refused run leaves none). A process that
+    opened the file just before held a lock on a removed file, and a third process, opening
+    the new file at the path, trained the same run beside it. The lock is now on the file at
+    the path."""
+    real = outputs.fcntl.flock
+    removed = []
+
+    def racing(fd: Any, operation: int) -> None:
+        if operation & outputs.fcntl.LOCK_EX and not removed:
+            (tmp_path / "run.lock").unlink()  # the holder ended between our open and flock
+            removed.append(True)
+        real(fd, operation)
+
+    monkeypatch.setattr(outputs.fcntl, "flock", racing)
+    with held(tmp_path, "run.lock", "busy"):
+        assert removed
+        with pytest.raises(OutputError, match="busy"), held(tmp_path, "run.lock", "busy"):
+            pass

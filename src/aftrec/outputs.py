@@ -159,15 +159,28 @@ def held(folder: Path, name: str, busy: str) -> Iterator[None]:
     it ends, so a killed process leaves no stale lock). ``folder`` must exist. One process at
     a time works on a run, a study or a report: two would interleave their logs and replace
     each other's checkpoints."""
-    try:
-        fh = open(Path(folder) / name, "a")  # noqa: SIM115  (held for the block)
-    except OSError as exc:
-        raise output_error(Path(folder), exc) from exc
-    with fh:
+    path = Path(folder) / name
+    while True:
+        try:
+            fh = open(path, "a")  # noqa: SIM115  (held for the block)
+        except OSError as exc:
+            raise output_error(Path(folder), exc) from exc
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            fh.close()
             raise OutputError(busy) from None
+        # a holder may remove the file as it ends (a refused run leaves no lock file): a lock
+        # taken on the file it removed after this process opened it is no lock, since the
+        # next process opens a new file at the path; lock the file that is there now
+        try:
+            same = os.path.samestat(os.fstat(fh.fileno()), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fh.close()
+    with fh:
         try:
             yield
         finally:

@@ -233,7 +233,8 @@ def test_mlflow_names_every_domain_apart(tmp_path: Path) -> None:
 
     from aftrec.training.tracking import MLflowTracker
 
-    domains = ["a&b", "a_b", "a/b", "a", "..", "Sci-Fi/", "Dráma ü", "Drama", "drama"]
+    # 90 CJK characters are 270 bytes: a file name of MLflow's store holds at most 255
+    domains = ["a&b", "a_b", "a/b", "a", "..", "Sci-Fi/", "Dráma ü", "Drama", "drama", "剧" * 90]
     tracker = MLflowTracker(tmp_path / MLFLOW, resolve("pop"), resume=False)
     for epoch in (1, 2):
         share = {d: epoch + i / 10 for i, d in enumerate(domains)}

@@ -23,7 +23,7 @@ Each epoch's scalars are named ``train/<loss>``, ``valid/<metric>`` (``valid/rec
 the same, part by part (the parts between those ``/``), where MLflow takes them: ``@`` is
 written ``_at_``; any other character but a letter, digit, ``_``, ``-``, ``.`` or space (a ``/``
 inside a domain's name too) is written ``_``; a part of dots alone (``..``), or none, becomes
-underscores, since MLflow keeps a name as a file path; a part over 100 characters is cut. Where
+underscores, since MLflow keeps a name as a file path; a part over 100 bytes is cut. Where
 two parts beside each other would then be the same, or differ in case only (one file on a
 case-insensitive disk), as ``a&b`` and ``a_b``, each gets ``_`` and the first 8 hex digits of
 its own sha1: every domain has its name, the same in every epoch.
@@ -351,6 +351,8 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
 #: what a part of an MLflow name may not hold: MLflow takes word characters (Unicode ones too),
 #: ``-``, ``.``, space and ``/`` between parts, and ``:`` off Windows only (so not here)
 _REFUSED = re.compile(r"[^\w.\- ]")
+#: a part's longest name, in bytes of UTF-8: MLflow keeps it as a file name (255 bytes at most
+#: on common file systems), and a suffix of up to 41 may follow it
 _LONGEST_PART = 100
 
 
@@ -393,8 +395,9 @@ def _mlflow_part(part: str) -> str:
     safe = _REFUSED.sub("_", part.replace("@", "_at_"))
     if not safe.strip("."):  # "", ".", "..": MLflow would resolve it as a path
         safe = "_" * max(len(safe), 1)
-    if len(safe) > _LONGEST_PART:
-        safe = f"{safe[: _LONGEST_PART - 9]}_{_sha1(part)[:8]}"
+    if len(safe.encode()) > _LONGEST_PART:  # 90 CJK characters are 270 bytes
+        cut = safe.encode()[: _LONGEST_PART - 9].decode(errors="ignore")  # whole characters
+        safe = f"{cut}_{_sha1(part)[:8]}"
     return safe
 
 

@@ -115,7 +115,7 @@ def train(
                 return _train(data_dir, cfg, out, resume, progress, ctx, resume_set)
             except BaseException:
                 _remove_new(out, before, resume)
-                if lock_ours:  # removed while held: no second process takes a lost one
+                if lock_ours:  # removed while held (outputs.held locks the file at the path)
                     (out / rundir.LOCK).unlink(missing_ok=True)
                 raise
     except BaseException:
@@ -323,9 +323,10 @@ def _tracker(
     first sends it what it has not received of them: the epochs of a write that failed (which
     stopped tracking, not the run), a finished run's too, or every epoch when the tracker was
     switched on at the resume. Then a resume's ``--set`` is saved into ``config.yaml``: the
-    tracker's folder is the last thing that can refuse the resume, which then leaves the run
-    as it was. A new run first removes the tracker folders of the run killed before its first
-    checkpoint that it replaces: one MLflow run per run, one config in TensorBoard."""
+    tracker's folder is the last thing that can refuse the resume, which then leaves the
+    config as it was (``run.json`` already names the data the resume was given). A new run
+    first removes the tracker folders of the run killed before its first checkpoint that it
+    replaces: one MLflow run per run, one config in TensorBoard."""
     if logged is None:
         rundir.clear_trackers(out)
     tracker = tracking.start(cfg.runtime.tracker, out, cfg, logged is not None)
