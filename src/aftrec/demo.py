@@ -231,8 +231,7 @@ def _train(
         if not registration(model).deterministic and log and seconds is not None:
             plural = "s" if len(log) > 1 else ""
             epochs.append(f"{model} {len(log)} epoch{plural} {_duration(seconds)}")
-    # reproduce counts a run that failed as trained now: here it is only FAILED
-    done = f"{summary.trained - summary.failed} trained"
+    done = f"{summary.trained} trained"
     done += f", {summary.reused} reused" if summary.reused else ""
     done += f", {summary.failed} FAILED (see the report)" if summary.failed else ""
     how = ", ".join(f"{n} {ending}" for ending, n in ended.items() if n)

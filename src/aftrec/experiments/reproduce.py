@@ -173,7 +173,7 @@ def _report(
         environment=env,
         started=started_wall,
         wall_seconds=time.perf_counter() - t0,
-        trained=len(fresh),
+        trained=sum(o.ok for o in fresh),  # a run that failed now is counted as failed only
         reused=len(outcomes) - len(fresh) - waiting,
         failed=sum(not o.ok and not o.pending for o in outcomes.values()),
         pending=waiting,

@@ -127,7 +127,7 @@ class Results:
     environment: dict[str, Any]
     started: str
     wall_seconds: float
-    trained: int  # runs trained or evaluated by this invocation
+    trained: int  # runs trained or evaluated by this invocation, failed ones not counted
     reused: int  # finished runs read from REPORT_DIR
     failed: int
     pending: int = 0  # not run yet (--report-only)
