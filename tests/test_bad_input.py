@@ -854,6 +854,31 @@ def test_a_run_whose_dataset_moved_says_how_to_find_it_and_resume_records_it(
     assert main(evaluate) == 0
 
 
+@pytest.mark.parametrize("at_old_place", ["empty folder", "another dataset"])
+def test_a_moved_dataset_is_found_though_a_folder_stands_at_its_old_place(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, run_copy: Path, prepared: Path,
+    at_old_place: str,
+) -> None:  # fmt: skip
+    """An empty folder, or a dataset prepared again, at the old place made `--resume --data
+    NEW` "drop --data", and resume without it "run `aftrec prepare`": no command could record
+    where the run's dataset went."""
+    data = Path(shutil.copytree(prepared, tmp_path / "data"))
+    meta = json.loads((run_copy / "run.json").read_text())
+    (run_copy / "run.json").write_text(json.dumps({**meta, "data": str(data)}))
+    moved = data.rename(tmp_path / "moved")
+    if at_old_place == "empty folder":
+        data.mkdir()
+        alone = ["train", "--out", str(run_copy), "--resume", "--quiet"]
+        fails_cleanly(capsys, alone, "which is not a prepared dataset now; if it moved",
+                      roots=(tmp_path,))  # fmt: skip
+    else:
+        argv = ["prepare", "--dataset", "synthetic", "--out", str(data)]
+        assert main(argv) == 0
+    resume = ["train", "--out", str(run_copy), "--resume", "--data", str(moved), "--quiet"]
+    assert main(resume) == 0
+    assert json.loads((run_copy / "run.json").read_text()) == {**meta, "data": str(moved)}
+
+
 def test_resume_does_not_record_a_dataset_the_run_does_not_fit(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, run_copy: Path
 ) -> None:

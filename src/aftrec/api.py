@@ -316,7 +316,7 @@ def train(
     overridden). Under torchrun each rank calls it and trains its part (DDP)."""
     from aftrec.config import resolve
     from aftrec.training import distributed
-    from aftrec.training.rundir import check_data, load_run_config, run_data_dir
+    from aftrec.training.rundir import check_data, load_run_config, missing_data, run_data_dir
     from aftrec.training.trainer import train as run_training
 
     out = Path(out)
@@ -339,6 +339,8 @@ def train(
         _check_same_data(out, Path(data))
     data_dir = Path(data) if data is not None else run_data_dir(out)
     if resume:  # the dataset it started on, wherever it lies now (run.json's fingerprint)
+        if data is None and not (data_dir / "meta.json").is_file():
+            raise missing_data(out, data_dir)  # moved: say how to give its new place
         check_data(out, data_dir)
     run_cfg = cfg if cfg is not None else load_run_config(out, sets)  # runtime keys too
     ctx = distributed.init(run_cfg.runtime.device)  # torchrun: join the process group
@@ -392,11 +394,13 @@ def _saturated(cfg: RunConfig, data_dir: Path) -> str:
 def _check_same_data(run: Path, data: Path) -> None:
     """``--resume --data DIR``: only the dataset the run trained on, found where it was or at
     ``DIR`` after a move. Refused when the recorded dataset is still in its place and ``DIR``
-    is another folder: the run would go on with other data than ``run.json`` names."""
-    from aftrec.training.rundir import run_data_dir
+    is another folder: the run would go on with other data than ``run.json`` names. A folder
+    at the old place that is not that dataset (an empty one, another dataset prepared there)
+    does not count: the moved dataset at ``DIR`` is then checked against the fingerprint."""
+    from aftrec.training.rundir import holds_run_data, run_data_dir
 
     recorded = run_data_dir(run)
-    if recorded.is_dir() and recorded.resolve() != data.resolve():
+    if recorded.resolve() != data.resolve() and holds_run_data(run, recorded):
         raise ConfigError(
             f"{run} was trained on {recorded}; --resume goes on with the same data, so drop "
             f"--data {data}"

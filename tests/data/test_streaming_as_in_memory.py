@@ -315,3 +315,23 @@ def test_a_part_that_is_no_file_is_refused(
         argv = ["prepare", "--interactions", str(folder), "--items", str(items),
                 "--out", str(tmp_path / "o"), *flags]  # fmt: skip
         fails_cleanly(capsys, argv, "more: ", roots=(tmp_path,))
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+@pytest.mark.parametrize("damage", ["dropped", "float"])
+def test_a_part_file_without_its_columns_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, streaming: bool, damage: str
+) -> None:
+    """A part without ``domain_idx`` was a KeyError traceback; among partitions, pd.concat
+    filled it with NaN, read as garbage indices, and training failed deep in evaluation."""
+    out = tmp_path / "data"
+    flags = ("--streaming", "--partition-rows", "40") if streaming else ()
+    _prepare(write(_log(), tmp_path / "log.csv"), write(ITEMS, tmp_path / "items.csv"), out,
+             *flags)  # fmt: skip
+    part = files(out, "valid")[-1]
+    frame = pd.read_parquet(part)
+    frame = frame.drop(columns="domain_idx") if damage == "dropped" else frame.astype(float)
+    frame.to_parquet(part, index=False)
+    argv = ["train", "--data", str(out), "--model", "pop", "--out", str(tmp_path / "run")]
+    fails_cleanly(capsys, argv, f"{part.name}: prepared dataset is unreadable",
+                  roots=(tmp_path,))  # fmt: skip

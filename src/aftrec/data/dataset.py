@@ -20,6 +20,9 @@ from aftrec.data.prepared import PARTITIONED, partition_file, read_meta
 from aftrec.data.split import PART_NAMES
 from aftrec.errors import DataError
 
+#: the columns of a part file (train, valid, test), the first three indices
+_PART_COLUMNS = ("user_idx", "item_idx", "domain_idx", "timestamp")
+
 
 @dataclass(frozen=True)
 class Interactions:
@@ -155,10 +158,22 @@ class Dataset:
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
     def _read_part(self, name: str) -> Interactions:
-        try:
-            frames = [pd.read_parquet(f) for f in self._files(name)]
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{self.path}: prepared dataset is unreadable: {exc}") from exc
+        frames = []
+        for file in self._files(name):
+            try:
+                part = pd.read_parquet(file)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{self.path}: prepared dataset is unreadable: {exc}") from exc
+            # a damaged part: pd.concat would fill a missing column with NaN, read as garbage
+            wrong = [c for c in _PART_COLUMNS if c not in part.columns] or [
+                c for c in _PART_COLUMNS[:3] if not pd.api.types.is_integer_dtype(part[c])
+            ]
+            if wrong:
+                raise DataError(
+                    f"{file}: prepared dataset is unreadable: column(s) {wrong} missing or not "
+                    "integers; prepare the dataset again"
+                )
+            frames.append(part)
         frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
         return Interactions(
             frame["user_idx"].to_numpy(np.int32),

@@ -104,6 +104,18 @@ def check_data(run: Path, data_dir: Path) -> None:
         )
 
 
+def holds_run_data(run: Path, data_dir: Path) -> bool:
+    """Whether ``data_dir`` holds the dataset ``run`` trained on: a prepared dataset with the
+    recorded fingerprint (any prepared dataset, for an older run that recorded none)."""
+    if not (Path(data_dir) / "meta.json").is_file():
+        return False
+    try:
+        check_data(run, data_dir)
+    except DataError:
+        return False
+    return True
+
+
 def recorded_fingerprint(run: Path) -> str | None:
     """The fingerprint ``run.json`` recorded when the run started (None: an older run)."""
     value = _read_meta(run).get("data_fingerprint")
@@ -155,7 +167,8 @@ def record_data(run: Path, data_dir: Path) -> bool:
     return True
 
 
-def _missing_data(run: Path, data_dir: Path) -> CheckpointError:
+def missing_data(run: Path, data_dir: Path) -> CheckpointError:
+    """The error for a run whose recorded dataset is no longer a prepared dataset."""
     return CheckpointError(
         f"{run} was trained on {data_dir}, which is not a prepared dataset now; if it moved, "
         f"`aftrec train --resume --out {run} --data NEW_PLACE` records where it is (a finished "
@@ -171,7 +184,7 @@ def load_run(run: Path, which: str = "best") -> tuple[RunConfig, Dataset, Retrie
     cfg = load_run_config(run)
     data_dir = run_data_dir(run)
     if not (data_dir / "meta.json").is_file():
-        raise _missing_data(run, data_dir)
+        raise missing_data(run, data_dir)
     check_data(run, data_dir)
     data = Dataset(data_dir)
     model = create_model(cfg.model_name, cfg.model, data.info, cfg.data.history_len)
