@@ -335,3 +335,20 @@ def test_a_part_file_without_its_columns_is_one_line(
     argv = ["train", "--data", str(out), "--model", "pop", "--out", str(tmp_path / "run")]
     fails_cleanly(capsys, argv, f"{part.name}: prepared dataset is unreadable",
                   roots=(tmp_path,))  # fmt: skip
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+def test_a_bad_row_of_a_folder_is_named_by_its_part(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, streaming: bool
+) -> None:
+    """In memory the message named the folder and the row in all parts together (row 67)."""
+    log = _log()
+    log.loc[60 + 7, "item"] = "zzz"
+    folder = tmp_path / "parts"
+    write(log.iloc[:60], folder / "p1.parquet")
+    write(log.iloc[60:], folder / "p2.parquet")
+    argv = ["prepare", "--interactions", str(folder), "--items",
+            str(write(ITEMS, tmp_path / "items.csv")), "--out", str(tmp_path / "o"),
+            *(["--streaming"] if streaming else [])]  # fmt: skip
+    fails_cleanly(capsys, argv, "p2.parquet, row 7: item 'zzz' is not in the item catalogue",
+                  roots=(tmp_path,))  # fmt: skip

@@ -8,6 +8,7 @@ anything else is read as CSV with a header line (``.gz`` and ``.bz2`` files deco
 
 from __future__ import annotations
 
+import bisect
 import bz2
 import csv
 import gzip
@@ -55,6 +56,19 @@ def open_csv_text(path: Path) -> IO[str]:
     return opener(path, "rt", newline="", encoding="utf-8-sig", errors="replace")
 
 
+@dataclass
+class PartsOrigin(Origin):
+    """A folder's Parquet parts read as one table: a row is named by its part and its row
+    there, as ``--streaming`` names it, not by its row in the whole table."""
+
+    parts: tuple[Path, ...] = ()
+    starts: tuple[int, ...] = ()  # each part's first row in the table
+
+    def row(self, index: int) -> str:
+        k = bisect.bisect_right(self.starts, index) - 1
+        return f"{self.parts[k]}, row {index - self.starts[k]}"
+
+
 def _csv_line(path: Path, index: int) -> int | None:
     """First line of data row ``index`` (0-based, blank lines skipped as pandas does)."""
     try:
@@ -96,7 +110,11 @@ def read_table(path: Path) -> tuple[pd.DataFrame, Origin]:
             same_columns(parts)
             table = pq.read_table([str(p) for p in parts]) if len(parts) > 1 else None
             frame = table.to_pandas() if table is not None else pd.read_parquet(parts[0])
-            return ids_as_read(frame, str(path)), Origin(str(path), None)
+            if len(parts) == 1:
+                return ids_as_read(frame, str(path)), Origin(str(parts[0]), None)
+            rows = [pq.ParquetFile(p).metadata.num_rows for p in parts]
+            starts = tuple(int(x) for x in np.cumsum([0, *rows[:-1]]))
+            return ids_as_read(frame, str(path)), PartsOrigin(str(path), None, tuple(parts), starts)
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
             frame = pd.read_csv(
