@@ -343,9 +343,11 @@ def _torchrun_script(
 ) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "cli.py"
     script.write_text(FAILING_RANK_CLI.replace("CHANGE", change))
+    # torchrun looks at its ranks every 5 s, not 0.1 s: on a loaded machine it saw a dead rank
+    # and SIGTERMed the other before that one had met the closed connection and said so
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(script), *args],
+         "--monitor-interval=5", str(script), *args],
         capture_output=True, text=True, timeout=600, env=ENV,
     )  # fmt: skip
 
