@@ -118,21 +118,57 @@ def test_a_demo_stopped_while_preparing_leaves_no_folder_it_made(
     assert sorted(tmp_path.rglob("*")) == ([tmp_path / "runs", out.parent, out] if existed else [])
 
 
-def test_a_demo_on_a_busy_folder_does_not_blame_a_reproduce(tmp_path: Path) -> None:
-    """Another demo (or a reproduce) holds the folder's report lock: the error says another
-    aftrec process, not necessarily `aftrec reproduce`."""
-    from aftrec.api import prepare
+def test_a_demo_on_a_busy_folder_is_refused_before_preparing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another demo (or a reproduce) holds the folder's report lock: the demo is refused
+    before step 1, which would prepare the same data beside the other one, and the error says
+    another aftrec process, not necessarily `aftrec reproduce`."""
+    from aftrec import api
     from aftrec.errors import OutputError
     from aftrec.experiments.reproduce import LOCK
     from aftrec.outputs import held
 
+    def preparing(out: Path, **kw: Any) -> Path:
+        raise AssertionError("step 1 ran on a busy folder")
+
+    monkeypatch.setattr(api, "prepare", preparing)
     out = tmp_path / "demo"
-    prepare(out / "data", dataset="synthetic", synthetic=SYNTHETIC)  # the other one's step 1
+    out.mkdir()
+    lines: list[str] = []
     spec = DemoSpec("synthetic", out, overrides=TINY, synthetic=SYNTHETIC)
     with held(out, LOCK, "held"), pytest.raises(OutputError) as refused:
-        run_demo(spec, echo=lambda _: None)
+        run_demo(spec, echo=lines.append)
     said = str(refused.value)
     assert "another aftrec process" in said and "another `aftrec reproduce`" not in said, said
+    assert lines == [] and sorted(p.name for p in out.iterdir()) == [LOCK]
+
+
+def test_a_demo_holds_its_folder_from_the_first_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While step 1 prepares, a reproduce on the demo's folder is refused."""
+    from aftrec import api
+    from aftrec.errors import OutputError
+    from aftrec.experiments.plan import ReproduceSpec
+    from aftrec.experiments.reproduce import reproduce
+
+    out = tmp_path / "demo"
+    real_prepare = api.prepare
+    seen: list[str] = []
+
+    def preparing(data: Path, **kw: Any) -> Path:
+        real_prepare(data, **kw)
+        try:
+            reproduce(ReproduceSpec(data=data, out=out, models=("pop",), seeds=1))
+        except OutputError as exc:
+            seen.append(str(exc))
+        raise KeyboardInterrupt  # enough: the rest is the end-to-end test's
+
+    monkeypatch.setattr(api, "prepare", preparing)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(DemoSpec("synthetic", out, synthetic=SYNTHETIC), echo=lambda _: None)
+    assert len(seen) == 1 and "another aftrec process" in seen[0], seen
 
 
 def test_demo_command_defaults() -> None:

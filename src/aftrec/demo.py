@@ -127,7 +127,7 @@ def run_demo(spec: DemoSpec, echo: Callable[[str], None] = print) -> DemoResult:
     out = spec.folder
     _check_before_preparing(spec, out)
     steps = _Steps(7, echo)
-    with _quiet(), _no_empty_folders(out):
+    with _quiet(), _held_folder(out):
         with steps.step("prepare") as lines:
             data_dir = _prepare(spec, out / "data", lines)
         with steps.step("train") as lines:
@@ -144,15 +144,35 @@ def run_demo(spec: DemoSpec, echo: Callable[[str], None] = print) -> DemoResult:
 
 
 @contextmanager
-def _no_empty_folders(out: Path) -> Iterator[None]:
-    """A demo stopped (Ctrl-C, SIGTERM) or failed before anything was in ``out`` leaves no
-    folder behind: step 1 creates ``out`` (and its missing parents) when it starts writing
-    the data, whose unfinished copy is deleted. What this call created and is still empty
-    is removed; a folder that was there before stays, and so does one with anything in it
-    (prepared data, runs: what the next call reuses)."""
+def _held_folder(out: Path) -> Iterator[None]:
+    """Create ``out`` and hold its report lock for the whole demo, so that a second demo (or
+    an ``aftrec reproduce``) on the folder is refused before step 1, not at step 2 after
+    preparing the same data beside this one.
+
+    A demo stopped (Ctrl-C, SIGTERM) or failed before anything was in ``out`` leaves no
+    folder behind: the lock file it created is removed while still held (a process that
+    opened it meanwhile locks the file then at the path, :func:`aftrec.outputs.held`), and
+    so are the folders this call created that are empty. A folder that was there before
+    stays, and so does one with anything in it (prepared data, runs: what the next call
+    reuses)."""
+    from aftrec.experiments.reproduce import LOCK, report_lock
+    from aftrec.outputs import output_error
+
     created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    lock = out / LOCK
+    ours = not lock.exists()
     try:
-        yield
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise output_error(out, exc) from exc
+        with report_lock(out):
+            try:
+                yield
+            except BaseException:
+                if ours and [p.name for p in out.iterdir()] == [LOCK]:
+                    lock.unlink()
+                raise
     except BaseException:
         for folder in created:
             try:
@@ -220,7 +240,7 @@ def _train(
 
     rspec = _reproduce_spec(spec, data_dir, out)
     runs = {m: make_plan(rspec).runs[(m, 0)] for m in spec.models}
-    summary = reproduce(rspec)
+    summary = reproduce(rspec, locked=True)  # run_demo holds the lock
     epochs = []
     ended = dict.fromkeys(ENDINGS, 0)
     for model, run in runs.items():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,9 +63,22 @@ def collect(plan: Plan, outcomes: dict[Path, RunOutcome]) -> dict[str, EntryResu
 LOCK = "reproduce.lock"  # held while a call works on REPORT_DIR
 
 
-def reproduce(spec: ReproduceSpec) -> Summary:
+def report_lock(out: Path) -> AbstractContextManager[None]:
+    """Hold ``out/reproduce.lock`` (``out`` exists) for the block, or raise
+    :class:`~aftrec.errors.OutputError`: one ``aftrec reproduce`` or ``aftrec demo`` at a
+    time works on a report, since both would train the same runs."""
+    # `aftrec demo` works on its folder through this lock too: the lock cannot say which
+    busy = (
+        f"{out}: another aftrec process (`aftrec reproduce` or `aftrec demo`) is working "
+        "on this report"
+    )
+    return held(out, LOCK, busy)
+
+
+def reproduce(spec: ReproduceSpec, *, locked: bool = False) -> Summary:
     """Train and evaluate every planned run, then write ``REPORT_DIR/report.md``. One call at
-    a time works on a report (``REPORT_DIR/reproduce.lock``); a second is refused."""
+    a time works on a report (``REPORT_DIR/reproduce.lock``); a second is refused. ``locked``:
+    the caller holds :func:`report_lock` already (``aftrec demo``, from its first step)."""
     from aftrec.data.dataset import Dataset
     from aftrec.environment import environment
 
@@ -80,12 +94,7 @@ def reproduce(spec: ReproduceSpec) -> Summary:
     check_report_dir(Path(spec.out))
     Path(spec.out).mkdir(parents=True, exist_ok=True)
     env = environment()  # before training: the load average of the machine we were given
-    # `aftrec demo` works on its folder through this function too: the lock cannot say which
-    busy = (
-        f"{spec.out}: another aftrec process (`aftrec reproduce` or `aftrec demo`) is working "
-        "on this report"
-    )
-    with held(Path(spec.out), LOCK, busy):  # one at a time: both would train the same runs
+    with nullcontext() if locked else report_lock(Path(spec.out)):
         return _report(spec, data, plan, env, started_wall, t0)
 
 
