@@ -225,18 +225,6 @@ def folder_parts(folder: Path) -> tuple[list[Path], str]:
     return (parquet, "Parquet") if parquet else (text, "CSV")
 
 
-def parquet_parts(folder: Path) -> list[Path]:
-    """The Parquet parts of a folder (``.parquet`` or ``.pq``, any case), in name order; names
-    starting with ``.`` or ``_`` (Spark's ``_SUCCESS``, a writer's temporary) are skipped."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in PARQUET_SUFFIXES
-        and not any(s.startswith((".", "_")) for s in p.relative_to(folder).parts)
-    )
-
-
 def _text(kind: pa.DataType) -> bool:
     return bool(
         pa.types.is_string(kind)
@@ -274,16 +262,16 @@ def same_columns(files: Sequence[Path]) -> None:
 
 def header(path: Path) -> list[str]:
     """The column names of a table as written, duplicates kept (pandas renames them): a CSV
-    file's first non-blank line, or a Parquet file's (or folder's first file's) schema."""
+    file's first non-blank line, or a Parquet file's schema; a folder's, those of its first
+    part (:func:`folder_parts`)."""
     path = Path(path)
-    if path.is_dir() or path.suffix.lower() in PARQUET_SUFFIXES:
-        files = parquet_parts(path) if path.is_dir() else [path]
-        if not files:
-            return []
+    if path.is_dir():
+        path = folder_parts(path)[0][0]
+    if path.suffix.lower() in PARQUET_SUFFIXES:
         try:
-            return list(pq.read_schema(files[0]).names)
+            return list(pq.read_schema(path).names)
         except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"{files[0]}: cannot be read as Parquet: {exc}") from exc
+            raise DataError(f"{path}: cannot be read as Parquet: {exc}") from exc
     try:
         with open_csv_text(path) as fh:
             for record in csv.reader(fh):
