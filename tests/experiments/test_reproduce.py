@@ -237,6 +237,21 @@ def test_ablation_tests_pair_aft_with_each_variant_on_their_shared_seeds() -> No
     assert ablation_tests(lone, ["aft/no-z"], [col], per_user) == []
 
 
+def test_a_deterministic_competitor_pairs_with_every_seed_of_the_primary() -> None:
+    """aft on five seeds (``--model-seeds aft=5``), EASE's one run listed under the report's
+    three: the test over seeds pairs that run with all five of aft's, not three."""
+    col = Column("a", "recall@50")
+    aft = _entry("aft", [{"recall@50": 0.60 + 0.01 * s} for s in range(5)])
+    run = RunOutcome(
+        Path("runs/ease/seed0"), True, metrics={"domains": {"a": {"recall@50": 0.7}},
+                                                "average": {"recall@50": 0.7}},
+    )  # fmt: skip
+    ease = EntryResult(Entry("ease", "ease", "ease"), True, dict.fromkeys(range(3), run))
+    sig = significance({"aft": aft, "ease": ease}, ["aft", "ease"], [col], lambda k: None)
+    assert sig[col].competitor == "ease" and sig[col].seeds.n == 5
+    assert sig[col].seeds.mean_diff == pytest.approx(0.62 - 0.7)
+
+
 def test_significance_without_primary_or_competitors_is_empty() -> None:
     one = {"aft": _entry("aft", [{"recall@20": 0.5}])}
     assert significance(one, ["aft"], [Column("a", "recall@20")], lambda k: None) == {}

@@ -846,10 +846,10 @@ def render(results: Results) -> str:
             f"{USERS_MARK}: over users, Wilcoxon signed-rank test on the per-user values averaged "
             "over seeds (pairs: the (user, domain) test cases of the column's domain, every one "
             f"for the average column; zero differences dropped). {SEEDS_MARK}: over seeds, "
-            "paired t-test on the per-seed values (paired by seed; deterministic models repeat "
-            "their one run). A mark needs p < alpha and the test's own direction in "
-            f"`{PRIMARY}`'s favour: the mean difference for the t-test, the signed-rank sum "
-            "W+ - W- for the Wilcoxon test."
+            "paired t-test on the per-seed values (paired by seed; a deterministic model's one "
+            f"run stands beside every seed of `{PRIMARY}`). A mark needs p < alpha and the "
+            f"test's own direction in `{PRIMARY}`'s favour: the mean difference for the "
+            "t-test, the signed-rank sum W+ - W- for the Wilcoxon test."
         )
         w("")
         w(significance_table(sig, PRIMARY, alpha))

@@ -159,7 +159,9 @@ def significance(
 ) -> dict[Column, Significance]:
     """``primary`` against the best other row of each column, over users and over seeds.
 
-    ``per_user(key)`` returns the seed-averaged per-user frame of a row (or ``None``)."""
+    ``per_user(key)`` returns the seed-averaged per-user frame of a row (or ``None``). The
+    test over seeds pairs the rows by seed; a deterministic row's one run is paired with every
+    seed of the other (which may have more seeds than the deterministic row lists)."""
     out: dict[Column, Significance] = {}
     if primary not in results:
         return out
@@ -171,7 +173,13 @@ def significance(
         theirs = results[other].cell(col)
         assert theirs is not None
         users = _user_test_of(per_user(primary), per_user(other), col)
-        seeds = seed_test(results[primary].values(col), results[other].values(col))
+        a, b = results[primary].values(col), results[other].values(col)
+        # a deterministic row's one run stands beside each seed of the other side
+        if results[other].deterministic and b:
+            b = dict.fromkeys(a, next(iter(b.values())))
+        elif results[primary].deterministic and a:
+            a = dict.fromkeys(b, next(iter(a.values())))
+        seeds = seed_test(a, b)
         out[col] = Significance(col, other, mine, theirs, users, seeds)
     return out
 
