@@ -7,6 +7,7 @@ steps as a single process that builds each global batch from the same two shards
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -125,6 +126,41 @@ def test_ranks_read_their_own_partitions(partitioned: Path, tmp_path: Path) -> N
     assert_same_weights(one, two)
 
 
+def test_the_validation_sample_follows_the_shards_not_the_ranks(
+    partitioned: Path, tmp_path: Path
+) -> None:
+    """``train.valid_users`` samples the users of shard 0, which rank 0 always holds: one
+    process and two ranks with the same ``train.data_shards`` validate on the same users, so
+    their validation values (and early stopping) agree; before, rank 0 sampled among its own
+    partitions and the single process among all users."""
+    sets = [*COMMON, "model.dropout=0", "train.valid_users=20"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(partitioned, one, "two-tower", sets, ranks=1)
+    train(partitioned, two, "two-tower", sets, ranks=2)
+    logs = [
+        [json.loads(x)["valid_recall@50"] for x in (r / "log.jsonl").read_text().splitlines()]
+        for r in (one, two)
+    ]
+    assert len(logs[0]) == 2
+    np.testing.assert_allclose(logs[0], logs[1], rtol=1e-4)
+
+
+def test_validation_users_are_those_of_shard_zero(partitioned: Path) -> None:
+    from aftrec.training.distributed import SINGLE
+    from aftrec.training.trainer import _shard_zero
+
+    local = load_shards(partitioned, 2, [0, 1])
+    users = _shard_zero(local, local.dataset, SINGLE)
+    valid = local.dataset.fit_and_targets("valid")[1]
+    assert len(users) and (local.shard_of(users) == 0).all()
+    assert set(users) == set(valid.user[local.shard_of(valid.user) == 0])
+    assert len(users) < len(set(valid.user))  # the other shard's users are left out
+    # shard 0 without a validation positive: refused in one line, before training
+    elsewhere = dataclasses.replace(local, starts=np.array([-1, 0]))  # every user in shard 1
+    with pytest.raises(ConfigError, match="shard 0 of 2, and they hold no validation positive"):
+        _shard_zero(elsewhere, local.dataset, SINGLE)
+
+
 def test_resume_on_another_number_of_ranks(tiny_dir: Path, tmp_path: Path) -> None:
     """Two ranks train one epoch; one process resumes for a second: same as two straight."""
     sets = [*COMMON, "model.dropout=0"]
@@ -143,6 +179,7 @@ def test_resume_on_another_number_of_ranks(tiny_dir: Path, tmp_path: Path) -> No
 #: ``aftrec.cli`` with every training step counted and ACTION taken at step STOP of the
 #: process: ``raise SystemExit(3)`` stops it as a kill would (each rank at the same batch)
 STOPPING_CLI = """
+import dataclasses
 import json
 import os
 import signal

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import logging
 import os
@@ -142,6 +143,54 @@ def test_resume_continues_exactly(tiny_dir: Path, tmp_path: Path) -> None:
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
     for entry in map(json.loads, lines):  # each epoch's wall time, training and validation
         assert entry["train_seconds"] > 0 and entry["valid_seconds"] > 0
+
+
+def test_a_resume_is_checked_in_terms_it_can_change(tiny_dir: Path, tmp_path: Path) -> None:
+    """Before reading the data: a resume needs an epoch left to train (``--set
+    train.epochs`` below the epoch under way trained nothing and said "trained"), and a number
+    of ranks the kept shards or batch size split over, named as such (the message named
+    ``train.batch_size``, which --resume does not let change); a mid-epoch checkpoint goes on
+    only on as many ranks as wrote it."""
+    from aftrec.training.distributed import Context
+    from aftrec.training.trainer import _check_resumable
+
+    over = [*FAST, "train.epochs=3", "train.patience=10"]
+    train(tiny_dir, resolve("two-tower", overrides=over), tmp_path / "r", progress=False)
+    state = {**checkpoint.load(tmp_path / "r" / "last.pt"), "epoch": 2, "done": False}
+    checkpoint.save(state, tmp_path / "r" / "last.pt")
+    with pytest.raises(ConfigError, match=r"trained 2 epoch\(s\): train.epochs=2 leaves nothing"):
+        train(tiny_dir, None, tmp_path / "r", resume=True, resume_set=["train.epochs=2"],
+              progress=False)  # fmt: skip
+    assert "epochs: 3" in (tmp_path / "r" / "config.yaml").read_text()  # left as it was
+
+    tc = resolve("two-tower", overrides=[*FAST, "train.epochs=5", "train.batch_size=64"]).train
+    inside = {"epoch": 2, "done": False, "partial": {"ranks": [{}, {}]}}
+    with pytest.raises(ConfigError, match=r"stopped inside epoch 3 by 2 ranks.*resume it with 2"):
+        _check_resumable(tmp_path, tc, inside, Context(0, 3))
+    with pytest.raises(ConfigError, match=r"inside epoch 3: train.epochs=2 leaves nothing"):
+        _check_resumable(tmp_path, dataclasses.replace(tc, epochs=2), inside, Context(0, 2))
+    ended = {"epoch": 2, "done": False}
+    said = r"train.batch_size=64, which --resume keeps and 3 ranks do not divide: .*\(1, 2, 4,"
+    with pytest.raises(ConfigError, match=said):
+        _check_resumable(tmp_path, tc, ended, Context(0, 3))
+    pinned = dataclasses.replace(tc, data_shards=4)
+    with pytest.raises(ConfigError, match=r"train.data_shards=4, .* \(1, 2, 4\)"):
+        _check_resumable(tmp_path, pinned, ended, Context(0, 3))
+    _check_resumable(tmp_path, pinned, ended, Context(1, 2))  # 2 ranks split 4 shards
+    # a finished run resumed without more epochs trains nothing: nothing to refuse
+    _check_resumable(tmp_path, tc, {"epoch": 5, "done": True}, Context(0, 3))
+
+
+def test_resuming_a_run_stopped_before_its_first_checkpoint_says_to_start_it_again(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "r"
+    train(tiny_dir, resolve("two-tower", overrides=FAST), run, progress=False)
+    (run / "last.pt").unlink()
+    (run / "best.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"before its first checkpoint.*without --resume"):
+        train(tiny_dir, None, run, resume=True, progress=False)
+    train(tiny_dir, resolve("two-tower", overrides=FAST), run, progress=False)  # as it says
 
 
 TIMING = ("train_seconds", "valid_seconds", "examples_per_second", "peak_rss_mib")

@@ -171,8 +171,9 @@ class TrainLoader:
 
     def cycle(self, rng: np.random.Generator, batch_size: int, n_batches: int) -> Iterator[Batch]:
         """``n_batches`` full batches of ``batch_size``, walking fresh permutations of the
-        examples one after the other (a shard smaller than its share repeats examples, a
-        larger one leaves the tail of its last permutation for the next epoch's draw)."""
+        examples one after the other: a shard smaller than its share repeats examples, a
+        larger one leaves the tail of its last permutation out of the epoch (nothing is carried
+        over: each epoch draws from its own seed)."""
         need = batch_size * n_batches
         laps = -(-need // len(self.train))
         order = np.concatenate([rng.permutation(len(self.train)) for _ in range(laps)])[:need]

@@ -10,6 +10,7 @@ on the number of processes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,15 @@ class LocalShards:
     n_examples: int  # training examples over all shards
     dataset: Dataset  # the data this process read (all of it, or its partitions)
     complete: bool  # whether ``dataset`` is the whole dataset
+    n_shards: int
+    starts: np.ndarray | None  # each partition's first user, where shards are partitions
+
+    def shard_of(self, users: np.ndarray) -> np.ndarray:
+        """The shard of each user, by the rule of the module docstring."""
+        users = np.asarray(users, dtype=np.int64)
+        if self.starts is None:
+            return users % self.n_shards
+        return (np.searchsorted(self.starts, users, side="right") - 1) % self.n_shards
 
 
 def _meta(path: Path) -> dict[str, Any]:
@@ -47,17 +57,20 @@ def load_shards(path: Path, n_shards: int, mine: list[int]) -> LocalShards:
         meta.get("partitions") or [] if meta.get("layout") == "partitioned" else []
     )
     by_partition = len(parts) >= n_shards and len(parts) > 1
+    starts: np.ndarray | None = None
     if by_partition:
         wanted = [p for p in range(len(parts)) if p % n_shards in mine]
         data = Dataset(path, partitions=wanted)
         complete = len(wanted) == len(parts)
         starts = np.array([int(p["users"][0]) for p in parts], dtype=np.int64)
-        shard = (np.searchsorted(starts, data.train.user, side="right") - 1) % n_shards
     else:
         data = Dataset(path)
         complete = True
-        shard = data.train.user.astype(np.int64) % n_shards
+    n_examples = int(sum(data.meta["counts"]["train"].values()))
+    base = LocalShards(
+        data.info, {}, data.train, n_examples, data, complete, n_shards, starts
+    )  # fmt: skip
+    shard = base.shard_of(data.train.user)
     shards = {s: data.train.take(shard == s) for s in mine}
     local = data.train if len(mine) == n_shards else data.train.take(np.isin(shard, mine))
-    n_examples = int(sum(data.meta["counts"]["train"].values()))
-    return LocalShards(data.info, shards, local, n_examples, data, complete)
+    return dataclasses.replace(base, shards=shards, train=local)

@@ -112,10 +112,11 @@ class Evaluator:
         seed: int = 0,
         progress: bool = True,
         max_users: int | None = None,
+        among: np.ndarray | None = None,
     ) -> EvalResult:
         """Full-ranking metrics on ``split``; ``max_users`` evaluates a fixed random sample
         (seeded by ``seed``) of at most that many users per domain, for quick validation on
-        large data."""
+        large data, drawn among the users ``among`` (sorted) where given."""
         info = self.data.info
         fit, targets = self.indices(split)
         ns = tuple(sorted(set(int(n) for n in ns)))
@@ -126,10 +127,12 @@ class Evaluator:
         per_user: list[pd.DataFrame] = []
         prefix = "" if sampled_negatives is None else "sampled_"
         keys = [f"{prefix}{m}@{n}" for n in ns for m in ("recall", "ndcg")] + ["auc"]
-        chosen = [
-            _sample(unique(target_parts.user[target_parts.domain == d]), max_users, seed + d)
-            for d in range(info.n_domains)
-        ]
+        chosen = []
+        for d in range(info.n_domains):
+            users = unique(target_parts.user[target_parts.domain == d])
+            if among is not None:
+                users = users[np.isin(users, among)]
+            chosen.append(_sample(users, max_users, seed + d))
         total = sum(len(u) for u in chosen)
         bar = tqdm(
             total=total,

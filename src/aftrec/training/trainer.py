@@ -39,10 +39,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from aftrec.arrays import unique
 from aftrec.config import RunConfig, TrainConfig
 from aftrec.data.dataset import Dataset
 from aftrec.data.loader import ShardedLoader
-from aftrec.data.shards import load_shards
+from aftrec.data.shards import LocalShards, load_shards
 from aftrec.errors import CheckpointError, ConfigError, Stopped, TrainingError
 from aftrec.evaluation.evaluate import Evaluator
 from aftrec.models.base import RetrievalModel
@@ -169,14 +170,16 @@ def _train(
         )
     check_device(rt.device)
     model.to(rt.device)
-    # rank 0 validates. With train.valid_users it samples the users of its own partitions
-    # (whose histories it holds), so no rank reads the whole log; else it reads everything.
-    own = local.complete or not ctx.main or tc.valid_users is not None
+    # rank 0 validates. With train.valid_users it samples the users of shard 0, which it
+    # always holds, so no rank reads the whole log; else it reads everything.
+    sampled = tc.valid_users is not None
+    own = local.complete or not ctx.main or sampled
     full = local.dataset if own else Dataset(Path(data_dir))
     evaluator = Evaluator(full, cfg.data.history_len, rt.eval_batch_size)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
     has_valid = int(sum(local.dataset.meta["counts"]["valid"].values())) > 0
+    among = _shard_zero(local, full, ctx) if sampled and has_valid and n_shards > 1 else None
     shown = metric if has_valid else None  # the validation metric the epochs show and track
     if not model.trainable and not has_valid and len(model.search_space()) > 1:
         raise ConfigError(
@@ -281,7 +284,7 @@ def _train(
                         break
                     continue
                 valid = evaluator if has_valid else None
-                value = _validate(valid, model, cfg, epoch, entry, totals, epoch_examples)
+                value = _validate(valid, model, cfg, epoch, entry, totals, epoch_examples, among)
                 improved = stopper.update(epoch, value)
                 if improved:
                     checkpoint.save(
@@ -384,10 +387,45 @@ def _config_and_state(
     if cfg is not None:
         raise ConfigError("--resume continues with the run's saved config; drop --config/--set")
     cfg = rundir.load_run_config(out, resume_set)
+    if not (out / rundir.LAST).exists() and (out / rundir.META).is_file():
+        raise CheckpointError(
+            f"{out} was stopped before its first checkpoint, so there is nothing to resume: "
+            f"train it again without --resume (its settings are in {out / rundir.CONFIG})"
+        )
     state = checkpoint.load(out / rundir.LAST)
     if ctx.main:  # left by a process killed
         rundir.remove_temporaries(out)
+    _check_resumable(out, cfg.train, state, ctx)
     return cfg, state
+
+
+def _check_resumable(out: Path, tc: TrainConfig, state: dict[str, Any], ctx: Context) -> None:
+    """What a resume cannot go on with, said before the data is read and in terms of what
+    ``--resume`` lets change (the number of ranks, ``train.epochs``): a mid-epoch checkpoint
+    goes on only on as many ranks as wrote it; the shards, kept from the run's config, must
+    split over the ranks; and ``train.epochs`` must leave an epoch to train. A finished run
+    resumed without more epochs trains nothing, so it is not checked."""
+    epoch = int(state.get("epoch", 0))
+    if state.get("done") and (state.get("stopped_early") or epoch >= tc.epochs):
+        return
+    partial = state.get("partial")
+    _own_partial(out, partial, epoch, ctx)
+    if tc.epochs <= epoch:
+        inside = f", and is inside epoch {epoch + 1}" if partial is not None else ""
+        raise ConfigError(
+            f"{out} has trained {epoch} epoch(s){inside}: train.epochs={tc.epochs} leaves "
+            f"nothing to train; give at least {epoch + 1} to go on"
+        )
+    kept, name = (tc.data_shards, "train.data_shards") if tc.data_shards else (
+        tc.batch_size, "train.batch_size"
+    )  # fmt: skip
+    if kept % ctx.world:
+        fits = [n for n in range(1, kept + 1) if kept % n == 0]
+        shown = ", ".join(map(str, fits[:12])) + (", ..." if len(fits) > 12 else "")
+        raise ConfigError(
+            f"{out} trains with {name}={kept}, which --resume keeps and {ctx.world} ranks do not "
+            f"divide: resume it on a number of ranks that divides it ({shown})"
+        )
 
 
 class EarlyStopping:
@@ -612,6 +650,39 @@ def _epoch_entry(
     return entry, sum(r[2] for r in per_rank)
 
 
+def _shard_zero(local: LocalShards, data: Dataset, ctx: Context) -> np.ndarray:
+    """The users among which ``train.valid_users`` draws its validation sample when the data
+    is in several shards: those of shard 0, which rank 0 always holds. The sample then
+    depends on the data and ``train.data_shards`` only, the same on any number of ranks.
+    Refused on every rank when they hold no validation positive; a domain in which they hold
+    none is left out of the validation average, with a warning."""
+    said: str | None = None
+    users = np.empty(0, dtype=np.int64)
+    if ctx.main:
+        targets = data.fit_and_targets("valid")[1]
+        mine = local.shard_of(targets.user) == 0
+        users = unique(targets.user[mine].astype(np.int64))
+        counts = np.bincount(targets.domain[mine], minlength=local.info.n_domains)
+        if not counts.any():
+            said = (
+                f"train.valid_users samples the validation users of data shard 0 of "
+                f"{local.n_shards}, and they hold no validation positive: leave "
+                "train.valid_users unset (validate on every user), or use fewer shards"
+            )
+        else:
+            empty = [n for d, n in enumerate(local.info.domains) if counts[d] == 0]
+            if empty:
+                log.warning(
+                    "validation leaves out domain(s) %s: train.valid_users samples the users of "
+                    "data shard 0 of %d, and they hold no validation positive there",
+                    ", ".join(empty), local.n_shards,
+                )  # fmt: skip
+    said = ctx.broadcast(said)
+    if said is not None:
+        raise ConfigError(said)
+    return users
+
+
 def _validate(
     evaluator: Evaluator | None,
     model: RetrievalModel,
@@ -620,18 +691,21 @@ def _validate(
     entry: dict[str, Any],
     totals: EpochTotals,
     examples: int,
+    among: np.ndarray | None = None,
 ) -> float:
     """Rank 0's validation of an epoch (``train.valid_metric``), recorded in ``entry`` with the
     throughput over every rank's ``examples`` and the wall times of the epoch's training and
     validation (summed up to the best epoch: the time to the best validation epoch, resumed
     runs included). Without a validation part (``evaluator`` None) the value is NaN, and
-    :class:`EarlyStopping` keeps the last epoch."""
+    :class:`EarlyStopping` keeps the last epoch. ``train.valid_users`` draws its sample among
+    the users ``among`` where given (:func:`_shard_zero`)."""
     metric, metric_n = cfg.train.valid_metric_n()
     t_valid = time.perf_counter()
     if evaluator is not None:
         value = evaluator.evaluate(
-            model, "valid", ns=(metric_n,), progress=False, max_users=cfg.train.valid_users
-        ).average[metric]
+            model, "valid", ns=(metric_n,), progress=False, max_users=cfg.train.valid_users,
+            among=among,
+        ).average[metric]  # fmt: skip
     else:
         value = math.nan
     entry[f"valid_{metric}"] = value
