@@ -145,6 +145,19 @@ def test_the_validation_sample_follows_the_shards_not_the_ranks(
     np.testing.assert_allclose(logs[0], logs[1], rtol=1e-4)
 
 
+def test_a_closed_form_model_fits_on_the_whole_data_on_two_ranks(
+    partitioned: Path, tmp_path: Path
+) -> None:
+    """Rank 0 fits it alone, on every partition: with ``train.valid_users`` it held only its
+    own, and popularity counted the clicks of half the users."""
+    sets = ["train.data_shards=2", "train.threads=1", "train.valid_users=20"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(partitioned, one, "pop", sets, ranks=1)
+    train(partitioned, two, "pop", sets, ranks=2)
+    wa, wb = weights(one, "best"), weights(two, "best")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_validation_users_are_those_of_shard_zero(partitioned: Path) -> None:
     from aftrec.training.distributed import SINGLE
     from aftrec.training.trainer import _shard_zero

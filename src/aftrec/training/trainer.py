@@ -202,9 +202,12 @@ def _train(
             log.info("run %s already finished", out)
             return TrainResult(out, 0, float(state["metric"]), 0, 0.0, 0.0, False)
         result = None
-        if ctx.main:  # closed form: one process fits, the others wait
-            scored = evaluator if has_valid else None
-            result = _fit_closed_form(cfg, full, scored, out, metric, metric_n, started)
+        if ctx.main:  # closed form: one process fits on the whole data, the others wait
+            whole = full if local.complete or full is not local.dataset else Dataset(data_dir)
+            scored = evaluator if whole is full else Evaluator(whole, cfg.data.history_len)
+            result = _fit_closed_form(
+                cfg, whole, scored if has_valid else None, out, metric, metric_n, started
+            )
         return ctx.broadcast(result)
 
     if tc.sparse_embeddings:
