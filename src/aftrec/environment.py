@@ -47,6 +47,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine() -> str:
+    """The CPU and its cores in a few words, as a report names where a run trained."""
+    return f"{cpu_name()}, {os.cpu_count()} cores"
+
+
 def load_average() -> float | None:
     """The 1-minute load average (other processes competing for the cores)."""
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None

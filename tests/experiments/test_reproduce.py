@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from aftrec.errors import ConfigError, OutputError
 from aftrec.experiments import execute as ex
@@ -622,6 +623,13 @@ def test_failures_are_reported_and_half_trained_runs_resume(
     assert "## Failures" in text and "RuntimeError: boom second line" in text
     assert "| `sasrec` | failed | – |" in text
     assert "## Significance" in text and "Not computed" in text  # no aft among the models
+    # --report-only still says they failed, and why: not "not run yet"
+    shown = reproduce(dataclasses.replace(spec, report_only=True))
+    assert (shown.failed, shown.pending) == (2, 0)
+    text = (out / "report.md").read_text()
+    assert "RuntimeError: boom second line" in text and "| `sasrec` | failed | – |" in text
+    failure = json.loads((out / "runs" / "sasrec" / "seed0" / "reproduce.json").read_text())
+    assert failure["error"] == "RuntimeError: boom second line"
 
     # two-tower seed 1 was "killed" in its second epoch; pop in its first
     run = out / "runs" / "two-tower" / "seed1"
@@ -645,6 +653,10 @@ def test_failures_are_reported_and_half_trained_runs_resume(
     text = (out / "report.md").read_text()
     assert "## Failures" not in text
     assert re.search(r"\| `two-tower` \| 2/2 \| 1 \|", text)  # one resumed run
+    # the runs that trained again dropped their earlier failure
+    assert "error" not in json.loads(
+        (out / "runs" / "sasrec" / "seed0" / "reproduce.json").read_text()
+    )
 
 
 def test_failed_runs_exit_1_and_a_run_that_never_trained_takes_another_config(
@@ -675,6 +687,37 @@ def test_failed_runs_exit_1_and_a_run_that_never_trained_takes_another_config(
     assert main([*argv, "two-tower:train.lr=0.002"]) == 0
     saved = json.loads((out / "runs" / "two-tower" / "seed0" / "reproduce.json").read_text())
     assert saved["config"]["train"]["lr"] == 0.002
+
+
+def test_cpu_hours_and_machines_are_those_a_run_trained_with_not_the_renderers(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """Runs without ``train.threads`` trained with torch's default of their process; a report
+    rendered where the default is another counts them as they trained, and names the machine
+    they trained on apart from the one rendering."""
+    out = tmp_path / "report"
+    spec = ReproduceSpec(tiny_dir, out, models=("pop",), seeds=1, quick=True, ablations=False,
+                         sweeps=False, progress=False)  # fmt: skip
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        reproduce(spec)
+        trained = json.loads((out / "results.json").read_text())["cpu_seconds"]["pop"]
+        assert (
+            json.loads((out / "runs" / "pop" / "seed0" / "reproduce.json").read_text())["threads"]
+            == 1
+        )
+        torch.set_num_threads(2)
+        reproduce(dataclasses.replace(spec, report_only=True))
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads((out / "results.json").read_text())["cpu_seconds"]["pop"] == trained
+    text = (out / "report.md").read_text()
+    # where the runs trained, as they recorded it, apart from the machine rendering
+    from aftrec.environment import machine
+
+    assert f"- Trained on: {machine()} (1 run); torch threads per run: 1\n" in text
+    assert "- This invocation's hardware: " in text
 
 
 def test_report_only_trains_nothing_and_lists_the_runs_not_run(

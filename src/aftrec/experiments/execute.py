@@ -7,9 +7,10 @@ own (spawned) process with ``cores // J`` torch threads unless ``train.threads``
 SIGTERM or SIGINT stops the command cleanly: the worker processes are terminated (and die
 with the parent even if it is killed outright), a run in its training loop writes a
 checkpoint after the batch under way, and the same command resumes them;
-:class:`~aftrec.errors.Stopped` names the interrupted runs. ``--report-only`` trains nothing:
-unfinished runs come back ``pending``. Failures are recorded in the outcome, never raised, so
-one failing model does not stop the others.
+:class:`~aftrec.errors.Stopped` names the interrupted runs. Failures are recorded in the
+outcome, never raised, so one failing model does not stop the others, and in the run's
+``reproduce.json`` until it trains again. ``--report-only`` trains nothing: unfinished runs
+come back failed (with that error) or ``pending``.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aftrec.config import plain_json, run_identity, runtime_overrides
-from aftrec.environment import usable_cores
-from aftrec.errors import Stopped
+from aftrec.environment import machine, usable_cores
+from aftrec.errors import CheckpointError, Stopped
 from aftrec.experiments.plan import (
     NS,
     Job,
@@ -108,6 +109,8 @@ def logged_seconds(run: Path) -> float:
 
 def run_job(job: Job, data_dir: Path) -> RunOutcome:
     """Train (or resume) and evaluate one run; the caller catches its exceptions."""
+    import torch
+
     from aftrec.evaluation.evaluate import Evaluator
     from aftrec.training import checkpoint, rundir
     from aftrec.training.trainer import train
@@ -120,6 +123,7 @@ def run_job(job: Job, data_dir: Path) -> RunOutcome:
     # a saved record counts unless it was another config's, which never checkpointed
     same = saved is not None and run_identity(saved["config"]) == run_identity(fresh["config"])
     meta = {**fresh, **saved} if saved and (resume or same) else fresh
+    meta.pop("error", None)  # an earlier invocation's failure: this one tries again
     if resume:
         meta["resumed"] = meta["resumed"] or not checkpoint.load(run / rundir.LAST).get("done")
     else:  # nothing to resume: clear what a run killed in its first epoch may have left
@@ -134,6 +138,10 @@ def run_job(job: Job, data_dir: Path) -> RunOutcome:
         )  # fmt: skip
     finally:  # a stopped or failed invocation's time counts too
         meta["train_seconds"] = float(meta["train_seconds"] or 0.0) + time.perf_counter() - t0
+        meta["threads"] = torch.get_num_threads()  # what it trained with, for its CPU time
+        before = meta.get("machines")
+        machines = [str(m) for m in before] if isinstance(before, list) else []
+        meta["machines"] = sorted({*machines, machine()})  # each it trained on
         atomic_write_text(run / "reproduce.json", json.dumps(meta, indent=2) + "\n")
 
     t1 = time.perf_counter()
@@ -154,6 +162,33 @@ def run_job(job: Job, data_dir: Path) -> RunOutcome:
         trained_now=True,
         resumed=bool(meta["resumed"]),
     )
+
+
+def _record_failure(run: Path, error: str) -> None:
+    """Keep a failed run's one-line error in its ``reproduce.json`` (``error``), so that a
+    ``--report-only`` shows it failed, and why, rather than "not run yet". The next invocation
+    that trains the run drops it. Best effort: a run that failed because its folder cannot be
+    written has its error in this invocation's report only."""
+    try:
+        record = read_record(run) or {}
+    except CheckpointError:  # damaged: the failure is likely about it, and said in the report
+        return
+    with suppress(OSError):
+        atomic_write_text(
+            run / "reproduce.json", json.dumps({**record, "error": error}, indent=2) + "\n"
+        )
+
+
+def _unfinished(job: Job) -> RunOutcome:
+    """``--report-only``'s outcome of a run not finished: failed, with its recorded error
+    (:func:`_record_failure`), or pending."""
+    try:
+        error = (read_record(job.run) or {}).get("error")
+    except CheckpointError:
+        error = None
+    if isinstance(error, str):
+        return RunOutcome(job.run, False, error=error)
+    return RunOutcome(job.run, False, pending=True)
 
 
 def per_user_parquet(frame: pd.DataFrame) -> bytes:
@@ -300,7 +335,7 @@ def execute(plan: Plan) -> dict[Path, RunOutcome]:
         else:
             pending.append(job)
     if plan.spec.report_only:
-        outcomes.update({job.run: RunOutcome(job.run, False, pending=True) for job in pending})
+        outcomes.update({job.run: _unfinished(job) for job in pending})
         return outcomes
     pending = [_with_threads(job, plan.spec.jobs) for job in _seed_order(pending)]
     data_dir = Path(plan.spec.data)
@@ -338,6 +373,7 @@ def execute(plan: Plan) -> dict[Path, RunOutcome]:
         if not outcome.ok:
             log.warning("%s failed: %s", job.run.relative_to(root).as_posix(), outcome.error)
             failed += 1
+            _record_failure(job.run, outcome.error or "")
         outcomes[job.run] = outcome
         eta.add(job.model, outcome)
         running.pop(job.run, None)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aftrec.experiments.plan import NS, PRIMARY, Plan
+from aftrec.experiments.plan import NS, PRIMARY, Plan, read_record
 from aftrec.experiments.results import (
     Cell,
     Column,
@@ -315,14 +315,38 @@ def validation_curves(results: Results, keys: Sequence[str], path: Path) -> bool
 
 
 def _run_threads(run: Path, plan: Plan) -> int | None:
-    """The torch threads a run trained with: its saved config's, else what the plan asks."""
+    """The torch threads a run trained with: as its ``reproduce.json`` recorded them, else its
+    saved config's, else what the plan asks (None: torch's default, unrecorded)."""
     from aftrec.errors import AftrecError
     from aftrec.training.rundir import load_run_config
 
     try:
+        recorded = (read_record(run) or {}).get("threads")
+        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
+            return recorded
         return load_run_config(run).runtime.threads
     except (AftrecError, OSError):
         return plan.jobs[run].cfg.runtime.threads
+
+
+def _machines(runs: Sequence[Path]) -> str:
+    """Where the finished ``runs`` trained, as their ``reproduce.json`` recorded it (a run
+    resumed elsewhere counts on each machine), with the number of runs on each."""
+    from collections import Counter
+
+    from aftrec.errors import AftrecError
+
+    seen: Counter[str] = Counter()
+    for run in runs:
+        try:
+            machines = (read_record(run) or {}).get("machines")
+        except AftrecError:
+            machines = None
+        names = [str(m) for m in machines] if isinstance(machines, list) and machines else []
+        seen.update(names or ["not recorded (runs of an earlier version)"])
+    if not seen:
+        return "no run finished"
+    return ", ".join(f"{name} ({n} run{'s' if n > 1 else ''})" for name, n in sorted(seen.items()))
 
 
 def _metric_names(plan: Plan) -> set[str]:
@@ -781,9 +805,10 @@ def render(results: Results) -> str:
         )
     )
     w(f"- Training: {_budget(plan)}")
+    w(f"- Trained on: {_machines(ran)}; torch threads per run: {threads}")
     w(
-        f"- Hardware: {env['cpu']}, {env['cores']} cores ({env['usable_cores']} usable), "
-        f"{env['memory_gib']} GiB memory, torch threads per run: {threads}, "
+        f"- This invocation's hardware: {env['cpu']}, {env['cores']} cores "
+        f"({env['usable_cores']} usable), {env['memory_gib']} GiB memory, "
         f"CUDA {'available (unused: train.device)' if env['cuda'] else 'none'}; "
         f"1-min load average at start {env['load_average_1min']}; {env['os']}"
     )
