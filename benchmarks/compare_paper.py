@@ -22,10 +22,12 @@ benchmarks/results/reproduce_vs_paper.md unless ``--out`` says otherwise.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
+import warnings
 from pathlib import Path
 
-from scipy.stats import kendalltau, spearmanr
+from scipy.stats import ConstantInputWarning, kendalltau, spearmanr
 
 from _common import RESULTS
 from aftrec.errors import AftrecError
@@ -84,13 +86,19 @@ CLAIMS = [
 
 
 def ours_r50(results: dict) -> dict[str, list[float]]:
-    """Average test Recall@50 of each finished seed, per main row of the report."""
+    """Average test Recall@50 of each finished seed, per main row of the report; a seed whose
+    value is not a number (``null``: NaN in ``results.json``) is left out."""
     out = {}
     for key, entry in results["entries"].items():
-        done = finished(entry)
-        if done and not is_variant(key):
-            out[key] = [s["metrics"]["average"]["recall@50"] for s in done]
+        raw = [s["metrics"]["average"].get("recall@50") for s in finished(entry)]
+        values = [float(v) for v in raw if _number(v)]
+        if values and not is_variant(key):
+            out[key] = values
     return out
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def spread(values: list[float]) -> float:
@@ -98,8 +106,24 @@ def spread(values: list[float]) -> float:
 
 
 def ranks(values: dict[str, float]) -> dict[str, int]:
-    order = sorted(values, key=lambda k: -values[k])
-    return {k: i + 1 for i, k in enumerate(order)}
+    """Rank 1 = the highest value; equal values share the better rank (1, 2, 2, 4)."""
+    return {k: 1 + sum(v > values[k] for v in values.values()) for k in values}
+
+
+def correlation(test: object) -> str:
+    """A Spearman or Kendall result as "rho (p)"; undefined where a ranking is constant."""
+    stat, p = test.statistic, test.pvalue  # type: ignore[attr-defined]
+    if not math.isfinite(stat):
+        return "undefined (a ranking with every value equal)"
+    return f"{stat:.2f} ({p:.3f})"
+
+
+def _tests(x: list[float], y: list[float]) -> tuple[object, object]:
+    """Spearman's rho and Kendall's tau of two rankings (scipy; ties get average ranks).
+    A constant side leaves them undefined (NaN), said as such, without scipy's warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantInputWarning)
+        return spearmanr(x, y), kendalltau(x, y)
 
 
 def dataset_label(results: dict) -> str:
@@ -134,11 +158,8 @@ def compare(results: dict) -> list[str]:
     pairs.append(("Netflix vs MDR-5B (the paper's two)", netflix, mdr))
     for name, a, b in pairs:
         x, y = [a[k] for k in shared], [b[k] for k in shared]
-        rho, tau = spearmanr(x, y), kendalltau(x, y)
-        lines.append(
-            f"| {name} | {rho.statistic:.2f} ({rho.pvalue:.3f}) | "
-            f"{tau.statistic:.2f} ({tau.pvalue:.3f}) |"
-        )
+        rho, tau = _tests(x, y)
+        lines.append(f"| {name} | {correlation(rho)} | {correlation(tau)} |")
     lines += [
         "",
         "A claim holds when the first row's mean is higher; 'within the spread' marks a",
@@ -170,7 +191,7 @@ def moved(before: dict, after: dict, before_name: str, after_name: str) -> list[
         raise SystemExit(f"the two reports share only {len(shared)} finished rows")
     ro, rn = ranks({k: old[k] for k in shared}), ranks({k: new[k] for k in shared})
     x, y = [old[k] for k in shared], [new[k] for k in shared]
-    rho, tau = spearmanr(x, y), kendalltau(x, y)
+    rho, tau = _tests(x, y)
     lines = [
         f"How the ranking moved from `{before_name}` to `{after_name}`: the {len(shared)} "
         "rows both finished, ranked by mean average Recall@50 (1 = best among them).",
@@ -186,8 +207,7 @@ def moved(before: dict, after: dict, before_name: str, after_name: str) -> list[
         )
     lines += [
         "",
-        f"Spearman rho {rho.statistic:.2f} (p {rho.pvalue:.3f}), Kendall tau "
-        f"{tau.statistic:.2f} (p {tau.pvalue:.3f}).",
+        f"Spearman rho (p) {correlation(rho)}, Kendall tau (p) {correlation(tau)}.",
     ]
     return lines
 
