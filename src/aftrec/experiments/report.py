@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,18 @@ if TYPE_CHECKING:
 DECIMALS = 4
 USERS_MARK = "†"  # aft significantly better than the column's best competitor, over users
 SEEDS_MARK = "‡"  # ... over seeds
+
+
+#: what markdown would read as markup in a domain name (a table's cell separator, emphasis,
+#: code, HTML, links); each is escaped with a backslash, which CommonMark takes before any
+#: ASCII punctuation
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_|<>\[\]~])")
+
+
+def md_escape(text: str) -> str:
+    """``text`` as markdown shows it literally: ``Rom|ance`` is one table cell, ``*Drama*``
+    is not emphasis. For the report's text only; ``results.json`` keeps the raw names."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
 
 
 def paper_rows(models: Sequence[str]) -> list[Registration]:
@@ -104,7 +117,7 @@ def metric_table(
             means = {r.label: (c.mean if (c := r.cells.get(col)) else None) for r in rows}
             for label, style in rank_marks(means, decimals).items():
                 styles[(label, col)] = style
-    head = [first, *([info] if info else []), *(c.label for c in columns)]
+    head = [first, *([info] if info else []), *(md_escape(c.label) for c in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -161,7 +174,7 @@ def significance_table(sig: Mapping[Column, Significance], primary: str, alpha: 
             "| "
             + " | ".join(
                 [
-                    col.label,
+                    md_escape(col.label),
                     s.competitor,
                     format_cell(s.primary),
                     format_cell(s.other),
@@ -792,7 +805,9 @@ def render(results: Results) -> str:
     w(f"- Command: `{spec.command()}`")
     w(
         f"- Data: `{spec.data}`: {info.n_users:,} users, {info.n_items:,} items, domains "
-        + ", ".join(f"{d} ({info.domain_size(i):,} items)" for i, d in enumerate(domains))
+        + ", ".join(
+            f"{md_escape(d)} ({info.domain_size(i):,} items)" for i, d in enumerate(domains)
+        )
     )
     w(
         "- Protocol: test split, full ranking over every item of the target domain (training "
@@ -1016,7 +1031,7 @@ def ablation_section(results: Results, alpha: float) -> list[str]:
     for t in tests:
         cells = [
             results.entries[t.variant].entry.label,
-            t.column.label,
+            md_escape(t.column.label),
             ", ".join(map(str, t.seeds_used)),
             format_cell(t.full),
             format_cell(t.ablated),

@@ -1,0 +1,118 @@
+"""The ``aftrec reproduce`` report as a reader sees it: domain names that are markdown, cells
+of fewer seeds than their row, the validation metric the runs stop on, damaged or older
+``log.jsonl`` files, plots with nothing to draw. One ``--quick`` report on the tiny synthetic
+dataset (its domains renamed to markdown's special characters) is trained once and
+re-rendered with ``--report-only`` after each change."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aftrec.data.prepare import prepare
+from aftrec.data.sources.synthetic import generate
+from aftrec.experiments.plan import ReproduceSpec
+from aftrec.experiments.reproduce import reproduce
+from tests.conftest import TINY
+
+#: markdown in every name: a table's cell separator, emphasis, code
+DOMAINS = {"d0": "Rom|ance", "d1": "*Thrill*", "d2": "_Act`ion_"}
+#: the runs validate on Recall@20, not the default Recall@50
+SETTINGS = ("train.threads=1", "train.valid_metric=recall@20")
+
+
+def _spec(data: Path, out: Path, **kw: Any) -> ReproduceSpec:
+    """aft on two seeds (``--model-seeds``), pop, the ablations and sweeps on one seed."""
+    return ReproduceSpec(data, out, quick=True, models=("aft", "pop"), model_seeds=("aft=2",),
+                         overrides=SETTINGS, progress=False, **kw)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def special(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny dataset with its domains renamed to :data:`DOMAINS`."""
+    raw = generate(TINY)
+    raw.interactions["domain"] = raw.interactions["domain"].map(DOMAINS)
+    raw.items["domain"] = raw.items["domain"].map(DOMAINS)
+    raw = dataclasses.replace(raw, domains=[DOMAINS[d] for d in raw.domains or DOMAINS])
+    out = tmp_path_factory.mktemp("special") / "data"
+    prepare(raw, out, source={"kind": "synthetic"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(special: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "report"
+    summary = reproduce(_spec(special, out))
+    assert summary.failed == 0 and summary.pending == 0
+    return out
+
+
+def _copy(finished: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "report"
+    shutil.copytree(finished, out)
+    return out
+
+
+def _render(special: Path, out: Path) -> str:
+    reproduce(_spec(special, out, report_only=True))
+    return (out / "report.md").read_text()
+
+
+def _section(text: str, title: str) -> str:
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _row(text: str, title: str, first: str) -> list[str]:
+    """The cells of the row of section ``title`` whose first cell is ``first``."""
+    for line in _section(text, title).splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == first:
+            return cells
+    raise AssertionError(f"no row {first} in {title}")
+
+
+def _write_log(run: Path, entries: list[dict[str, Any]]) -> None:
+    (run / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+
+
+HEALTH = {"distinct_share_min": 0.9, "pop_pct": 40.0, "reward_mean": 0.5, "reward_std": 0.02,
+          "advantage_abs": 0.01, "fn_rate": 0.05, "fn_rate_random": 0.04,
+          "top10_in_d_top50": 0.1}  # fmt: skip
+
+
+def _epoch(epoch: int, valid: dict[str, float], **health: float) -> dict[str, Any]:
+    return {"epoch": epoch, "loss": 1.0, "health": {**HEALTH, **health}, **valid,
+            "train_seconds": 2.0, "valid_seconds": 1.0}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def test_domain_names_that_are_markdown_keep_the_tables_whole(finished: Path) -> None:
+    """``Rom|ance`` split its column in two; ``*Thrill*`` was emphasis. Escaped in the
+    markdown, raw in ``results.json``."""
+    from aftrec.experiments.report import md_escape
+
+    assert md_escape("Rom|ance") == r"Rom\|ance"
+    assert md_escape("_Act`ion_ *x*") == r"\_Act\`ion\_ \*x\*"
+    text = (finished / "report.md").read_text()
+    assert r"domains Rom\|ance (80 items), \*Thrill\* (80 items), \_Act\`ion\_ (80 items)" in text
+    tables = re.findall(r"(?:^\|.*\n)+", text, flags=re.MULTILINE)
+    assert len(tables) > 5
+    for table in tables:
+        lines = table.splitlines()
+        width = lines[1].count("---|")
+        for line in lines:  # cells split on the unescaped bars only
+            assert len(re.split(r"(?<!\\)\|", line)) - 2 == width, line
+    assert r"| Rom\|ance r@20 |" in text and r"| \_Act\`ion\_ AUC |" in text
+    results = json.loads((finished / "results.json").read_text())
+    assert "Rom|ance r@20" in results["significance"]
+    assert {t["column"] for t in results["ablation_tests"]} >= {"average r@50"}
+    run = results["entries"]["pop"]["seeds"]["0"]["metrics"]
+    assert set(run["domains"]) == set(DOMAINS.values())
