@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -17,8 +18,11 @@ import pytest
 
 from aftrec.data.prepare import prepare
 from aftrec.data.sources.synthetic import generate
-from aftrec.experiments.plan import ReproduceSpec
+from aftrec.experiments import execute as ex
+from aftrec.experiments.plan import Entry, ReproduceSpec
+from aftrec.experiments.report import format_cell
 from aftrec.experiments.reproduce import reproduce
+from aftrec.experiments.results import Cell, Column, EntryResult, RunOutcome
 from tests.conftest import TINY
 
 #: markdown in every name: a table's cell separator, emphasis, code
@@ -116,3 +120,48 @@ def test_domain_names_that_are_markdown_keep_the_tables_whole(finished: Path) ->
     assert {t["column"] for t in results["ablation_tests"]} >= {"average r@50"}
     run = results["entries"]["pop"]["seeds"]["0"]["metrics"]
     assert set(run["domains"]) == set(DOMAINS.values())
+
+
+# --------------------------------------------------------------------------- non-finite values
+
+
+def test_an_infinite_metric_is_a_damaged_run(finished: Path, tmp_path: Path) -> None:
+    """The evaluator writes a NaN as null and nothing else that is not finite: an infinity
+    (or a NaN token) in ``metrics.json`` is damage, and the run is evaluated again."""
+    run = _copy(finished, tmp_path) / "runs" / "pop" / "seed0"
+    assert ex.is_finished(run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    for bad in (math.inf, -math.inf, math.nan):
+        metrics["domains"]["Rom|ance"]["auc"] = bad
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        assert not ex.is_finished(run)
+    metrics["domains"]["Rom|ance"]["auc"] = None  # a null is a NaN: a domain without users
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert ex.is_finished(run)
+
+
+def test_a_cell_of_fewer_seeds_than_its_row_says_so(finished: Path, special: Path,
+                                                    tmp_path: Path) -> None:  # fmt: skip
+    """A seed without a value (null: NaN) drops out of the cell's mean; the row's seed count
+    still counts it, so the cell says how many seeds it has."""
+    outcomes = {
+        s: RunOutcome(Path(f"runs/aft/seed{s}"), True, metrics={"domains": {}, "average": m})
+        for s, m in enumerate([{"auc": 0.215, "r": 0.2}, {"auc": None, "r": 0.4}])
+    }
+    entry = EntryResult(Entry("aft", "aft", "aft"), False, outcomes)
+    cell = entry.cell(Column("average", "auc"))
+    assert cell is not None and (cell.n, cell.offered) == (1, 2)
+    assert format_cell(cell) == "0.2150 (n=1)"
+    assert format_cell(cell, "best") == "**0.2150 (n=1)**"
+    assert format_cell(entry.cell(Column("average", "r"))) == "0.3000 ± 0.1414"
+    assert format_cell(Cell(0.5, 0.1, 2)) == "0.5000 ± 0.1000"  # made by hand: n seeds
+
+    out = _copy(finished, tmp_path)
+    path = out / "runs" / "aft" / "seed1" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["domains"]["*Thrill*"]["auc"] = None
+    path.write_text(json.dumps(metrics))
+    text = _render(special, out)
+    cells = _row(text, "AUC (Table 4 layout)", "`aft`")
+    assert cells[1] == "2" and " (n=1)" in cells[3]  # seeds, *Thrill* AUC
+    assert "(n=" not in cells[2] + cells[4] + cells[5]

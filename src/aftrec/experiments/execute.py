@@ -56,7 +56,8 @@ REQUIRED = (*(f"recall@{n}" for n in NS), "auc")
 
 def is_finished(run: Path) -> bool:
     """Whether the run's test values are there: ``per_user.parquet`` and a ``metrics.json``
-    with every :data:`REQUIRED` average and every value a number (or null: NaN), written by
+    with every :data:`REQUIRED` average and every value a finite number (or null: NaN; the
+    evaluator writes no other, so an infinity or a NaN token is damage), written by
     this command's evaluation (``reproduce.json`` holds its ``eval_seconds``: an ``aftrec
     evaluate`` of a run under way or stopped does not finish it). A damaged ``metrics.json``
     counts as missing, so the run is evaluated again (from its checkpoint)."""
@@ -70,9 +71,10 @@ def is_finished(run: Path) -> bool:
     if not isinstance(average, dict) or not isinstance(domains, dict):
         return False
     return all(k in average for k in REQUIRED) and all(
-        isinstance(part, dict) and all(v is None or is_number(v) for v in part.values())
+        isinstance(part, dict)
+        and all(v is None or (is_number(v) and abs(v) < float("inf")) for v in part.values())
         for part in (average, *domains.values())
-    )  # a null is a NaN (a domain without test users)
+    )  # a null is a NaN (a domain without test users); abs(v) < inf: neither inf nor NaN
 
 
 def _load_outcome(run: Path) -> RunOutcome:

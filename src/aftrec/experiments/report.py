@@ -87,12 +87,15 @@ def format_cell(
     cell: Cell | None, style: str | None = None, suffix: str = "", decimals: int = DECIMALS
 ) -> str:
     """``0.1234 ± 0.0056`` bold for ``style="best"``, underlined for ``"second"``; marks
-    (``suffix``) after the formatting."""
+    (``suffix``) after the formatting. A cell made from fewer seeds than its row's (some seed's
+    value NaN) says how many: ``0.2150 (n=1)``."""
     if cell is None or not math.isfinite(cell.mean):
         return "–"
     text = f"{cell.mean:.{decimals}f}"
     if cell.n > 1 and math.isfinite(cell.std):
         text += f" ± {cell.std:.{decimals}f}"
+    if cell.partial:
+        text += f" (n={cell.n})"
     if style == "best":
         text = f"**{text}**"
     elif style == "second":

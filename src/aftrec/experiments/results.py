@@ -55,15 +55,25 @@ class Cell:
     mean: float
     std: float  # nan for one seed
     n: int  # seeds
+    #: the seeds' values it was made from, NaN or infinite ones too (None: ``n``); more than
+    #: ``n`` where some seed had no finite value, which the report shows in the cell
+    offered: int | None = None
 
     @classmethod
     def of(cls, values: Iterable[float | None]) -> Cell | None:
-        """Mean and sample std (ddof 1) of the finite values; None without any."""
-        vals = [float(v) for v in values if v is not None and math.isfinite(v)]
+        """Mean and sample std (ddof 1) of the finite values; None without any. ``offered``
+        counts every value, so a cell of fewer seeds than its row's says so."""
+        given = list(values)
+        vals = [float(v) for v in given if v is not None and math.isfinite(v)]
         if not vals:
             return None
         std = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-        return cls(statistics.fmean(vals), std, len(vals))
+        return cls(statistics.fmean(vals), std, len(vals), len(given))
+
+    @property
+    def partial(self) -> bool:
+        """Whether some of the seeds it was made from had no finite value."""
+        return self.offered is not None and self.offered > self.n
 
 
 @dataclass
