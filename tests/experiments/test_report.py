@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import shutil
@@ -19,6 +20,7 @@ import pytest
 from aftrec.data.prepare import prepare
 from aftrec.data.sources.synthetic import generate
 from aftrec.experiments import execute as ex
+from aftrec.experiments import report
 from aftrec.experiments.plan import Entry, ReproduceSpec
 from aftrec.experiments.report import format_cell
 from aftrec.experiments.reproduce import reproduce
@@ -165,3 +167,62 @@ def test_a_cell_of_fewer_seeds_than_its_row_says_so(finished: Path, special: Pat
     cells = _row(text, "AUC (Table 4 layout)", "`aft`")
     assert cells[1] == "2" and " (n=1)" in cells[3]  # seeds, *Thrill* AUC
     assert "(n=" not in cells[2] + cells[4] + cells[5]
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def test_best_epoch_and_health_follow_the_runs_validation_metric(
+    finished: Path, special: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runs validate on Recall@20: their best epoch is the first (the second is worse);
+    the Wall time table and the health at the best epoch read Recall@50, which they lack."""
+    out = _copy(finished, tmp_path)
+    for seed in (0, 1):
+        _write_log(out / "runs" / "aft" / f"seed{seed}", [
+            _epoch(1, {"valid_recall@20": 0.5}, distinct_share_min=0.9),
+            _epoch(2, {"valid_recall@20": 0.4}, distinct_share_min=0.7),
+        ])  # fmt: skip
+    figures: dict[str, Any] = {}
+    monkeypatch.setattr(report, "write_png", lambda fig, path: figures.update({path.name: fig}))
+    text = _render(special, out)
+    assert _row(text, "Wall time", "`aft`")[7:9] == ["1.0", "3.0"]  # best epoch, s to it
+    health = _row(text, "Generator health", "`aft`")
+    assert health[2:4] == ["0.700", "0.900"]  # min over epochs, at the best epoch
+    curves = _section(text, "Validation curves")
+    assert "Validation Recall@20" in curves and "![validation Recall@20" in curves
+    assert "Recall@50" not in curves
+    assert figures["validation.png"].axes[0].get_ylabel() == "validation Recall@20"
+
+
+def test_a_health_entry_without_a_diagnostic_shows_a_dash(finished: Path, special: Path,
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    """A log of another version, without ``advantage_abs`` or ``distinct_share_min``, stopped
+    the report with a KeyError."""
+    out = _copy(finished, tmp_path)
+    for seed in (0, 1):
+        entry = _epoch(1, {"valid_recall@20": 0.5, "valid_recall@50": 0.6})
+        del entry["health"]["advantage_abs"], entry["health"]["distinct_share_min"]
+        _write_log(out / "runs" / "aft" / f"seed{seed}", [entry])
+    cells = _row(_render(special, out), "Generator health", "`aft`")
+    assert cells[2:4] == ["–", "–"] and cells[6:8] == ["–", "–"]
+    assert cells[4] == "40.0" and cells[5] == "0.500 ± 0.020"
+
+
+def test_wall_time_leaves_out_a_run_without_a_readable_log(
+    finished: Path, special: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run whose ``log.jsonl`` is cut to a half-written line has no best epoch: it is not
+    epoch 0 in the row's mean. The warning about the line comes once."""
+    out = _copy(finished, tmp_path)
+    good = [_epoch(1, {"valid_recall@20": 0.5, "valid_recall@50": 0.6}),
+            _epoch(2, {"valid_recall@20": 0.4, "valid_recall@50": 0.5})]  # fmt: skip
+    _write_log(out / "runs" / "aft" / "seed0", good)
+    cut = out / "runs" / "aft" / "seed1" / "log.jsonl"
+    cut.write_text('{"epoch": 1, "valid_rec')
+    with caplog.at_level(logging.WARNING, logger="aftrec.training.rundir"):
+        text = _render(special, out)
+    assert _row(text, "Wall time", "`aft`")[7:9] == ["1.0", "3.0"]
+    assert [r.getMessage() for r in caplog.records].count(
+        f"{cut}: left out 1 line(s) that are not an epoch's entry"
+    ) == 1

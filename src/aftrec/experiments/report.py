@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aftrec.experiments.plan import NS, PRIMARY, Plan, read_record
+from aftrec.experiments.plan import NS, PRIMARY, Plan, is_number, read_record
 from aftrec.experiments.results import (
     Cell,
     Column,
@@ -293,10 +293,11 @@ def recall_bars(results: Results, keys: Sequence[str], path: Path) -> bool:
 
 
 def validation_curves(results: Results, keys: Sequence[str], path: Path) -> bool:
-    """Validation Recall@50 per epoch of every finished run of ``keys``, from each run's
-    ``log.jsonl``: one panel per row (one line per seed, a star at the best epoch, the
-    checkpoint its test numbers come from), the panels side by side on one y axis; written
-    atomically as PNG. False (nothing written) when no run has a log."""
+    """The validation metric each run stops on (``train.valid_metric``, Recall@50 by default)
+    per epoch of every finished run of ``keys``, from each run's ``log.jsonl``: one panel per
+    row (one line per seed, a star at the best epoch, the checkpoint its test numbers come
+    from), the panels side by side on one y axis; written atomically as PNG. False (nothing
+    written) when no run has a log."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -306,7 +307,7 @@ def validation_curves(results: Results, keys: Sequence[str], path: Path) -> bool
     for key in keys:
         for seed, outcome in sorted(results.entries[key].outcomes.items()):
             log = epoch_log(outcome.run) if outcome.ok else []
-            metric = f"valid_{results.plan.jobs[outcome.run].cfg.train.valid_metric}"
+            metric = _valid_key(results.plan, outcome.run)
             pts = [(int(e["epoch"]), float(e[metric])) for e in log if metric in e]
             if pts:
                 curves.setdefault(key, []).append((seed, pts))
@@ -325,7 +326,7 @@ def validation_curves(results: Results, keys: Sequence[str], path: Path) -> bool
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation Recall@50")
+    axes[0].set_ylabel(f"validation {validated_on(results.plan, keys)}")
     write_png(fig, path)
     return True
 
@@ -365,13 +366,27 @@ def _machines(runs: Sequence[Path]) -> str:
     return ", ".join(f"{name} ({n} run{'s' if n > 1 else ''})" for name, n in sorted(seen.items()))
 
 
-def _metric_names(plan: Plan) -> set[str]:
-    """The validation metrics the runs stop on, as the report writes them (Recall@50)."""
+def _valid_key(plan: Plan, run: Path) -> str:
+    """The key of ``log.jsonl`` holding the validation value a run stops on:
+    ``valid_recall@50``, or ``valid_<train.valid_metric>`` as the trainer writes it."""
+    metric, _ = plan.jobs[run].cfg.train.valid_metric_n()
+    return f"valid_{metric}"
+
+
+def _metric_names(plan: Plan, keys: Sequence[str] | None = None) -> set[str]:
+    """The validation metrics the runs (of the rows ``keys``; None: every run) stop on, as
+    the report writes them (Recall@50)."""
+    runs = plan.jobs if keys is None else {r for (k, _), r in plan.runs.items() if k in keys}
     names = set()
-    for job in plan.jobs.values():
-        metric, n = job.cfg.train.valid_metric_n()
+    for run in runs:
+        metric, n = plan.jobs[run].cfg.train.valid_metric_n()
         names.add(f"{'Recall' if metric.startswith('recall') else 'NDCG'}@{n}")
     return names
+
+
+def validated_on(plan: Plan, keys: Sequence[str]) -> str:
+    """The validation metric(s) the runs of the rows ``keys`` stop on: ``Recall@50``."""
+    return " / ".join(sorted(_metric_names(plan, keys)))
 
 
 def _budget(plan: Plan) -> str:
@@ -437,8 +452,6 @@ def _timings(results: Results) -> list[dict[str, Any]]:
         entry = results.entries[owner]
         outcome = next(o for o in entry.outcomes.values() if o.run == job.run)
         owned.setdefault(owner, []).append(outcome)
-    from aftrec.training.rundir import best_epoch_time
-
     rows = []
     for key, outs in owned.items():
         ok = [o for o in outs if o.ok and o.train_seconds is not None]
@@ -451,7 +464,8 @@ def _timings(results: Results) -> list[dict[str, Any]]:
             * (_run_threads(o.run, results.plan) or results.environment["torch_threads"])
             for o in ok
         )
-        best = [best_epoch_time(o.run) for o in ok]
+        # a run whose log is missing or unreadable has no best epoch: left out, not epoch 0
+        best = [b for o in ok if (b := _best_epoch(results.plan, o.run)) is not None]
         to_best = [t for _, t in best if t is not None]
         rows.append(
             {
@@ -465,26 +479,39 @@ def _timings(results: Results) -> list[dict[str, Any]]:
                 "cpu_seconds": cpu,
                 "mean_seconds": (train + ev) / len(ok) if ok else float("nan"),
                 "best_epoch": statistics.fmean(e for e, _ in best) if best else float("nan"),
-                # only when every run logged its epochs' times
+                # only when every run with a best epoch logged its epochs' times
                 "to_best_seconds": statistics.fmean(to_best)
-                if to_best and len(to_best) == len(ok)
+                if to_best and len(to_best) == len(best)
                 else float("nan"),
             }
         )
     return sorted(rows, key=lambda r: -r["total_seconds"])
 
 
+def _best_epoch(plan: Plan, run: Path) -> tuple[int, float | None] | None:
+    """:func:`~aftrec.training.rundir.best_epoch_time` of a run on its own validation metric;
+    None when its ``log.jsonl`` holds no epoch with that metric (missing, unreadable, cut)."""
+    from aftrec.training.rundir import best_epoch_time, epoch_log
+
+    metric = _valid_key(plan, run)
+    if not any(metric in e for e in epoch_log(run)):
+        return None
+    return best_epoch_time(run, metric)
+
+
 def health_rows(results: Results) -> list[dict[str, Any]]:
     """Per row whose runs log G's health (``"health"`` in ``log.jsonl``, AFT with a generator
     or hard negatives): over its finished seeds, the smallest share of a domain's items that
-    were fakes in any epoch, and at each run's best epoch the mean of the other diagnostics."""
+    were fakes in any epoch, and at each run's best epoch the mean of the other diagnostics.
+    A diagnostic no entry holds (a log of an older version, a damaged one) is NaN ("–")."""
     from aftrec.training.rundir import best_epoch_time, epoch_log
 
     rows: list[dict[str, Any]] = []
     seen: dict[frozenset[Path], dict[str, Any]] = {}  # the runs a row was computed from
     for key, entry in results.entries.items():
         runs = [o.run for o in entry.outcomes.values() if o.ok]
-        logs = [(run, [e for e in epoch_log(run) if "health" in e]) for run in runs]
+        logs = [(run, [e for e in epoch_log(run) if isinstance(e.get("health"), dict)])
+                for run in runs]  # fmt: skip
         logs = [(run, entries) for run, entries in logs if entries]
         if not logs:
             continue
@@ -495,26 +522,32 @@ def health_rows(results: Results) -> list[dict[str, Any]]:
             continue
         at_best = []
         for run, entries in logs:
-            best, _ = best_epoch_time(run)
+            best, _ = best_epoch_time(run, _valid_key(results.plan, run))
             at_best.append(next((e for e in entries if e["epoch"] == best), entries[-1])["health"])
         every = [e["health"] for _, entries in logs for e in entries]
 
+        def values(name: str, pool: list[dict[str, Any]]) -> list[float]:
+            return [float(h[name]) for h in pool if is_number(h.get(name))]
+
         def mean(name: str, pool: list[dict[str, Any]] = at_best) -> float:
-            vals = [float(h[name]) for h in pool if name in h]
+            vals = values(name, pool)
             return statistics.fmean(vals) if vals else float("nan")
+
+        def lowest(name: str, pool: list[dict[str, Any]] = every) -> float:
+            return min(values(name, pool), default=float("nan"))
 
         rows.append(
             {
                 "entry": key,
                 "same_as": [],
                 "runs": len(logs),
-                "share_min": min(float(h["distinct_share_min"]) for h in every),
+                "share_min": lowest("distinct_share_min"),
                 "share_best": mean("distinct_share_min"),
                 "pop_pct": mean("pop_pct"),
                 "reward_mean": mean("reward_mean"),
                 "reward_std": mean("reward_std"),
                 "advantage_abs": mean("advantage_abs"),
-                "advantage_abs_min": min(float(h["advantage_abs"]) for h in every),
+                "advantage_abs_min": lowest("advantage_abs"),
                 "fn_rate": mean("fn_rate"),
                 "fn_rate_random": mean("fn_rate_random"),
                 "top10": mean("top10_in_d_top50"),
@@ -559,12 +592,22 @@ def health_section(results: Results) -> list[str]:
     ]
     for r in rows:
         label = " = ".join(f"`{k}`" for k in [r["entry"], *r["same_as"]])
-        out.append(
-            f"| {label} | {r['runs']} | {r['share_min']:.3f} | {r['share_best']:.3f} | "
-            f"{r['pop_pct']:.1f} | {r['reward_mean']:.3f} ± {r['reward_std']:.3f} | "
-            f"{r['advantage_abs']:.2e} | {r['advantage_abs_min']:.2e} | "
-            f"{r['fn_rate']:.4f} / {r['fn_rate_random']:.4f} | {r['top10']:.3f} |"
-        )
+        reward = _num(r["reward_mean"], ".3f")
+        if math.isfinite(r["reward_mean"]) and math.isfinite(r["reward_std"]):
+            reward += f" ± {r['reward_std']:.3f}"
+        cells = [
+            label,
+            str(r["runs"]),
+            _num(r["share_min"], ".3f"),
+            _num(r["share_best"], ".3f"),
+            _num(r["pop_pct"], ".1f"),
+            reward,
+            _num(r["advantage_abs"], ".2e"),
+            _num(r["advantage_abs_min"], ".2e"),
+            f"{_num(r['fn_rate'], '.4f')} / {_num(r['fn_rate_random'], '.4f')}",
+            _num(r["top10"], ".3f"),
+        ]
+        out.append("| " + " | ".join(cells) + " |")
     out.append("")
     return out
 
@@ -725,6 +768,11 @@ def tuning_plot(plan: Plan, path: Path) -> bool:
     return bool(studies) and study_plot(studies, startup, "validation", path)
 
 
+def _num(x: float, spec: str) -> str:
+    """``x`` formatted by ``spec``; "–" for a NaN (nothing to show)."""
+    return format(x, spec) if math.isfinite(x) else "–"
+
+
 def _s(x: float) -> str:
     return "–" if not math.isfinite(x) else f"{x:,.1f}"
 
@@ -870,13 +918,15 @@ def render(results: Results) -> str:
             ]
     aft_rows = [m for m in ranked if m.startswith(PRIMARY)]
     if aft_rows and validation_curves(results, aft_rows, Path(spec.out) / "validation.png"):
+        on = validated_on(plan, aft_rows)
         out += ["## Validation curves", ""]
         out += [
-            "Validation Recall@50 after every epoch of each AFT row's runs, from each run's "
-            "`log.jsonl`: one panel per row, one line per seed, and a star at each run's best "
-            "epoch, whose checkpoint gives the test numbers above.",
+            f"Validation {on} (the metric the runs stop on) after every epoch of each AFT "
+            "row's runs, from each run's `log.jsonl`: one panel per row, one line per seed, "
+            "and a star at each run's best epoch, whose checkpoint gives the test numbers "
+            "above.",
             "",
-            "![validation Recall@50 per epoch of the AFT rows](validation.png)",
+            f"![validation {on} per epoch of the AFT rows](validation.png)",
             "",
         ]
 
@@ -948,7 +998,8 @@ def render(results: Results) -> str:
         "epoch's time across a stop), so a stop that could not record its time still counts "
         "up to the last checkpoint. Best epoch: the mean over runs of the validation "
         "epoch kept; to best epoch: the mean wall time of training and validation up to it "
-        "(from each run's `log.jsonl`; – where a log predates these timings)."
+        "(from each run's `log.jsonl`, a run without a readable one left out; – where a log "
+        "predates these timings)."
     )
     w("")
     head = [

@@ -243,12 +243,19 @@ def append_log(run: Path, entry: dict[str, Any]) -> None:
         fh.write((b"\n" if torn else b"") + json.dumps(entry).encode() + b"\n")
 
 
+#: the damaged logs this process has warned about, as (path, size, mtime): a report reads
+#: each run's log for several tables, and one warning per file is enough
+_WARNED: set[tuple[str, int, int]] = set()
+
+
 def epoch_log(run: Path) -> list[dict[str, Any]]:
     """The entries of a run's ``log.jsonl``, one per epoch; empty without a log. A line that
-    is not an epoch's entry (half-written by a killed process) is left out, with a warning."""
+    is not an epoch's entry (half-written by a killed process) is left out, with a warning
+    (once per file and content in a process)."""
     path = Path(run) / LOG
     try:
         lines = path.read_text(errors="replace").splitlines()
+        stat = path.stat()
     except OSError:
         return []
     entries, bad = [], 0
@@ -261,7 +268,9 @@ def epoch_log(run: Path) -> list[dict[str, Any]]:
             entries.append(entry)
         else:
             bad += 1
-    if bad:
+    seen = (str(path.absolute()), stat.st_size, stat.st_mtime_ns)
+    if bad and seen not in _WARNED:
+        _WARNED.add(seen)
         log.warning("%s: left out %d line(s) that are not an epoch's entry", path, bad)
     return entries
 
