@@ -13,6 +13,7 @@ import math
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -226,3 +227,62 @@ def test_wall_time_leaves_out_a_run_without_a_readable_log(
     assert [r.getMessage() for r in caplog.records].count(
         f"{cut}: left out 1 line(s) that are not an epoch's entry"
     ) == 1
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def test_sweep_plots_only_with_something_to_draw(
+    special: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """Nothing run yet: no Fig. 3 plot is written nor linked, and matplotlib has no empty
+    legend to warn about."""
+    out = tmp_path / "report"
+    text = _render(special, out)
+    assert "## Model analyses (Fig. 3)" in text
+    assert "fig3" not in text and not list(out.glob("fig3*.png"))
+    assert not [w for w in recwarn if "legend" in str(w.message)]
+    path = tmp_path / "sweep.png"
+    none = {"a": [None, None], "average": [None, None]}
+    assert not report.sweep_plot([0.1, 0.5], none, "x", "y", "t", path)
+    assert not path.exists()
+
+
+def test_sweep_plot_legend_names_every_drawn_series(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A series without a value is not in the legend; one named ``_a`` (matplotlib leaves
+    such labels out of a legend it collects itself) is."""
+    figures: dict[str, Any] = {}
+    monkeypatch.setattr(report, "write_png", lambda fig, path: figures.update({path.name: fig}))
+    series = {
+        "_a": [Cell(0.2, 0.01, 2), None],
+        "b": [None, None],
+        "average": [None, Cell(0.3, math.nan, 1)],
+    }
+    assert report.sweep_plot([0.1, 0.5], series, "x", "y", "t", tmp_path / "sweep.png")
+    legend = figures["sweep.png"].axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["_a", "average"]
+
+
+def test_recall_bars_axis_label_is_not_above_the_lowest_bar(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The panel's axis starts just below its lowest value; rounded to two decimals, its
+    label (0.20) named a start above that value (0.1985)."""
+    figures: dict[str, Any] = {}
+    monkeypatch.setattr(report, "write_png", lambda fig, path: figures.update({path.name: fig}))
+
+    def entry(key: str, value: float) -> EntryResult:
+        metrics = {"domains": {"a": {"recall@50": value}}, "average": {"recall@50": value}}
+        outcome = RunOutcome(Path(f"runs/{key}/seed0"), True, metrics=metrics)
+        return EntryResult(Entry(key, key, key), True, {0: outcome})
+
+    results = SimpleNamespace(
+        data=SimpleNamespace(info=SimpleNamespace(domains=("a",))),
+        entries={"pop": entry("pop", 0.2085), "ease": entry("ease", 0.1985)},
+    )
+    assert report.recall_bars(results, ["pop", "ease"], Path("recall50.png"))  # type: ignore[arg-type]
+    for ax in figures["recall50.png"].axes[:2]:
+        start = float(re.findall(r"axis from ([0-9.e-]+)", ax.get_xlabel())[0])
+        assert start <= 0.1985 and abs(start - ax.get_xlim()[0]) <= 5e-4 + 1e-12

@@ -201,36 +201,48 @@ def sweep_plot(
     ylabel: str,
     title: str,
     path: Path,
-) -> None:
-    """One line per series (error bars: std over seeds), written atomically as PNG."""
+) -> bool:
+    """One line per series (error bars: std over seeds), written atomically as PNG. False
+    (nothing written) when no point of any series has a value."""
     from matplotlib.figure import Figure
 
+    drawn = {
+        name: pts
+        for name, cells in series.items()
+        if (pts := [(x, c) for x, c in zip(xs, cells, strict=True) if c is not None])
+    }
+    if not drawn:
+        return False
     fig = Figure(figsize=(5.5, 3.8), dpi=120)
     ax = fig.subplots()
     span = (max(xs) - min(xs)) or 1.0
-    for i, (name, cells) in enumerate(series.items()):
-        pts = [(x, c) for x, c in zip(xs, cells, strict=True) if c is not None]
-        if not pts:
+    handles, labels = [], []
+    for i, name in enumerate(series):
+        if name not in drawn:
             continue
+        pts = drawn[name]
         shift = (i - (len(series) - 1) / 2) * 0.006 * span  # keep error bars apart
-        ax.errorbar(
-            [x + shift for x, _ in pts],
-            [c.mean for _, c in pts],
-            yerr=[c.std if math.isfinite(c.std) else 0.0 for _, c in pts],
-            marker="o",
-            capsize=3,
-            elinewidth=1.0,
-            linewidth=2.5 if name == "average" else 1.2,
-            label=name,
+        handles.append(
+            ax.errorbar(
+                [x + shift for x, _ in pts],
+                [c.mean for _, c in pts],
+                yerr=[c.std if math.isfinite(c.std) else 0.0 for _, c in pts],
+                marker="o",
+                capsize=3,
+                elinewidth=1.0,
+                linewidth=2.5 if name == "average" else 1.2,
+            )
         )
+        labels.append(name)  # given, not taken from the artists: they skip names like "_a"
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([f"{x:g}" for x in xs])
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(handles, labels, fontsize="small")
     write_png(fig, path)
+    return True
 
 
 def by_average(results: Results, keys: Sequence[str], metric: str = "recall@50") -> list[str]:
@@ -279,7 +291,7 @@ def recall_bars(results: Results, keys: Sequence[str], path: Path) -> bool:
                 capsize=2, error_kw={"elinewidth": 0.8})  # fmt: skip
         ax.set_xlim(left, max(highs) + 0.05 * span)
         ax.set_title(group)
-        ax.set_xlabel(f"test Recall@50 (axis from {left:.2f})", fontsize="small")
+        ax.set_xlabel(f"test Recall@50 (axis from {left:.3g})", fontsize="small")
         ax.grid(axis="x", alpha=0.3)
     for ax in axes[len(groups) :]:
         ax.set_visible(False)
@@ -792,19 +804,15 @@ def _sweep_section(
         for d in [*domains, "average"]
     }
     path = Path(results.plan.spec.out) / f"{name}.png"
-    sweep_plot(xs, series, xlabel, "Recall@50", f"Fig. 3: {PRIMARY}, {caption}", path)
+    plotted = sweep_plot(xs, series, xlabel, "Recall@50", f"Fig. 3: {PRIMARY}, {caption}", path)
     rows = [
         Row(f"{x:g}", {Column(d, metric): results.entries[k].cell(Column(d, metric)) for d in
                        [*domains, "average"]}, _seeds_info(results.entries[k]))
         for x, k in points
     ]  # fmt: skip
     cols = [Column(d, metric) for d in [*domains, "average"]]
-    return [
-        f"![{caption}]({name}.png)",
-        "",
-        metric_table(rows, cols, first=xlabel),
-        "",
-    ]
+    figure = [f"![{caption}]({name}.png)", ""] if plotted else []
+    return [*figure, metric_table(rows, cols, first=xlabel), ""]
 
 
 def render(results: Results) -> str:
