@@ -7,6 +7,8 @@ re-rendered with ``--report-only`` after each change."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import json
 import logging
 import math
@@ -286,3 +288,85 @@ def test_recall_bars_axis_label_is_not_above_the_lowest_bar(
     for ax in figures["recall50.png"].axes[:2]:
         start = float(re.findall(r"axis from ([0-9.e-]+)", ax.get_xlabel())[0])
         assert start <= 0.1985 and abs(start - ax.get_xlim()[0]) <= 5e-4 + 1e-12
+
+
+# --------------------------------------------------------------------------- the smaller lines
+
+
+def test_convergence_counts_a_run_shared_by_rows_once(finished: Path) -> None:
+    """Mask 0 is the no-mask ablation's run; mask 0.15 and 5 fakes are aft's own seed 0."""
+    results = json.loads((finished / "results.json").read_text())
+    variants = {
+        s["run"]
+        for key, e in results["entries"].items()
+        if "/" in key
+        for s in e["seeds"].values()
+        if s["ok"]
+    }
+    text = (finished / "report.md").read_text()
+    found = re.findall(r"Ablation and sweep rows of `aft`: (\d+) of (\d+) runs", text)
+    assert found == [(str(len(variants)), str(len(variants)))]  # one epoch: every run at the cap
+    assert len(variants) < sum(len(e["seeds"]) for k, e in results["entries"].items() if "/" in k)
+
+
+def test_ablation_rows_without_a_seed_in_common_with_aft_are_named(
+    finished: Path, special: Path, tmp_path: Path
+) -> None:
+    """The ablations ran on seed 0; aft's seed 0 is not finished (its metrics.json removed):
+    no test pairs them, and the report says so rather than leaving the rows out silently."""
+    out = _copy(finished, tmp_path)
+    (out / "runs" / "aft" / "seed0" / "metrics.json").unlink()
+    section = _section(_render(special, out), "Ablations of AFT (Table 6 layout)")
+    note = next(line for line in section.splitlines() if line.startswith("Not tested"))
+    for key in ("no-generator", "no-mask", "no-translation", "no-dissimilarity"):
+        assert f"`aft/{key}`" in note
+    assert "no seed finished by both (`aft`: seed 1; the row: seed 0)" in note
+
+
+def test_header_names_the_rows_on_other_seed_counts(finished: Path) -> None:
+    """``--model-seeds aft=2`` with one seed for the others."""
+    header = (finished / "report.md").read_text().splitlines()[2]
+    assert header.startswith("Models: 2; seeds: 1 (aft: 2) (**quick**")
+
+
+METHODS = (property, classmethod, staticmethod)
+
+
+def _resolve(ref: str, scopes: list[Any]) -> bool:
+    """Whether a docstring's reference names something: dotted from ``aftrec``, else in one
+    of ``scopes`` (the class the docstring is in, then its module)."""
+    if ref.startswith("aftrec."):
+        parts = ref.split(".")
+        for cut in range(len(parts), 1, -1):  # the longest importable module
+            try:
+                scopes, parts = [importlib.import_module(".".join(parts[:cut]))], parts[cut:]
+                break
+            except ImportError:
+                continue
+    else:
+        parts = ref.lstrip(".").split(".")
+    for scope in scopes:
+        obj = scope
+        for part in parts:
+            obj = getattr(obj, part, None)
+        if obj is not None:
+            return True
+    return False
+
+
+def test_docstring_references_name_what_exists() -> None:
+    """Every :func:, :class:, :meth: and :data: of the experiments modules' docstrings (the
+    module's, its classes' and functions') names something that exists."""
+    for name in ("execute", "plan", "report", "reproduce", "results", "stats", "tune"):
+        module = importlib.import_module(f"aftrec.experiments.{name}")
+        docs: list[tuple[str, list[Any]]] = [(module.__doc__ or "", [module])]
+        for _, obj in inspect.getmembers(module):
+            if getattr(obj, "__module__", None) != module.__name__:
+                continue
+            scopes = [obj, module] if inspect.isclass(obj) else [module]
+            members = vars(obj).values() if inspect.isclass(obj) else []
+            methods = [m for m in members if isinstance(m, METHODS) or inspect.isfunction(m)]
+            docs += [(inspect.getdoc(doc) or "", scopes) for doc in [obj, *methods]]
+        for doc, scopes in docs:
+            for ref in re.findall(r":(?:func|class|meth|data):`~?([\w.]+)`", doc):
+                assert _resolve(ref, scopes), f"aftrec.experiments.{name}: {ref}"

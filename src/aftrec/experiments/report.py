@@ -428,6 +428,19 @@ def _budget(plan: Plan) -> str:
     return text + "."
 
 
+def _seed_counts(plan: Plan) -> str:
+    """The main rows' seed count, and those of the rows on other counts (``--model-seeds``):
+    ``3 (aft, aft-d: 5)``."""
+    n = plan.spec.n_seeds
+    other: dict[int, list[str]] = {}
+    for m in plan.models:
+        if len(plan.seeds[m]) != n:
+            other.setdefault(len(plan.seeds[m]), []).append(m)
+    if not other:
+        return str(n)
+    return f"{n} (" + "; ".join(f"{', '.join(ms)}: {k}" for k, ms in other.items()) + ")"
+
+
 def _seeds_info(res: EntryResult) -> str:
     ok, asked = len(res.ok()), len(res.outcomes)
     if ok == 0 and len(res.pending()) == asked:
@@ -624,13 +637,25 @@ def health_section(results: Results) -> list[str]:
     return out
 
 
+def _run_convergence(plan: Plan, run: Path) -> tuple[int, int, int, bool] | None:
+    """A finished run's best validation epoch, the epochs it ran, its epoch cap, and whether
+    it reached the cap without stopping early; None without a ``log.jsonl``."""
+    from aftrec.training.rundir import best_epoch_time, epoch_log
+
+    log = epoch_log(run)
+    if not log:
+        return None
+    train = plan.jobs[run].cfg.train
+    best, _ = best_epoch_time(run, _valid_key(plan, run))
+    ran = max(int(e["epoch"]) for e in log)
+    return best, ran, train.epochs, ran >= train.epochs and ran - best < train.patience
+
+
 def convergence_rows(results: Results, keys: Sequence[str]) -> list[dict[str, Any]]:
     """Per trained row of ``keys``, from each finished run's ``log.jsonl``: the epoch cap
     (``train.epochs``), the best validation epoch and the epochs run of each seed, and the runs
     that reached the cap without stopping early (fewer than ``train.patience`` epochs since
     their best): those may not have converged."""
-    from aftrec.training.rundir import best_epoch_time, epoch_log
-
     rows = []
     for key in keys:
         entry = results.entries[key]
@@ -640,14 +665,12 @@ def convergence_rows(results: Results, keys: Sequence[str]) -> list[dict[str, An
         ran: dict[int, int] = {}
         caps, hit = set(), 0
         for seed, outcome in sorted(entry.outcomes.items()):
-            log = epoch_log(outcome.run) if outcome.ok else []
-            if not log:
+            run = _run_convergence(results.plan, outcome.run) if outcome.ok else None
+            if run is None:
                 continue
-            train = results.plan.jobs[outcome.run].cfg.train
-            best[seed], _ = best_epoch_time(outcome.run, f"valid_{train.valid_metric}")
-            ran[seed] = max(int(e["epoch"]) for e in log)
-            caps.add(train.epochs)
-            hit += ran[seed] >= train.epochs and ran[seed] - best[seed] < train.patience
+            best[seed], ran[seed], cap, at_cap = run
+            caps.add(cap)
+            hit += at_cap
         if best:
             rows.append(
                 {
@@ -688,12 +711,18 @@ def convergence_section(results: Results) -> list[str]:
             f"{seeds(r['epochs'])} | {r['hit_cap']} of {n} ({100 * r['hit_cap'] / n:.0f}%) |"
         )
     models = set(results.plan.models)
-    variants = convergence_rows(results, [k for k in results.entries if k not in models])
-    runs = sum(len(v["epochs"]) for v in variants)
-    if runs:
-        hit = sum(v["hit_cap"] for v in variants)
-        out += ["", f"Ablation and sweep rows of `{PRIMARY}`: {hit} of {runs} (row, seed) runs "
-                "at the cap."]  # fmt: skip
+    shared = {  # each run once: rows share runs (a sweep point equal to an ablation, or aft)
+        o.run
+        for key, entry in results.entries.items()
+        if key not in models and not entry.deterministic
+        for o in entry.outcomes.values()
+        if o.ok
+    }
+    variants = [c for run in sorted(shared) if (c := _run_convergence(results.plan, run))]
+    if variants:
+        hit = sum(at_cap for *_, at_cap in variants)
+        out += ["", f"Ablation and sweep rows of `{PRIMARY}`: {hit} of {len(variants)} runs at "
+                "the cap (a run shared by several rows counted once)."]  # fmt: skip
     return [*out, ""]
 
 
@@ -830,7 +859,7 @@ def render(results: Results) -> str:
     w(f"# aftrec reproduce: {Path(spec.data).name}")
     w("")
     w(
-        f"Models: {len(main)}; seeds: {spec.n_seeds}"
+        f"Models: {len(main)}; seeds: {_seed_counts(plan)}"
         + (
             " (**quick**: tiny models and few batches; the numbers are a smoke test)"
             if spec.quick
@@ -1070,10 +1099,12 @@ def render(results: Results) -> str:
 
 
 def ablation_section(results: Results, alpha: float) -> list[str]:
-    """Does each part help? ``aft`` against each ablated row, paired on the seeds both have."""
+    """Does each part help? ``aft`` against each ablated row, paired on the seeds both have;
+    a note names the rows left out for want of such a seed."""
     tests = results.ablation_tests
+    untested = _untested_ablations(results)
     if not tests:
-        return []
+        return [*untested, ""] if untested else []
     head = ["variant", "column", "seeds", f"`{PRIMARY}`", "variant's", f"Δ (`{PRIMARY}` - variant)",
             "users: Wilcoxon p", "seeds: t-test p", "the part"]  # fmt: skip
     lines = [
@@ -1103,7 +1134,38 @@ def ablation_section(results: Results, alpha: float) -> list[str]:
             t.verdict(alpha),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return [*lines, ""]
+    return [*lines, *(["", *untested] if untested else []), ""]
+
+
+def _untested_ablations(results: Results) -> list[str]:
+    """A note on the ablation rows without a test against ``aft``: no seed that both
+    finished (or no value on the seeds they share)."""
+    tested = {t.variant for t in results.ablation_tests}
+    if PRIMARY not in results.entries:
+        return []
+    mine = sorted(results.entries[PRIMARY].ok())
+
+    def seeds(done: Sequence[int]) -> str:
+        return f"seed{'s' * (len(done) != 1)} {', '.join(map(str, done))}" if done else "none"
+
+    said = []
+    for key in results.plan.ablations:
+        if key == PRIMARY or key in tested or key not in results.entries:
+            continue
+        theirs = sorted(results.entries[key].ok())
+        why = (
+            "no value on the seeds both finished"
+            if set(mine) & set(theirs)
+            else f"no seed finished by both (`{PRIMARY}`: {seeds(mine)}; the row: {seeds(theirs)})"
+        )
+        said.append(f"`{key}` ({results.entries[key].entry.label}): {why}")
+    if not said:
+        return []
+    return [
+        f"Not tested against `{PRIMARY}` (the tests pair the two rows seed by seed): "
+        + "; ".join(said)
+        + "."
+    ]
 
 
 def _legend(alpha: float) -> str:

@@ -7,8 +7,8 @@ A table row is an *entry*: a model (``"aft"``) or a variant of the primary model
 a :class:`Column` (domain, metric) over the seeds.
 
 ``REPORT_DIR/results.json`` (written by :mod:`aftrec.experiments.report`) holds the same
-entries; :func:`load_results`, :func:`finished` and :func:`values_cell` read it for the
-scripts in ``benchmarks/``.
+entries; :func:`load_results` and :func:`finished` read it for the scripts in
+``benchmarks/``, and :meth:`Cell.of` summarises the values they take from it.
 """
 
 from __future__ import annotations
