@@ -370,3 +370,15 @@ def test_docstring_references_name_what_exists() -> None:
         for doc, scopes in docs:
             for ref in re.findall(r":(?:func|class|meth|data):`~?([\w.]+)`", doc):
                 assert _resolve(ref, scopes), f"aftrec.experiments.{name}: {ref}"
+
+
+def test_the_machines_count_each_run_once(special: Path, finished: Path, tmp_path: Path) -> None:
+    """aft's seed 0 stands in several rows (its own, the sweeps' default points): the Setup
+    counts it once among the runs of each machine."""
+    from aftrec.environment import machine
+
+    out = _copy(finished, tmp_path)
+    text = _render(special, out)
+    runs = {p.parent for p in out.glob("runs/**/metrics.json")}
+    plural = "s" if len(runs) > 1 else ""
+    assert f"- Trained on: {machine()} ({len(runs)} run{plural}); " in text

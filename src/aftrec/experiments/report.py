@@ -366,7 +366,7 @@ def _machines(runs: Sequence[Path]) -> str:
     from aftrec.errors import AftrecError
 
     seen: Counter[str] = Counter()
-    for run in runs:
+    for run in set(runs):  # a run shared by several rows counts once
         try:
             machines = (read_record(run) or {}).get("machines")
         except AftrecError:
