@@ -409,8 +409,9 @@ def _check_same_data(run: Path, data: Path) -> None:
 
 def _check_new_run_dir(out: Path) -> None:
     """``train`` without ``resume``: a new or empty folder, or a run killed before its first
-    checkpoint (config.yaml, run.json, a tracker's folder, its lock, temporaries), which the new
-    run replaces, its tracker folders too; a finished or interrupted run is refused by
+    checkpoint (config.yaml, run.json, a tracker's folder, its lock, temporaries, and with
+    run.json the log of a closed-form fit's grid), which the new run replaces, its tracker
+    folders and log too; a finished or interrupted run is refused by
     :func:`~aftrec.training.trainer.train` itself."""
     from aftrec.training import rundir
 
@@ -419,7 +420,15 @@ def _check_new_run_dir(out: Path) -> None:
         return
     # what a run that failed or was killed before its first checkpoint leaves (its lock too:
     # a live lock is refused by the trainer, which holds it while it trains)
-    left = (rundir.CONFIG, rundir.META, rundir.TENSORBOARD, rundir.MLFLOW, rundir.LOCK)
+    left: tuple[str, ...] = (
+        rundir.CONFIG,
+        rundir.META,
+        rundir.TENSORBOARD,
+        rundir.MLFLOW,
+        rundir.LOCK,
+    )
+    if (out / rundir.META).is_file():  # a closed-form fit logs its grid before its checkpoint
+        left += (rundir.LOG,)
     if any(p.name not in left and p.suffix != ".tmp" for p in out.iterdir()):
         raise ConfigError(f"{out} is not empty and not a run; choose a new or empty --out")
 

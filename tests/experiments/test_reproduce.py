@@ -630,6 +630,10 @@ def test_failures_are_reported_and_half_trained_runs_resume(
     assert "RuntimeError: boom second line" in text and "| `sasrec` | failed | – |" in text
     failure = json.loads((out / "runs" / "sasrec" / "seed0" / "reproduce.json").read_text())
     assert failure["error"] == "RuntimeError: boom second line"
+    # asked with another config, those runs are not run yet: the error was the other one's
+    other = (*spec.overrides, "sasrec:train.lr=0.5")
+    shown = reproduce(dataclasses.replace(spec, overrides=other, report_only=True))
+    assert (shown.failed, shown.pending) == (0, 2)
 
     # two-tower seed 1 was "killed" in its second epoch; pop in its first
     run = out / "runs" / "two-tower" / "seed1"
@@ -682,6 +686,11 @@ def test_failed_runs_exit_1_and_a_run_that_never_trained_takes_another_config(
     assert err[0] == "two-tower/seed0 failed: RuntimeError: diverged before the first checkpoint"
     assert len(err) == 2 and err[1].startswith("error: 1 run(s) failed; "), err
     assert "## Failures" in (out / "report.md").read_text()
+    assert err[1].endswith("and the same command retries them"), err
+    # --report-only shows the failure too, and retrying is a call without it
+    assert main([*argv[:1], "--report-only", *argv[1:]]) == 1
+    said = capsys.readouterr().err.splitlines()[-1]
+    assert said.endswith("the same command without --report-only retries them"), said
     # the run never checkpointed, so another config may take its folder over
     monkeypatch.setattr(trainer, "train", real_train)
     assert main([*argv, "two-tower:train.lr=0.002"]) == 0

@@ -158,6 +158,22 @@ def test_a_closed_form_model_fits_on_the_whole_data_on_two_ranks(
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_without_partitions_the_validation_sample_is_drawn_from_every_user(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rank holds the whole dataset: the sample of ``train.valid_users`` is the one of
+    a run without shards, the same on any number of ranks, as before shard 0 was asked."""
+    from aftrec.config import resolve
+    from aftrec.training import trainer
+
+    def asked(*a: object, **kw: object) -> None:
+        raise AssertionError("sampled among shard 0 on a dataset without partitions")
+
+    monkeypatch.setattr(trainer, "_shard_zero", asked)
+    cfg = resolve("two-tower", overrides=[*COMMON, "train.valid_users=20", "train.epochs=1"])
+    trainer.train(tiny_dir, cfg, tmp_path / "run", progress=False)
+
+
 def test_validation_users_are_those_of_shard_zero(partitioned: Path) -> None:
     from aftrec.training.distributed import SINGLE
     from aftrec.training.trainer import _shard_zero

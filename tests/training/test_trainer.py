@@ -177,8 +177,39 @@ def test_a_resume_is_checked_in_terms_it_can_change(tiny_dir: Path, tmp_path: Pa
     with pytest.raises(ConfigError, match=r"train.data_shards=4, .* \(1, 2, 4\)"):
         _check_resumable(tmp_path, pinned, ended, Context(0, 3))
     _check_resumable(tmp_path, pinned, ended, Context(1, 2))  # 2 ranks split 4 shards
-    # a finished run resumed without more epochs trains nothing: nothing to refuse
-    _check_resumable(tmp_path, tc, {"epoch": 5, "done": True}, Context(0, 3))
+    # a finished run resumed without more epochs trains nothing: nothing to refuse; nor
+    # one fitted in closed form (no optimiser step in its checkpoint), whatever the epochs
+    _check_resumable(tmp_path, tc, {"epoch": 5, "done": True, "step": {}}, Context(0, 3))
+    _check_resumable(tmp_path, tc, {"epoch": 0, "done": True}, Context(0, 3))
+
+
+def test_a_closed_form_fit_killed_before_its_checkpoint_can_be_trained_again(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """EASE logs its grid before its checkpoint: killed in between, its folder holds a log
+    too. --resume says to train it again, and so it can be, with a log of its own grid only."""
+    from aftrec import api
+
+    run = tmp_path / "ease"
+    sets = ["train.threads=1", "model.l2_grid=[10.0,100.0]"]
+    api.train(tiny_dir, "ease", run, overrides=sets, progress=False)
+    for name in ("last.pt", "best.pt"):
+        (run / name).unlink()
+    with pytest.raises(CheckpointError, match="without --resume"):
+        train(tiny_dir, None, run, resume=True, progress=False)
+    api.train(tiny_dir, "ease", run, overrides=sets, progress=False)
+    assert [e["l2"] for e in rundir.epoch_log(run)] == [10.0, 100.0]
+
+
+def test_a_checkpoint_without_its_epoch_is_one_line(tiny_dir: Path, tmp_path: Path) -> None:
+    over = [*FAST, "train.epochs=2", "train.patience=10"]
+    train(tiny_dir, resolve("two-tower", overrides=over), tmp_path / "r", progress=False)
+    state = checkpoint.load(tmp_path / "r" / "last.pt")
+    del state["epoch"]
+    checkpoint.save({**state, "done": False}, tmp_path / "r" / "last.pt")
+    with pytest.raises(CheckpointError, match="does not fit this run"):
+        train(tiny_dir, None, tmp_path / "r", resume=True, resume_set=["train.epochs=3"],
+              progress=False)  # fmt: skip
 
 
 def test_resuming_a_run_stopped_before_its_first_checkpoint_says_to_start_it_again(

@@ -166,18 +166,26 @@ def run_job(job: Job, data_dir: Path) -> RunOutcome:
     )
 
 
-def _record_failure(run: Path, error: str) -> None:
+def _failed(job: Job, exc: Exception) -> RunOutcome:
+    """The outcome of a run whose :func:`run_job` raised, its error recorded beside it by the
+    process that ran it (a worker, or this one with ``--jobs 1``), which alone writes there."""
+    error = _one_line(exc)
+    _record_failure(job, error)
+    return RunOutcome(job.run, False, error=error, trained_now=True)
+
+
+def _record_failure(job: Job, error: str) -> None:
     """Keep a failed run's one-line error in its ``reproduce.json`` (``error``), so that a
     ``--report-only`` shows it failed, and why, rather than "not run yet". The next invocation
     that trains the run drops it. Best effort: a run that failed because its folder cannot be
     written has its error in this invocation's report only."""
     try:
-        record = read_record(run) or {}
+        record = read_record(job.run) or {"config": plain_json(job.cfg.to_dict())}
     except CheckpointError:  # damaged: the failure is likely about it, and said in the report
         return
     with suppress(OSError):
         atomic_write_text(
-            run / "reproduce.json", json.dumps({**record, "error": error}, indent=2) + "\n"
+            job.run / "reproduce.json", json.dumps({**record, "error": error}, indent=2) + "\n"
         )
 
 
@@ -185,10 +193,15 @@ def _unfinished(job: Job) -> RunOutcome:
     """``--report-only``'s outcome of a run not finished: failed, with its recorded error
     (:func:`_record_failure`), or pending."""
     try:
-        error = (read_record(job.run) or {}).get("error")
+        record = read_record(job.run) or {}
     except CheckpointError:
-        error = None
-    if isinstance(error, str):
+        record = {}
+    error = record.get("error")
+    # an error of another config's run: the plan's is not run yet
+    same = "config" in record and run_identity(record["config"]) == run_identity(
+        plain_json(job.cfg.to_dict())
+    )
+    if isinstance(error, str) and same:
         return RunOutcome(job.run, False, error=error)
     return RunOutcome(job.run, False, pending=True)
 
@@ -293,7 +306,7 @@ def _run_job_caught(job: Job, data_dir: Path) -> RunOutcome:
     except Stopped as exc:
         os._exit(exc.exit_code)
     except Exception as exc:
-        return RunOutcome(job.run, False, error=_one_line(exc), trained_now=True)
+        return _failed(job, exc)
 
 
 @contextmanager
@@ -375,7 +388,6 @@ def execute(plan: Plan) -> dict[Path, RunOutcome]:
         if not outcome.ok:
             log.warning("%s failed: %s", job.run.relative_to(root).as_posix(), outcome.error)
             failed += 1
-            _record_failure(job.run, outcome.error or "")
         outcomes[job.run] = outcome
         eta.add(job.model, outcome)
         running.pop(job.run, None)
@@ -395,7 +407,7 @@ def execute(plan: Plan) -> dict[Path, RunOutcome]:
                         outcome = run_job(now, data_dir)
                     except Exception as exc:  # a failing model is reported, the others run
                         log.debug("traceback", exc_info=True)
-                        outcome = RunOutcome(now.run, False, error=_one_line(exc), trained_now=True)
+                        outcome = _failed(now, exc)
                     finish(now, outcome)
             else:
                 held = _execute_parallel(

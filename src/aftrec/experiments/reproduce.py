@@ -263,7 +263,8 @@ class RunsFailed(AftrecError):
 
 
 def _run(args: argparse.Namespace) -> None:
-    res = reproduce(spec_from_args(args))
+    spec = spec_from_args(args)
+    res = reproduce(spec)
     print(
         f"wrote {res.report}: {res.trained} run(s) trained, {res.reused} reused, "
         f"{res.failed} failed"
@@ -271,9 +272,10 @@ def _run(args: argparse.Namespace) -> None:
         + f", {_fmt_duration(res.seconds)}"
     )
     if res.failed:  # the report is written; the exit code says it is not whole
+        again = "the same command without --report-only" if spec.report_only else "the same command"
         raise RunsFailed(
-            f"{res.failed} run(s) failed; {res.report} lists them under Failures, and the same "
-            "command retries them"
+            f"{res.failed} run(s) failed; {res.report} lists them under Failures, and {again} "
+            "retries them"
         )
 
 

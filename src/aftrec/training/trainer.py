@@ -179,7 +179,14 @@ def _train(
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
     has_valid = int(sum(local.dataset.meta["counts"]["valid"].values())) > 0
-    among = _shard_zero(local, full, ctx) if sampled and has_valid and n_shards > 1 else None
+    # partitions split the users between the ranks: sample among shard 0's, which rank 0
+    # holds whatever their number; otherwise every rank holds every user, and so is sampled
+    by_partition = local.starts is not None and n_shards > 1
+    among = (
+        _shard_zero(local, full, ctx)
+        if model.trainable and sampled and has_valid and by_partition
+        else None
+    )
     shown = metric if has_valid else None  # the validation metric the epochs show and track
     if not model.trainable and not has_valid and len(model.search_space()) > 1:
         raise ConfigError(
@@ -204,7 +211,11 @@ def _train(
         result = None
         if ctx.main:  # closed form: one process fits on the whole data, the others wait
             whole = full if local.complete or full is not local.dataset else Dataset(data_dir)
-            scored = evaluator if whole is full else Evaluator(whole, cfg.data.history_len)
+            scored = (
+                evaluator
+                if whole is full
+                else Evaluator(whole, cfg.data.history_len, rt.eval_batch_size)
+            )
             result = _fit_closed_form(
                 cfg, whole, scored if has_valid else None, out, metric, metric_n, started
             )
@@ -386,6 +397,8 @@ def _config_and_state(
                 f"{out} holds {', '.join(mine)} but no run: training there would overwrite "
                 "them; choose a new or empty --out"
             )
+        if ctx.main:  # the log of the run it replaces (a closed-form fit's grid, killed)
+            (out / rundir.LOG).unlink(missing_ok=True)
         return cfg, None
     if cfg is not None:
         raise ConfigError("--resume continues with the run's saved config; drop --config/--set")
@@ -409,7 +422,8 @@ def _check_resumable(out: Path, tc: TrainConfig, state: dict[str, Any], ctx: Con
     split over the ranks; and ``train.epochs`` must leave an epoch to train. A finished run
     resumed without more epochs trains nothing, so it is not checked."""
     epoch = int(state.get("epoch", 0))
-    if state.get("done") and (state.get("stopped_early") or epoch >= tc.epochs):
+    finished = state.get("stopped_early") or epoch >= tc.epochs or "step" not in state
+    if state.get("done") and finished:  # no step: fitted in closed form
         return
     partial = state.get("partial")
     _own_partial(out, partial, epoch, ctx)
@@ -469,10 +483,10 @@ def _restore(
     _restore_weights(out, state, model)
     try:
         step.load_state_dict(state["step"])
+        stopper.load_state_dict(state)
+        return int(state["epoch"])
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{out / rundir.LAST}: does not fit this run: {exc}") from exc
-    stopper.load_state_dict(state)
-    return int(state["epoch"])
 
 
 def _restore_weights(out: Path, state: dict[str, Any], model: RetrievalModel) -> None:
