@@ -386,6 +386,8 @@ def test_ease_trials_fit_the_drawn_l2(tiny_dir: Path, tmp_path: Path) -> None:
         (["--model", "pop", "--trials", "0"], "--trials must be at least 1"),
         (["--model", "two-tower", "--trials", "1", "--seed", "-5"], "--seed must be in [0, 2^63)"),
         (["--model", "two-tower", "--trials", "2", "--set", "train.lr=0.1"], "train.lr is tuned"),
+        (["--model", "ease", "--trials", "2", "--set", "model.l2_grid=[100,1000]"],
+         "--set model.l2_grid=[100,1000]: aftrec tune fixes it (model.l2_grid=[])"),
         (["--model", "pop", "--trials", "2", "--data", "missing"], "not a prepared dataset"),
     ],
 )

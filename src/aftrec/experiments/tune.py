@@ -152,10 +152,14 @@ def _check_spec(spec: TuneSpec) -> _Study:
     if int(sum(meta["counts"]["valid"].values())) == 0:
         raise DataError(f"{spec.data} has no validation part: tuning scores trials on it")
     space = reg.search_space
+    # the pairs every trial carries (EASE's model.l2_grid=[], so that the drawn l2 is fitted)
+    pinned = {pair.partition("=")[0].strip(): pair for pair in reg.tune_fixed}
     for pair in spec.overrides:
         key = pair.partition("=")[0].strip()
         if key in space:
             raise ConfigError(f"--set {pair}: {key} is tuned; leave it to the search")
+        if key in pinned:
+            raise ConfigError(f"--set {pair}: aftrec tune fixes it ({pinned[key]})")
         if key == "train.seed":
             raise ConfigError("--set train.seed: use --seed, which seeds the search too")
     fixed = (*reg.tune_fixed, *spec.overrides)
