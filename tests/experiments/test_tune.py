@@ -162,6 +162,30 @@ def test_a_killed_call_leaves_a_study_the_next_call_finishes(
     assert list(states) == ["complete"] * 5
 
 
+def test_a_study_killed_while_its_attributes_were_written_goes_on(
+    tiny_dir: Path, tmp_path: Path, standin: list[str]
+) -> None:
+    """A call killed between two of the study's attributes left a study that every later
+    call refused, the same command included."""
+    import optuna
+
+    spec = _spec(tiny_dir, tmp_path / "cut", 3)
+    attrs = tn._study_attrs(spec, registration(spec.model).search_space)
+    spec.out.mkdir()
+    storage = f"sqlite:///{spec.out / tn.STUDY_DB}"
+    study = optuna.create_study(study_name=tn.STUDY_NAME, storage=storage, direction="maximize")
+    for key in ["model", "data", "data_fingerprint", "seed"]:  # killed before "set"
+        study.set_user_attr(key, attrs[key])
+    with pytest.raises(ConfigError, match="another seed"):  # what it holds still counts
+        tune(dataclasses.replace(spec, seed=1))
+    assert tune(spec).ran == 3
+    assert optuna.load_study(study_name=tn.STUDY_NAME, storage=storage).user_attrs == attrs
+    tune(_spec(tiny_dir, tmp_path / "whole", 3))
+    assert _params(spec.out) == _params(tmp_path / "whole")
+    with pytest.raises(ConfigError, match="another set"):  # complete now, and checked
+        tune(dataclasses.replace(spec, trials=4, overrides=("train.patience=7",)))
+
+
 def test_a_second_call_on_a_busy_directory_is_refused(
     tiny_dir: Path, tmp_path: Path, standin: list[str]
 ) -> None:
@@ -386,8 +410,10 @@ def test_ease_trials_fit_the_drawn_l2(tiny_dir: Path, tmp_path: Path) -> None:
         (["--model", "pop", "--trials", "0"], "--trials must be at least 1"),
         (["--model", "two-tower", "--trials", "1", "--seed", "-5"], "--seed must be in [0, 2^63)"),
         (["--model", "two-tower", "--trials", "2", "--set", "train.lr=0.1"], "train.lr is tuned"),
-        (["--model", "ease", "--trials", "2", "--set", "model.l2_grid=[100,1000]"],
-         "--set model.l2_grid=[100,1000]: aftrec tune fixes it (model.l2_grid=[])"),
+        (
+            ["--model", "ease", "--trials", "2", "--set", "model.l2_grid=[100,1000]"],
+            "--set model.l2_grid=[100,1000]: aftrec tune fixes it (model.l2_grid=[])",
+        ),
         (["--model", "pop", "--trials", "2", "--data", "missing"], "not a prepared dataset"),
     ],
 )

@@ -211,14 +211,15 @@ def _open_study(spec: TuneSpec, space: Mapping[str, Range]) -> optuna.Study:
             f"{out / STUDY_DB} is not a readable study of `aftrec tune` ({reason}); "
             "choose another --out or remove it"
         ) from exc
-    if not saved:  # a new study, or one killed before its attributes were written
-        for key, value in attrs.items():
-            study.set_user_attr(key, value)
-        return study
+    # the attributes are written one at a time, before the first trial: a study without
+    # trials is a new one or one killed while they were written, whose missing ones are
+    # filled in where those it has are the asked ones (a study of an older version has no
+    # data_fingerprint, and keeps none)
+    fresh = not study.get_trials(deepcopy=False)
     differ = [
         k
         for k in attrs
-        if (k in saved or k != "data_fingerprint")  # a study of an older version has none
+        if (k in saved or not (fresh or k == "data_fingerprint"))
         and json.dumps(_same(k, saved.get(k))) != json.dumps(_same(k, attrs[k]))
     ]
     if differ:
@@ -227,6 +228,10 @@ def _open_study(spec: TuneSpec, space: Mapping[str, Range]) -> optuna.Study:
             f"{out} holds a study with another {', '.join(differ)} ({said}); only --trials may "
             "change between calls; choose another --out"
         )
+    if fresh:
+        for key, value in attrs.items():
+            if key not in saved:
+                study.set_user_attr(key, value)
     return study
 
 
