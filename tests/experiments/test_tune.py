@@ -234,6 +234,46 @@ def test_a_damaged_study_is_one_error_line(
     assert standin == ["000"]  # no trial ran
 
 
+@pytest.mark.parametrize("failure", ["read-only", "full when created", "read-only in a trial"])
+def test_a_study_that_cannot_be_written_is_one_error_line(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], failure: str,
+) -> None:  # fmt: skip
+    """A read-only study.db, a full disk: a traceback from Optuna (or a damaged study told to
+    be removed) before."""
+    out = tmp_path / "study"
+    db = out / tn.STUDY_DB
+    connect = sqlite3.connect
+    opened: list[sqlite3.Connection] = []
+
+    def failing(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        con = connect(*args, **kwargs)
+        if failure == "read-only":  # as SQLite opens a file it may not write
+            con.execute("PRAGMA query_only = 1")
+        elif failure == "full when created":  # no room beyond its first page
+            con.execute("PRAGMA max_page_count = 1")
+        opened.append(con)
+        return con
+
+    def read_only_at_001(data: Path, cfg: RunConfig, run: Path) -> TrialOutcome:
+        if run.name == "001":  # the trial's result cannot be saved
+            for con in opened:
+                con.execute("PRAGMA query_only = 1")
+        return TrialOutcome(_score(cfg), 1, 1, False, 0.0)
+
+    monkeypatch.setattr(tn, "_train_trial", read_only_at_001)
+    if failure == "read-only":
+        tune(_spec(tiny_dir, out, 1))
+    monkeypatch.setattr(sqlite3, "connect", failing)
+    argv = ["tune", "--data", str(tiny_dir), "--model", "two-tower", "--out", str(out),
+            "--trials", "3"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    reason = "database or disk is full" if "full" in failure else "attempt to write a readonly"
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {db}: {reason}"), err
+
+
 def test_a_trial_folder_of_another_study_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
     """A study.db emptied (or replaced) under old trials: trial 000 draws new settings, and
     resuming the old run would record its value under them."""

@@ -40,7 +40,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aftrec.errors import CheckpointError, ConfigError, DataError, TrainingError
+from aftrec.errors import (
+    AftrecError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    OutputError,
+    TrainingError,
+)
 from aftrec.outputs import atomic_write_text, check_writable, held, write_png
 from aftrec.registry import Range, registration
 
@@ -204,13 +211,10 @@ def _open_study(spec: TuneSpec, space: Mapping[str, Range]) -> optuna.Study:
             study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True
         )
         saved = study.user_attrs
-    except (SQLAlchemyError, RuntimeError) as exc:  # random bytes, truncated, a folder
-        # (a RuntimeError: tables of another Optuna version, which Optuna names)
-        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
-        raise CheckpointError(
-            f"{out / STUDY_DB} is not a readable study of `aftrec tune` ({reason}); "
-            "choose another --out or remove it"
-        ) from exc
+    except (SQLAlchemyError, RuntimeError, optuna.exceptions.StorageInternalError) as exc:
+        # random bytes, truncated, a folder; a RuntimeError: tables of another Optuna
+        # version, which Optuna names; a read-only file or a full disk: cannot write
+        raise _study_error(out / STUDY_DB, exc) from exc
     # the attributes are written one at a time, before the first trial: a study without
     # trials is a new one or one killed while they were written, whose missing ones are
     # filled in where those it has are the asked ones (a study of an older version has no
@@ -233,6 +237,38 @@ def _open_study(spec: TuneSpec, space: Mapping[str, Range]) -> optuna.Study:
             if key not in saved:
                 study.set_user_attr(key, value)
     return study
+
+
+def _sqlite_error(exc: BaseException) -> sqlite3.Error | None:
+    """The SQLite error under an Optuna or SQLAlchemy one (its cause, or SQLAlchemy's
+    ``orig``), if any."""
+    seen: set[int] = set()
+    at: BaseException | None = exc
+    while at is not None and id(at) not in seen:
+        seen.add(id(at))
+        orig = getattr(at, "orig", None)
+        for err in (at, orig):
+            if isinstance(err, sqlite3.Error):
+                return err
+        at = at.__cause__ or at.__context__
+    return None
+
+
+def _study_error(db: Path, exc: Exception) -> AftrecError:
+    """The one-line error for a study that could not be read or written: a write that
+    failed (a read-only file or file system, a full disk, an I/O error while writing) says
+    so; anything else is a file that is not a readable study."""
+    err = _sqlite_error(exc)
+    name = str(getattr(err, "sqlite_errorname", "") or "")
+    reason = " ".join(str(err or getattr(exc, "orig", None) or exc).split())
+    if name.startswith(("SQLITE_READONLY", "SQLITE_FULL")) or (
+        name.startswith("SQLITE_IOERR") and "READ" not in name
+    ):
+        return OutputError(f"cannot write {db}: {reason}")
+    return CheckpointError(
+        f"{db} is not a readable study of `aftrec tune` ({reason}); "
+        "choose another --out or remove it"
+    )
 
 
 def _same(key: str, value: Any) -> Any:
@@ -390,41 +426,53 @@ def tune(spec: TuneSpec) -> TuneResult:
     ):
         raise ConfigError(f"{out} is not empty and holds no study; choose a new or empty --out")
     out.mkdir(parents=True, exist_ok=True)
-    budget = st.budget
-    if budget < spec.trials:
+    if st.budget < spec.trials:
         log.info(f"{spec.model} has no tuned settings: one trial is the whole study")
+    from sqlalchemy.exc import SQLAlchemyError
+
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ran = 0
     try:
         with held(out, LOCK, f"{out}: another `aftrec tune` is working on it"):
-            study = _open_study(spec, st.space)
-            running = optuna.trial.TrialState.RUNNING
-            for frozen in study.get_trials(deepcopy=False, states=(running,)):
-                log.info(
-                    f"trial {_name(frozen.number)}: left running by a killed call; finishing it"
-                )
-                study.sampler = _sampler(spec.seed, frozen.number, spec.startup_trials)
-                trial = optuna.trial.Trial(study, frozen._trial_id)
-                _run_trial(study, trial, st, max(budget, len(study.trials)))
-                ran += 1
-                write_outputs(study, st)
-            have = len(study.get_trials(deepcopy=False))
-            if have >= budget and not ran:
-                log.info(f"{out}: the study holds {have} trial(s), the budget is {budget}")
-            while len(study.get_trials(deepcopy=False)) < budget:
-                number = len(study.get_trials(deepcopy=False))
-                study.sampler = _sampler(spec.seed, number, spec.startup_trials)
-                trial = study.ask()
-                if trial.number != number:  # trial numbers are the study's order
-                    raise ConfigError(f"{out}: trial {trial.number} was not expected")
-                _run_trial(study, trial, st, budget)
-                ran += 1
-                write_outputs(study, st)
-            best = write_outputs(study, st)
+            try:
+                study = _open_study(spec, st.space)
+                ran, best = _continue(study, st)
+                trials = len(study.get_trials(deepcopy=False))
+            except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+                # a write of the study failed: a read-only file, a full disk
+                raise _study_error(out / STUDY_DB, exc) from exc
     finally:
         optuna.logging.set_verbosity(verbosity)
-    return TuneResult(out, ran, len(study.trials), best, time.perf_counter() - t0)
+    return TuneResult(out, ran, trials, best, time.perf_counter() - t0)
+
+
+def _continue(study: optuna.Study, st: _Study) -> tuple[int, dict[str, Any] | None]:
+    """Finish the trials left running, then run new ones up to the budget; the trials run
+    and ``best.json``."""
+    optuna = _optuna()
+    spec, budget, out = st.spec, st.budget, Path(st.spec.out)
+    ran = 0
+    running = optuna.trial.TrialState.RUNNING
+    for frozen in study.get_trials(deepcopy=False, states=(running,)):
+        log.info(f"trial {_name(frozen.number)}: left running by a killed call; finishing it")
+        study.sampler = _sampler(spec.seed, frozen.number, spec.startup_trials)
+        trial = optuna.trial.Trial(study, frozen._trial_id)
+        _run_trial(study, trial, st, max(budget, len(study.trials)))
+        ran += 1
+        write_outputs(study, st)
+    have = len(study.get_trials(deepcopy=False))
+    if have >= budget and not ran:
+        log.info(f"{out}: the study holds {have} trial(s), the budget is {budget}")
+    while len(study.get_trials(deepcopy=False)) < budget:
+        number = len(study.get_trials(deepcopy=False))
+        study.sampler = _sampler(spec.seed, number, spec.startup_trials)
+        trial = study.ask()
+        if trial.number != number:  # trial numbers are the study's order
+            raise ConfigError(f"{out}: trial {trial.number} was not expected")
+        _run_trial(study, trial, st, budget)
+        ran += 1
+        write_outputs(study, st)
+    return ran, write_outputs(study, st)
 
 
 def write_outputs(study: optuna.Study, st: _Study) -> dict[str, Any] | None:
