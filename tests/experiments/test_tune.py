@@ -274,6 +274,45 @@ def test_a_study_that_cannot_be_written_is_one_error_line(
     assert len(err) == 1 and err[0].startswith(f"error: cannot write {db}: {reason}"), err
 
 
+@pytest.mark.parametrize(
+    "held", ["another program's tables", "other Optuna studies", "nothing", "no study"]
+)
+def test_a_foreign_database_is_refused_and_an_empty_one_taken(
+    tiny_dir: Path, tmp_path: Path, standin: list[str], capsys: pytest.CaptureFixture[str],
+    held: str,
+) -> None:  # fmt: skip
+    """Another program's SQLite file, or an Optuna database of other studies, was adopted:
+    Optuna's tables or an aftrec study were added to it."""
+    import optuna
+
+    out = tmp_path / "study"
+    out.mkdir()
+    db = out / tn.STUDY_DB
+    if held == "another program's tables":
+        with closing(sqlite3.connect(db)) as con, con:
+            con.execute("CREATE TABLE notes (text TEXT)")
+            con.execute("INSERT INTO notes VALUES ('mine')")
+    elif held == "other Optuna studies":
+        optuna.create_study(study_name="mine", storage=f"sqlite:///{db}")
+    elif held == "no study":  # Optuna's tables, no study yet (a call killed right then)
+        optuna.storages.RDBStorage(f"sqlite:///{db}")
+    else:
+        with closing(sqlite3.connect(db)):  # an empty database: an empty file
+            pass
+    before = db.read_bytes()
+    argv = ["tune", "--data", str(tiny_dir), "--model", "two-tower", "--out", str(out),
+            "--trials", "1"]  # fmt: skip
+    capsys.readouterr()
+    if held in ("nothing", "no study"):
+        assert main(argv) == 0 and standin == ["000"]
+        return
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"error: {db} is not a study of `aftrec tune`: it holds " in err[0]
+    assert held in err[0] and ("notes" in err[0] or "mine" in err[0]), err
+    assert db.read_bytes() == before and not standin
+
+
 def test_a_trial_folder_of_another_study_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
     """A study.db emptied (or replaced) under old trials: trial 000 draws new settings, and
     resuming the old run would record its value under them."""

@@ -36,6 +36,7 @@ import math
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -202,6 +203,12 @@ def _open_study(spec: TuneSpec, space: Mapping[str, Range]) -> optuna.Study:
     out = Path(spec.out)
     attrs = _study_attrs(spec, space)
     db = (out / STUDY_DB).resolve()
+    foreign = _foreign(db)
+    if foreign:  # Optuna would add its tables, or a study, to it
+        raise CheckpointError(
+            f"{out / STUDY_DB} is not a study of `aftrec tune`: it holds {foreign}; "
+            "choose another --out"
+        )
     try:
         # sqlite opens the path itself: in a URL, a "?", "%" or "#" of the path would be syntax
         storage = optuna.storages.RDBStorage(
@@ -237,6 +244,33 @@ def _open_study(spec: TuneSpec, space: Mapping[str, Range]) -> optuna.Study:
             if key not in saved:
                 study.set_user_attr(key, value)
     return study
+
+
+def _foreign(db: Path) -> str | None:
+    """What ``db`` holds when it is another program's SQLite database or an Optuna database
+    of other studies only; None for an empty one (a file or a database without tables or
+    studies), one holding this command's study, or one SQLite cannot read (Optuna's open
+    names what is wrong with it)."""
+    try:
+        if db.stat().st_size == 0:
+            return None
+        with closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as con:
+            query = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+            tables = [row[0] for row in con.execute(query)]
+            if tables and "studies" not in tables:
+                return f"another program's tables ({_some(tables)})"
+            names = (
+                [row[0] for row in con.execute("SELECT study_name FROM studies")] if tables else []
+            )
+    except (OSError, sqlite3.Error):
+        return None
+    if names and STUDY_NAME not in names:
+        return f"other Optuna studies ({_some(names)}), none named {STUDY_NAME}"
+    return None
+
+
+def _some(names: Sequence[str]) -> str:
+    return ", ".join(map(str, names[:3])) + (" ..." if len(names) > 3 else "")
 
 
 def _sqlite_error(exc: BaseException) -> sqlite3.Error | None:
