@@ -313,6 +313,29 @@ def test_a_foreign_database_is_refused_and_an_empty_one_taken(
     assert db.read_bytes() == before and not standin
 
 
+@pytest.mark.parametrize("blocker", ["trials/000", "trials"])
+def test_a_file_where_a_trial_folder_goes_is_one_error_line(
+    tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], blocker: str
+) -> None:
+    """A traceback before; the trial is left running, as a killed call leaves it, and the
+    next call, once the file is gone, finishes it."""
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / tn.STUDY_DB).write_bytes(b"")
+    (out / blocker).parent.mkdir(exist_ok=True)
+    (out / blocker).write_text("x\n")
+    argv = ["tune", "--data", str(tiny_dir), "--model", "pop", "--out", str(out),
+            "--trials", "1"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    said = "it is" if blocker == "trials/000" else f"{out / 'trials'} is"
+    assert err == [f"error: cannot write {out / 'trials' / '000'}: {said} a file, not a folder"]
+    (out / blocker).unlink()
+    assert main(argv) == 0
+    assert list(pd.read_csv(out / tn.TRIALS_CSV)["state"]) == ["complete"]
+
+
 def test_a_trial_folder_of_another_study_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
     """A study.db emptied (or replaced) under old trials: trial 000 draws new settings, and
     resuming the old run would record its value under them."""

@@ -49,7 +49,14 @@ from aftrec.errors import (
     OutputError,
     TrainingError,
 )
-from aftrec.outputs import atomic_write_text, check_writable, held, write_png
+from aftrec.outputs import (
+    atomic_write_text,
+    check_writable,
+    held,
+    make_dirs,
+    output_error,
+    write_png,
+)
 from aftrec.registry import Range, registration
 
 if TYPE_CHECKING:
@@ -384,8 +391,13 @@ def _train_trial(data: Path, cfg: RunConfig, run: Path) -> TrialOutcome:
 
     resume = (run / rundir.LAST).exists()
     if not resume:  # nothing to resume: clear what a run killed in its first epoch left
-        run.mkdir(parents=True, exist_ok=True)
-        rundir.clear(run)
+        if run.exists() and not run.is_dir():
+            raise OutputError(f"cannot write {run}: it is a file, not a folder")
+        make_dirs(run)  # a file where a folder above it should be: one error line
+        try:
+            rundir.clear(run)
+        except OSError as exc:
+            raise output_error(run, exc) from exc
     res = train(
         data, None if resume else cfg, run, resume=resume, progress=False,
         resume_set=runtime_overrides(cfg) if resume else None,  # this call's machine
