@@ -9,7 +9,7 @@ half-written file; files get the user's umask, and an output that cannot be writ
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import torch
 
@@ -17,10 +17,37 @@ from aftrec import outputs
 from aftrec.errors import CheckpointError
 
 
+class _Writes:
+    """The file handed to ``torch.save``, remembering the ``OSError`` of a write: torch's
+    writer turns it into a ``RuntimeError`` ("unexpected pos ...") that names no reason. The
+    bytes go straight to the file (no copy of the checkpoint in memory)."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+
 def save(obj: dict[str, Any], path: Path) -> None:
-    """torch.save ``obj`` to ``path`` atomically."""
+    """torch.save ``obj`` to ``path`` atomically; a write that fails (a full disk) raises
+    :class:`~aftrec.errors.OutputError` naming ``path``."""
     with outputs.atomic_file(path) as fh:
-        torch.save(obj, fh)
+        writes = _Writes(fh)
+        try:
+            torch.save(obj, cast(BinaryIO, writes))  # torch calls its write and flush only
+        except RuntimeError as exc:
+            if writes.error is None:
+                raise
+            raise writes.error from exc  # atomic_file says it in one line
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -1,0 +1,65 @@
+"""Checkpoints: a write that fails while torch.save streams the file is one clear error, and
+the previous checkpoint stays."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pytest
+import torch
+
+from aftrec import outputs
+from aftrec.errors import OutputError
+from aftrec.training import checkpoint
+
+
+class _FullAfter:
+    """A file whose writes fail with ENOSPC once ``room`` bytes are written."""
+
+    def __init__(self, fh: BinaryIO, room: int) -> None:
+        self._fh, self.room = fh, room
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self._fh.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
+def test_a_full_disk_while_saving_is_an_output_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.save turned the write's OSError into "RuntimeError: [enforce fail at
+    inline_container.cc] . unexpected pos ...", a traceback."""
+    path = tmp_path / "last.pt"
+    checkpoint.save({"model": {"w": torch.ones(3)}}, path)
+    atomic_file = outputs.atomic_file
+
+    @contextmanager
+    def full(out: Path) -> Iterator[Any]:
+        with atomic_file(out) as fh:
+            yield _FullAfter(fh, room=1000)
+
+    monkeypatch.setattr(outputs, "atomic_file", full)
+    with pytest.raises(OutputError) as info:
+        checkpoint.save({"model": {"w": torch.zeros(100_000)}}, path)
+    assert str(info.value) == f"cannot write {path}: No space left on device"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left
+    torch.testing.assert_close(checkpoint.load(path)["model"]["w"], torch.ones(3))
+
+
+def test_another_error_of_torch_save_is_its_own(tmp_path: Path) -> None:
+    class Unpicklable:
+        def __reduce__(self) -> Any:
+            raise RuntimeError("cannot pickle this")
+
+    with pytest.raises(RuntimeError, match="cannot pickle this"):
+        checkpoint.save({"model": {}, "odd": Unpicklable()}, tmp_path / "last.pt")
+    assert not list(tmp_path.iterdir())
