@@ -338,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     pu.add_argument("--trials", type=int, required=True, help="the trial budget of the study")
     pu.add_argument(
-        "--seed", type=int, default=0, help="seeds the search and every trial's run (default 0)"
-    )
+        "--seed", type=int, default=0,
+        help="seeds the search and every trial's run: 0 to 2^32 - 1 (default 0)",
+    )  # fmt: skip
     pu.add_argument(
         "--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
         help="config overrides every trial trains with (not tuned), e.g. train.threads=1",

@@ -112,6 +112,10 @@ def test_same_seed_same_draws(tiny_dir: Path, tmp_path: Path, standin: list[str]
         f"{k}={tn.format_value(v)}" for k, v in p.items()])) for p in a)  # fmt: skip
 
 
+def test_the_largest_seed_is_taken(tiny_dir: Path, tmp_path: Path, standin: list[str]) -> None:
+    assert tune(_spec(tiny_dir, tmp_path / "s", 1, seed=2**32 - 1)).ran == 1
+
+
 def test_a_second_call_continues_to_the_new_budget(
     tiny_dir: Path, tmp_path: Path, standin: list[str]
 ) -> None:
@@ -510,7 +514,9 @@ def test_ease_trials_fit_the_drawn_l2(tiny_dir: Path, tmp_path: Path) -> None:
     [
         (["--model", "nope", "--trials", "2"], "unknown model 'nope'"),
         (["--model", "pop", "--trials", "0"], "--trials must be at least 1"),
-        (["--model", "two-tower", "--trials", "1", "--seed", "-5"], "--seed must be in [0, 2^63)"),
+        (["--model", "two-tower", "--trials", "1", "--seed", "-5"], "--seed must be in [0, 2^32"),
+        # SeedSequence([seed, n]) reads 2^32 + s as (s, 1): it would draw trial 1 of seed s
+        (["--model", "pop", "--trials", "1", "--seed", str(2**32)], "--seed must be in [0, 2^32"),
         (["--model", "two-tower", "--trials", "2", "--set", "train.lr=0.1"], "train.lr is tuned"),
         (
             ["--model", "ease", "--trials", "2", "--set", "model.l2_grid=[100,1000]"],

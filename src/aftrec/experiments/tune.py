@@ -87,7 +87,7 @@ class TuneSpec:
     model: str
     out: Path
     trials: int  # the budget: trials in the study when the call ends
-    seed: int = 0  # the sampler's seed and every trial's train.seed
+    seed: int = 0  # the sampler's seed and every trial's train.seed: 0 to 2^32 - 1
     overrides: tuple[str, ...] = ()  # --set pairs every trial trains with (not tuned)
     startup_trials: int = STARTUP_TRIALS
 
@@ -159,8 +159,11 @@ def _check_spec(spec: TuneSpec) -> _Study:
         raise ConfigError(f"--trials must be at least 1, got {spec.trials}")
     if spec.startup_trials < 1:
         raise ConfigError(f"--startup-trials must be at least 1, got {spec.startup_trials}")
-    if not 0 <= spec.seed < 2**63:  # checked before the study is created
-        raise ConfigError(f"--seed must be in [0, 2^63), got {spec.seed}")
+    # checked before the study is created; trial n draws from SeedSequence([seed, n]), which
+    # reads a seed of 2^32 or more as two words: seed s + k * 2^32 at trial 0 would draw what
+    # seed s draws at trial k
+    if not 0 <= spec.seed < 2**32:
+        raise ConfigError(f"--seed must be in [0, 2^32 - 1], got {spec.seed}")
     if not spec.data:
         raise DataError("--data DIR is required (a directory written by `aftrec prepare`)")
     meta = read_meta(Path(spec.data))  # missing or unfinished data: DataError
