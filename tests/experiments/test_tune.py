@@ -147,7 +147,10 @@ def test_a_killed_call_leaves_a_study_the_next_call_finishes(
     tune(_spec(tiny_dir, tmp_path / "whole", 5))
     fake = tn._train_trial
 
+    shown: list[list[str]] = []
+
     def killed_at_002(data: Path, cfg: RunConfig, run: Path) -> TrialOutcome:
+        shown.append(list(pd.read_csv(run.parents[1] / "trials.csv")["state"]))
         if run.name == "002":
             raise KeyboardInterrupt
         return fake(data, cfg, run)
@@ -155,7 +158,11 @@ def test_a_killed_call_leaves_a_study_the_next_call_finishes(
     monkeypatch.setattr(tn, "_train_trial", killed_at_002)
     with pytest.raises(KeyboardInterrupt):
         tune(_spec(tiny_dir, tmp_path / "killed", 5))
-    assert len(pd.read_csv(tmp_path / "killed" / "trials.csv")) == 2
+    # trials.csv lists the trial under way as running, and the one a kill left so
+    assert shown == [["running"], ["complete", "running"], ["complete", "complete", "running"]]
+    killed = pd.read_csv(tmp_path / "killed" / "trials.csv")
+    assert list(killed["state"]) == ["complete", "complete", "running"]
+    assert not math.isnan(killed["train.lr"][2])  # with the settings it trains with
     monkeypatch.setattr(tn, "_train_trial", fake)
     standin.clear()
     res = tune(_spec(tiny_dir, tmp_path / "killed", 5))

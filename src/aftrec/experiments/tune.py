@@ -23,7 +23,8 @@ Reproducible and resumable: trial ``n`` draws its settings with a fresh TPE samp
 study ran in one call or several. A second call with a larger ``--trials`` adds trials up to
 the new budget. A trial left running by a killed call is finished first, by resuming its run
 from ``last.pt`` (or restarting it when it died before its first epoch); ``best.json``,
-``trials.csv`` and ``trials.png`` are written atomically after every trial.
+``trials.csv`` and ``trials.png`` are written atomically after every trial (``trials.csv``
+also as a trial starts, which it lists as running).
 """
 
 from __future__ import annotations
@@ -430,6 +431,7 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, st: _Study, budget: int
     optuna = _optuna()
     spec = st.spec
     params = _draw(trial, st.space)
+    _write_trials(study, st)  # the trial shows as running while it trains, and after a kill
     pairs = [*st.fixed, *(f"{k}={format_value(v)}" for k, v in params.items())]
     cfg = resolve(spec.model, overrides=[*pairs, f"train.seed={spec.seed}"])
     run = trial_dir(Path(spec.out), trial.number)
@@ -524,12 +526,12 @@ def _continue(study: optuna.Study, st: _Study) -> tuple[int, dict[str, Any] | No
     return ran, write_outputs(study, st)
 
 
-def write_outputs(study: optuna.Study, st: _Study) -> dict[str, Any] | None:
-    """``trials.csv`` and, once a trial has finished, ``best.json`` (returned)."""
-    optuna = _optuna()
+def _write_trials(study: optuna.Study, st: _Study) -> list[optuna.trial.FrozenTrial]:
+    """``trials.csv``, written atomically (a trial under way, or left by a killed call, is
+    ``running``); returns the study's trials."""
     import pandas as pd
 
-    spec, space = st.spec, st.space
+    space = st.space
     trials = study.get_trials(deepcopy=False)
     rows = [
         {
@@ -547,7 +549,16 @@ def write_outputs(study: optuna.Study, st: _Study) -> dict[str, Any] | None:
     ]
     buf = io.StringIO()
     pd.DataFrame(rows).to_csv(buf, index=False)
-    atomic_write_text(Path(spec.out) / TRIALS_CSV, buf.getvalue())
+    atomic_write_text(Path(st.spec.out) / TRIALS_CSV, buf.getvalue())
+    return trials
+
+
+def write_outputs(study: optuna.Study, st: _Study) -> dict[str, Any] | None:
+    """``trials.csv`` and, once a trial has finished, ``trials.png`` and ``best.json``
+    (returned)."""
+    optuna = _optuna()
+    spec, space = st.spec, st.space
+    trials = _write_trials(study, st)
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         return None
