@@ -724,6 +724,48 @@ def test_ctrl_c_inside_a_first_import_is_an_interrupt(
     assert capsys.readouterr().err == "interrupted\n"
 
 
+def _chained(interrupt: bool) -> RuntimeError:
+    """torch's error for a Ctrl-C during its import: a RuntimeError caused by the error
+    ``__set_name__`` raised while the interrupt was handled (or, without ``interrupt``, by
+    another error)."""
+    try:
+        try:
+            raise KeyboardInterrupt if interrupt else ValueError("a bug")
+        except BaseException:
+            raise TypeError("descriptor") from None
+    except TypeError as exc:
+        error = RuntimeError("Error calling __set_name__ on '_Descriptor' instance")
+        error.__cause__ = exc
+        return error
+
+
+@pytest.mark.parametrize("where", ["command", "parser"])
+def test_an_error_with_ctrl_c_down_its_chain_is_an_interrupt(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """A Ctrl-C during torch's import surfaced as ``RuntimeError: Error calling __set_name__``
+    with a traceback; an error without an interrupt behind it keeps its traceback."""
+    import aftrec.cli as cli
+
+    def failing(*args: Any) -> Any:
+        raise _chained(interrupt)
+
+    parser = cli.build_parser()
+    if where == "parser":
+        monkeypatch.setattr(cli, "build_parser", failing)
+    else:
+        monkeypatch.setattr(cli, "build_parser", lambda: parser)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                action.choices["models"].set_defaults(func=failing)
+    interrupt = True
+    assert cli.main(["models"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    interrupt = False
+    with pytest.raises(RuntimeError, match="__set_name__"):
+        cli.main(["models"])
+
+
 def test_a_standard_output_that_cannot_be_written_is_one_line() -> None:
     """``aftrec models > /dev/full`` was an OSError traceback."""
     if not Path("/dev/full").exists():

@@ -419,7 +419,12 @@ def _log_handler(verbose: bool) -> logging.Handler:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except Exception as exc:
+            if _interrupted(exc):
+                raise KeyboardInterrupt from exc
+            raise
     except KeyboardInterrupt:  # Ctrl-C while the commands' modules load
         print("interrupted", file=sys.stderr)
         return 130
@@ -441,8 +446,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     stdout = sys.stdout
     sys.stdout = _GuardedStdout(stdout)
     try:
-        args.func(args)
-        sys.stdout.flush()  # a full disk or a closed pipe shows here, not at exit
+        try:
+            args.func(args)
+            sys.stdout.flush()  # a full disk or a closed pipe shows here, not at exit
+        except Exception as exc:
+            if _interrupted(exc):
+                raise KeyboardInterrupt from exc
+            raise
     except AftrecError as exc:
         # one line, even when the message quotes a multi-line error from torch or pandas
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
@@ -451,13 +461,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stopped {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except ImportError as exc:
-        # Ctrl-C inside a C extension's first import (matplotlib's, for a report's plots)
-        # surfaces as the import failing, with the interrupt as its context
-        if not isinstance(exc.__context__, KeyboardInterrupt):
-            raise
         print("interrupted", file=sys.stderr)
         return 130
     except _StdoutError as exc:
@@ -487,6 +490,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if terminate:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 0
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a Ctrl-C is behind ``exc``: a ``KeyboardInterrupt`` in its chain of causes
+    and contexts. Ctrl-C inside a module's first import surfaces as another error: an
+    ``ImportError`` of a C extension (matplotlib's, for a report's plots), torch's
+    ``RuntimeError: Error calling __set_name__ ...``, with the interrupt down its chain."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        at = todo.pop()
+        if id(at) in seen:
+            continue
+        seen.add(id(at))
+        if isinstance(at, KeyboardInterrupt):
+            return True
+        todo += [e for e in (at.__cause__, at.__context__) if e is not None]
+    return False
 
 
 class _StdoutError(Exception):
