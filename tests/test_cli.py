@@ -766,6 +766,42 @@ def test_an_error_with_ctrl_c_down_its_chain_is_an_interrupt(
         cli.main(["models"])
 
 
+def test_a_stop_down_an_errors_chain_is_a_stop_and_an_aftrec_error_says_its_own(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGTERM inside a module's first import wraps the stop as Ctrl-C's is wrapped: the
+    command ends as stopped (143), not with a traceback. An aftrec error raised while a
+    Ctrl-C was handled keeps its one line."""
+    import signal
+
+    import aftrec.cli as cli
+    from aftrec.errors import OutputError, Stopped
+
+    def stopped_import(*args: Any) -> Any:
+        try:
+            raise Stopped(signal.SIGTERM)
+        except Stopped as exc:
+            raise RuntimeError("Error calling __set_name__ on '_Descriptor' instance") from exc
+
+    def failing_on_ctrl_c(*args: Any) -> Any:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise OutputError("cannot write OUT: No space left on device") from None
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    (models,) = [
+        a.choices["models"] for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+    ]
+    models.set_defaults(func=stopped_import)
+    assert cli.main(["models"]) == 143
+    assert capsys.readouterr().err == "stopped by SIGTERM\n"
+    models.set_defaults(func=failing_on_ctrl_c)
+    assert cli.main(["models"]) == 2
+    assert capsys.readouterr().err == "error: cannot write OUT: No space left on device\n"
+
+
 def test_a_standard_output_that_cannot_be_written_is_one_line() -> None:
     """``aftrec models > /dev/full`` was an OSError traceback."""
     if not Path("/dev/full").exists():

@@ -422,8 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             args = build_parser().parse_args(argv)
         except Exception as exc:
-            if _interrupted(exc):
-                raise KeyboardInterrupt from exc
+            _reraise_a_stop(exc)
             raise
     except KeyboardInterrupt:  # Ctrl-C while the commands' modules load
         print("interrupted", file=sys.stderr)
@@ -450,8 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.func(args)
             sys.stdout.flush()  # a full disk or a closed pipe shows here, not at exit
         except Exception as exc:
-            if _interrupted(exc):
-                raise KeyboardInterrupt from exc
+            _reraise_a_stop(exc)
             raise
     except AftrecError as exc:
         # one line, even when the message quotes a multi-line error from torch or pandas
@@ -492,11 +490,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _interrupted(exc: BaseException) -> bool:
-    """Whether a Ctrl-C is behind ``exc``: a ``KeyboardInterrupt`` in its chain of causes
-    and contexts. Ctrl-C inside a module's first import surfaces as another error: an
-    ``ImportError`` of a C extension (matplotlib's, for a report's plots), torch's
-    ``RuntimeError: Error calling __set_name__ ...``, with the interrupt down its chain."""
+def _reraise_a_stop(exc: Exception) -> None:
+    """Raise the Ctrl-C or the stop (:class:`~aftrec.errors.Stopped`, SIGTERM) behind ``exc``,
+    if one is in its chain of causes and contexts: inside a module's first import they surface
+    as another error (an ``ImportError`` of a C extension, matplotlib's for a report's plots;
+    torch's ``RuntimeError: Error calling __set_name__ ...``). An aftrec error says what it
+    says, whatever it was raised while handling."""
+    if isinstance(exc, AftrecError):
+        return
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
     while todo:
@@ -505,9 +506,10 @@ def _interrupted(exc: BaseException) -> bool:
             continue
         seen.add(id(at))
         if isinstance(at, KeyboardInterrupt):
-            return True
+            raise KeyboardInterrupt from exc
+        if isinstance(at, Stopped):
+            raise Stopped(at.signum, str(at)) from exc
         todo += [e for e in (at.__cause__, at.__context__) if e is not None]
-    return False
 
 
 class _StdoutError(Exception):

@@ -285,6 +285,27 @@ def test_a_study_that_cannot_be_written_is_one_error_line(
     assert len(err) == 1 and err[0].startswith(f"error: cannot write {db}: {reason}"), err
 
 
+def test_a_study_locked_by_another_program_is_to_be_closed_not_removed(
+    tiny_dir: Path, tmp_path: Path, standin: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A database browser holding study.db: the study is good, and the message said to remove
+    it."""
+    out = tmp_path / "study"
+    tune(_spec(tiny_dir, out, 1))
+    other = sqlite3.connect(out / tn.STUDY_DB, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        argv = ["tune", "--data", str(tiny_dir), "--model", "two-tower", "--out", str(out),
+                "--trials", "2"]  # fmt: skip
+        capsys.readouterr()
+        assert main(argv) == 2
+    finally:
+        other.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is locked by another program" in err[0], err
+    assert "remove it" not in err[0]
+
+
 @pytest.mark.parametrize(
     "held", ["another program's tables", "other Optuna studies", "nothing", "no study"]
 )

@@ -300,12 +300,18 @@ def _sqlite_error(exc: BaseException) -> sqlite3.Error | None:
 
 
 def _study_error(db: Path, exc: Exception) -> AftrecError:
-    """The one-line error for a study that could not be read or written: a write that
-    failed (a read-only file or file system, a full disk, an I/O error while writing) says
-    so; anything else is a file that is not a readable study."""
+    """The one-line error for a study that could not be read or written: one locked by
+    another program (a database browser, a dashboard) is to be closed, not removed; a write
+    that failed (a read-only file or file system, a full disk, an I/O error while writing)
+    says so; anything else is a file that is not a readable study."""
     err = _sqlite_error(exc)
     name = str(getattr(err, "sqlite_errorname", "") or "")
     reason = " ".join(str(err or getattr(exc, "orig", None) or exc).split())
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return OutputError(
+            f"{db} is locked by another program ({reason}); close it and run the same command "
+            "again (a trial under way is finished then)"
+        )
     if name.startswith(("SQLITE_READONLY", "SQLITE_FULL")) or (
         name.startswith("SQLITE_IOERR") and "READ" not in name
     ):
