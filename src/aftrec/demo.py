@@ -320,7 +320,7 @@ def _chart(rows: list[tuple[str, dict[str, float]]], path: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from aftrec.outputs import atomic_write_bytes
+    from aftrec.outputs import atomic_write_bytes, plot_text
 
     names = list(rows[0][1])
     x = np.arange(len(names))
@@ -328,7 +328,7 @@ def _chart(rows: list[tuple[str, dict[str, float]]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
     for i, (model, per) in enumerate(rows):
         ax.bar(x + (i - (len(rows) - 1) / 2) * width, [per[n] for n in names], width, label=model)
-    ax.set_xticks(x, names)
+    ax.set_xticks(x, [plot_text(n) for n in names])
     ax.set_ylabel(f"test {METRIC.replace('recall', 'Recall')}")
     ax.set_ylim(0.0, min(1.0, max(v for _, per in rows for v in per.values()) + 0.12))
     ax.legend(ncol=len(rows), fontsize=8, loc="upper center", frameon=False)

@@ -426,6 +426,12 @@ def write_png(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def plot_text(text: str) -> str:
+    """A name from the data (a domain) as matplotlib shows it literally: a ``$`` pair would
+    start its math mode, where ``$\\foo$`` fails the whole figure."""
+    return text.replace("$", r"\$")
+
+
 def path_argument(text: str) -> Path:
     """An ``argparse`` type for paths: an empty string is refused (``Path("")`` would be the
     working directory, so ``--out ""`` would aim at ``.``)."""

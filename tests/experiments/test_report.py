@@ -382,3 +382,11 @@ def test_the_machines_count_each_run_once(special: Path, finished: Path, tmp_pat
     runs = {p.parent for p in out.glob("runs/**/metrics.json")}
     plural = "s" if len(runs) > 1 else ""
     assert f"- Trained on: {machine()} ({len(runs)} run{plural}); " in text
+
+
+def test_a_domain_named_like_math_is_drawn_as_written(tmp_path: Path) -> None:
+    """matplotlib reads a ``$`` pair as math: a domain named ``$\\foo$`` failed the report's
+    figure (an unknown symbol), and ``$5-$10`` was drawn as math."""
+    series = {r"$\foo$": [Cell(0.2, 0.01, 2)], "$5-$10": [Cell(0.3, 0.01, 2)]}
+    assert report.sweep_plot([0.1], series, "x", "y", "t", tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"

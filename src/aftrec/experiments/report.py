@@ -31,7 +31,7 @@ from aftrec.experiments.results import (
     recall_columns,
 )
 from aftrec.experiments.stats import Significance
-from aftrec.outputs import atomic_write_text, write_png
+from aftrec.outputs import atomic_write_text, plot_text, write_png
 from aftrec.registry import Registration, available_models, registration
 
 if TYPE_CHECKING:
@@ -233,7 +233,7 @@ def sweep_plot(
                 linewidth=2.5 if name == "average" else 1.2,
             )
         )
-        labels.append(name)  # given, not taken from the artists: they skip names like "_a"
+        labels.append(plot_text(name))  # given, not taken from the artists: they skip "_a"
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -290,7 +290,7 @@ def recall_bars(results: Results, keys: Sequence[str], path: Path) -> bool:
         ax.barh(list(ys), [m - left for m in means], left=left, xerr=stds, color=colours,
                 capsize=2, error_kw={"elinewidth": 0.8})  # fmt: skip
         ax.set_xlim(left, max(highs) + 0.05 * span)
-        ax.set_title(group)
+        ax.set_title(plot_text(group))
         ax.set_xlabel(f"test Recall@50 (axis from {left:.3g})", fontsize="small")
         ax.grid(axis="x", alpha=0.3)
     for ax in axes[len(groups) :]:
