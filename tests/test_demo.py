@@ -171,6 +171,33 @@ def test_a_demo_holds_its_folder_from_the_first_step(
     assert len(seen) == 1 and "another aftrec process" in seen[0], seen
 
 
+def test_a_folder_removed_by_a_stopping_demo_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another demo on the folder, stopped before anything was in it, removed the folder
+    between this one's making it and locking it: made again, not "cannot write"."""
+    from aftrec import api
+    from aftrec.experiments import reproduce as rp
+
+    real_lock, calls = rp.report_lock, []
+
+    def racing(out: Path) -> Any:
+        calls.append(out)
+        if len(calls) == 1:
+            out.rmdir()  # the other demo's cleanup
+        return real_lock(out)
+
+    def preparing(out: Path, **kw: Any) -> Path:
+        raise KeyboardInterrupt  # enough: the folder was locked
+
+    monkeypatch.setattr(rp, "report_lock", racing)
+    monkeypatch.setattr(api, "prepare", preparing)
+    out = tmp_path / "demo"
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(DemoSpec("synthetic", out, synthetic=SYNTHETIC), echo=lambda _: None)
+    assert len(calls) == 2 and not out.exists()
+
+
 def test_demo_command_defaults() -> None:
     args = build_parser().parse_args(["demo"])
     assert (args.dataset, args.out, args.jobs) == ("ml-100k", None, 2)

@@ -155,6 +155,7 @@ def _held_folder(out: Path) -> Iterator[None]:
     so are the folders this call created that are empty. A folder that was there before
     stays, and so does one with anything in it (prepared data, runs: what the next call
     reuses)."""
+    from aftrec.errors import OutputError
     from aftrec.experiments.reproduce import LOCK, report_lock
     from aftrec.outputs import output_error
 
@@ -162,11 +163,20 @@ def _held_folder(out: Path) -> Iterator[None]:
     lock = out / LOCK
     ours = not lock.exists()
     try:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise output_error(out, exc) from exc
-        with report_lock(out):
+        with ExitStack() as stack:
+            for attempt in range(3):
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise output_error(out, exc) from exc
+                try:
+                    stack.enter_context(report_lock(out))
+                    break
+                except OutputError:
+                    # another demo, stopped before anything was in the folder, removed it
+                    # between the two calls: make it again (busy or unwritable: refused)
+                    if out.is_dir() or attempt == 2:
+                        raise
             try:
                 yield
             except BaseException:
