@@ -171,3 +171,75 @@ def test_a_path_that_is_not_one_is_a_config_error(trained: Path, tmp_path: Path)
         with pytest.raises(ConfigError, match=r"(run|out) must be a path, got"):
             call()
     assert not (tmp_path / "b").exists()
+
+
+# --------------------------------------------------------------------------- train
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"overrides": "train.epochs=1"}, "overrides takes a list of 'section.key=value'"),
+        ({"overrides": {"train.epochs": 1}}, "overrides takes a list of 'section.key=value'"),
+        ({"overrides": None}, "overrides takes a list"),
+        ({"overrides": [1, 2]}, "overrides takes a list"),
+        ({"out": None}, "out must be a path, got None"),
+        ({"out": ""}, "out must be a path, got ''"),
+        ({"data": 5}, "data must be a path, got 5"),
+        ({"config": 5}, "config must be a path, got 5"),
+    ],
+    ids=lambda v: repr(v) if isinstance(v, dict) else None,
+)
+def test_train_refuses_bad_arguments(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    kwargs: dict[str, Any], needle: str,
+) -> None:  # fmt: skip
+    """A string was read as its characters, a dict as its keys, ``out=""`` trained into the
+    working directory, and others were a TypeError or an AttributeError from deep inside."""
+    monkeypatch.chdir(tmp_path)
+    args: dict[str, Any] = {"data": prepared, "model": "pop", "out": tmp_path / "run", **kwargs}
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        api.train(args.pop("data"), args.pop("model"), args.pop("out"), progress=False, **args)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_and_export_leave_the_callers_threads(trained: Path, tmp_path: Path) -> None:
+    """``train.threads`` and ``export(threads=...)`` are the run's and the build's: a notebook
+    went on single-threaded after them."""
+    from aftrec.serving.index import faiss_module
+
+    faiss = faiss_module()
+    torch_before, faiss_before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    try:
+        torch.set_num_threads(2)
+        faiss.omp_set_num_threads(2)
+        run = api.train(
+            _data_of(trained), "pop",
+            tmp_path / "run", overrides=["train.threads=1"], progress=False,
+        ).run  # fmt: skip
+        assert torch.get_num_threads() == 2
+        api.export(run, tmp_path / "bundle", threads=1)
+        assert faiss.omp_get_max_threads() == 2
+    finally:
+        torch.set_num_threads(torch_before)
+        faiss.omp_set_num_threads(faiss_before)
+
+
+def _data_of(run: Path) -> Path:
+    from aftrec.training.rundir import run_data_dir
+
+    return run_data_dir(run)
+
+
+def test_evaluate_returns_the_table_it_writes(trained: Path, tmp_path: Path) -> None:
+    import pandas as pd
+
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    res = api.evaluate(run, progress=False)
+    written = pd.read_parquet(run / "per_user.parquet")
+    assert "user" in res.per_user.columns and list(res.per_user.columns) == list(written.columns)
+    assert "per_user" not in repr(res)  # a notebook shows the result, not the whole table
+
+
+def test_the_package_names_are_listed_and_typed() -> None:
+    import aftrec
+
+    assert {"train", "evaluate", "Recommender", "TrainResult"} <= set(dir(aftrec))

@@ -45,10 +45,17 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'aftrec' has no attribute {name!r}")
+if not TYPE_CHECKING:  # a type checker sees the imports above, and a typo as a typo
+
+    def __getattr__(name: str) -> Any:
+        if name in _WHERE:
+            return getattr(import_module(_WHERE[name]), name)
+        raise AttributeError(f"module 'aftrec' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """What tab completion offers: the module's names and those imported on first use."""
+    return sorted({*globals(), *_WHERE})
 
 
 __all__ = [

@@ -55,6 +55,21 @@ def _path(name: str, value: object) -> Path:
     return Path(value)
 
 
+def _overrides(value: object) -> list[str]:
+    """``overrides`` as a list of ``section.key=value`` strings; a single string or a mapping
+    is refused, not read as its characters or keys."""
+    if (
+        isinstance(value, str | bytes | Mapping)
+        or not isinstance(value, Iterable)
+        or not all(isinstance(o, str) for o in value)
+    ):
+        raise ConfigError(
+            "overrides takes a list of 'section.key=value' strings, e.g. ['train.epochs=5']; "
+            f"got {value!r}"
+        )
+    return list(value)
+
+
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"{name} must be {' or '.join(choices)}, got {value!r}")
@@ -314,17 +329,22 @@ def train(
     ``overrides``: ``["train.epochs=5", "model.dim=32"]``. ``resume=True`` continues ``out``
     with its saved config (``data`` and ``model`` None; only ``train.epochs=N`` may be
     overridden). Under torchrun each rank calls it and trains its part (DDP)."""
+    import torch
+
     from aftrec.config import resolve
     from aftrec.training import distributed
     from aftrec.training.rundir import check_data, load_run_config, missing_data, run_data_dir
     from aftrec.training.trainer import train as run_training
 
-    out = Path(out)
-    sets = list(overrides)
+    out = _path("out", out)
+    sets = _overrides(overrides)
+    data = None if data is None else _path("data", data)
     cfg = None
     if not resume:
         if not data:
             raise DataError("--data DIR is required (a directory written by `aftrec prepare`)")
+        if config is not None and not isinstance(config, Mapping):
+            config = _path("config", config)
         yaml_path = None if config is None or isinstance(config, Mapping) else Path(config)
         base = dict(config) if isinstance(config, Mapping) else None
         cfg = resolve(model, yaml_path, sets, base)
@@ -345,6 +365,7 @@ def train(
     run_cfg = cfg if cfg is not None else load_run_config(out, sets)  # runtime keys too
     ctx = distributed.init(run_cfg.runtime.device)  # torchrun: join the process group
     clean = False
+    threads = torch.get_num_threads()  # train.threads is the run's, not the caller's after
     try:
         res = run_training(
             data_dir, cfg, out, resume=resume, progress=progress, ctx=ctx,
@@ -352,6 +373,7 @@ def train(
         )  # fmt: skip
         clean = True
     finally:
+        torch.set_num_threads(threads)
         distributed.shutdown(ctx, clean)
     note = _saturated(load_run_config(out), data_dir) if ctx.rank == 0 else ""
     return dataclasses.replace(res, rank=ctx.rank, world=ctx.world, note=note)
@@ -510,7 +532,7 @@ def evaluate(
         metrics.flush()
         with atomic_file(per_user) as fh:
             fh.write(buf.getvalue())
-    return res
+    return dataclasses.replace(res, per_user=frame)  # with the raw user ids it wrote
 
 
 def _resumable(override: str) -> bool:

@@ -49,7 +49,7 @@ class EvalResult:
     average: dict[str, float]
     users: dict[str, int]
     protocol: str = ""  # empty: full ranking on ``split`` (:func:`full_protocol`)
-    per_user: pd.DataFrame = field(default_factory=pd.DataFrame)
+    per_user: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)  # a table
 
     def __post_init__(self) -> None:
         self.protocol = self.protocol or full_protocol(self.split)

@@ -249,10 +249,22 @@ def build_index(
     vectors: np.ndarray, spec: IndexSpec, queries: np.ndarray | None = None, threads: int = 0
 ) -> BuiltIndex:
     """Build the index ``spec`` gives for ``vectors`` (n, dim) and tune its search knob on
-    ``queries`` (m, dim) against :class:`ExactIndex`; the recall reached is in ``params``."""
+    ``queries`` (m, dim) against :class:`ExactIndex`; the recall reached is in ``params``.
+    ``threads``: FAISS's OpenMP threads while it builds (0: as they are); the caller's
+    setting is put back after."""
     faiss = faiss_module()
+    before = faiss.omp_get_max_threads()
     if threads:
         faiss.omp_set_num_threads(threads)
+    try:
+        return _build(faiss, vectors, spec, queries)
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _build(
+    faiss: Any, vectors: np.ndarray, spec: IndexSpec, queries: np.ndarray | None
+) -> BuiltIndex:
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = x.shape
     kind = spec.kind_for(n)
