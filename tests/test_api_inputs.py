@@ -243,3 +243,38 @@ def test_the_package_names_are_listed_and_typed() -> None:
     import aftrec
 
     assert {"train", "evaluate", "Recommender", "TrainResult"} <= set(dir(aftrec))
+
+
+def test_prepare_and_its_settings_refuse_what_is_not_theirs(tmp_path: Path) -> None:
+    """A dict for ``synthetic`` or ``split`` was an AttributeError deep inside, a number for a
+    path a TypeError, a string count a comparison error, a float count NumPy's."""
+    from aftrec.data.sources.synthetic import SyntheticConfig
+    from aftrec.data.split import SplitConfig
+    from aftrec.serving.recommender import Recommender
+
+    out = tmp_path / "data"
+    cases: list[tuple[Any, str]] = [
+        (lambda: api.prepare(out, dataset="synthetic", synthetic={"n_users": 10}),  # type: ignore[arg-type]
+         "synthetic must be a SyntheticConfig, got {'n_users': 10}"),
+        (lambda: api.prepare(out, dataset="synthetic", split={"valid_ratio": 0.1}),  # type: ignore[arg-type]
+         "split must be a SplitConfig, got {'valid_ratio': 0.1}"),
+        (lambda: api.prepare(out, dataset="ml-100k", path=5),  # type: ignore[arg-type]
+         "path must be a path, got 5"),
+        (lambda: api.prepare(out, interactions=5, items="i.csv"),  # type: ignore[arg-type]
+         "interactions must be a path, got 5"),
+        (lambda: SyntheticConfig(n_users="10"),  # type: ignore[arg-type]
+         "synthetic.n_users must be an integer, got '10'"),
+        (lambda: SyntheticConfig(n_users=50.5),  # type: ignore[arg-type]
+         "synthetic.n_users must be an integer, got 50.5"),
+        (lambda: SplitConfig(test_ratio="0.2"),  # type: ignore[arg-type]
+         "split.test_ratio must be a number, got '0.2'"),
+        (lambda: SplitConfig(min_positives=2.5),  # type: ignore[arg-type]
+         "split.min_positives must be an integer, got 2.5"),
+        (lambda: Recommender.load(None),  # type: ignore[arg-type]
+         "path must be a bundle's folder, got None"),
+    ]  # fmt: skip
+    for call, needle in cases:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            call()
+    assert not out.exists()
+    assert SplitConfig(test_ratio=np.float32(0.25), min_positives=np.int64(3)).min_positives == 3

@@ -139,14 +139,21 @@ def prepare(
     ``split``: the split rules (default :class:`~aftrec.data.split.SplitConfig`)."""
     from aftrec.data.prepare import check_out
     from aftrec.data.prepare import prepare as write_prepared
+    from aftrec.data.sources.synthetic import SyntheticConfig
     from aftrec.data.split import SplitConfig
 
-    def p(value: PathLike | None) -> Path | None:
-        return None if value is None else Path(value)
+    def p(name: str, value: PathLike | None) -> Path | None:
+        return None if value is None else _path(name, value)
 
+    kinds: tuple[tuple[str, object, type], ...] = (
+        ("split", split, SplitConfig), ("synthetic", synthetic, SyntheticConfig),
+    )  # fmt: skip
+    for name, given, kind in kinds:
+        if given is not None and not isinstance(given, kind):
+            raise ConfigError(f"{name} must be a {kind.__name__}, got {given!r}")
     src = Source(
-        dataset, p(path), p(domains), p(interactions), p(items), p(train), p(valid), p(test),
-        synthetic,
+        dataset, p("path", path), p("domains", domains), p("interactions", interactions),
+        p("items", items), p("train", train), p("valid", valid), p("test", test), synthetic,
     )  # fmt: skip
     out = _path("out", out)
     if not streaming:  # which takes --interactions/--items only, and says so

@@ -42,3 +42,20 @@ class Stopped(BaseException):
         self.signum = signum
         self.exit_code = 128 + signum
         super().__init__(message or f"by {signal.Signals(signum).name}")
+
+
+def require_numbers(settings: object, prefix: str) -> None:
+    """Raise :class:`ConfigError` for the first field of the dataclass ``settings`` whose
+    value is not a number of its declared type (``int``: an integer; ``float``: any real
+    number; a bool is neither), before its bounds are compared: a string in a Python call
+    compared as ``'10' >= 1``, and a float count reached NumPy deep inside."""
+    import dataclasses
+    import numbers
+
+    for f in dataclasses.fields(settings):  # type: ignore[arg-type]
+        value = getattr(settings, f.name)
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        wanted = {"int": numbers.Integral, "float": numbers.Real}.get(kind)
+        if wanted is not None and (isinstance(value, bool) or not isinstance(value, wanted)):
+            said = "an integer" if kind == "int" else "a number"
+            raise ConfigError(f"{prefix}{f.name} must be {said}, got {value!r}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from aftrec.arrays import unique
-from aftrec.errors import ConfigError
+from aftrec.errors import ConfigError, require_numbers
 
 TRAIN, VALID, TEST = 0, 1, 2
 PART_NAMES = ("train", "valid", "test")
@@ -31,6 +31,7 @@ class SplitConfig:
     rating_threshold: float = 3.0
 
     def __post_init__(self) -> None:
+        require_numbers(self, "split.")
         if not 0.0 < self.test_ratio < 1.0:
             raise ConfigError(
                 f"split.test_ratio (--test-ratio) must be in (0, 1), got {self.test_ratio}"

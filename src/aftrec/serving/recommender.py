@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 
 from aftrec.arrays import unique
-from aftrec.errors import AftrecError
+from aftrec.errors import AftrecError, ConfigError
 from aftrec.serving.bundle import LoadedBundle, load_bundle
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,10 @@ class Recommender:
 
     @classmethod
     def load(cls, path: Path | str, verify: bool = True) -> Recommender:
+        """The bundle at ``path`` (written by ``aftrec export``), its files checked against
+        their hashes unless ``verify`` is False."""
+        if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+            raise ConfigError(f"path must be a bundle's folder, got {path!r}")
         return cls(load_bundle(Path(path), verify=verify))
 
     def warm_up(self, runs: int = 3) -> None:

@@ -74,7 +74,7 @@ import pandas as pd
 
 from aftrec.arrays import unique
 from aftrec.data.schema import Origin, RawLog
-from aftrec.errors import ConfigError
+from aftrec.errors import ConfigError, require_numbers
 
 BLOCK_USERS = 8192  # users per internal random stream; fixed so output ignores chunk_users
 MIN_INTERACTIONS = 5  # every user gets at least this many interactions
@@ -112,6 +112,7 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        require_numbers(self, "synthetic.")
         checks: list[tuple[bool, str]] = [
             (self.n_users >= 1, "n_users must be >= 1"),
             (self.n_domains >= 1, "n_domains must be >= 1"),
