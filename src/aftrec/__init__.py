@@ -22,7 +22,15 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from aftrec.errors import AftrecError, CheckpointError, ConfigError, DataError
+from aftrec.errors import (
+    AftrecError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    OutputError,
+    Stopped,
+    TrainingError,
+)
 
 if TYPE_CHECKING:
     from aftrec.api import evaluate, export, prepare, recommend, train
@@ -64,11 +72,14 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EvalResult",
+    "OutputError",
     "Recommendation",
     "Recommender",
     "SplitConfig",
+    "Stopped",
     "SyntheticConfig",
     "TrainResult",
+    "TrainingError",
     "__version__",
     "evaluate",
     "export",

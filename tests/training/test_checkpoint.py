@@ -63,3 +63,19 @@ def test_another_error_of_torch_save_is_its_own(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="cannot pickle this"):
         checkpoint.save({"model": {}, "odd": Unpicklable()}, tmp_path / "last.pt")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_file_torch_cannot_unpickle_is_named_without_torchs_advice(tmp_path: Path) -> None:
+    """A pickle of another program: torch's message advised loading it with
+    ``weights_only=False``, which runs the file's code, cut in the middle."""
+    import pickle
+
+    from aftrec.errors import CheckpointError
+
+    path = tmp_path / "last.pt"
+    torch.save({"model": {}, "thing": Path("x")}, path)  # a type weights_only refuses
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.load(path)
+    said = str(refused.value)
+    assert said == f"{path}: not a checkpoint aftrec wrote (damaged, or another program's file)"
+    assert isinstance(refused.value.__cause__, pickle.UnpicklingError)

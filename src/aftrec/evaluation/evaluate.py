@@ -43,6 +43,10 @@ def full_protocol(split: str) -> str:
 
 @dataclass
 class EvalResult:
+    """Full-ranking metrics of one split: per domain (``domains[name]["recall@50"]``), their
+    unweighted mean over the domains with users (``average``), the users evaluated per
+    domain, the protocol in words, and the per-(user, domain) values (``per_user``)."""
+
     split: str
     ns: tuple[int, ...]
     domains: dict[str, dict[str, float]]

@@ -88,6 +88,10 @@ class DomainResult:
 
 @dataclass
 class Recommendation:
+    """One request's answer: the bundle's model version, the user asked for (None for a
+    new user given by behaviours), and per domain the items and scores with the path that
+    produced them (``history``, ``cross-domain``, ``popular``)."""
+
     model_version: str
     user: str | None
     results: list[DomainResult]

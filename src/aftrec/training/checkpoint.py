@@ -8,6 +8,7 @@ half-written file; files get the user's umask, and an output that cannot be writ
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -57,6 +58,10 @@ def load(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no checkpoint here")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's text advises an unsafe load: not given
+        raise CheckpointError(
+            f"{path}: not a checkpoint aftrec wrote (damaged, or another program's file)"
+        ) from exc
     except Exception as exc:  # torch raises many types for a damaged file
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise CheckpointError(

@@ -60,6 +60,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
+    """What a training run ended with: its folder, the best validation epoch and value (the
+    weights of ``best.pt``), the epochs it ran, its wall seconds and training throughput,
+    whether it stopped early, and each rank's peak memory. A model fitted in closed form
+    (pop, EASE) reports epoch 0, no epochs run and no throughput."""
+
     run: Path
     best_epoch: int
     best_metric: float
