@@ -278,3 +278,25 @@ def test_prepare_and_its_settings_refuse_what_is_not_theirs(tmp_path: Path) -> N
             call()
     assert not out.exists()
     assert SplitConfig(test_ratio=np.float32(0.25), min_positives=np.int64(3)).min_positives == 3
+
+
+def test_force_is_suggested_only_where_it_would_replace(trained: Path, tmp_path: Path) -> None:
+    """An --out that --force would refuse to replace (a run, a file) said "pass --force to
+    replace it", and with --force was refused."""
+    from aftrec.serving.bundle import BundleError
+
+    user_file = tmp_path / "notes.py"
+    user_file.write_text("x = 1\n")
+    for call in (
+        lambda: api.export(trained, trained),
+        lambda: api.export(trained, user_file),
+        lambda: api.prepare(user_file, dataset="synthetic"),
+    ):
+        refusal = r"exists and is not a|a file, not a folder"
+        with pytest.raises(OutputError, match=refusal) as refused:
+            call()
+        assert "--force to replace" not in str(refused.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises((BundleError, OutputError), match="pass --force to replace it"):
+        api.export(trained, tmp_path / "empty")
+    assert user_file.read_text() == "x = 1\n"

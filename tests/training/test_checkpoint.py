@@ -77,5 +77,8 @@ def test_a_file_torch_cannot_unpickle_is_named_without_torchs_advice(tmp_path: P
     with pytest.raises(CheckpointError) as refused:
         checkpoint.load(path)
     said = str(refused.value)
-    assert said == f"{path}: not a checkpoint aftrec wrote (damaged, or another program's file)"
+    assert said == (
+        f"{path}: checkpoint is corrupt or unreadable (not one aftrec wrote: damaged, or "
+        "another program's file)"
+    )
     assert isinstance(refused.value.__cause__, pickle.UnpicklingError)

@@ -77,10 +77,10 @@ def _index_rows(
 def check_out(out: Path, force: bool) -> None:
     """``out`` may receive a prepared dataset: new, or (with ``force``) one to replace; called
     before a source is read, so that a refusal comes before minutes of reading."""
+    check_writable(out, folder=True)
+    check_replaceable(out, "meta.json", "prepared dataset", WRITES)  # before naming --force
     if out.exists() and not force:
         raise DataError(f"{out} already exists; pass --force to replace it")
-    check_writable(out, folder=True)
-    check_replaceable(out, "meta.json", "prepared dataset", WRITES)
 
 
 def prepare(

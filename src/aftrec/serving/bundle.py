@@ -503,9 +503,9 @@ def write_bundle(
             f"--threads must be an integer in [0, {MAX_THREADS}] (0: all cores), got {threads!r}"
         )
     _validate_contents(contents)
+    check_replaceable(out, MANIFEST, "bundle", WRITES, _listed(out))  # before naming --force
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; pass --force to replace it")
-    check_replaceable(out, MANIFEST, "bundle", WRITES, _listed(out))
     with atomic_directory(out, replace=force) as tmp:
         return _write_files(contents, tmp, spec, threads)
 
@@ -632,10 +632,10 @@ def export_run(
     """``aftrec export``: the model, data and histories of a training run as a bundle."""
     from aftrec.training.rundir import load_run
 
-    if Path(out).exists() and not force:
-        raise BundleError(f"{out} already exists; pass --force to replace it")
     check_writable(Path(out), folder=True)
     check_replaceable(Path(out), MANIFEST, "bundle", WRITES, _listed(Path(out)))
+    if Path(out).exists() and not force:  # a bundle: replaceable, with --force
+        raise BundleError(f"{out} already exists; pass --force to replace it")
     cfg, data, model = load_run(Path(run), which)
     weights = Path(run) / f"{which}.pt"
     info = {

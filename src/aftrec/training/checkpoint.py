@@ -60,7 +60,8 @@ def load(path: Path) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # torch's text advises an unsafe load: not given
         raise CheckpointError(
-            f"{path}: not a checkpoint aftrec wrote (damaged, or another program's file)"
+            f"{path}: checkpoint is corrupt or unreadable (not one aftrec wrote: damaged, or "
+            "another program's file)"
         ) from exc
     except Exception as exc:  # torch raises many types for a damaged file
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
