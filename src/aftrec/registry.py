@@ -102,8 +102,14 @@ def register_model(
         raise ValueError(f"model {name!r}: tuned key(s) {unknown} are not in its config")
 
     def deco(cls: M) -> M:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is registered twice")
+        known = _MODELS.get(name)
+        # the same class defined again (its module reloaded, a notebook cell run twice)
+        # replaces its registration; another class under a taken name is refused
+        if known is not None and _where(known.model) != _where(cls):
+            raise ValueError(
+                f"model {name!r} is registered twice: by {'.'.join(_where(known.model))} and "
+                f"{'.'.join(_where(cls))}; give one of them another name"
+            )
         _MODELS[name] = Registration(
             name, cls, config_cls, paper_name, paper_row, dict(quick or {}), inert_keys,
             dict(tune or {}), tune_fixed,
@@ -118,6 +124,10 @@ def _ensure_loaded() -> None:
     """Register the built-in models. By name, at first use: the registry sits below the
     models in the layers (each model imports :func:`register_model`)."""
     importlib.import_module("aftrec.models")
+
+
+def _where(cls: type) -> tuple[str, str]:
+    return cls.__module__, cls.__qualname__
 
 
 def available_models() -> list[str]:

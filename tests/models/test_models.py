@@ -47,3 +47,24 @@ def test_duplicate_registration_raises() -> None:
 
     with pytest.raises(ValueError, match="registered twice"):
         register_model("pop", PopularityConfig)(type("X", (), {}))  # type: ignore[arg-type]
+
+
+def test_a_model_defined_again_replaces_its_registration() -> None:
+    """A notebook cell (or a reloaded module) defining the same model again: the same
+    module and name replace the registration, as the docs' example is run twice."""
+    from aftrec import registry
+    from aftrec.models.popularity import Popularity, PopularityConfig
+
+    def define() -> type:
+        class Again(Popularity):
+            pass
+
+        return Again
+
+    first, second = define(), define()
+    try:
+        register_model("again-test", PopularityConfig)(first)
+        register_model("again-test", PopularityConfig)(second)
+        assert registry.registration("again-test").model is second
+    finally:
+        registry._MODELS.pop("again-test", None)
