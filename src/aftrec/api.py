@@ -334,8 +334,10 @@ def train(
     """``aftrec train``: train ``model`` on the prepared dataset ``data`` into the run
     directory ``out``. ``config``: a YAML file or the same sections as a mapping;
     ``overrides``: ``["train.epochs=5", "model.dim=32"]``. ``resume=True`` continues ``out``
-    with its saved config (``data`` and ``model`` None; only ``train.epochs=N`` may be
-    overridden). Under torchrun each rank calls it and trains its part (DDP)."""
+    with its saved config (``data`` and ``model`` None; only ``train.epochs=N`` and the
+    runtime keys, which change nothing a run computes, may be overridden). Under torchrun
+    each rank calls it and trains its part (DDP). The caller's torch threads are put back
+    after (``train.threads`` is the run's)."""
     import torch
 
     from aftrec.config import resolve
