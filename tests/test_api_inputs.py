@@ -185,6 +185,8 @@ def test_a_path_that_is_not_one_is_a_config_error(trained: Path, tmp_path: Path)
         ({"out": ""}, "out must be a path, got ''"),
         ({"data": 5}, "data must be a path, got 5"),
         ({"config": 5}, "config must be a path, got 5"),
+        ({"resume": "no"}, "resume must be True or False, got 'no'"),
+        ({"progress": None}, "progress must be True or False, got None"),
     ],
     ids=lambda v: repr(v) if isinstance(v, dict) else None,
 )
@@ -197,7 +199,9 @@ def test_train_refuses_bad_arguments(
     monkeypatch.chdir(tmp_path)
     args: dict[str, Any] = {"data": prepared, "model": "pop", "out": tmp_path / "run", **kwargs}
     with pytest.raises(ConfigError, match=re.escape(needle)):
-        api.train(args.pop("data"), args.pop("model"), args.pop("out"), progress=False, **args)
+        api.train(
+            args.pop("data"), args.pop("model"), args.pop("out"), **{"progress": False, **args}
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -272,6 +276,8 @@ def test_prepare_and_its_settings_refuse_what_is_not_theirs(tmp_path: Path) -> N
          "split.min_positives must be an integer, got 2.5"),
         (lambda: Recommender.load(None),  # type: ignore[arg-type]
          "path must be a bundle's folder, got None"),
+        (lambda: api.prepare(out, dataset="synthetic", force="no"),  # type: ignore[arg-type]
+         "force must be True or False, got 'no'"),
     ]  # fmt: skip
     for call, needle in cases:
         with pytest.raises(ConfigError, match=re.escape(needle)):

@@ -70,6 +70,14 @@ def _overrides(value: object) -> list[str]:
     return list(value)
 
 
+def _flags(**flags: object) -> None:
+    """Each of ``flags`` a bool, else one :class:`ConfigError` naming it: ``force="no"`` was
+    true."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"{name} must be {' or '.join(choices)}, got {value!r}")
@@ -145,6 +153,7 @@ def prepare(
     def p(name: str, value: PathLike | None) -> Path | None:
         return None if value is None else _path(name, value)
 
+    _flags(streaming=streaming, force=force, progress=progress)
     kinds: tuple[tuple[str, object, type], ...] = (
         ("split", split, SplitConfig), ("synthetic", synthetic, SyntheticConfig),
     )  # fmt: skip
@@ -345,6 +354,7 @@ def train(
     from aftrec.training.rundir import check_data, load_run_config, missing_data, run_data_dir
     from aftrec.training.trainer import train as run_training
 
+    _flags(resume=resume, progress=progress)
     out = _path("out", out)
     sets = _overrides(overrides)
     data = None if data is None else _path("data", data)
@@ -612,6 +622,7 @@ def export(
         raise ConfigError(f"spec must be an aftrec.serving.index.IndexSpec or None, got {spec!r}")
     which = _choice("--which", which, ("best", "last"))
     threads = _count("--threads", threads, 0, MAX_THREADS)
+    _flags(force=force)
     run, out = _path("run", run), _path("out", out)
     return export_run(run, out, spec, which=which, force=force, threads=threads)
 
