@@ -267,9 +267,9 @@ def test_prepare_and_its_settings_refuse_what_is_not_theirs(tmp_path: Path) -> N
         (lambda: api.prepare(out, interactions=5, items="i.csv"),  # type: ignore[arg-type]
          "interactions must be a path, got 5"),
         (lambda: SyntheticConfig(n_users="10"),  # type: ignore[arg-type]
-         "synthetic.n_users must be an integer, got '10'"),
+         "SyntheticConfig: n_users must be an integer, got '10'"),
         (lambda: SyntheticConfig(n_users=50.5),  # type: ignore[arg-type]
-         "synthetic.n_users must be an integer, got 50.5"),
+         "SyntheticConfig: n_users must be an integer, got 50.5"),
         (lambda: SplitConfig(test_ratio="0.2"),  # type: ignore[arg-type]
          "split.test_ratio must be a number, got '0.2'"),
         (lambda: SplitConfig(min_positives=2.5),  # type: ignore[arg-type]
@@ -283,7 +283,29 @@ def test_prepare_and_its_settings_refuse_what_is_not_theirs(tmp_path: Path) -> N
         with pytest.raises(ConfigError, match=re.escape(needle)):
             call()
     assert not out.exists()
-    assert SplitConfig(test_ratio=np.float32(0.25), min_positives=np.int64(3)).min_positives == 3
+    # NumPy numbers are taken as the Python numbers they hold (meta.json records them)
+    split = SplitConfig(test_ratio=np.float32(0.7), min_positives=np.int64(3))
+    assert type(split.min_positives) is int and type(split.test_ratio) is float
+    assert split.test_ratio == float(np.float32(0.7))
+
+
+def test_overrides_given_as_a_generator_are_read_once(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check read a generator to its end, and the run trained with the defaults."""
+    from aftrec.training import trainer
+
+    class Seen(Exception):
+        pass
+
+    def seeing(data: Path, cfg: Any, out: Path, **kw: Any) -> Any:
+        raise Seen(cfg.train.epochs)
+
+    monkeypatch.setattr(trainer, "train", seeing)
+    with pytest.raises(Seen) as seen:
+        api.train(prepared, "pop", tmp_path / "run", progress=False,
+                  overrides=(o for o in ["train.epochs=3"]))  # fmt: skip
+    assert seen.value.args == (3,)
 
 
 def test_force_is_suggested_only_where_it_would_replace(trained: Path, tmp_path: Path) -> None:

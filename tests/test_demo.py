@@ -171,11 +171,13 @@ def test_a_demo_holds_its_folder_from_the_first_step(
     assert len(seen) == 1 and "another aftrec process" in seen[0], seen
 
 
+@pytest.mark.parametrize("theirs", [False, True])
 def test_a_folder_removed_by_a_stopping_demo_is_made_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, theirs: bool
 ) -> None:
     """Another demo on the folder, stopped before anything was in it, removed the folder
-    between this one's making it and locking it: made again, not "cannot write"."""
+    between this one's making it and locking it: made again, not "cannot write"; and, this
+    one stopped too, removed again, though it was the other's when this one started."""
     from aftrec import api
     from aftrec.experiments import reproduce as rp
 
@@ -193,6 +195,8 @@ def test_a_folder_removed_by_a_stopping_demo_is_made_again(
     monkeypatch.setattr(rp, "report_lock", racing)
     monkeypatch.setattr(api, "prepare", preparing)
     out = tmp_path / "demo"
+    if theirs:
+        out.mkdir()
     with pytest.raises(KeyboardInterrupt):
         run_demo(DemoSpec("synthetic", out, synthetic=SYNTHETIC), echo=lambda _: None)
     assert len(calls) == 2 and not out.exists()

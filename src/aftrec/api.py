@@ -58,16 +58,16 @@ def _path(name: str, value: object) -> Path:
 def _overrides(value: object) -> list[str]:
     """``overrides`` as a list of ``section.key=value`` strings; a single string or a mapping
     is refused, not read as its characters or keys."""
-    if (
-        isinstance(value, str | bytes | Mapping)
-        or not isinstance(value, Iterable)
-        or not all(isinstance(o, str) for o in value)
-    ):
-        raise ConfigError(
-            "overrides takes a list of 'section.key=value' strings, e.g. ['train.epochs=5']; "
-            f"got {value!r}"
-        )
-    return list(value)
+    said = (
+        "overrides takes a list of 'section.key=value' strings, e.g. ['train.epochs=5']; "
+        f"got {value!r}"
+    )
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise ConfigError(said)
+    items = list(value)  # once: a generator is read here only
+    if not all(isinstance(o, str) for o in items):
+        raise ConfigError(said)
+    return items
 
 
 def _flags(**flags: object) -> None:

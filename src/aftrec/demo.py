@@ -165,6 +165,9 @@ def _held_folder(out: Path) -> Iterator[None]:
     try:
         with ExitStack() as stack:
             for attempt in range(3):
+                made = [p for p in (out, *out.parents) if not p.exists()]
+                created += [p for p in made if p not in created]  # deepest first still
+                ours = ours or bool(made)  # a folder made again holds no lock of another's
                 try:
                     out.mkdir(parents=True, exist_ok=True)
                 except OSError as exc:

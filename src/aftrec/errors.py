@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AftrecError(Exception):
     """Base class: the CLI prints ``error: <message>`` and exits with :attr:`exit_code`."""
@@ -45,17 +47,22 @@ class Stopped(BaseException):
 
 
 def require_numbers(settings: object, prefix: str) -> None:
-    """Raise :class:`ConfigError` for the first field of the dataclass ``settings`` whose
-    value is not a number of its declared type (``int``: an integer; ``float``: any real
+    """Raise :class:`ConfigError` for the first field of the frozen dataclass ``settings``
+    whose value is not a number of its declared type (``int``: an integer; ``float``: any real
     number; a bool is neither), before its bounds are compared: a string in a Python call
-    compared as ``'10' >= 1``, and a float count reached NumPy deep inside."""
+    compared as ``'10' >= 1``, and a float count reached NumPy deep inside. A NumPy number is
+    stored as the Python one (a float32 ratio is not the decimal it prints as, and a dataset's
+    ``meta.json`` would record it as text). Every field must be declared ``int`` or
+    ``float``."""
     import dataclasses
     import numbers
 
     for f in dataclasses.fields(settings):  # type: ignore[arg-type]
         value = getattr(settings, f.name)
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        wanted = {"int": numbers.Integral, "float": numbers.Real}.get(kind)
-        if wanted is not None and (isinstance(value, bool) or not isinstance(value, wanted)):
+        wanted = {"int": numbers.Integral, "float": numbers.Real}[kind]
+        if isinstance(value, bool) or not isinstance(value, wanted):
             said = "an integer" if kind == "int" else "a number"
             raise ConfigError(f"{prefix}{f.name} must be {said}, got {value!r}")
+        number: Any = value  # a Real, which int() and float() take
+        object.__setattr__(settings, f.name, int(number) if kind == "int" else float(number))

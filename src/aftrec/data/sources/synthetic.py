@@ -112,7 +112,7 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        require_numbers(self, "synthetic.")
+        require_numbers(self, "SyntheticConfig: ")
         checks: list[tuple[bool, str]] = [
             (self.n_users >= 1, "n_users must be >= 1"),
             (self.n_domains >= 1, "n_domains must be >= 1"),
