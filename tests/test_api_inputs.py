@@ -278,11 +278,16 @@ def test_prepare_and_its_settings_refuse_what_is_not_theirs(tmp_path: Path) -> N
          "path must be a bundle's folder, got None"),
         (lambda: api.prepare(out, dataset="synthetic", force="no"),  # type: ignore[arg-type]
          "force must be True or False, got 'no'"),
+        (lambda: api.evaluate(out, progress="no"),  # type: ignore[arg-type]
+         "progress must be True or False, got 'no'"),
+        (lambda: Recommender.load(out, verify="no"),  # type: ignore[arg-type]
+         "verify must be True or False, got 'no'"),
     ]  # fmt: skip
     for call, needle in cases:
         with pytest.raises(ConfigError, match=re.escape(needle)):
             call()
     assert not out.exists()
+    api._flags(force=np.bool_(True), progress=False)  # NumPy's bools are bools too
     # NumPy numbers are taken as the Python numbers they hold (meta.json records them)
     split = SplitConfig(test_ratio=np.float32(0.7), min_positives=np.int64(3))
     assert type(split.min_positives) is int and type(split.test_ratio) is float

@@ -74,7 +74,8 @@ def _flags(**flags: object) -> None:
     """Each of ``flags`` a bool, else one :class:`ConfigError` naming it: ``force="no"`` was
     true."""
     for name, value in flags.items():
-        if not isinstance(value, bool):
+        numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+        if not isinstance(value, bool) and not numpy_bool:
             raise ConfigError(f"{name} must be True or False, got {value!r}")
 
 
@@ -518,6 +519,7 @@ def evaluate(
         sampled_negatives = _count("--sampled-negatives", sampled_negatives)
     split = _choice("--split", split, ("test", "valid"))
     which = _choice("--which", which, ("best", "last"))
+    _flags(progress=progress)
     run = _path("run", run)
     targets = (
         metrics_path(run, split, sampled_negatives, which),

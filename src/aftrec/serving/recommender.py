@@ -195,6 +195,8 @@ class Recommender:
         their hashes unless ``verify`` is False."""
         if not isinstance(path, str | os.PathLike) or not os.fspath(path):
             raise ConfigError(f"path must be a bundle's folder, got {path!r}")
+        if not isinstance(verify, bool):
+            raise ConfigError(f"verify must be True or False, got {verify!r}")
         return cls(load_bundle(Path(path), verify=verify))
 
     def warm_up(self, runs: int = 3) -> None:
