@@ -714,14 +714,21 @@ def test_ctrl_c_inside_a_first_import_is_an_interrupt(
         except KeyboardInterrupt:
             raise ImportError("initialization failed") from None
 
-    parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    parser.set_defaults(func=interrupted_import)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            action.choices["models"].set_defaults(func=interrupted_import)
+    _models_command(monkeypatch).set_defaults(func=interrupted_import)
     assert cli.main(["models"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def _models_command(monkeypatch: pytest.MonkeyPatch) -> argparse.ArgumentParser:
+    """``aftrec models``' parser within the parser ``cli.main`` builds, for a test to give
+    it another ``func``."""
+    import aftrec.cli as cli
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    models: argparse.ArgumentParser = commands.choices["models"]
+    return models
 
 
 def _chained(interrupt: bool) -> RuntimeError:
@@ -750,14 +757,10 @@ def test_an_error_with_ctrl_c_down_its_chain_is_an_interrupt(
     def failing(*args: Any) -> Any:
         raise _chained(interrupt)
 
-    parser = cli.build_parser()
     if where == "parser":
         monkeypatch.setattr(cli, "build_parser", failing)
     else:
-        monkeypatch.setattr(cli, "build_parser", lambda: parser)
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                action.choices["models"].set_defaults(func=failing)
+        _models_command(monkeypatch).set_defaults(func=failing)
     interrupt = True
     assert cli.main(["models"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
@@ -789,11 +792,7 @@ def test_a_stop_down_an_errors_chain_is_a_stop_and_an_aftrec_error_says_its_own(
         except KeyboardInterrupt:
             raise OutputError("cannot write OUT: No space left on device") from None
 
-    parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    (models,) = [
-        a.choices["models"] for a in parser._actions if isinstance(a, argparse._SubParsersAction)
-    ]
+    models = _models_command(monkeypatch)
     models.set_defaults(func=stopped_import)
     assert cli.main(["models"]) == 143
     assert capsys.readouterr().err == "stopped by SIGTERM\n"
