@@ -246,7 +246,9 @@ def test_evaluate_returns_the_table_it_writes(trained: Path, tmp_path: Path) -> 
 def test_the_package_names_are_listed_and_typed() -> None:
     import aftrec
 
-    assert {"train", "evaluate", "Recommender", "TrainResult"} <= set(dir(aftrec))
+    listed = set(dir(aftrec))
+    assert {"train", "evaluate", "Recommender", "TrainResult", "__version__"} <= listed
+    assert not {"import_module", "TYPE_CHECKING", "Any", "annotations", "_WHERE"} & listed
 
 
 def test_prepare_and_its_settings_refuse_what_is_not_theirs(tmp_path: Path) -> None:

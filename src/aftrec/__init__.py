@@ -20,6 +20,7 @@ Names are imported on first use (the layers below import ``aftrec`` for its vers
 from __future__ import annotations
 
 from importlib import import_module
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from aftrec.errors import (
@@ -62,8 +63,10 @@ if not TYPE_CHECKING:  # a type checker sees the imports above, and a typo as a 
 
 
 def __dir__() -> list[str]:
-    """What tab completion offers: the module's names and those imported on first use."""
-    return sorted({*globals(), *_WHERE})
+    """What tab completion offers: the public API (``__all__``, names imported on first use
+    included), the module's dunders and the subpackages loaded so far; not its helpers."""
+    loaded = {n for n, v in globals().items() if isinstance(v, ModuleType) or n.startswith("__")}
+    return sorted({*__all__, *loaded})
 
 
 __all__ = [

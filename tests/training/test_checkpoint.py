@@ -78,7 +78,19 @@ def test_a_file_torch_cannot_unpickle_is_named_without_torchs_advice(tmp_path: P
         checkpoint.load(path)
     said = str(refused.value)
     assert said == (
-        f"{path}: checkpoint is corrupt or unreadable (not one aftrec wrote: damaged, or "
-        "another program's file)"
+        f"{path}: not a checkpoint aftrec wrote: it holds a {type(Path('x')).__module__}."
+        f"{type(Path('x')).__qualname__}, and aftrec saves tensors and plain values only; not "
+        "loaded (its code would run)"
     )
+    assert "weights_only" not in said
     assert isinstance(refused.value.__cause__, pickle.UnpicklingError)
+
+
+def test_a_damaged_pickle_is_corrupt(tmp_path: Path) -> None:
+    """A file that is a pickle torch cannot read, with no type to name, is damaged."""
+    from aftrec.errors import CheckpointError
+
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"\x80\x02}q\x00X\x05\x00\x00\x00modelq\x01\x8c")  # cut short
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        checkpoint.load(path)

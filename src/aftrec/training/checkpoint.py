@@ -9,6 +9,7 @@ half-written file; files get the user's umask, and an output that cannot be writ
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -51,6 +52,10 @@ def save(obj: dict[str, Any], path: Path) -> None:
             raise writes.error from exc  # atomic_file says it in one line
 
 
+#: the type a weights-only load refused, as torch's message names it
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.<>]+)")
+
+
 def load(path: Path) -> dict[str, Any]:
     """Load a checkpoint; a missing, truncated or foreign file raises :class:`CheckpointError`."""
     path = Path(path)
@@ -59,6 +64,12 @@ def load(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # torch's text advises an unsafe load: not given
+        refused = _REFUSED_GLOBAL.search(str(exc))
+        if refused:
+            raise CheckpointError(
+                f"{path}: not a checkpoint aftrec wrote: it holds a {refused[1]}, and aftrec "
+                "saves tensors and plain values only; not loaded (its code would run)"
+            ) from exc
         raise CheckpointError(
             f"{path}: checkpoint is corrupt or unreadable (not one aftrec wrote: damaged, or "
             "another program's file)"
