@@ -1,7 +1,7 @@
 """Serving throughput and latency under concurrent load, with and without batching, and
 approximate-search recall.
 
-Run (the issue-18 measurement; about 8 minutes of load once the bundles exist, ~3 GB of RAM
+Run (the serving targets' measurement; about 8 minutes of load once the bundles exist, ~3 GB of RAM
 for the 1.5M-item bundle; on a shared machine pause other work while it runs)::
 
     python benchmarks/bench_serving.py --ml1m-run RUN --synthetic-items 1500000

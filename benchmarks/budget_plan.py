@@ -1,4 +1,4 @@
-"""The CPU budget of issue 17's converged, tuned comparison, estimated before spending it.
+"""The CPU budget of the converged, tuned comparison, estimated before spending it.
 
 For every registered model: its training speed (median examples/s over the epochs of a
 measured run, one torch thread per run, two runs at a time), the examples of one epoch of
@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 from aftrec.experiments.plan import ABLATIONS as PLAN_ABLATIONS
 from aftrec.experiments.plan import MASK_RATIOS, N_FAKES, default_models
 
-# what issue 17 asks per preset: seeds of every model, of the AFT rows, of ablations and sweeps
+# what the comparison asks per preset: seeds of every model, of the AFT rows, of ablations and
+# sweeps
 PLAN = {
     "ml-100k": {"seeds": 5, "aft_seeds": 5, "variant_seeds": 3},
     "ml-1m": {"seeds": 3, "aft_seeds": 5, "variant_seeds": 0},
@@ -145,7 +146,7 @@ def main() -> None:
             if name == "aft" and plan["variant_seeds"]:
                 final += hours * (ABLATIONS + SWEEP_POINTS) * plan["variant_seeds"]
             elif name == "aft":
-                final += hours * ABLATIONS  # one seed of Table 6 on ML-1M (issue 13)
+                final += hours * ABLATIONS  # one seed of Table 6 on ML-1M
             tuned = args.tune_on is None or preset in args.tune_on
             tuning = hours * args.trials if tuned else 0.0
             totals[preset][0] += final

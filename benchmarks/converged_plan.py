@@ -1,4 +1,5 @@
-"""Issue 17's plan, one resumable command: tune on ML-100K, then the converged reports.
+"""The converged, tuned comparison's plan, one resumable command: tune on ML-100K, then the
+converged reports.
 
 Run: ``python benchmarks/converged_plan.py`` (``--dry-run`` prints the commands as they stand,
 trains nothing). The steps, in order (``benchmarks/results/budget_plan.md``):

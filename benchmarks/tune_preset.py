@@ -1,4 +1,5 @@
-"""Issue 17, step 1: the tuning study of every model on one preset, two studies at a time.
+"""The converged, tuned comparison, step 1: the tuning study of every model on one preset, two
+studies at a time.
 
 Run: ``python benchmarks/tune_preset.py --data data/ml-100k --out results/ml-100k-tuned
 --trials 12 --jobs 2 --set train.epochs=30`` (each study is ``aftrec tune --data DATA --model

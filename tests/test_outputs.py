@@ -1,4 +1,4 @@
-"""Outputs through the real CLI (issue 14): an --out that cannot be written, duplicated
+"""Outputs through the real CLI: an --out that cannot be written, duplicated
 header columns, --out into a folder that is not a run, what a killed prepare or export leaves
 behind, and the modes of what is written (the user's umask)."""
 

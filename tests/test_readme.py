@@ -1,5 +1,5 @@
 """The README's Python quickstart runs as written, in a fresh folder, so the docs cannot go
-stale; and the API is the command line's code (issue 19, point 3)."""
+stale; and the API is the command line's code."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_api_and_cli_write_the_same_files(tmp_path: Path) -> None:
 
 def test_set_up_is_two_commands_and_the_demo_output_on_one_screen() -> None:
     """README's "Set up": `make demo` and `make test`, then the demo's output as printed (its
-    seven steps in order) and nothing more than a screen (issue 19)."""
+    seven steps in order) and nothing more than a screen."""
     from aftrec.demo import CHART
     from tests.test_demo import STEP
 

@@ -1,5 +1,5 @@
 """The ``aftrec`` command line: prepare, train, evaluate, recommend, export, serve, reproduce,
-tune, demo.
+tune, demo, models.
 
 This is the only module that reads ``sys.argv``. Every error the library raises on purpose
 (:class:`aftrec.errors.AftrecError`) ends the command with one ``error: ...`` line on stderr
@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="choose a model's settings on validation: a seeded Optuna TPE study (docs/tuning.md)",
         description="Train one run per trial to early stopping and score it on the validation "
         "split (the test split is never read). DIR/study.db holds the study: run the command "
-        "again with a larger --trials to continue it. Writes DIR/best.json and DIR/trials.csv.",
+        "again with a larger --trials to continue it. Writes DIR/best.json, DIR/trials.csv and "
+        "DIR/trials.png.",
     )
     pu.add_argument(
         "--data", type=path_argument, required=True, help="a prepared dataset directory"

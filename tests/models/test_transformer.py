@@ -54,7 +54,7 @@ def test_forward_and_gradients_equal_torch(
 def test_building_draws_what_torchs_encoder_draws() -> None:
     """Building the encoder takes as many random numbers as ``nn.TransformerEncoder``, so what
     a model builds after it (an embedding table, a ConvE filter) is initialised as before: the
-    same seed gives the same model as with torch's encoder (issue 16, "same seed, same run")."""
+    same seed gives the same model as with torch's encoder (same seed, same run)."""
     pair(64, 8, 4, False, "relu")  # seeds 3, builds torch's, seeds 3, builds this one
     after_new = torch.rand(8)
     torch.manual_seed(3)

@@ -1,4 +1,4 @@
-"""Dynamic batching (issue 18): traced encoders take any batch size, a batch answers every
+"""Dynamic batching: traced encoders take any batch size, a batch answers every
 request as it would be answered alone, a bad request fails alone, and the batcher gathers,
 drops and retries requests as it promises; over HTTP, concurrent clients are batched."""
 

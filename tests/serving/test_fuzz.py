@@ -1,4 +1,4 @@
-"""Property-based fuzzing of a real ``aftrec serve`` on loopback (issue 14): generated
+"""Property-based fuzzing of a real ``aftrec serve`` on loopback: generated
 methods, paths, headers and bodies, sent byte for byte on raw sockets. Every answer is 2xx or
 4xx (never a 5xx), the server stays up, and its peak memory stays bounded."""
 

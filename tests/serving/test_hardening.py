@@ -1,4 +1,4 @@
-"""The service against an attacker and a careless operator (issue 14): body framing and size,
+"""The service against an attacker and a careless operator: body framing and size,
 who may reload what, what responses reveal, how an internal error is answered and logged, and
 what /metrics counts. Real uvicorn servers on loopback, raw sockets where headers matter."""
 

@@ -1,5 +1,5 @@
 """What a run prints: one readable line per epoch, no progress bar without a terminal; the
-full record stays in ``log.jsonl`` (issue 19, point 2)."""
+full record stays in ``log.jsonl``."""
 
 from __future__ import annotations
 

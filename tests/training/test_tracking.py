@@ -1,6 +1,6 @@
 """``train.tracker``: TensorBoard and MLflow get the config and every epoch's losses,
 validation metric and G's health figures; a missing package is one error line; the tracker is
-a runtime key, so it never makes a saved run another run (issue 19, point 5)."""
+a runtime key, so it never makes a saved run another run."""
 
 from __future__ import annotations
 

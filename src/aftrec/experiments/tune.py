@@ -247,8 +247,8 @@ def _open_study(spec: TuneSpec, space: Mapping[str, Range]) -> optuna.Study:
     if differ:
         said = ", ".join(f"{k} {saved.get(k)!r}" for k in differ)
         raise ConfigError(
-            f"{out} holds a study with another {', '.join(differ)} ({said}); only --trials may "
-            "change between calls; choose another --out"
+            f"{out} holds a study with another {', '.join(differ)} ({said}); only --trials and "
+            "runtime keys may change between calls; choose another --out"
         )
     if fresh:
         for key, value in attrs.items():
