@@ -84,7 +84,12 @@ def _train(args: argparse.Namespace) -> None:
         resume=args.resume, progress=not args.quiet,
     )  # fmt: skip
     if res.rank == 0:
-        memory = f", peak memory per rank {res.peak_rss_mib} MiB" if res.world > 1 else ""
+        # the ranks' peak memory: none recorded for a closed-form fit or a finished run
+        memory = (
+            f", peak memory per rank {res.peak_rss_mib} MiB"
+            if res.world > 1 and res.peak_rss_mib
+            else ""
+        )
         valid = (
             f"valid {res.best_metric:.4f}"
             if math.isfinite(res.best_metric)
@@ -100,9 +105,12 @@ def _train(args: argparse.Namespace) -> None:
         if res.note:
             print(res.note)
     if res.world > 1:
-        # Every file is written (atomically) and the process group is gone. Leave now:
+        # Every file is written (atomically). Leave the process group, then the process now:
         # torch's C++ teardown at interpreter exit sometimes aborted a rank of a finished
         # run ("terminate called without an active exception"), failing the whole torchrun.
+        from aftrec.training import distributed
+
+        distributed.leave()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

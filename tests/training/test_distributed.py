@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -153,9 +154,47 @@ def test_a_closed_form_model_fits_on_the_whole_data_on_two_ranks(
     sets = ["train.data_shards=2", "train.threads=1", "train.valid_users=20"]
     one, two = tmp_path / "one", tmp_path / "two"
     train(partitioned, one, "pop", sets, ranks=1)
-    train(partitioned, two, "pop", sets, ranks=2)
+    said = train(partitioned, two, "pop", sets, ranks=2)
     wa, wb = weights(one, "best"), weights(two, "best")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert "trained" in said and "memory" not in said  # "peak memory per rank [] MiB" before
+
+
+API_TWICE = """
+import sys
+import aftrec
+
+data, out = sys.argv[1:]
+sets = SETS
+first = aftrec.train(data, "two-tower", out + "/a", overrides=[*sets, "train.epochs=1"])
+again = aftrec.train(None, None, out + "/a", overrides=["train.epochs=2"], resume=True)
+other = aftrec.train(data, "pop", out + "/b", overrides=["train.threads=1"])
+if first.rank == 0:
+    print("epochs", first.epochs_run, again.epochs_run, "pop", other.run.name)
+"""
+
+
+def test_one_script_trains_several_times_under_torchrun(tiny_dir: Path, tmp_path: Path) -> None:
+    """``aftrec.train`` called three times by each rank of one torchrun (train, resume, another
+    model): each call joined a new process group on torchrun's store and hung or failed to
+    connect from the second on."""
+    script = tmp_path / "twice.py"
+    sets = [s for s in COMMON if not s.startswith("train.epochs")]
+    script.write_text(API_TWICE.replace("SETS", repr(sets)))
+    job = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(script), str(tiny_dir), str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = job.communicate(timeout=300)
+    finally:  # a hung job: its ranks too, not torchrun alone
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.communicate()
+    assert job.returncode == 0, stderr[-3000:]
+    assert stdout.strip().splitlines()[-1] == "epochs 1 2 pop b"
 
 
 def test_without_partitions_the_validation_sample_is_drawn_from_every_user(
@@ -316,6 +355,61 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_batch(
     assert state["epoch"] == 1
     assert [part["batches"] for part in state["partial"]["ranks"]] == [3, 3]
     _resume_on_two_ranks_as(straight, cut)
+
+
+def test_a_stop_inside_an_epoch_waits_for_rank_zero_to_write_last_pt(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """SIGTERM to rank 0 during the 3rd batch of the first epoch, its write of last.pt slow
+    (a large model): rank 1 waits for the file before it stops. It stopped at once, torchrun
+    then stopped rank 0 in the middle of the write with a second SIGTERM, and the new run's
+    folder was removed, while rank 1 said that last.pt held the batch."""
+    sets = [*COMMON, "runtime.checkpoint_minutes=null"]
+    cut = tmp_path / "cut"
+    slow = (
+        "save_last = trainer._save_last\n"
+        "def slow(*args, **kwargs):\n"
+        "    import time\n"
+        "    time.sleep(4)\n"
+        "    return save_last(*args, **kwargs)\n"
+        "trainer._save_last = slow\n"
+    )
+    action = 'os.environ["RANK"] == "0" and os.kill(os.getpid(), signal.SIGTERM)'
+    code = STOPPING_CLI.replace("STOP", "3").replace("ACTION", action)
+    script = tmp_path / "slow_saving_cli.py"
+    script.write_text(
+        code.replace("trainer.make_step = stopping\n", f"trainer.make_step = stopping\n{slow}")
+    )
+    stderr = _two_ranks_of(script, tiny_dir, cut, sets)
+    assert "stopped by SIGTERM inside epoch 1, after batch 3;" in stderr
+    state = checkpoint.load(cut / "last.pt")
+    assert state["epoch"] == 0
+    assert [part["batches"] for part in state["partial"]["ranks"]] == [3, 3]
+
+
+def test_a_stop_whose_write_fails_on_rank_zero_says_so_on_every_rank(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """Rank 0 cannot write the mid-epoch last.pt (a full disk): rank 1 says so, instead of
+    saying that last.pt holds the batch."""
+    sets = [*COMMON, "runtime.checkpoint_minutes=null"]
+    cut = tmp_path / "cut"
+    failing = (
+        "from aftrec.errors import OutputError\n"
+        "def failing(*args, **kwargs):\n"
+        "    raise OutputError('cannot write last.pt: No space left on device')\n"
+        "trainer._save_last = failing\n"
+    )
+    action = 'os.environ["RANK"] == "0" and os.kill(os.getpid(), signal.SIGTERM)'
+    code = STOPPING_CLI.replace("STOP", "3").replace("ACTION", action)
+    script = tmp_path / "failing_cli.py"
+    script.write_text(
+        code.replace("trainer.make_step = stopping\n", f"trainer.make_step = stopping\n{failing}")
+    )
+    stderr = _two_ranks_of(script, tiny_dir, cut, sets)
+    assert "error: cannot write last.pt: No space left on device" in stderr
+    assert f"error: {cut / 'last.pt'}: rank 0 could not write it; see its error" in stderr
+    assert "holds it" not in stderr
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ How the work is split (see docs/scale.md):
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -105,11 +106,12 @@ def init(device: str = "cpu", timeout_minutes: float = 60.0) -> Context:
             )
         if not dist.is_nccl_available():
             raise ConfigError(f"runtime.device={device} under torchrun: this torch has no NCCL")
-    if not dist.is_initialized():
+    if not dist.is_initialized():  # once per process: a second call reuses the group
         dist.init_process_group(
             backend="nccl" if cuda else "gloo",
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
+        atexit.register(leave)
     if cuda:
         torch.cuda.set_device(local)
     return Context(rank=rank, world=world, local_rank=local)
@@ -128,13 +130,21 @@ def check_device(device: str) -> None:
 
 
 def shutdown(ctx: Context, clean: bool = True) -> None:
-    """Leave the process group. After a clean run the ranks first meet at a barrier, so that
-    none tears gloo down while a peer is still in its last collective; after an error there
-    is no barrier, since the other ranks may never reach it. (The CLI then ends a finished
-    rank with ``os._exit``: torch's C++ teardown at interpreter exit could still abort it.)"""
-    if ctx.distributed and dist.is_initialized():
-        if clean:
-            dist.barrier()
+    """The end of a call that trained under torchrun. After a clean run the ranks meet at a
+    barrier, so that none goes on (or leaves) while a peer is still in its last collective;
+    after an error there is none, since the other ranks may never reach it. The process
+    group stays for the process's next call (a script that trains, then resumes): a group
+    made again on torchrun's store met the old one's keys there and hung. :func:`leave`
+    ends it, at exit at the latest."""
+    if ctx.distributed and dist.is_initialized() and clean:
+        dist.barrier()
+
+
+def leave() -> None:
+    """Leave the process group, if this process is in one. Registered to run at exit, before
+    torch's C++ teardown (which could abort a rank of a finished run); the CLI calls it
+    before it ends a finished rank with ``os._exit``."""
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

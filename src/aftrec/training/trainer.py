@@ -268,8 +268,15 @@ def _train(
             return
         parts = ctx.gather(part)
         if ctx.main:
-            ranks = {"ranks": parts}
-            _save_last(out, model, step, epoch, stopper, done=False, partial=ranks)
+            try:
+                _save_last(out, model, step, epoch, stopper, done=False, partial={"ranks": parts})
+            except BaseException:
+                ctx.broadcast(False)
+                raise
+        # every rank waits for the file: one that stopped at once ended the job, and torchrun
+        # stopped rank 0 in the middle of writing it (a second signal, an abandoned write)
+        if not ctx.broadcast(True) and not ctx.main:
+            raise TrainingError(f"{out / rundir.LAST}: rank 0 could not write it; see its error")
 
     examples, train_seconds, stopped_early = 0, 0.0, False
     logged = functools.partial(_logged, out, epoch) if resume else None
