@@ -357,30 +357,35 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_batch(
     _resume_on_two_ranks_as(straight, cut)
 
 
+def _stopped_at_batch_3_saving_with(save_last: str, data: Path, out: Path) -> str:
+    """SIGTERM to rank 0 during the 3rd batch of the first epoch, with ``trainer._save_last``
+    replaced by the function ``save_last`` defines (given the original as ``save_last``):
+    the two ranks' stderr."""
+    action = 'os.environ["RANK"] == "0" and os.kill(os.getpid(), signal.SIGTERM)'
+    code = STOPPING_CLI.replace("STOP", "3").replace("ACTION", action)
+    patch = f"save_last = trainer._save_last\n{save_last}trainer._save_last = patched\n"
+    script = out.parent / f"{out.name}_cli.py"
+    script.write_text(
+        code.replace("trainer.make_step = stopping\n", f"trainer.make_step = stopping\n{patch}")
+    )
+    return _two_ranks_of(script, data, out, [*COMMON, "runtime.checkpoint_minutes=null"])
+
+
 def test_a_stop_inside_an_epoch_waits_for_rank_zero_to_write_last_pt(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
-    """SIGTERM to rank 0 during the 3rd batch of the first epoch, its write of last.pt slow
-    (a large model): rank 1 waits for the file before it stops. It stopped at once, torchrun
-    then stopped rank 0 in the middle of the write with a second SIGTERM, and the new run's
-    folder was removed, while rank 1 said that last.pt held the batch."""
-    sets = [*COMMON, "runtime.checkpoint_minutes=null"]
+    """Rank 0's write of last.pt is slow (a large model): rank 1 waits for the file before it
+    stops. It stopped at once, torchrun then stopped rank 0 in the middle of the write with
+    a second SIGTERM, and the new run's folder was removed, while rank 1 said that last.pt
+    held the batch."""
     cut = tmp_path / "cut"
     slow = (
-        "save_last = trainer._save_last\n"
-        "def slow(*args, **kwargs):\n"
+        "def patched(*args, **kwargs):\n"
         "    import time\n"
         "    time.sleep(4)\n"
         "    return save_last(*args, **kwargs)\n"
-        "trainer._save_last = slow\n"
     )
-    action = 'os.environ["RANK"] == "0" and os.kill(os.getpid(), signal.SIGTERM)'
-    code = STOPPING_CLI.replace("STOP", "3").replace("ACTION", action)
-    script = tmp_path / "slow_saving_cli.py"
-    script.write_text(
-        code.replace("trainer.make_step = stopping\n", f"trainer.make_step = stopping\n{slow}")
-    )
-    stderr = _two_ranks_of(script, tiny_dir, cut, sets)
+    stderr = _stopped_at_batch_3_saving_with(slow, tiny_dir, cut)
     assert "stopped by SIGTERM inside epoch 1, after batch 3;" in stderr
     state = checkpoint.load(cut / "last.pt")
     assert state["epoch"] == 0
@@ -392,21 +397,13 @@ def test_a_stop_whose_write_fails_on_rank_zero_says_so_on_every_rank(
 ) -> None:
     """Rank 0 cannot write the mid-epoch last.pt (a full disk): rank 1 says so, instead of
     saying that last.pt holds the batch."""
-    sets = [*COMMON, "runtime.checkpoint_minutes=null"]
     cut = tmp_path / "cut"
     failing = (
         "from aftrec.errors import OutputError\n"
-        "def failing(*args, **kwargs):\n"
+        "def patched(*args, **kwargs):\n"
         "    raise OutputError('cannot write last.pt: No space left on device')\n"
-        "trainer._save_last = failing\n"
     )
-    action = 'os.environ["RANK"] == "0" and os.kill(os.getpid(), signal.SIGTERM)'
-    code = STOPPING_CLI.replace("STOP", "3").replace("ACTION", action)
-    script = tmp_path / "failing_cli.py"
-    script.write_text(
-        code.replace("trainer.make_step = stopping\n", f"trainer.make_step = stopping\n{failing}")
-    )
-    stderr = _two_ranks_of(script, tiny_dir, cut, sets)
+    stderr = _stopped_at_batch_3_saving_with(failing, tiny_dir, cut)
     assert "error: cannot write last.pt: No space left on device" in stderr
     assert f"error: {cut / 'last.pt'}: rank 0 could not write it; see its error" in stderr
     assert "holds it" not in stderr
