@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -187,6 +188,36 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _nan(a: np.ndarray) -> np.ndarray:
+    return np.full_like(a, np.nan)
+
+
+_ARRAY_EDITS: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
+    "history-float": ("history/items.npy", lambda a: a.astype(np.float64)),
+    "history-2d": ("history/items.npy", lambda a: a.reshape(-1, 1)),
+    "seg-start-float": ("history/seg_start.npy", lambda a: a.astype(np.float64)),
+    "item-input-float": ("encoder/item_input.npy", lambda a: a.astype(np.float64)),
+    "popularity-2d": ("popularity/counts.npy", lambda a: a.reshape(-1, 1)),
+    "popularity-nan": ("popularity/counts.npy", _nan),
+    "vectors-float64": ("items/vectors_1.npy", lambda a: a.astype(np.float64)),
+    "vectors-rows": ("items/vectors_1.npy", lambda a: a[:3].copy()),
+}
+
+
+class _ThreeDims(torch.nn.Module):
+    """An encoder answering 3-dimensional vectors, whatever the indexes hold."""
+
+    def forward(self, history: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(history.shape[0], 3)
+
+
+class _OneDomain(torch.nn.Module):
+    """An encoder of a one-domain bundle: it wants (B, 1, L) histories."""
+
+    def forward(self, history: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return history.view(history.shape[0], history.shape[2]).float()
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -195,6 +226,20 @@ def _npy(array: np.ndarray) -> bytes:
         ("popularity", r"popularity/counts.npy has 3 entries, the manifest says \d+"),
         ("item-input", r"encoder/item_input.npy holds indices outside"),
         ("seg-start", r"history/seg_start.npy does not split history/items.npy"),
+        # each passed the length checks: a float history answered every known user with a
+        # 500, a (n, 1) popularity nested lists in responses, NaN counts null scores
+        ("history-float", r"history/items.npy holds a \(\d+,\) float64 array, want 1-D int"),
+        ("history-2d", r"history/items.npy holds a \(\d+, 1\) int64 array, want 1-D int"),
+        ("seg-start-float", r"history/seg_start.npy holds a \(\d+,\) float64 array"),
+        ("item-input-float", r"encoder/item_input.npy holds a \(\d+,\) float64 array"),
+        ("popularity-2d", r"popularity/counts.npy holds a \(\d+, 1\) float32 array"),
+        ("popularity-nan", r"popularity/counts.npy holds .* want 1-D finite counts"),
+        ("vectors-float64", r"items/vectors_1.npy holds a \(\d+, \d+\) float64 array, want"),
+        ("vectors-rows", r"items/vectors_1.npy holds a \(3, \d+\) float32 array, want \(\d+,"),
+        # a KeyError from the recommender; an AssertionError from FAISS at warm-up
+        ("no-item-column", r"ids/items.parquet has no 'item' column"),
+        ("encoder-dim", r"encoder/user_0.pt answers vectors of shape \(1, 3\) for one user"),
+        ("encoder-input", r"encoder/user_1.pt fails on this bundle's input \(RuntimeError"),
     ],
 )
 def test_files_that_do_not_belong_together_are_refused(
@@ -218,9 +263,22 @@ def test_files_that_do_not_belong_together_are_refused(
     elif edit == "item-input":
         items = np.load(b / "encoder" / "item_input.npy")
         _replace_file(b, "encoder/item_input.npy", _npy(items + 10**6))
-    else:
+    elif edit == "seg-start":
         seg = np.load(b / "history" / "seg_start.npy")
         _replace_file(b, "history/seg_start.npy", _npy(seg[::-1].copy()))
+    elif edit in _ARRAY_EDITS:
+        rel, change = _ARRAY_EDITS[edit]
+        _replace_file(b, rel, _npy(change(np.load(b / rel))))
+    elif edit == "no-item-column":
+        items = pd.read_parquet(b / "ids" / "items.parquet").rename(columns={"item": "id"})
+        buf = io.BytesIO()
+        items.to_parquet(buf, index=False)
+        _replace_file(b, "ids/items.parquet", buf.getvalue())
+    else:  # an encoder of another bundle: another dimension, or another input
+        module = torch.jit.script(_ThreeDims() if edit == "encoder-dim" else _OneDomain())
+        buf = io.BytesIO()
+        torch.jit.save(module, buf)
+        _replace_file(b, f"encoder/user_{0 if edit == 'encoder-dim' else 1}.pt", buf.getvalue())
     with pytest.raises(BundleError, match=message):
         Recommender.load(b)
 
@@ -260,6 +318,11 @@ def test_an_edited_manifest_is_refused(bundle: Path, tmp_path: Path, key: str, v
             r"invalid manifest: offsets: end at 1500, n_items is 240",
         ),
         (lambda m: m["indexes"].pop(), r"invalid manifest: indexes: 2 entries do not match"),
+        (  # FAISS keeps efSearch in a C int, nprobe in a size_t: an OverflowError at load
+            lambda m: m["indexes"][0].update(search_param=2**70),
+            r"invalid manifest: indexes.0.search_param: Input should be less than or equal to "
+            r"2147483647",
+        ),
         (
             lambda m: m["files"]["ids/items.parquet"].pop("sha256"),
             r"invalid manifest: files.ids/items.parquet.sha256: Field required",
@@ -279,6 +342,34 @@ def test_the_manifest_schema_names_what_is_wrong(
         Recommender.load(b)
 
 
+def test_a_search_param_above_the_index_is_lowered_to_it(
+    root: Path, tiny_dir: Path, tmp_path: Path
+) -> None:
+    """IVF probes at most its cells, HNSW visits at most its items: a larger knob finds the
+    same items, and a huge efSearch made every search allocate for it (minutes each)."""
+    b = _copy(exported(root, tiny_dir, exact_max=10), tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    assert m["indexes"][0]["kind"] == "ivf"
+    m["indexes"][0]["search_param"] = 2**31 - 1
+    _rewrite_manifest(b, m)
+    index = load_bundle(b).indexes[0].index
+    assert index.nprobe == index.nlist
+
+
+def test_a_bundle_that_fails_its_warm_up_is_refused(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files that pass every check at load but fail together when first used are a
+    BundleError naming the bundle, not the bare exception (FAISS's AssertionError)."""
+
+    def broken(self: Recommender, runs: int = 3) -> None:
+        raise AssertionError
+
+    monkeypatch.setattr(Recommender, "warm_up", broken)
+    with pytest.raises(BundleError, match=r"the bundle fails its warm-up \(AssertionError"):
+        Recommender.load(bundle)
+
+
 def test_serve_refuses_a_bad_manifest_in_one_line(
     bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -286,7 +377,7 @@ def test_serve_refuses_a_bad_manifest_in_one_line(
     m = json.loads((b / "manifest.json").read_text())
     del m["encoder"]
     _rewrite_manifest(b, m)
-    assert main(["serve", "--bundle", str(b), "--port", "1"]) == 2
+    assert main(["serve", "--bundle", str(b), "--port", "0"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "encoder: Field required" in err[0]
 

@@ -109,10 +109,14 @@ class FileEntry(_Schema):
     bytes: NonNegative
 
 
+#: the largest search knob a manifest may name: FAISS keeps HNSW's efSearch in a C int
+MAX_SEARCH_PARAM = 2**31 - 1
+
+
 class IndexEntry(_Schema):
     domain: str
     kind: Literal["flat", "ivf", "hnsw"]
-    search_param: int | None = Field(None, ge=1)
+    search_param: int | None = Field(None, ge=1, le=MAX_SEARCH_PARAM)
 
 
 class EncoderEntry(_Schema):
@@ -762,6 +766,22 @@ def _npy(data: bytes) -> np.ndarray:
     return out
 
 
+def _npy_header(path: Path, rel: str, data: bytes) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """The shape and dtype a ``.npy`` file's header declares, without copying its data."""
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(buf)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(buf)
+        else:
+            raise ValueError(f"npy format version {version}")
+    except ValueError as exc:
+        raise BundleError(f"{path}: {rel} is not a readable .npy array ({exc})") from exc
+    return tuple(shape), dtype
+
+
 def load_bundle(path: Path, verify: bool = True) -> LoadedBundle:
     """Read and check a bundle; every object is built from the bytes that were checked."""
     path = Path(path)
@@ -792,12 +812,22 @@ def load_bundle(path: Path, verify: bool = True) -> LoadedBundle:
             raise BundleError(f"{path}: {rel} is not the {params['kind']} index the manifest names")
         out = FaissIndex(raw, params["kind"])
         if params.get("search_param") is not None:
-            out.set_search_param(params["search_param"])
+            # above the index's cells (IVF) or items (HNSW) a search finds the same items,
+            # and a huge efSearch would make every HNSW search allocate for it
+            cap = raw.nlist if params["kind"] == "ivf" else max(int(raw.ntotal), 1)
+            out.set_search_param(min(params["search_param"], cap))
         return out
 
+    def table(rel: str, column: str) -> pd.DataFrame:
+        frame = pd.read_parquet(io.BytesIO(get(rel)))
+        if column not in frame.columns:
+            raise BundleError(f"{path}: {rel} has no {column!r} column")
+        return frame
+
+    vectors: dict[str, tuple[tuple[int, ...], np.dtype[Any]]] = {}
     for rel in m["files"]:  # the vectors are not loaded to serve; check them all the same
         if rel.startswith("items/") and verify:
-            get(rel)
+            vectors[rel] = _npy_header(path, rel, get(rel))
     trial = bool(m["encoder"]["trial"])
     try:
         bundle = LoadedBundle(
@@ -814,27 +844,44 @@ def load_bundle(path: Path, verify: bool = True) -> LoadedBundle:
             if trial
             else None,
             item_input=_npy(get("encoder/item_input.npy")),
-            items=pd.read_parquet(io.BytesIO(get("ids/items.parquet"))),
-            users=pd.read_parquet(io.BytesIO(get("ids/users.parquet")))["user"],
+            items=table("ids/items.parquet", "item"),
+            users=table("ids/users.parquet", "user")["user"],
             history_items=_npy(get("history/items.npy")),
             history_seg_start=_npy(get("history/seg_start.npy")),
             popularity=_npy(get("popularity/counts.npy")),
         )
     except BundleError:
         raise
-    except (KeyError, IndexError, ValueError, RuntimeError, AttributeError) as exc:
+    except (
+        KeyError,
+        IndexError,
+        ValueError,
+        RuntimeError,
+        AttributeError,
+        OverflowError,
+        TypeError,
+    ) as exc:
         raise BundleError(f"{path}: bundle is inconsistent or unreadable ({exc})") from exc
-    problem = _inconsistency(bundle, m)
+    problem = _inconsistency(bundle, m, vectors)
     if problem is not None:
         raise BundleError(f"{path}: {problem}")
     return bundle
 
 
-def _inconsistency(b: LoadedBundle, m: dict[str, Any]) -> str | None:
+_VECTORS = re.compile(r"items/(?:trial_)?vectors_(\d+)\.npy")
+
+
+def _inconsistency(
+    b: LoadedBundle,
+    m: dict[str, Any],
+    vectors: dict[str, tuple[tuple[int, ...], np.dtype[Any]]] | None = None,
+) -> str | None:
     """What in ``b`` disagrees with its manifest or with itself (None: nothing): files that
     each pass their checksum but do not belong together (an index of another domain, size or
-    dimension, or kind; arrays of other lengths or out of range) would serve wrong items or
-    fail on requests. Cheap: sizes and ranges, no search."""
+    dimension, or kind; arrays of another type, shape or length, or out of range; an encoder
+    whose vectors have another dimension) would serve wrong items or fail on requests.
+    ``vectors``: the shape and dtype of each ``items/*.npy`` file, from its header. Cheap:
+    types, sizes and ranges, and one call of each encoder; no search."""
     n_items, n_users, offsets = m["n_items"], m["n_users"], m["offsets"]
     n_dom, dim, pad = len(m["domains"]), m["encoder"]["dim"], m["encoder"]["pad"]
     groups = [("indexes", b.indexes)]
@@ -848,6 +895,31 @@ def _inconsistency(b: LoadedBundle, m: dict[str, Any]) -> str | None:
                 return f"{where} holds {index.size} items, the domain has {n_d}"
             if int(index.index.d) != dim:
                 return f"{where} has dimension {index.index.d}, the encoder {dim}"
+    for rel, (shape, dtype) in (vectors or {}).items():
+        match = _VECTORS.fullmatch(rel)
+        d = int(match.group(1)) if match else n_dom
+        rows = offsets[d + 1] - offsets[d] if d < n_dom else None
+        if (
+            dtype != np.float32
+            or len(shape) != 2
+            or shape[1] != dim
+            or rows not in (None, shape[0])
+        ):
+            want = f"({'n' if rows is None else rows}, {dim}) float32"
+            return f"{rel} holds a {shape} {dtype} array, want {want}"
+    integer = [
+        ("encoder/item_input.npy", b.item_input),
+        ("history/items.npy", b.history_items),
+        ("history/seg_start.npy", b.history_seg_start),
+    ]
+    for rel, array in integer:
+        if array.ndim != 1 or array.dtype.kind not in "iu":
+            return f"{rel} holds a {array.shape} {array.dtype} array, want 1-D integers"
+    pop = b.popularity
+    if pop.ndim != 1 or pop.dtype.kind not in "iuf" or not np.isfinite(pop).all():
+        return (
+            f"popularity/counts.npy holds a {pop.shape} {pop.dtype} array, want 1-D finite counts"
+        )
     seg = b.history_seg_start
     arrays = [
         ("ids/items.parquet", len(b.items), n_items),
@@ -868,4 +940,27 @@ def _inconsistency(b: LoadedBundle, m: dict[str, Any]) -> str | None:
         return f"history/items.npy holds items outside 0..{n_items - 1}"
     if len(b.popularity) and b.popularity.min() < 0:
         return "popularity/counts.npy holds negative counts"
+    return _encoder_inconsistency(b, m)
+
+
+def _encoder_inconsistency(b: LoadedBundle, m: dict[str, Any]) -> str | None:
+    """Whether each encoder takes this bundle's input, a user with no behaviours, and answers
+    one vector of the manifest's (and the indexes') dimension; None if they all do."""
+    n_dom, dim = len(m["domains"]), m["encoder"]["dim"]
+    encoders = [(f"encoder/user_{d}.pt", e) for d, e in enumerate(b.encoders)]
+    encoders += [(f"encoder/trial_{d}.pt", e) for d, e in enumerate(b.trial_encoders or [])]
+    for rel, encoder in encoders:
+        try:
+            length = m["encoder"]["history_len"]
+            history = torch.full((1, n_dom, length), m["encoder"]["pad"], dtype=torch.long)
+            with torch.inference_mode():
+                out = encoder(history, torch.zeros((1, n_dom), dtype=torch.long))
+        except Exception as exc:  # anything a TorchScript module raises on wrong input
+            last = (str(exc).strip().splitlines() or [""])[-1][:200]  # TorchScript's own cause
+            return f"{rel} fails on this bundle's input ({type(exc).__name__}: {last})"
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        if shape != (1, dim):
+            return (
+                f"{rel} answers vectors of shape {shape} for one user, the indexes want (1, {dim})"
+            )
     return None

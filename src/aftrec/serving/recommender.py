@@ -45,7 +45,7 @@ import torch
 
 from aftrec.arrays import unique
 from aftrec.errors import AftrecError, ConfigError
-from aftrec.serving.bundle import LoadedBundle, load_bundle
+from aftrec.serving.bundle import BundleError, LoadedBundle, load_bundle
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,10 @@ def _next_power_of_two(k: int) -> int:
     return 1 << max(k - 1, 0).bit_length()
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
 def _id(value: Any) -> str:
     """Ids are compared as strings, as :class:`aftrec.data.dataset.Dataset` does."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (str, int, np.integer)):
@@ -197,7 +201,16 @@ class Recommender:
             raise ConfigError(f"path must be a bundle's folder, got {path!r}")
         if not isinstance(verify, bool):
             raise ConfigError(f"verify must be True or False, got {verify!r}")
-        return cls(load_bundle(Path(path), verify=verify))
+        bundle = load_bundle(Path(path), verify=verify)
+        try:
+            return cls(bundle)
+        except AftrecError:
+            raise
+        except Exception as exc:  # files that load but fail together: refused, not a traceback
+            raise BundleError(
+                f"{bundle.path}: the bundle fails its warm-up ({type(exc).__name__}: "
+                f"{_first_line(exc)})"
+            ) from exc
 
     def warm_up(self, runs: int = 3) -> None:
         """Run every encoder and index a few times: TorchScript optimises a graph on its first
