@@ -153,11 +153,21 @@ def test_trial_needs_a_generator(rec: Recommender) -> None:
         ({"behaviours": ["1"]}, "must be an object"),
         ({"behaviours": {"d0": ["1"] * (MAX_BEHAVIOURS + 1)}}, "too many behaviours"),
         ({"user": [1]}, "ids must be strings or integers"),
+        # any non-empty string is true: "no" excluded the seen items, or asked for a trial
+        ({"user": "1", "exclude_seen": "no"}, "exclude_seen must be True or False, got 'no'"),
+        ({"user": "1", "exclude_seen": 0}, "exclude_seen must be True or False, got 0"),
+        ({"user": "1", "trial": "no"}, "trial must be True or False, got 'no'"),
     ],
 )
 def test_bad_requests(rec: Recommender, kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(RequestError, match=message):
         rec.recommend(**kwargs)  # type: ignore[arg-type]
+
+
+def test_numpy_bools_are_flags(rec: Recommender) -> None:
+    got = rec.recommend(user="1", domain="d0", n=5, exclude_seen=np.bool_(False))
+    want = rec.recommend(user="1", domain="d0", n=5, exclude_seen=False)
+    assert got.to_dict() == want.to_dict()
 
 
 def test_unknown_user(rec: Recommender) -> None:

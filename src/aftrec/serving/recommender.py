@@ -415,6 +415,10 @@ class Recommender:
             raise RequestError(f"n must be an integer in [1, {MAX_N}], got {n!r}")
         if type(n) is not int:  # NumPy's too: the search does int arithmetic
             q = replace(q, n=int(n))
+        for flag in ("exclude_seen", "trial"):  # "no" would be taken as True
+            value = getattr(q, flag)
+            if not isinstance(value, (bool, np.bool_)):
+                raise RequestError(f"{flag} must be True or False, got {value!r}")
         if q.user is None and q.behaviours is None:
             raise RequestError("give a known `user`, explicit `behaviours`, or both")
         if q.trial and not self.has_trial:
