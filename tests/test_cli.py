@@ -682,6 +682,16 @@ def test_recommend_selected_users_and_domains(pipeline: Pipeline, tmp_path: Path
     assert set(recs["user"]) == set(parts(pipeline.data)["test"]["user"])
 
 
+def test_recommend_lists_a_repeated_user_or_domain_once(pipeline: Pipeline, tmp_path: Path) -> None:
+    """Users were taken once each, domains as often as given: every row came twice."""
+    out = tmp_path / "recs.parquet"
+    argv = ["recommend", "--run", str(pipeline.two_tower), "--n", "2", "--out", str(out)]
+    run_ok([*argv, "--users", "u3", "u3", "--domains", "music", "movie", "music"])
+    recs = read_recs(out)
+    check_lists(recs, pipeline, 2)  # ranks 1, 2 once per (user, domain)
+    assert recs["domain"].drop_duplicates().tolist() == ["music", "movie"]  # in the order given
+
+
 def test_a_torchrun_rank_keeps_the_default_sigterm(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -39,7 +39,11 @@ def recommend(
     info = data.info
     history = HistoryIndex(data.train_valid, info)
     chosen_users = None if users is None else data.user_index(users)
-    chosen_domains = range(info.n_domains) if domains is None else data.domain_index(domains)
+    chosen_domains = (  # each domain once, in the order given, as each user gets one list
+        range(info.n_domains)
+        if domains is None
+        else data.domain_index(list(dict.fromkeys(domains)))
+    )
     item_ids = data.items["item"].to_numpy()
     user_ids = data.users["user"].to_numpy()
     frames = []
