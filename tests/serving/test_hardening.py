@@ -207,6 +207,44 @@ def test_the_admin_token_never_comes_from_the_command_line(
         admin_token_from(tmp_path / "missing")
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_an_admin_token_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    """A FIFO with no writer made serve wait for ever, silently; /dev/zero never ends."""
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            admin_token_from(fifo)
+        except BaseException as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # blocked opening the FIFO: let it go before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=10)
+        pytest.fail("reading a FIFO --admin-token-file blocked")
+    assert len(errors) == 1 and isinstance(errors[0], ConfigError)
+    assert (
+        str(errors[0])
+        == f"--admin-token-file {fifo}: cannot be read ({fifo} is not a regular file)"
+    )
+    zero = tmp_path / "zero"
+    zero.symlink_to("/dev/zero")
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        admin_token_from(zero)
+
+
+def test_a_large_admin_token_file_is_refused_after_a_bounded_read(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("x" * 10_000_000)
+    with pytest.raises(ConfigError, match=r"--admin-token-file .*token: over 4096 bytes"):
+        admin_token_from(token_file)
+
+
 def test_forwarded_headers_are_trusted_only_when_asked(
     bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 TOKEN_ENV = "AFTREC_ADMIN_TOKEN"
+MAX_TOKEN_FILE = 4096  # bytes of --admin-token-file read at most
 #: ``--workers N > 1``: the settings each worker process builds its app from (JSON)
 WORKER_ENV = "AFTREC_SERVE_WORKER"
 HTTP_PARSERS = ("auto", "httptools", "h11")
@@ -219,10 +220,18 @@ def admin_token_from(token_file: Path | None) -> str | None:
     """The admin token: the first line of ``token_file``, else ``$AFTREC_ADMIN_TOKEN``, else
     None (reload over HTTP disabled). Never a command-line value: ``ps`` shows those."""
     if token_file is not None:
-        try:
-            token = Path(token_file).read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:
+        from aftrec.serving.bundle import BundleError, read_regular
+
+        try:  # a regular file only: a FIFO would block serve for ever, /dev/zero never end
+            raw = read_regular(Path(token_file), MAX_TOKEN_FILE + 1)
+            token = raw.decode().strip()
+        except (OSError, UnicodeDecodeError, BundleError) as exc:
             raise ConfigError(f"--admin-token-file {token_file}: cannot be read ({exc})") from exc
+        if len(raw) > MAX_TOKEN_FILE:
+            raise ConfigError(
+                f"--admin-token-file {token_file}: over {MAX_TOKEN_FILE} bytes; want one token "
+                "on one line"
+            )
         if not token or any(c.isspace() for c in token):
             raise ConfigError(
                 f"--admin-token-file {token_file}: want one token on one line, without spaces"
