@@ -252,7 +252,7 @@ def test_forwarded_headers_are_trusted_only_when_asked(
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
-    base = ["serve", "--bundle", str(bundle), "--port", "1"]
+    base = ["serve", "--bundle", str(bundle), "--port", "0"]
     for argv in (base, [*base, "--proxy-headers", "--forwarded-allow-ips", "10.0.0.1"]):
         args = serve_parser().parse_args(argv)
         args.func(args)

@@ -53,6 +53,43 @@ def test_bad_workers_are_one_error_line(
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
+@pytest.fixture
+def no_uvicorn(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    """uvicorn.run recording its calls instead of serving: a refusal must come before it."""
+    import uvicorn
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    monkeypatch.delenv("AFTREC_ADMIN_TOKEN", raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_busy_port_is_one_error_line_before_the_bundle_loads(
+    bundle: Path,
+    workers: str,
+    no_uvicorn: list[dict[str, object]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The server announced itself, loaded the whole bundle, then uvicorn's "address
+    already in use" and exit 3."""
+    loads: list[object] = []
+    monkeypatch.setattr(Recommender, "load", lambda *a, **k: loads.append(a))
+    with socket.socket() as other:  # another server on the port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        argv = ["serve", "--bundle", str(bundle), "--port", str(port), "--workers", workers]
+        assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert err == (
+        f"error: --port {port}: 127.0.0.1:{port} is already in use (another server listens "
+        "there); choose another --port or stop that server\n"
+    )
+    assert out == "" and loads == [] and no_uvicorn == []
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -78,6 +78,45 @@ def check_address(host: str, port: int) -> None:
         raise ConfigError(f"--host {host!r} is not an address this machine can listen on") from exc
 
 
+def check_listenable(host: str, port: int) -> None:
+    """A :class:`ConfigError` when ``host:port`` cannot be listened on (another server holds
+    the port; a port below 1024 without the right to it), before the bundle is loaded: each
+    address ``host`` resolves to is bound as uvicorn binds it (``SO_REUSEADDR``), then
+    released. A server that takes the port in the seconds the bundle loads still stops
+    uvicorn, with its own message."""
+    import errno
+    import socket
+
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    bound = 0
+    for family, kind, proto, _, address in infos:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:  # a family this machine lacks (asyncio skips it too)
+            continue
+        with sock:
+            if os.name == "posix":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio binds it: IPv6 only, beside IPv4
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:  # another address of host may serve
+                    continue
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"--port {port}: {host}:{port} is already in use (another server "
+                        "listens there); choose another --port or stop that server"
+                    ) from None
+                raise ConfigError(
+                    f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})"
+                ) from None
+        bound += 1
+    if not bound:
+        raise ConfigError(f"--host {host!r} is not an address this machine can listen on")
+
+
 @subnormals_flushed()  # for the server's life; its threads inherit the mode (aftrec.numerics)
 def serve_bundle(
     bundle: Path,
@@ -129,6 +168,7 @@ def serve_bundle(
                 f"{flag} {choice}: {choice} is not installed (pip install 'aftrec[serve]')"
             )
     batching = batching or BatchSettings()
+    check_listenable(host, port)  # before the bundle loads, which can take a while
     logging.getLogger("aftrec.serving").setLevel(log_level.upper())
     served: Any
     if workers == 1:
