@@ -3,7 +3,11 @@ single-process server does; SIGHUP restarts them, SIGTERM stops them all."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -62,6 +66,80 @@ def no_uvicorn(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
     monkeypatch.delenv("AFTREC_ADMIN_TOKEN", raising=False)
     return calls
+
+
+def test_workers_refuse_a_missing_bundle_before_starting(
+    no_uvicorn: list[dict[str, object]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The supervisor announced the server and started workers that each died with a
+    traceback and were restarted for ever, holding the port."""
+    argv = ["serve", "--bundle", "no-such-bundle", "--workers", "2", "--port", "0"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert err == "error: no-such-bundle: no bundle here (not a folder)\n" and out == ""
+    assert no_uvicorn == []
+
+
+def test_workers_refuse_a_damaged_bundle_before_starting(
+    bundle: Path,
+    tmp_path: Path,
+    no_uvicorn: list[dict[str, object]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The manifest is sound, a file is not: found by the supervisor's whole load."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle, damaged)
+    vectors = damaged / "items" / "vectors_1.npy"
+    data = bytearray(vectors.read_bytes())
+    data[-1] ^= 1
+    vectors.write_bytes(bytes(data))
+    argv = ["serve", "--bundle", str(damaged), "--workers", "2", "--port", "0"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "items/vectors_1.npy fails its checksum" in err and out == ""
+    assert no_uvicorn == []
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_worker_that_cannot_load_logs_one_line_and_fails_to_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bundle that went bad after the supervisor checked it: uvicorn's startup-failure exit
+    (the supervisor then stops, or keeps its old workers on SIGHUP), not a traceback."""
+    from uvicorn.config import STARTUP_FAILURE
+
+    from aftrec.serving.batching import BatchSettings
+    from aftrec.serving.cli import WORKER_ENV, worker_app
+
+    settings = {
+        "bundle": "no-such-bundle",
+        "batching": dataclasses.asdict(BatchSettings()),
+        "torch_threads": 1,
+        "bundle_root": None,
+        "log_level": "warning",
+    }
+    monkeypatch.setenv(WORKER_ENV, json.dumps(settings))
+    log = logging.getLogger("uvicorn.error")  # the worker's log, as uvicorn formats it
+    seen = _Records()
+    log.addHandler(seen)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            worker_app()
+    finally:
+        log.removeHandler(seen)
+    assert stop.value.code == STARTUP_FAILURE
+    assert [(r.levelname, r.getMessage().split(": ", 1)[1]) for r in seen.records] == [
+        ("ERROR", "no-such-bundle: no bundle here (not a folder)")
+    ]
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +118,35 @@ def check_listenable(host: str, port: int) -> None:
         raise ConfigError(f"--host {host!r} is not an address this machine can listen on")
 
 
+def check_bundle(bundle: Path) -> str:
+    """The model version of ``bundle`` if it loads, as a worker process would load it; else
+    the :class:`BundleError` that worker would meet. For ``--workers N``: the supervisor
+    refuses the bundle once, instead of starting workers that each fail. The manifest is
+    checked here; the whole load (checksums, encoders, indexes, warm-up) runs in a child
+    process, so that the supervisor does not keep the memory of a bundle it never serves."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from aftrec.serving.bundle import BundleError, read_manifest
+
+    read_manifest(bundle)  # a missing or damaged manifest costs no process
+    context = multiprocessing.get_context("spawn")  # as uvicorn starts its workers
+    try:
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            return pool.submit(_loaded_version, str(bundle)).result()
+    except BrokenProcessPool as exc:
+        raise BundleError(
+            f"{bundle}: the process loading the bundle died (out of memory?)"
+        ) from exc
+
+
+def _loaded_version(bundle: str) -> str:
+    from aftrec.serving.recommender import Recommender
+
+    return Recommender.load(bundle).model_version
+
+
 @subnormals_flushed()  # for the server's life; its threads inherit the mode (aftrec.numerics)
 def serve_bundle(
     bundle: Path,
@@ -178,6 +208,7 @@ def serve_bundle(
         if admin_token is None:
             print(f"no admin token: /admin/reload is disabled (set ${TOKEN_ENV})", flush=True)
     else:
+        version = check_bundle(bundle)
         os.environ[WORKER_ENV] = json.dumps(
             {
                 "bundle": str(bundle),
@@ -189,7 +220,8 @@ def serve_bundle(
         )
         served = "aftrec.serving.cli:worker_app"
         print(
-            f"serving {bundle} on http://{host}:{port} with {workers} worker processes "
+            f"serving {version} from {bundle} on http://{host}:{port} with {workers} worker "
+            "processes "
             "(SIGHUP restarts them on the bundle; /admin/reload is disabled)",
             flush=True,
         )
@@ -239,21 +271,33 @@ def _load_app(
 
 def worker_app() -> FastAPI:
     """One worker process's app under ``aftrec serve --workers N`` (uvicorn's factory), from
-    the settings :func:`serve_bundle` put in ``$AFTREC_SERVE_WORKER``."""
+    the settings :func:`serve_bundle` put in ``$AFTREC_SERVE_WORKER``. A bundle it cannot
+    load (changed since the supervisor checked it) is one log line and uvicorn's startup
+    failure exit: the supervisor then keeps the workers it has on SIGHUP, or stops, instead
+    of restarting the worker for ever."""
     import torch
+    from uvicorn.config import STARTUP_FAILURE
+
+    from aftrec.errors import AftrecError
 
     settings = json.loads(os.environ[WORKER_ENV])
     torch.set_flush_denormal(True)  # a worker process only serves (aftrec.numerics)
     logging.getLogger("aftrec.serving").setLevel(str(settings["log_level"]).upper())
     root = settings["bundle_root"]
-    return _load_app(
-        Path(settings["bundle"]),
-        BatchSettings(**settings["batching"]),
-        int(settings["torch_threads"]),
-        None,
-        None if root is None else Path(root),
-        False,  # the supervisor restarts the workers on SIGHUP
-    )
+    try:
+        return _load_app(
+            Path(settings["bundle"]),
+            BatchSettings(**settings["batching"]),
+            int(settings["torch_threads"]),
+            None,
+            None if root is None else Path(root),
+            False,  # the supervisor restarts the workers on SIGHUP
+        )
+    except AftrecError as exc:
+        logging.getLogger("uvicorn.error").error(
+            "worker [%d] cannot serve: %s", os.getpid(), " ".join(str(exc).split())
+        )
+        sys.exit(STARTUP_FAILURE)
 
 
 def admin_token_from(token_file: Path | None) -> str | None:
