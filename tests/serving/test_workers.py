@@ -35,6 +35,12 @@ from aftrec.serving.recommender import Recommender  # noqa: E402
             {},
             "--host '999.1.1.1' is not an address this machine can listen on",
         ),
+        # resolves, but no interface has it (TEST-NET-1): found by binding it
+        (
+            ["--host", "192.0.2.1"],
+            {},
+            "--host '192.0.2.1' is not an address this machine can listen on",
+        ),
         (["--torch-threads", "0"], {}, "--torch-threads must be an integer in [1, 1024], got 0"),
         (
             ["--workers", "2"],

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aftrec.errors import ConfigError
+from aftrec.errors import AftrecError, ConfigError
 from aftrec.numerics import subnormals_flushed
 from aftrec.outputs import path_argument
 from aftrec.serving.batching import MAX_BATCH, THREADS, WAIT_MS, BatchSettings
@@ -88,7 +88,11 @@ def check_listenable(host: str, port: int) -> None:
     import errno
     import socket
 
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    unknown = f"--host {host!r} is not an address this machine can listen on"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(unknown) from exc
     bound = 0
     for family, kind, proto, _, address in infos:
         try:
@@ -115,7 +119,7 @@ def check_listenable(host: str, port: int) -> None:
                 ) from None
         bound += 1
     if not bound:
-        raise ConfigError(f"--host {host!r} is not an address this machine can listen on")
+        raise ConfigError(unknown)
 
 
 def check_bundle(bundle: Path) -> str:
@@ -221,8 +225,7 @@ def serve_bundle(
         served = "aftrec.serving.cli:worker_app"
         print(
             f"serving {version} from {bundle} on http://{host}:{port} with {workers} worker "
-            "processes "
-            "(SIGHUP restarts them on the bundle; /admin/reload is disabled)",
+            "processes (SIGHUP restarts them on the bundle; /admin/reload is disabled)",
             flush=True,
         )
     uvicorn.run(
@@ -277,8 +280,6 @@ def worker_app() -> FastAPI:
     of restarting the worker for ever."""
     import torch
     from uvicorn.config import STARTUP_FAILURE
-
-    from aftrec.errors import AftrecError
 
     settings = json.loads(os.environ[WORKER_ENV])
     torch.set_flush_denormal(True)  # a worker process only serves (aftrec.numerics)
