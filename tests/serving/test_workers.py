@@ -121,6 +121,7 @@ def test_a_worker_that_cannot_load_logs_one_line_and_fails_to_start(
 ) -> None:
     """A bundle that went bad after the supervisor checked it: uvicorn's startup-failure exit
     (the supervisor then stops, or keeps its old workers on SIGHUP), not a traceback."""
+    import torch
     from uvicorn.config import STARTUP_FAILURE
 
     from aftrec.serving.batching import BatchSettings
@@ -137,11 +138,15 @@ def test_a_worker_that_cannot_load_logs_one_line_and_fails_to_start(
     log = logging.getLogger("uvicorn.error")  # the worker's log, as uvicorn formats it
     seen = _Records()
     log.addHandler(seen)
+    served = logging.getLogger("aftrec.serving")
+    level = served.level
     try:
         with pytest.raises(SystemExit) as stop:
             worker_app()
-    finally:
+    finally:  # what a worker process sets for its life, not this one's later tests
         log.removeHandler(seen)
+        served.setLevel(level)
+        torch.set_flush_denormal(False)
     assert stop.value.code == STARTUP_FAILURE
     assert [(r.levelname, r.getMessage().split(": ", 1)[1]) for r in seen.records] == [
         ("ERROR", "no-such-bundle: no bundle here (not a folder)")
