@@ -13,7 +13,8 @@ memory with endless headers, or connections with requests it never finishes. Her
   time the server takes to answer does not count (a request pipelined behind one being
   answered waits without a deadline);
 * the head is counted as bytes arrive, not only as the parser completes headers (it hands
-  one over only when the next begins), so one endless header is refused as well;
+  one over only when the next begins), so one endless header is refused as well; only the
+  bytes of the head itself count, not those of a request before it in the same chunk;
 * a request the parser refuses gets its ``400`` as JSON, like every other error.
 
 :class:`GuardedH11Protocol` gives uvicorn's h11 protocol, the one ``--http h11`` takes, the
@@ -45,6 +46,15 @@ def _response(status: int, reason: str, detail: str) -> bytes:
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
+
+
+def _head_too_large() -> bytes:
+    detail = f"request line and headers above {MAX_HEAD} bytes"
+    return _response(431, "Request Header Fields Too Large", detail)
+
+
+def _bad_request() -> bytes:
+    return _response(400, "Bad Request", "invalid HTTP request")
 
 
 class _Deadline(asyncio.Protocol):
@@ -110,21 +120,37 @@ class GuardedHttpToolsProtocol(_Deadline, HttpToolsProtocol):
     _parts = 0  # bytes of the head's parts the parser has completed
     _heading = False  # between a request's first byte and the end of its headers
     _refused: bytes | None = None
+    # within the chunk being parsed: whether the current request began in it, the body bytes
+    # since the last request began, and the body bytes of the request before the current one
+    _began = False
+    _body_here = 0
+    _body_before = 0
 
     def data_received(self, data: bytes) -> None:
         if self._refused is not None:
             return
+        self._began, self._body_here, self._body_before = False, 0, 0
         super().data_received(data)
         # the parser hands a header over only once it ends: count the bytes received while
         # a head is open instead, so that one endless header is stopped too
         if self._heading and self._refused is None:
-            self._head += len(data)
+            self._head += self._open_head_bytes(data) if self._began else len(data)
             if self._head > MAX_HEAD:
-                self._refuse_head()
+                self._refused = _head_too_large()
                 self._close_with(self._refused)
 
+    def _open_head_bytes(self, data: bytes) -> int:
+        """The bytes of ``data`` that belong to the head open at its end, a head that began
+        in ``data``: those after the request before it, which ends with its head's blank
+        line, then its body (the parser gives no offsets). A body holding a blank line, or
+        a chunked one, makes this an undercount, never more: the next chunk counts in full,
+        and the parser's own parts (:meth:`_count`) still hold the limit."""
+        blank = data.rfind(b"\r\n\r\n")
+        start = (blank + 4 if blank >= 0 else 0) + self._body_before
+        return max(len(data) - start, 0)
+
     def send_400_response(self, msg: str) -> None:
-        self._refused = self._refused or _response(400, "Bad Request", "invalid HTTP request")
+        self._refused = self._refused or _bad_request()
         self._close_with(self._refused)
 
     def _close_with(self, answer: bytes | None) -> None:
@@ -134,6 +160,7 @@ class GuardedHttpToolsProtocol(_Deadline, HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head, self._parts, self._heading = 0, 0, True
+        self._began, self._body_before, self._body_here = True, self._body_here, 0
         self._arm()
 
     def on_url(self, url: bytes) -> None:
@@ -148,6 +175,10 @@ class GuardedHttpToolsProtocol(_Deadline, HttpToolsProtocol):
         self._heading = False
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        self._body_here += len(body)
+        super().on_body(body)
+
     def on_message_complete(self) -> None:
         self._disarm()
         super().on_message_complete()
@@ -157,15 +188,9 @@ class GuardedHttpToolsProtocol(_Deadline, HttpToolsProtocol):
         chunk is never open between chunks)."""
         self._parts += n
         if self._parts > MAX_HEAD:
-            self._refuse_head()
+            self._disarm()
+            self._refused = _head_too_large()
             raise ValueError("request head too large")  # the parser stops: a 400 path
-
-    def _refuse_head(self) -> None:
-        self._disarm()
-        self._refused = _response(
-            431, "Request Header Fields Too Large",
-            f"request line and headers above {MAX_HEAD} bytes",
-        )  # fmt: skip
 
     def _answering(self) -> bool:
         # a request pipelined behind the one being answered waits for that without a clock
