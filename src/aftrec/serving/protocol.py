@@ -18,7 +18,10 @@ memory with endless headers, or connections with requests it never finishes. Her
 * a request the parser refuses gets its ``400`` as JSON, like every other error.
 
 :class:`GuardedH11Protocol` gives uvicorn's h11 protocol, the one ``--http h11`` takes, the
-same request deadline (h11 refuses a head above 16 KiB itself).
+same request deadline and the same head limit: h11 limits only the bytes it holds while a head
+is incomplete, so a head that arrived whole in one chunk passed at any size; the head h11 has
+parsed is measured too. There as well a head above the limit gets ``431`` and a request the
+parser refuses ``400``, both as JSON (uvicorn answered them in plain text).
 
 :func:`http_protocol` picks the class for ``--http``; uvicorn takes a protocol class where
 it takes ``"httptools"`` or ``"h11"``.
@@ -198,19 +201,57 @@ class GuardedHttpToolsProtocol(_Deadline, HttpToolsProtocol):
         return cycle is not None and not cycle.more_body and not cycle.response_complete
 
 
+def _head_size(request: h11.Request) -> int:
+    """The bytes of ``request``'s head as sent, less optional blanks h11 dropped: the request
+    line, each header line and the blank line ending them."""
+    line = len(request.method) + len(request.target) + len(request.http_version) + 9
+    return line + sum(len(name) + len(value) + 4 for name, value in request.headers) + 2
+
+
+class _H11Connection(h11.Connection):
+    """h11's connection, which refuses a head it parsed above :data:`MAX_HEAD` as it does one
+    it holds incomplete, and keeps the error it raised (``refusal``) for the answer."""
+
+    refusal: h11.RemoteProtocolError | None = None
+
+    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        try:
+            event = super().next_event()
+        except h11.RemoteProtocolError as exc:
+            self.refusal = exc
+            raise
+        if isinstance(event, h11.Request) and _head_size(event) > MAX_HEAD:
+            self.refusal = h11.RemoteProtocolError("head too large", error_status_hint=431)
+            raise self.refusal
+        return event
+
+
 class GuardedH11Protocol(_Deadline, H11Protocol):
-    """uvicorn's h11 protocol with :data:`REQUEST_TIMEOUT` (h11 limits the head itself, to
-    16 KiB). Its keep-alive timer closes a connection that sends nothing after an answer, but
-    one byte of a next request stops that timer, and the request could then take forever.
-    Here a request's clock runs from the connection (the first request) or from the first
-    byte of the request (the next ones) until h11 has it in full; the time the server takes
-    to answer does not count."""
+    """uvicorn's h11 protocol with :data:`REQUEST_TIMEOUT` and :data:`MAX_HEAD`. Its
+    keep-alive timer closes a connection that sends nothing after an answer, but one byte of
+    a next request stops that timer, and the request could then take forever. Here a
+    request's clock runs from the connection (the first request) or from the first byte of
+    the request (the next ones) until h11 has it in full; the time the server takes to answer
+    does not count."""
 
     _answered = False  # a request of this connection was answered
+    _refused = False  # a request was refused: what follows on the connection is ignored
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn = self._conn = _H11Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         super().data_received(data)
         self._follow()
+
+    def send_400_response(self, msg: str) -> None:
+        refusal = self._conn.refusal
+        too_large = refusal is not None and refusal.error_status_hint == 431
+        self._refused = True
+        self._close_with(_head_too_large() if too_large else _bad_request())
 
     def on_response_complete(self) -> None:
         self._answered = True
