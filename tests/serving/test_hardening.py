@@ -371,6 +371,22 @@ def test_a_name_given_twice_is_refused_not_guessed(url: str, body: bytes, name: 
     assert r.json()["detail"] == f"malformed JSON: the name '{name}' appears twice in one object"
 
 
+def test_a_reload_path_given_twice_is_refused_not_guessed(url: str, bundle: Path) -> None:
+    """/admin/reload took the last of two paths; like /recommend, it takes neither, and says
+    so only to a caller with the token."""
+    body = b'{"path": "elsewhere", "path": "%s"}' % bundle.name.encode()
+    json_type = {"content-type": "application/json"}
+    with httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/admin/reload", content=body, headers={**ADMIN, **json_type})
+        assert r.status_code == 400, r.text
+        want = "malformed JSON: the name 'path' appears twice in one object"
+        assert r.json()["detail"] == want
+        assert c.post("/admin/reload", content=body, headers=json_type).status_code == 403
+        once = c.post("/admin/reload", content=b'{"path": "%s"}' % bundle.name.encode(),
+                      headers={**ADMIN, **json_type})  # fmt: skip
+        assert once.status_code == 200, once.text
+
+
 def test_a_repeated_name_is_found_at_any_depth_and_only_then() -> None:
     assert repeated_name(b'{"a": [{"b": 1, "c": {"d": 2, "d": 3}}]}') == "d"
     assert repeated_name(b'{"a": {"x": 1}, "b": {"x": 1}}') is None  # one per object is fine

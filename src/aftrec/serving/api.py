@@ -348,6 +348,11 @@ def repeated_name(body: bytes) -> str | None:
     return repeated[0] if repeated else None
 
 
+def repeated_message(name: str) -> str:
+    """The 400's detail for a body holding ``name`` twice in one object."""
+    return f"malformed JSON: the name {name!r} appears twice in one object"
+
+
 class BodyLimitMiddleware:
     """Reads a request body completely, counting the bytes received, before the app sees it.
 
@@ -360,7 +365,8 @@ class BodyLimitMiddleware:
     before its token holds).
     While reading, more than ``limit`` bytes received is a 413 whatever the headers said. A
     client that leaves before its body is complete gets nothing and the app is not called.
-    A ``/recommend`` body with a name repeated in one object is a 400 (:func:`repeated_name`).
+    A ``/recommend`` body with a name repeated in one object is a 400 (:func:`repeated_name`;
+    ``/admin/reload`` checks its body the same way, once its token holds).
     """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
@@ -397,7 +403,7 @@ class BodyLimitMiddleware:
                 break
         repeated = None if problem or scope["path"] != "/recommend" else repeated_name(bytes(body))
         if repeated is not None:
-            problem = (400, f"malformed JSON: the name {repeated!r} appears twice in one object")
+            problem = (400, repeated_message(repeated))
         if problem is not None:
             response = JSONResponse({"detail": problem[1]}, status_code=problem[0])
             await response(scope, receive, send)
@@ -636,6 +642,9 @@ def create_app(
             return JSONResponse({"detail": "admin token required"}, status_code=403)
         # the body is read only once the token holds: no answer about it to anyone else
         raw = await request.body()
+        repeated = repeated_name(raw)
+        if repeated is not None:  # as for /recommend: neither value is taken
+            return JSONResponse({"detail": repeated_message(repeated)}, status_code=400)
         try:
             req = (
                 ReloadRequest.model_validate_json(raw)
