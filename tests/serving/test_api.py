@@ -381,6 +381,23 @@ def test_what_probing_found_in_the_http_surface(client: httpx.Client) -> None:
         assert r.status_code == 422 and len(r.content) < 2_000, r.text[:300]
 
 
+def test_an_integer_id_is_a_signed_64_bit_one(client: httpx.Client) -> None:
+    """An integer id was unbounded: 400 digits passed the 256-character limit of ids given as
+    text and came back, every digit, in a 404."""
+    for body in (
+        {"user": int("1" * 400)},
+        {"user": 2**63},
+        {"user": -(2**63) - 1},
+        {"behaviours": {"d0": [int("9" * 300)]}},
+    ):
+        r = client.post("/recommend", json=body)
+        assert r.status_code == 422 and len(r.content) < 1_000, r.text[:300]
+        assert "9223372036854775807" in r.text or "-9223372036854775808" in r.text, r.text
+    for edge in (2**63 - 1, -(2**63)):  # the range itself: an unknown user, nothing more
+        r = client.post("/recommend", json={"user": edge})
+        assert r.status_code == 404, r.text
+
+
 def test_methods_the_app_does_not_serve_are_one_series_in_metrics(bundle: Path) -> None:
     # h11 hands any method to the app (httptools refuses unknown ones itself)
     app = create_app(Recommender.load(bundle))

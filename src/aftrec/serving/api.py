@@ -108,7 +108,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # --- schema --------------------------------------------------------------------------------
 Name = Annotated[StrictStr, StringConstraints(max_length=MAX_ID)]
-Id = Name | StrictInt
+# an integer id: a signed 64-bit one, as ids stored as integers are (an unbounded one let a
+# client send thousands of digits past the length limit of ids given as text)
+IntId = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+Id = Name | IntId
 
 
 class RecommendRequest(BaseModel):
