@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -392,6 +395,54 @@ def test_a_repeated_name_is_found_at_any_depth_and_only_then() -> None:
     assert repeated_name(b'{"a": {"x": 1}, "b": {"x": 1}}') is None  # one per object is fine
     assert repeated_name(b"{") is None  # not JSON: the app's parser answers it
     assert repeated_name(b"[" * 100_000) is None  # nesting too deep to parse: the same
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP here")
+def test_a_sighup_reload_that_fails_for_any_reason_is_one_log_line(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SIGHUP reload failing with an error that is not aftrec's own left its task's
+    exception unretrieved: asyncio logged it with a traceback. Now: one line, and the old
+    bundle is still served."""
+    served = Recommender.load(bundle)
+    app = create_app(served, reload_on_sighup=True)
+
+    def broken(*args: Any, **kwargs: Any) -> Recommender:
+        raise RuntimeError("the disk\nis gone")
+
+    monkeypatch.setattr(Recommender, "load", broken)
+    unhandled: list[dict[str, Any]] = []
+
+    def failed() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "SIGHUP reload failed" in r.getMessage()]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: unhandled.append(context))
+        async with app.router.lifespan_context(app):
+            # the app's handler, not the default one that ends the process
+            assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN)
+            os.kill(os.getpid(), signal.SIGHUP)
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                if failed() or unhandled:
+                    break
+            await asyncio.sleep(0.1)
+            gc.collect()  # a task whose exception nobody retrieved says so when collected
+
+    before = signal.signal(signal.SIGHUP, lambda *_: None)  # a stray SIGHUP ends nothing
+    try:
+        with caplog.at_level("INFO", logger="aftrec.serving.api"):
+            asyncio.run(main())
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert not unhandled, unhandled
+    [line] = failed()
+    assert line.levelname == "ERROR" and not line.exc_info
+    assert line.getMessage().endswith(
+        "still serving the old bundle: RuntimeError: the disk is gone"
+    )
+    assert app.state.serving.recommender is served
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")

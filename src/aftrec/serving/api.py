@@ -539,8 +539,12 @@ def create_app(
                 async def run() -> None:
                     try:  # the --bundle path, whatever an HTTP reload named since
                         await state.reload(state.home)
-                    except AftrecError as exc:
-                        log.error("SIGHUP reload failed, still serving the old bundle: %s", exc)
+                    except Exception as exc:  # any reason: one line, and the old bundle stays
+                        why = _one_line(exc, limit=2000)
+                        if not isinstance(exc, AftrecError):
+                            why = f"{type(exc).__name__}: {why}"
+                        log.error("SIGHUP reload failed, still serving the old bundle: %s", why)
+                        log.debug("SIGHUP reload: traceback", exc_info=exc)
 
                 tasks.add(task := loop.create_task(run()))
                 task.add_done_callback(tasks.discard)
