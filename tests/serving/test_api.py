@@ -398,6 +398,27 @@ def test_an_integer_id_is_a_signed_64_bit_one(client: httpx.Client) -> None:
         assert r.status_code == 404, r.text
 
 
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b'{"user": "\xff\xfe"}', "not UTF-8 (invalid start byte at byte 10)"),
+        (b'{"user": "2", "n": ' + b"9" * 5000 + b"}", "Exceeds the limit (4300 digits)"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ],
+)
+def test_a_body_json_cannot_read_says_why(client: httpx.Client, body: bytes, why: str) -> None:
+    """Bytes that are not UTF-8, an integer above Python's 4,300 digits and nesting deeper
+    than its recursion limit got FastAPI's own 400, "There was an error parsing the body"."""
+    r = client.post("/recommend", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["detail"].startswith(f"malformed JSON: {why}"), r.text[:300]
+    # the app's other HTTP errors are answered as before
+    assert client.get("/nowhere").json() == {"detail": "Not Found"}
+    r = client.put("/health")
+    assert r.status_code == 405 and r.json() == {"detail": "Method Not Allowed"}
+    assert "allow" in r.headers
+
+
 def test_methods_the_app_does_not_serve_are_one_series_in_metrics(bundle: Path) -> None:
     # h11 hands any method to the app (httptools refuses unknown ones itself)
     app = create_app(Recommender.load(bundle))

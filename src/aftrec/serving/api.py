@@ -60,6 +60,7 @@ from typing import Annotated, Any
 import anyio
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
@@ -80,6 +81,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
 )
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aftrec import __version__
 from aftrec.errors import AftrecError
@@ -482,6 +484,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return status, "; ".join(parts[:5]) or "invalid request"
 
 
+def _parse_failure(cause: BaseException | None) -> str | None:
+    """What is wrong with a body ``json.loads`` raised ``cause`` for (None: not such an error)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"not UTF-8 ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "nested too deeply"
+    if isinstance(cause, ValueError):  # e.g. "Exceeds the limit (4300 digits) for integer ..."
+        return _one_line(str(cause).split(";")[0])
+    return None
+
+
 def _reload_refused(rid: str, exc: Exception, state: ServingState) -> JSONResponse:
     """One answer for every failed reload (the reason goes to the log only)."""
     log.warning("request %s: reload refused: %s: %s", rid, type(exc).__name__, _one_line(exc))
@@ -575,6 +588,16 @@ def create_app(
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         status, message = _validation_message(exc)
         return JSONResponse({"detail": message}, status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI answers a body its JSON parser fails on other than with a syntax error
+        # (bytes that are not UTF-8, an integer above 4,300 digits, nesting too deep) with
+        # a 400 that does not say why; its cause does
+        why = _parse_failure(exc.__cause__) if exc.status_code == 400 else None
+        if why is None:
+            return await http_exception_handler(request, exc)
+        return JSONResponse({"detail": f"malformed JSON: {why}"}, status_code=400)
 
     errors: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorResponse} for code in (400, 404, 411, 413, 422, 500)
