@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from aftrec.data.ids import factorize, positions
 from aftrec.data.prepared import (
     WRITES,
     check_domains,
@@ -64,8 +65,8 @@ def _positive_frame(log_: RawLog, rating_threshold: float) -> pd.DataFrame:
 def _index_rows(
     frame: pd.DataFrame, item_index: pd.Index, user_index: pd.Index, item_domain: np.ndarray
 ) -> dict[str, np.ndarray]:
-    item_idx = item_index.get_indexer(pd.Index(frame["item"])).astype(np.int32)
-    user_idx = user_index.get_indexer(pd.Index(frame["user"])).astype(np.int32)
+    item_idx = positions(item_index, frame["item"]).astype(np.int32)
+    user_idx = positions(user_index, frame["user"]).astype(np.int32)
     return {
         "user_idx": user_idx,
         "item_idx": item_idx,
@@ -110,8 +111,7 @@ def prepare(
     repeats: list[str] = []  # pre-split: later parts' pairs already in an earlier part
     if presplit is None:
         frame = _positive_frame(raw, split.rating_threshold)
-        _, user_ids = pd.factorize(frame["user"], sort=True)
-        user_index = pd.Index(user_ids)
+        _, user_index = factorize(frame["user"], sort=True)
         rows = _index_rows(frame, item_index, user_index, item_domain)
         rows, part, kept_users, n_dropped = split_positives(rows, split)
         user_index = pd.Index(user_index.to_numpy()[kept_users])

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from aftrec.data.ids import duplicated, positions
 from aftrec.errors import DataError
 
 INTERACTION_COLUMNS = ("user", "item", "timestamp")
@@ -241,7 +242,7 @@ def locate_items(
     ``inter["item"]`` and ``catalogue`` must hold ids of the same type (see
     :func:`harmonise_ids`); ``catalogue`` must be unique.
     """
-    position = catalogue.get_indexer(pd.Index(inter["item"]))
+    position = positions(catalogue, inter["item"])
     unknown = position < 0
     if unknown.any():
         i = _first_bad(unknown)
@@ -290,7 +291,7 @@ def validate(log: RawLog) -> RawLog:
     if "domain" in inter.columns:
         inter = inter.drop(columns="domain")
 
-    dup = inter.duplicated(["user", "item", "timestamp"], keep=False).to_numpy()
+    dup = duplicated(inter, ["user", "item", "timestamp"])
     if dup.any():
         rows = np.flatnonzero(dup)
         first = inter.iloc[rows[0]]

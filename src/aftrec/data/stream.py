@@ -62,6 +62,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 from tqdm import tqdm
 
+from aftrec.data.ids import arrow_text, as_text, factorize
 from aftrec.data.prepare import check_out
 from aftrec.data.prepared import (
     FORMAT_PARTITIONED,
@@ -434,10 +435,13 @@ def _user_kind(users: pd.Series) -> str:
     return "str"
 
 
-def _user_array(users: pd.Series, kind: str, origin: Origin) -> np.ndarray:
-    """A batch's user ids as ``kind`` ("int", "float" or "str": object array of str)."""
+def _user_array(users: pd.Series, kind: str, origin: Origin) -> np.ndarray | pa.Array:
+    """A batch's user ids as ``kind`` ("int", "float" or "str": pyarrow large strings)."""
     if kind == "str":
-        return users.astype(str).to_numpy(dtype=object)
+        text = arrow_text(users)
+        if text is None:
+            return pa.array(users.astype(str).to_numpy(dtype=object), pa.large_string())
+        return text
     if _user_kind(users) != kind:
         raise DataError(
             f"{origin.name}: column 'user' holds {users.dtype} ids here, "
@@ -446,8 +450,15 @@ def _user_array(users: pd.Series, kind: str, origin: Origin) -> np.ndarray:
     return users.to_numpy(np.int64 if kind == "int" else np.float64)
 
 
-def _bucket_of(users: np.ndarray, n_buckets: int) -> np.ndarray:
-    """A stable bucket per user id: the same id gives the same bucket in every run."""
+def _bucket_of(users: np.ndarray | pa.Array, n_buckets: int) -> np.ndarray:
+    """A stable bucket per user id: the same id gives the same bucket in every run (text ids:
+    each distinct id hashed once, as a str, as ``pd.util.hash_array`` hashes an object array
+    of them)."""
+    if isinstance(users, pa.Array):
+        encoded = pc.dictionary_encode(users)
+        distinct = encoded.dictionary.to_numpy(zero_copy_only=False)
+        per_id = (pd.util.hash_array(distinct) % np.uint64(n_buckets)).astype(np.int64)
+        return per_id[encoded.indices.to_numpy()]
     return (pd.util.hash_array(users) % np.uint64(n_buckets)).astype(np.int64)
 
 
@@ -513,7 +524,13 @@ def _scatter(
             bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
             seq = (number << _ROW_BITS) + offset + np.arange(n, dtype=np.int64)
             scattered = pa.table(
-                [users[order], item_idx[order], timestamp[order], positive[order], seq[order]],
+                [
+                    users.take(order) if isinstance(users, pa.Array) else users[order],
+                    item_idx[order],
+                    timestamp[order],
+                    positive[order],
+                    seq[order],
+                ],
                 schema=schema,
             )
             for b in np.flatnonzero(np.diff(bounds)):
@@ -571,16 +588,22 @@ class _Totals:
     partitions: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _read_bucket(path: Path) -> dict[str, np.ndarray]:
+def _read_bucket(path: Path) -> dict[str, Any]:
+    """A bucket's columns as arrays; text user ids as a pandas column of pyarrow strings."""
     with pa.ipc.open_stream(str(path)) as reader:
         table = reader.read_all()
     path.unlink()  # free the disk as we go
-    return {name: table[name].to_numpy() for name in table.column_names}
+    bucket: dict[str, Any] = {}
+    for name in table.column_names:
+        column = table[name]
+        text = name == "user" and pa.types.is_large_string(column.type)
+        bucket[name] = as_text(column.to_pandas()) if text else column.to_numpy()
+    return bucket
 
 
 def _split_bucket(
     p: int,
-    bucket: dict[str, np.ndarray],
+    bucket: dict[str, Any],
     catalogue: _Catalogue,
     split: SplitConfig,
     out: Path,
@@ -588,7 +611,7 @@ def _split_bucket(
     totals: _Totals,
 ) -> None:
     """Turn bucket ``p`` into partition ``p`` (users from ``totals.n_users`` on)."""
-    codes, user_ids = pd.factorize(bucket["user"], sort=True)  # users in original-id order
+    codes, user_ids = factorize(bucket["user"], sort=True)  # users in original-id order
     item, timestamp = bucket["item_idx"], bucket["timestamp"]
     found = _find_duplicates(codes, item, timestamp, bucket["seq"])
     if found is not None:

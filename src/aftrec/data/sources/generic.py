@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from aftrec.data.ids import as_text
 from aftrec.data.schema import Origin, RawLog, require_unique_columns
 from aftrec.errors import DataError
 
@@ -134,8 +135,9 @@ def read_table(path: Path) -> tuple[pd.DataFrame, Origin]:
 def ids_as_read(frame: pd.DataFrame, name: str) -> pd.DataFrame:
     """The :data:`ID_COLUMNS` of ``frame`` (read from ``name``) as they were written: integer
     columns stay int64 (a Parquet file's; no digit of theirs is lost), float ids become the
-    integers they stand for (:func:`check_float_ids`), and anything else is text (object
-    columns of str, missing values NaN): a CSV file's ids, so that "007" and "7" stay two.
+    integers they stand for (:func:`check_float_ids`), and anything else is text
+    (:func:`~aftrec.data.ids.as_text`: pyarrow strings, missing values NaN): a CSV file's ids,
+    so that "007" and "7" stay two.
     Domain names are always text. Tables whose ids differ in type are compared as text
     (:func:`~aftrec.data.schema.harmonise_ids`, :func:`same_id_types`)."""
     for col in ID_COLUMNS:
@@ -153,12 +155,6 @@ def ids_as_read(frame: pd.DataFrame, name: str) -> pd.DataFrame:
             values = values.astype("Int64")
         frame[col] = as_text(values)
     return frame
-
-
-def as_text(values: pd.Series) -> pd.Series:
-    """``values`` as an object column of str, missing values NaN."""
-    text = values.astype("string")
-    return text.astype(object).where(text.notna(), np.nan)
 
 
 def same_id_types(frames: Sequence[pd.DataFrame]) -> None:
