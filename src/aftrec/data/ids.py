@@ -48,15 +48,13 @@ def _arrow_text_dtype(dtype: Any) -> bool:
     return False
 
 
-def arrow_text(values: pd.Series | pd.Index) -> pa.Array | None:
-    """``values`` as one pyarrow string array when pandas holds them as pyarrow strings
-    (:data:`TEXT`, ``string[pyarrow]``, ``ArrowDtype`` strings); otherwise ``None``."""
+def arrow_text(values: pd.Series | pd.Index) -> pa.ChunkedArray | None:
+    """``values`` as pyarrow strings, without a copy, when pandas holds them so (:data:`TEXT`,
+    ``string[pyarrow]``, ``ArrowDtype`` strings); otherwise ``None``."""
     if not _arrow_text_dtype(values.dtype):
         return None
     data = pa.array(values)
-    if isinstance(data, pa.ChunkedArray):
-        data = data.combine_chunks()
-    return data.cast(pa.large_string())
+    return data if isinstance(data, pa.ChunkedArray) else pa.chunked_array([data])
 
 
 def factorize(values: pd.Series | pd.Index, sort: bool = False) -> tuple[np.ndarray, pd.Index]:
@@ -68,14 +66,22 @@ def factorize(values: pd.Series | pd.Index, sort: bool = False) -> tuple[np.ndar
         codes, uniques = pd.factorize(values, sort=sort)
         return codes, pd.Index(uniques)
     encoded = pc.dictionary_encode(data)
-    codes = encoded.indices.fill_null(-1).to_numpy().astype(np.intp)
-    distinct = encoded.dictionary
+    # the chunks share one dictionary (pyarrow encodes a chunked array with one hash table)
+    distinct = encoded.chunk(0).dictionary if encoded.num_chunks else pa.array([], data.type)
+    if not all(chunk.dictionary.equals(distinct) for chunk in encoded.chunks[1:]):
+        encoded = pa.chunked_array([pc.dictionary_encode(data.combine_chunks())])
+        distinct = encoded.chunk(0).dictionary
+    indices = [chunk.indices.fill_null(-1).to_numpy() for chunk in encoded.chunks]
+    codes = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int32)
     if sort and len(distinct):
         order = pc.array_sort_indices(distinct).to_numpy()
-        rank = np.empty(len(order), dtype=np.intp)
+        rank = np.empty(len(order) + 1, dtype=np.intp)
         rank[order] = np.arange(len(order))
-        codes = np.where(codes < 0, -1, rank[codes])
+        rank[-1] = -1  # a missing value's code, -1, stays -1
         distinct = distinct.take(order)
+        codes = rank[codes]
+    else:
+        codes = codes.astype(np.intp)
     return codes, pd.Index(pd.array(distinct, dtype=values.dtype))
 
 
@@ -85,7 +91,7 @@ def positions(index: pd.Index, values: pd.Series | pd.Index) -> np.ndarray:
     where, data = arrow_text(index), arrow_text(values)
     if where is None or data is None:
         return index.get_indexer(pd.Index(values))
-    found = pc.index_in(data, value_set=where)
+    found = pc.index_in(data, value_set=where.combine_chunks().cast(data.type))
     return found.fill_null(-1).to_numpy().astype(np.intp)
 
 
@@ -98,7 +104,7 @@ def duplicated(frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
     numbers, and two pairs that meet in one number only add rows to compare), and pandas
     compares those rows alone in full. The full comparison would hash every row's
     timestamp, most of the time spent."""
-    first, second = (factorize(frame[col])[0].astype(np.int64) for col in columns[:2])
+    first, second = (factorize(frame[col])[0].astype(np.int64, copy=False) for col in columns[:2])
     pair = first * (int(second.max(initial=0)) + 1) + second
     maybe = np.flatnonzero(pd.Series(pair).duplicated(keep=False).to_numpy())
     dup = np.zeros(len(frame), dtype=bool)

@@ -63,12 +63,13 @@ def _positive_frame(log_: RawLog, rating_threshold: float) -> pd.DataFrame:
 
 
 def _index_rows(
-    frame: pd.DataFrame, item_index: pd.Index, user_index: pd.Index, item_domain: np.ndarray
+    frame: pd.DataFrame, item_index: pd.Index, user_idx: np.ndarray, item_domain: np.ndarray
 ) -> dict[str, np.ndarray]:
+    """The rows of ``frame`` by index: ``user_idx`` given (each row's position among the
+    users), items found in ``item_index``."""
     item_idx = positions(item_index, frame["item"]).astype(np.int32)
-    user_idx = positions(user_index, frame["user"]).astype(np.int32)
     return {
-        "user_idx": user_idx,
+        "user_idx": user_idx.astype(np.int32),
         "item_idx": item_idx,
         "domain_idx": item_domain[item_idx],
         "timestamp": frame["timestamp"].to_numpy(),
@@ -111,8 +112,9 @@ def prepare(
     repeats: list[str] = []  # pre-split: later parts' pairs already in an earlier part
     if presplit is None:
         frame = _positive_frame(raw, split.rating_threshold)
-        _, user_index = factorize(frame["user"], sort=True)
-        rows = _index_rows(frame, item_index, user_index, item_domain)
+        user_idx, user_index = factorize(frame["user"], sort=True)
+        rows = _index_rows(frame, item_index, user_idx, item_domain)
+        del frame, user_idx  # the split needs the rows only: free the ids' text before it
         rows, part, kept_users, n_dropped = split_positives(rows, split)
         user_index = pd.Index(user_index.to_numpy()[kept_users])
     else:
@@ -123,7 +125,8 @@ def prepare(
         chunks, part_chunks = [], []
         earlier = np.empty(0, dtype=np.int64)  # (user, item) keys of the parts before
         for name, frame in frames.items():
-            r = first_click_only(_index_rows(frame, item_index, user_index, item_domain))
+            user_idx = positions(user_index, frame["user"])
+            r = first_click_only(_index_rows(frame, item_index, user_idx, item_domain))
             key = r["user_idx"].astype(np.int64) * len(item_index) + r["item_idx"]
             again = np.isin(key, earlier)
             if again.any():  # as within one log: the first click of a pair, not a repeat

@@ -441,7 +441,7 @@ def _user_array(users: pd.Series, kind: str, origin: Origin) -> np.ndarray | pa.
         text = arrow_text(users)
         if text is None:
             return pa.array(users.astype(str).to_numpy(dtype=object), pa.large_string())
-        return text
+        return text.combine_chunks().cast(pa.large_string())
     if _user_kind(users) != kind:
         raise DataError(
             f"{origin.name}: column 'user' holds {users.dtype} ids here, "
