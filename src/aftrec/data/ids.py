@@ -31,12 +31,12 @@ TEXT = _text_dtype()
 
 def as_text(values: pd.Series) -> pd.Series:
     """``values`` as text ids (:data:`TEXT`, missing values NaN)."""
-    if values.dtype == TEXT:
-        return values
-    text = values.astype("string")
-    if not isinstance(TEXT, pd.StringDtype):
+    if not isinstance(TEXT, pd.StringDtype):  # an object column may hold other things
+        text = values.astype("string")
         return text.astype(object).where(text.notna(), np.nan)
-    return text.astype(TEXT)
+    if values.dtype == TEXT:  # a CSV file's ids, as pandas 3 reads them: nothing to do
+        return values
+    return values.astype("string").astype(TEXT)
 
 
 def _arrow_text_dtype(dtype: Any) -> bool:
