@@ -105,7 +105,7 @@ def _written_integers(text: pd.Series) -> bool:
     """Whether every value is a str that is an int64 written plainly (no leading zero, sign
     only for a negative: "-0" is not 0, or it would become the same item as "0")."""
     if not pd.api.types.is_string_dtype(text) or text.isna().any() or len(text) == 0:
-        return False  # (object columns of str, as read_table's, or pyarrow's str columns)
+        return False  # (text: read_table's pyarrow strings, or object columns of str)
     text = text.astype("string")
     if not text.str.fullmatch(r"0|-?[1-9][0-9]{0,18}").all():
         return False
