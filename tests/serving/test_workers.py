@@ -242,11 +242,11 @@ def test_workers_answer_as_one_process_and_stop_together(bundle: Path) -> None:
             assert reload.status_code == 403, reload.text  # no token with N > 1: disabled
         # SIGHUP: the supervisor replaces every worker, which load the bundle again
         server.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240  # each worker imports torch and loads the bundle
         while not (len(now := _workers(server.pid)) == 2 and not now & first):
             assert time.monotonic() < deadline, "the workers were not restarted"
             time.sleep(0.2)
-        _wait(url, server, 2, timeout=90)
+        _wait(url, server, 2, timeout=240)
         assert httpx.post(url + "/recommend", json={"user": users[0], "n": 5}).status_code == 200
         # SIGTERM stops the supervisor and its workers
         workers = _workers(server.pid)
