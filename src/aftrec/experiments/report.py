@@ -912,7 +912,7 @@ def render(results: Results) -> str:
     w(
         f"- This invocation's hardware: {env['cpu']}, {env['cores']} cores "
         f"({env['usable_cores']} usable), {env['memory_gib']} GiB memory, "
-        f"CUDA {'available (unused: train.device)' if env['cuda'] else 'none'}; "
+        f"CUDA {'available (unused: runtime.device)' if env['cuda'] else 'none'}; "
         f"1-min load average at start {env['load_average_1min']}; {env['os']}"
     )
     w("- Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))

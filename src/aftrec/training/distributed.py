@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from aftrec.errors import ConfigError
+from aftrec.errors import ConfigError, TrainingError
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,11 @@ class Context:
 
 SINGLE = Context()
 
+#: the backend this process's group was made with (None: not made here), and whether a call
+#: failed under torchrun, after which the ranks may be in different calls
+_backend: str | None = None
+_out_of_step = False
+
 
 def init(device: str = "cpu", timeout_minutes: float = 60.0) -> Context:
     """Join the process group torchrun described in the environment, or run alone.
@@ -106,12 +111,26 @@ def init(device: str = "cpu", timeout_minutes: float = 60.0) -> Context:
             )
         if not dist.is_nccl_available():
             raise ConfigError(f"runtime.device={device} under torchrun: this torch has no NCCL")
+    global _backend
+    if _out_of_step:
+        raise TrainingError(
+            "an earlier aftrec.train call of this process failed under torchrun, so its ranks "
+            "may be out of step: end the job and start it again"
+        )
+    # CPU tensors (the ranks' small agreements) take gloo beside NCCL on CUDA
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
     if not dist.is_initialized():  # once per process: a second call reuses the group
         dist.init_process_group(
-            backend="nccl" if cuda else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
         )
+        _backend = backend
         atexit.register(leave)
+    elif _backend is not None and _backend != backend:
+        raise ConfigError(
+            f"runtime.device={device} under torchrun: this process joined the group for "
+            f"{'CUDA' if 'nccl' in _backend else 'the CPU'} in an earlier call; train on one "
+            "kind of device per job"
+        )
     if cuda:
         torch.cuda.set_device(local)
     return Context(rank=rank, world=world, local_rank=local)
@@ -135,17 +154,23 @@ def shutdown(ctx: Context, clean: bool = True) -> None:
     after an error there is none, since the other ranks may never reach it. The process
     group stays for the process's next call (a script that trains, then resumes): a group
     made again on torchrun's store met the old one's keys there and hung. :func:`leave`
-    ends it, at exit at the latest."""
+    ends it, at exit at the latest. After a failed call no next call joins: a rank that did
+    not fail may still be in the failed one, and the two would wait on each other."""
+    global _out_of_step
     if ctx.distributed and dist.is_initialized() and clean:
         dist.barrier()
+    elif ctx.distributed:  # a rank may still be in the failed call: no next one joins
+        _out_of_step = True
 
 
 def leave() -> None:
     """Leave the process group, if this process is in one. Registered to run at exit, before
     torch's C++ teardown (which could abort a rank of a finished run); the CLI calls it
     before it ends a finished rank with ``os._exit``."""
+    global _backend
     if dist.is_initialized():
         dist.destroy_process_group()
+    _backend = None
 
 
 def shards_of(ctx: Context, n_shards: int) -> list[int]:

@@ -270,13 +270,14 @@ def _train(
         if ctx.main:
             try:
                 _save_last(out, model, step, epoch, stopper, done=False, partial={"ranks": parts})
-            except BaseException:
-                ctx.broadcast(False)
+            except BaseException as exc:  # a full disk; a second signal (Stopped)
+                ctx.broadcast(" ".join(str(exc).split()) or type(exc).__name__)
                 raise
         # every rank waits for the file: one that stopped at once ended the job, and torchrun
         # stopped rank 0 in the middle of writing it (a second signal, an abandoned write)
-        if not ctx.broadcast(True) and not ctx.main:
-            raise TrainingError(f"{out / rundir.LAST}: rank 0 could not write it; see its error")
+        failed = ctx.broadcast(None)
+        if failed is not None and not ctx.main:
+            raise TrainingError(f"{out / rundir.LAST}: rank 0 did not write it: {failed}")
 
     examples, train_seconds, stopped_early = 0, 0.0, False
     logged = functools.partial(_logged, out, epoch) if resume else None
