@@ -364,8 +364,9 @@ def test_http_parser_and_event_loop_reach_uvicorn(
     runs: list[dict[str, Any]] = []
     monkeypatch.setattr(cli, "_load_app", lambda *args: served)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: runs.append(kw))
-    assert main(["serve", "--bundle", "b", "--http", "h11", "--loop", "asyncio"]) == 0
-    assert main(["serve", "--bundle", "b"]) == 0
+    port = ["--port", "0"]  # the port is bound (and let go) before serving: 8000 may be taken
+    assert main(["serve", "--bundle", "b", *port, "--http", "h11", "--loop", "asyncio"]) == 0
+    assert main(["serve", "--bundle", "b", *port]) == 0
     from aftrec.serving.protocol import GuardedH11Protocol, GuardedHttpToolsProtocol
 
     # each parser comes as its guarded protocol class (auto: httptools, installed here)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib.util
 import json
 import logging
@@ -79,16 +80,26 @@ def check_address(host: str, port: int) -> None:
         raise ConfigError(f"--host {host!r} is not an address this machine can listen on") from exc
 
 
-def check_listenable(host: str, port: int) -> None:
+def check_listenable(host: str, port: int, workers: int = 1) -> None:
     """A :class:`ConfigError` when ``host:port`` cannot be listened on (another server holds
-    the port; a port below 1024 without the right to it), before the bundle is loaded: each
-    address ``host`` resolves to is bound as uvicorn binds it (``SO_REUSEADDR``), then
-    released. A server that takes the port in the seconds the bundle loads still stops
-    uvicorn, with its own message."""
-    import errno
+    the port; a port below 1024 without the right to it), before the bundle is loaded. The
+    port is bound as uvicorn will bind it (``SO_REUSEADDR``), then released: with one
+    process, each address ``host`` resolves to (IPv6 ones IPv6 only, as asyncio binds them);
+    with ``workers`` > 1, one socket, IPv6 if ``host`` holds a ``:`` and IPv4 otherwise, as
+    uvicorn's supervisor binds it. A server that takes the port in the seconds the bundle
+    loads still stops uvicorn, with its own message."""
     import socket
 
     unknown = f"--host {host!r} is not an address this machine can listen on"
+    if workers > 1:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except (OSError, UnicodeError) as exc:
+                raise _unlistenable(host, port, exc, unknown) from None
+        return
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
@@ -109,17 +120,27 @@ def check_listenable(host: str, port: int) -> None:
             except OSError as exc:
                 if exc.errno == errno.EADDRNOTAVAIL:  # another address of host may serve
                     continue
-                if exc.errno == errno.EADDRINUSE:
-                    raise ConfigError(
-                        f"--port {port}: {host}:{port} is already in use (another server "
-                        "listens there); choose another --port or stop that server"
-                    ) from None
-                raise ConfigError(
-                    f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})"
-                ) from None
+                raise _unlistenable(host, port, exc, unknown) from None
         bound += 1
     if not bound:
         raise ConfigError(unknown)
+
+
+def _unlistenable(host: str, port: int, exc: BaseException, unknown: str) -> ConfigError:
+    """The error for a bind of ``host:port`` that raised ``exc``."""
+    import socket
+
+    number = getattr(exc, "errno", None)
+    if isinstance(exc, (socket.gaierror, UnicodeError)) or number == errno.EADDRNOTAVAIL:
+        return ConfigError(unknown)  # a name that does not resolve, no address of this machine
+    if number == errno.EADDRINUSE:
+        return ConfigError(
+            f"--port {port}: {host}:{port} is already in use (another server listens there); "
+            "choose another --port or stop that server"
+        )
+    return ConfigError(
+        f"--port {port}: cannot listen on {host}:{port} ({getattr(exc, 'strerror', exc)})"
+    )
 
 
 def check_bundle(bundle: Path) -> str:
@@ -202,7 +223,7 @@ def serve_bundle(
                 f"{flag} {choice}: {choice} is not installed (pip install 'aftrec[serve]')"
             )
     batching = batching or BatchSettings()
-    check_listenable(host, port)  # before the bundle loads, which can take a while
+    check_listenable(host, port, workers)  # before the bundle loads, which can take a while
     logging.getLogger("aftrec.serving").setLevel(log_level.upper())
     served: Any
     if workers == 1:
@@ -275,11 +296,11 @@ def _load_app(
 def worker_app() -> FastAPI:
     """One worker process's app under ``aftrec serve --workers N`` (uvicorn's factory), from
     the settings :func:`serve_bundle` put in ``$AFTREC_SERVE_WORKER``. A bundle it cannot
-    load (changed since the supervisor checked it) is one log line and uvicorn's startup
-    failure exit: the supervisor then keeps the workers it has on SIGHUP, or stops, instead
-    of restarting the worker for ever."""
+    load (changed since the supervisor checked it) is one log line and exit status 1, not a
+    traceback. Not uvicorn's startup-failure status: after a worker that crashed, that
+    stopped the whole server, the healthy workers too; this way a SIGHUP restart keeps the
+    running workers, and a crashed worker's place is retried while the others serve."""
     import torch
-    from uvicorn.config import STARTUP_FAILURE
 
     settings = json.loads(os.environ[WORKER_ENV])
     torch.set_flush_denormal(True)  # a worker process only serves (aftrec.numerics)
@@ -298,7 +319,7 @@ def worker_app() -> FastAPI:
         logging.getLogger("uvicorn.error").error(
             "worker [%d] cannot serve: %s", os.getpid(), " ".join(str(exc).split())
         )
-        sys.exit(STARTUP_FAILURE)
+        sys.exit(1)
 
 
 def admin_token_from(token_file: Path | None) -> str | None:
