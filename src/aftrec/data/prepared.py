@@ -229,7 +229,12 @@ def describe(
 
 
 def write_items(path: Path, items: pd.DataFrame) -> None:
-    items.loc[:, ["item_idx", "item", "domain"]].to_parquet(path, index=False)
+    frame = items.loc[:, ["item_idx", "item", "domain"]]
+    if isinstance(frame["item"].dtype, pd.StringDtype):  # text ids held as pyarrow strings
+        # typed as ``astype(str)`` types them, as --streaming writes them: the same file on
+        # any pandas (2.3 writes object text, where a StringDtype column would be large_string)
+        frame["item"] = frame["item"].astype(str)
+    frame.to_parquet(path, index=False)
 
 
 def write_users(path: Path, user_ids: np.ndarray, start: int = 0) -> None:
