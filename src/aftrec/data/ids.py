@@ -17,23 +17,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-
-def _text_dtype() -> Any:
-    try:  # pandas 2.3 and later (pandas 3's "str"): pyarrow strings, missing values NaN
-        return pd.StringDtype("pyarrow", na_value=np.nan)
-    except (TypeError, ValueError, ImportError):  # older pandas: object columns of str
-        return np.dtype(object)
-
-
 #: the pandas type of text ids: pyarrow strings with missing values NaN (pandas 3's "str")
-TEXT = _text_dtype()
+TEXT = pd.StringDtype("pyarrow", na_value=np.nan)
 
 
 def as_text(values: pd.Series) -> pd.Series:
     """``values`` as text ids (:data:`TEXT`, missing values NaN)."""
-    if not isinstance(TEXT, pd.StringDtype):  # an object column may hold other things
-        text = values.astype("string")
-        return text.astype(object).where(text.notna(), np.nan)
     if values.dtype == TEXT:  # a CSV file's ids, as pandas 3 reads them: nothing to do
         return values
     return values.astype("string").astype(TEXT)
