@@ -85,6 +85,19 @@ def no_uvicorn(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
     return calls
 
 
+def test_workers_have_time_to_load_the_bundle(
+    bundle: Path, no_uvicorn: list[dict[str, object]]
+) -> None:
+    """uvicorn's supervisor gave a new worker 5 s to be ready: a SIGHUP restart on a busy
+    machine was abandoned (the old workers kept), and the test of it failed under load."""
+    from aftrec.serving.cli import WORKER_READY_SECONDS
+
+    assert main(["serve", "--bundle", str(bundle), "--port", "0", "--workers", "2"]) == 0
+    assert main(["serve", "--bundle", str(bundle), "--port", "0"]) == 0
+    assert no_uvicorn[0]["timeout_worker_healthcheck"] == WORKER_READY_SECONDS >= 60
+    assert "timeout_worker_healthcheck" not in no_uvicorn[1]  # one process: no supervisor
+
+
 def test_workers_refuse_a_missing_bundle_before_starting(
     no_uvicorn: list[dict[str, object]], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -30,6 +30,11 @@ TOKEN_ENV = "AFTREC_ADMIN_TOKEN"
 MAX_TOKEN_FILE = 4096  # bytes of --admin-token-file read at most
 #: ``--workers N > 1``: the settings each worker process builds its app from (JSON)
 WORKER_ENV = "AFTREC_SERVE_WORKER"
+#: ``--workers N > 1``: seconds a new worker has to import torch, load the bundle and answer
+#: uvicorn's supervisor as ready (after SIGHUP, or in a dead worker's place), and a running
+#: one to answer its health check. uvicorn's default, 5 s, is less than a worker needs on a
+#: busy machine or for a large bundle: every SIGHUP restart was abandoned, the old workers kept
+WORKER_READY_SECONDS = 120
 HTTP_PARSERS = ("auto", "httptools", "h11")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
@@ -261,7 +266,20 @@ def serve_bundle(
         forwarded_allow_ips=forwarded_allow_ips if proxy_headers else None,
         http=http_protocol(http),  # with a head limit and a request deadline
         loop=loop,
+        **_supervisor_settings(workers),
     )
+
+
+def _supervisor_settings(workers: int) -> dict[str, Any]:
+    """``uvicorn.run``'s settings for its supervisor of ``workers`` processes: the time a
+    worker has to be ready (:data:`WORKER_READY_SECONDS`), where this uvicorn takes one
+    (uvicorn before its health checks did not wait for a new worker at all)."""
+    import inspect
+
+    from uvicorn.config import Config
+
+    takes = "timeout_worker_healthcheck" in inspect.signature(Config).parameters
+    return {"timeout_worker_healthcheck": WORKER_READY_SECONDS} if workers > 1 and takes else {}
 
 
 def _load_app(
