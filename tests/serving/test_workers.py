@@ -249,7 +249,7 @@ def test_workers_answer_as_one_process_and_stop_together(bundle: Path) -> None:
     server = subprocess.Popen(
         [sys.executable, "-m", "aftrec.cli", "serve", "--bundle", str(bundle), "--port",
          str(port), "--workers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     try:
         _wait(url, server, 2, timeout=90)
@@ -278,7 +278,7 @@ def test_workers_answer_as_one_process_and_stop_together(bundle: Path) -> None:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
-    finally:
+    finally:  # a failed test: the workers too (killing the supervisor alone orphaned them)
         if server.poll() is None:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
             server.wait()
