@@ -594,3 +594,32 @@ def test_a_head_above_16_kib_is_a_431_and_a_bad_request_a_400_in_json(
             assert b"application/json" in got
         with httpx.Client(base_url=url, timeout=5) as c:  # and the server goes on serving
             assert c.get("/health").status_code == 200
+
+
+KEEP = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+CHUNKED = b"POST /recommend HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("parser", ["h11", "httptools"])
+def test_requests_received_in_full_are_answered_before_what_follows_is_refused(
+    bundle: Path, parser: str
+) -> None:
+    """httptools: bytes the parser refused, in the same write as a valid request before them,
+    closed the connection with only the 400 (or 431): the valid request, received in full,
+    was never answered. Every request received in full is answered, in order, then the
+    refusal; a request the bad bytes broke gets none (h11 did this already)."""
+    if parser == "httptools":
+        pytest.importorskip("httptools")
+    post = padded_post(200)
+    with running(create_app(Recommender.load(bundle)), http=parser) as url:
+        for writes, expected in (
+            ([KEEP + b"\x00\x01 garbage\r\n\r\n"], [200, 400]),
+            ([KEEP + KEEP + b"\x00\x01 garbage\r\n\r\n"], [200, 200, 400]),
+            ([post + b"\x00\x01 garbage\r\n\r\n"], [200, 400]),
+            ([KEEP + BIG_HEAD], [200, 431]),
+            ([KEEP + CHUNKED + b"zz\r\n{}\r\n"], [200, 400]),  # the POST's chunk size is bad
+            ([KEEP, b"\x00\x01 garbage\r\n\r\n"], [200, 400]),  # apart: as before
+        ):
+            got = exchange(url, writes, pause=0.2)
+            assert statuses(got) == expected, (writes[0][:60], got[-400:])
+            assert got.endswith(b"}") and b"application/json" in got.split(b"HTTP/1.1")[-1]

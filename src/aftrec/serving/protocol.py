@@ -15,7 +15,9 @@ memory with endless headers, or connections with requests it never finishes. Her
 * the head is counted as bytes arrive, not only as the parser completes headers (it hands
   one over only when the next begins), so one endless header is refused as well; only the
   bytes of the head itself count, not those of a request before it in the same chunk;
-* a request the parser refuses gets its ``400`` as JSON, like every other error.
+* a request the parser refuses gets its ``400`` as JSON, like every other error; requests
+  received in full before the bytes it refused, in the same chunk, are answered first (the
+  parser sees the whole chunk before the first of them is answered).
 
 :class:`GuardedH11Protocol` gives uvicorn's h11 protocol, the one ``--http h11`` takes, the
 same request deadline and the same head limit: h11 limits only the bytes it holds while a head
@@ -123,6 +125,8 @@ class GuardedHttpToolsProtocol(_Deadline, HttpToolsProtocol):
     _parts = 0  # bytes of the head's parts the parser has completed
     _heading = False  # between a request's first byte and the end of its headers
     _refused: bytes | None = None
+    _owed: bytes | None = None  # the refusal, held until the requests before it are answered
+    _received: tuple[Any, ...] = ()  # cycles of requests received in full, not yet answered
     # within the chunk being parsed: whether the current request began in it, the body bytes
     # since the last request began, and the body bytes of the request before the current one
     _began = False
@@ -139,8 +143,7 @@ class GuardedHttpToolsProtocol(_Deadline, HttpToolsProtocol):
         if self._heading and self._refused is None:
             self._head += self._open_head_bytes(data) if self._began else len(data)
             if self._head > MAX_HEAD:
-                self._refused = _head_too_large()
-                self._close_with(self._refused)
+                self._refuse(_head_too_large())
 
     def _open_head_bytes(self, data: bytes) -> int:
         """The bytes of ``data`` that belong to the head open at its end, a head that began
@@ -153,8 +156,35 @@ class GuardedHttpToolsProtocol(_Deadline, HttpToolsProtocol):
         return max(len(data) - start, 0)
 
     def send_400_response(self, msg: str) -> None:
-        self._refused = self._refused or _bad_request()
-        self._close_with(self._refused)
+        self._refuse(self._refused or _bad_request())
+
+    def _refuse(self, answer: bytes) -> None:
+        """Answer ``answer`` and close, once the requests received in full before the refused
+        bytes are answered; the request those bytes broke, if they began inside one, gets no
+        other answer. What follows on the connection is ignored from now on."""
+        self._refused = answer
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and not cycle.response_complete:
+            if not self.pipeline or self.pipeline[0][0] is not cycle:
+                self._close_with(answer)  # the broken request is the one being answered
+                return
+            self.pipeline.popleft()  # waiting behind others: it is never started
+        if self._in_flight():
+            self._disarm()
+            self._owed = answer
+        else:
+            self._close_with(answer)
+
+    def _in_flight(self) -> bool:
+        """Whether a request received in full is being answered or waits to be."""
+        self._received = tuple(c for c in self._received if not c.response_complete)
+        return bool(self._received)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # starts the request pipelined behind, if any
+        if self._owed is not None and not self.transport.is_closing() and not self._in_flight():
+            answer, self._owed = self._owed, None
+            self._close_with(answer)
 
     def _close_with(self, answer: bytes | None) -> None:
         self._refused = self._refused or answer  # what follows on the connection is ignored
@@ -185,6 +215,9 @@ class GuardedHttpToolsProtocol(_Deadline, HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._disarm()
         super().on_message_complete()
+        if self.cycle is not None and not self.cycle.response_complete:
+            waiting = (c for c in self._received if not c.response_complete)
+            self._received = (*waiting, self.cycle)
 
     def _count(self, n: int) -> None:
         """The head's parts as the parser completes them (a head that arrives whole in one
