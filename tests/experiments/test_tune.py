@@ -627,6 +627,33 @@ def test_reproduce_refuses_tuned_studies_of_models_not_run(
     assert main([*base, "--models", "pop", "--tuned", str(tmp_path / "none")]) == 2
 
 
+def test_studies_of_another_dataset_are_one_note_that_names_no_home_folder(
+    tiny_dir: Path, tmp_path: Path, standin: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report said "`m` was tuned on `/abs/path`, not on this dataset." once per model:
+    19 lines for a dataset's transferred settings, each with the machine's absolute path."""
+    from aftrec.experiments.plan import read_tuned
+
+    tune(_spec(tiny_dir, tmp_path / "tw", 1))
+    tune(TuneSpec(tiny_dir, "pop", tmp_path / "pop", 1))
+    studies = [tmp_path / "tw", tmp_path / "pop"]
+    monkeypatch.chdir(tiny_dir.parent)
+    notes: list[str] = []
+    tuned = read_tuned(studies, ["pop", "two-tower"], tmp_path / "other", notes)
+    assert sorted(tuned) == ["pop", "two-tower"]
+    assert notes == [
+        "Tuned on `tiny`, not on this dataset, and run here with the settings chosen there: "
+        "`pop`, `two-tower`."
+    ]
+    monkeypatch.chdir(tmp_path)  # a dataset outside the working folder keeps its whole path
+    notes.clear()
+    read_tuned(studies, ["pop", "two-tower"], tmp_path / "other", notes)
+    assert f"`{tiny_dir.resolve()}`" in notes[0]
+    notes.clear()
+    read_tuned(studies, ["pop", "two-tower"], tiny_dir, notes)  # tuned on this dataset
+    assert notes == []
+
+
 @pytest.mark.parametrize(
     ("file", "key", "value", "message"),
     [

@@ -410,6 +410,7 @@ def read_tuned(
     from aftrec.experiments.tune import TRIALS_CSV, read_best, trial_points
 
     out: dict[str, Tuned] = {}
+    elsewhere: dict[str, list[str]] = {}  # dataset tuned on -> models, for other datasets
     for path in paths:
         best = read_best(path)
         if (best.path.parent / TRIALS_CSV).is_file():  # the report plots it: read it now
@@ -419,9 +420,24 @@ def read_tuned(
         if best.model in out:
             raise ConfigError(f"--tuned names two studies of {best.model!r}")
         if best.data != str(Path(data).resolve()):
-            notes.append(f"`{best.model}` was tuned on `{best.data}`, not on this dataset.")
+            elsewhere.setdefault(best.data, []).append(best.model)
         out[best.model] = best
+    for where, names in elsewhere.items():
+        shown = ", ".join(f"`{name}`" for name in sorted(names))
+        notes.append(
+            f"Tuned on `{_near(Path(where))}`, not on this dataset, and run here with the "
+            f"settings chosen there: {shown}."
+        )
     return out
+
+
+def _near(path: Path) -> Path:
+    """``path`` from the working folder where it lies below it (a report shows no machine's
+    home), else as it is."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 #: a run directory holding none of these never trained (it failed or was killed before its
