@@ -16,8 +16,8 @@ memory with endless headers, or connections with requests it never finishes. Her
   one over only when the next begins), so one endless header is refused as well; only the
   bytes of the head itself count, not those of a request before it in the same chunk;
 * a request the parser refuses gets its ``400`` as JSON, like every other error; requests
-  received in full before the bytes it refused, in the same chunk, are answered first (the
-  parser sees the whole chunk before the first of them is answered).
+  received in full before the bytes it refused are answered first (in the same chunk, the
+  parser sees those bytes before the first of them is answered).
 
 :class:`GuardedH11Protocol` gives uvicorn's h11 protocol, the one ``--http h11`` takes, the
 same request deadline and the same head limit: h11 limits only the bytes it holds while a head
@@ -126,7 +126,7 @@ class GuardedHttpToolsProtocol(_Deadline, HttpToolsProtocol):
     _heading = False  # between a request's first byte and the end of its headers
     _refused: bytes | None = None
     _owed: bytes | None = None  # the refusal, held until the requests before it are answered
-    _received: tuple[Any, ...] = ()  # cycles of requests received in full, not yet answered
+    _last: Any = None  # the cycle of the last request received in full (answered in order)
     # within the chunk being parsed: whether the current request began in it, the body bytes
     # since the last request began, and the body bytes of the request before the current one
     _began = False
@@ -176,9 +176,9 @@ class GuardedHttpToolsProtocol(_Deadline, HttpToolsProtocol):
             self._close_with(answer)
 
     def _in_flight(self) -> bool:
-        """Whether a request received in full is being answered or waits to be."""
-        self._received = tuple(c for c in self._received if not c.response_complete)
-        return bool(self._received)
+        """Whether a request received in full is being answered or waits to be: uvicorn
+        answers them in order, so whether the last of them is answered."""
+        return self._last is not None and not self._last.response_complete
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # starts the request pipelined behind, if any
@@ -216,8 +216,7 @@ class GuardedHttpToolsProtocol(_Deadline, HttpToolsProtocol):
         self._disarm()
         super().on_message_complete()
         if self.cycle is not None and not self.cycle.response_complete:
-            waiting = (c for c in self._received if not c.response_complete)
-            self._received = (*waiting, self.cycle)
+            self._last = self.cycle
 
     def _count(self, n: int) -> None:
         """The head's parts as the parser completes them (a head that arrives whole in one
