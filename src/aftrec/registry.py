@@ -4,15 +4,19 @@ A registration holds every fact about a model that is not its computation: its c
 its row name in the paper's tables, the tiny settings ``aftrec reproduce --quick`` trains it
 with, the model keys its config declares inert, and the settings ``aftrec tune`` searches
 (:attr:`Registration.search_space`). Built-in models register when ``aftrec.models`` is
-imported, which the registry does lazily on first use.
+imported, which the registry does lazily on first use; so do the modules of models kept
+outside the package (:func:`model_modules`): those named by the ``aftrec.models`` entry
+points of installed distributions and by the ``AFTREC_MODELS`` environment variable.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aftrec.errors import ConfigError
@@ -99,14 +103,14 @@ def register_model(
     fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = [k for k in tune or {} if k.startswith("model.") and k[6:] not in fields]
     if unknown:
-        raise ValueError(f"model {name!r}: tuned key(s) {unknown} are not in its config")
+        raise ConfigError(f"model {name!r}: tuned key(s) {unknown} are not in its config")
 
     def deco(cls: M) -> M:
         known = _MODELS.get(name)
         # the same class defined again (its module reloaded, a notebook cell run twice)
         # replaces its registration; another class under a taken name is refused
         if known is not None and _where(known.model) != _where(cls):
-            raise ValueError(
+            raise ConfigError(
                 f"model {name!r} is registered twice: by {'.'.join(_where(known.model))} and "
                 f"{'.'.join(_where(cls))}; give one of them another name"
             )
@@ -120,10 +124,45 @@ def register_model(
     return deco
 
 
+#: the entry-point group, and the environment variable, naming modules of models kept outside
+#: the package
+ENTRY_POINTS = "aftrec.models"
+ENV = "AFTREC_MODELS"
+_loaded = False
+
+
+def model_modules() -> list[tuple[str, str]]:
+    """(where it is named, module) of every module of models kept outside the package: the
+    ``aftrec.models`` entry points of installed distributions (``name = "pkg.module"``), then
+    the comma-separated modules of ``$AFTREC_MODELS`` (found on ``sys.path``)."""
+    found = [
+        (f"entry point {ep.name!r} of {ep.dist.name if ep.dist else 'a distribution'}", ep.module)
+        for ep in metadata.entry_points(group=ENTRY_POINTS)
+    ]
+    named = (m.strip() for m in os.environ.get(ENV, "").split(","))
+    return found + [(f"${ENV}", module) for module in named if module]
+
+
 def _ensure_loaded() -> None:
-    """Register the built-in models. By name, at first use: the registry sits below the
-    models in the layers (each model imports :func:`register_model`)."""
+    """Register the built-in models, then those of :func:`model_modules`. By name, at first
+    use: the registry sits below the models in the layers (each model imports
+    :func:`register_model`)."""
+    global _loaded
+    if _loaded:
+        return
     importlib.import_module("aftrec.models")
+    for where, module in model_modules():
+        try:
+            importlib.import_module(module)
+        except ConfigError:
+            raise  # a registration refused: its own message
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ConfigError(
+                f"cannot import model module {module!r} ({where}): "
+                f"{type(exc).__name__}{': ' + first if first else ''}"
+            ) from exc
+    _loaded = True
 
 
 def _where(cls: type) -> tuple[str, str]:
@@ -138,7 +177,11 @@ def available_models() -> list[str]:
 def registration(name: str) -> Registration:
     _ensure_loaded()
     if name not in _MODELS:
-        raise ConfigError(f"unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
+        raise ConfigError(
+            f"unknown model {name!r}; available: {', '.join(sorted(_MODELS))} (a model "
+            f"outside aftrec is found through ${ENV} or an {ENTRY_POINTS!r} entry point: "
+            "docs/models.md)"
+        )
     return _MODELS[name]
 
 

@@ -8,6 +8,7 @@ from aftrec.config import resolve
 from aftrec.data.dataset import Dataset
 from aftrec.data.histories import HistoryIndex
 from aftrec.data.loader import TrainLoader, make_batch
+from aftrec.errors import ConfigError
 from aftrec.registry import available_models, create_model, register_model
 from aftrec.training.steps import make_step
 
@@ -45,7 +46,7 @@ def test_model_contract(name: str, tiny: Dataset) -> None:
 def test_duplicate_registration_raises() -> None:
     from aftrec.models.popularity import PopularityConfig
 
-    with pytest.raises(ValueError, match="registered twice"):
+    with pytest.raises(ConfigError, match="registered twice"):
         register_model("pop", PopularityConfig)(type("X", (), {}))  # type: ignore[arg-type]
 
 
