@@ -145,6 +145,38 @@ def test_resume_continues_exactly(tiny_dir: Path, tmp_path: Path) -> None:
         assert entry["train_seconds"] > 0 and entry["valid_seconds"] > 0
 
 
+def test_evaluations_of_weights_the_trainer_replaces_are_removed(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """``aftrec evaluate`` then ``train --resume``: metrics.json and per_user.parquet kept the
+    old best's values beside the new best.pt, and nothing said so. The files of the weights
+    replaced go (best's when best.pt changes, last's at every last.pt), the others stay."""
+    from aftrec.api import evaluate
+
+    run = tmp_path / "run"
+    train(tiny_dir, resolve("two-tower", overrides=[*FAST, "train.epochs=1"]), run,
+          progress=False)  # fmt: skip
+    for which in ("best", "last"):
+        evaluate(run, n=[10], which=which, progress=False)
+        evaluate(run, n=[10], which=which, split="valid", progress=False)
+    best = {"metrics.json", "per_user.parquet", "metrics_valid.json", "per_user_valid.parquet"}
+    last = {"metrics_last.json", "per_user_last.parquet", "metrics_valid_last.json",
+            "per_user_valid_last.parquet"}  # fmt: skip
+    assert best | last <= {p.name for p in run.iterdir()}
+    before = checkpoint.load(run / "best.pt")["epoch"]
+    train(tiny_dir, None, run, resume=True, progress=False, resume_set=["train.epochs=3"])
+    moved = checkpoint.load(run / "best.pt")["epoch"] != before
+    left = {p.name for p in run.iterdir()}
+    assert not left & last
+    assert (left & best) == (set() if moved else best)
+    # a new best only: the last weights' files are all that go
+    evaluate(run, n=[10], progress=False)
+    rundir.forget_evaluations(run, "last")
+    assert (run / "metrics.json").is_file()
+    rundir.forget_evaluations(run, "best")
+    assert not (run / "metrics.json").exists() and not (run / "per_user.parquet").exists()
+
+
 def test_a_resume_is_checked_in_terms_it_can_change(tiny_dir: Path, tmp_path: Path) -> None:
     """Before reading the data: a resume needs an epoch left to train (``--set
     train.epochs`` below the epoch under way trained nothing and said "trained"), and a number

@@ -7,6 +7,9 @@ A run directory holds::
     last.pt       the latest state (model, optimisers, RNG, epoch, early-stopping counters)
     best.pt       the model weights of the best validation epoch
     log.jsonl     one line per epoch: losses, validation metric, throughput, wall seconds
+    metrics*.json, per_user*.parquet
+                  ``aftrec evaluate``'s values of best.pt (``*_last``: of last.pt); removed
+                  when the trainer replaces those weights (:func:`forget_evaluations`)
     tensorboard/  with ``train.tracker=tensorboard``: the event files (:mod:`.tracking`)
     mlruns/       with ``train.tracker=mlflow``: a local MLflow file store (:mod:`.tracking`)
 
@@ -204,6 +207,16 @@ def load_run(run: Path, which: str = "best") -> tuple[RunConfig, Dataset, Retrie
     zero_subnormals(model)
     model.eval()
     return cfg, data, model
+
+
+def forget_evaluations(run: Path, which: str) -> None:
+    """Remove the evaluations (``metrics*.json``, ``per_user*.parquet``) of the ``which``
+    weights, ``"best"`` (best.pt) or ``"last"`` (last.pt, the ``*_last`` files), before the
+    trainer replaces them: they would describe weights no longer in the run (a run resumed
+    after ``aftrec evaluate`` kept the old values beside its new best)."""
+    for path in (*run.glob("metrics*.json"), *run.glob("per_user*.parquet")):
+        if path.stem.endswith("_last") == (which == "last"):
+            path.unlink(missing_ok=True)
 
 
 def clear(run: Path) -> None:

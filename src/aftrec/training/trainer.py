@@ -314,6 +314,7 @@ def _train(
                 value = _validate(valid, model, cfg, epoch, entry, totals, epoch_examples, among)
                 improved = stopper.update(epoch, value)
                 if improved:
+                    rundir.forget_evaluations(out, "best")
                     checkpoint.save(
                         {"model": model.state_dict(), "epoch": epoch, "metric": value},
                         out / rundir.BEST,
@@ -760,6 +761,7 @@ def _save_last(
     state = {"model": model.state_dict(), "step": step.state_dict(), "epoch": epoch}
     if partial is not None:
         state["partial"] = partial
+    rundir.forget_evaluations(out, "last")
     checkpoint.save({**state, **stopper.state_dict(), "done": done}, out / rundir.LAST)
 
 
@@ -828,6 +830,8 @@ def _fit_closed_form(
     tracker.close()
     rundir.write_config(out, dataclasses.replace(cfg, model=model_cfg))
     payload = {"model": model.state_dict(), "epoch": 0, "metric": value}
+    for which in ("best", "last"):
+        rundir.forget_evaluations(out, which)
     checkpoint.save(payload, out / rundir.BEST)
     checkpoint.save({**payload, "done": True}, out / rundir.LAST)
     return TrainResult(out, 0, value, 0, time.perf_counter() - started, 0.0, False)
