@@ -3,7 +3,9 @@
 A run whose ``metrics.json`` exists is read, not trained; a run with ``last.pt`` goes through
 the trainer's resume path. Unfinished runs go seed by seed (every model's seed 0 first), so a
 report cut short still covers every model. ``--jobs J`` trains J runs at once, each in its
-own (spawned) process with ``cores // J`` torch threads unless ``train.threads`` is set.
+own (spawned) process with ``cores // J`` torch threads unless ``train.threads`` is set; a
+run whose process dies (the kernel's out-of-memory killer, a crash in native code) fails with
+what ended it, and the others go on.
 SIGTERM or SIGINT stops the command cleanly: the worker processes are terminated (and die
 with the parent even if it is killed outright), a run in its training loop writes a
 checkpoint after the batch under way, and the same command resumes them;
@@ -20,6 +22,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import signal
 import statistics
 import sys
@@ -45,6 +48,9 @@ from aftrec.experiments.results import RunOutcome
 from aftrec.outputs import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
+
     import pandas as pd
 
 # torch, pandas and the trainer are imported where they are used (``aftrec --help``).
@@ -299,8 +305,7 @@ def _with_threads(job: Job, jobs: int) -> Job:
 def _run_job_caught(job: Job, data_dir: Path) -> RunOutcome:
     """:func:`run_job` with its failure turned into an outcome (in a worker process). A
     SIGTERM from the parent (or, through ``PR_SET_PDEATHSIG``, from its death) stops the run
-    after its batch, with a checkpoint there; the worker then ends at once rather than wait
-    for another job."""
+    after its batch, with a checkpoint there, and the worker ends at once."""
     try:
         return run_job(job, data_dir)
     except Stopped as exc:
@@ -425,9 +430,6 @@ def execute(plan: Plan) -> dict[Path, RunOutcome]:
             bar.set_description("time limit" if held else "done")
             bar.set_postfix_str(f"{failed} failed" if failed else "")
     except Stopped as exc:
-        # drop the frames that hold the pool: its queues' semaphores are released when it is
-        # collected, else the resource tracker warns of "leaked semaphore objects" at exit
-        exc.__traceback__ = None
         names = ", ".join(j.run.relative_to(root).as_posix() for j in running.values())
         raise Stopped(
             exc.signum,
@@ -440,6 +442,15 @@ def execute(plan: Plan) -> dict[Path, RunOutcome]:
     return outcomes
 
 
+@dataclasses.dataclass
+class _Worker:
+    """A run's process, and the end of the pipe its outcome comes back through."""
+
+    job: Job
+    process: BaseProcess
+    ready: Connection
+
+
 def _execute_parallel(
     pending: list[Job],
     data_dir: Path,
@@ -449,43 +460,99 @@ def _execute_parallel(
     finish: Any,
     fits: Any,
 ) -> list[Job]:
-    """Keep ``jobs`` worker processes busy, submitting in order as runs finish: the first
-    waiting job that ``fits``. Returns the jobs never submitted (none fitted any more)."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+    """Keep ``jobs`` runs training, each in a (spawned) process of its own, starting in order
+    as runs end: the first waiting job that ``fits``. Returns the jobs never started (none
+    fitted any more).
 
-    queue = list(pending)
-    futures: dict[Future[RunOutcome], Job] = {}
+    A process per run rather than a pool of workers that take run after run: a process that
+    dies (the kernel's out-of-memory killer, a crash in native code) takes down its own run
+    and no other, which run it was is known, and the plan goes on. A pool breaks at the first
+    death, failing every run in it, with nothing to say which one killed it. A new process
+    costs a start of Python and torch (about 2 s) per run."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
     # spawn: a forked torch (with its thread pools) is not safe to use in the child
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),)
-    ) as pool:
-        try:
-            while queue or futures:
-                while len(futures) < jobs:
-                    job = next((j for j in queue if fits(j)), None)
-                    if job is None:
-                        break
-                    queue.remove(job)
-                    futures[pool.submit(_run_job_caught, job, data_dir)] = job
-                    running[job.run] = job
-                if not futures:
-                    break  # nothing runs and nothing left fits the time
-                show([*running.values(), *queue])
-                done, _ = wait(futures, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    job = futures.pop(fut)
-                    try:
-                        outcome = fut.result()
-                    except Exception as exc:  # the worker died (killed, out of memory)
-                        outcome = RunOutcome(job.run, False, error=_one_line(exc), trained_now=True)
-                    finish(job, outcome)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            _stop_workers(multiprocessing.active_children())
-            raise
+    queue = list(pending)
+    workers: dict[Path, _Worker] = {}
+    try:
+        while queue or workers:
+            while len(workers) < jobs:
+                job = next((j for j in queue if fits(j)), None)
+                if job is None:
+                    break
+                queue.remove(job)
+                running[job.run] = job
+                try:
+                    payload = pickle.dumps(job)
+                except Exception as exc:  # a config that cannot be sent to a process
+                    finish(job, _failed(job, exc))
+                    continue
+                receive, send = context.Pipe(duplex=False)
+                process = context.Process(
+                    target=_work, args=(os.getpid(), payload, data_dir, send),
+                    name=f"aftrec {job.run}",
+                )  # fmt: skip
+                workers[job.run] = _Worker(job, process, receive)  # before start: a stop ends it
+                process.start()
+                send.close()  # the worker's end: its exit is the end of the pipe here
+            if not workers:
+                break  # nothing runs and nothing left fits the time
+            show([*running.values(), *queue])
+            # a pipe: an outcome came back; a sentinel: a process ended (without one, it died)
+            ready = wait([obj for w in workers.values() for obj in (w.ready, w.process.sentinel)])
+            for run, worker in list(workers.items()):
+                if worker.ready in ready or worker.process.sentinel in ready:
+                    del workers[run]
+                    finish(worker.job, _collect(worker))
+    except BaseException:
+        _stop_workers([w.process for w in workers.values() if w.process.pid is not None])
+        raise
+    finally:
+        for worker in workers.values():
+            worker.ready.close()
     return queue
+
+
+def _work(parent: int, payload: bytes, data_dir: Path, results: Connection) -> None:
+    """A worker process: train the run and send its outcome back."""
+    _worker_init(parent)
+    job: Job = pickle.loads(payload)
+    results.send(_run_job_caught(job, data_dir))
+
+
+def _collect(worker: _Worker) -> RunOutcome:
+    """The outcome of a run whose process ended, or sent its outcome and is ending: failed,
+    saying how the process ended, if it died before sending one."""
+    try:
+        outcome = worker.ready.recv()
+    except (EOFError, OSError):  # the process died: its end of the pipe closed with it
+        outcome = None
+    finally:
+        worker.ready.close()
+    worker.process.join(10.0)
+    if worker.process.is_alive():  # stuck on its way out, after its outcome: not a failure
+        _stop_workers([worker.process])
+    if isinstance(outcome, RunOutcome):
+        return outcome
+    job = worker.job
+    error = f"the worker process training this run died: {_ended(worker.process.exitcode)}"
+    _record_failure(job, error)  # the process that would have recorded it is gone
+    return RunOutcome(job.run, False, error=error, trained_now=True)
+
+
+def _ended(code: int | None) -> str:
+    """How a process ended, from its exit code (minus a signal's number when one killed it)."""
+    if code is None or code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    if -code == signal.SIGKILL:
+        return f"killed by {name} (as the kernel's out-of-memory killer does)"
+    return f"killed by {name}"
 
 
 def _worker_init(parent: int) -> None:

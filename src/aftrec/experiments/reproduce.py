@@ -6,7 +6,7 @@ of AFT) and Fig. 3 (AFT against the mask ratio and the number of fake items), re
 one prepared dataset with the same trainer and the same full-ranking evaluator for every model.
 
 The steps, one module each: :mod:`.plan` (which runs, their configs and the report's rows),
-:mod:`.execute` (train and evaluate the unfinished runs, in a process pool with ``--jobs``),
+:mod:`.execute` (train and evaluate the unfinished runs, with ``--jobs`` each in a process),
 :mod:`.stats` (significance tests, pure functions), :mod:`.report` (``report.md``,
 ``results.json``, the Fig. 3 PNGs); :mod:`.results` holds the types they share. This module
 ties them together and registers the command.
