@@ -5,7 +5,10 @@ the trainer's resume path. Unfinished runs go seed by seed (every model's seed 0
 report cut short still covers every model. ``--jobs J`` trains J runs at once, each in its
 own (spawned) process with ``cores // J`` torch threads unless ``train.threads`` is set; a
 run whose process dies (the kernel's out-of-memory killer, a crash in native code) fails with
-what ended it, and the others go on.
+what ended it, and the others go on. Each process imports the module that registered its
+run's model, so a model registered outside aftrec by a module the caller imported trains as
+it does in this process; one defined where a new process cannot find it (``python -c``, a
+notebook) is refused up front.
 SIGTERM or SIGINT stops the command cleanly: the worker processes are terminated (and die
 with the parent even if it is killed outright), a run in its training loop writes a
 checkpoint after the batch under way, and the same command resumes them;
@@ -18,6 +21,7 @@ come back failed (with that error) or ``pending``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import io
 import json
 import logging
@@ -35,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from aftrec.config import plain_json, run_identity, runtime_overrides
 from aftrec.environment import machine, usable_cores
-from aftrec.errors import CheckpointError, Stopped
+from aftrec.errors import CheckpointError, ConfigError, Stopped
 from aftrec.experiments.plan import (
     NS,
     Job,
@@ -46,6 +50,7 @@ from aftrec.experiments.plan import (
 )
 from aftrec.experiments.results import RunOutcome
 from aftrec.outputs import atomic_write_bytes, atomic_write_text
+from aftrec.registry import registration
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -358,6 +363,8 @@ def execute(plan: Plan) -> dict[Path, RunOutcome]:
         outcomes.update({job.run: _unfinished(job) for job in pending})
         return outcomes
     pending = [_with_threads(job, plan.spec.jobs) for job in _seed_order(pending)]
+    if plan.spec.jobs > 1:
+        _check_workers_can_load({job.model for job in pending})
     data_dir = Path(plan.spec.data)
     hours = plan.spec.hours
     deadline = None if hours is None else time.monotonic() + hours * 3600
@@ -491,8 +498,8 @@ def _execute_parallel(
                     continue
                 receive, send = context.Pipe(duplex=False)
                 process = context.Process(
-                    target=_work, args=(os.getpid(), payload, data_dir, send),
-                    name=f"aftrec {job.run}",
+                    target=_work, name=f"aftrec {job.run}",
+                    args=(os.getpid(), _model_module(job.model), payload, data_dir, send),
                 )  # fmt: skip
                 workers[job.run] = _Worker(job, process, receive)  # before start: a stop ends it
                 process.start()
@@ -515,11 +522,65 @@ def _execute_parallel(
     return queue
 
 
-def _work(parent: int, payload: bytes, data_dir: Path, results: Connection) -> None:
-    """A worker process: train the run and send its outcome back."""
+def _work(
+    parent: int, module: str | None, payload: bytes, data_dir: Path, results: Connection
+) -> None:
+    """A worker process: import ``module``, which registered the run's model, then train the
+    run and send its outcome back; or send why it could not load the run (one line)."""
     _worker_init(parent)
-    job: Job = pickle.loads(payload)
+    try:
+        # a spawned process knows aftrec's models and those of $AFTREC_MODELS or entry
+        # points, and imports the modules that unpickling the run's config names: a model
+        # registered elsewhere with a config class of another module would be unknown
+        if module is not None:
+            importlib.import_module(module)
+        job: Job = pickle.loads(payload)
+        registration(job.model)  # a model registered by code this process did not run
+    except Exception as exc:
+        results.send(_one_line(exc))
+        return
     results.send(_run_job_caught(job, data_dir))
+
+
+def _model_module(model: str) -> str | None:
+    """The module that registered ``model`` (its class's), for a worker to import; None for
+    ``__main__``, which a spawned process runs again itself where it can
+    (:func:`_check_workers_can_load`)."""
+    module = registration(model).model.__module__
+    return None if module == "__main__" else module
+
+
+def _check_workers_can_load(models: Iterable[str]) -> None:
+    """Refuse, before any run starts, models that no worker process could load: defined in a
+    ``__main__`` that a spawned process does not run again."""
+    if _main_runs_again():
+        return
+    lost = sorted(
+        m for m in models
+        if "__main__" in (registration(m).model.__module__, registration(m).config.__module__)
+    )  # fmt: skip
+    if lost:
+        one = len(lost) == 1
+        it = "it" if one else "them"
+        raise ConfigError(
+            f"{'model' if one else 'models'} {', '.join(map(repr, lost))} "
+            f"{'is' if one else 'are'} defined in __main__ of a `python -c` command, a notebook "
+            "or an interactive session, which the processes of --jobs cannot import: "
+            f"run {it} with --jobs 1, or define {it} in a module and import that"
+        )
+
+
+def _main_runs_again() -> bool:
+    """Whether a spawned process runs this program's ``__main__`` again, and so defines what
+    it defines, as :mod:`multiprocessing` does: a script (``python file.py``, as
+    ``__mp_main__``) or a module (``python -m name``), not a package's ``__main__.py`` nor a
+    ``__main__`` without a file (``python -c``, a notebook, an interactive session)."""
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name is not None:
+        return not (name == "__main__" or name.endswith(".__main__"))
+    path = getattr(main, "__file__", None)
+    return path is not None and Path(path).stem != "ipython"  # multiprocessing's exception
 
 
 def _collect(worker: _Worker) -> RunOutcome:
@@ -537,8 +598,15 @@ def _collect(worker: _Worker) -> RunOutcome:
     if isinstance(outcome, RunOutcome):
         return outcome
     job = worker.job
-    error = f"the worker process training this run died: {_ended(worker.process.exitcode)}"
-    _record_failure(job, error)  # the process that would have recorded it is gone
+    if isinstance(outcome, str):  # it could not load the run
+        error = (
+            f"a worker process cannot load model {job.model!r} "
+            f"(module {registration(job.model).model.__module__}): {outcome}; define the model "
+            "in a module a new Python process can import, or run with --jobs 1"
+        )
+    else:
+        error = f"the worker process training this run died: {_ended(worker.process.exitcode)}"
+    _record_failure(job, error)  # the worker did not: it died, or had no run to record it in
     return RunOutcome(job.run, False, error=error, trained_now=True)
 
 
