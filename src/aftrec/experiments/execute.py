@@ -455,7 +455,7 @@ class _Worker:
 
     job: Job
     process: BaseProcess
-    ready: Connection
+    outcome: Connection
 
 
 def _execute_parallel(
@@ -503,14 +503,14 @@ def _execute_parallel(
                 )  # fmt: skip
                 workers[job.run] = _Worker(job, process, receive)  # before start: a stop ends it
                 process.start()
-                send.close()  # the worker's end: its exit is the end of the pipe here
+                send.close()  # the worker's end, now in the worker: the pipe ends when it does
             if not workers:
                 break  # nothing runs and nothing left fits the time
             show([*running.values(), *queue])
             # a pipe: an outcome came back; a sentinel: a process ended (without one, it died)
-            ready = wait([obj for w in workers.values() for obj in (w.ready, w.process.sentinel)])
+            ready = wait([x for w in workers.values() for x in (w.outcome, w.process.sentinel)])
             for run, worker in list(workers.items()):
-                if worker.ready in ready or worker.process.sentinel in ready:
+                if worker.outcome in ready or worker.process.sentinel in ready:
                     del workers[run]
                     finish(worker.job, _collect(worker))
     except BaseException:
@@ -518,7 +518,7 @@ def _execute_parallel(
         raise
     finally:
         for worker in workers.values():
-            worker.ready.close()
+            worker.outcome.close()
     return queue
 
 
@@ -587,11 +587,11 @@ def _collect(worker: _Worker) -> RunOutcome:
     """The outcome of a run whose process ended, or sent its outcome and is ending: failed,
     saying how the process ended, if it died before sending one."""
     try:
-        outcome = worker.ready.recv()
+        outcome = worker.outcome.recv()
     except (EOFError, OSError):  # the process died: its end of the pipe closed with it
         outcome = None
     finally:
-        worker.ready.close()
+        worker.outcome.close()
     worker.process.join(10.0)
     if worker.process.is_alive():  # stuck on its way out, after its outcome: not a failure
         _stop_workers([worker.process])
