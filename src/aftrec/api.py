@@ -509,6 +509,7 @@ def evaluate(
     values beside it) and returned (``.average``, ``.domains``, ``.table()``)."""
     from aftrec.evaluation.evaluate import Evaluator
     from aftrec.outputs import atomic_file
+    from aftrec.training import rundir
 
     if isinstance(n, (str, bytes)) or not isinstance(n, Iterable):
         raise ConfigError(f"--n takes a sequence of cut-offs, e.g. [20, 50]; got {n!r}")
@@ -528,6 +529,7 @@ def evaluate(
     for target in targets:  # a folder was found only at the renames, the other file replaced
         if target.is_dir():
             raise OutputError(f"cannot write {target}: it is a folder")
+    weights = rundir.weights_identity(run, which)  # before they are read
     cfg, data, model = _load(run, which)
     largest = max(data.info.domain_size(d) for d in range(data.info.n_domains))
     if sampled_negatives is not None and sampled_negatives >= largest:
@@ -553,6 +555,16 @@ def evaluate(
         metrics.flush()
         with atomic_file(per_user) as fh:
             fh.write(buf.getvalue())
+    if rundir.weights_identity(run, which) != weights:
+        # the run trained on and replaced them: what was written describes weights gone (the
+        # trainer removes the evaluations of the weights it replaces, this one included when
+        # it ended before the trainer's second look)
+        for target in targets:
+            target.unlink(missing_ok=True)
+        raise OutputError(
+            f"{run / f'{which}.pt'} was replaced while it was evaluated (the run is training): "
+            "nothing written; evaluate it again, or when the training has stopped"
+        )
     return dataclasses.replace(res, per_user=frame)  # with the raw user ids it wrote
 
 

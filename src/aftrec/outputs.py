@@ -279,9 +279,26 @@ def remove_stale(out: Path) -> list[Path]:
 def is_temporary(path: Path) -> bool:
     """Whether ``path`` is a temporary of an output beside it (``.<name>.<...>``, as
     :func:`atomic_directory` and :func:`atomic_file` name them)."""
-    name = Path(path).name
-    dots = [i for i, c in enumerate(name) if c == "."]
-    return name.startswith(".") and any(_OWNED.fullmatch(name[i + 1 :]) for i in dots[1:])
+    return _owner(Path(path).name) is not None
+
+
+def left_by_the_dead(path: Path) -> bool:
+    """Whether ``path`` is a temporary whose writer, a process of this host, is gone (one of
+    another host, or of a live process, may still be written)."""
+    owner = _owner(Path(path).name)
+    return owner is not None and owner[0] == _HOST and not _alive(owner[1])
+
+
+def _owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the process that made the temporary named ``name``; None if it is none."""
+    if not name.startswith("."):
+        return None
+    for i in (i for i, c in enumerate(name) if c == "." and i > 0):
+        m = _OWNED.fullmatch(name[i + 1 :])
+        if m is not None:
+            host, pid = (m["host"], m["pid"]) if m["kind"] else (m["fhost"], m["fpid"])
+            return host, int(pid)
+    return None
 
 
 def _owned_name(out: Path, kind: str) -> Path:

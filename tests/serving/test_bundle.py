@@ -543,3 +543,30 @@ def test_every_registered_model_exports(tiny: Dataset, tmp_path: Path, name: str
     rec = Recommender.load(tmp_path / "b")
     res = rec.recommend(user="0", n=10)
     assert [len(r.items) for r in res.results] == [10, 10, 10]
+
+
+def test_weights_replaced_while_exported_are_refused_not_misrecorded(
+    root: Path, tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``aftrec export`` of a run that trains on: a best.pt written after the weights were
+    loaded was the one hashed, so the manifest's ``weights_sha256`` named other weights than
+    the bundle's."""
+    from aftrec.training import checkpoint, rundir
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run(root, tiny_dir), run)
+    loaded = rundir.load_run
+
+    def while_training(*args: Any, **kwargs: Any) -> Any:
+        out = loaded(*args, **kwargs)
+        checkpoint.save(checkpoint.load(run / "best.pt"), run / "best.pt")  # a new best lands
+        return out
+
+    monkeypatch.setattr(rundir, "load_run", while_training)
+    with pytest.raises(BundleError, match=r"best\.pt was replaced while it was exported"):
+        bundle_mod.export_run(run, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+    monkeypatch.setattr(rundir, "load_run", loaded)
+    bundle_mod.export_run(run, tmp_path / "bundle")
+    weights = read_manifest(tmp_path / "bundle")["model"]["weights_sha256"]
+    assert weights == hashlib.sha256((run / "best.pt").read_bytes()).hexdigest()

@@ -177,6 +177,79 @@ def test_evaluations_of_weights_the_trainer_replaces_are_removed(
     assert not (run / "metrics.json").exists() and not (run / "per_user.parquet").exists()
 
 
+def test_an_evaluation_of_weights_replaced_while_it_ran_writes_nothing(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``aftrec evaluate`` of a run that trains on: a new best.pt written while the
+    evaluation ran left its values, of the weights before, as the run's metrics.json."""
+    from aftrec import api
+    from aftrec.evaluation.evaluate import Evaluator
+
+    run = tmp_path / "run"
+    train(tiny_dir, resolve("two-tower", overrides=[*FAST, "train.epochs=1"]), run,
+          progress=False)  # fmt: skip
+    ranked = Evaluator.evaluate
+
+    def while_training(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = ranked(self, *args, **kwargs)
+        checkpoint.save(checkpoint.load(run / "best.pt"), run / "best.pt")  # a new best lands
+        return out
+
+    monkeypatch.setattr(Evaluator, "evaluate", while_training)
+    with pytest.raises(OutputError, match=r"best\.pt was replaced while it was evaluated"):
+        api.evaluate(run, n=[10], progress=False)
+    assert not list(run.glob("metrics*")) and not list(run.glob("per_user*"))
+    monkeypatch.setattr(Evaluator, "evaluate", ranked)
+    api.evaluate(run, n=[10], progress=False)  # weights that stay: written
+    assert (run / "metrics.json").is_file()
+
+
+def test_a_log_line_lost_to_a_kill_after_the_checkpoint_is_written_on_resume(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """A kill between last.pt and its epoch's log.jsonl line lost the line for good: the
+    resume went on after that epoch (or, for a finished run, trained nothing), and the
+    reports' best-epoch times read the log."""
+    run = tmp_path / "run"
+    over = [*FAST, "train.epochs=2", "train.patience=10"]
+    train(tiny_dir, resolve("two-tower", overrides=over), run, progress=False)
+    whole = (run / "log.jsonl").read_text().splitlines()
+    assert len(whole) == 2
+    (run / "log.jsonl").write_text(whole[0] + "\n")  # killed before epoch 2's line
+    train(tiny_dir, None, run, resume=True, progress=False)  # finished: trains nothing
+    assert (run / "log.jsonl").read_text().splitlines() == whole
+    assert [e["epoch"] for e in rundir.epoch_log(run)] == [1, 2]
+    # inside a run: its first epoch's line lost, the resume writes it, then trains on
+    (run / "log.jsonl").write_text("")
+    state = checkpoint.load(run / "last.pt")
+    checkpoint.save({**state, "epoch": 1, "entry": json.loads(whole[0]), "done": False},
+                    run / "last.pt")  # fmt: skip
+    train(tiny_dir, None, run, resume=True, progress=False)
+    assert [e["epoch"] for e in rundir.epoch_log(run)] == [1, 2]
+
+
+def test_a_resume_removes_the_temporaries_of_the_dead_only(tiny_dir: Path, tmp_path: Path) -> None:
+    """A resume removed every ``.*.tmp`` of the run, those of a live ``aftrec evaluate``
+    writing its metrics too, which then failed (``No such file or directory``)."""
+    import subprocess
+    import sys
+
+    from aftrec import outputs
+
+    run = tmp_path / "run"
+    over = [*FAST, "train.epochs=1"]
+    train(tiny_dir, resolve("two-tower", overrides=over), run, progress=False)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    host = outputs._HOST
+    live = run / f".metrics.json.{host}-{os.getpid()}-0123abcd.tmp"
+    dead = run / f".per_user.parquet.{host}-{int(gone.stdout)}-0123abcd.tmp"
+    for path in (live, dead):
+        path.write_bytes(b"half")
+    train(tiny_dir, None, run, resume=True, progress=False, resume_set=["train.epochs=2"])
+    assert live.is_file() and not dead.exists()
+
+
 def test_a_resume_is_checked_in_terms_it_can_change(tiny_dir: Path, tmp_path: Path) -> None:
     """Before reading the data: a resume needs an epoch left to train (``--set
     train.epochs`` below the epoch under way trained nothing and said "trained"), and a number

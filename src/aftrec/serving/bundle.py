@@ -634,18 +634,25 @@ def export_run(
     threads: int = 0,
 ) -> dict[str, Any]:
     """``aftrec export``: the model, data and histories of a training run as a bundle."""
-    from aftrec.training.rundir import load_run
+    from aftrec.training.rundir import load_run, weights_identity
 
     check_writable(Path(out), folder=True)
     check_replaceable(Path(out), MANIFEST, "bundle", WRITES, _listed(Path(out)))
     if Path(out).exists() and not force:  # a bundle: replaceable, with --force
         raise BundleError(f"{out} already exists; pass --force to replace it")
+    identity = weights_identity(Path(run), which)  # before they are read
     cfg, data, model = load_run(Path(run), which)
     weights = Path(run) / f"{which}.pt"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if weights_identity(Path(run), which) != identity:  # the hash would be of other weights
+        raise BundleError(
+            f"{weights} was replaced while it was exported (the run is training): nothing "
+            "written; export it again, or when the training has stopped"
+        )
     info = {
         "run": str(Path(run).resolve()),
         "which": which,
-        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "weights_sha256": digest,
         "data": str(data.path.resolve()),
     }
     contents = contents_from_model(model, data, cfg.data.history_len, info, seed=cfg.train.seed)

@@ -35,7 +35,7 @@ from aftrec.environment import versions
 from aftrec.errors import CheckpointError, DataError
 from aftrec.models.base import RetrievalModel
 from aftrec.numerics import zero_subnormals
-from aftrec.outputs import atomic_write_text, output_error
+from aftrec.outputs import atomic_write_text, left_by_the_dead, output_error
 from aftrec.registry import create_model
 from aftrec.training import checkpoint
 
@@ -211,9 +211,10 @@ def load_run(run: Path, which: str = "best") -> tuple[RunConfig, Dataset, Retrie
 
 def forget_evaluations(run: Path, which: str) -> None:
     """Remove the evaluations (``metrics*.json``, ``per_user*.parquet``) of the ``which``
-    weights, ``"best"`` (best.pt) or ``"last"`` (last.pt, the ``*_last`` files), before the
-    trainer replaces them: they would describe weights no longer in the run (a run resumed
-    after ``aftrec evaluate`` kept the old values beside its new best)."""
+    weights, ``"best"`` (best.pt) or ``"last"`` (last.pt, the ``*_last`` files), as the
+    trainer replaces them (before and after it writes the new file, so that an evaluation
+    that ends between the two is removed too): they would describe weights no longer in the
+    run (a run resumed after ``aftrec evaluate`` kept the old values beside its new best)."""
     for path in (*run.glob("metrics*.json"), *run.glob("per_user*.parquet")):
         if path.stem.endswith("_last") == (which == "last"):
             path.unlink(missing_ok=True)
@@ -243,9 +244,33 @@ def clear_trackers(run: Path) -> None:
 
 
 def remove_temporaries(run: Path) -> None:
-    """Remove the ``.*.tmp`` files of a killed writer (before resuming)."""
+    """Remove the ``.*.tmp`` files of a killed writer (before resuming); those of a live
+    process of this host (an ``aftrec evaluate`` of the run, writing) stay."""
     for stale in Path(run).glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
+        if left_by_the_dead(stale):
+            stale.unlink(missing_ok=True)
+
+
+def weights_identity(run: Path, which: str) -> tuple[int, int, int] | None:
+    """What tells the ``which`` checkpoint (``best`` or ``last``) from the one that replaces
+    it (the trainer writes a new file and renames it into place): inode, size and mtime;
+    None when there is none."""
+    try:
+        stat = (Path(run) / f"{which}.pt").stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def repair_log(run: Path, state: dict[str, Any]) -> None:
+    """Append the entry ``last.pt`` holds of its epoch when ``log.jsonl`` has none: a process
+    killed between writing the checkpoint and the line lost the line for good (a resume goes
+    on after that epoch, and a finished run trains nothing), and the reports read the log."""
+    entry = state.get("entry")
+    if not isinstance(entry, dict) or not _is_entry(entry):
+        return
+    if not any(e["epoch"] == entry["epoch"] for e in epoch_log(run)):
+        append_log(run, entry)
 
 
 def append_log(run: Path, entry: dict[str, Any]) -> None:

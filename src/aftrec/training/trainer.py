@@ -314,15 +314,14 @@ def _train(
                 value = _validate(valid, model, cfg, epoch, entry, totals, epoch_examples, among)
                 improved = stopper.update(epoch, value)
                 if improved:
-                    rundir.forget_evaluations(out, "best")
-                    checkpoint.save(
-                        {"model": model.state_dict(), "epoch": epoch, "metric": value},
-                        out / rundir.BEST,
+                    _replace(
+                        out, "best", {"model": model.state_dict(), "epoch": epoch, "metric": value}
                     )
                 stopped_early = stopper.stopped
                 _save_last(
-                    out, model, step, epoch, stopper, done=stopped_early or epoch >= tc.epochs
-                )
+                    out, model, step, epoch, stopper, done=stopped_early or epoch >= tc.epochs,
+                    entry=entry,
+                )  # fmt: skip
                 rundir.append_log(out, entry)
                 log.info(epoch_line(entry, totals.losses, tc.epochs, shown, improved))
                 tracker.log_epoch(epoch, entry, totals.losses, shown)
@@ -425,6 +424,7 @@ def _config_and_state(
     state = checkpoint.load(out / rundir.LAST)
     if ctx.main:  # left by a process killed
         rundir.remove_temporaries(out)
+        rundir.repair_log(out, state)
     _check_resumable(out, cfg.train, state, ctx)
     return cfg, state
 
@@ -755,14 +755,25 @@ def _save_last(
     stopper: EarlyStopping,
     done: bool,
     partial: dict[str, Any] | None = None,
+    entry: dict[str, Any] | None = None,
 ) -> None:
     """``last.pt``: everything a resumed run needs; ``epoch`` epochs done, and with
-    ``partial`` how far the next one got (:func:`train_epoch`)."""
+    ``partial`` how far the next one got (:func:`train_epoch`). ``entry``: the epoch's line of
+    ``log.jsonl``, written after the checkpoint, so that a resume can write it if a kill came
+    between the two (:func:`rundir.repair_log`)."""
     state = {"model": model.state_dict(), "step": step.state_dict(), "epoch": epoch}
     if partial is not None:
         state["partial"] = partial
-    rundir.forget_evaluations(out, "last")
-    checkpoint.save({**state, **stopper.state_dict(), "done": done}, out / rundir.LAST)
+    if entry is not None:
+        state["entry"] = entry
+    _replace(out, "last", {**state, **stopper.state_dict(), "done": done})
+
+
+def _replace(out: Path, which: str, state: dict[str, Any]) -> None:
+    """Write ``which``.pt, and remove the evaluations of the weights it replaces."""
+    rundir.forget_evaluations(out, which)
+    checkpoint.save(state, out / f"{which}.pt")
+    rundir.forget_evaluations(out, which)
 
 
 def epoch_line(
@@ -830,10 +841,8 @@ def _fit_closed_form(
     tracker.close()
     rundir.write_config(out, dataclasses.replace(cfg, model=model_cfg))
     payload = {"model": model.state_dict(), "epoch": 0, "metric": value}
-    for which in ("best", "last"):
-        rundir.forget_evaluations(out, which)
-    checkpoint.save(payload, out / rundir.BEST)
-    checkpoint.save({**payload, "done": True}, out / rundir.LAST)
+    _replace(out, "best", payload)
+    _replace(out, "last", {**payload, "done": True})
     return TrainResult(out, 0, value, 0, time.perf_counter() - started, 0.0, False)
 
 
