@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -218,8 +220,70 @@ def test_a_model_of_python_c_is_refused_with_jobs_in_one_message(
     assert done.returncode == 1 and not done.stdout, done.stdout
     last = done.stderr.strip().splitlines()[-1]
     assert last == (
-        "aftrec.errors.ConfigError: model 'inline' is defined in __main__ of a `python -c` "
-        "command, a notebook or an interactive session, which the processes of --jobs cannot "
-        "import: run it with --jobs 1, or define it in a module and import that"
+        "aftrec.errors.ConfigError: model 'inline' is defined in __main__, which the processes "
+        "of --jobs do not run again (a `python -c` command, a notebook, an interactive "
+        "session, a package's __main__.py): run it with --jobs 1, or define it in a module "
+        "and import that"
     ), done.stderr
     assert not (out / "runs").exists()
+
+
+def test_a_program_read_from_standard_input_is_refused_with_jobs(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """``python - < script``: each spawned process looked for a file named ``<stdin>`` to
+    run again, and every run, of built-in models too, failed as "exit code 1"."""
+    program = textwrap.dedent(SCRIPT).replace('models=("inline",)', 'models=("two-tower",)')
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, "-", str(tiny_dir), str(out)], input=program,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1 and not done.stdout, done.stdout
+    assert done.stderr.strip().splitlines()[-1] == (
+        "aftrec.errors.ConfigError: this program's main module (<stdin>) is not a file that "
+        "the processes of --jobs can run again, as each of them must: save the program to a "
+        "file, or run with --jobs 1"
+    ), done.stderr
+    assert not (out / "runs").exists()
+
+
+def _outcome_then_wait(parent: int, module: str | None, payload: bytes, data: Path,
+                       results: Any) -> None:  # fmt: skip
+    """A worker that sends its run's outcome, then takes its time to end."""
+    import pickle
+    import time
+
+    from aftrec.experiments import execute
+    from aftrec.experiments.results import RunOutcome
+
+    execute._worker_init(parent)
+    results.send(RunOutcome(pickle.loads(payload).run, True))
+    time.sleep(600)
+
+
+def test_a_stop_while_an_outcome_is_collected_ends_that_worker_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker was dropped from the ones to stop before its outcome was collected: a stop in
+    that time (collecting waits for the process to end) left it running, and the command's
+    exit waited for it for ever."""
+    from aftrec.config import resolve
+    from aftrec.errors import Stopped
+    from aftrec.experiments import execute
+    from aftrec.experiments.plan import Job
+
+    started: list[Any] = []
+
+    def collect(worker: Any) -> Any:
+        started.append(worker.process)
+        raise Stopped(signal.SIGTERM)  # the signal, while the process is joined
+
+    monkeypatch.setattr(execute, "_work", _outcome_then_wait)
+    monkeypatch.setattr(execute, "_collect", collect)
+    job = Job(tmp_path / "run", resolve("two-tower"), "two-tower")
+    with pytest.raises(Stopped):
+        execute._execute_parallel(
+            [job], tmp_path, 2, {}, lambda jobs: None, lambda job, outcome: None, lambda j: True
+        )
+    assert len(started) == 1
+    started[0].join(30)
+    assert not started[0].is_alive()

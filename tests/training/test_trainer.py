@@ -558,3 +558,20 @@ def test_yaml_config_and_overrides_resolve_in_order(tiny_dir: Path, tmp_path: Pa
     assert saved["data"]["history_len"] == 4 and saved["train"]["patience"] == 3  # a default
     w = checkpoint.load(run / "best.pt")["model"]
     assert w["item_emb.weight"].shape[1] == 12
+
+
+def test_a_signal_the_process_ignores_stays_ignored_while_it_trains() -> None:
+    """A worker of ``reproduce --jobs`` ignores SIGINT (a terminal's Ctrl-C reaches the whole
+    group; the parent stops its workers with SIGTERM). The trainer took SIGINT over, so it
+    counted as the first signal, and the parent's SIGTERM, the second, stopped the run at
+    once, without its checkpoint after the batch."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with trainer._stop_after_batch() as request:
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)  # ignored: no request
+            os.kill(os.getpid(), signal.SIGTERM)  # the first signal: stop after the batch
+            assert request.pending()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -502,8 +502,15 @@ def _execute_parallel(
                     args=(os.getpid(), _model_module(job.model), payload, data_dir, send),
                 )  # fmt: skip
                 workers[job.run] = _Worker(job, process, receive)  # before start: a stop ends it
-                process.start()
-                send.close()  # the worker's end, now in the worker: the pipe ends when it does
+                try:
+                    process.start()
+                except OSError as exc:  # no process to be had (memory, the process limit)
+                    del workers[job.run]
+                    receive.close()
+                    finish(job, _failed(job, exc))
+                    continue
+                finally:
+                    send.close()  # the worker's end, now in the worker: the pipe ends with it
             if not workers:
                 break  # nothing runs and nothing left fits the time
             show([*running.values(), *queue])
@@ -511,8 +518,9 @@ def _execute_parallel(
             ready = wait([x for w in workers.values() for x in (w.outcome, w.process.sentinel)])
             for run, worker in list(workers.items()):
                 if worker.outcome in ready or worker.process.sentinel in ready:
+                    outcome = _collect(worker)  # still in workers: a stop in here ends it too
                     del workers[run]
-                    finish(worker.job, _collect(worker))
+                    finish(worker.job, outcome)
     except BaseException:
         _stop_workers([w.process for w in workers.values() if w.process.pid is not None])
         raise
@@ -551,8 +559,17 @@ def _model_module(model: str) -> str | None:
 
 
 def _check_workers_can_load(models: Iterable[str]) -> None:
-    """Refuse, before any run starts, models that no worker process could load: defined in a
-    ``__main__`` that a spawned process does not run again."""
+    """Refuse, before any run starts, what no worker process could run: a program whose
+    ``__main__`` names a file that is not there (read from standard input: every process of
+    --jobs would fail to run it again), and models defined in a ``__main__`` that a spawned
+    process does not run again."""
+    lost_file = _main_file()
+    if lost_file is not None and not lost_file.is_file():
+        raise ConfigError(
+            f"this program's main module ({lost_file.name}) is not a file that the processes of "
+            "--jobs can run again, as each of them must: save the program to a file, or run "
+            "with --jobs 1"
+        )
     if _main_runs_again():
         return
     lost = sorted(
@@ -564,10 +581,25 @@ def _check_workers_can_load(models: Iterable[str]) -> None:
         it = "it" if one else "them"
         raise ConfigError(
             f"{'model' if one else 'models'} {', '.join(map(repr, lost))} "
-            f"{'is' if one else 'are'} defined in __main__ of a `python -c` command, a notebook "
-            "or an interactive session, which the processes of --jobs cannot import: "
-            f"run {it} with --jobs 1, or define {it} in a module and import that"
+            f"{'is' if one else 'are'} defined in __main__, which the processes of --jobs do "
+            "not run again (a `python -c` command, a notebook, an interactive session, a "
+            f"package's __main__.py): run {it} with --jobs 1, or define {it} in a module and "
+            "import that"
         )
+
+
+def _main_file() -> Path | None:
+    """The file a spawned process runs again as this program's ``__main__`` (as
+    :mod:`multiprocessing` finds it), or None when it runs none."""
+    from multiprocessing import process
+
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None) is not None:
+        return None  # `python -m`: imported by name, not run from a path
+    path = getattr(main, "__file__", None)
+    if path is None or Path(path).stem == "ipython":  # multiprocessing's exception
+        return None
+    return Path(getattr(process, "ORIGINAL_DIR", None) or "", path)
 
 
 def _main_runs_again() -> bool:

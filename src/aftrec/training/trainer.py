@@ -553,7 +553,8 @@ def _stop_after_batch() -> Iterator[_StopRequest]:
     finishes, ``last.pt`` is written there (every rank agreeing on the batch under torchrun)
     and :class:`~aftrec.errors.Stopped` is raised, so a stopped run loses nothing. A second
     signal stops at once (from the last checkpoint). Signals reach the main thread only, so
-    elsewhere this does nothing; the previous handlers are restored after."""
+    elsewhere this does nothing, and so does an ignored signal; the previous handlers are
+    restored after."""
     request = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
@@ -564,7 +565,10 @@ def _stop_after_batch() -> Iterator[_StopRequest]:
             raise Stopped(signum)
         request.signum = signum
 
-    signums = (signal.SIGTERM, signal.SIGINT)
+    # a signal the process ignores stays ignored: a worker of `reproduce --jobs` ignores
+    # SIGINT, which a terminal's Ctrl-C sends to the whole group, and stops on the parent's
+    # SIGTERM; taken as a first signal, the SIGTERM came second and stopped it mid-batch
+    signums = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) != signal.SIG_IGN]
     old = {s: signal.signal(s, handler) for s in signums}
     try:
         yield request
