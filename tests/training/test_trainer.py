@@ -3,6 +3,8 @@ import json
 import logging
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,58 @@ def test_one_process_at_a_time_trains_a_run(tiny_dir: Path, tmp_path: Path) -> N
         train(tiny_dir, None, run, resume=True, progress=False)
     assert train(tiny_dir, None, run, resume=True, progress=False).best_epoch == done.best_epoch
     assert len(rundir.epoch_log(run)) == done.epochs_run
+
+
+def test_a_train_refused_by_the_lock_leaves_the_folder_of_the_one_holding_it(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two fresh trains of a new run, both finding it missing: the other one takes the lock
+    first and loads its data, its folder holding run.lock alone. The refused one deleted that
+    folder, lock file included, as a folder it had created and left empty; the other failed on
+    the missing folder, or trained on under a lock on a deleted file while a third train took
+    a new one. Refused, a train now touches nothing."""
+    cfg = resolve("two-tower", overrides=FAST)
+    run = tmp_path / "run"
+    real = trainer.held
+    other = ExitStack()  # the other train, holding the lock
+
+    @contextmanager
+    def raced(folder: Path, name: str, busy: str) -> Iterator[None]:
+        other.enter_context(real(folder, name, "held"))  # the other takes the lock first
+        with real(folder, name, busy):
+            yield
+
+    with other:
+        monkeypatch.setattr(trainer, "held", raced)
+        with pytest.raises(OutputError, match="another process is training this run"):
+            train(tiny_dir, cfg, run, progress=False)
+        monkeypatch.undo()
+        assert [p.name for p in run.iterdir()] == [rundir.LOCK]  # the other's, as it was
+        with pytest.raises(OutputError, match="another process is training this run"):
+            train(tiny_dir, cfg, run, progress=False)  # its lock is the one at the path
+    assert train(tiny_dir, cfg, run, progress=False).epochs_run > 0
+
+
+def test_a_train_that_fails_removes_the_folder_only_if_it_made_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two fresh trains of a new run, both finding it missing: the other one creates the
+    folder, this one takes the lock first and fails. It removed the folder as its own, and
+    the other, opening its lock file, failed on a missing folder. The folder is removed
+    only by the train whose mkdir made it."""
+    cfg = resolve("two-tower", overrides=FAST)
+    run = tmp_path / "run"
+    real = Path.mkdir
+
+    def raced(self: Path, *args: Any, **kwargs: Any) -> None:
+        if self == run and not self.exists():
+            real(self)  # the other train's mkdir, just before this one's
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", raced)
+    with pytest.raises(DataError):
+        train(tmp_path / "no-data", cfg, run, progress=False)
+    assert run.is_dir() and not any(run.iterdir())
 
 
 def test_a_fresh_run_does_not_overwrite_files_that_are_not_a_runs(

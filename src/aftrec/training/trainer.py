@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ from aftrec.errors import CheckpointError, ConfigError, Stopped, TrainingError
 from aftrec.evaluation.evaluate import Evaluator
 from aftrec.models.base import RetrievalModel
 from aftrec.numerics import subnormals_flushed
-from aftrec.outputs import held, make_dirs
+from aftrec.outputs import held, make_dirs, output_error
 from aftrec.registry import create_model
 from aftrec.training import checkpoint, rundir, tracking
 from aftrec.training.distributed import SINGLE, Context, check_device, peak_rss_mib, shards_of
@@ -105,29 +105,42 @@ def train(
 
     One process at a time trains a run: the main process holds ``out/run.lock`` throughout,
     and a second ``train`` of the same run (a fresh one or ``--resume``) is refused with
-    :class:`~aftrec.errors.OutputError`. A command that is refused or fails removes the lock
-    file if it created it."""
+    :class:`~aftrec.errors.OutputError` and touches nothing (the folder may be the other
+    one's, which it is still setting up). A command that fails removes, while it holds the
+    lock, what it created: its new files, the lock file, and the folder if it made it."""
     out = Path(out)
     if not ctx.main:  # rank 0 holds the lock for the job
         return _train(data_dir, cfg, out, resume, progress, ctx, resume_set)
-    created = not out.exists()
-    make_dirs(out)
-    # a command refused or failed leaves no lock file it created: the folder as it found it
+    created = _make_folder(out)
+    # a command that fails leaves no lock file it created: the folder as it found it
     lock_ours = not (out / rundir.LOCK).exists()
+    with held(out, rundir.LOCK, f"{out}: another process is training this run"):
+        before = {p.name for p in out.iterdir()}  # the folder's names under the lock
+        try:
+            return _train(data_dir, cfg, out, resume, progress, ctx, resume_set)
+        except BaseException:
+            _remove_new(out, before, resume)
+            if lock_ours:  # removed while held (outputs.held locks the file at the path)
+                (out / rundir.LOCK).unlink(missing_ok=True)
+            if created:  # nothing left of it: no folder either (rmdir: empty ones only)
+                with suppress(OSError):
+                    out.rmdir()
+            raise
+
+
+def _make_folder(out: Path) -> bool:
+    """Create the run folder ``out`` if it is missing; whether this call created it. Of two
+    processes that find it missing at once, one creates it (``mkdir`` fails for the other):
+    should the other take the lock first and fail, the folder is not its to remove."""
+    make_dirs(out.parent, out)
     try:
-        with held(out, rundir.LOCK, f"{out}: another process is training this run"):
-            before = {p.name for p in out.iterdir()}  # the folder's names under the lock
-            try:
-                return _train(data_dir, cfg, out, resume, progress, ctx, resume_set)
-            except BaseException:
-                _remove_new(out, before, resume)
-                if lock_ours:  # removed while held (outputs.held locks the file at the path)
-                    (out / rundir.LOCK).unlink(missing_ok=True)
-                raise
-    except BaseException:
-        if created and [p.name for p in out.iterdir()] in ([], [rundir.LOCK]):
-            shutil.rmtree(out, ignore_errors=True)  # nothing left of it: no folder either
-        raise
+        out.mkdir(mode=0o777)  # less the umask
+    except FileExistsError:
+        make_dirs(out)  # a file there is refused
+        return False
+    except OSError as exc:
+        raise output_error(out, exc) from exc
+    return True
 
 
 def _remove_new(out: Path, before: set[str], resume: bool) -> None:
