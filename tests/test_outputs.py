@@ -1,9 +1,10 @@
 """Outputs through the real CLI: an --out that cannot be written, duplicated
 header columns, --out into a folder that is not a run, what a killed prepare or export leaves
-behind, and the modes of what is written (the user's umask)."""
+behind, the modes of what is written (the user's umask), and how --force replaces a folder."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -320,3 +321,79 @@ def test_a_lock_file_removed_as_it_was_taken_is_no_lock(
         assert removed
         with pytest.raises(OutputError, match="busy"), held(tmp_path, "run.lock", "busy"):
             pass
+
+
+# --- 11. --force replaces a folder: --out holds the old one or the new one at every instant -
+def old_folder(tmp_path: Path) -> Path:
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "v").write_text("old")
+    return out
+
+
+def test_force_exchanges_the_old_folder_for_the_new_one_in_one_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--force`` moved the old folder aside, then renamed the new one into place: a
+    ``kill -9`` between the two renames left nothing at --out (``serve``: no bundle here; the
+    runs of a dataset failed). The two folders are now exchanged in one call; the old one is
+    deleted after."""
+    out = old_folder(tmp_path)
+    held: list[str | None] = []  # what --out holds after each rename
+
+    def look() -> None:
+        held.append((out / "v").read_text() if (out / "v").is_file() else None)
+
+    real_replace = os.replace
+    real_renameat2 = outputs._renameat2
+    calls: list[tuple[int, bool]] = []
+
+    def replace(src: Any, dst: Any) -> None:
+        real_replace(src, dst)
+        look()
+
+    def renameat2(src: Path, dst: Path, flags: int) -> bool:
+        done = real_renameat2(src, dst, flags)
+        calls.append((flags, done))
+        look()
+        return done
+
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    monkeypatch.setattr(outputs, "_renameat2", renameat2)
+    with outputs.atomic_directory(out) as tmp:
+        (tmp / "v").write_text("new")
+    monkeypatch.undo()
+    if calls and not any(done for _, done in calls):
+        pytest.skip("no RENAME_EXCHANGE on this system: two renames (the next test)")
+    assert held and None not in held, held
+    assert calls == [(outputs._RENAME_EXCHANGE, True)]
+    assert (out / "v").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # the old one deleted
+
+
+def test_force_without_an_exchange_renames_twice_and_puts_the_old_folder_back_on_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the system cannot exchange two folders (another OS, a network file system): two
+    renames. An error at the second one left the old folder moved aside and nothing at --out;
+    it is put back."""
+    monkeypatch.setattr(outputs, "_renameat2", lambda *a: False)
+    out = old_folder(tmp_path)
+    with outputs.atomic_directory(out) as tmp:
+        (tmp / "v").write_text("new")
+    assert (out / "v").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+    real = os.replace
+
+    def failing(src: Any, dst: Any) -> None:
+        if Path(dst) == out and Path(src).name.startswith(".data.tmp-"):
+            raise OSError(errno.EIO, "I/O error")
+        real(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", failing)
+    with pytest.raises(OutputError, match="I/O error"), outputs.atomic_directory(out) as tmp:
+        (tmp / "v").write_text("newer")
+    monkeypatch.undo()
+    assert (out / "v").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]

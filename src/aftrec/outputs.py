@@ -4,7 +4,10 @@ when it cannot be written.
 A folder output (a prepared dataset, a bundle) is built in a temporary sibling
 ``.<name>.tmp-<host>-<pid>-<random>`` and renamed into place; a file output (a checkpoint, a
 run's config, a recommendation table) is written to ``.<name>.<host>-<pid>-<random>.tmp`` and
-renamed. Readers see the old output or the new one, never half of one.
+renamed. Readers see the old output or the new one, never half of one. A folder that replaces
+another (``--force``) is exchanged with it in one step (Linux's ``renameat2`` with
+``RENAME_EXCHANGE``), so that the path holds one of the two at every instant, also for a
+process killed at any moment.
 
 * A temporary folder holds the marker file :data:`INCOMPLETE` from its creation until every
   file in it is written and fsynced, just before the rename; readers refuse a folder that
@@ -22,15 +25,18 @@ renamed. Readers see the old output or the new one, never half of one.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import fnmatch
+import functools
 import io
 import os
 import re
 import secrets
 import shutil
 import socket
+import sys
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -345,6 +351,60 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+#: ``renameat2`` flags (linux/fs.h)
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+@functools.cache
+def _libc_renameat2() -> Any:
+    """The C library's ``renameat2``, or None (another OS; glibc before 2.28)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        call = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return call
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``; False where the system has no such call or the file
+    system does not take the flag (another OS, an old C library or kernel, some network file
+    systems), and the caller falls back to ``rename``. Other failures raise ``OSError``."""
+    call = _libc_renameat2()
+    if call is None:
+        return False
+    if call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(src), None, str(dst))
+
+
+def _swap(new: Path, out: Path) -> None:
+    """Put the folder ``new`` at ``out`` in place of what is there, then delete that. One
+    ``RENAME_EXCHANGE`` does it where the system has it: ``out`` holds the old folder or the
+    new one at every instant, and the old one, left under ``new``'s name, is deleted after.
+    Elsewhere, two renames: the old one is moved aside to ``.<name>.old-...`` and the new one
+    renamed to ``out``; an error or interrupt between them puts the old one back."""
+    if _renameat2(new, out, _RENAME_EXCHANGE):
+        _remove(new)  # the old folder now
+        return
+    old = _owned_name(out, "old")
+    os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        if not (out.exists() or out.is_symlink()):
+            os.replace(old, out)
+        raise
+    _remove(old)
+
+
 #: errors of a write that no retry in the same place mends: the disk or quota is full, a file
 #: too large, the file system read-only. Other errors inside an output's block may be the
 #: input's, and keep their own message.
@@ -355,7 +415,8 @@ _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 def atomic_directory(out: Path, replace: bool = True) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``out`` (holding only the :data:`INCOMPLETE`
     marker); when the block ends, its files are fsynced, the marker removed and the folder
-    renamed to ``out`` (an existing ``out`` is moved aside and deleted after). On any error
+    renamed to ``out`` (an existing ``out`` is swapped for it, :func:`_swap`, and deleted
+    after). On any error
     or interrupt the temporary folder is deleted. The caller decides whether an existing
     ``out`` may be replaced; with ``replace=False`` (no ``--force``), an ``out`` that another
     process created in the meantime is left as it is and :class:`OutputError` raised."""
@@ -384,10 +445,7 @@ def atomic_directory(out: Path, replace: bool = True) -> Iterator[Path]:
                 "--force to replace it)"
             )
         if out.exists() or out.is_symlink():
-            trash = _owned_name(out, "old")
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            _remove(trash)
+            _swap(tmp, out)
         else:
             os.replace(tmp, out)
     except BaseException as exc:
