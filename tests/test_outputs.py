@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -397,3 +398,67 @@ def test_force_without_an_exchange_renames_twice_and_puts_the_old_folder_back_on
     monkeypatch.undo()
     assert (out / "v").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    return int(done.stdout)
+
+
+def killed_between_renames(out: Path) -> tuple[Path, Path]:
+    """What two renames left when killed between them: the old ``out`` moved aside, the new
+    one complete beside it, nothing at ``out``."""
+    pid = dead_pid()
+    old = out.parent / f".{out.name}.old-{_HOST}-{pid}-0123abcd"
+    new = out.parent / f".{out.name}.tmp-{_HOST}-{pid}-4567cdef"
+    shutil.copytree(out, new)
+    out.rename(old)
+    return old, new
+
+
+def test_the_cleanup_puts_back_an_old_folder_when_nothing_is_at_out(tmp_path: Path) -> None:
+    """A process killed between the two renames of --force left the old folder moved aside
+    and nothing at --out; the next write of --out deleted the old folder as a dead process's
+    temporary. It is now put back, and the new one deleted. What a live process or another
+    host moved aside is left alone."""
+    out = old_folder(tmp_path)
+    old, new = killed_between_renames(out)
+    (new / "v").write_text("new")
+    live = tmp_path / f".data.old-{_HOST}-{os.getpid()}-89abcdef"  # between its renames now
+    theirs = tmp_path / f".data.old-otherhost-{dead_pid()}-0123abcd"
+    for p in (live, theirs):
+        p.mkdir()
+    assert remove_stale(out) == [new]
+    assert (out / "v").read_text() == "old" and not old.exists()
+    assert temporaries(out) == sorted([live, theirs])
+
+
+def test_a_prepare_after_one_killed_between_the_renames_finds_the_old_dataset(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, inputs: tuple[Path, Path]
+) -> None:
+    """``prepare --force`` killed between its two renames, then ``prepare`` without
+    ``--force``: it found nothing at --out, deleted the old dataset with the temporaries and
+    wrote a new one. The old dataset is put back before --force is weighed, and kept."""
+    out = tmp_path / "data"
+    assert main(prepare_argv(*inputs, out)) == 0
+    meta = (out / "meta.json").read_bytes()
+    killed_between_renames(out)
+    assert main(prepare_argv(*inputs, out)) == 2
+    assert f"error: {out} already exists; pass --force" in capsys.readouterr().err
+    assert (out / "meta.json").read_bytes() == meta and temporaries(out) == []
+
+
+def test_a_check_of_out_puts_back_an_old_folder_before_it_looks_inside(tmp_path: Path) -> None:
+    """``write_bundle`` lists the bundle at --out before ``check_replaceable`` looks at it: a
+    listing taken while the old one was moved aside is empty, and must not make its files
+    look like someone else's once it is back."""
+    out = old_folder(tmp_path)
+    (out / "marker").touch()
+    (out / "sub").mkdir()
+    (out / "sub" / "f").write_text("the kind's own")
+    killed_between_renames(out)
+    outputs.check_replaceable(out, "marker", "thing", {"marker", "v", "sub"}, listed=set())
+    assert (out / "v").read_text() == "old" and (out / "sub" / "f").is_file()

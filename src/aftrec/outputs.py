@@ -17,6 +17,11 @@ process killed at any moment.
   deletes the temporaries whose owner (on this host) is gone (:func:`remove_stale`), such as
   those of a ``kill -9``. A temporary of a live process, or of another host sharing the
   storage, is left alone.
+* Where a folder cannot be exchanged in one step, a process killed between its two renames
+  leaves the old folder moved aside (``.<name>.old-<host>-<pid>-<random>``) and nothing at the
+  output's path: the next command writing the output puts the old folder back as it checks
+  the output (:func:`recover`), before ``--force`` is weighed: the output as the failed
+  command found it.
 * Folders are created with mode 0777 and files with 0666, less the umask, as ``mkdir`` and
   ``open`` create them (``tempfile`` would make them owner-only).
 * A parent that is a file, missing permissions or another ``OSError`` while setting the output
@@ -80,8 +85,12 @@ def check_replaceable(
     ``kind`` holds; a ``kind`` holding anything else (a study or recommendations someone
     wrote into it) is refused too, as deleting it would lose that; ``listed``: every file of
     such a ``kind`` (relative paths, from its manifest), so that one put into its subfolders
-    is refused as well."""
+    is refused as well. An old ``out`` that a killed replacement left moved aside is put
+    back first (:func:`recover`; :func:`check_writable` does it before a command lists
+    ``out``)."""
     out = Path(out)
+    if recover(out) is not None:
+        listed = None  # listed while nothing was there; checked before it was moved aside
     if not (out.exists() or out.is_symlink()):
         return
     folder = out.is_dir() and not out.is_symlink()
@@ -221,8 +230,12 @@ def check_writable(out: Path, folder: bool = False) -> None:
     """Refuse early (before a long computation) an ``out`` that cannot be created: its
     nearest existing ancestor must be a folder this process can write into (and, with
     ``folder``, an existing ``out`` must be a folder, not inside a dataset, bundle or run:
-    :func:`check_not_inside`)."""
+    :func:`check_not_inside`). With ``folder``, the leftovers of killed writers of ``out``
+    are dealt with first (:func:`remove_stale`): an old ``out`` that a killed replacement
+    left moved aside is put back, and the command finds ``out`` as it was."""
     out = Path(out)
+    if folder:
+        remove_stale(out)
     if folder and out.exists() and not out.is_dir():
         raise OutputError(f"cannot write {out}: it is a file, not a folder")
     if folder:
@@ -257,27 +270,73 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(out: Path) -> list[Path]:
-    """Delete the temporaries of ``out`` left by processes of this host that are gone;
-    returns what was deleted."""
+def _stale(out: Path) -> list[tuple[Path, str]]:
+    """The temporaries of ``out`` left by processes of this host that are gone, with their
+    kind: ``tmp`` (a folder being written; after an exchange, the old folder being deleted),
+    ``old`` (the old folder moved aside) or ``file``."""
     out = Path(out)
     prefix = f".{out.name}."
     try:
         entries = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]
     except OSError:
         return []
-    removed = []
+    stale = []
     for p in entries:
         m = _OWNED.fullmatch(p.name[len(prefix) :])
         if m is None:
             continue
         host, pid = (m["host"], m["pid"]) if m["kind"] else (m["fhost"], m["fpid"])
-        if host != _HOST or _alive(int(pid)):
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+        if host == _HOST and not _alive(int(pid)):
+            stale.append((p, m["kind"] or "file"))
+    return stale
+
+
+def _present(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _changed(path: Path) -> float:
+    try:
+        return path.lstat().st_ctime  # a rename sets it: when it was moved aside
+    except OSError:
+        return 0.0
+
+
+def recover(out: Path) -> Path | None:
+    """Put back the old ``out`` that a process killed between the two renames of
+    :func:`_swap` left moved aside (``.<name>.old-...``), when nothing is at ``out``: the
+    output as the failed command found it, whole. Returns the name it had, or None. One
+    that a live process moved aside is left alone (it is between its renames now), as is one
+    of another host."""
+    out = Path(out)
+    if _present(out):
+        return None
+    olds = [p for p, kind in _stale(out) if kind == "old"]
+    for p in sorted(olds, key=_changed, reverse=True):  # the latest moved aside first
+        try:
+            if _renameat2(p, out, _RENAME_NOREPLACE):
+                return p
+            if _present(out):  # put back by another process meanwhile
+                return None
+            os.rename(p, out)
+            return p
+        except OSError:  # put back by another process meanwhile; one that cannot be moved
+            if _present(out):
+                return None
+    return None
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Delete the temporaries of ``out`` left by processes of this host that are gone;
+    returns what was deleted. An old ``out`` that such a process moved aside is put back
+    first when nothing is at ``out`` (:func:`recover`), and never deleted while nothing is."""
+    out = Path(out)
+    recover(out)
+    removed = []
+    for p, kind in _stale(out):
+        if kind == "old" and not _present(out):
+            continue  # the only copy of the output there is
+        _remove(p)
         removed.append(p)
     return removed
 
@@ -352,6 +411,7 @@ def _remove(path: Path) -> None:
 
 
 #: ``renameat2`` flags (linux/fs.h)
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -390,7 +450,8 @@ def _swap(new: Path, out: Path) -> None:
     ``RENAME_EXCHANGE`` does it where the system has it: ``out`` holds the old folder or the
     new one at every instant, and the old one, left under ``new``'s name, is deleted after.
     Elsewhere, two renames: the old one is moved aside to ``.<name>.old-...`` and the new one
-    renamed to ``out``; an error or interrupt between them puts the old one back."""
+    renamed to ``out``; an error or interrupt between them puts the old one back, and so
+    does the next write of ``out`` after a process killed between them (:func:`recover`)."""
     if _renameat2(new, out, _RENAME_EXCHANGE):
         _remove(new)  # the old folder now
         return
@@ -402,7 +463,13 @@ def _swap(new: Path, out: Path) -> None:
         if not (out.exists() or out.is_symlink()):
             os.replace(old, out)
         raise
-    _remove(old)
+    # given a temporary's name before it is deleted: a half-deleted old folder is never put back
+    gone = _owned_name(out, "tmp")
+    try:
+        os.replace(old, gone)
+    except OSError:
+        gone = old
+    _remove(gone)
 
 
 #: errors of a write that no retry in the same place mends: the disk or quota is full, a file
@@ -527,6 +594,7 @@ __all__ = [
     "check_writable",
     "make_dirs",
     "output_error",
+    "recover",
     "remove_stale",
     "unfinished",
     "write_png",
