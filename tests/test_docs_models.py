@@ -123,3 +123,19 @@ def test_a_model_outside_the_package_is_found_by_every_command(
         assert got.returncode == 2, (module, got.stderr[-2000:])
         assert got.stderr.strip().splitlines()[-1].startswith(message), got.stderr
         assert "Traceback" not in got.stderr
+
+
+def test_models_named_after_the_first_use_are_loaded_and_refusals_stay_value_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``$AFTREC_MODELS`` set after the registry's first use (a notebook) was ignored, and the
+    error then said to set it. A refused registration is still a ValueError, as before."""
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    registry.available_models()
+    (tmp_path / "late_models.py").write_text(example_source())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("AFTREC_MODELS", "late_models")
+    monkeypatch.setattr(registry, "_loaded", registry._loaded)  # restored after
+    assert "mean-pool" in registry.available_models()
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register_model("mean-pool", registry.model_config_class("pop"))(type("X", (), {}))

@@ -263,7 +263,7 @@ def _alive(pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # gone; or no process could have the number
         return False
     except PermissionError:  # another user's live process
         return True

@@ -12,6 +12,7 @@ points of installed distributions and by the ``AFTREC_MODELS`` environment varia
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import os
 from collections.abc import Callable, Mapping
@@ -103,14 +104,14 @@ def register_model(
     fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = [k for k in tune or {} if k.startswith("model.") and k[6:] not in fields]
     if unknown:
-        raise ConfigError(f"model {name!r}: tuned key(s) {unknown} are not in its config")
+        raise RegistrationError(f"model {name!r}: tuned key(s) {unknown} are not in its config")
 
     def deco(cls: M) -> M:
         known = _MODELS.get(name)
         # the same class defined again (its module reloaded, a notebook cell run twice)
         # replaces its registration; another class under a taken name is refused
         if known is not None and _where(known.model) != _where(cls):
-            raise ConfigError(
+            raise RegistrationError(
                 f"model {name!r} is registered twice: by {'.'.join(_where(known.model))} and "
                 f"{'.'.join(_where(cls))}; give one of them another name"
             )
@@ -128,41 +129,53 @@ def register_model(
 #: the package
 ENTRY_POINTS = "aftrec.models"
 ENV = "AFTREC_MODELS"
-_loaded = False
+_loaded: str | None = None  # the $AFTREC_MODELS the models were loaded with
 
 
-def model_modules() -> list[tuple[str, str]]:
-    """(where it is named, module) of every module of models kept outside the package: the
-    ``aftrec.models`` entry points of installed distributions (``name = "pkg.module"``), then
-    the comma-separated modules of ``$AFTREC_MODELS`` (found on ``sys.path``)."""
-    found = [
-        (f"entry point {ep.name!r} of {ep.dist.name if ep.dist else 'a distribution'}", ep.module)
+class RegistrationError(ConfigError, ValueError):
+    """A registration refused: a name taken by another class, tuned keys not in the config
+    (a ``ValueError`` as well, as :func:`register_model` raised before)."""
+
+
+def model_modules() -> list[tuple[str, str, Callable[[], Any]]]:
+    """(where it is named, what, how to load it) of every module of models kept outside the
+    package: the ``aftrec.models`` entry points of installed distributions
+    (``name = "pkg.module"``, or ``"pkg.module:attr"``), then the comma-separated modules of
+    ``$AFTREC_MODELS`` (found on ``sys.path``)."""
+    found: list[tuple[str, str, Callable[[], Any]]] = [
+        (f"entry point {ep.name!r} of {ep.dist.name if ep.dist else 'a distribution'}",
+         ep.value, ep.load)
         for ep in metadata.entry_points(group=ENTRY_POINTS)
-    ]
+    ]  # fmt: skip
     named = (m.strip() for m in os.environ.get(ENV, "").split(","))
-    return found + [(f"${ENV}", module) for module in named if module]
+    return found + [
+        (f"${ENV}", module, functools.partial(importlib.import_module, module))
+        for module in named
+        if module
+    ]
 
 
 def _ensure_loaded() -> None:
     """Register the built-in models, then those of :func:`model_modules`. By name, at first
-    use: the registry sits below the models in the layers (each model imports
-    :func:`register_model`)."""
+    use (and again when ``$AFTREC_MODELS`` has changed since): the registry sits below the
+    models in the layers (each model imports :func:`register_model`)."""
     global _loaded
-    if _loaded:
+    wanted = os.environ.get(ENV, "")
+    if _loaded == wanted:
         return
     importlib.import_module("aftrec.models")
-    for where, module in model_modules():
+    for where, what, load in model_modules():
         try:
-            importlib.import_module(module)
-        except ConfigError:
-            raise  # a registration refused: its own message
+            load()
+        except RegistrationError:
+            raise  # its own message names both classes
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise ConfigError(
-                f"cannot import model module {module!r} ({where}): "
+                f"cannot import model module {what!r} ({where}): "
                 f"{type(exc).__name__}{': ' + first if first else ''}"
             ) from exc
-    _loaded = True
+    _loaded = wanted
 
 
 def _where(cls: type) -> tuple[str, str]:

@@ -276,7 +276,7 @@ def test_a_log_line_lost_to_a_kill_after_the_checkpoint_is_written_on_resume(
     # inside a run: its first epoch's line lost, the resume writes it, then trains on
     (run / "log.jsonl").write_text("")
     state = checkpoint.load(run / "last.pt")
-    checkpoint.save({**state, "epoch": 1, "entry": json.loads(whole[0]), "done": False},
+    checkpoint.save({**state, "epoch": 1, "entry": whole[0], "done": False},
                     run / "last.pt")  # fmt: skip
     train(tiny_dir, None, run, resume=True, progress=False)
     assert [e["epoch"] for e in rundir.epoch_log(run)] == [1, 2]
@@ -629,3 +629,58 @@ def test_a_signal_the_process_ignores_stays_ignored_while_it_trains() -> None:
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_the_trainer_forgets_evaluations_only_and_never_stops_on_one(tmp_path: Path) -> None:
+    """The glob ``metrics*.json`` took a user's ``metrics_notes.json`` for an evaluation, and a
+    folder so named stopped the run at its next checkpoint (IsADirectoryError)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    best = ["metrics.json", "per_user.parquet", "metrics_valid_sampled100.json"]
+    last = ["metrics_last.json", "per_user_valid_sampled100_last.parquet"]
+    mine = ["metrics_notes.json", "per_user_cohorts_last.parquet", "metrics.json.bak"]
+    for name in (*best, *last, *mine):
+        (run / name).write_text("x")
+    (run / "metrics_valid.json" / "inside").mkdir(parents=True)  # a folder: left alone
+    rundir.forget_evaluations(run, "last")
+    assert {p.name for p in run.iterdir()} == {*best, *mine, "metrics_valid.json"}
+    rundir.forget_evaluations(run, "best")
+    assert {p.name for p in run.iterdir()} == {*mine, "metrics_valid.json"}
+
+
+def test_a_checkpoint_keeps_a_log_line_with_numpy_numbers_loadable(tmp_path: Path) -> None:
+    """last.pt held the epoch's log entry as a dict: a model whose epoch health gives numpy
+    numbers made a last.pt that the weights-only load refused (resume, evaluate --which last)."""
+    import numpy as np
+
+    from aftrec.models.two_tower import TwoTower
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = resolve("two-tower", overrides=FAST)
+    model = object.__new__(TwoTower)
+    torch.nn.Module.__init__(model)
+    entry = {"epoch": 3, "loss": 0.5, "health": {"share": np.float64(0.25)}}
+    step = type("S", (), {"state_dict": lambda self: {}})()
+    trainer._save_last(run, model, step, 3, trainer.EarlyStopping(cfg.train.patience), False,
+                       entry=entry)  # type: ignore[arg-type]  # fmt: skip
+    state = checkpoint.load(run / "last.pt")
+    rundir.repair_log(run, state)
+    assert rundir.epoch_log(run) == [{"epoch": 3, "loss": 0.5, "health": {"share": 0.25}}]
+
+
+def test_a_resume_removes_the_trainers_own_temporaries_whoever_left_them(tmp_path: Path) -> None:
+    """Under the run's lock, a ``last.pt`` temporary of another host (a requeued job) or
+    of an old name is a killed trainer's: kept, each was a checkpoint's size for good."""
+    from aftrec import outputs
+
+    run = tmp_path / "run"
+    run.mkdir()
+    theirs = [".last.pt.nodeB-4242-0123abcd.tmp", ".best.pt.nodeB-4243-0123abcd.tmp",
+              ".last.pt.tmp", f".x.json.{outputs._HOST}-{10**20}-0123abcd.tmp"]  # fmt: skip
+    live = f".metrics.json.{outputs._HOST}-{os.getpid()}-0123abcd.tmp"
+    other = ".metrics.json.nodeB-4242-0123abcd.tmp"  # another host's evaluate: may be writing
+    for name in (*theirs, live, other):
+        (run / name).write_text("x")
+    rundir.remove_temporaries(run)
+    assert {p.name for p in run.iterdir()} == {live, other}

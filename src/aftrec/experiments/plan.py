@@ -204,7 +204,9 @@ def check_models(models: Sequence[str]) -> list[str]:
     unknown = [m for m in models if m not in known]
     if unknown:
         raise ConfigError(
-            f"unknown model(s) {', '.join(unknown)} in --models; available: {', '.join(known)}"
+            f"unknown model(s) {', '.join(unknown)} in --models; available: {', '.join(known)} "
+            "(a model outside aftrec is found through $AFTREC_MODELS or an 'aftrec.models' "
+            "entry point: docs/models.md)"
         )
     dupes = sorted({m for m in models if list(models).count(m) > 1})
     if dupes:

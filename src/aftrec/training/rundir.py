@@ -24,6 +24,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -209,15 +210,29 @@ def load_run(run: Path, which: str = "best") -> tuple[RunConfig, Dataset, Retrie
     return cfg, data, model
 
 
+#: the files of ``aftrec evaluate`` (``api.metrics_path`` and the per-user values beside it)
+EVALUATION = re.compile(
+    r"(?:metrics(?P<m>(?:_valid)?(?:_sampled\d+)?(?P<ml>_last)?)\.json"
+    r"|per_user(?:_valid)?(?:_sampled\d+)?(?P<pl>_last)?\.parquet)"
+)
+
+
 def forget_evaluations(run: Path, which: str) -> None:
-    """Remove the evaluations (``metrics*.json``, ``per_user*.parquet``) of the ``which``
-    weights, ``"best"`` (best.pt) or ``"last"`` (last.pt, the ``*_last`` files), as the
-    trainer replaces them (before and after it writes the new file, so that an evaluation
-    that ends between the two is removed too): they would describe weights no longer in the
-    run (a run resumed after ``aftrec evaluate`` kept the old values beside its new best)."""
-    for path in (*run.glob("metrics*.json"), *run.glob("per_user*.parquet")):
-        if path.stem.endswith("_last") == (which == "last"):
-            path.unlink(missing_ok=True)
+    """Remove the evaluations (``metrics*.json``, ``per_user*.parquet``, as ``aftrec evaluate``
+    names them) of the ``which`` weights, ``"best"`` (best.pt) or ``"last"`` (last.pt, the
+    ``*_last`` files), as the trainer replaces them (before and after it writes the new file,
+    so that an evaluation that ends between the two is removed too): they would describe
+    weights no longer in the run (a run resumed after ``aftrec evaluate`` kept the old values
+    beside its new best). Other files stay; one that cannot be removed is a warning."""
+    for path in Path(run).iterdir():
+        m = EVALUATION.fullmatch(path.name)
+        if m is None or bool(m["ml"] or m["pl"]) != (which == "last"):
+            continue
+        try:
+            if path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove %s, of weights now replaced: %s", path, exc)
 
 
 def clear(run: Path) -> None:
@@ -244,10 +259,13 @@ def clear_trackers(run: Path) -> None:
 
 
 def remove_temporaries(run: Path) -> None:
-    """Remove the ``.*.tmp`` files of a killed writer (before resuming); those of a live
-    process of this host (an ``aftrec evaluate`` of the run, writing) stay."""
+    """Remove the ``.*.tmp`` files of a killed writer (before resuming): those of the
+    trainer's own files whoever left them (the resume holds the run's lock, so no other
+    trainer writes them), the others (an ``aftrec evaluate`` writing its metrics) only when
+    their writer, a process of this host, is gone."""
+    own = (LAST, BEST, CONFIG, META, LOG)
     for stale in Path(run).glob(".*.tmp"):
-        if left_by_the_dead(stale):
+        if any(stale.name.startswith(f".{name}.") for name in own) or left_by_the_dead(stale):
             stale.unlink(missing_ok=True)
 
 
@@ -266,7 +284,10 @@ def repair_log(run: Path, state: dict[str, Any]) -> None:
     """Append the entry ``last.pt`` holds of its epoch when ``log.jsonl`` has none: a process
     killed between writing the checkpoint and the line lost the line for good (a resume goes
     on after that epoch, and a finished run trains nothing), and the reports read the log."""
-    entry = state.get("entry")
+    try:  # the line as JSON text: a model's health values may be numpy numbers, which a
+        entry = json.loads(state.get("entry") or "null")  # weights-only load refuses
+    except (TypeError, ValueError):
+        return
     if not isinstance(entry, dict) or not _is_entry(entry):
         return
     if not any(e["epoch"] == entry["epoch"] for e in epoch_log(run)):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import shutil
@@ -782,7 +783,7 @@ def _save_last(
     if partial is not None:
         state["partial"] = partial
     if entry is not None:
-        state["entry"] = entry
+        state["entry"] = json.dumps(entry)  # as log.jsonl has it (numpy numbers included)
     _replace(out, "last", {**state, **stopper.state_dict(), "done": done})
 
 
