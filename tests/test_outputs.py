@@ -4,6 +4,7 @@ behind, the modes of what is written (the user's umask), and how --force replace
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
@@ -398,6 +399,57 @@ def test_force_without_an_exchange_renames_twice_and_puts_the_old_folder_back_on
     monkeypatch.undo()
     assert (out / "v").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def test_an_interrupt_just_after_the_first_rename_puts_the_old_folder_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first rename ran outside the restoring ``try``: a Ctrl-C handled as it returned
+    left the old folder moved aside and nothing at --out, for as long as the process lived."""
+    monkeypatch.setattr(outputs, "_renameat2", lambda *a: False)
+    out = old_folder(tmp_path)
+    real = os.replace
+
+    def interrupted(src: Any, dst: Any) -> None:
+        real(src, dst)
+        if Path(src) == out:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt), outputs.atomic_directory(out) as tmp:
+        (tmp / "v").write_text("new")
+    monkeypatch.undo()
+    assert (out / "v").read_text() == "old"
+
+
+def test_an_empty_folder_made_at_out_since_does_not_cost_the_old_one(tmp_path: Path) -> None:
+    """After a killed --force, a ``mkdir -p`` of --out made the cleanup take the old folder
+    for a leftover beside a present output, and delete it."""
+    out = old_folder(tmp_path)
+    old, new = killed_between_renames(out)
+    out.mkdir()
+    remove_stale(out)
+    assert (out / "v").read_text() == "old" and not old.exists() and not new.exists()
+
+
+def test_a_sandbox_that_refuses_the_exchange_gets_the_two_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seccomp filter answers renameat2 with EPERM: --force failed with "Operation not
+    permitted" where two renames work."""
+    if outputs._libc_renameat2() is None:
+        pytest.skip("no renameat2 here")
+
+    class Refusing:
+        def __call__(self, *args: Any) -> int:
+            ctypes.set_errno(errno.EPERM)
+            return -1
+
+    monkeypatch.setattr(outputs, "_libc_renameat2", lambda: Refusing())
+    out = old_folder(tmp_path)
+    with outputs.atomic_directory(out) as tmp:
+        (tmp / "v").write_text("new")
+    assert (out / "v").read_text() == "new"
 
 
 def dead_pid() -> int:

@@ -43,7 +43,7 @@ import shutil
 import socket
 import sys
 from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -295,6 +295,14 @@ def _present(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 
 
+def _empty_folder(path: Path) -> bool:
+    """A real folder with nothing in it (a dangling symlink is not: it is left alone)."""
+    try:
+        return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    except OSError:
+        return False
+
+
 def _changed(path: Path) -> float:
     try:
         return path.lstat().st_ctime  # a rename sets it: when it was moved aside
@@ -309,9 +317,12 @@ def recover(out: Path) -> Path | None:
     that a live process moved aside is left alone (it is between its renames now), as is one
     of another host."""
     out = Path(out)
-    if _present(out):
+    if _present(out) and not _empty_folder(out):
         return None
     olds = [p for p, kind in _stale(out) if kind == "old"]
+    if olds and _empty_folder(out):  # made since (a `mkdir -p`): the old output's place
+        with suppress(OSError):
+            out.rmdir()
     for p in sorted(olds, key=_changed, reverse=True):  # the latest moved aside first
         try:
             if _renameat2(p, out, _RENAME_NOREPLACE):
@@ -440,7 +451,9 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     if call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
         return True
     code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+    # not there (an old kernel), not on this filesystem, or refused by a sandbox's filter
+    # (EPERM: where it is a real permission error, the renames of the fallback say so)
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
         return False
     raise OSError(code, os.strerror(code), str(src), None, str(dst))
 
@@ -456,11 +469,11 @@ def _swap(new: Path, out: Path) -> None:
         _remove(new)  # the old folder now
         return
     old = _owned_name(out, "old")
-    os.replace(out, old)
     try:
+        os.replace(out, old)  # an interrupt just after it is caught below as well
         os.replace(new, out)
     except BaseException:
-        if not (out.exists() or out.is_symlink()):
+        if not _present(out) and _present(old):
             os.replace(old, out)
         raise
     # given a temporary's name before it is deleted: a half-deleted old folder is never put back
