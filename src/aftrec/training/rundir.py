@@ -288,7 +288,7 @@ def repair_log(run: Path, state: dict[str, Any]) -> None:
         entry = json.loads(state.get("entry") or "null")  # weights-only load refuses
     except (TypeError, ValueError):
         return
-    if not isinstance(entry, dict) or not _is_entry(entry) or entry["epoch"] != state["epoch"]:
+    if not isinstance(entry, dict) or not _is_entry(entry) or entry["epoch"] != state.get("epoch"):
         return  # another epoch's (a checkpoint edited by hand): not what the log lacks
     if not any(e["epoch"] == entry["epoch"] for e in epoch_log(run)):
         append_log(run, entry)
