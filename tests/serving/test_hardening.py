@@ -668,7 +668,7 @@ def test_pipelined_requests_cost_what_they_cost_uvicorn() -> None:
         pass
 
     async def parse(kind: type[HttpToolsProtocol], n: int) -> float:
-        config = uvicorn.Config(app, log_level="critical")
+        config = uvicorn.Config(app, log_config=None, log_level=None)  # logging untouched
         config.load()
         protocol = kind(config, ServerState(), {}, _loop=asyncio.get_running_loop())
         protocol.connection_made(_Transport())  # type: ignore[arg-type]
