@@ -282,13 +282,26 @@ def _stale(out: Path) -> list[tuple[Path, str]]:
         return []
     stale = []
     for p in entries:
-        m = _OWNED.fullmatch(p.name[len(prefix) :])
-        if m is None:
-            continue
-        host, pid = (m["host"], m["pid"]) if m["kind"] else (m["fhost"], m["fpid"])
-        if host == _HOST and not _alive(int(pid)):
-            stale.append((p, m["kind"] or "file"))
+        claim = _claim(p.name[len(prefix) :])
+        if claim is not None and _gone(claim[0], claim[1]):
+            stale.append((p, claim[2]))
     return stale
+
+
+def _claim(suffix: str) -> tuple[str, int, str] | None:
+    """(host, pid, kind) of the process that made a temporary, from what follows
+    ``.<name>.`` in its name: kind ``tmp``, ``old`` or ``file``; None if it is none."""
+    m = _OWNED.fullmatch(suffix)
+    if m is None:
+        return None
+    if m["kind"]:
+        return m["host"], int(m["pid"]), m["kind"]
+    return m["fhost"], int(m["fpid"]), "file"
+
+
+def _gone(host: str, pid: int) -> bool:
+    """Whether the process ``pid`` of ``host`` is known to have ended (this host's only)."""
+    return host == _HOST and not _alive(pid)
 
 
 def _present(path: Path) -> bool:
@@ -362,7 +375,7 @@ def left_by_the_dead(path: Path) -> bool:
     """Whether ``path`` is a temporary whose writer, a process of this host, is gone (one of
     another host, or of a live process, may still be written)."""
     owner = _owner(Path(path).name)
-    return owner is not None and owner[0] == _HOST and not _alive(owner[1])
+    return owner is not None and _gone(*owner)
 
 
 def _owner(name: str) -> tuple[str, int] | None:
@@ -370,10 +383,9 @@ def _owner(name: str) -> tuple[str, int] | None:
     if not name.startswith("."):
         return None
     for i in (i for i, c in enumerate(name) if c == "." and i > 0):
-        m = _OWNED.fullmatch(name[i + 1 :])
-        if m is not None:
-            host, pid = (m["host"], m["pid"]) if m["kind"] else (m["fhost"], m["fpid"])
-            return host, int(pid)
+        claim = _claim(name[i + 1 :])
+        if claim is not None:
+            return claim[0], claim[1]
     return None
 
 
