@@ -149,7 +149,7 @@ def prepare(
     from aftrec.data.prepare import check_out
     from aftrec.data.prepare import prepare as write_prepared
     from aftrec.data.sources.synthetic import SyntheticConfig
-    from aftrec.data.split import SplitConfig
+    from aftrec.data.split import SplitConfig, with_ties
 
     def p(name: str, value: PathLike | None) -> Path | None:
         return None if value is None else _path(name, value)
@@ -182,7 +182,7 @@ def prepare(
                 f"--out {out} is inside the {flag} folder {given}: its files would be read as "
                 "parts of the log next time; choose a folder outside it"
             )  # fmt: skip
-    split = split if split is not None else SplitConfig()
+    split = with_ties(split if split is not None else SplitConfig(), src.dataset)
     check_out(out, force)  # before a download or minutes of reading
     if streaming:  # which takes --interactions/--items only, and says so
         return _prepare_streaming(src, Path(out), split, partition_rows, force, progress)

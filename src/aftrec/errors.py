@@ -52,15 +52,17 @@ def require_numbers(settings: object, prefix: str) -> None:
     number; a bool is neither), before its bounds are compared: a string in a Python call
     compared as ``'10' >= 1``, and a float count reached NumPy deep inside. A NumPy number is
     stored as the Python one (a float32 ratio is not the decimal it prints as, and a dataset's
-    ``meta.json`` would record it as text). Every field must be declared ``int`` or
-    ``float``."""
+    ``meta.json`` would record it as text). Fields of other types are the caller's to
+    check."""
     import dataclasses
     import numbers
 
     for f in dataclasses.fields(settings):  # type: ignore[arg-type]
         value = getattr(settings, f.name)
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        wanted = {"int": numbers.Integral, "float": numbers.Real}[kind]
+        wanted = {"int": numbers.Integral, "float": numbers.Real}.get(kind)
+        if wanted is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, wanted):
             said = "an integer" if kind == "int" else "a number"
             raise ConfigError(f"{prefix}{f.name} must be {said}, got {value!r}")

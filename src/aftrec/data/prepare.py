@@ -44,6 +44,8 @@ from aftrec.data.split import (
     carve_validation,
     first_click_only,
     split_positives,
+    with_tie_keys,
+    with_ties,
 )
 from aftrec.errors import DataError
 from aftrec.outputs import atomic_directory, check_replaceable, check_writable
@@ -100,7 +102,7 @@ def prepare(
     when none is supplied. Otherwise ``raw.interactions`` is split per user chronologically.
     """
     out = Path(out)
-    split = split or SplitConfig()
+    split = with_ties(split or SplitConfig(), None)
     check_out(out, force)
     started = time.perf_counter()
     raw = validate(raw)
@@ -114,6 +116,7 @@ def prepare(
         frame = _positive_frame(raw, split.rating_threshold)
         user_idx, user_index = factorize(frame["user"], sort=True)
         rows = _index_rows(frame, item_index, user_idx, item_domain)
+        rows = with_tie_keys(rows, user_index, item_index, split)
         del frame, user_idx  # the split needs the rows only: free the ids' text before it
         rows, part, kept_users, n_dropped = split_positives(rows, split)
         user_index = pd.Index(user_index.to_numpy()[kept_users])
@@ -126,7 +129,9 @@ def prepare(
         earlier = np.empty(0, dtype=np.int64)  # (user, item) keys of the parts before
         for name, frame in frames.items():
             user_idx = positions(user_index, frame["user"])
-            r = first_click_only(_index_rows(frame, item_index, user_idx, item_domain))
+            r = _index_rows(frame, item_index, user_idx, item_domain)
+            r = first_click_only(with_tie_keys(r, user_index, item_index, split))
+            r.pop("tie", None)  # the order carve_validation reads is made
             key = r["user_idx"].astype(np.int64) * len(item_index) + r["item_idx"]
             again = np.isin(key, earlier)
             if again.any():  # as within one log: the first click of a pair, not a repeat

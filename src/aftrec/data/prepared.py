@@ -194,6 +194,10 @@ def count_parts(part: np.ndarray, domain_idx: np.ndarray, n_domains: int) -> np.
     return np.bincount(cells, minlength=len(PART_NAMES) * n_domains).reshape(-1, n_domains)
 
 
+#: meta.json's keys of the tie rule (:class:`~aftrec.data.split.SplitConfig`)
+TIES = ("ties", "tie_seed")
+
+
 def describe(
     domains: list[str],
     item_domain: np.ndarray,
@@ -210,7 +214,10 @@ def describe(
     # a pre-split uses only the threshold and, with no validation file, the valid ratio
     used: dict[str, Any] = {**asdict(split), "presplit": presplit}
     if presplit:
-        used = {k: used[k] for k in ("rating_threshold", "valid_ratio", "presplit")}
+        used = {k: used[k] for k in ("rating_threshold", "valid_ratio", "presplit", *TIES)}
+    if split.ties != "random":  # "item", the rule before there was a choice, is unwritten:
+        # a dataset prepared again by this version has the meta.json (and fingerprint) it had
+        used = {k: v for k, v in used.items() if k not in TIES}
     return {
         "format": FORMAT_VERSION,
         "domains": domains,

@@ -1,8 +1,16 @@
 """Per-user chronological splits.
 
-Each user's positives are ordered by (timestamp, item); the last ``test_ratio`` of them
-(at least one) go to test, and a validation part is carved the same way from the end of what
-is left. Users with fewer than ``min_positives`` positives are dropped first.
+Each user's positives are ordered by timestamp; the last ``test_ratio`` of them (at least
+one) go to test, and a validation part is carved the same way from the end of what is left.
+Users with fewer than ``min_positives`` positives are dropped first.
+
+Positives at the same timestamp have no order of their own, and where a user's split falls
+inside such a tie, the rule that orders them decides which go to test. ``ties="random"`` orders
+each user's tied items by a permutation drawn for that user from a hash of the user's id and
+``tie_seed`` (:func:`tie_keys`): for any two items, either order is as likely, whatever their
+domains, their ids or the file's order, so no domain is favoured. ``ties="item"`` orders them by
+the item's index (domain, then item id), the rule of the MovieLens presets, whose committed
+results were made with it: among tied clicks, those of the later domains go to test.
 
 For a user with ``n`` positives: ``n_test = max(1, floor(test_ratio * n))``; with
 ``m = n - n_test``, ``n_valid = max(1, floor(valid_ratio * m))`` (0 when ``valid_ratio`` is 0).
@@ -11,10 +19,13 @@ Every positive lands in exactly one of train, valid and test.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+import pandas as pd
 
 from aftrec.arrays import unique
 from aftrec.errors import ConfigError, require_numbers
@@ -29,6 +40,11 @@ class SplitConfig:
     valid_ratio: float = 0.2
     min_positives: int = 5
     rating_threshold: float = 3.0
+    #: how positives at the same timestamp are ordered: "random" (a seeded draw per user,
+    #: fair to every domain) or "item" (domain, then item id); None: the source's own rule,
+    #: "item" for the MovieLens presets (:data:`ITEM_ORDER_DATASETS`), "random" for the rest
+    ties: Literal["random", "item"] | None = None
+    tie_seed: int = 0
 
     def __post_init__(self) -> None:
         require_numbers(self, "split.")
@@ -46,10 +62,95 @@ class SplitConfig:
             )
         if not math.isfinite(self.rating_threshold):
             raise ConfigError(f"--rating-threshold must be a number, got {self.rating_threshold}")
+        if self.ties not in (None, "random", "item"):
+            raise ConfigError(f"split.ties (--ties) must be random or item, got {self.ties!r}")
+        if not 0 <= self.tie_seed < 2**64:
+            raise ConfigError(
+                f"split.tie_seed (--tie-seed) must be in [0, 2^64), got {self.tie_seed}"
+            )
+
+
+#: the presets whose committed results were split with ``ties="item"``: their split stays
+#: the one those numbers were measured on
+ITEM_ORDER_DATASETS = ("ml-100k", "ml-1m")
+
+
+def with_ties(split: SplitConfig, dataset: str | None) -> SplitConfig:
+    """``split`` with its tie rule settled: the one given, else the source's own."""
+    if split.ties is not None:
+        return split
+    return dataclasses.replace(split, ties="item" if dataset in ITEM_ORDER_DATASETS else "random")
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 whose output bits each depend on every
+    input bit."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def id_hashes(ids: pd.Index | np.ndarray) -> np.ndarray:
+    """A uint64 per id, from its text alone (pandas' SipHash of the id as text, with a fixed
+    key): the same id gives the same value in any file, order, partition or source (the
+    integer 7 and the text "7" alike)."""
+    text = pd.Series(np.asarray(ids, dtype=object)).astype(str)
+    return pd.util.hash_pandas_object(text, index=False, hash_key="aftrec-ties-0001").to_numpy()
+
+
+def _next_prime(n: int) -> int:
+    """The smallest prime >= max(n, 2) (trial division: n is a catalogue's size)."""
+    p = max(n, 2)
+    while any(p % d == 0 for d in range(2, math.isqrt(p) + 1)):
+        p += 1
+    return p
+
+
+def tie_keys(user_hash: np.ndarray, item: np.ndarray, n_items: int, seed: int = 0) -> np.ndarray:
+    """Each row's rank among its user's items, for ordering positives at one timestamp
+    (``item``: a numbering of the catalogue, 0 .. ``n_items`` - 1).
+
+    For prime ``p >= n_items`` and the user's ``(a, b)`` drawn from ``mix(hash + seed)``
+    (``1 <= a < p``, ``0 <= b < p``): ``key = (a * item + b) mod p``. For a fixed user this is a
+    permutation of the items (distinct items, distinct keys), so the order is total; over
+    users, ``key_i - key_j = a (i - j) mod p`` is uniform on the nonzero residues and the
+    offset ``b`` uniform, so item ``i`` comes before item ``j`` for about half of the users,
+    whichever domains they belong to.
+    """
+    p = _next_prime(n_items)
+    with np.errstate(over="ignore"):
+        h = _mix(user_hash.astype(np.uint64) + np.uint64(seed) * _GOLDEN)
+    a = (h % np.uint64(p - 1)).astype(np.int64) + 1 if p > 2 else np.ones(len(h), np.int64)
+    b = ((h >> np.uint64(32)) % np.uint64(p)).astype(np.int64)
+    return (a * item.astype(np.int64) + b) % p  # a, item < p <= 2^31: no overflow
+
+
+def with_tie_keys(
+    rows: dict[str, np.ndarray],
+    users: pd.Index | np.ndarray,
+    items: pd.Index | np.ndarray,
+    split: SplitConfig,
+) -> dict[str, np.ndarray]:
+    """``rows`` with their ``tie`` column under ``split.ties="random"`` (``users``, ``items``:
+    the ids of ``rows["user_idx"]`` and of the catalogue's ``item_idx``); as they are under
+    "item", whose ties go by ``item_idx``."""
+    if split.ties != "random":
+        return rows
+    # items numbered by their ids' hashes, not the catalogue's order, which differs between
+    # sources (a Netflix catalogue sorts ids as numbers, a CSV's as text)
+    rank = np.empty(len(items), dtype=np.int64)
+    rank[np.argsort(id_hashes(items), kind="stable")] = np.arange(len(items))
+    users_h = id_hashes(users)[rows["user_idx"]]
+    return {**rows, "tie": tie_keys(users_h, rank[rows["item_idx"]], len(items), split.tie_seed)}
 
 
 def chronological_order(user: np.ndarray, timestamp: np.ndarray, item: np.ndarray) -> np.ndarray:
     """Permutation sorting rows by (user, timestamp, item): the order every split uses.
+    ``item`` is the tie key: the item's index, or its :func:`tie_keys` rank.
 
     The three keys are packed into one int64 (timestamps replaced by their dense rank) when
     they fit, which sorts several times faster than a three-key ``lexsort``.
@@ -109,8 +210,12 @@ def carve_validation(user_sorted: np.ndarray, valid_ratio: float) -> np.ndarray:
 
 def first_click_only(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Keep each (user, item) pair's earliest positive: a repeat adds nothing to retrieval
-    (training positives are excluded from the ranking) and would blur the split."""
-    order = chronological_order(rows["user_idx"], rows["timestamp"], rows["item_idx"])
+    (training positives are excluded from the ranking) and would blur the split. The rows are
+    left in chronological order, ties ordered by ``rows["tie"]`` where it is given (and kept),
+    else by item."""
+    order = chronological_order(
+        rows["user_idx"], rows["timestamp"], rows.get("tie", rows["item_idx"])
+    )
     rows = {k: v[order] for k, v in rows.items()}
     key = (
         rows["user_idx"].astype(np.int64) * (int(rows["item_idx"].max(initial=0)) + 1)
@@ -127,11 +232,14 @@ def split_positives(
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, int]:
     """First clicks only, users with fewer than ``min_positives`` dropped, chronological split.
 
-    ``rows["user_idx"]`` numbers users in original-id order. Returns the kept rows (users
-    re-numbered 0.. in the same order, rows in chronological order), their parts, the old
-    index of each kept user and the number of users dropped.
+    ``rows["user_idx"]`` numbers users in original-id order; ``rows["tie"]``, when given,
+    orders a user's positives at one timestamp (:func:`tie_keys`; else the item index) and is
+    not returned. Returns the kept rows (users re-numbered 0.. in the same order, rows in
+    chronological order), their parts, the old index of each kept user and the number of
+    users dropped.
     """
     rows = first_click_only(rows)
+    rows.pop("tie", None)
     active = keep_active_users(rows["user_idx"], split.min_positives)
     n_dropped = len(unique(rows["user_idx"][~active]))
     rows = {k: v[active] for k, v in rows.items()}

@@ -113,6 +113,8 @@ from aftrec.data.split import (
     SplitConfig,
     chronological_order,
     split_positives,
+    with_tie_keys,
+    with_ties,
 )
 from aftrec.errors import DataError
 from aftrec.outputs import atomic_directory
@@ -625,6 +627,7 @@ def _split_bucket(
         "domain_idx": catalogue.item_domain[item[pos]],
         "timestamp": timestamp[pos],
     }
+    rows = with_tie_keys(rows, user_ids, catalogue.index, split)
     rows, part, kept_users, n_dropped = split_positives(rows, split)
     start = totals.n_users
     rows["user_idx"] += np.int32(start)
@@ -678,7 +681,7 @@ def prepare_streaming(
     partition, which bounds memory. Same rows, parts and counts as the in-memory path.
     """
     out = Path(out)
-    split = split or SplitConfig()
+    split = with_ties(split or SplitConfig(), None)
     if partition_rows < 1:
         raise DataError(f"--partition-rows must be at least 1, got {partition_rows}")
     check_out(out, force)
