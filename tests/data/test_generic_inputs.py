@@ -353,3 +353,23 @@ def test_parquet_integer_ids_stay_integers(tmp_path: Path, streaming: bool) -> N
                    *(["--streaming"] if streaming else []))  # fmt: skip
     users = pd.concat([pd.read_parquet(f) for f in files(out, "users")])
     assert users["user"].tolist() == [7] and users["user"].dtype == np.int64
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+@pytest.mark.parametrize("which", ["log", "items"])
+def test_a_file_of_another_format_is_refused_by_its_suffix(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, streaming: bool, which: str
+) -> None:
+    """A JSON file is not read as CSV (its first record taken for column names): the one line
+    says which formats are read."""
+    log, items = write(_clicks(["u1"]), tmp_path / "log.csv"), write(ITEMS, tmp_path / "items.csv")
+    if which == "log":
+        log = tmp_path / "log.jsonl"
+        _clicks(["u1"]).to_json(log, orient="records", lines=True)
+    else:
+        items = tmp_path / "items.json"
+        ITEMS.to_json(items, orient="records")
+    flags = ("--streaming",) if streaming else ()
+    bad = log if which == "log" else items
+    _refused(capsys, tmp_path, log, items, f"{bad}: aftrec reads CSV (.csv, .csv.gz, .csv.bz2) "
+             "and Parquet (.parquet, .pq) files", flags=flags)  # fmt: skip

@@ -98,9 +98,9 @@ from aftrec.data.schema import (
 from aftrec.data.sources.generic import (
     CSV_COMPRESSION,
     ID_COLUMNS,
-    PARQUET_SUFFIXES,
     CsvOrigin,
     check_float_ids,
+    file_kind,
     folder_parts,
     header,
     read_table,
@@ -331,7 +331,7 @@ def _list_files(path: Path) -> tuple[list[Path], str]:
     if not path.exists():
         raise DataError(f"{path}: no such file")
     if path.is_file():
-        files, kind = [path], "Parquet" if path.suffix.lower() in PARQUET_SUFFIXES else "CSV"
+        files, kind = [path], file_kind(path)
     else:
         files, kind = folder_parts(path)
     for file in files:

@@ -3,7 +3,9 @@
 Interactions: columns ``user``, ``item``, ``timestamp``, optional ``domain`` (checked against
 the catalogue) and optional ``rating`` or ``label``. Items: columns ``item``, ``domain``.
 A file ending in ``.parquet`` / ``.pq`` (or a folder of Parquet parts) is read with pyarrow;
-anything else is read as CSV with a header line (``.gz`` and ``.bz2`` files decompressed).
+one ending in ``.csv`` (``.csv.gz``, ``.csv.bz2`` decompressed) as CSV with a header line.
+A file of any other name is refused (:func:`file_kind`), not guessed at: a JSON log read as
+CSV would fail on a "missing column" that is no clue.
 """
 
 from __future__ import annotations
@@ -70,6 +72,21 @@ class PartsOrigin(Origin):
         return f"{self.parts[k]}, row {index - self.starts[k]}"
 
 
+def file_kind(path: Path) -> str:
+    """A file's format by its name, "Parquet" or "CSV" (:data:`PARQUET_SUFFIXES`,
+    :data:`CSV_SUFFIXES`, any case); any other name is refused in one line that says which
+    formats are read."""
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        return "Parquet"
+    if path.name.lower().endswith(CSV_SUFFIXES):
+        return "CSV"
+    raise DataError(
+        f"{path}: aftrec reads CSV ({', '.join(CSV_SUFFIXES)}) and Parquet "
+        f"({', '.join(PARQUET_SUFFIXES)}) files, told apart by their suffix; convert this "
+        "file to one of them, or rename it if it is one"
+    )
+
+
 def _csv_line(path: Path, index: int) -> int | None:
     """First line of data row ``index`` (0-based, blank lines skipped as pandas does)."""
     try:
@@ -98,6 +115,8 @@ def read_table(path: Path) -> tuple[pd.DataFrame, Origin]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
+    if not path.is_dir():
+        file_kind(path)
     try:
         names = header(path)
         require_unique_columns(names, str(path))
