@@ -181,6 +181,21 @@ def test_help_is_plain_text(argv: list[str], capsys: pytest.CaptureFixture[str])
     assert not any(mark in text for mark in ("``", ":class:", ":func:", ":mod:")), text
 
 
+def test_prepare_help_says_items_go_with_interactions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The help wrote `--interactions [--items]`, an optional --items, while the command
+    refuses --interactions without it."""
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--interactions [--items]" not in text
+    assert "--interactions with --items, or --train and --test with --items" in text
+    log = write(make_log()[0], tmp_path / "inter.csv")
+    assert main(["prepare", "--interactions", str(log), "--out", str(tmp_path / "o")]) == 2
+    assert "--interactions needs --items" in capsys.readouterr().err
+
+
 def test_every_option_says_what_it_is() -> None:
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

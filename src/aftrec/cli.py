@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument(
         "--dataset", choices=list(api.DATASETS),
         help="a known dataset (MovieLens: downloaded unless --path; netflix: --path and "
-        "--domains); without it, --interactions [--items] or --train/--test",
+        "--domains); without it, --interactions with --items, or --train and --test with "
+        "--items",
     )  # fmt: skip
     pp.add_argument("--path", type=path_argument, help="local folder with the raw files")
     pp.add_argument(
@@ -204,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pp.add_argument("--interactions", type=path_argument, help="generic log (CSV or Parquet)")
     pp.add_argument(
-        "--items", type=path_argument, help="item catalogue (CSV or Parquet: item, domain)"
-    )
+        "--items", type=path_argument,
+        help="item catalogue (CSV or Parquet: item, domain); needed by --interactions and by "
+        "--train/--test",
+    )  # fmt: skip
     pp.add_argument("--train", type=path_argument, help="pre-split training log")
     pp.add_argument("--valid", type=path_argument, help="pre-split validation log (optional)")
     pp.add_argument("--test", type=path_argument, help="pre-split test log")
