@@ -356,7 +356,25 @@ def test_duplicate_rows_across_parts(capsys: pytest.CaptureFixture[str], tmp_pat
         capsys,
         streaming(folder, mp, tmp_path / "out"),
         f"{folder / 'part-0.parquet'}, row 5: duplicate row (same user, item and timestamp as "
-        f"{folder / 'part-2.parquet'}, row 119); 4 duplicated row(s) in all",
+        f"{folder / 'part-2.parquet'}, row 119); 2 extra row(s) in all",
+        roots=(tmp_path,),
+    )
+
+
+def test_duplicate_rows_count_the_extra_copies(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A row and its two copies are 2 rows to drop, not 3 duplicated rows; with another pair,
+    3 in all, in memory and with --streaming."""
+    inter, items = make_log()
+    inter = pd.concat([inter, inter.iloc[[ROW, ROW, 7]]], ignore_index=True)
+    ip, mp = write(inter, tmp_path / "inter.csv"), write(items, tmp_path / "items.csv")
+    same_as_in_memory(capsys, tmp_path, ip, mp)
+    fails_cleanly(
+        capsys,
+        argv(ip, mp, tmp_path / "out"),
+        "line 9: duplicate row",
+        "; 3 extra row(s) in all (the copies beyond the first of each set of equal rows)",
         roots=(tmp_path,),
     )
 

@@ -263,12 +263,13 @@ def locate_items(
     return position
 
 
-def duplicate_row_error(first: str, second: str, count: int) -> DataError:
+def duplicate_row_error(first: str, second: str, extra: int) -> DataError:
     """The message for rows with the same user, item and timestamp; ``first`` and ``second``
-    name two such rows (as :meth:`Origin.row` does)."""
+    name two such rows (as :meth:`Origin.row` does), ``extra`` counts the rows to drop: each
+    set of equal rows less its first (a row and its two copies count 2, not 3)."""
     return DataError(
         f"{first}: duplicate row (same user, item and timestamp as {second}); "
-        f"{count} duplicated row(s) in all"
+        f"{extra} extra row(s) in all (the copies beyond the first of each set of equal rows)"
     )
 
 
@@ -301,7 +302,8 @@ def validate(log: RawLog) -> RawLog:
             & (inter["timestamp"].iloc[rows[1:]] == first["timestamp"]).to_numpy()
         ]
         second = io.row(int(twin[0])) if len(twin) else "another row"
-        raise duplicate_row_error(io.row(int(rows[0])), second, len(rows))
+        extra = int(inter.iloc[rows].duplicated(["user", "item", "timestamp"]).sum())
+        raise duplicate_row_error(io.row(int(rows[0])), second, extra)
 
     domains = list(log.domains) if log.domains is not None else sorted(items["domain"].unique())
     unknown = sorted(set(items["domain"].unique()) - set(domains))

@@ -548,7 +548,8 @@ def _scatter(
 
 @dataclass
 class _Duplicates:
-    """The first duplicated row in file order (by sequence number), its twin, and a count."""
+    """The first duplicated row in file order (by sequence number), its twin, and the count
+    of extra rows (:func:`~aftrec.data.schema.duplicate_row_error`)."""
 
     first: int
     second: int
@@ -575,7 +576,7 @@ def _find_duplicates(
     s = seq[order]
     # the earliest duplicated row comes first in its group; its twin is the next row
     k = int(np.argmin(np.where(dup, s, np.iinfo(np.int64).max)))
-    return _Duplicates(int(s[k]), int(s[k + 1]), int(dup.sum()))
+    return _Duplicates(int(s[k]), int(s[k + 1]), int(same.sum()))  # rows repeating another
 
 
 @dataclass
