@@ -373,3 +373,17 @@ def test_a_file_of_another_format_is_refused_by_its_suffix(
     bad = log if which == "log" else items
     _refused(capsys, tmp_path, log, items, f"{bad}: aftrec reads CSV (.csv, .csv.gz, .csv.bz2) "
              "and Parquet (.parquet, .pq) files", flags=flags)  # fmt: skip
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+def test_every_user_dropped_by_min_positives_says_so(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, streaming: bool
+) -> None:
+    """Each user has 3 positive labels: all are dropped by --min-positives 5, which the
+    message says (it said the first domain was empty) with the rule that counted them."""
+    log = _clicks(["u1", "u2"]).assign(label=[True, False] * 6)
+    path, items = write(log, tmp_path / "log.parquet"), write(ITEMS, tmp_path / "items.csv")
+    flags = ("--streaming",) if streaming else ()
+    _refused(capsys, tmp_path, path, items, f"{path}: no user is left: all 2 user(s) have fewer "
+             "than 5 positives and were dropped (--min-positives; positives are rows with "
+             "label > 0)", flags=flags)  # fmt: skip

@@ -27,7 +27,7 @@ from aftrec.data.prepared import (
     describe,
     dropped_note,
     encode_items,
-    no_test_error,
+    no_users_error,
     timestamps,
     write_items,
     write_meta,
@@ -152,16 +152,17 @@ def prepare(
     counts = count_parts(part, rows["domain_idx"], len(domains))
     n_items = np.bincount(item_domain, minlength=len(domains))
     inter_name = raw.interactions_origin.name
+    if not len(user_index):  # every user dropped (a pre-split drops none)
+        rule = positives_rule(raw.interactions, split.rating_threshold)
+        raise no_users_error(inter_name, n_dropped, split.min_positives, rule)
     check_domains(domains, n_items, counts[TRAIN], raw.items_origin.name, inter_name, dropped)
-    if not counts[TEST].any():
-        if presplit is not None:
-            gone = " and ".join(repeats)  # e.g. "2 test positive(s)"
-            raise DataError(
-                f"{presplit['test'].interactions_origin.name}: the test part is empty: "
-                "no positive interactions"
-                + (f" once {gone} already in an earlier part are dropped" if gone else "")
-            )
-        raise no_test_error(inter_name, split.min_positives, dropped)
+    if presplit is not None and not counts[TEST].any():  # (a split gives each user a test)
+        gone = " and ".join(repeats)  # e.g. "2 test positive(s)"
+        raise DataError(
+            f"{presplit['test'].interactions_origin.name}: the test part is empty: "
+            "no positive interactions"
+            + (f" once {gone} already in an earlier part are dropped" if gone else "")
+        )
     if presplit is None:  # logged once the data is known to be good: an error is one line
         log.info("dropped %d users with fewer than %d positives", n_dropped, split.min_positives)
     if repeats:

@@ -182,9 +182,14 @@ def dropped_note(n_dropped: int, min_positives: int) -> str:
     return f" ({n_dropped} user(s) with fewer than {min_positives} positives were dropped)"
 
 
-def no_test_error(log_: str, min_positives: int, note: str) -> DataError:
+def no_users_error(log_: str, n_dropped: int, min_positives: int, rule: str) -> DataError:
+    """Every user of ``log_`` was dropped by ``--min-positives``: said so, with the positives
+    ``rule`` (:func:`~aftrec.data.schema.positives_rule`) that counted them, rather than as
+    the first domain found empty. Every kept user has a test positive, so this is also the
+    only way the test part of a split log is empty."""
     return DataError(
-        f"{log_}: the test part is empty: no user has at least {min_positives} positives{note}"
+        f"{log_}: no user is left: all {n_dropped} user(s) have fewer than {min_positives} "
+        f"positives and were dropped (--min-positives; {rule})"
     )
 
 

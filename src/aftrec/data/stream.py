@@ -31,8 +31,8 @@ Pass 2
     ``min_positives`` positives dropped, chronological split per user. Bucket ``p`` becomes
     partition ``p``.
 End
-    The checks that need the whole log (every domain has training positives, the test part is
-    not empty, the first duplicate row in file order) run on counts accumulated over the
+    The checks that need the whole log (some user is left, every domain has training
+    positives, the first duplicate row in file order) run on counts accumulated over the
     buckets, before the temporary folder beside ``--out`` is renamed into place.
 
 Unlike the in-memory path, a log with several problems reports the first in reading order
@@ -73,7 +73,7 @@ from aftrec.data.prepared import (
     dropped_note,
     encode_items,
     is_integral,
-    no_test_error,
+    no_users_error,
     partition_file,
     write_items,
     write_meta,
@@ -108,7 +108,6 @@ from aftrec.data.sources.generic import (
 )
 from aftrec.data.split import (
     PART_NAMES,
-    TEST,
     TRAIN,
     SplitConfig,
     chronological_order,
@@ -722,9 +721,10 @@ def prepare_streaming(
             raise duplicate_row_error(log_.locate(d.first), log_.locate(d.second), d.count)
         dropped = dropped_note(totals.n_dropped, split.min_positives)
         n_items = np.bincount(catalogue.item_domain, minlength=len(domains))
+        if not totals.n_users:  # as in memory
+            rule = positives_rule(log_.empty_frame(), split.rating_threshold)
+            raise no_users_error(log_.name, totals.n_dropped, split.min_positives, rule)
         check_domains(domains, n_items, totals.counts[TRAIN], mo.name, log_.name, dropped)
-        if not totals.counts[TEST].any():
-            raise no_test_error(log_.name, split.min_positives, dropped)
         if totals.integral and not integral:
             _timestamps_to_int(tmp, n_partitions)
 
