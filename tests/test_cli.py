@@ -364,6 +364,41 @@ def test_positive_rules(tmp_path: Path, column: str, flags: list[str], rule) -> 
     assert pairs(every) == pairs(expected)
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+@pytest.mark.parametrize(
+    ("column", "flags", "recorded", "note"),
+    [
+        ("label", ["--rating-threshold", "4"], None, "has a label column, and positives are "
+         "rows with label > 0"),
+        ("none", ["--rating-threshold", "4"], None, "has no rating column, so every row is a "
+         "positive"),
+        ("none", [], None, None),  # the default threshold, not asked for: no note
+        ("rating", ["--rating-threshold", "4"], 4.0, None),
+        ("rating", [], 3.0, None),
+    ],
+    ids=["label", "no-rating", "no-rating-default", "rating", "rating-default"],
+)  # fmt: skip
+def test_an_unused_rating_threshold_is_noted_and_not_recorded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, streaming: bool, column: str,
+    flags: list[str], recorded: float | None, note: str | None,
+) -> None:  # fmt: skip
+    """--rating-threshold was ignored without a word where no rating decides the positives,
+    and meta.json recorded it as the split's threshold all the same."""
+    inter, items = make_log(seed=1)
+    inter = inter.drop(columns=[c for c in ("rating", "label") if c != column])
+    ip, mp = write(inter, tmp_path / "inter.csv"), write(items, tmp_path / "items.csv")
+    out = tmp_path / "data"
+    caplog.set_level("INFO", logger="aftrec.data")
+    run_ok(["prepare", "--interactions", str(ip), "--items", str(mp), "--out", str(out), *flags,
+            *(["--streaming"] if streaming else [])])  # fmt: skip
+    assert json.loads((out / "meta.json").read_text())["split"]["rating_threshold"] == recorded
+    notes = [r.getMessage() for r in caplog.records if "--rating-threshold" in r.getMessage()]
+    if note is None:
+        assert notes == []
+    else:
+        assert notes == [f"note: --rating-threshold 4 had no effect: {ip} {note}"]
+
+
 def split_by_hand(inter: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Each user's last 2 rows in time -> test, the 2 before -> valid, the rest -> train."""
     inter = inter.sort_values(["user", "timestamp"], kind="stable")

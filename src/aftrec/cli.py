@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--rating-threshold",
         type=float,
         default=3.0,
-        help="positives are ratings >= this (default 3)",
+        help="positives are ratings >= this (default 3); unused with a label column, or "
+        "without a rating column",
     )
     pp.add_argument(
         "--test-ratio", type=float, default=0.2,

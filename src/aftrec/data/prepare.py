@@ -29,12 +29,19 @@ from aftrec.data.prepared import (
     encode_items,
     no_users_error,
     timestamps,
+    unused_threshold_note,
     write_items,
     write_meta,
     write_parts,
     write_users,
 )
-from aftrec.data.schema import RawLog, positives, positives_rule, validate
+from aftrec.data.schema import (
+    RawLog,
+    positives,
+    positives_rule,
+    rating_threshold_used,
+    validate,
+)
 from aftrec.data.split import (
     PART_NAMES,
     TEST,
@@ -173,6 +180,12 @@ def prepare(
         )
     if presplit is not None:
         _note_time_order(rows, part)
+    logs = [raw] if presplit is None else list(presplit.values())
+    threshold_used = any(rating_threshold_used(lg.interactions.columns) for lg in logs)
+    columns = {str(c) for lg in logs for c in lg.interactions.columns}
+    note = unused_threshold_note(columns, split, inter_name)
+    if note:
+        log.info(note)
 
     meta = describe(
         domains,
@@ -184,6 +197,7 @@ def prepare(
         presplit is not None,
         source,
         started,
+        threshold_used,
     )
     _write_atomically(out, items, user_index, rows, part, meta, force)
     return out

@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections.abc import Collection
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,7 @@ from pydantic import (
     model_validator,
 )
 
+from aftrec.data.schema import rating_threshold_used
 from aftrec.data.split import PART_NAMES, SplitConfig
 from aftrec.errors import DataError
 from aftrec.outputs import atomic_write_bytes, unfinished
@@ -193,6 +195,20 @@ def no_users_error(log_: str, n_dropped: int, min_positives: int, rule: str) -> 
     )
 
 
+def unused_threshold_note(columns: Collection[str], split: SplitConfig, log_: str) -> str | None:
+    """The note for a ``--rating-threshold`` other than the default that had no effect on
+    ``log_`` (of these ``columns``: a label column, or no rating column), else ``None``; the
+    default is not noted, as it was not asked for."""
+    if rating_threshold_used(columns) or split.rating_threshold == SplitConfig.rating_threshold:
+        return None
+    why = (
+        "has a label column, and positives are rows with label > 0"
+        if "label" in columns
+        else "has no rating column, so every row is a positive"
+    )
+    return f"note: --rating-threshold {split.rating_threshold:g} had no effect: {log_} {why}"
+
+
 def count_parts(part: np.ndarray, domain_idx: np.ndarray, n_domains: int) -> np.ndarray:
     """(3, n_domains) positives per part (train, valid, test) and domain."""
     cells = part.astype(np.int64) * n_domains + domain_idx
@@ -213,11 +229,18 @@ def describe(
     presplit: bool,
     source: dict[str, Any] | None,
     started: float,
+    threshold_used: bool = True,
 ) -> dict[str, Any]:
-    """meta.json's keys common to every layout; ``counts`` is :func:`count_parts`'s table."""
+    """meta.json's keys common to every layout; ``counts`` is :func:`count_parts`'s table.
+    ``threshold_used``: whether the rating threshold decided the positives
+    (:func:`~aftrec.data.schema.rating_threshold_used`); when not, the split records none
+    (null), so that two preparations that differ only in an unused threshold are the same
+    dataset."""
     offsets = np.r_[0, np.cumsum(np.bincount(item_domain, minlength=len(domains)))]
     # a pre-split uses only the threshold and, with no validation file, the valid ratio
     used: dict[str, Any] = {**asdict(split), "presplit": presplit}
+    if not threshold_used:
+        used["rating_threshold"] = None
     if presplit:
         used = {k: used[k] for k in ("rating_threshold", "valid_ratio", "presplit", *TIES)}
     if split.ties != "random":  # "item", the rule before there was a choice, is unwritten:

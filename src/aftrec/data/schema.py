@@ -14,7 +14,7 @@ items: ``item``, ``domain``; each item belongs to exactly one domain.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -319,6 +319,12 @@ def positive_mask(inter: pd.DataFrame, rating_threshold: float = 3.0) -> np.ndar
     if "rating" in inter.columns:
         return inter["rating"].to_numpy() >= rating_threshold
     return None
+
+
+def rating_threshold_used(columns: Collection[str]) -> bool:
+    """Whether the rating threshold decides the positives of a log with these columns: only
+    with a rating column, and no label column (which wins, see :func:`positives`)."""
+    return "rating" in columns and "label" not in columns
 
 
 def positives_rule(inter: pd.DataFrame, rating_threshold: float = 3.0) -> str:

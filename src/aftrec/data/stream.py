@@ -75,6 +75,7 @@ from aftrec.data.prepared import (
     is_integral,
     no_users_error,
     partition_file,
+    unused_threshold_note,
     write_items,
     write_meta,
     write_parts,
@@ -92,6 +93,7 @@ from aftrec.data.schema import (
     locate_items,
     positive_mask,
     positives_rule,
+    rating_threshold_used,
     require_columns,
     require_unique_columns,
 )
@@ -738,6 +740,7 @@ def prepare_streaming(
             False,
             source,
             started,
+            rating_threshold_used(log_.columns),
         )
         meta.update(
             format=FORMAT_PARTITIONED,
@@ -753,6 +756,9 @@ def prepare_streaming(
         split.min_positives,
         n_partitions,
     )
+    note = unused_threshold_note(log_.columns, split, log_.name)
+    if note:
+        log.info(note)
     return out
 
 
