@@ -352,3 +352,94 @@ def test_a_bad_row_of_a_folder_is_named_by_its_part(
             *(["--streaming"] if streaming else [])]  # fmt: skip
     fails_cleanly(capsys, argv, "p2.parquet, row 7: item 'zzz' is not in the item catalogue",
                   roots=(tmp_path,))  # fmt: skip
+
+
+def _iso_log() -> tuple[pd.DataFrame, pd.Series]:
+    """The log with its times as ISO-8601 text of several forms (a date alone, a space or a
+    T, Z, another zone, a fraction), and the instants they stand for."""
+    log = _log(40)
+    seconds = log["timestamp"].to_numpy() - 1_000 + np.where(np.arange(len(log)) % 7 == 3, 0.25, 0)
+    instants = pd.Series(pd.Timestamp("2021-01-01", tz="UTC") + pd.to_timedelta(seconds, "s"))
+    forms = [
+        lambda t: t.strftime("%Y-%m-%d %H:%M:%S.%f"),  # no zone: UTC
+        lambda t: t.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        lambda t: t.tz_convert("Etc/GMT-2").strftime("%Y-%m-%dT%H:%M:%S.%f+02:00"),
+        lambda t: t.tz_convert("Etc/GMT+5").strftime("%Y-%m-%d %H:%M:%S.%f-0500"),
+    ]
+    text = [forms[k % len(forms)](t) for k, t in enumerate(instants)]
+    text[0] = "2021-01-01"  # midnight, the first click
+    return log.assign(timestamp=text), instants
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_iso_text_times_are_the_seconds_of_a_datetime_column(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Text dates and times were refused as non-numeric; they are now the seconds a Parquet
+    datetime column of the same instants gives, in memory and streamed in small batches."""
+    monkeypatch.setattr(stream, "CSV_BLOCK_BYTES", 512)
+    monkeypatch.setattr(stream, "BATCH_ROWS", 16)
+    log, instants = _iso_log()
+    items = write(ITEMS, tmp_path / "items.csv")
+    reference = write(log.assign(timestamp=instants), tmp_path / "datetimes.parquet")
+    want = _prepare(reference, items, tmp_path / "reference")
+    path = write(log, tmp_path / f"log.{kind}")
+    _both(path, path, items, tmp_path)
+    pd.testing.assert_frame_equal(rows(tmp_path / "memory"), want)
+    seconds = {t.timestamp() for t in instants}  # the instants, to the quarter second
+    assert set(want["timestamp"]) <= seconds and (want["timestamp"] % 1 == 0.25).any()
+
+
+MIXED = "a timestamp column holds numbers or ISO-8601 dates and times, not both"
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("1609459205", "line 7: timestamp '1609459205' is not an ISO-8601 date and time"),
+        ("2021-02-30 10:00:00", "line 7: timestamp '2021-02-30 10:00:00' is not an ISO-8601"),
+        ("02/01/2021 10:00", "line 7: timestamp '02/01/2021 10:00' is not an ISO-8601 date"),
+        (None, "line 7: non-numeric value '2021-01-01T00:00:05.000000Z' in column 'timestamp' "
+         "(235 bad row(s) in all); " + MIXED),
+    ],
+    ids=["number-among-dates", "no-such-day", "another-form", "dates-after-numbers"],
+)  # fmt: skip
+def test_bad_or_mixed_text_times_are_one_line_as_in_memory(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, value: str | None, needle: str
+) -> None:
+    """The column's first value says what it holds, numbers or ISO-8601 text; a value that is
+    not of that kind is refused by its line, alike in memory and streaming."""
+    log, _ = _iso_log()
+    if value is None:  # numbers, then dates
+        log.loc[:4, "timestamp"] = [str(1609459200 + k) for k in range(5)]
+    else:
+        log.loc[5, "timestamp"] = value
+    path, items = write(log, tmp_path / "log.csv"), write(ITEMS, tmp_path / "items.csv")
+    messages = []
+    for flags in ((), ("--streaming",)):
+        argv = ["prepare", "--interactions", str(path), "--items", str(items),
+                "--out", str(tmp_path / "o"), *flags]  # fmt: skip
+        messages.append(fails_cleanly(capsys, argv, needle, roots=(tmp_path,)))
+    assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize("first", ["numbers", "dates"])
+def test_a_later_batch_of_the_other_kind_of_times_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    first: str,
+) -> None:  # fmt: skip
+    """Numbers in the first batches, dates in the later ones (or the reverse): in memory the
+    column mixes them and is refused at the first of the other kind; so it is streaming,
+    where each batch would be good alone: the first batch decides for the whole log."""
+    monkeypatch.setattr(stream, "CSV_BLOCK_BYTES", 512)
+    monkeypatch.setattr(stream, "BATCH_ROWS", 16)
+    log, instants = _iso_log()
+    numbers = (instants.astype("int64") // 10**6 / 10**3).astype(str)
+    log["timestamp"] = np.where(
+        (np.arange(len(log)) < 120) == (first == "numbers"), numbers, log["timestamp"]
+    )
+    path, items = write(log, tmp_path / "log.csv"), write(ITEMS, tmp_path / "items.csv")
+    for flags in ((), ("--streaming",)):
+        argv = ["prepare", "--interactions", str(path), "--items", str(items),
+                "--out", str(tmp_path / "o"), *flags]  # fmt: skip
+        fails_cleanly(capsys, argv, "line 122: ", MIXED, roots=(tmp_path,))

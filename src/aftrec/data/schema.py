@@ -6,7 +6,8 @@ checks and the same messages.
 
 Columns
 -------
-interactions: ``user``, ``item``, ``timestamp`` (numeric, e.g. Unix seconds), optional
+interactions: ``user``, ``item``, ``timestamp`` (numbers, e.g. Unix seconds, or dates and
+times: datetime columns or ISO-8601 text, read as seconds since the epoch), optional
 ``domain`` (must agree with the catalogue), optional ``rating`` or ``label``.
 items: ``item``, ``domain``; each item belongs to exactly one domain.
 """
@@ -14,6 +15,7 @@ items: ``item``, ``domain``; each item belongs to exactly one domain.
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -117,12 +119,72 @@ def _written_integers(text: pd.Series) -> bool:
 
 
 _TICKS_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+#: the ISO-8601 text a timestamp may be: a date, or a date and a time (after "T" or a space)
+#: with optional seconds, fraction and zone ("Z", "+02:00", "+0200", "+02")
+ISO_DATE_TIME = (
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}"  # 2021-01-01
+    r"(?:[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?"  # T10:00, 10:00:00, 10:00:00.25
+    r"(?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)?)?"  # Z, +02:00, +0200, +02
+)
+MIXED_TIMES = "a timestamp column holds numbers or ISO-8601 dates and times, not both"
 
 
-def _numeric(series: pd.Series, column: str, origin: Origin, scope: str = IN_ALL) -> np.ndarray:
+def text_dates(series: pd.Series) -> tuple[bool, object]:
+    """Whether a timestamp column is ISO-8601 text (:data:`ISO_DATE_TIME`), told by its first
+    value, and that value (``None`` for a column without one). A column of numbers keeps the
+    numeric path; one that mixes the two is refused at the first value of the other kind."""
+    if not (isinstance(series.dtype, pd.StringDtype) or series.dtype == object):
+        return False, None
+    present = series.notna().to_numpy()
+    if not present.any():
+        return False, None
+    first = series.iloc[int(np.argmax(present))]
+    return isinstance(first, str) and re.fullmatch(ISO_DATE_TIME, first) is not None, first
+
+
+def _not_a_date_error(where: str, value: object, first: object, count: str) -> DataError:
+    """A value of a column of ISO-8601 text (:func:`text_dates`) that is none, as written (a
+    batch of numbers of ``--streaming`` is typed); ``count`` says how many such rows there
+    are, in parentheses."""
+    return DataError(
+        f"{where}: timestamp {str(value)!r} is not an ISO-8601 date and time (such as "
+        f"2021-01-01, 2021-01-01 10:00:00 or 2021-01-01T10:00:00+02:00), as the column's first "
+        f"value {_show(first)} is {count}; {MIXED_TIMES}"
+    )
+
+
+def _text_seconds(series: pd.Series, first: object, origin: Origin, scope: str) -> np.ndarray:
+    """A column of ISO-8601 text as seconds since the epoch: a time without a zone is UTC, one
+    with a zone is converted to UTC, as a Parquet datetime column of the same instants is."""
+    text = series.astype("string")
+    iso = text.str.fullmatch(ISO_DATE_TIME).fillna(False).to_numpy(dtype=bool)
+    times = pd.to_datetime(text.where(iso), format="ISO8601", utc=True, errors="coerce")
+    bad = times.isna().to_numpy()  # missing, not ISO-8601, or no such day (2021-02-30)
+    if bad.any():
+        i = _first_bad(bad)
+        count = f"({int(bad.sum())} bad row(s) {scope})"
+        if pd.isna(series.iloc[i]):
+            raise DataError(f"{origin.row(i)}: missing value in column 'timestamp' {count}")
+        raise _not_a_date_error(origin.row(i), series.iloc[i], first, count)
+    return _numeric(times, "timestamp", origin, scope)
+
+
+def _numeric(
+    series: pd.Series,
+    column: str,
+    origin: Origin,
+    scope: str = IN_ALL,
+    times: tuple[bool, object] | None = None,
+) -> np.ndarray:
     """``series`` as numbers: float64, or int64 for an integer column (an int64 above 2**53
     is not exact as a float: nanosecond clocks keep their order). Dates and times become
-    seconds since the epoch, UTC for a time with a zone, their fraction kept."""
+    seconds since the epoch, UTC for a time with a zone, their fraction kept, whether the
+    column holds them as such or as ISO-8601 text (:func:`text_dates`; ``times``: what it
+    says of the whole column, when ``series`` is a batch of it)."""
+    if column == "timestamp":
+        dates, first = times if times is not None else text_dates(series)
+        if dates:
+            return _text_seconds(series, first, origin, scope)
     if pd.api.types.is_datetime64_any_dtype(series):
         nat = series.isna().to_numpy()
         if nat.any():
@@ -168,8 +230,10 @@ def _numeric(series: pd.Series, column: str, origin: Origin, scope: str = IN_ALL
             what = f"non-numeric value {value!r} in"
         else:
             what = f"non-finite value {_show(value)} in"
+        date = isinstance(value, str) and re.fullmatch(ISO_DATE_TIME, value) is not None
         raise DataError(
             f"{origin.row(i)}: {what} column {column!r} ({int(bad.sum())} bad row(s) {scope})"
+            + (f"; {MIXED_TIMES}" if column == "timestamp" and date else "")
         )
     if column == "timestamp":  # as the unsigned case above, however the reader typed it
         beyond = np.abs(converted) >= 2.0**63
@@ -209,9 +273,16 @@ def check_catalogue(items: pd.DataFrame, mo: Origin) -> pd.DataFrame:
     return items
 
 
-def check_values(inter: pd.DataFrame, io: Origin, scope: str = IN_ALL) -> pd.DataFrame:
+def check_values(
+    inter: pd.DataFrame,
+    io: Origin,
+    scope: str = IN_ALL,
+    times: tuple[bool, object] | None = None,
+) -> pd.DataFrame:
     """The interaction columns aftrec reads, with ids present and timestamps, ratings and
-    labels as finite floats. ``scope`` says which rows the "bad row(s)" counts cover.
+    labels as finite floats. ``scope`` says which rows the "bad row(s)" counts cover;
+    ``times``, whether the timestamps are ISO-8601 text (:func:`text_dates`), when ``inter``
+    is a batch of a longer log: the log's first value decides, not the batch's.
 
     Call :func:`require_columns` first.
     """
@@ -221,7 +292,7 @@ def check_values(inter: pd.DataFrame, io: Origin, scope: str = IN_ALL) -> pd.Dat
         null = inter[col].isna().to_numpy()
         if null.any():
             raise DataError(f"{io.row(_first_bad(null))}: missing {col!r}")
-    inter["timestamp"] = _numeric(inter["timestamp"], "timestamp", io, scope)
+    inter["timestamp"] = _numeric(inter["timestamp"], "timestamp", io, scope, times)
     for col in ("rating", "label"):
         if col in inter.columns:
             inter[col] = _numeric(inter[col], col, io, scope)

@@ -96,6 +96,7 @@ from aftrec.data.schema import (
     rating_threshold_used,
     require_columns,
     require_unique_columns,
+    text_dates,
 )
 from aftrec.data.sources.generic import (
     CSV_COMPRESSION,
@@ -162,6 +163,8 @@ class _Log:
     origins: list[Origin] = field(default_factory=list)
     #: per column of numbers, its first batch of true/false and of numbers (:meth:`_one_kind`)
     kinds: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: whether the timestamps are ISO-8601 text, and their first value (:func:`text_dates`)
+    times: tuple[bool, object] | None = None
 
     @property
     def name(self) -> str:
@@ -504,7 +507,10 @@ def _scatter(
         for number, offset, table, scope in log_.tables():
             n = table.num_rows
             origin = _ShiftedOrigin(log_.origins[number], offset)
-            frame = check_values(table.to_pandas(), origin, scope)
+            frame = table.to_pandas()
+            if log_.times is None:  # the first batch's first value decides, as in memory
+                log_.times = text_dates(frame["timestamp"])
+            frame = check_values(frame, origin, scope, log_.times)
             item_idx = catalogue.locate(frame, origin, scope).astype(np.int32)
             positive = positive_mask(frame, split.rating_threshold)
             if positive is None:
