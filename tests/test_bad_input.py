@@ -1166,8 +1166,90 @@ def test_evaluate_names_a_cut_off_that_reaches_every_item(
     capsys.readouterr()
     assert main(["evaluate", "--run", str(run_copy), "--n", "5", "99999", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "note: N = 99999 reaches every item of every domain (the largest has 12)" in out
+    assert "recall@99999 in every domain (the largest has 12 items)" in out
     assert main(["evaluate", "--run", str(run_copy), "--n", "5", "--quiet"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Domains of 30, 10 and 2 items, the second named ``'Games '`` (a trailing space, as a
+    user's own catalogue had it); every user clicks both items of ``Tiny``, so no user has
+    an item left unclicked there and its AUC is NaN."""
+    root = tmp_path_factory.mktemp("uneven")
+    rng = np.random.default_rng(0)
+    sizes = {"Big": 30, "Games ": 10, "Tiny": 2}
+    items = pd.DataFrame(
+        [(f"{d.strip()}-{i}", d) for d, n in sizes.items() for i in range(n)],
+        columns=["item", "domain"],
+    )
+    rows = []
+    for u in range(40):
+        picks = [f"Big-{i}" for i in rng.choice(30, 6, replace=False)]
+        picks += [f"Games-{i}" for i in rng.choice(10, 4, replace=False)] + ["Tiny-0", "Tiny-1"]
+        rows += [
+            (f"u{u}", it, 1_600_000_000 + 60 * t) for t, it in enumerate(rng.permutation(picks))
+        ]
+    log = write(pd.DataFrame(rows, columns=["user", "item", "timestamp"]), root / "log.csv")
+    argv = ["prepare", "--interactions", str(log), "--items", str(write(items, root / "items.csv")),
+            "--out", str(root / "data")]  # fmt: skip
+    assert main(argv) == 0
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def uneven_pop(uneven: Path) -> Path:
+    run = uneven.parent / "pop"
+    assert main(train_argv(uneven, run, "--model", "pop", "--quiet")) == 0
+    return run
+
+
+def test_evaluate_names_the_domains_where_recall_is_one_and_an_average_over_fewer(
+    capsys: pytest.CaptureFixture[str], uneven_pop: Path
+) -> None:
+    """In a domain of at most N items Recall@N is 1 for any model, and the average counts it;
+    the average AUC leaves out a domain without an AUC, the others count it. Evaluate said
+    only the first, and only once N reached the largest domain."""
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(uneven_pop), "--n", "5", "10", "20", "--quiet"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if line.startswith("note:")] == [
+        "note: Recall@N is 1 for any model in a domain of at most N items (every unseen item "
+        "is in the top N), and the average counts it: recall@5 in Tiny (2 items); recall@10 in "
+        "'Games ' (10 items), Tiny (2 items); recall@20 in 'Games ' (10 items), Tiny (2 items)",
+        "note: the average auc leaves out Tiny, where no user has an item left unclicked to "
+        "rank against; every other average is over all 3 domains with users",
+    ]
+    metrics = json.loads((uneven_pop / "metrics.json").read_text())
+    assert metrics["domains"]["Tiny"]["auc"] is None and metrics["average"]["auc"] is not None
+    assert metrics["domains"]["Games "]["recall@10"] == 1.0
+    assert set(metrics) == {"split", "protocol", "domains", "average", "users"}
+
+
+def test_a_validation_metric_that_is_one_in_some_domains_is_named(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, uneven: Path, prepared: Path
+) -> None:
+    """The average the run stops on counts the domains of at most N items, where Recall@N is
+    1 at every epoch; NDCG@N still ranks there, so N at every domain's size is no note.
+    EASE's grid picks on validation Recall@50, 1 in every domain here: its note was lost, as
+    it read the saved config, which keeps only the point picked."""
+    capsys.readouterr()
+    assert main(train_argv(uneven, tmp_path / "ease", "--model", "ease", "--quiet")) == 0
+    assert (
+        "note: train.valid_metric=recall@50 ranks every item of every domain (the largest has 30)"
+        in capsys.readouterr().out
+    )
+    argv = train_argv(uneven, tmp_path / "a", "--model", "two-tower", *TINY_TRAIN, "--set",
+                      "train.valid_metric=recall@10")  # fmt: skip
+    assert main(argv) == 0
+    assert (
+        "note: train.valid_metric=recall@10 is 1 for any model in 'Games ' (10 items), Tiny "
+        "(2 items), of at most 10 items; the average that picks the best epoch (or grid point) "
+        "counts them, so only the other domains tell the epochs apart"
+    ) in capsys.readouterr().out
+    argv = train_argv(prepared, tmp_path / "b", "--model", "two-tower", *TINY_TRAIN, "--set",
+                      "train.valid_metric=ndcg@50")  # fmt: skip
+    assert main(argv) == 0
     assert "note:" not in capsys.readouterr().out
 
 

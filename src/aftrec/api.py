@@ -395,41 +395,51 @@ def train(
     finally:
         torch.set_num_threads(threads)
         distributed.shutdown(ctx, clean)
-    note = _saturated(load_run_config(out), data_dir) if ctx.rank == 0 else ""
+    # the config asked for: the saved one of a closed-form fit keeps only the grid's best point
+    asked = cfg if cfg is not None else load_run_config(out)
+    note = _saturated(asked, data_dir) if ctx.rank == 0 else ""
     return dataclasses.replace(res, rank=ctx.rank, world=ctx.world, note=note)
 
 
-def largest_domain(data_dir: Path) -> int:
-    """The item count of a prepared dataset's largest domain (from its meta.json)."""
-    from aftrec.data.prepared import read_meta
-
-    return _largest(read_meta(data_dir))
-
-
-def _largest(meta: dict[str, Any]) -> int:
+def _saturated(cfg: RunConfig, data_dir: Path) -> str:
+    """A note when the validation metric is Recall@N and some domain with validation
+    positives holds at most N items: Recall@N is 1 there for any model, at every epoch (and
+    every point of EASE's grid), and the average the run stops on counts it, so only the
+    other domains tell the epochs apart. When that is every domain, every epoch scores the
+    same and the first is kept, which selects nothing. NDCG@N still orders a domain's items,
+    so it gets no note. Empty without a validation part, or for a fit with nothing to
+    select (pop)."""
     import itertools
 
-    return max(b - a for a, b in itertools.pairwise(meta["domain_offsets"]))
-
-
-def _saturated(cfg: RunConfig, data_dir: Path) -> str:
-    """A note when the validation metric's N reaches every item of every domain: every epoch
-    (and every point of EASE's grid) then scores 1 and the first is kept, which selects
-    nothing. Empty without a validation part, or for a fit with nothing to select (pop)."""
     from aftrec.data.prepared import read_meta
+    from aftrec.outputs import shown_name
     from aftrec.registry import registration
 
     meta = read_meta(data_dir)
-    largest = _largest(meta)
     metric, n = cfg.train.valid_metric_n()
     grids = [v for k, v in vars(cfg.model).items() if k.endswith("_grid") and len(v) > 1]
     selects = registration(cfg.model_name).model.trainable or bool(grids)
-    if n < largest or not selects or not sum(meta["counts"]["valid"].values()):
+    valid = meta["counts"]["valid"]
+    if not metric.startswith("recall@") or not selects or not sum(valid.values()):
+        return ""
+    offsets = itertools.pairwise(meta["domain_offsets"])
+    sizes = {d: b - a for d, (a, b) in zip(meta["domains"], offsets, strict=True) if valid.get(d)}
+    small = [d for d, size in sizes.items() if size <= n]
+    largest = max(sizes.values())
+    if len(small) == len(sizes):
+        return (
+            f"note: train.valid_metric={metric} ranks every item of every domain (the largest "
+            f"has {largest}), so every epoch scores the same and the first is kept; a smaller N "
+            f"(train.valid_metric=recall@{max(1, largest // 4)}) tells them apart"
+        )
+    if not small:
         return ""
     return (
-        f"note: train.valid_metric={metric} ranks every item of every domain (the largest has "
-        f"{largest}), so every epoch scores the same and the first is kept; a smaller N "
-        f"(train.valid_metric={metric.partition('@')[0]}@{max(1, largest // 4)}) tells them apart"
+        f"note: train.valid_metric={metric} is 1 for any model in "
+        + ", ".join(f"{shown_name(d)} ({sizes[d]} items)" for d in small)
+        + f", of at most {n} items; the average that picks the best epoch (or grid point) "
+        + f"counts {'it' if len(small) == 1 else 'them'}, so only the other domains tell "
+        + "the epochs apart"
     )
 
 

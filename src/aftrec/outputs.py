@@ -599,6 +599,15 @@ def plot_text(text: str) -> str:
     return text.replace("$", r"\$")
 
 
+def shown_name(name: str) -> str:
+    """A name from the data (a domain) as a table or a message shows it unmistakably: quoted
+    as Python writes it (``'Games '``) when it is empty, begins or ends with whitespace or
+    holds a character that does not print, which a padded column or a line's end would hide
+    (``Games `` looked like ``Games``, and ``--domains Games`` was then refused); as is
+    otherwise, so every usual name reads as before."""
+    return repr(name) if not name or name != name.strip() or not name.isprintable() else name
+
+
 def path_argument(text: str) -> Path:
     """An ``argparse`` type for paths: an empty string is refused (``Path("")`` would be the
     working directory, so ``--out ""`` would aim at ``.``)."""
@@ -621,6 +630,7 @@ __all__ = [
     "output_error",
     "recover",
     "remove_stale",
+    "shown_name",
     "unfinished",
     "write_png",
 ]

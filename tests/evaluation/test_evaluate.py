@@ -1,3 +1,4 @@
+import json
 import math
 from dataclasses import dataclass
 
@@ -294,3 +295,60 @@ def test_sampled_metrics_say_which_domains_were_fully_ranked() -> None:
     assert said.endswith("; Crime, War have at most 300 items, so every unclicked item is "
                          "ranked there, as in full ranking")  # fmt: skip
     assert "at most" not in sampled_protocol({"Action": 500}, 300)
+
+
+def _result(sizes: dict[str, int], auc: dict[str, float]) -> EvalResult:
+    """An evaluation of domains of ``sizes`` items at N = 5 and 50, every recall 1."""
+    keys = ["recall@5", "ndcg@5", "recall@50", "ndcg@50", "auc"]
+    domains = {d: {**dict.fromkeys(keys[:-1], 1.0), "auc": auc[d]} for d in sizes}
+    average = {k: float(np.nanmean([domains[d][k] for d in sizes])) for k in keys}
+    users = dict.fromkeys(sizes, 3)
+    return EvalResult("test", (5, 50), domains, average, users, sizes=dict(sizes))
+
+
+def test_the_table_names_the_domains_where_recall_is_one_by_construction() -> None:
+    """A domain of at most N items has Recall@N = 1 for any model, and the average counts
+    it: the table said so only when N reached every domain, and then outside the table."""
+    res = _result(
+        {"Books": 120, "Games": 40, "Tiny": 3}, dict.fromkeys(("Books", "Games", "Tiny"), 0.5)
+    )
+    notes = [line for line in res.table().splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: Recall@N is 1 for any model in a domain of at most N items (every unseen item "
+        "is in the top N), and the average counts it: recall@5 in Tiny (3 items); recall@50 in "
+        "Games (40 items), Tiny (3 items)"
+    ]
+    assert res.notes() == notes
+    every = _result({"a": 12, "b": 4}, {"a": 0.5, "b": 0.5})
+    assert every.notes()[0].endswith("recall@5 in b (4 items); recall@50 in every domain (the "
+                                     "largest has 12 items)")  # fmt: skip
+    assert not _result({"a": 80}, {"a": 0.5}).notes()  # none that small
+    assert json.loads(res.json_text()) == res.to_json()  # metrics.json is as it was
+    assert "sizes" not in res.to_json()
+
+
+def test_recall_is_one_in_a_domain_of_at_most_n_items_full_or_sampled(tiny: Dataset) -> None:
+    """The note's claim, on the evaluator: any scores give Recall@N = 1 where N reaches the
+    domain's size, in full ranking and among sampled negatives; the values are unchanged."""
+    table = np.random.default_rng(0).normal(size=(tiny.info.n_users, tiny.info.n_items))
+    scorer, ev = TableScorer(table.astype(np.float32), tiny), Evaluator(tiny, 5)
+    size = tiny.info.domain_size(0)
+    for sampled in (None, 20):
+        res = ev.evaluate(scorer, "test", (5, size), sampled_negatives=sampled, progress=False)
+        key = f"{'' if sampled is None else 'sampled_'}recall@{size}"
+        assert all(res.domains[d][key] == 1.0 for d in tiny.info.domains)
+        assert res.sizes == dict.fromkeys(tiny.info.domains, size)
+        assert f"{key} in every domain (the largest has {size} items)" in res.table()
+
+
+def test_an_average_over_fewer_domains_is_said() -> None:
+    """AUC is NaN in a domain where no user has an unclicked item left: its average leaves
+    that domain out while recall's counts it, which the table did not say."""
+    sizes = {"Books": 120, "Games": 80, "Tiny": 100}
+    res = _result(sizes, {"Books": 0.6, "Games": 0.8, "Tiny": math.nan})
+    assert res.average["auc"] == pytest.approx(0.7)
+    assert res.table().splitlines()[-1] == (
+        "note: the average auc leaves out Tiny, where no user has an item left unclicked to "
+        "rank against; every other average is over all 3 domains with users"
+    )
+    assert not _result(sizes, dict.fromkeys(sizes, 0.5)).notes()

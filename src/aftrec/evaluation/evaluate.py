@@ -5,16 +5,28 @@ of the domain's items, the user's visible positives (train, plus validation when
 excluded. Reported per domain, averaged over those users: Recall@N, NDCG@N (see
 :mod:`aftrec.evaluation.metrics`) and the exact AUC of the held-out positives against every
 item of the domain the user never clicked (in the parts up to ``split``: validation does not
-read the test part, so a later test click counts as a negative there). ``average`` is the
-unweighted mean over the domains with users; a domain without any has NaN metrics and 0
-users, and a split without any held-out positive is an error.
+read the test part, so a later test click counts as a negative there).
+
+How the means are formed, since the two kinds of metric cover different users and domains:
+
+* Recall@N and NDCG@N of a domain are means over every user with a held-out positive there,
+  and their ``average`` is the unweighted mean over the domains with such users.
+* AUC needs an item the user never clicked: a user who clicked every item of the domain has
+  none (NaN), so a domain's AUC is the mean over its users who have one, NaN when no user has,
+  and the ``average`` AUC is the mean over the domains with an AUC. It can therefore cover
+  fewer domains than the other averages; :meth:`EvalResult.notes` names them.
+
+A domain without held-out users has NaN metrics and 0 users; a split without any held-out
+positive is an error. In a domain of at most N items every item the user has not seen is in
+the top N, so Recall@N is 1 there for any model; the average still counts it (the committed
+results are defined so), and :meth:`EvalResult.notes` names those domains.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +43,7 @@ from aftrec.errors import DataError
 from aftrec.evaluation.metrics import auc, ndcg_at_n, recall_at_n
 from aftrec.evaluation.ranking import dense_mask, rank_domain, top_k
 from aftrec.models.base import RetrievalModel
-from aftrec.outputs import atomic_write_text
+from aftrec.outputs import atomic_write_text, shown_name
 
 
 def full_protocol(split: str) -> str:
@@ -44,8 +56,10 @@ def full_protocol(split: str) -> str:
 @dataclass
 class EvalResult:
     """Full-ranking metrics of one split: per domain (``domains[name]["recall@50"]``), their
-    unweighted mean over the domains with users (``average``), the users evaluated per
-    domain, the protocol in words, and the per-(user, domain) values (``per_user``)."""
+    unweighted mean over the domains that have a value (``average``: every domain with users,
+    for AUC those with an AUC, see the module's docstring), the users evaluated per domain,
+    the protocol in words, the per-(user, domain) values (``per_user``) and the items per
+    domain (``sizes``), which say where Recall@N is 1 by construction (:meth:`notes`)."""
 
     split: str
     ns: tuple[int, ...]
@@ -54,6 +68,7 @@ class EvalResult:
     users: dict[str, int]
     protocol: str = ""  # empty: full ranking on ``split`` (:func:`full_protocol`)
     per_user: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)  # a table
+    sizes: dict[str, int] = field(default_factory=dict)  # items per domain; empty: unknown
 
     def __post_init__(self) -> None:
         self.protocol = self.protocol or full_protocol(self.split)
@@ -71,7 +86,40 @@ class EvalResult:
     def write(self, path: Path) -> None:
         atomic_write_text(path, self.json_text())
 
+    def notes(self) -> list[str]:
+        """What the table's numbers do not say, one ``note:`` line each: the domains where
+        Recall@N is 1 for any model (:func:`saturated_note`), and the domains an average
+        leaves out while the others count them (AUC, where no user has an unclicked item)."""
+        with_users = [name for name in self.domains if self.users.get(name)]
+        sizes = {name: self.sizes[name] for name in with_users if name in self.sizes}
+        recall = {
+            n: key for n in self.ns for key in (f"recall@{n}", f"sampled_recall@{n}")
+            if key in self.average
+        }  # fmt: skip
+        lines = [saturated_note(sizes, recall)]
+        missing = {
+            key: [name for name in with_users if math.isnan(self.domains[name][key])]
+            for key in self.average
+        }
+        if any(missing.values()):
+            lines.append(
+                "; ".join(
+                    f"the average {key} leaves out {', '.join(map(shown_name, left))}, "
+                    + (
+                        "where no user has an item left unclicked to rank against"
+                        if key == "auc"
+                        else "which have no value"
+                    )
+                    for key, left in missing.items()
+                    if left
+                )
+                + f"; every other average is over all {len(with_users)} domains with users"
+            )
+        return [f"note: {line}" for line in lines if line]
+
     def table(self) -> str:
+        """The metrics as a fixed-width table, a row per domain and the average's, followed
+        by :meth:`notes`."""
         keys = list(self.average)
         # the average's row is told apart from a domain that happens to be named "average"
         avg = "(average)" if "average" in self.domains else "average"
@@ -86,7 +134,7 @@ class EvalResult:
         for name, row, n in rows:
             cells = "".join(f"{row[k]:{cols[k]}.4f}" for k in keys)
             lines.append(name.ljust(width) + cells + str(n).rjust(9))
-        return "\n".join(lines)
+        return "\n".join([*lines, *self.notes()])
 
 
 class Evaluator:
@@ -201,7 +249,40 @@ class Evaluator:
             )
         )
         frame = pd.concat(per_user, ignore_index=True) if per_user else pd.DataFrame()
-        return EvalResult(split, ns, domains, average, users_per_domain, protocol, frame)
+        sizes = {name: info.domain_size(d) for d, name in enumerate(info.domains)}
+        return EvalResult(split, ns, domains, average, users_per_domain, protocol, frame, sizes)
+
+
+def saturated_note(sizes: Mapping[str, int], columns: Mapping[int, str]) -> str:
+    """Where Recall@N is 1 for any model, as one line; empty when nowhere. A domain of at
+    most N items holds at most N items the user has not seen, so all of them, every held-out
+    positive among them, are in the top N: Recall@N = |T_u| / |T_u| = 1
+    (:func:`~aftrec.evaluation.metrics.recall_at_n`), and the unweighted average over
+    domains counts that 1 like any other value. With sampled negatives the candidates are a
+    subset of the domain's items, so the same holds.
+
+    ``sizes``: items per domain (the domains to consider, in order); ``columns``: the name of
+    Recall@N for each N (``{50: "recall@50"}``)."""
+    largest = max(sizes.values(), default=0)
+    parts = []
+    for n, column in sorted(columns.items()):
+        small = [name for name, size in sizes.items() if size <= n]
+        if not small:
+            continue
+        parts.append(
+            f"{column} in "
+            + (
+                f"every domain (the largest has {largest:,} items)"
+                if len(small) == len(sizes)
+                else ", ".join(f"{shown_name(name)} ({sizes[name]:,} items)" for name in small)
+            )
+        )
+    if not parts:
+        return ""
+    return (
+        "Recall@N is 1 for any model in a domain of at most N items (every unseen item is in "
+        "the top N), and the average counts it: " + "; ".join(parts)
+    )
 
 
 def sampled_protocol(sizes: dict[str, int], k: int) -> str:
