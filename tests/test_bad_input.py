@@ -1226,6 +1226,23 @@ def test_evaluate_names_the_domains_where_recall_is_one_and_an_average_over_fewe
     assert set(metrics) == {"split", "protocol", "domains", "average", "users"}
 
 
+def test_a_domain_named_with_a_trailing_space_is_shown_quoted_and_named_when_missed(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, uneven_pop: Path
+) -> None:
+    """``'Games '`` printed as ``Games`` in the table, and ``--domains Games`` was refused
+    without a word on why. The name is kept as prepared: ``--domains 'Games '`` works."""
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(uneven_pop), "--n", "5", "--quiet"]) == 0
+    rows = capsys.readouterr().out.splitlines()[3:6]
+    assert [r.split("  ")[0] for r in rows] == ["Big", "'Games '", "Tiny"]
+    out = tmp_path / "recs.csv"
+    argv = ["recommend", "--run", str(uneven_pop), "--out", str(out), "--domains"]
+    fails_cleanly(capsys, [*argv, "Games"], "unknown domain(s) ['Games']",
+                  "'Games ' differs only in whitespace", roots=(tmp_path, uneven_pop))  # fmt: skip
+    assert main([*argv, "Games "]) == 0
+    assert set(pd.read_csv(out)["domain"]) == {"Games "}
+
+
 def test_a_validation_metric_that_is_one_in_some_domains_is_named(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, uneven: Path, prepared: Path
 ) -> None:

@@ -595,8 +595,9 @@ def write_png(fig: Any, path: Path) -> None:
 
 def plot_text(text: str) -> str:
     """A name from the data (a domain) as matplotlib shows it literally: a ``$`` pair would
-    start its math mode, where ``$\\foo$`` fails the whole figure."""
-    return text.replace("$", r"\$")
+    start its math mode, where ``$\\foo$`` fails the whole figure; and unmistakably
+    (:func:`shown_name`)."""
+    return shown_name(text).replace("$", r"\$")
 
 
 def shown_name(name: str) -> str:

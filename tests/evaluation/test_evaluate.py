@@ -352,3 +352,10 @@ def test_an_average_over_fewer_domains_is_said() -> None:
         "rank against; every other average is over all 3 domains with users"
     )
     assert not _result(sizes, dict.fromkeys(sizes, 0.5)).notes()
+
+
+def test_a_domain_name_with_surrounding_whitespace_is_quoted_in_the_table() -> None:
+    """``'Games '`` was padded into ``Games``, and ``--domains Games`` then refused."""
+    res = _result({"Games ": 80, " x": 90, "Books": 100}, {"Games ": 0.5, " x": 0.5, "Books": 0.5})
+    rows = res.table().splitlines()[3:6]
+    assert [r[: r.index("  ")] for r in rows] == ["'Games '", "' x'", "Books"]

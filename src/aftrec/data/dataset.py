@@ -212,10 +212,21 @@ class Dataset:
         return _lookup(self.users["user"], ids, "user")
 
     def domain_index(self, names: list[str]) -> list[int]:
+        """The indices of domains given by name, exactly as prepared: a name that differs from
+        a domain's only in surrounding whitespace (``Games`` for ``'Games '``, which a table
+        pads out of sight) is refused with that domain named, not matched, since both could
+        be domains."""
         unknown = [n for n in names if n not in self.info.domains]
         if unknown:
+            near = [d for n in unknown for d in self.info.domains if d.strip() == n.strip()]
+            hint = (
+                f" ({', '.join(map(repr, near))} differ{'s' * (len(near) == 1)} only in "
+                "whitespace: give the name with its spaces, quoted)"
+                if near
+                else ""
+            )
             raise DataError(
-                f"unknown domain(s) {unknown}; this dataset has {list(self.info.domains)}"
+                f"unknown domain(s) {unknown}; this dataset has {list(self.info.domains)}{hint}"
             )
         return [self.info.domains.index(n) for n in names]
 

@@ -124,7 +124,7 @@ class EvalResult:
         # the average's row is told apart from a domain that happens to be named "average"
         avg = "(average)" if "average" in self.domains else "average"
         rows = [
-            *((name, row, self.users[name]) for name, row in self.domains.items()),
+            *((shown_name(name), row, self.users[name]) for name, row in self.domains.items()),
             (avg, self.average, sum(self.users.values())),
         ]
         width = max(len(n) for n in ["domain", *(r[0] for r in rows)]) + 2
