@@ -27,7 +27,7 @@ from aftrec.experiments import report
 from aftrec.experiments.plan import Entry, ReproduceSpec
 from aftrec.experiments.report import format_cell
 from aftrec.experiments.reproduce import reproduce
-from aftrec.experiments.results import Cell, Column, EntryResult, RunOutcome
+from aftrec.experiments.results import Cell, Column, EntryResult, RunOutcome, recall_columns
 from tests.conftest import TINY
 
 #: markdown in every name: a table's cell separator, emphasis, code
@@ -267,6 +267,103 @@ def test_sweep_plot_legend_names_every_drawn_series(
     assert [t.get_text() for t in legend.get_texts()] == ["_a", "average"]
 
 
+def _info(sizes: dict[str, int]) -> SimpleNamespace:
+    """A stand-in for a dataset's info: its domains and their sizes."""
+    return SimpleNamespace(domains=tuple(sizes), domain_size=lambda i: list(sizes.values())[i])
+
+
+def _stub_results(values: dict[str, dict[str, list[float]]], sizes: dict[str, int]) -> Any:
+    """Results of rows ``{key: {domain or "average": [Recall@50 per seed]}}``."""
+
+    def entry(key: str, per: dict[str, list[float]]) -> EntryResult:
+        outcomes = {}
+        for seed in range(len(per["average"])):
+            metrics = {
+                "domains": {d: {"recall@50": v[seed]} for d, v in per.items() if d != "average"},
+                "average": {"recall@50": per["average"][seed]},
+            }
+            outcomes[seed] = RunOutcome(Path(f"runs/{key}/seed{seed}"), True, metrics=metrics)
+        return EntryResult(Entry(key, key, key), False, outcomes)
+
+    entries = {k: entry(k, per) for k, per in values.items()}
+    return SimpleNamespace(data=SimpleNamespace(info=_info(sizes)), entries=entries)
+
+
+def test_recall_bars_of_one_value_start_at_zero_and_no_tick_passes_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A domain of at most 50 items has Recall@50 = 1 for every row: its panel spanned
+    0.999 to 1.0004, tick labels ran together and named values above 1."""
+    figures: dict[str, Any] = {}
+    monkeypatch.setattr(report, "write_png", lambda fig, path: figures.update({path.name: fig}))
+    sizes = {"Books": 120, "Games ": 40}
+    results = _stub_results(
+        {
+            "pop": {"Books": [0.95, 0.95], "Games ": [1.0, 1.0], "average": [0.975, 0.975]},
+            "aft": {"Books": [0.37, 0.40], "Games ": [1.0, 1.0], "average": [0.685, 0.70]},
+        },
+        sizes,
+    )
+    assert report.recall_bars(results, ["pop", "aft"], Path("recall50.png"))
+    books, games, average = figures["recall50.png"].axes[:3]
+    assert games.get_xlim()[0] == 0.0 and "axis from 0)" in games.get_xlabel()
+    assert games.get_title() == "'Games ' (40 items: 1 for any model)"
+    assert books.get_title() == "Books" and books.get_xlim()[0] > 0.3  # still zoomed
+    for ax in (books, games, average):
+        ticks = list(ax.get_xticks())
+        assert 2 <= len(ticks) <= 6 and max(ticks) <= 1.0, ticks
+
+
+def test_validation_curves_of_one_or_two_epochs_tick_whole_epochs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of one epoch got ticks at 0.945, 0.960, ... (labels run together); the values,
+    all 1, an axis up to 1.04."""
+    from aftrec.training import rundir
+
+    figures: dict[str, Any] = {}
+    monkeypatch.setattr(report, "write_png", lambda fig, path: figures.update({path.name: fig}))
+    logs = {"aft-d/seed0": [(1, 1.0)], "aft-d/seed1": [(1, 1.0)], "aft/seed0": [(1, 0.7), (2, 0.8)]}
+    monkeypatch.setattr(
+        rundir, "epoch_log", lambda run: [{"epoch": e, "valid_recall@50": v}
+                                          for e, v in logs[f"{run.parent.name}/{run.name}"]]
+    )  # fmt: skip
+    monkeypatch.setattr(report, "_valid_key", lambda plan, run: "valid_recall@50")
+    monkeypatch.setattr(report, "validated_on", lambda plan, keys: "Recall@50")
+    results = _stub_results(
+        {"aft-d": {"average": [1.0, 1.0]}, "aft": {"average": [0.8]}}, {"a": 10}
+    )
+    results.plan = None
+    assert report.validation_curves(results, ["aft-d", "aft"], tmp_path / "validation.png")
+    one, two = figures["validation.png"].axes
+    for ax, epochs in ((one, [1.0]), (two, [1.0, 2.0])):
+        low, high = ax.get_xlim()
+        assert [t for t in ax.get_xticks() if low <= t <= high] == epochs
+    assert report.validation_curves(results, ["aft-d"], tmp_path / "validation.png")
+    (ones,) = figures["validation.png"].axes  # every value 1
+    assert max(ones.get_yticks()) <= 1.0 and 1.0 < ones.get_ylim()[1] < 1.01
+
+
+def test_recall_tables_name_the_domains_where_recall_is_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Recall@20 and @50 are 1 for any model in a domain of at most 20 or 50 items, and the
+    average counts it: the report's tables gave the 1s without a word; a name with a space
+    at its end is quoted in the headers as in the note."""
+    sizes = {"Books": 120, "Games ": 40, "Tiny": 3}
+    results = _stub_results({}, sizes)
+    cols = recall_columns(list(sizes))
+    assert report.saturated_line(results, cols) == [
+        "Note: Recall@N is 1 for any model in a domain of at most N items (every unseen item is "
+        "in the top N), and the average counts it: r@20 in Tiny (3 items); r@50 in 'Games ' "
+        "(40 items), Tiny (3 items).",
+        "",
+    ]
+    assert report.saturated_line(_stub_results({}, {"Books": 120}), cols) == []
+    assert report.column_text(Column("Games ", "recall@20")) == "'Games ' r@20"
+    assert report.column_text(Column("Rom|ance", "auc")) == r"Rom\|ance AUC"
+
+
 def test_recall_bars_axis_label_is_not_above_the_lowest_bar(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -281,7 +378,7 @@ def test_recall_bars_axis_label_is_not_above_the_lowest_bar(
         return EntryResult(Entry(key, key, key), True, {0: outcome})
 
     results = SimpleNamespace(
-        data=SimpleNamespace(info=SimpleNamespace(domains=("a",))),
+        data=SimpleNamespace(info=_info({"a": 100})),
         entries={"pop": entry("pop", 0.2085), "ease": entry("ease", 0.1985)},
     )
     assert report.recall_bars(results, ["pop", "ease"], Path("recall50.png"))  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ from aftrec.experiments.results import (
     recall_columns,
 )
 from aftrec.experiments.stats import Significance
-from aftrec.outputs import atomic_write_text, plot_text, write_png
+from aftrec.outputs import atomic_write_text, plot_text, shown_name, write_png
 from aftrec.registry import Registration, available_models, registration
 
 if TYPE_CHECKING:
@@ -52,6 +52,26 @@ def md_escape(text: str) -> str:
     """``text`` as markdown shows it literally: ``Rom|ance`` is one table cell, ``*Drama*``
     is not emphasis. For the report's text only; ``results.json`` keeps the raw names."""
     return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def column_text(col: Column) -> str:
+    """A column's header as the report shows it: the domain's name unmistakable
+    (:func:`~aftrec.outputs.shown_name`: ``'Games ' r@20``), then markdown-escaped;
+    ``results.json`` keeps the raw label."""
+    return md_escape(dataclasses.replace(col, domain=shown_name(col.domain)).label)
+
+
+def saturated_line(results: Results, columns: Sequence[Column]) -> list[str]:
+    """The note under a table of Recall@N per domain and on average (``columns``): the
+    domains of at most N items, where Recall@N is 1 for any model and the average counts it
+    (:func:`~aftrec.evaluation.evaluate.saturated_note`); no line where there is none."""
+    from aftrec.evaluation.evaluate import saturated_note
+
+    info = results.data.info
+    sizes = {d: info.domain_size(i) for i, d in enumerate(info.domains)}
+    recall = {c.metric: c for c in columns if c.metric.startswith("recall@")}
+    note = saturated_note(sizes, {int(m[7:]): c.metric_label for m, c in recall.items()})
+    return [f"Note: {md_escape(note)}.", ""] if note else []
 
 
 def paper_rows(models: Sequence[str]) -> list[Registration]:
@@ -120,7 +140,7 @@ def metric_table(
             means = {r.label: (c.mean if (c := r.cells.get(col)) else None) for r in rows}
             for label, style in rank_marks(means, decimals).items():
                 styles[(label, col)] = style
-    head = [first, *([info] if info else []), *(md_escape(c.label) for c in columns)]
+    head = [first, *([info] if info else []), *(column_text(c) for c in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -177,7 +197,7 @@ def significance_table(sig: Mapping[Column, Significance], primary: str, alpha: 
             "| "
             + " | ".join(
                 [
-                    md_escape(col.label),
+                    column_text(col),
                     s.competitor,
                     format_cell(s.primary),
                     format_cell(s.other),
@@ -261,11 +281,17 @@ def recall_bars(results: Results, keys: Sequence[str], path: Path) -> bool:
     """Test Recall@50 of every row of ``keys``, one panel per domain and one for the average:
     horizontal bars in the order of ``keys`` (the report's, best first, at the top), error bars
     the std over seeds, the AFT rows in colour. Each panel's axis spans its own values, so a
-    difference of 0.01 stays visible; the axis label says where it starts. Written atomically
-    as PNG. False (nothing written) when no row has a value."""
+    difference of 0.01 stays visible, and the axis label says where it starts; a panel whose
+    rows all have one value (a domain of at most 50 items, where Recall@50 is 1 for any model,
+    which its title says) starts at 0, as a zoom onto one value would show only rounding in
+    its ticks. No tick goes above 1, which recall never exceeds. Written atomically as PNG.
+    False (nothing written) when no row has a value."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    groups = [*results.data.info.domains, "average"]
+    info = results.data.info
+    sizes = {d: info.domain_size(i) for i, d in enumerate(info.domains)}
+    groups = [*info.domains, "average"]
     rows = [k for k in keys if results.entries[k].cell(Column("average", "recall@50"))]
     if not rows:
         return False
@@ -285,12 +311,21 @@ def recall_bars(results: Results, keys: Sequence[str], path: Path) -> bool:
         highs = [m + e for m, e in zip(means, stds, strict=True) if math.isfinite(m)]
         if not lows:
             continue
-        span = max(max(highs) - min(lows), 0.01)
-        left = max(0.0, min(lows) - 0.1 * span)
+        if max(highs) > min(lows):
+            span = max(max(highs) - min(lows), 0.01)
+            left = max(0.0, min(lows) - 0.1 * span)
+        else:  # one value in every row: nothing to zoom onto
+            left, span = 0.0, max(max(highs), 0.01)
+        right = max(highs) + 0.05 * span
         ax.barh(list(ys), [m - left for m in means], left=left, xerr=stds, color=colours,
                 capsize=2, error_kw={"elinewidth": 0.8})  # fmt: skip
-        ax.set_xlim(left, max(highs) + 0.05 * span)
-        ax.set_title(plot_text(group))
+        ax.set_xlim(left, right)
+        ticks = MaxNLocator(nbins=5).tick_values(left, right)  # few enough not to run together
+        ax.set_xticks([t for t in ticks if left - 1e-9 <= t <= min(right, 1.0) + 1e-9])
+        title = plot_text(group)
+        if group in sizes and sizes[group] <= 50:
+            title += f" ({sizes[group]} items: 1 for any model)"
+        ax.set_title(title)
         ax.set_xlabel(f"test Recall@50 (axis from {left:.3g})", fontsize="small")
         ax.grid(axis="x", alpha=0.3)
     for ax in axes[len(groups) :]:
@@ -308,8 +343,9 @@ def validation_curves(results: Results, keys: Sequence[str], path: Path) -> bool
     """The validation metric each run stops on (``train.valid_metric``, Recall@50 by default)
     per epoch of every finished run of ``keys``, from each run's ``log.jsonl``: one panel per
     row (one line per seed, a star at the best epoch, the checkpoint its test numbers come
-    from), the panels side by side on one y axis; written atomically as PNG. False (nothing
-    written) when no run has a log."""
+    from), the panels side by side on one y axis, epochs in whole numbers (a run of one or
+    two epochs would otherwise get ticks at fractions of one); written atomically as PNG.
+    False (nothing written) when no run has a log."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -328,6 +364,10 @@ def validation_curves(results: Results, keys: Sequence[str], path: Path) -> bool
     fig = Figure(figsize=(0.6 + 3.4 * len(curves), 3.8), dpi=120)
     axes = fig.subplots(1, len(curves), sharey=True, squeeze=False)[0]
     for i, (ax, (key, runs)) in enumerate(zip(axes, curves.items(), strict=True)):
+        epochs_drawn = [e for _, pts in runs for e, _ in pts]
+        # half an epoch either side: one or two epochs otherwise span less than one unit,
+        # and the tick locator falls back to fractions of an epoch
+        ax.set_xlim(min(epochs_drawn) - 0.5, max(epochs_drawn) + 0.5)
         colour = f"C{i % 10}"
         for _, pts in runs:
             epochs, values = zip(*pts, strict=True)
@@ -336,9 +376,14 @@ def validation_curves(results: Results, keys: Sequence[str], path: Path) -> bool
             ax.plot(epochs[best], values[best], "*", color="black", markersize=8, zorder=3)
         ax.set_title(f"{key} ({len(runs)} run{'s' * (len(runs) > 1)})")
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"validation {validated_on(results.plan, keys)}")
+    low, high = axes[0].get_ylim()  # shared; recall and NDCG never exceed 1: nor does the axis
+    if high > 1.0:
+        high = 1.0 + 0.05 * (1.0 - low)  # room for a star at 1
+        axes[0].set_ylim(low, high)
+        axes[0].set_yticks([t for t in axes[0].get_yticks() if low <= t <= 1.0 + 1e-9])
     write_png(fig, path)
     return True
 
@@ -841,7 +886,7 @@ def _sweep_section(
     ]  # fmt: skip
     cols = [Column(d, metric) for d in [*domains, "average"]]
     figure = [f"![{caption}]({name}.png)", ""] if plotted else []
-    return [*figure, metric_table(rows, cols, first=xlabel), ""]
+    return [*figure, metric_table(rows, cols, first=xlabel), "", *saturated_line(results, cols)]
 
 
 def render(results: Results) -> str:
@@ -894,13 +939,16 @@ def render(results: Results) -> str:
     w(
         f"- Data: `{spec.data}`: {info.n_users:,} users, {info.n_items:,} items, domains "
         + ", ".join(
-            f"{md_escape(d)} ({info.domain_size(i):,} items)" for i, d in enumerate(domains)
+            f"{md_escape(shown_name(d))} ({info.domain_size(i):,} items)"
+            for i, d in enumerate(domains)
         )
     )
     w(
         "- Protocol: test split, full ranking over every item of the target domain (training "
-        f"and validation positives excluded), N = {', '.join(map(str, NS))}; a model's average "
-        "is the unweighted mean over domains. "
+        f"and validation positives excluded), N = {', '.join(map(str, NS))}; a domain's value "
+        "is the mean over its test users, a model's average the unweighted mean over the "
+        "domains with test users (AUC's over the domains where some user has an item left "
+        "unclicked, and within a domain over those users). "
         + (
             f"Best validation epoch ({', '.join(sorted(_metric_names(plan)))}) of each run."
             if sum(results.data.meta["counts"]["valid"].values())
@@ -944,11 +992,15 @@ def render(results: Results) -> str:
         out += [f"## {title}", "", "Rows by average Recall@50 over seeds, best first.", ""]
         out += [metric_table(_rows(results, ranked, cols), cols, marks), ""]
         out += [_legend(alpha), ""]
+        if cols is rcols:
+            out += saturated_line(results, cols)
         if cols is rcols and recall_bars(results, ranked, Path(spec.out) / "recall50.png"):
             out += [
                 f"Test Recall@50 per domain, mean and std over seeds, rows as in the table; "
                 f"`{PRIMARY}` in red, the other AFT rows in orange. Each panel's axis starts "
-                "just below its lowest value.",
+                "just below its lowest value, or at 0 where every row has the same value; a "
+                "domain of at most 50 items, where Recall@50 is 1 for any model, says so in "
+                "its title.",
                 "",
                 "![test Recall@50 per domain, mean and std over seeds](recall50.png)",
                 "",
@@ -998,6 +1050,7 @@ def render(results: Results) -> str:
         w("")
         w(metric_table(_rows(results, plan.ablations, rcols), rcols, first="variant"))
         w("")
+        out += saturated_line(results, rcols)
         out += ablation_section(results, alpha)
 
     if plan.mask_points or plan.fake_points:
@@ -1124,7 +1177,7 @@ def ablation_section(results: Results, alpha: float) -> list[str]:
     for t in tests:
         cells = [
             results.entries[t.variant].entry.label,
-            md_escape(t.column.label),
+            column_text(t.column),
             ", ".join(map(str, t.seeds_used)),
             format_cell(t.full),
             format_cell(t.ablated),

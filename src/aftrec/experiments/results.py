@@ -45,9 +45,13 @@ class Column:
     metric: str  # a key of EvalResult: "recall@50", "auc", ...
 
     @property
+    def metric_label(self) -> str:
+        """The metric as the report's headers name it: ``r@50``, ``AUC``."""
+        return METRIC_NAMES.get(self.metric, self.metric.replace("recall@", "r@"))
+
+    @property
     def label(self) -> str:
-        name = METRIC_NAMES.get(self.metric, self.metric.replace("recall@", "r@"))
-        return f"{self.domain} {name}"
+        return f"{self.domain} {self.metric_label}"
 
 
 @dataclass(frozen=True)
