@@ -482,6 +482,31 @@ def test_study_plot_writes_nothing_without_a_finished_trial(tmp_path: Path) -> N
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_study_plot_legend_covers_no_trial_and_names_every_mark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The legend sat in the first panel's lower right corner, over the last trial of a
+    short study (a probe's third trial was hidden), and named only that panel's marks."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figures: list[Any] = []
+    monkeypatch.setattr(tn, "write_png", lambda fig, path: figures.append(fig))
+    studies = {
+        "two-tower": [(0, 0.9393), (1, 0.9667), (2, 0.9427)],  # the probe's study
+        "b": [(0, 0.5), (1, None), (2, 0.1), (3, 0.6)],  # failed, below the floor, TPE
+    }
+    assert tn.study_plot(studies, 2, "valid recall@50", tmp_path / "s.png")
+    fig = figures[0]
+    fig.tight_layout()
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legends) == 1
+    box = legends[0].get_window_extent(renderer)
+    assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
+    labels = [t.get_text() for t in legends[0].get_texts()]
+    assert labels == ["random start", "TPE", "below", "failed", "best so far"]
+
+
 # --------------------------------------------------------------------------- real trials
 
 

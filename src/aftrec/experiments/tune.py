@@ -678,8 +678,9 @@ def study_plot(
     count for all or one per study; filled: drawn by TPE), the best so far as a step line,
     and a failed trial as a cross on the panel's floor. A panel's floor is 0.08 below its
     best value or its lowest value, whichever is higher, so that the top trials stay
-    readable; a trial below the floor is a triangle on it. Written atomically as PNG. False
-    (nothing written) when no study has a finished trial."""
+    readable; a trial below the floor is a triangle on it. One legend names every kind of
+    mark of every panel, right of the panels, where it covers no trial. Written atomically
+    as PNG. False (nothing written) when no study has a finished trial."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -688,7 +689,7 @@ def study_plot(
         return False
     cols = min(len(shown), 4)
     rows = math.ceil(len(shown) / cols)
-    fig = Figure(figsize=(3.2 * cols, 2.5 * rows), dpi=110)
+    fig = Figure(figsize=(3.2 * cols + 1.1, 2.5 * rows), dpi=110)  # + the legend's margin
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (name, pts) in zip(axes, shown.items(), strict=False):
         at_random = drawn_at_random(pts, startup if isinstance(startup, int) else startup[name])
@@ -726,7 +727,17 @@ def study_plot(
         ax.grid(alpha=0.3)
     for ax in axes[len(shown) :]:
         ax.set_visible(False)
-    axes[0].legend(fontsize="x-small", loc="lower right")
+    # one legend for every panel, right of the first row: inside a panel it hid trials
+    kinds: dict[str, Any] = {}
+    for ax in axes[: len(shown)]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            kinds.setdefault(label, handle)
+    order = ["random start", "TPE", "below", "failed", "best so far"]
+    labels = sorted(kinds, key=order.index)
+    axes[min(cols, len(shown)) - 1].legend(
+        [kinds[k] for k in labels], labels, fontsize="x-small", loc="upper left",
+        bbox_to_anchor=(1.03, 1.0), borderaxespad=0.0,
+    )  # fmt: skip
     write_png(fig, path)
     return True
 
