@@ -1243,6 +1243,20 @@ def test_a_domain_named_with_a_trailing_space_is_shown_quoted_and_named_when_mis
     assert set(pd.read_csv(out)["domain"]) == {"Games "}
 
 
+def test_a_closed_form_fit_says_what_it_did(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, uneven: Path
+) -> None:
+    """pop and EASE train no epoch: the line read ``0 epoch(s), 0 examples/s``."""
+    capsys.readouterr()
+    for model in ("pop", "ease"):
+        argv = train_argv(uneven, tmp_path / model, "--model", model, "--quiet", "--set",
+                          "train.valid_metric=recall@5")  # fmt: skip
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert f"trained {tmp_path / model}: fitted in closed form in " in out
+        assert "epoch(s)" not in out and "examples/s" not in out
+
+
 def test_a_validation_metric_that_is_one_in_some_domains_is_named(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, uneven: Path, prepared: Path
 ) -> None:

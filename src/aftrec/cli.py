@@ -95,13 +95,16 @@ def _train(args: argparse.Namespace) -> None:
             if math.isfinite(res.best_metric)
             else "no validation part: the last epoch kept"
         )
-        print(
-            f"trained {res.run}: best epoch {res.best_epoch}, {valid}, "
-            f"{res.epochs_run} epoch(s), {res.seconds:.1f}s, "
-            f"{res.examples_per_second:.0f} examples/s"
-            + (" (stopped early)" if res.stopped_early else "")
-            + memory
-        )
+        if res.closed_form:  # no epochs nor examples to count: what it did instead
+            print(f"trained {res.run}: fitted in closed form in {res.seconds:.1f}s, {valid}")
+        else:
+            print(
+                f"trained {res.run}: best epoch {res.best_epoch}, {valid}, "
+                f"{res.epochs_run} epoch(s), {res.seconds:.1f}s, "
+                f"{res.examples_per_second:.0f} examples/s"
+                + (" (stopped early)" if res.stopped_early else "")
+                + memory
+            )
         if res.note:
             print(res.note)
     if res.world > 1:

@@ -64,7 +64,8 @@ class TrainResult:
     """What a training run ended with: its folder, the best validation epoch and value (the
     weights of ``best.pt``), the epochs it ran, its wall seconds and training throughput,
     whether it stopped early, and each rank's peak memory. A model fitted in closed form
-    (pop, EASE) reports epoch 0, no epochs run and no throughput."""
+    (pop, EASE) says so (``closed_form``) and reports epoch 0, no epochs run and no
+    throughput, which describe no training of its."""
 
     run: Path
     best_epoch: int
@@ -79,6 +80,7 @@ class TrainResult:
     #: what the user should know about the result, e.g. a validation metric that cannot tell
     #: epochs apart (set by aftrec.train; the CLI prints it)
     note: str = ""
+    closed_form: bool = False  # fitted in closed form (pop, EASE), not trained by epochs
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -226,7 +228,7 @@ def _train(
                 fitted = [{"epoch": 0, f"valid_{metric}": float(state["metric"])}]
                 _tracker(cfg, out, metric, resume_set, lambda: fitted).close()
             log.info("run %s already finished", out)
-            return TrainResult(out, 0, float(state["metric"]), 0, 0.0, 0.0, False)
+            return TrainResult(out, 0, float(state["metric"]), 0, 0.0, 0.0, False, closed_form=True)
         result = None
         if ctx.main:  # closed form: one process fits on the whole data, the others wait
             whole = full if local.complete or full is not local.dataset else Dataset(data_dir)
@@ -861,7 +863,8 @@ def _fit_closed_form(
     payload = {"model": model.state_dict(), "epoch": 0, "metric": value}
     _replace(out, "best", payload)
     _replace(out, "last", {**payload, "done": True})
-    return TrainResult(out, 0, value, 0, time.perf_counter() - started, 0.0, False)
+    seconds = time.perf_counter() - started
+    return TrainResult(out, 0, value, 0, seconds, 0.0, False, closed_form=True)
 
 
 __all__ = ["TrainResult", "train"]
