@@ -25,7 +25,7 @@ from aftrec.data.sources.synthetic import generate
 from aftrec.experiments import execute as ex
 from aftrec.experiments import report
 from aftrec.experiments.plan import Entry, ReproduceSpec
-from aftrec.experiments.report import format_cell
+from aftrec.experiments.report import format_cell, split_rule
 from aftrec.experiments.reproduce import reproduce
 from aftrec.experiments.results import Cell, Column, EntryResult, RunOutcome, recall_columns
 from tests.conftest import TINY
@@ -487,3 +487,17 @@ def test_a_domain_named_like_math_is_drawn_as_written(tmp_path: Path) -> None:
     series = {r"$\foo$": [Cell(0.2, 0.01, 2)], "$5-$10": [Cell(0.3, 0.01, 2)]}
     assert report.sweep_plot([0.1], series, "x", "y", "t", tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_setup_says_how_the_data_was_split_and_its_ties_ordered() -> None:
+    """The tie rule decides which clicks are test where a split falls in a tie: the report
+    names it, and a dataset whose meta.json records none was split by item."""
+    base = {"test_ratio": 0.2, "valid_ratio": 0.1, "min_positives": 5, "presplit": False}
+    assert split_rule(base) == (
+        "per user by time, the last 20% of positives test and the last 10% of the rest "
+        "validation, users with fewer than 5 positives dropped; positives at one timestamp "
+        "ordered by domain, then item id (--ties item)"
+    )
+    drawn = split_rule({**base, "ties": "random", "tie_seed": 3})
+    assert drawn.endswith("ordered by a draw per user (--ties random, seed 3)")
+    assert split_rule({"presplit": True, "valid_ratio": 0.2}) == "pre-split files, used as given"

@@ -446,6 +446,25 @@ def validated_on(plan: Plan, keys: Sequence[str]) -> str:
     return " / ".join(sorted(_metric_names(plan, keys)))
 
 
+def split_rule(split: Mapping[str, Any]) -> str:
+    """How a prepared dataset was split, from its ``meta.json``'s ``split``: the parts' shares
+    and the rule that ordered positives at one timestamp (none recorded: by item, the rule
+    before there was a choice)."""
+    if split.get("presplit"):
+        return "pre-split files, used as given"
+    ties = (
+        f"a draw per user (--ties random, seed {split.get('tie_seed', 0)})"
+        if split.get("ties") == "random"
+        else "domain, then item id (--ties item)"
+    )
+    return (
+        f"per user by time, the last {split.get('test_ratio', 0.2):.0%} of positives test and "
+        f"the last {split.get('valid_ratio', 0.2):.0%} of the rest validation, users with "
+        f"fewer than {split.get('min_positives', 5)} positives dropped; positives at one "
+        f"timestamp ordered by {ties}"
+    )
+
+
 def _budget(plan: Plan) -> str:
     """How long the trainable runs were allowed to train, in words."""
     trains = {
@@ -943,6 +962,7 @@ def render(results: Results) -> str:
             for i, d in enumerate(domains)
         )
     )
+    w(f"- Split: {split_rule(results.data.meta.get('split', {}))}")
     w(
         "- Protocol: test split, full ranking over every item of the target domain (training "
         f"and validation positives excluded), N = {', '.join(map(str, NS))}; a domain's value "
