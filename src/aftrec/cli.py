@@ -242,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         "whose committed results were split so, random otherwise",
     )  # fmt: skip
     pp.add_argument(
-        "--tie-seed", type=int, default=0, help="seeds --ties random's draws (default 0)"
-    )
+        "--tie-seed", type=int,
+        help="seeds --ties random's draws (default 0; the item rule draws nothing)",
+    )  # fmt: skip
     st = pp.add_argument_group("streaming (logs larger than memory; see docs/scale.md)")
     st.add_argument(
         "--streaming",

@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aftrec.data.prepare import prepare
-from aftrec.data.prepared import describe
 from aftrec.data.schema import RawLog
 from aftrec.data.split import (
     TEST,
@@ -18,9 +17,10 @@ from aftrec.data.split import (
     assign_parts,
     chronological_order,
     id_hashes,
-    tie_keys,
+    tie_draws,
     with_ties,
 )
+from aftrec.errors import ConfigError
 
 
 @st.composite
@@ -137,37 +137,65 @@ def test_ties_at_the_split_go_to_test_by_chance_not_by_domain_name(
     assert _test_share(by_item, "b") == 1.0  # the rule kept for the MovieLens presets
 
 
-def test_the_random_rule_depends_on_ids_not_on_file_order_or_seedless(tmp_path: Path) -> None:
-    """The same log in another row order and another catalogue order splits the same; another
-    --tie-seed draws another split of the same tie."""
+def _pairs(out: Path, part: str = "test") -> set[tuple[str, str]]:
+    """The (user id, item id) pairs of a prepared dataset's part."""
+    rows = pd.read_parquet(out / f"{part}.parquet")
+    users = pd.read_parquet(out / "users.parquet").set_index("user_idx")["user"]
+    names = pd.read_parquet(out / "items.parquet").set_index("item_idx")["item"]
+    return set(zip(users[rows["user_idx"]], names[rows["item_idx"]], strict=True))
+
+
+def test_the_random_rule_depends_on_the_two_ids_and_the_seed_only(tmp_path: Path) -> None:
+    """The same log in another row order, with items no one clicked added to the catalogue
+    (which renumbers the items after them), splits the same; another --tie-seed draws
+    another split of the same tie."""
     inter, items = _tied_log(("a", "b"), n_users=60)
     cfg = SplitConfig(valid_ratio=0.0)
     a = prepare(RawLog(inter, items), tmp_path / "a", cfg)
-    shuffled = inter.sample(frac=1.0, random_state=3), items.sample(frac=1.0, random_state=4)
-    b = prepare(RawLog(*shuffled), tmp_path / "b", cfg)
+    more = pd.concat([items, pd.DataFrame({"item": ["i0x", "i1x", "h"], "domain": "a"})])
+    b = prepare(RawLog(inter.sample(frac=1.0, random_state=3), more), tmp_path / "b", cfg)
     c = prepare(RawLog(inter, items), tmp_path / "c", SplitConfig(valid_ratio=0.0, tie_seed=1))
-
-    def test_pairs(out: Path) -> set[tuple[str, str]]:
-        test = pd.read_parquet(out / "test.parquet")
-        users = pd.read_parquet(out / "users.parquet").set_index("user_idx")["user"]
-        names = pd.read_parquet(out / "items.parquet").set_index("item_idx")["item"]
-        return set(zip(users[test["user_idx"]], names[test["item_idx"]], strict=True))
-
-    assert test_pairs(a) == test_pairs(b)
-    assert test_pairs(a) != test_pairs(c)
+    assert _pairs(a) == _pairs(b)
+    assert _pairs(a) != _pairs(c)
     meta = json.loads((a / "meta.json").read_text())["split"]
     assert (meta["ties"], meta["tie_seed"]) == ("random", 0)
 
 
-def test_tie_keys_order_each_users_items_totally() -> None:
-    """For every user, distinct items get distinct keys in [0, p): a total order, packed as
-    the item index was."""
-    n_items = 1_000
-    users = id_hashes(np.array([f"u{k}" for k in range(50)]))
-    item = np.tile(np.arange(n_items), 50)
-    keys = tie_keys(np.repeat(users, n_items), item, n_items).reshape(50, n_items)
-    assert all(len(np.unique(row)) == n_items for row in keys)
-    assert keys.min() >= 0 and keys.max() < 1_009  # 1,009: the first prime >= 1,000
+def test_a_carved_validation_of_presplit_train_draws_its_ties(tmp_path: Path) -> None:
+    """Validation carved from a pre-split train orders its ties as a split log does: the
+    train and valid parts equal those of the same log split in one."""
+    inter, items = _tied_log(("a", "b"), n_users=80)
+    cfg = SplitConfig(test_ratio=0.2, valid_ratio=0.25)
+    whole = prepare(RawLog(inter, items), tmp_path / "w", cfg)
+    test = {tuple(pair) for pair in _pairs(whole)}
+    is_test = np.array([(u, i) in test for u, i in zip(inter["user"], inter["item"], strict=True)])
+    logs = {"train": RawLog(inter[~is_test], items), "test": RawLog(inter[is_test], items)}
+    pre = prepare(logs["train"], tmp_path / "p", cfg, presplit=logs)
+    for part in ("train", "valid", "test"):
+        assert _pairs(whole, part) == _pairs(pre, part)
+
+
+def test_the_packed_order_with_draws_is_the_lexsorts() -> None:
+    """Draws that share their top bits (here all but the last) are ordered by the whole draw,
+    then the item, as the four-key lexsort orders them."""
+    rng = np.random.default_rng(0)
+    n = 5_000
+    user, ts, item = rng.integers(0, 30, n), rng.integers(0, 20, n), rng.integers(0, 50, n)
+    high = rng.integers(0, 4, n).astype(np.uint64) << np.uint64(60)
+    tie = high | rng.integers(0, 2, n).astype(np.uint64)
+    got = chronological_order(user, ts, item, tie)
+    want = np.lexsort((item, tie, ts, user))
+    assert np.array_equal(got, want)  # both stable: equal rows keep the input's order
+
+
+def test_tie_draws_order_tied_items_uniformly() -> None:
+    """Three items tied for 30,000 users: each comes last (goes to test) for a third of them,
+    whatever their ids."""
+    users = id_hashes(np.array([f"u{k}" for k in range(30_000)]))
+    items = id_hashes(np.array(["i1", "i2", "i999"]))
+    draws = tie_draws(np.repeat(users, 3), np.tile(items, 30_000)).reshape(-1, 3)
+    last = np.bincount(draws.argmax(axis=1), minlength=3) / 30_000
+    assert np.abs(last - 1 / 3).max() < 0.012  # the sd of a share is sqrt(2/9 / 30,000) = 0.0027
 
 
 def test_id_hashes_are_pinned() -> None:
@@ -178,15 +206,24 @@ def test_id_hashes_are_pinned() -> None:
     assert got.tolist()[:2] == [10883949598687333822, 5601596950964403433]
 
 
-def test_presets_keep_the_item_rule_and_their_meta() -> None:
-    """ml-100k and ml-1m keep the rule their committed results were split with, and a dataset
-    split so records no tie keys: its meta.json, and fingerprint, are what they were."""
+def test_presets_keep_the_item_rule_and_their_meta(tmp_path: Path) -> None:
+    """ml-100k and ml-1m keep the rule their committed results were split with, whichever
+    entry point prepares them, and a dataset split so records no tie keys: its meta.json, and
+    fingerprint, are what they were. A seed for the item rule, which draws nothing, is
+    refused."""
     assert with_ties(SplitConfig(), "ml-1m").ties == "item"
     assert with_ties(SplitConfig(), "ml-100k").ties == "item"
-    assert with_ties(SplitConfig(), "netflix").ties == "random"
+    assert with_ties(SplitConfig(), "netflix") == SplitConfig(ties="random", tie_seed=0)
     assert with_ties(SplitConfig(), None).ties == "random"
     assert with_ties(SplitConfig(ties="random"), "ml-1m").ties == "random"
-    meta = describe(["a"], np.zeros(2, np.int64), 1, np.zeros((3, 1), np.int64), 0,
-                    SplitConfig(ties="item"), False, None, 0.0)  # fmt: skip
-    assert set(meta["split"]) == {"test_ratio", "valid_ratio", "min_positives",
-                                  "rating_threshold", "presplit"}  # fmt: skip
+    with pytest.raises(ConfigError, match="--tie-seed goes with --ties random"):
+        with_ties(SplitConfig(tie_seed=3), "ml-1m")
+    with pytest.raises(ConfigError, match="--tie-seed goes with --ties random"):
+        with_ties(SplitConfig(ties="item", tie_seed=0), None)
+    inter, items = _tied_log(("a", "b"), n_users=20)
+    source = {"kind": "ml-100k", "path": "x"}
+    out = prepare(RawLog(inter, items), tmp_path / "m", SplitConfig(valid_ratio=0.0), source)
+    split = json.loads((out / "meta.json").read_text())["split"]
+    assert set(split) == {"test_ratio", "valid_ratio", "min_positives", "rating_threshold",
+                          "presplit"}  # fmt: skip
+    assert _test_share(out, "b") == 1.0

@@ -38,9 +38,9 @@ def _dense_rank(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _segment_order(seg: np.ndarray, rank: np.ndarray, item: np.ndarray) -> np.ndarray:
-    """Permutation sorting rows by (seg, rank, item). Interactions come sorted by (user, time,
-    item), so a stable sort on ``seg`` alone usually gives it (checked in one pass); other
-    inputs take the three-key ``lexsort``."""
+    """Permutation sorting rows by (seg, rank, item). Interactions split with ``--ties item``
+    come sorted by (user, time, item), so a stable sort on ``seg`` alone gives it (checked in
+    one pass); others (ties drawn at random) take the three-key ``lexsort``."""
     order = np.argsort(seg, kind="stable")
     s, r, i = seg[order], rank[order], item[order]
     same = s[1:] == s[:-1]

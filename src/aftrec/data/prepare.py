@@ -11,6 +11,7 @@ rows partition by partition (format 2) through the same module.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ from aftrec.data.split import (
     VALID,
     SplitConfig,
     carve_validation,
+    catalogue_hashes,
     first_click_only,
     split_positives,
     with_tie_keys,
@@ -109,7 +111,7 @@ def prepare(
     when none is supplied. Otherwise ``raw.interactions`` is split per user chronologically.
     """
     out = Path(out)
-    split = with_ties(split or SplitConfig(), None)
+    split = with_ties(split or SplitConfig(), (source or {}).get("kind"))
     check_out(out, force)
     started = time.perf_counter()
     raw = validate(raw)
@@ -117,13 +119,16 @@ def prepare(
     items = encode_items(raw.items, domains)
     item_index = pd.Index(items["item"])
     item_domain = items["domain_idx"].to_numpy()
+    if presplit is not None and "valid" in presplit:  # nothing is split: no tie is ordered
+        split = dataclasses.replace(split, ties="item", tie_seed=None)
+    item_hash = catalogue_hashes(item_index, split)
 
     repeats: list[str] = []  # pre-split: later parts' pairs already in an earlier part
     if presplit is None:
         frame = _positive_frame(raw, split.rating_threshold)
         user_idx, user_index = factorize(frame["user"], sort=True)
         rows = _index_rows(frame, item_index, user_idx, item_domain)
-        rows = with_tie_keys(rows, user_index, item_index, split)
+        rows = with_tie_keys(rows, user_index, item_hash, split)
         del frame, user_idx  # the split needs the rows only: free the ids' text before it
         rows, part, kept_users, n_dropped = split_positives(rows, split)
         user_index = pd.Index(user_index.to_numpy()[kept_users])
@@ -137,7 +142,7 @@ def prepare(
         for name, frame in frames.items():
             user_idx = positions(user_index, frame["user"])
             r = _index_rows(frame, item_index, user_idx, item_domain)
-            r = first_click_only(with_tie_keys(r, user_index, item_index, split))
+            r = first_click_only(with_tie_keys(r, user_index, item_hash, split))
             r.pop("tie", None)  # the order carve_validation reads is made
             key = r["user_idx"].astype(np.int64) * len(item_index) + r["item_idx"]
             again = np.isin(key, earlier)

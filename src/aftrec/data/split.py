@@ -6,11 +6,11 @@ Users with fewer than ``min_positives`` positives are dropped first.
 
 Positives at the same timestamp have no order of their own, and where a user's split falls
 inside such a tie, the rule that orders them decides which go to test. ``ties="random"`` orders
-each user's tied items by a permutation drawn for that user from a hash of the user's id and
-``tie_seed`` (:func:`tie_keys`): for any two items, either order is as likely, whatever their
-domains, their ids or the file's order, so no domain is favoured. ``ties="item"`` orders them by
-the item's index (domain, then item id), the rule of the MovieLens presets, whose committed
-results were made with it: among tied clicks, those of the later domains go to test.
+them by a uniform draw per (user, item) from a hash of the two ids and ``tie_seed``
+(:func:`tie_draws`): each user's tied items in a uniformly drawn order, whatever their domains,
+their ids, the catalogue or the file's order, so no domain is favoured. ``ties="item"`` orders
+them by the item's index (domain, then item id), the rule of the MovieLens presets, whose
+committed results were made with it: among tied clicks, those of the later domains go to test.
 
 For a user with ``n`` positives: ``n_test = max(1, floor(test_ratio * n))``; with
 ``m = n - n_test``, ``n_valid = max(1, floor(valid_ratio * m))`` (0 when ``valid_ratio`` is 0).
@@ -44,7 +44,9 @@ class SplitConfig:
     #: fair to every domain) or "item" (domain, then item id); None: the source's own rule,
     #: "item" for the MovieLens presets (:data:`ITEM_ORDER_DATASETS`), "random" for the rest
     ties: Literal["random", "item"] | None = None
-    tie_seed: int = 0
+    #: seeds the "random" rule's draws; None: 0 there (a seed given to the "item" rule, which
+    #: draws nothing, is refused by :func:`with_ties`)
+    tie_seed: int | None = None
 
     def __post_init__(self) -> None:
         require_numbers(self, "split.")
@@ -64,10 +66,11 @@ class SplitConfig:
             raise ConfigError(f"--rating-threshold must be a number, got {self.rating_threshold}")
         if self.ties not in (None, "random", "item"):
             raise ConfigError(f"split.ties (--ties) must be random or item, got {self.ties!r}")
-        if not 0 <= self.tie_seed < 2**64:
-            raise ConfigError(
-                f"split.tie_seed (--tie-seed) must be in [0, 2^64), got {self.tie_seed}"
-            )
+        seed = self.tie_seed
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64
+        ):
+            raise ConfigError(f"split.tie_seed (--tie-seed) must be in [0, 2^64), got {seed!r}")
 
 
 #: the presets whose committed results were split with ``ties="item"``: their split stays
@@ -76,10 +79,14 @@ ITEM_ORDER_DATASETS = ("ml-100k", "ml-1m")
 
 
 def with_ties(split: SplitConfig, dataset: str | None) -> SplitConfig:
-    """``split`` with its tie rule settled: the one given, else the source's own."""
-    if split.ties is not None:
-        return split
-    return dataclasses.replace(split, ties="item" if dataset in ITEM_ORDER_DATASETS else "random")
+    """``split`` with its tie rule settled: the one given, else the source's own
+    (``dataset``: a preset's name, None for a log given as files), and its seed."""
+    ties = split.ties or ("item" if dataset in ITEM_ORDER_DATASETS else "random")
+    if ties == "item" and split.tie_seed is not None:
+        rule = f"{dataset}'s rule is item" if split.ties is None else "--ties item"
+        raise ConfigError(f"--tie-seed goes with --ties random; {rule}, which draws nothing")
+    seed = split.tie_seed if ties == "item" or split.tie_seed is not None else 0
+    return dataclasses.replace(split, ties=ties, tie_seed=seed)
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -102,67 +109,74 @@ def id_hashes(ids: pd.Index | np.ndarray) -> np.ndarray:
     return pd.util.hash_pandas_object(text, index=False, hash_key="aftrec-ties-0001").to_numpy()
 
 
-def _next_prime(n: int) -> int:
-    """The smallest prime >= max(n, 2) (trial division: n is a catalogue's size)."""
-    p = max(n, 2)
-    while any(p % d == 0 for d in range(2, math.isqrt(p) + 1)):
-        p += 1
-    return p
-
-
-def tie_keys(user_hash: np.ndarray, item: np.ndarray, n_items: int, seed: int = 0) -> np.ndarray:
-    """Each row's rank among its user's items, for ordering positives at one timestamp
-    (``item``: a numbering of the catalogue, 0 .. ``n_items`` - 1).
-
-    For prime ``p >= n_items`` and the user's ``(a, b)`` drawn from ``mix(hash + seed)``
-    (``1 <= a < p``, ``0 <= b < p``): ``key = (a * item + b) mod p``. For a fixed user this is a
-    permutation of the items (distinct items, distinct keys), so the order is total; over
-    users, ``key_i - key_j = a (i - j) mod p`` is uniform on the nonzero residues and the
-    offset ``b`` uniform, so item ``i`` comes before item ``j`` for about half of the users,
-    whichever domains they belong to.
-    """
-    p = _next_prime(n_items)
+def tie_draws(user_hash: np.ndarray, item_hash: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A uniform 64-bit draw per (user, item) row, from the two ids' :func:`id_hashes` and the
+    seed: ``mix(mix(user + seed * golden) ^ item)``. Ordering a user's tied items by it puts
+    them in a uniformly drawn order (any two either way with probability 1/2, whatever their
+    domains), and a draw depends on its own user and item only: not on the catalogue, the
+    file's order or the partition."""
     with np.errstate(over="ignore"):
-        h = _mix(user_hash.astype(np.uint64) + np.uint64(seed) * _GOLDEN)
-    a = (h % np.uint64(p - 1)).astype(np.int64) + 1 if p > 2 else np.ones(len(h), np.int64)
-    b = ((h >> np.uint64(32)) % np.uint64(p)).astype(np.int64)
-    return (a * item.astype(np.int64) + b) % p  # a, item < p <= 2^31: no overflow
+        user = _mix(user_hash.astype(np.uint64) + np.uint64(seed) * _GOLDEN)
+    return _mix(user ^ item_hash.astype(np.uint64))
 
 
 def with_tie_keys(
     rows: dict[str, np.ndarray],
     users: pd.Index | np.ndarray,
-    items: pd.Index | np.ndarray,
+    item_hash: np.ndarray | None,
     split: SplitConfig,
 ) -> dict[str, np.ndarray]:
-    """``rows`` with their ``tie`` column under ``split.ties="random"`` (``users``, ``items``:
-    the ids of ``rows["user_idx"]`` and of the catalogue's ``item_idx``); as they are under
-    "item", whose ties go by ``item_idx``."""
+    """``rows`` with their ``tie`` column (:func:`tie_draws`) under ``split.ties="random"``;
+    as they are under "item", whose ties go by ``item_idx``. ``users``: the ids of
+    ``rows["user_idx"]``; ``item_hash``: :func:`id_hashes` of the catalogue, by ``item_idx``
+    (computed once per catalogue; None under "item")."""
     if split.ties != "random":
         return rows
-    # items numbered by their ids' hashes, not the catalogue's order, which differs between
-    # sources (a Netflix catalogue sorts ids as numbers, a CSV's as text)
-    rank = np.empty(len(items), dtype=np.int64)
-    rank[np.argsort(id_hashes(items), kind="stable")] = np.arange(len(items))
-    users_h = id_hashes(users)[rows["user_idx"]]
-    return {**rows, "tie": tie_keys(users_h, rank[rows["item_idx"]], len(items), split.tie_seed)}
+    assert item_hash is not None, "the random rule needs the catalogue's id hashes"
+    user = id_hashes(users)[rows["user_idx"]]
+    return {**rows, "tie": tie_draws(user, item_hash[rows["item_idx"]], split.tie_seed or 0)}
 
 
-def chronological_order(user: np.ndarray, timestamp: np.ndarray, item: np.ndarray) -> np.ndarray:
-    """Permutation sorting rows by (user, timestamp, item): the order every split uses.
-    ``item`` is the tie key: the item's index, or its :func:`tie_keys` rank.
+def catalogue_hashes(items: pd.Index | np.ndarray, split: SplitConfig) -> np.ndarray | None:
+    """:func:`id_hashes` of the catalogue's items when ``split`` draws its ties, else None."""
+    return id_hashes(items) if split.ties == "random" else None
 
-    The three keys are packed into one int64 (timestamps replaced by their dense rank) when
-    they fit, which sorts several times faster than a three-key ``lexsort``.
+
+def chronological_order(
+    user: np.ndarray, timestamp: np.ndarray, item: np.ndarray, tie: np.ndarray | None = None
+) -> np.ndarray:
+    """Permutation sorting rows by (user, timestamp, item), or with ``tie`` (a uint64 draw per
+    row, :func:`tie_draws`) by (user, timestamp, tie, item): the order every split uses.
+
+    The keys are packed into one int64 (timestamps replaced by their dense rank) when they
+    fit, which sorts several times faster than a three-key ``lexsort``. With ``tie``, the
+    packed key holds the draw's top bits in the room (user, time) leave; rows whose packed
+    keys are equal (a user's items at one time whose draws share those bits, or repeats of
+    one row) are then ordered by the whole draw and the item, so the order is the same as
+    the ``lexsort``'s.
     """
     if len(user) == 0:
         return np.zeros(0, dtype=np.int64)
     times, rank = np.unique(timestamp, return_inverse=True)
     n_u, n_t, n_i = int(user.max()) + 1, len(times), int(item.max()) + 1
-    if min(int(user.min()), int(item.min())) >= 0 and n_u * n_t * n_i < 2**62:
-        key = (user.astype(np.int64) * n_t + rank) * n_i + item
-        return np.argsort(key, kind="stable")
-    return np.lexsort((item, timestamp, user))
+    fits = min(int(user.min()), int(item.min())) >= 0
+    if tie is None:
+        if fits and n_u * n_t * n_i < 2**62:
+            key = (user.astype(np.int64) * n_t + rank) * n_i + item
+            return np.argsort(key, kind="stable")
+        return np.lexsort((item, timestamp, user))
+    room = 62 - (n_u * n_t).bit_length()
+    if not fits or room < 8:
+        return np.lexsort((item, tie, timestamp, user))
+    top = (tie.astype(np.uint64) >> np.uint64(64 - room)).astype(np.int64)
+    key = ((user.astype(np.int64) * n_t + rank) << room) | top
+    order = np.argsort(key, kind="stable")
+    k = key[order]
+    run = np.r_[k[1:] == k[:-1], False] | np.r_[False, k[1:] == k[:-1]]
+    if run.any():  # runs of equal keys sit in key order: sorting them all in place keeps them
+        at = order[run]
+        order[run] = at[np.lexsort((item[at], tie[at], key[at]))]
+    return order
 
 
 def _position_in_user(user_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -214,7 +228,7 @@ def first_click_only(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     left in chronological order, ties ordered by ``rows["tie"]`` where it is given (and kept),
     else by item."""
     order = chronological_order(
-        rows["user_idx"], rows["timestamp"], rows.get("tie", rows["item_idx"])
+        rows["user_idx"], rows["timestamp"], rows["item_idx"], rows.get("tie")
     )
     rows = {k: v[order] for k, v in rows.items()}
     key = (
@@ -233,7 +247,7 @@ def split_positives(
     """First clicks only, users with fewer than ``min_positives`` dropped, chronological split.
 
     ``rows["user_idx"]`` numbers users in original-id order; ``rows["tie"]``, when given,
-    orders a user's positives at one timestamp (:func:`tie_keys`; else the item index) and is
+    orders a user's positives at one timestamp (:func:`tie_draws`; else the item index) and is
     not returned. Returns the kept rows (users re-numbered 0.. in the same order, rows in
     chronological order), their parts, the old index of each kept user and the number of
     users dropped.

@@ -13,8 +13,9 @@
     ...                            part-00001, ... for the next partitions
 
 Users are numbered partition by partition and, inside a partition, by original id; rows are
-sorted by (user_idx, timestamp, item_idx), so the partitions concatenated in order are sorted
-by user then time, as format 1 is.
+sorted by (user_idx, timestamp), a user's rows at one timestamp in the order of the tie rule
+(:mod:`aftrec.data.split`), so the partitions concatenated in order are sorted by user then
+time, as format 1 is.
 
 Algorithm, with memory bounded by one partition plus the item catalogue:
 
@@ -113,6 +114,7 @@ from aftrec.data.split import (
     PART_NAMES,
     TRAIN,
     SplitConfig,
+    catalogue_hashes,
     chronological_order,
     split_positives,
     with_tie_keys,
@@ -619,8 +621,10 @@ def _split_bucket(
     out: Path,
     integral: bool,
     totals: _Totals,
+    item_hash: np.ndarray | None,
 ) -> None:
-    """Turn bucket ``p`` into partition ``p`` (users from ``totals.n_users`` on)."""
+    """Turn bucket ``p`` into partition ``p`` (users from ``totals.n_users`` on;
+    ``item_hash``: the catalogue's :func:`~aftrec.data.split.catalogue_hashes`)."""
     codes, user_ids = factorize(bucket["user"], sort=True)  # users in original-id order
     item, timestamp = bucket["item_idx"], bucket["timestamp"]
     found = _find_duplicates(codes, item, timestamp, bucket["seq"])
@@ -635,7 +639,7 @@ def _split_bucket(
         "domain_idx": catalogue.item_domain[item[pos]],
         "timestamp": timestamp[pos],
     }
-    rows = with_tie_keys(rows, user_ids, catalogue.index, split)
+    rows = with_tie_keys(rows, user_ids, item_hash, split)
     rows, part, kept_users, n_dropped = split_positives(rows, split)
     start = totals.n_users
     rows["user_idx"] += np.int32(start)
@@ -720,8 +724,10 @@ def prepare_streaming(
                 + positives_rule(log_.empty_frame(), split.rating_threshold)
             )
         totals = _Totals(np.zeros((len(PART_NAMES), len(domains)), dtype=np.int64))
+        item_hash = catalogue_hashes(catalogue.index, split)  # once, for every bucket
         for p in tqdm(range(n_partitions), desc="split", unit="part", disable=not progress):
-            _split_bucket(p, _read_bucket(buckets[p]), catalogue, split, tmp, integral, totals)
+            bucket = _read_bucket(buckets[p])
+            _split_bucket(p, bucket, catalogue, split, tmp, integral, totals, item_hash)
         shutil.rmtree(scratch)
 
         if totals.duplicates is not None:
