@@ -1226,6 +1226,30 @@ def test_evaluate_names_the_domains_where_recall_is_one_and_an_average_over_fewe
     assert set(metrics) == {"split", "protocol", "domains", "average", "users"}
 
 
+def test_sampled_evaluate_names_where_n_reaches_every_users_candidates(
+    capsys: pytest.CaptureFixture[str], uneven_pop: Path
+) -> None:
+    """With 10 sampled negatives a user of Big (30 items) is ranked among at most 12 items,
+    so sampled_recall@15 is 1 there for any model: the note named only the domains of at
+    most 15 items. The protocol line printed ``Games , Tiny`` where the table quotes
+    ``'Games '``; metrics_sampled10.json keeps its line as it was."""
+    capsys.readouterr()
+    argv = ["evaluate", "--run", str(uneven_pop), "--sampled-negatives", "10", "--n", "5", "15",
+            "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "; 'Games ', Tiny have at most 10 items, so every unclicked" in out[0]
+    assert out[-3] == (
+        "note: sampled Recall@N is 1 for any model where N reaches every user's candidates "
+        "(its held-out positives and the sampled unclicked items: all of them are in the top "
+        "N), and the average counts it: sampled_recall@5 in Tiny (at most 2 candidates a "
+        "user); sampled_recall@15 in every domain (no user has more than 12 candidates)"
+    )
+    metrics = json.loads((uneven_pop / "metrics_sampled10.json").read_text())
+    assert "; Games , Tiny have at most 10 items" in metrics["protocol"]
+    assert metrics["domains"]["Big"]["sampled_recall@15"] == 1.0
+
+
 def test_a_domain_named_with_a_trailing_space_is_shown_quoted_and_named_when_missed(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, uneven_pop: Path
 ) -> None:

@@ -290,11 +290,17 @@ def test_sampled_metrics_say_which_domains_were_fully_ranked() -> None:
     """With K at or above a domain's size, that domain's "sampled" numbers were its full
     ranking's, under a header that said K sampled items."""
     from aftrec.evaluation.evaluate import sampled_protocol
+    from aftrec.outputs import shown_name
 
     said = sampled_protocol({"Action": 500, "Crime": 300, "War": 100}, 300)
     assert said.endswith("; Crime, War have at most 300 items, so every unclicked item is "
                          "ranked there, as in full ranking")  # fmt: skip
     assert "at most" not in sampled_protocol({"Action": 500}, 300)
+    shown = sampled_protocol({"Games ": 40, "Tiny": 3}, 100, shown_name)
+    assert "; 'Games ', Tiny have at most 100 items" in shown  # the table's line
+    assert "; Games , Tiny have at most 100 items" in sampled_protocol(
+        {"Games ": 40, "Tiny": 3}, 100
+    )  # metrics_sampledK.json's, as it was
 
 
 def _result(sizes: dict[str, int], auc: dict[str, float]) -> EvalResult:
@@ -338,7 +344,64 @@ def test_recall_is_one_in_a_domain_of_at_most_n_items_full_or_sampled(tiny: Data
         key = f"{'' if sampled is None else 'sampled_'}recall@{size}"
         assert all(res.domains[d][key] == 1.0 for d in tiny.info.domains)
         assert res.sizes == dict.fromkeys(tiny.info.domains, size)
-        assert f"{key} in every domain (the largest has {size} items)" in res.table()
+        said = "the largest has" if sampled is None else "no user has more than"
+        assert f"{key} in every domain ({said} " in res.table()
+
+
+def _most_candidates(data: Dataset, split: str, k: int) -> dict[str, int]:
+    """Per domain, the most items one user is ranked among with ``k`` sampled negatives: its
+    held-out positives and ``k`` of its unclicked items, all of them where fewer."""
+    fit, targets = data.fit_and_targets(split)
+    most: dict[str, int] = {}
+    for d, name in enumerate(data.info.domains):
+        for u in np.unique(targets.user[targets.domain == d]):
+            seen = set(fit.item[(fit.user == u) & (fit.domain == d)].tolist())
+            pos = set(targets.item[(targets.user == u) & (targets.domain == d)].tolist()) - seen
+            if pos:
+                never = data.info.domain_size(d) - len(seen) - len(pos)
+                most[name] = max(most.get(name, 0), len(pos) + min(k, never))
+    return most
+
+
+def test_sampled_recall_is_one_where_n_reaches_every_users_candidates(tiny: Dataset) -> None:
+    """With K sampled negatives a user is ranked among its held-out positives and K unclicked
+    items, so sampled Recall@N is 1 for any model once N reaches that many for every user,
+    in a domain of any size: at K = 100 on ML-100K sampled_recall@200 was 1 everywhere, and
+    the note named only the domains of at most N items, as if the other 1s were earned."""
+    table = np.random.default_rng(1).normal(size=(tiny.info.n_users, tiny.info.n_items))
+    scorer, ev = TableScorer(table.astype(np.float32), tiny), Evaluator(tiny, 5)
+    most = _most_candidates(tiny, "test", 5)
+    n = max(most.values())
+    res = ev.evaluate(scorer, "test", (3, n), sampled_negatives=5, progress=False)
+    assert res.candidates == most
+    assert all(size > n for size in res.sizes.values())  # no domain as small as N
+    assert all(res.domains[d][f"sampled_recall@{n}"] == 1.0 for d in tiny.info.domains)
+    assert all(res.domains[d]["sampled_recall@3"] < 1.0 for d in tiny.info.domains)
+    assert res.notes() == [
+        "note: sampled Recall@N is 1 for any model where N reaches every user's candidates "
+        "(its held-out positives and the sampled unclicked items: all of them are in the top "
+        f"N), and the average counts it: sampled_recall@{n} in every domain (no user has more "
+        f"than {n} candidates)"
+    ]
+    assert set(res.to_json()) == {"split", "protocol", "domains", "average", "users"}
+    full = ev.evaluate(scorer, "test", (n,), progress=False)
+    assert not full.candidates and not full.notes()  # full ranking: no domain of n items
+
+
+def test_the_notes_count_one_item_or_candidate_in_the_singular() -> None:
+    """``Tiny (1 items)``; and a note per N names the domains it reaches."""
+    from aftrec.evaluation.evaluate import sampled_saturated_note, saturated_note
+
+    assert saturated_note({"Big": 80, "Tiny": 1}, {5: "recall@5"}).endswith(
+        "recall@5 in Tiny (1 item)"
+    )
+    said = sampled_saturated_note(
+        {"Action": 138, "Tiny": 3, "One": 1}, {3: "sampled_recall@3", 200: "sampled_recall@200"}
+    )
+    assert said.endswith(
+        "sampled_recall@3 in Tiny (at most 3 candidates a user), One (at most 1 candidate a "
+        "user); sampled_recall@200 in every domain (no user has more than 138 candidates)"
+    )
 
 
 def test_an_average_over_fewer_domains_is_said() -> None:

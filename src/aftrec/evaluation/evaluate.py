@@ -19,14 +19,17 @@ How the means are formed, since the two kinds of metric cover different users an
 A domain without held-out users has NaN metrics and 0 users; a split without any held-out
 positive is an error. In a domain of at most N items every item the user has not seen is in
 the top N, so Recall@N is 1 there for any model; the average still counts it (the committed
-results are defined so), and :meth:`EvalResult.notes` names those domains.
+results are defined so), and :meth:`EvalResult.notes` names those domains. With sampled
+negatives a user is ranked among far fewer items (its held-out positives and the K sampled),
+so sampled Recall@N is 1 wherever N reaches them, in a domain of any size: the notes then
+name the domains where N reaches every user's candidates.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +62,10 @@ class EvalResult:
     unweighted mean over the domains that have a value (``average``: every domain with users,
     for AUC those with an AUC, see the module's docstring), the users evaluated per domain,
     the protocol in words, the per-(user, domain) values (``per_user``) and the items per
-    domain (``sizes``), which say where Recall@N is 1 by construction (:meth:`notes`)."""
+    domain (``sizes``), which say where Recall@N is 1 by construction (:meth:`notes`); with
+    sampled negatives, the most candidates a user of each domain was ranked among
+    (``candidates``), which say it instead. ``sizes``, ``candidates`` and ``shown_protocol``
+    are for the table only: ``metrics.json`` holds none of them."""
 
     split: str
     ns: tuple[int, ...]
@@ -69,6 +75,12 @@ class EvalResult:
     protocol: str = ""  # empty: full ranking on ``split`` (:func:`full_protocol`)
     per_user: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)  # a table
     sizes: dict[str, int] = field(default_factory=dict)  # items per domain; empty: unknown
+    #: with sampled negatives, per domain with users the most items one user was ranked among
+    #: (held-out positives and sampled unclicked items); empty: full ranking, or unknown
+    candidates: dict[str, int] = field(default_factory=dict)
+    #: the protocol as the table prints it, domain names quoted (:func:`shown_name`), while
+    #: ``protocol`` keeps them raw for ``metrics.json``; empty: ``protocol``
+    shown_protocol: str = ""
 
     def __post_init__(self) -> None:
         self.protocol = self.protocol or full_protocol(self.split)
@@ -88,15 +100,21 @@ class EvalResult:
 
     def notes(self) -> list[str]:
         """What the table's numbers do not say, one ``note:`` line each: the domains where
-        Recall@N is 1 for any model (:func:`saturated_note`), and the domains an average
-        leaves out while the others count them (AUC, where no user has an unclicked item)."""
+        Recall@N is 1 for any model (:func:`saturated_note`; with sampled negatives
+        :func:`sampled_saturated_note`, as a domain larger than N saturates too when N
+        reaches every user's candidates), and the domains an average leaves out while the
+        others count them (AUC, where no user has an unclicked item)."""
         with_users = [name for name in self.domains if self.users.get(name)]
-        sizes = {name: self.sizes[name] for name in with_users if name in self.sizes}
         recall = {
             n: key for n in self.ns for key in (f"recall@{n}", f"sampled_recall@{n}")
             if key in self.average
         }  # fmt: skip
-        lines = [saturated_note(sizes, recall)]
+        if self.candidates:
+            most = {d: self.candidates[d] for d in with_users if d in self.candidates}
+            lines = [sampled_saturated_note(most, recall)]
+        else:
+            sizes = {name: self.sizes[name] for name in with_users if name in self.sizes}
+            lines = [saturated_note(sizes, recall)]
         missing = {
             key: [name for name in with_users if math.isnan(self.domains[name][key])]
             for key in self.average
@@ -130,7 +148,7 @@ class EvalResult:
         width = max(len(n) for n in ["domain", *(r[0] for r in rows)]) + 2
         cols = {k: max(12, len(k) + 1) for k in keys}  # a header never runs into the next
         head = "domain".ljust(width) + "".join(k.rjust(cols[k]) for k in keys) + "users".rjust(9)
-        lines = [f"[{self.split}] {self.protocol}", head, "-" * len(head)]
+        lines = [f"[{self.split}] {self.shown_protocol or self.protocol}", head, "-" * len(head)]
         for name, row, n in rows:
             cells = "".join(f"{row[k]:{cols[k]}.4f}" for k in keys)
             lines.append(name.ljust(width) + cells + str(n).rjust(9))
@@ -177,6 +195,7 @@ class Evaluator:
         domains: dict[str, dict[str, float]] = {}
         users_per_domain: dict[str, int] = {}
         per_user: list[pd.DataFrame] = []
+        candidates: dict[str, int] = {}  # sampled: the most items one user is ranked among
         prefix = "" if sampled_negatives is None else "sampled_"
         keys = [f"{prefix}{m}@{n}" for n in ns for m in ("recall", "ndcg")] + ["auc"]
         chosen = []
@@ -208,7 +227,12 @@ class Evaluator:
                 if sampled_negatives is None:
                     hits = target.gather(1, rb.top_items)
                 else:
-                    hits = _sampled_hits(rb.scores, target, never, sampled_negatives, max(ns), rng)
+                    hits, ranked = _sampled_hits(
+                        rb.scores, target, never, sampled_negatives, max(ns), rng
+                    )
+                    if bool((n_pos > 0).any()):
+                        most = int(ranked[n_pos > 0].max())
+                        candidates[name] = max(candidates.get(name, 0), most)
                 values = {}
                 for n in ns:
                     values[f"{prefix}recall@{n}"] = recall_at_n(hits, n_pos.clamp(min=1), n)
@@ -240,17 +264,20 @@ class Evaluator:
             key: _nanmean(torch.tensor([domains[n][key] for n in domains], dtype=torch.float64))
             for key in keys
         }
-        protocol = (
-            full_protocol(split)
+        sizes = {name: info.domain_size(d) for d, name in enumerate(info.domains)}
+        protocol, shown = (
+            (full_protocol(split), "")
             if sampled_negatives is None
-            else sampled_protocol(
-                {info.domains[d]: info.domain_size(d) for d in range(info.n_domains)},
-                sampled_negatives,
+            else (
+                sampled_protocol(sizes, sampled_negatives),
+                sampled_protocol(sizes, sampled_negatives, shown_name),
             )
         )
         frame = pd.concat(per_user, ignore_index=True) if per_user else pd.DataFrame()
-        sizes = {name: info.domain_size(d) for d, name in enumerate(info.domains)}
-        return EvalResult(split, ns, domains, average, users_per_domain, protocol, frame, sizes)
+        return EvalResult(
+            split, ns, domains, average, users_per_domain, protocol, frame, sizes,
+            candidates=candidates, shown_protocol=shown,
+        )  # fmt: skip
 
 
 def saturated_note(sizes: Mapping[str, int], columns: Mapping[int, str]) -> str:
@@ -258,25 +285,17 @@ def saturated_note(sizes: Mapping[str, int], columns: Mapping[int, str]) -> str:
     most N items holds at most N items the user has not seen, so all of them, every held-out
     positive among them, are in the top N: Recall@N = |T_u| / |T_u| = 1
     (:func:`~aftrec.evaluation.metrics.recall_at_n`), and the unweighted average over
-    domains counts that 1 like any other value. With sampled negatives the candidates are a
-    subset of the domain's items, so the same holds.
+    domains counts that 1 like any other value. (Sampled negatives saturate far sooner:
+    :func:`sampled_saturated_note`.)
 
     ``sizes``: items per domain (the domains to consider, in order); ``columns``: the name of
     Recall@N for each N (``{50: "recall@50"}``)."""
-    largest = max(sizes.values(), default=0)
-    parts = []
-    for n, column in sorted(columns.items()):
-        small = [name for name, size in sizes.items() if size <= n]
-        if not small:
-            continue
-        parts.append(
-            f"{column} in "
-            + (
-                f"every domain (the largest has {largest:,} items)"
-                if len(small) == len(sizes)
-                else ", ".join(f"{shown_name(name)} ({sizes[name]:,} items)" for name in small)
-            )
-        )
+    parts = _saturated_parts(
+        sizes,
+        columns,
+        lambda n: f"the largest has {_count(n, 'item')}",
+        lambda n: _count(n, "item"),
+    )
     if not parts:
         return ""
     return (
@@ -285,18 +304,79 @@ def saturated_note(sizes: Mapping[str, int], columns: Mapping[int, str]) -> str:
     )
 
 
-def sampled_protocol(sizes: dict[str, int], k: int) -> str:
+def sampled_saturated_note(candidates: Mapping[str, int], columns: Mapping[int, str]) -> str:
+    """Where sampled Recall@N is 1 for any model, as one line; empty when nowhere. A user is
+    ranked among its held-out positives T_u and at most K sampled unclicked items; where N
+    is at least that many (at least K + |T_u|, or the domain's unseen items where fewer),
+    every positive is in the top N whatever the scores, so sampled Recall@N is 1 in a domain
+    where N reaches every user's candidates, however many items the domain holds: at
+    K = 100, sampled_recall@200 was 1 in every domain of ML-100K, while a note that named
+    only the domains of at most N items implied the others' 1s were earned.
+
+    ``candidates``: per domain (the domains to consider, in order), the most items one of
+    its users was ranked among; ``columns``: the name of Recall@N for each N."""
+    parts = _saturated_parts(
+        candidates,
+        columns,
+        lambda n: f"no user has more than {_count(n, 'candidate')}",
+        lambda n: f"at most {_count(n, 'candidate')} a user",
+    )
+    if not parts:
+        return ""
+    return (
+        "sampled Recall@N is 1 for any model where N reaches every user's candidates (its "
+        "held-out positives and the sampled unclicked items: all of them are in the top N), "
+        "and the average counts it: " + "; ".join(parts)
+    )
+
+
+def _saturated_parts(
+    counts: Mapping[str, int],
+    columns: Mapping[int, str],
+    every: Callable[[int], str],
+    each: Callable[[int], str],
+) -> list[str]:
+    """For each N (``columns``) that reaches some domain's count, the domains it reaches:
+    ``recall@50 in Tiny (3 items)`` (``each`` says a domain's count), or, where it reaches
+    them all, ``recall@50 in every domain (the largest has 12 items)`` (``every`` says the
+    largest count)."""
+    largest = max(counts.values(), default=0)
+    parts = []
+    for n, column in sorted(columns.items()):
+        small = [name for name, count in counts.items() if count <= n]
+        if not small:
+            continue
+        parts.append(
+            f"{column} in "
+            + (
+                f"every domain ({every(largest)})"
+                if len(small) == len(counts)
+                else ", ".join(f"{shown_name(name)} ({each(counts[name])})" for name in small)
+            )
+        )
+    return parts
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 item``, ``3 items``, ``1,200 items``."""
+    return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
+def sampled_protocol(sizes: dict[str, int], k: int, name: Callable[[str], str] = str) -> str:
     """The protocol line of sampled metrics over domains of ``sizes`` items; a domain of at
-    most ``k`` items has no more than ``k`` unclicked ones, so it is fully ranked, and says so."""
+    most ``k`` items has no more than ``k`` unclicked ones, so it is fully ranked, and says so.
+    ``name`` shows a domain's name: as is for ``metrics.json`` (whose line stays as it was),
+    :func:`~aftrec.outputs.shown_name` for the printed table, where a padded name hides its
+    spaces."""
     line = (
         f"SAMPLED metrics: each held-out positive ranked among {k} sampled unclicked items per "
         "user, NOT full ranking (AUC is still exact)"
     )
-    small = [name for name, n in sizes.items() if n <= k]
+    small = [d for d, n in sizes.items() if n <= k]
     if small:
         line += (
-            f"; {', '.join(small)} ha{'s' if len(small) == 1 else 've'} at most {k} items, so "
-            "every unclicked item is ranked there, as in full ranking"
+            f"; {', '.join(map(name, small))} ha{'s' if len(small) == 1 else 've'} at most {k} "
+            "items, so every unclicked item is ranked there, as in full ranking"
         )
     return line
 
@@ -341,8 +421,10 @@ def _sampled_hits(
     n_neg: int,
     k: int,
     rng: torch.Generator,
-) -> torch.Tensor:
-    """Hits in the top-k of (held-out positives + n_neg uniformly sampled unclicked items)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hits in the top-k of (held-out positives + n_neg uniformly sampled unclicked items),
+    and how many candidates each user was ranked among (|T_u| + min(n_neg, unclicked)),
+    which says where Recall@N is 1 for any scores (:func:`sampled_saturated_note`)."""
     keys = torch.rand(scores.shape, generator=rng).masked_fill(~never, -1.0)
     picked = torch.topk(keys, min(n_neg, scores.shape[1]), dim=1).indices
     cand = target.clone()
@@ -351,4 +433,4 @@ def _sampled_hits(
     # -inf marks the items outside the candidates only (as in rank_domain)
     lifted = scores.clamp(min=torch.finfo(scores.dtype).min).masked_fill(~cand, float("-inf"))
     top = top_k(lifted, min(k, scores.shape[1]))
-    return target.gather(1, top) & cand.gather(1, top)
+    return target.gather(1, top) & cand.gather(1, top), cand.sum(dim=1)
