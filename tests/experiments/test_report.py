@@ -272,8 +272,13 @@ def _info(sizes: dict[str, int]) -> SimpleNamespace:
     return SimpleNamespace(domains=tuple(sizes), domain_size=lambda i: list(sizes.values())[i])
 
 
-def _stub_results(values: dict[str, dict[str, list[float]]], sizes: dict[str, int]) -> Any:
-    """Results of rows ``{key: {domain or "average": [Recall@50 per seed]}}``."""
+def _stub_results(
+    values: dict[str, dict[str, list[float]]],
+    sizes: dict[str, int],
+    untested: tuple[str, ...] = (),
+) -> Any:
+    """Results of rows ``{key: {domain or "average": [Recall@50 per seed]}}``, on data whose
+    domains but ``untested`` have test positives."""
 
     def entry(key: str, per: dict[str, list[float]]) -> EntryResult:
         outcomes = {}
@@ -286,7 +291,9 @@ def _stub_results(values: dict[str, dict[str, list[float]]], sizes: dict[str, in
         return EntryResult(Entry(key, key, key), False, outcomes)
 
     entries = {k: entry(k, per) for k, per in values.items()}
-    return SimpleNamespace(data=SimpleNamespace(info=_info(sizes)), entries=entries)
+    tested = {d: 0 if d in untested else 1 for d in sizes}
+    meta = {"counts": {"test": tested}}
+    return SimpleNamespace(data=SimpleNamespace(info=_info(sizes), meta=meta), entries=entries)
 
 
 def test_recall_bars_of_one_value_start_at_zero_and_no_tick_passes_one(
@@ -362,6 +369,20 @@ def test_recall_tables_name_the_domains_where_recall_is_one(
     assert report.saturated_line(_stub_results({}, {"Books": 120}), cols) == []
     assert report.column_text(Column("Games ", "recall@20")) == "'Games ' r@20"
     assert report.column_text(Column("Rom|ance", "auc")) == r"Rom\|ance AUC"
+
+
+def test_recall_notes_leave_out_a_domain_without_test_users() -> None:
+    """A domain without test users has no value, and the average leaves it out: the note
+    named Tiny (3 items) and said the average counted its 1, as evaluate's note does not."""
+    sizes = {"Books": 120, "Games ": 40, "Tiny": 3}
+    cols = recall_columns(list(sizes))
+    assert report.saturated_line(_stub_results({}, sizes, untested=("Tiny",)), cols) == [
+        "Note: Recall@N is 1 for any model in a domain of at most N items (every unseen item is "
+        "in the top N), and the average counts it: r@50 in 'Games ' (40 items).",
+        "",
+    ]
+    none = _stub_results({}, sizes, untested=("Tiny", "Games "))
+    assert report.saturated_line(none, cols) == []
 
 
 def test_recall_bars_axis_label_is_not_above_the_lowest_bar(

@@ -64,11 +64,15 @@ def column_text(col: Column) -> str:
 def saturated_line(results: Results, columns: Sequence[Column]) -> list[str]:
     """The note under a table of Recall@N per domain and on average (``columns``): the
     domains of at most N items, where Recall@N is 1 for any model and the average counts it
-    (:func:`~aftrec.evaluation.evaluate.saturated_note`); no line where there is none."""
+    (:func:`~aftrec.evaluation.evaluate.saturated_note`); no line where there is none. Only
+    domains with test positives (test users) count, as in
+    :meth:`~aftrec.evaluation.evaluate.EvalResult.notes`: one without any has no value, and
+    the average leaves it out, so naming it said the average counted a 1 it never saw."""
     from aftrec.evaluation.evaluate import saturated_note
 
     info = results.data.info
-    sizes = {d: info.domain_size(i) for i, d in enumerate(info.domains)}
+    tested = results.data.meta["counts"]["test"]
+    sizes = {d: info.domain_size(i) for i, d in enumerate(info.domains) if tested.get(d)}
     recall = {c.metric: c for c in columns if c.metric.startswith("recall@")}
     note = saturated_note(sizes, {int(m[7:]): c.metric_label for m, c in recall.items()})
     return [f"Note: {md_escape(note)}.", ""] if note else []
