@@ -10,6 +10,7 @@ as line 1, so data row ``i`` (0-based) is on line ``i + 2``; Parquet rows are re
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -941,11 +942,20 @@ def test_a_torn_log_line_is_left_out_and_the_next_entry_gets_a_line_of_its_own(
 def test_a_closed_form_model_without_a_validation_part(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    """EASE's grid needs a validation part; one setting fits without. The line said "no
+    validation part: the last epoch kept", of a fit that has no epoch."""
     data = tmp_path / "data"
     argv = ["prepare", "--dataset", "synthetic", "--out", str(data), "--users", "300",
             "--valid-ratio", "0"]  # fmt: skip
     assert main(argv) == 0
+    capsys.readouterr()
     assert main(train_argv(data, tmp_path / "pop", "--model", "pop", "--quiet")) == 0
+    (line,) = [s for s in capsys.readouterr().out.splitlines() if s.startswith("trained ")]
+    assert re.fullmatch(
+        rf"trained {re.escape(str(tmp_path / 'pop'))}: fitted in closed form in [0-9.]+s, "
+        "no validation part",
+        line,
+    ), line
     fails_cleanly(capsys, train_argv(data, tmp_path / "ease", "--model", "ease", "--quiet"),
                   "ease picks among", "validation part", roots=(tmp_path,))  # fmt: skip
     one = train_argv(data, tmp_path / "ease", "--model", "ease", "--quiet", "--set",
@@ -1270,7 +1280,8 @@ def test_a_domain_named_with_a_trailing_space_is_shown_quoted_and_named_when_mis
 def test_a_closed_form_fit_says_what_it_did(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, uneven: Path
 ) -> None:
-    """pop and EASE train no epoch: the line read ``0 epoch(s), 0 examples/s``."""
+    """pop and EASE train no epoch: the line read ``0 epoch(s), 0 examples/s``. Resumed when
+    finished, the run said it was "fitted in closed form in 0.0s": nothing was fitted."""
     capsys.readouterr()
     for model in ("pop", "ease"):
         argv = train_argv(uneven, tmp_path / model, "--model", model, "--quiet", "--set",
@@ -1279,6 +1290,13 @@ def test_a_closed_form_fit_says_what_it_did(
         out = capsys.readouterr().out
         assert f"trained {tmp_path / model}: fitted in closed form in " in out
         assert "epoch(s)" not in out and "examples/s" not in out
+        valid = re.search(r", valid [0-9.]+$", out.splitlines()[0])
+        assert valid is not None
+        assert main(["train", "--resume", "--out", str(tmp_path / model), "--quiet"]) == 0
+        assert capsys.readouterr().out.splitlines()[0] == (
+            f"trained {tmp_path / model}: already fitted in closed form (nothing to fit now)"
+            + valid.group()
+        )
 
 
 def test_a_validation_metric_that_is_one_in_some_domains_is_named(

@@ -93,10 +93,16 @@ def _train(args: argparse.Namespace) -> None:
         valid = (
             f"valid {res.best_metric:.4f}"
             if math.isfinite(res.best_metric)
-            else "no validation part: the last epoch kept"
+            # a closed-form fit without one fitted its one setting: no epoch kept, none picked
+            else "no validation part" + ("" if res.closed_form else ": the last epoch kept")
         )
         if res.closed_form:  # no epochs nor examples to count: what it did instead
-            print(f"trained {res.run}: fitted in closed form in {res.seconds:.1f}s, {valid}")
+            done = (
+                "already fitted in closed form (nothing to fit now)"  # its seconds are no fit's
+                if res.fitted_before
+                else f"fitted in closed form in {res.seconds:.1f}s"
+            )
+            print(f"trained {res.run}: {done}, {valid}")
         else:
             print(
                 f"trained {res.run}: best epoch {res.best_epoch}, {valid}, "

@@ -65,7 +65,8 @@ class TrainResult:
     weights of ``best.pt``), the epochs it ran, its wall seconds and training throughput,
     whether it stopped early, and each rank's peak memory. A model fitted in closed form
     (pop, EASE) says so (``closed_form``) and reports epoch 0, no epochs run and no
-    throughput, which describe no training of its."""
+    throughput, which describe no training of its; resumed when already fitted, it says that
+    too (``fitted_before``), as its seconds (0) are no fit's time."""
 
     run: Path
     best_epoch: int
@@ -81,6 +82,7 @@ class TrainResult:
     #: epochs apart (set by aftrec.train; the CLI prints it)
     note: str = ""
     closed_form: bool = False  # fitted in closed form (pop, EASE), not trained by epochs
+    fitted_before: bool = False  # closed form, finished before this resume: nothing fitted now
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -228,7 +230,10 @@ def _train(
                 fitted = [{"epoch": 0, f"valid_{metric}": float(state["metric"])}]
                 _tracker(cfg, out, metric, resume_set, lambda: fitted).close()
             log.info("run %s already finished", out)
-            return TrainResult(out, 0, float(state["metric"]), 0, 0.0, 0.0, False, closed_form=True)
+            return TrainResult(
+                out, 0, float(state["metric"]), 0, 0.0, 0.0, False, closed_form=True,
+                fitted_before=True,
+            )  # fmt: skip
         result = None
         if ctx.main:  # closed form: one process fits on the whole data, the others wait
             whole = full if local.complete or full is not local.dataset else Dataset(data_dir)
