@@ -1317,13 +1317,43 @@ def test_a_validation_metric_that_is_one_in_some_domains_is_named(
     assert main(argv) == 0
     assert (
         "note: train.valid_metric=recall@10 is 1 for any model in 'Games ' (10 items), Tiny "
-        "(2 items), of at most 10 items; the average that picks the best epoch (or grid point) "
-        "counts them, so only the other domains tell the epochs apart"
+        "(2 items), of at most 10 items; the average that picks the best epoch counts them, so "
+        "only the other domains tell the epochs apart"
     ) in capsys.readouterr().out
     argv = train_argv(prepared, tmp_path / "b", "--model", "two-tower", *TINY_TRAIN, "--set",
                       "train.valid_metric=ndcg@50")  # fmt: skip
     assert main(argv) == 0
     assert "note:" not in capsys.readouterr().out
+
+
+def test_the_validation_note_names_what_a_closed_form_fit_picks_among(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, uneven: Path
+) -> None:
+    """EASE picks a point of its grid, not an epoch: its note said "only the other domains
+    tell the epochs apart". A domain of one item read "(1 items)"."""
+    from aftrec import api
+    from aftrec.config import resolve
+
+    capsys.readouterr()
+    argv = train_argv(uneven, tmp_path / "ease", "--model", "ease", "--quiet", "--set",
+                      "train.valid_metric=recall@10")  # fmt: skip
+    assert main(argv) == 0
+    assert (
+        "note: train.valid_metric=recall@10 is 1 for any model in 'Games ' (10 items), Tiny "
+        "(2 items), of at most 10 items; the average that picks the best grid point counts "
+        "them, so only the other domains tell the grid points apart"
+    ) in capsys.readouterr().out
+    one = tmp_path / "one"  # the same data, its last domain of one item
+    one.mkdir()
+    meta = json.loads((uneven / "meta.json").read_text())
+    meta["domain_offsets"][-2] = meta["domain_offsets"][-1] - 1
+    (one / "meta.json").write_text(json.dumps(meta))
+    cfg = resolve("two-tower", overrides=["train.valid_metric=recall@1"])
+    assert api._saturated(cfg, one) == (
+        "note: train.valid_metric=recall@1 is 1 for any model in Tiny (1 item), of at most 1 "
+        "item; the average that picks the best epoch counts it, so only the other domains "
+        "tell the epochs apart"
+    )
 
 
 @pytest.fixture(scope="module")

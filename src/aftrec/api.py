@@ -405,10 +405,11 @@ def _saturated(cfg: RunConfig, data_dir: Path) -> str:
     """A note when the validation metric is Recall@N and some domain with validation
     positives holds at most N items: Recall@N is 1 there for any model, at every epoch (and
     every point of EASE's grid), and the average the run stops on counts it, so only the
-    other domains tell the epochs apart. When that is every domain, every epoch scores the
-    same and the first is kept, which selects nothing. NDCG@N still orders a domain's items,
-    so it gets no note. Empty without a validation part, or for a fit with nothing to
-    select (pop)."""
+    other domains tell the epochs (grid points) apart. When that is every domain, every one
+    scores the same and the first is kept, which selects nothing. NDCG@N still orders a
+    domain's items, so it gets no note. Empty without a validation part, or for a fit with
+    nothing to select (pop). A trained model selects among epochs, a closed-form fit among
+    its grid's points: the note names the one it has."""
     import itertools
 
     from aftrec.data.prepared import read_meta
@@ -418,10 +419,11 @@ def _saturated(cfg: RunConfig, data_dir: Path) -> str:
     meta = read_meta(data_dir)
     metric, n = cfg.train.valid_metric_n()
     grids = [v for k, v in vars(cfg.model).items() if k.endswith("_grid") and len(v) > 1]
-    selects = registration(cfg.model_name).model.trainable or bool(grids)
+    trainable = registration(cfg.model_name).model.trainable
     valid = meta["counts"]["valid"]
-    if not metric.startswith("recall@") or not selects or not sum(valid.values()):
+    if not metric.startswith("recall@") or not (trainable or grids) or not sum(valid.values()):
         return ""
+    point = "epoch" if trainable else "grid point"
     offsets = itertools.pairwise(meta["domain_offsets"])
     sizes = {d: b - a for d, (a, b) in zip(meta["domains"], offsets, strict=True) if valid.get(d)}
     small = [d for d, size in sizes.items() if size <= n]
@@ -429,17 +431,17 @@ def _saturated(cfg: RunConfig, data_dir: Path) -> str:
     if len(small) == len(sizes):
         return (
             f"note: train.valid_metric={metric} ranks every item of every domain (the largest "
-            f"has {largest}), so every epoch scores the same and the first is kept; a smaller N "
-            f"(train.valid_metric=recall@{max(1, largest // 4)}) tells them apart"
+            f"has {largest}), so every {point} scores the same and the first is kept; a smaller "
+            f"N (train.valid_metric=recall@{max(1, largest // 4)}) tells them apart"
         )
     if not small:
         return ""
     return (
         f"note: train.valid_metric={metric} is 1 for any model in "
-        + ", ".join(f"{shown_name(d)} ({sizes[d]} items)" for d in small)
-        + f", of at most {n} items; the average that picks the best epoch (or grid point) "
-        + f"counts {'it' if len(small) == 1 else 'them'}, so only the other domains tell "
-        + "the epochs apart"
+        + ", ".join(f"{shown_name(d)} ({sizes[d]} item{'s' * (sizes[d] != 1)})" for d in small)
+        + f", of at most {n} item{'s' * (n != 1)}; the average that picks the best {point} "
+        + f"counts {'it' if len(small) == 1 else 'them'}, so only the other domains tell the "
+        + f"{point}s apart"
     )
 
 
