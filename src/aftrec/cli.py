@@ -243,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument(
         "--ties", choices=("random", "item"),
         help="how a user's positives at the same timestamp are ordered, which decides those "
-        "that go to test where the split falls in a tie: random (a seeded draw per user, fair "
-        "to every domain) or item (domain, then item id); default item for ml-100k and ml-1m, "
-        "whose committed results were split so, random otherwise",
+        "that go to test where the split falls in a tie: random (a seeded draw per (user, "
+        "item), fair to every domain) or item (domain, then item id); default item for "
+        "ml-100k and ml-1m, whose committed results were split so, random otherwise",
     )  # fmt: skip
     pp.add_argument(
         "--tie-seed", type=int,

@@ -142,3 +142,14 @@ def test_rows_in_any_order_give_the_same_index(tiny: Dataset) -> None:
     users = np.arange(tiny.info.n_users)
     ha, hb = a.before(users, None, 8), b.before(users, None, 8)
     np.testing.assert_array_equal(ha.items, hb.items)
+
+
+def test_the_packed_segment_sort_is_the_lexsort() -> None:
+    """Rows not in (user, time, item) order (ties drawn at random) are sorted on the three
+    keys packed into one, in the order the lexsort gives."""
+    from aftrec.data.histories import _segment_order
+
+    rng = np.random.default_rng(1)
+    n = 4_000
+    seg, rank, item = rng.integers(0, 40, n), rng.integers(0, 15, n), rng.integers(0, 30, n)
+    assert np.array_equal(_segment_order(seg, rank, item), np.lexsort((item, rank, seg)))

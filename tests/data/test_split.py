@@ -216,9 +216,9 @@ def test_presets_keep_the_item_rule_and_their_meta(tmp_path: Path) -> None:
     assert with_ties(SplitConfig(), "netflix") == SplitConfig(ties="random", tie_seed=0)
     assert with_ties(SplitConfig(), None).ties == "random"
     assert with_ties(SplitConfig(ties="random"), "ml-1m").ties == "random"
-    with pytest.raises(ConfigError, match="--tie-seed goes with --ties random"):
+    with pytest.raises(ConfigError, match="goes with --ties random"):
         with_ties(SplitConfig(tie_seed=3), "ml-1m")
-    with pytest.raises(ConfigError, match="--tie-seed goes with --ties random"):
+    with pytest.raises(ConfigError, match="goes with --ties random"):
         with_ties(SplitConfig(ties="item", tie_seed=0), None)
     inter, items = _tied_log(("a", "b"), n_users=20)
     source = {"kind": "ml-100k", "path": "x"}
@@ -227,3 +227,21 @@ def test_presets_keep_the_item_rule_and_their_meta(tmp_path: Path) -> None:
     assert set(split) == {"test_ratio", "valid_ratio", "min_positives", "rating_threshold",
                           "presplit"}  # fmt: skip
     assert _test_share(out, "b") == 1.0
+
+
+def test_a_presplit_with_its_own_validation_orders_no_tie(tmp_path: Path) -> None:
+    """Nothing is split, so no tie rule applies: meta.json records none, as before the rule."""
+    inter, items = _tied_log(("a", "b"), n_users=20)
+    at = inter.groupby("user").cumcount().to_numpy()  # each user's 3 clicks in a, then 2 in b
+    logs = {"train": RawLog(inter[np.isin(at, [0, 1, 3])], items),
+            "valid": RawLog(inter[at == 2], items),
+            "test": RawLog(inter[at == 4], items)}  # fmt: skip
+    out = prepare(logs["train"], tmp_path / "p", SplitConfig(), presplit=logs)
+    assert not {"ties", "tie_seed"} & set(json.loads((out / "meta.json").read_text())["split"])
+
+
+def test_a_numpy_integer_seed_is_the_integer_it_holds() -> None:
+    assert SplitConfig(tie_seed=np.int64(3)).tie_seed == 3
+    assert type(SplitConfig(tie_seed=np.uint64(3)).tie_seed) is int
+    with pytest.raises(ConfigError, match=r"must be an integer, got 3\.0"):
+        SplitConfig(tie_seed=3.0)  # type: ignore[arg-type]

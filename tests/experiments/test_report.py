@@ -520,5 +520,5 @@ def test_the_setup_says_how_the_data_was_split_and_its_ties_ordered() -> None:
         "ordered by domain, then item id (--ties item)"
     )
     drawn = split_rule({**base, "ties": "random", "tie_seed": 3})
-    assert drawn.endswith("ordered by a draw per user (--ties random, seed 3)")
+    assert drawn.endswith("ordered by a draw per (user, item) (--ties random, seed 3)")
     assert split_rule({"presplit": True, "valid_ratio": 0.2}) == "pre-split files, used as given"

@@ -40,12 +40,19 @@ def _dense_rank(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _segment_order(seg: np.ndarray, rank: np.ndarray, item: np.ndarray) -> np.ndarray:
     """Permutation sorting rows by (seg, rank, item). Interactions split with ``--ties item``
     come sorted by (user, time, item), so a stable sort on ``seg`` alone gives it (checked in
-    one pass); others (ties drawn at random) take the three-key ``lexsort``."""
+    one pass); others (ties drawn at random) are sorted again, on the three keys packed into
+    one where they fit."""
     order = np.argsort(seg, kind="stable")
     s, r, i = seg[order], rank[order], item[order]
     same = s[1:] == s[:-1]
     ok = ~same | (r[1:] > r[:-1]) | ((r[1:] == r[:-1]) & (i[1:] >= i[:-1]))
-    return order if ok.all() else np.lexsort((item, rank, seg))
+    if ok.all():
+        return order
+    n_r, n_i = int(rank.max()) + 1, int(item.max()) + 1
+    if min(int(seg.min()), int(item.min())) >= 0 and (int(seg.max()) + 1) * n_r * n_i < 2**62:
+        # the three keys packed into one: a sort several times faster than the lexsort
+        return np.argsort((seg.astype(np.int64) * n_r + rank) * n_i + item, kind="stable")
+    return np.lexsort((item, rank, seg))
 
 
 class HistoryIndex:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,8 +41,8 @@ class SplitConfig:
     valid_ratio: float = 0.2
     min_positives: int = 5
     rating_threshold: float = 3.0
-    #: how positives at the same timestamp are ordered: "random" (a seeded draw per user,
-    #: fair to every domain) or "item" (domain, then item id); None: the source's own rule,
+    #: how positives at the same timestamp are ordered: "random" (a seeded draw per (user,
+    #: item), fair to every domain) or "item" (domain, then item id); None: the source's own rule,
     #: "item" for the MovieLens presets (:data:`ITEM_ORDER_DATASETS`), "random" for the rest
     ties: Literal["random", "item"] | None = None
     #: seeds the "random" rule's draws; None: 0 there (a seed given to the "item" rule, which
@@ -67,10 +68,12 @@ class SplitConfig:
         if self.ties not in (None, "random", "item"):
             raise ConfigError(f"split.ties (--ties) must be random or item, got {self.ties!r}")
         seed = self.tie_seed
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64
-        ):
-            raise ConfigError(f"split.tie_seed (--tie-seed) must be in [0, 2^64), got {seed!r}")
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+                raise ConfigError(f"split.tie_seed (--tie-seed) must be an integer, got {seed!r}")
+            object.__setattr__(self, "tie_seed", int(seed))  # a NumPy integer as the one it holds
+            if not 0 <= int(seed) < 2**64:
+                raise ConfigError(f"split.tie_seed (--tie-seed) must be in [0, 2^64), got {seed}")
 
 
 #: the presets whose committed results were split with ``ties="item"``: their split stays
@@ -83,8 +86,10 @@ def with_ties(split: SplitConfig, dataset: str | None) -> SplitConfig:
     (``dataset``: a preset's name, None for a log given as files), and its seed."""
     ties = split.ties or ("item" if dataset in ITEM_ORDER_DATASETS else "random")
     if ties == "item" and split.tie_seed is not None:
-        rule = f"{dataset}'s rule is item" if split.ties is None else "--ties item"
-        raise ConfigError(f"--tie-seed goes with --ties random; {rule}, which draws nothing")
+        rule = f"{dataset}'s rule is item" if split.ties is None else "the rule is item"
+        raise ConfigError(
+            f"--tie-seed (split.tie_seed) goes with --ties random; {rule}, which draws nothing"
+        )
     seed = split.tie_seed if ties == "item" or split.tie_seed is not None else 0
     return dataclasses.replace(split, ties=ties, tie_seed=seed)
 

@@ -457,7 +457,7 @@ def split_rule(split: Mapping[str, Any]) -> str:
     if split.get("presplit"):
         return "pre-split files, used as given"
     ties = (
-        f"a draw per user (--ties random, seed {split.get('tie_seed', 0)})"
+        f"a draw per (user, item) (--ties random, seed {split.get('tie_seed', 0)})"
         if split.get("ties") == "random"
         else "domain, then item id (--ties item)"
     )
