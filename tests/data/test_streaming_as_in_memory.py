@@ -443,3 +443,16 @@ def test_a_later_batch_of_the_other_kind_of_times_is_refused(
         argv = ["prepare", "--interactions", str(path), "--items", str(items),
                 "--out", str(tmp_path / "o"), *flags]  # fmt: skip
         fails_cleanly(capsys, argv, "line 122: ", MIXED, roots=(tmp_path,))
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_an_empty_first_part_sets_no_kind_of_times(tmp_path: Path, kind: str) -> None:
+    """A first part without rows (a header only, or a Parquet file of none) set the log's
+    times to numbers, and the next part's ISO-8601 dates were refused streaming: the log's
+    first timestamp decides, wherever it comes, as in memory."""
+    log, _ = _iso_log()
+    folder = tmp_path / "parts"
+    write(log.iloc[:0], folder / f"part-0.{kind}")
+    write(log, folder / f"part-1.{kind}")
+    whole = write(log, tmp_path / f"whole.{kind}")
+    _both(folder, whole, write(ITEMS, tmp_path / "items.csv"), tmp_path)

@@ -165,7 +165,8 @@ class _Log:
     origins: list[Origin] = field(default_factory=list)
     #: per column of numbers, its first batch of true/false and of numbers (:meth:`_one_kind`)
     kinds: dict[str, dict[str, str]] = field(default_factory=dict)
-    #: whether the timestamps are ISO-8601 text, and their first value (:func:`text_dates`)
+    #: whether the timestamps are ISO-8601 text, and their first value (:func:`text_dates`),
+    #: once a batch has held a timestamp
     times: tuple[bool, object] | None = None
 
     @property
@@ -510,7 +511,9 @@ def _scatter(
             n = table.num_rows
             origin = _ShiftedOrigin(log_.origins[number], offset)
             frame = table.to_pandas()
-            if log_.times is None:  # the first batch's first value decides, as in memory
+            if log_.times is None and frame["timestamp"].notna().any():
+                # the first value present decides, as in memory: a batch without one (an
+                # empty part, or a part of a header only) decides nothing for the later ones
                 log_.times = text_dates(frame["timestamp"])
             frame = check_values(frame, origin, scope, log_.times)
             item_idx = catalogue.locate(frame, origin, scope).astype(np.int32)
