@@ -456,3 +456,27 @@ def test_an_empty_first_part_sets_no_kind_of_times(tmp_path: Path, kind: str) ->
     write(log, folder / f"part-1.{kind}")
     whole = write(log, tmp_path / f"whole.{kind}")
     _both(folder, whole, write(ITEMS, tmp_path / "items.csv"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("column", "first"),
+    [("timestamp", "2021-01-01"), ("timestamp", "100.5"), ("rating", "4.5")],
+    ids=["date", "fraction", "rating"],
+)
+def test_a_missing_last_number_is_one_line_as_in_memory(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, column: str, first: str
+) -> None:
+    """A CSV batch's last value missing, after one that pandas types (a date, a fraction),
+    was written as an empty last line that pandas dropped: the column came back a row short
+    of its batch, a pyarrow traceback streaming."""
+    log = pd.DataFrame({"user": "u1", "item": ["i1", "i2"], "timestamp": ["100", "101"],
+                        "rating": ["4", "4"]})  # fmt: skip
+    log[column] = [first, ""]
+    path, items = write(log, tmp_path / "log.csv"), write(ITEMS, tmp_path / "items.csv")
+    messages = []
+    for flags in ((), ("--streaming",)):
+        argv = ["prepare", "--interactions", str(path), "--items", str(items),
+                "--out", str(tmp_path / "o"), *flags]  # fmt: skip
+        needle = f"log.csv, line 3: missing value in column {column!r} (1 bad row(s) in all)"
+        messages.append(fails_cleanly(capsys, argv, needle, roots=(tmp_path,)))
+    assert messages[0] == messages[1]

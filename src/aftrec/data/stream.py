@@ -308,7 +308,10 @@ def _as_numbers(column: pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
 
     Integers take pyarrow's cast (it reads hexadecimal, which pandas does not, so text with an
     x is left to pandas); anything else is parsed by pandas' own reader, each value quoted so
-    that a comma or line break in it stays inside its field."""
+    that a comma or line break in it stays inside its field. Only the values present go to
+    pandas (a column of nulls alone takes the cast), and the nulls are put back in their
+    places: written as empty lines, a last one was dropped by pandas, and the column came
+    back a row short of its batch."""
     if not len(column):
         return column
     if not pc.any(pc.match_substring(column, "x", ignore_case=True)).as_py():
@@ -316,21 +319,25 @@ def _as_numbers(column: pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
             return column.cast(pa.int64())
         except pa.ArrowInvalid:
             pass
-    quoted = pc.binary_join_element_wise('"', pc.replace_substring(column, '"', '""'), '"', "")
-    flat = pc.fill_null(quoted, "").combine_chunks()
+    present = pc.drop_null(column)
+    quoted = pc.binary_join_element_wise('"', pc.replace_substring(present, '"', '""'), '"', "")
+    flat = quoted.combine_chunks()
     whole = pa.ListArray.from_arrays(pa.array([0, len(flat)], pa.int32()), flat)
     values = pd.read_csv(
         io.StringIO(pc.binary_join(whole, "\n")[0].as_py()),
-        header=None, names=["v"], keep_default_na=False, na_values=[""],
-        skip_blank_lines=False, low_memory=False,
+        header=None, names=["v"], keep_default_na=False, na_values=[""], low_memory=False,
     )["v"]  # fmt: skip
     if values.dtype == "str":
         values = values.astype(object)
     try:
-        return pa.array(values, from_pandas=True)
+        typed = pa.array(values, from_pandas=True)
     except (pa.ArrowException, OverflowError):  # integers beyond int64, as Python ints: the
         # checks refuse them as in memory, where they are those ints (a rare path, one loop)
-        return pa.array([None if pd.isna(v) else str(v) for v in values], pa.string())
+        typed = pa.array([None if pd.isna(v) else str(v) for v in values], pa.string())
+    if len(typed) == len(column):
+        return typed
+    valid = pc.is_valid(column).to_numpy()
+    return typed.take(pa.array(np.cumsum(valid) - 1, mask=~valid))  # a null where one was
 
 
 def _list_files(path: Path) -> tuple[list[Path], str]:
