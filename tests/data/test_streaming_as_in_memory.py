@@ -399,10 +399,13 @@ MIXED = "a timestamp column holds numbers or ISO-8601 dates and times, not both"
         ("1609459205", "line 7: timestamp '1609459205' is not an ISO-8601 date and time"),
         ("2021-02-30 10:00:00", "line 7: timestamp '2021-02-30 10:00:00' is not an ISO-8601"),
         ("02/01/2021 10:00", "line 7: timestamp '02/01/2021 10:00' is not an ISO-8601 date"),
+        ("2016-12-31T23:59:60Z", "'2016-12-31T23:59:60Z' is not an ISO-8601 date and time as "
+         "aftrec reads them (a day that exists, then optionally a time from 00:00 to 23:59:59"),
         (None, "line 7: non-numeric value '2021-01-01T00:00:05.000000Z' in column 'timestamp' "
          "(235 bad row(s) in all); " + MIXED),
     ],
-    ids=["number-among-dates", "no-such-day", "another-form", "dates-after-numbers"],
+    ids=["number-among-dates", "no-such-day", "another-form", "leap-second",
+         "dates-after-numbers"],
 )  # fmt: skip
 def test_bad_or_mixed_text_times_are_one_line_as_in_memory(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, value: str | None, needle: str
@@ -480,3 +483,22 @@ def test_a_missing_last_number_is_one_line_as_in_memory(
         needle = f"log.csv, line 3: missing value in column {column!r} (1 bad row(s) in all)"
         messages.append(fails_cleanly(capsys, argv, needle, roots=(tmp_path,)))
     assert messages[0] == messages[1]
+
+
+def test_a_nanosecond_fraction_leaves_other_dates_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One fraction of nine digits made pandas parse the whole column at nanoseconds, where
+    2300-01-01 does not fit: refused in memory, read streaming, whose batches held it apart.
+    The fraction is the one a nanosecond datetime column gives, seconds plus ns / 1e9."""
+    monkeypatch.setattr(stream, "CSV_BLOCK_BYTES", 512)
+    monkeypatch.setattr(stream, "BATCH_ROWS", 16)
+    log, _ = _iso_log()
+    log["rating"] = 5
+    log.loc[3, "timestamp"] = "2021-01-01T00:00:03.123456789Z"
+    log.loc[len(log) - 1, "timestamp"] = "2300-01-01"
+    path = write(log, tmp_path / "log.csv")
+    _both(path, path, write(ITEMS, tmp_path / "items.csv"), tmp_path)
+    times = rows(tmp_path / "memory")["timestamp"]
+    assert (times == 1_609_459_203 + 123_456_789 / 10**9).sum() == 1
+    assert (times == 10_413_792_000.0).sum() == 1

@@ -147,17 +147,35 @@ def _not_a_date_error(where: str, value: object, first: object, count: str) -> D
     batch of numbers of ``--streaming`` is typed); ``count`` says how many such rows there
     are, in parentheses."""
     return DataError(
-        f"{where}: timestamp {str(value)!r} is not an ISO-8601 date and time (such as "
-        f"2021-01-01, 2021-01-01 10:00:00 or 2021-01-01T10:00:00+02:00), as the column's first "
-        f"value {_show(first)} is {count}; {MIXED_TIMES}"
+        f"{where}: timestamp {str(value)!r} is not an ISO-8601 date and time as aftrec reads "
+        "them (a day that exists, then optionally a time from 00:00 to 23:59:59 with a "
+        "fraction and a zone, such as 2021-01-01, 2021-01-01 10:00:00 or "
+        "2021-01-01T10:00:00.25+02:00: no leap second, no 24:00), as the column's first value "
+        f"{_show(first)} is {count}; {MIXED_TIMES}"
     )
+
+
+#: a fraction of a second: its first nine digits (nanoseconds), and the rest, dropped
+_FRACTION = r"\.([0-9]{1,9})[0-9]*"
 
 
 def _text_seconds(series: pd.Series, first: object, origin: Origin, scope: str) -> np.ndarray:
     """A column of ISO-8601 text as seconds since the epoch: a time without a zone is UTC, one
-    with a zone is converted to UTC, as a Parquet datetime column of the same instants is."""
+    with a zone is converted to UTC, as a Parquet datetime column of the same instants is.
+
+    A fraction is read to the nanosecond (later digits dropped) and added to the whole seconds
+    as a datetime column's is (:func:`_numeric`). pandas parses a whole column at nanoseconds
+    for one fraction of more than six digits, where dates outside 1677-2262 do not fit (a
+    value was refused or not by the column, or ``--streaming`` batch, it came in): the
+    fractions of such a column are read apart, which gives each value the seconds it has in a
+    column of microseconds."""
     text = series.astype("string")
     iso = text.str.fullmatch(ISO_DATE_TIME).fillna(False).to_numpy(dtype=bool)
+    nanos = None
+    if text.str.contains(r"\.[0-9]{7}", regex=True).any():
+        digits = text.str.extract(_FRACTION, expand=False).fillna("0")
+        nanos = digits.str.ljust(9, "0").astype(np.int64).to_numpy()
+        text = text.str.replace(_FRACTION, "", n=1, regex=True)
     times = pd.to_datetime(text.where(iso), format="ISO8601", utc=True, errors="coerce")
     bad = times.isna().to_numpy()  # missing, not ISO-8601, or no such day (2021-02-30)
     if bad.any():
@@ -166,7 +184,8 @@ def _text_seconds(series: pd.Series, first: object, origin: Origin, scope: str) 
         if pd.isna(series.iloc[i]):
             raise DataError(f"{origin.row(i)}: missing value in column 'timestamp' {count}")
         raise _not_a_date_error(origin.row(i), series.iloc[i], first, count)
-    return _numeric(times, "timestamp", origin, scope)
+    seconds = _numeric(times, "timestamp", origin, scope)
+    return seconds if nanos is None else seconds + nanos / _TICKS_PER_SECOND["ns"]
 
 
 def _numeric(
