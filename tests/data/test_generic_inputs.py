@@ -356,24 +356,80 @@ def test_parquet_integer_ids_stay_integers(tmp_path: Path, streaming: bool) -> N
     assert users["user"].tolist() == [7] and users["user"].dtype == np.int64
 
 
+READ = (
+    "aftrec reads Parquet files (.parquet, .pq) and CSV files (plain, or compressed as .gz, "
+    ".bz2, .xz, .zip)"
+)
+
+
 @pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
-@pytest.mark.parametrize("which", ["log", "items"])
+@pytest.mark.parametrize("which", ["log", "packed-log", "items"])
 def test_a_file_of_another_format_is_refused_by_its_suffix(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, streaming: bool, which: str
 ) -> None:
-    """A JSON file is not read as CSV (its first record taken for column names): the one line
-    says which formats are read."""
+    """A JSON file is not read as CSV (its first record taken for column names), compressed
+    or not: the one line says which formats are read."""
     log, items = write(_clicks(["u1"]), tmp_path / "log.csv"), write(ITEMS, tmp_path / "items.csv")
-    if which == "log":
-        log = tmp_path / "log.jsonl"
+    if which != "items":
+        log = tmp_path / ("log.jsonl" if which == "log" else "log.ndjson.gz")
         _clicks(["u1"]).to_json(log, orient="records", lines=True)
     else:
         items = tmp_path / "items.json"
         ITEMS.to_json(items, orient="records")
     flags = ("--streaming",) if streaming else ()
-    bad = log if which == "log" else items
-    _refused(capsys, tmp_path, log, items, f"{bad}: aftrec reads CSV (.csv, .csv.gz, .csv.bz2) "
-             "and Parquet (.parquet, .pq) files", flags=flags)  # fmt: skip
+    bad = items if which == "items" else log
+    suffix = {"log": ".jsonl", "packed-log": ".ndjson", "items": ".json"}[which]
+    _refused(capsys, tmp_path, log, items, f"{bad}: {READ}, not {suffix} files; convert it",
+             flags=flags)  # fmt: skip
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+@pytest.mark.parametrize("name", ["log.txt", "log", "log.gz"])
+def test_a_csv_file_of_any_other_name_is_read_as_before(
+    tmp_path: Path, streaming: bool, name: str
+) -> None:
+    """Files named ``.txt``, or nothing, were read as CSV (``.gz`` decompressed), in memory
+    and streaming, until names were checked: they are again, as their ``.csv`` twin is."""
+    flags = ("--streaming",) if streaming else ()
+    log, items = _clicks(["u1", "u2"]), write(ITEMS, tmp_path / "items.csv")
+    want = rows(_prepare(tmp_path, write(log, tmp_path / "log.csv"), items, "want", *flags))
+    log.to_csv(tmp_path / name, index=False)  # (compressed by the suffix)
+    got = rows(_prepare(tmp_path, tmp_path / name, items, "got", *flags))
+    pd.testing.assert_frame_equal(got, want)
+
+
+@pytest.mark.parametrize("suffix", [".xz", ".zip"])
+def test_xz_and_zip_csv_files_are_read_in_memory_and_named_streaming(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, suffix: str
+) -> None:
+    """pandas reads a ``.csv.xz`` or ``.csv.zip`` log, and its bad row is named by its line,
+    read through the same decompression; pyarrow's reader of --streaming opens neither, which
+    the one line says (it read the compressed bytes as text)."""
+    log, items = _clicks(["u1", "u2"]), write(ITEMS, tmp_path / "items.csv")
+    want = rows(_prepare(tmp_path, write(log, tmp_path / "log.csv"), items, "want"))
+    path = tmp_path / f"log.csv{suffix}"
+    log.to_csv(path, index=False)
+    pd.testing.assert_frame_equal(rows(_prepare(tmp_path, path, items, "got")), want)
+    log.loc[8, "item"] = "zzz"
+    log.to_csv(path, index=False)
+    _refused(capsys, tmp_path, path, items, f"{path}, line 10: item 'zzz' is not in the item")
+    _refused(capsys, tmp_path, path, items, f"{path}: --streaming reads CSV files plain or "
+             f"compressed as .gz or .bz2, not {suffix}", flags=("--streaming",))  # fmt: skip
+    path.write_bytes(b"user,item,timestamp\n")  # not so compressed: lzma's error is no OSError
+    _refused(capsys, tmp_path, path, items, f"{path}: cannot be read as CSV: ")
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+def test_a_compression_neither_reader_opens_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, streaming: bool
+) -> None:
+    """pandas needs a package aftrec does not for ``.zst`` (an ImportError traceback), and
+    pyarrow's reader took the bytes for text."""
+    path = tmp_path / "log.csv.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd")  # a zstd frame's magic number
+    flags = ("--streaming",) if streaming else ()
+    _refused(capsys, tmp_path, path, write(ITEMS, tmp_path / "items.csv"),
+             f"{path}: {READ}, not .zst compression; decompress it", flags=flags)  # fmt: skip
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])

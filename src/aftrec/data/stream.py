@@ -102,6 +102,7 @@ from aftrec.data.schema import (
 from aftrec.data.sources.generic import (
     CSV_COMPRESSION,
     ID_COLUMNS,
+    STREAM_COMPRESSION,
     CsvOrigin,
     check_float_ids,
     file_kind,
@@ -349,9 +350,16 @@ def _list_files(path: Path) -> tuple[list[Path], str]:
     else:
         files, kind = folder_parts(path)
     for file in files:
-        if file.suffix.lower() in CSV_COMPRESSION and file.suffix not in CSV_COMPRESSION:
+        suffix = file.suffix.lower()
+        if suffix in CSV_COMPRESSION and suffix not in STREAM_COMPRESSION:
             raise DataError(
-                f"{file}: write its suffix in lower case ({file.suffix.lower()}) for "
+                f"{file}: --streaming reads CSV files plain or compressed as "
+                f"{' or '.join(STREAM_COMPRESSION)}, not {suffix} (pyarrow's reader cannot); "
+                "decompress it, compress it as .gz, or prepare without --streaming"
+            )
+        if suffix in STREAM_COMPRESSION and file.suffix != suffix:
+            raise DataError(
+                f"{file}: write its suffix in lower case ({suffix}) for "
                 "--streaming, whose reader decompresses by a lower-case suffix only"
             )
     return files, kind

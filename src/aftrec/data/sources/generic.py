@@ -3,9 +3,10 @@
 Interactions: columns ``user``, ``item``, ``timestamp``, optional ``domain`` (checked against
 the catalogue) and optional ``rating`` or ``label``. Items: columns ``item``, ``domain``.
 A file ending in ``.parquet`` / ``.pq`` (or a folder of Parquet parts) is read with pyarrow;
-one ending in ``.csv`` (``.csv.gz``, ``.csv.bz2`` decompressed) as CSV with a header line.
-A file of any other name is refused (:func:`file_kind`), not guessed at: a JSON log read as
-CSV would fail on a "missing column" that is no clue.
+any other file as CSV with a header line (decompressed by a ``.gz``, ``.bz2``, ``.xz`` or
+``.zip`` suffix), whatever its name (``.csv``, ``.txt``, none), except a name known to be of
+another format (:func:`file_kind`): a JSON log read as CSV would fail on a "missing column"
+that is no clue.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ import bisect
 import bz2
 import csv
 import gzip
+import io
+import lzma
 import warnings
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +35,46 @@ from aftrec.data.schema import Origin, RawLog, require_unique_columns
 from aftrec.errors import DataError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
-#: compressed CSV files, by suffix: the ones pandas, pyarrow and the standard library all open
-CSV_COMPRESSION: dict[str, Callable[..., IO[Any]]] = {".gz": gzip.open, ".bz2": bz2.open}
-CSV_SUFFIXES = (".csv", *(".csv" + s for s in CSV_COMPRESSION))
+
+
+def _open_zip(path: Path, mode: str = "rt", **text: Any) -> IO[Any]:
+    """The one file of a ZIP archive, as pandas reads it (an archive of several is refused);
+    ``text``: :class:`io.TextIOWrapper`'s arguments, for a ``mode`` without "b"."""
+    try:
+        with zipfile.ZipFile(path) as archive:  # (the member keeps the file open)
+            names = archive.namelist()
+            if len(names) != 1:
+                raise OSError(f"a ZIP archive of {len(names)} files, where one CSV file is read")
+            member = archive.open(names[0])
+    except zipfile.BadZipFile as exc:
+        raise OSError(f"not a ZIP archive: {exc}") from exc
+    return member if "b" in mode else io.TextIOWrapper(member, **text)
+
+
+#: what reading a damaged compressed file raises (a truncated one: EOFError)
+READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile, zlib.error)
+#: compressed CSV files, by suffix, opened by the standard library as pandas opens them
+CSV_COMPRESSION: dict[str, Callable[..., IO[Any]]] = {
+    ".gz": gzip.open,
+    ".bz2": bz2.open,
+    ".xz": lzma.open,
+    ".zip": _open_zip,
+}
+#: the compressions that pyarrow's reader of ``--streaming`` opens too (by a lower-case suffix)
+STREAM_COMPRESSION = (".gz", ".bz2")
+#: the names of a folder's CSV parts (read by ``--streaming`` only)
+CSV_SUFFIXES = (".csv", *(".csv" + s for s in STREAM_COMPRESSION))
+#: files known to hold no CSV, by suffix (also before a compression's): refused rather than
+#: read as CSV, the first line of a JSON log taken for its column names
+OTHER_FORMATS = (".json", ".jsonl", ".ndjson", ".xlsx", ".xls", ".avro", ".orc", ".feather",
+                 ".arrow", ".ipc", ".pkl", ".pickle")  # fmt: skip
+#: compressions that neither reader opens (pandas, only with a package aftrec does not need)
+OTHER_COMPRESSION = (".zst", ".lz4", ".br", ".7z", ".rar")
+#: what a refused file is told is read
+FORMATS_READ = (
+    f"aftrec reads Parquet files ({', '.join(PARQUET_SUFFIXES)}) and CSV files (plain, or "
+    f"compressed as {', '.join(CSV_COMPRESSION)})"
+)
 #: columns read as text whatever the file's type for them (ids and domain names)
 ID_COLUMNS = ("user", "item", "domain")
 
@@ -73,18 +115,23 @@ class PartsOrigin(Origin):
 
 
 def file_kind(path: Path) -> str:
-    """A file's format by its name, "Parquet" or "CSV" (:data:`PARQUET_SUFFIXES`,
-    :data:`CSV_SUFFIXES`, any case); any other name is refused in one line that says which
-    formats are read."""
-    if path.suffix.lower() in PARQUET_SUFFIXES:
+    """A file's format by its name, any case: "Parquet" (:data:`PARQUET_SUFFIXES`), else
+    "CSV", as files of any name (``.txt``, none) were read before names were checked. Only a
+    name known to be of another format (:data:`OTHER_FORMATS`, also compressed) or of a
+    compression neither reader opens (:data:`OTHER_COMPRESSION`) is refused, in one line that
+    says which formats are read."""
+    suffix = path.suffix.lower()
+    if suffix in PARQUET_SUFFIXES:
         return "Parquet"
-    if path.name.lower().endswith(CSV_SUFFIXES):
-        return "CSV"
-    raise DataError(
-        f"{path}: aftrec reads CSV ({', '.join(CSV_SUFFIXES)}) and Parquet "
-        f"({', '.join(PARQUET_SUFFIXES)}) files, told apart by their suffix; convert this "
-        "file to one of them, or rename it if it is one"
-    )
+    if suffix in OTHER_COMPRESSION:
+        raise DataError(
+            f"{path}: {FORMATS_READ}, not {suffix} compression; decompress it, or compress it "
+            "as .gz"
+        )
+    inner = Path(path.stem).suffix.lower() if suffix in CSV_COMPRESSION else suffix
+    if inner in OTHER_FORMATS:
+        raise DataError(f"{path}: {FORMATS_READ}, not {inner} files; convert it to one of them")
+    return "CSV"
 
 
 def _csv_line(path: Path, index: int) -> int | None:
@@ -100,7 +147,7 @@ def _csv_line(path: Path, index: int) -> int | None:
                     if row == index:
                         return start
                 start = reader.line_num + 1
-    except (OSError, EOFError, csv.Error):
+    except (*READ_ERRORS, csv.Error):
         return None
     return None
 
@@ -147,7 +194,7 @@ def read_table(path: Path) -> tuple[pd.DataFrame, Origin]:
             f"{path}: cannot be read as CSV: a row has more fields than the {len(names)} of the "
             "header"
         ) from exc
-    except (OSError, EOFError, ValueError, pd.errors.ParserError, pa.ArrowException) as exc:
+    except (*READ_ERRORS, ValueError, pd.errors.ParserError, pa.ArrowException) as exc:
         raise DataError(f"{path}: cannot be read as {_kind(path)}: {exc}") from exc
 
 
@@ -292,7 +339,7 @@ def header(path: Path) -> list[str]:
             for record in csv.reader(fh):
                 if record:
                     return record
-    except (OSError, EOFError, csv.Error) as exc:
+    except (*READ_ERRORS, csv.Error) as exc:
         raise DataError(f"{path}: cannot be read as CSV: {exc}") from exc
     return []
 
