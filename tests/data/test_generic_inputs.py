@@ -436,11 +436,12 @@ def test_a_compression_neither_reader_opens_is_refused(
 def test_every_user_dropped_by_min_positives_says_so(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, streaming: bool
 ) -> None:
-    """Each user has 3 positive labels: all are dropped by --min-positives 5, which the
-    message says (it said the first domain was empty) with the rule that counted them."""
-    log = _clicks(["u1", "u2"]).assign(label=[True, False] * 6)
+    """Two users have 3 positive labels and eight have none: the two are dropped by
+    --min-positives 5, which the message says (it said the first domain was empty) with the
+    rule that counted them, without calling the two all the users."""
+    log = _clicks([f"u{k}" for k in range(10)]).assign(label=[True, False] * 6 + [False] * 48)
     path, items = write(log, tmp_path / "log.parquet"), write(ITEMS, tmp_path / "items.csv")
     flags = ("--streaming",) if streaming else ()
-    _refused(capsys, tmp_path, path, items, f"{path}: no user is left: all 2 user(s) have fewer "
-             "than 5 positives and were dropped (--min-positives; positives are rows with "
-             "label > 0)", flags=flags)  # fmt: skip
+    _refused(capsys, tmp_path, path, items, f"{path}: no user is left: none has 5 or more "
+             "positives, and the 2 user(s) with at least one were dropped (--min-positives; "
+             "positives are rows with label > 0)", flags=flags)  # fmt: skip

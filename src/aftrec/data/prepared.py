@@ -188,10 +188,11 @@ def no_users_error(log_: str, n_dropped: int, min_positives: int, rule: str) -> 
     """Every user of ``log_`` was dropped by ``--min-positives``: said so, with the positives
     ``rule`` (:func:`~aftrec.data.schema.positives_rule`) that counted them, rather than as
     the first domain found empty. Every kept user has a test positive, so this is also the
-    only way the test part of a split log is empty."""
+    only way the test part of a split log is empty. ``n_dropped`` counts the users with a
+    positive only (the others are no user of the positives), so it is not said to be all."""
     return DataError(
-        f"{log_}: no user is left: all {n_dropped} user(s) have fewer than {min_positives} "
-        f"positives and were dropped (--min-positives; {rule})"
+        f"{log_}: no user is left: none has {min_positives} or more positives, and the "
+        f"{n_dropped} user(s) with at least one were dropped (--min-positives; {rule})"
     )
 
 
