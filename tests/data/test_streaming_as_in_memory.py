@@ -371,18 +371,21 @@ def _iso_log() -> tuple[pd.DataFrame, pd.Series]:
     return log.assign(timestamp=text), instants
 
 
-@pytest.mark.parametrize("kind", ["csv", "parquet"])
+@pytest.mark.parametrize("kind", ["csv", "parquet", "dictionary"])
 def test_iso_text_times_are_the_seconds_of_a_datetime_column(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     """Text dates and times were refused as non-numeric; they are now the seconds a Parquet
-    datetime column of the same instants gives, in memory and streamed in small batches."""
+    datetime column of the same instants gives, in memory and streamed in small batches;
+    also from a Parquet dictionary column (pandas' categorical), refused as mixed before."""
     monkeypatch.setattr(stream, "CSV_BLOCK_BYTES", 512)
     monkeypatch.setattr(stream, "BATCH_ROWS", 16)
     log, instants = _iso_log()
     items = write(ITEMS, tmp_path / "items.csv")
     reference = write(log.assign(timestamp=instants), tmp_path / "datetimes.parquet")
     want = _prepare(reference, items, tmp_path / "reference")
+    if kind == "dictionary":
+        log, kind = log.astype({"timestamp": "category"}), "parquet"
     path = write(log, tmp_path / f"log.{kind}")
     _both(path, path, items, tmp_path)
     pd.testing.assert_frame_equal(rows(tmp_path / "memory"), want)

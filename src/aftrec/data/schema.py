@@ -129,10 +129,21 @@ ISO_DATE_TIME = (
 MIXED_TIMES = "a timestamp column holds numbers or ISO-8601 dates and times, not both"
 
 
+def _decoded(series: pd.Series) -> pd.Series:
+    """A categorical column of text (pandas' reading of a Parquet dictionary column) as its
+    values: it holds what a column of plain text would, and is read as one (its dates were
+    refused as mixed with numbers)."""
+    dtype = series.dtype
+    if isinstance(dtype, pd.CategoricalDtype) and pd.api.types.is_string_dtype(dtype.categories):
+        return pd.Series(np.asarray(series, dtype=object), index=series.index, name=series.name)
+    return series
+
+
 def text_dates(series: pd.Series) -> tuple[bool, object]:
     """Whether a timestamp column is ISO-8601 text (:data:`ISO_DATE_TIME`), told by its first
     value, and that value (``None`` for a column without one). A column of numbers keeps the
     numeric path; one that mixes the two is refused at the first value of the other kind."""
+    series = _decoded(series)
     if not (isinstance(series.dtype, pd.StringDtype) or series.dtype == object):
         return False, None
     present = series.notna().to_numpy()
@@ -200,6 +211,7 @@ def _numeric(
     seconds since the epoch, UTC for a time with a zone, their fraction kept, whether the
     column holds them as such or as ISO-8601 text (:func:`text_dates`; ``times``: what it
     says of the whole column, when ``series`` is a batch of it)."""
+    series = _decoded(series)
     if column == "timestamp":
         dates, first = times if times is not None else text_dates(series)
         if dates:
