@@ -32,8 +32,8 @@ Pass 2
     ``min_positives`` positives dropped, chronological split per user. Bucket ``p`` becomes
     partition ``p``.
 End
-    The checks that need the whole log (some user is left, every domain has training
-    positives, the first duplicate row in file order) run on counts accumulated over the
+    The checks that need the whole log (in this order: the first duplicate row in file order,
+    some user is left, every domain has training positives) run on counts accumulated over the
     buckets, before the temporary folder beside ``--out`` is renamed into place.
 
 Unlike the in-memory path, a log with several problems reports the first in reading order
