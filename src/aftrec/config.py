@@ -478,6 +478,23 @@ def plain_json(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
+def with_legacy_values(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run config saved by an earlier version, with every key it predates at the value that
+    keeps what the run computed (``LEGACY_VALUES`` on the config classes, e.g. AFT's generator
+    switches), not at today's default: a resumed or evaluated run goes on as it began. A config
+    of this version names every key and comes back as it was."""
+    from aftrec.registry import available_models, registration
+
+    moved = runtime_moved(saved)
+    model, train = moved.get("model") or {}, moved.get("train") or {}
+    if not isinstance(model, dict) or not isinstance(train, dict):
+        return moved  # not a config: resolve says what is wrong with it
+    name = model.get("name")
+    if isinstance(name, str) and name in available_models():
+        model = {**getattr(registration(name).config, "LEGACY_VALUES", {}), **model}
+    return {**moved, "model": model, "train": {**TrainConfig.LEGACY_VALUES, **train}}
+
+
 def run_identity(cfg: dict[str, Any]) -> dict[str, Any]:
     """A run config (:meth:`RunConfig.to_dict`, or a saved one) without its ``runtime``
     section (how the run used the machine; saved runs of earlier versions hold those keys

@@ -94,3 +94,28 @@ def test_a_damaged_pickle_is_corrupt(tmp_path: Path) -> None:
     path.write_bytes(b"\x80\x02}q\x00X\x05\x00\x00\x00modelq\x01\x8c")  # cut short
     with pytest.raises(CheckpointError, match="corrupt or unreadable"):
         checkpoint.load(path)
+
+
+def test_a_run_saved_before_a_key_existed_loads_it_at_the_value_it_computed_with(
+    tmp_path: Path,
+) -> None:
+    """An AFT run saved before G's switches existed resumes (and is evaluated) with the values
+    it trained with, not today's defaults; a config of this version loads as it was saved."""
+    import yaml
+
+    from aftrec.config import dump, resolve
+    from aftrec.models.aft.model import AFTConfig
+    from aftrec.training.rundir import CONFIG, load_run_config
+
+    now = resolve("aft", overrides=["train.epochs=3"])
+    (tmp_path / CONFIG).write_text(dump(now))
+    assert load_run_config(tmp_path) == now
+    old = yaml.safe_load(dump(now))
+    for key in AFTConfig.LEGACY_VALUES:
+        del old["model"][key]
+    del old["train"]["precision"]
+    (tmp_path / CONFIG).write_text(yaml.safe_dump(old))
+    cfg = load_run_config(tmp_path, ["train.epochs=4"])
+    assert {k: getattr(cfg.model, k) for k in AFTConfig.LEGACY_VALUES} == AFTConfig.LEGACY_VALUES
+    assert cfg.model.g_temperature == 1.0 != AFTConfig().g_temperature
+    assert (cfg.train.precision, cfg.train.epochs) == ("fp32", 4)

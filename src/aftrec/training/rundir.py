@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aftrec.config import RunConfig, dump, resolve
+from aftrec.config import RunConfig, dump, read_yaml, resolve, with_legacy_values
 from aftrec.data.dataset import Dataset
 from aftrec.environment import versions
 from aftrec.errors import CheckpointError, DataError
@@ -62,7 +62,8 @@ def load_run_config(run: Path, overrides: list[str] | None = None) -> RunConfig:
     path = Path(run) / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{run} is not a run directory (no config.yaml)")
-    return resolve(None, path, overrides or [])
+    # keys an earlier version did not save take the values that run computed with
+    return resolve(None, None, overrides or [], base=with_legacy_values(read_yaml(path)))
 
 
 def data_fingerprint(data_dir: Path) -> str:
