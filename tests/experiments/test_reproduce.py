@@ -583,7 +583,7 @@ def test_quick_end_to_end_then_resume_trains_nothing(tiny_dir: Path, tmp_path: P
     assert summary.trained == 0 and summary.failed == 0 and summary.reused == 10
     assert _checkpoints(out) == before
     # ... but a config that changes results is refused up front
-    with pytest.raises(ConfigError, match="another config"):
+    with pytest.raises(ConfigError, match=r"asks for: train\.lr \S+ there, 0\.5 here \("):
         reproduce(
             ReproduceSpec(tiny_dir, out, quick=True, models=("pop", "two-tower"),
                           overrides=("train.lr=0.5",), progress=False)
@@ -1250,3 +1250,17 @@ def test_a_report_refuses_runs_of_another_dataset_and_runs_it_did_not_evaluate(
         reproduce(ReproduceSpec(other, out, quick=True, models=("pop", "two-tower"),
                                 ablations=False, sweeps=False, progress=False,
                                 overrides=("train.threads=1",)))  # fmt: skip
+
+
+def test_a_refused_config_names_the_keys_it_differs_in() -> None:
+    """What differs, the saved value first, at most a few keys: the user sees which --set (or
+    which default changed since) made the run another one."""
+    from aftrec.experiments.plan import config_differences
+
+    was = {"model": {"g_temperature": 1.0, "dim": 64}, "train": {"lr": 0.001}}
+    now = {"model": {"g_temperature": 4.0, "dim": 64, "g_supervised": 1.0}, "train": {"lr": 0.001}}
+    assert config_differences(was, now) == (
+        "model.g_supervised '(unset)' there, 1.0 here; model.g_temperature 1.0 there, 4.0 here"
+    )
+    many = {"model": {f"k{i}": i for i in range(9)}}
+    assert config_differences({"model": {}}, many).endswith("and 3 more")

@@ -119,3 +119,23 @@ def test_a_run_saved_before_a_key_existed_loads_it_at_the_value_it_computed_with
     assert {k: getattr(cfg.model, k) for k in AFTConfig.LEGACY_VALUES} == AFTConfig.LEGACY_VALUES
     assert cfg.model.g_temperature == 1.0 != AFTConfig().g_temperature
     assert (cfg.train.precision, cfg.train.epochs) == ("fp32", 4)
+
+
+def test_a_run_without_a_fingerprint_says_its_data_cannot_be_checked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run of an earlier version recorded no fingerprint: the check passes, and says so."""
+    import json
+
+    from aftrec.training.rundir import check_data
+
+    run, data = tmp_path / "run", tmp_path / "data"
+    run.mkdir()
+    data.mkdir()
+    (run / "run.json").write_text(json.dumps({"data": str(data)}))
+    (data / "meta.json").write_text("{}")
+    check_data(run, data)
+    assert "recorded no fingerprint of its dataset" in caplog.text
+    caplog.clear()
+    check_data(run, data, warn=False)
+    assert not caplog.text

@@ -470,11 +470,13 @@ def _check_existing(job: Job, root: Path, fingerprint: str | None) -> None:
             f"{run} holds files but no reproduce.json (not made by `aftrec reproduce`); "
             "choose another --out or remove it"
         )
-    if run_identity(saved.get("config") or {}) != run_identity(job.cfg.to_dict()):
+    was, now = run_identity(saved.get("config") or {}), run_identity(job.cfg.to_dict())
+    if was != now:
         raise ConfigError(
-            f"{run} was trained with another config than this command asks for "
-            "(different --quick or --set?); choose another --out or remove it; "
-            f"the saved one is in {run / 'reproduce.json'}"
+            f"{run} was trained with another config than this command asks for: "
+            f"{config_differences(was, now)} (a different --quick or --set, or a default "
+            "changed since); choose another --out, remove it, or ask for its values with "
+            f"--set; the saved config is in {run / 'reproduce.json'}"
         )
     from aftrec.training.rundir import recorded_fingerprint
 
@@ -488,6 +490,21 @@ def _check_existing(job: Job, root: Path, fingerprint: str | None) -> None:
             "fingerprint: other counts, settings or files); choose another --out, or give the "
             "dataset the report was made on"
         )
+
+
+def config_differences(was: dict[str, Any], now: dict[str, Any], most: int = 6) -> str:
+    """The keys two run configs (sections of key -> value) differ in, the saved value first:
+    ``model.g_temperature 1.0 there, 4.0 here``; at most ``most``, then how many more."""
+    diff = [
+        f"{section}.{key} {was.get(section, {}).get(key, '(unset)')!r} there, "
+        f"{now.get(section, {}).get(key, '(unset)')!r} here"
+        for section in sorted({*was, *now})
+        if isinstance(was.get(section, {}), dict) and isinstance(now.get(section, {}), dict)
+        for key in sorted({*was.get(section, {}), *now.get(section, {})})
+        if was.get(section, {}).get(key, "(unset)") != now.get(section, {}).get(key, "(unset)")
+    ]
+    more = f" and {len(diff) - most} more" if len(diff) > most else ""
+    return "; ".join(diff[:most]) + more if diff else "their sections differ"
 
 
 def is_number(value: Any) -> bool:

@@ -91,10 +91,17 @@ def data_fingerprint(data_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def check_data(run: Path, data_dir: Path) -> None:
-    """Refuse ``data_dir`` when ``run.json`` recorded another dataset's fingerprint (a run
-    started by an older version records none: nothing to compare)."""
+def check_data(run: Path, data_dir: Path, warn: bool = True) -> None:
+    """Refuse ``data_dir`` when ``run.json`` recorded another dataset's fingerprint. A run
+    started by an older version records none: nothing to compare, which is said (``warn``),
+    since a dataset prepared again since (another split) would pass unseen."""
     recorded = recorded_fingerprint(run)
+    if recorded is None and warn and (Path(data_dir) / "meta.json").is_file():
+        log.warning(
+            "%s was started by an earlier version, which recorded no fingerprint of its "
+            "dataset: that %s is the dataset it trained on cannot be checked",
+            run, data_dir,
+        )  # fmt: skip
     if recorded is None or not (Path(data_dir) / "meta.json").is_file():
         return
     try:
@@ -115,7 +122,7 @@ def holds_run_data(run: Path, data_dir: Path) -> bool:
     if not (Path(data_dir) / "meta.json").is_file():
         return False
     try:
-        check_data(run, data_dir)
+        check_data(run, data_dir, warn=False)
     except DataError:
         return False
     return True
