@@ -504,18 +504,14 @@ def run_identity(cfg: dict[str, Any]) -> dict[str, Any]:
     setting by: the others (epochs, learning rate, ...) are inert for it."""
     from aftrec.registry import available_models, registration
 
-    plain = plain_json(runtime_moved(cfg))
+    # keys the config gained later at the values a run saved before computed with
+    plain = with_legacy_values(plain_json(runtime_moved(cfg)))
     plain.pop("runtime", None)
-    model = plain.get("model", {})
+    model, train = plain.get("model", {}), plain.get("train", {})
     name = model.get("name")
     if name in available_models():
         reg = registration(name)
-        # a key the config gained later: a run saved before had the value that keeps what
-        # it computed (``LEGACY_VALUES`` on the config class, e.g. AFT's generator switches)
-        legacy = getattr(reg.config, "LEGACY_VALUES", {})
-        model = {**legacy, **model}
         model = {k: v for k, v in model.items() if k not in reg.inert_keys}
-    train = {**TrainConfig.LEGACY_VALUES, **plain.get("train", {})}
-    if name in available_models() and not registration(name).model.trainable:
-        train = {k: v for k, v in train.items() if k == "valid_metric"}
+        if not reg.model.trainable:
+            train = {k: v for k, v in train.items() if k == "valid_metric"}
     return {**plain, "model": model, "train": train}
